@@ -1,0 +1,1 @@
+"""metainfluence: influence functions for meta-learning."""

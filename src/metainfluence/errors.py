@@ -1,0 +1,38 @@
+"""User-facing errors.
+
+Every problem a user can cause (bad file, bad setting, bad data) is raised as a
+:class:`MetaInfluenceError` whose message is one line naming the problem and what to do.
+The CLI prints that line and exits with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+
+class MetaInfluenceError(Exception):
+    """A problem with the user's input or settings; the message says what to change."""
+
+
+class DataError(MetaInfluenceError):
+    """A dataset file is missing, corrupt or does not fit the request."""
+
+
+class PoolError(MetaInfluenceError):
+    """A task pool cannot be built, or a saved pool does not match its dataset."""
+
+
+class CheckpointError(MetaInfluenceError):
+    """A checkpoint or result file is missing, corrupt, or belongs to another model or pool."""
+
+
+class SettingsError(MetaInfluenceError):
+    """A setting is out of range or inconsistent with another."""
+
+
+class DivergenceError(MetaInfluenceError):
+    """A numerical procedure diverged (NaN, inf, growing residual); the message says what to change."""
+
+
+def require(condition: bool, message: str, kind: type[MetaInfluenceError] = SettingsError) -> None:
+    """Raise ``kind(message)`` unless ``condition`` holds."""
+    if not condition:
+        raise kind(message)

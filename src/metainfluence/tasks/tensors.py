@@ -1,0 +1,66 @@
+"""The tensor form of a task pool that the meta-learning and influence code consumes.
+
+Every task i holds a support set (S_i) and a query set (Q_i) of equal size across the pool, so the
+whole pool stacks into tensors shaped (tasks × examples × ...). This is the only thing the math
+needs: a user with their own tasks builds a :class:`TaskTensors` directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import PoolError
+
+
+@dataclass
+class TaskTensors:
+    """Stacked tasks. ``support_x``: (n, |S|, ...), ``support_y``: (n, |S|) (or (n, |S|, d) for regression),
+    ``query_x``: (n, |Q|, ...), ``query_y``: (n, |Q|)."""
+
+    support_x: torch.Tensor
+    support_y: torch.Tensor
+    query_x: torch.Tensor
+    query_y: torch.Tensor
+
+    def __post_init__(self) -> None:
+        n = self.support_x.shape[0]
+        if n == 0:
+            raise PoolError("the task pool is empty; build a pool with at least one task")
+        for name in ("support_y", "query_x", "query_y"):
+            t = getattr(self, name)
+            if t.shape[0] != n:
+                raise PoolError(f"{name} has {t.shape[0]} tasks but support_x has {n}; all four tensors need the same first dimension")
+        if self.support_y.shape[:2] != self.support_x.shape[:2] or self.query_y.shape[:2] != self.query_x.shape[:2]:
+            raise PoolError("inputs and targets disagree on the number of examples per task; check the (tasks × examples) shapes")
+        for name in ("support_x", "query_x"):
+            t = getattr(self, name)
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise PoolError(f"{name} contains NaN or inf; clean the data before building tasks")
+
+    def __len__(self) -> int:
+        return self.support_x.shape[0]
+
+    @property
+    def n_support(self) -> int:
+        return self.support_x.shape[1]
+
+    @property
+    def n_query(self) -> int:
+        return self.query_x.shape[1]
+
+    def subset(self, index: torch.Tensor | list[int] | slice) -> "TaskTensors":
+        if not isinstance(index, slice):
+            index = torch.as_tensor(index, dtype=torch.long)
+        return TaskTensors(self.support_x[index], self.support_y[index], self.query_x[index], self.query_y[index])
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "TaskTensors":
+        """Move to ``device``; cast floating inputs (and floating targets) to ``dtype``."""
+
+        def cast(t: torch.Tensor) -> torch.Tensor:
+            if dtype is not None and t.is_floating_point():
+                return t.to(device=device, dtype=dtype)
+            return t.to(device=device)
+
+        return TaskTensors(cast(self.support_x), cast(self.support_y), cast(self.query_x), cast(self.query_y))
