@@ -1,1 +1,30 @@
-"""data stage."""
+"""Datasets: one :class:`ClassDataset` interface, loaders for digits, Omniglot, MNIST,
+Fashion-MNIST and Mini-ImageNet, a registry by name, and sinusoid regression pools."""
+
+from .base import SPLITS, ClassDataset, default_cache_dir
+from .digits import load_digits
+from .mini_imagenet import load_mini_imagenet, read_split_csvs
+from .mnist import load_mnist, read_idx
+from .omniglot import download_omniglot, load_omniglot, read_split_file, resize_ink, safe_extract_zip
+from .registry import DATASETS, load_dataset
+from .sinusoid import SinusoidPool, sinusoid_pool
+
+__all__ = [
+    "SPLITS",
+    "ClassDataset",
+    "DATASETS",
+    "SinusoidPool",
+    "default_cache_dir",
+    "download_omniglot",
+    "load_dataset",
+    "load_digits",
+    "load_mini_imagenet",
+    "load_mnist",
+    "load_omniglot",
+    "read_idx",
+    "read_split_csvs",
+    "read_split_file",
+    "resize_ink",
+    "safe_extract_zip",
+    "sinusoid_pool",
+]

@@ -1,0 +1,128 @@
+"""MNIST and Fashion-MNIST from the standard idx files (gzipped or raw).
+
+Files (looked up in ``root``, ``root/idx``, ``root/<mnist|fashion-mnist>`` and
+``root/<mnist|fashion-mnist>/idx``; ``NAME`` or ``NAME.gz``):
+``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``,
+``t10k-labels-idx1-ubyte``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import DataError
+from .base import UNASSIGNED, ClassDataset, file_sha256
+
+FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+
+
+def _find(root: Path, base: str, sub: str) -> Path:
+    dirs = [root, root / "idx", root / sub, root / sub / "idx"]
+    for d in dirs:
+        for name in (base, base + ".gz"):
+            if (d / name).is_file():
+                return d / name
+    raise DataError(f"idx file {base}[.gz] not found under {root}; point root at the folder holding the four {sub} idx files")
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Parse one idx file (``.gz`` or raw) into a numpy array; DataError naming the file if it is
+    truncated, corrupt or not an unsigned-byte idx file."""
+    path = Path(path)
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as fh:
+                data = fh.read()
+        else:
+            data = path.read_bytes()
+    except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError
+        raise DataError(f"idx file {path} is truncated or not valid gzip ({exc}); download it again") from None
+    if len(data) < 4:
+        raise DataError(f"idx file {path} is truncated ({len(data)} bytes); download it again")
+    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype_code != 0x08 or not 1 <= ndim <= 4:
+        raise DataError(f"file {path} is not an unsigned-byte idx file (bad magic number); check that it is the right file")
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DataError(f"idx file {path} is truncated inside its header; download it again")
+    shape = struct.unpack(f">{ndim}I", data[4:header])
+    expected = int(np.prod(shape))
+    if len(data) - header != expected:
+        raise DataError(f"idx file {path} holds {len(data) - header} data bytes but its header {shape} needs {expected}; it is truncated or corrupt — download it again")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def load_mnist(
+    root: str | os.PathLike,
+    fashion: bool = False,
+    *,
+    val_size: int = 10000,
+    split_seed: int = 0,
+) -> ClassDataset:
+    """MNIST (or Fashion-MNIST with ``fashion=True``) as an example-disjoint :class:`ClassDataset`.
+
+    Split (``split_kind='example'``; every split holds all 10 classes):
+    example ids 0..59999 are the train file, 60000..69999 the t10k file;
+    ``val`` = a seeded random ``val_size`` (default 10,000) of the 60,000 train-file examples,
+    ``train`` = the other 50,000, ``test`` = the 10,000 t10k examples.
+    Images are 1×28×28 float32 in [0, 1] (pixel / 255).
+    """
+    name = "fashion-mnist" if fashion else "mnist"
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"{name} folder {root} does not exist; pass the folder holding the idx files")
+    paths = {k: _find(root, v, name) for k, v in FILES.items()}
+    arrays = {k: read_idx(p) for k, p in paths.items()}
+    for part in ("train", "test"):
+        img, lab = arrays[f"{part}_images"], arrays[f"{part}_labels"]
+        if img.ndim != 3 or lab.ndim != 1:
+            raise DataError(f"idx file {paths[part + '_images']} has shape {img.shape}; expected (n, 28, 28) images and (n,) labels")
+        if len(img) != len(lab):
+            raise DataError(f"{paths[part + '_images']} has {len(img)} images but {paths[part + '_labels']} has {len(lab)} labels; use matching files")
+        if lab.max() > 9:
+            raise DataError(f"label file {paths[part + '_labels']} has label {int(lab.max())} > 9; check the file")
+    if arrays["train_images"].shape[1:] != arrays["test_images"].shape[1:]:
+        raise DataError("train and t10k images differ in size; use files of one dataset")
+    images = np.concatenate([arrays["train_images"], arrays["test_images"]])
+    targets = np.concatenate([arrays["train_labels"], arrays["test_labels"]]).astype(np.int64)
+    n_train = len(arrays["train_images"])
+    if not 0 <= val_size < n_train:
+        raise DataError(f"val_size={val_size} must be between 0 and {n_train - 1}, the train-file size minus one")
+    rng = np.random.default_rng(np.random.SeedSequence([int(split_seed), 0x3141]))
+    assign = np.full(len(images), UNASSIGNED, dtype=np.int8)
+    assign[:n_train] = 0
+    assign[rng.permutation(n_train)[:val_size]] = 1
+    assign[n_train:] = 2
+    h, w = images.shape[1:]
+
+    def loader(ids: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(images[ids]).to(torch.float32).div_(255.0).unsqueeze(1)
+
+    return ClassDataset(
+        name=name,
+        image_shape=(1, h, w),
+        targets=targets,
+        split_kind="example",
+        assignment=assign,
+        loader=loader,
+        identity={k: {"file": p.name, "size": p.stat().st_size, "sha256": file_sha256(p)} for k, p in paths.items()} | {"val_size": val_size, "split_seed": split_seed},
+        num_classes=10,
+        class_names=FASHION_CLASSES if fashion else [str(d) for d in range(10)],
+        split_description=(
+            f"example-disjoint: val = seeded random {val_size} of the {n_train} train-file examples (seed {split_seed}), "
+            f"train = the other {n_train - val_size}, test = the {len(images) - n_train} t10k examples"
+        ),
+    )

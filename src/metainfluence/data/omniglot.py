@@ -1,0 +1,410 @@
+"""Omniglot (Lake et al. 2015) from the official archives.
+
+Source layout (any of these, looked up in ``root``, ``root/official_layout``, ``root/omniglot`` and
+``root/omniglot/official_layout``):
+
+- ``images_background.zip`` and ``images_evaluation.zip`` (the official archives), or
+- the extracted folders ``images_background/`` and ``images_evaluation/``,
+
+each holding ``images_<set>/<Alphabet>/characterNN/NNNN_DD.png``. Characters are ordered by
+(set: background then evaluation, alphabet name, character folder name); drawers by file name.
+
+Images are resized to ``image_size``×``image_size`` and inverted (ink = 1, background = 0). With
+``rotations=True`` every character gives four classes, (character, 0°/90°/180°/270°); class id =
+4·character + r, example id = 4·image + r, and the rotation is applied lazily in ``load``.
+The decoded, resized uint8 images are cached as an ``.npz`` file (no pickle) keyed by the archive
+digests, the image size and the resampling filter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import shutil
+import tempfile
+import warnings
+import zipfile
+import zlib
+from pathlib import Path, PurePosixPath
+from typing import Mapping
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import DataError, MetaInfluenceError
+from ..io import atomic_write_bytes
+from .base import SPLITS, UNASSIGNED, ClassDataset, default_cache_dir, digest, file_sha256
+
+SETS = ("images_background", "images_evaluation")
+OFFICIAL_URLS = {
+    "images_background": "https://github.com/brendenlake/omniglot/raw/master/python/images_background.zip",
+    "images_evaluation": "https://github.com/brendenlake/omniglot/raw/master/python/images_evaluation.zip",
+}
+# md5 of the official downloads (the values every Omniglot downloader checks, e.g. torchvision).
+OFFICIAL_MD5 = {
+    "images_background": "68d2efa1b9178cc56df9314c21c6e718",
+    "images_evaluation": "6b91aef0f799c5bb55b94e3f2daec811",
+}
+# sha256 of the archives rebuilt in the official layout (shared/data/omniglot/official_layout):
+# same images, different PNG/zip bytes.
+KNOWN_SHA256 = {
+    "images_background": "ead9910c357b494863112b07d9870e25b07a8da28d70a0843762c342c5c275d6",
+    "images_evaluation": "62ee15f5610c25fa95717b97f005fb60cf06967fdfbe20865c1afd77c35d0c2d",
+}
+DEFAULT_SPLIT_SIZES = (1100, 100, 423)
+RESAMPLE = {"lanczos": Image.LANCZOS, "bilinear": Image.BILINEAR}
+CACHE_VERSION = 1
+_CHAR_DIR = re.compile(r"^character\d+$")
+_ROT_LINE = re.compile(r"^(?P<char>[^/\s]+/[^/\s]+)(?:/rot(?P<rot>\d{3}))?$")
+
+
+# --------------------------------------------------------------------------- locating the sources
+def _candidate_dirs(root: Path) -> list[Path]:
+    return [root, root / "official_layout", root / "omniglot", root / "omniglot" / "official_layout"]
+
+
+def find_sources(root: str | os.PathLike) -> dict[str, Path]:
+    """Path of the archive (or extracted folder) of each set; DataError if a set is missing."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"Omniglot folder {root} does not exist; pass the folder holding images_background.zip and images_evaluation.zip")
+    found: dict[str, Path] = {}
+    for s in SETS:
+        for d in _candidate_dirs(root):
+            if (d / f"{s}.zip").is_file():
+                found[s] = d / f"{s}.zip"
+                break
+            if (d / s).is_dir():
+                found[s] = d / s
+                break
+        if s not in found:
+            raise DataError(
+                f"Omniglot archive {s}.zip (or folder {s}/) not found under {root}; "
+                "download it with metainfluence.data.download_omniglot(root) or point root at the folder that holds it"
+            )
+    return found
+
+
+def _source_identity(path: Path) -> dict:
+    if path.is_file():
+        return {"kind": "zip", "size": path.stat().st_size, "sha256": file_sha256(path)}
+    files = sorted(p for p in path.rglob("*.png"))
+    listing = [(str(p.relative_to(path).as_posix()), p.stat().st_size) for p in files]
+    return {"kind": "folder", "files": len(files), "listing": digest(listing, 32)}
+
+
+# --------------------------------------------------------------------------- decoding
+def _png_entries(path: Path, set_name: str) -> list[tuple[str, str, str, object]]:
+    """(alphabet, character, file name, handle) of every PNG of one set, in sorted order."""
+    entries = []
+    if path.is_file():
+        try:
+            zf = zipfile.ZipFile(path)
+            names = zf.namelist()
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise DataError(f"Omniglot archive {path} is not a readable zip ({exc}); delete it and download it again") from None
+        for n in names:
+            parts = PurePosixPath(n).parts
+            if len(parts) == 4 and parts[0] == set_name and parts[3].lower().endswith(".png") and _CHAR_DIR.match(parts[2]):
+                entries.append((parts[1], parts[2], parts[3], (zf, n)))
+    else:
+        for p in path.glob("*/*/*.png"):
+            if _CHAR_DIR.match(p.parent.name):
+                entries.append((p.parent.parent.name, p.parent.name, p.name, p))
+    entries.sort(key=lambda e: (e[0], e[1], e[2]))
+    if not entries:
+        raise DataError(f"Omniglot source {path} holds no images under {set_name}/<Alphabet>/characterNN/*.png; check that it is the official archive")
+    return entries
+
+
+def _read_bytes(handle: object, source: Path) -> bytes:
+    try:
+        if isinstance(handle, tuple):
+            zf, name = handle
+            return zf.read(name)
+        return Path(handle).read_bytes()
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError) as exc:
+        member = handle[1] if isinstance(handle, tuple) else handle
+        raise DataError(f"Omniglot archive {source} is corrupt (cannot read {member}: {exc}); download it again") from None
+
+
+def resize_ink(img: Image.Image, image_size: int, resample: str = "lanczos") -> np.ndarray:
+    """The exact transform applied to every Omniglot PNG: grey, resize, invert (ink = 255)."""
+    grey = img.convert("L")
+    if grey.size != (image_size, image_size):
+        grey = grey.resize((image_size, image_size), RESAMPLE[resample])
+    return 255 - np.asarray(grey, dtype=np.uint8)
+
+
+def _decode(sources: Mapping[str, Path], image_size: int, resample: str) -> dict[str, np.ndarray]:
+    images, char_of_image, char_names = [], [], []
+    for s in SETS:
+        entries = _png_entries(sources[s], s)
+        for alphabet, character, fname, handle in entries:
+            key = f"{alphabet}/{character}"
+            if not char_names or char_names[-1] != key:
+                char_names.append(key)
+            data = _read_bytes(handle, sources[s])
+            try:
+                with Image.open(io.BytesIO(data)) as im:
+                    images.append(resize_ink(im, image_size, resample))
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+                raise DataError(f"Omniglot image {alphabet}/{character}/{fname} in {sources[s]} cannot be decoded ({exc}); download the archive again") from None
+            char_of_image.append(len(char_names) - 1)
+    if len(set(char_names)) != len(char_names):
+        raise DataError("Omniglot background and evaluation archives share a character folder name; check that they are the official archives")
+    return {
+        "images": np.stack(images).astype(np.uint8),
+        "char_of_image": np.asarray(char_of_image, dtype=np.int32),
+        "char_names": np.asarray(char_names, dtype=str),
+    }
+
+
+def _load_cached(path: Path) -> dict[str, np.ndarray] | None:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            out = {k: z[k] for k in ("images", "char_of_image", "char_names")}
+        if out["images"].dtype != np.uint8 or len(out["images"]) != len(out["char_of_image"]):
+            raise ValueError("inconsistent arrays")
+        return out
+    except Exception as exc:  # unreadable cache: rebuild it
+        warnings.warn(f"ignoring unreadable Omniglot cache {path} ({exc}); rebuilding it", stacklevel=3)
+        return None
+
+
+def _decoded(sources: Mapping[str, Path], image_size: int, resample: str, cache_dir, cache: bool, identity: dict) -> dict[str, np.ndarray]:
+    key = digest({"v": CACHE_VERSION, "sources": identity, "size": image_size, "resample": resample}, 20)
+    path = default_cache_dir(cache_dir) / f"omniglot-{image_size}px-{resample}-{key}.npz"
+    if cache and path.is_file():
+        got = _load_cached(path)
+        if got is not None:
+            return got
+    arrays = _decode(sources, image_size, resample)
+    if cache:
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **arrays)
+        try:
+            atomic_write_bytes(path, buf.getvalue())
+        except (MetaInfluenceError, OSError) as exc:
+            warnings.warn(f"could not write the Omniglot cache {path} ({exc}); continuing without it", stacklevel=3)
+    return arrays
+
+
+# --------------------------------------------------------------------------- splits
+def read_split_file(split_file: str | os.PathLike | Mapping[str, str | os.PathLike]) -> dict[str, str]:
+    """Read a Vinyals-format split: ``{'Alphabet/characterNN': split}``.
+
+    ``split_file`` is a folder holding ``train.txt``, ``val.txt`` and ``test.txt`` (lines
+    ``Alphabet/characterNN/rot000``; rotation suffix optional), or a mapping split -> file.
+    Rotations of a character must all be in the same split.
+    """
+    if isinstance(split_file, Mapping):
+        files = {k: Path(v) for k, v in split_file.items()}
+        bad = set(files) - set(SPLITS)
+        if bad:
+            raise DataError(f"split file mapping has unknown split(s) {sorted(bad)}; use train, val, test")
+    else:
+        folder = Path(split_file).expanduser()
+        if not folder.is_dir():
+            raise DataError(f"split folder {folder} does not exist; pass a folder holding train.txt, val.txt, test.txt")
+        files = {s: folder / f"{s}.txt" for s in SPLITS if (folder / f"{s}.txt").is_file()}
+        if not files:
+            raise DataError(f"split folder {folder} holds none of train.txt, val.txt, test.txt; pass the Vinyals split folder")
+    out: dict[str, str] = {}
+    for split, f in files.items():
+        if not f.is_file():
+            raise DataError(f"split file {f} does not exist; check the path")
+        for lineno, line in enumerate(f.read_text().splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            m = _ROT_LINE.match(line)
+            if not m or (m.group("rot") and int(m.group("rot")) not in (0, 90, 180, 270)):
+                raise DataError(f"split file {f} line {lineno} {line!r} is not 'Alphabet/characterNN/rotDDD'; fix the line")
+            char = m.group("char")
+            if out.get(char, split) != split:
+                raise DataError(f"character {char} is in both {out[char]} and {split} split files; a character and its rotations must be in one split")
+            out[char] = split
+    return out
+
+
+def _split_characters(char_names: np.ndarray, split_seed: int, split_file, split_sizes) -> tuple[np.ndarray, str]:
+    n = len(char_names)
+    assign = np.full(n, UNASSIGNED, dtype=np.int8)
+    if split_file is not None:
+        mapping = read_split_file(split_file)
+        index = {str(c): i for i, c in enumerate(char_names)}
+        missing = [c for c in mapping if c not in index]
+        if missing:
+            raise DataError(f"split file names {len(missing)} character(s) absent from the archives (first: {missing[0]}); use a split file for these archives")
+        for c, s in mapping.items():
+            assign[index[c]] = SPLITS.index(s)
+        counts = [int((assign == i).sum()) for i in range(3)]
+        return assign, f"user split file: {counts[0]}/{counts[1]}/{counts[2]} characters (train/val/test), {int((assign < 0).sum())} unassigned"
+    if split_sizes is None:
+        if n == 1623:
+            split_sizes = DEFAULT_SPLIT_SIZES
+        else:  # proportional to 1100/100/423 (fixtures, subsets)
+            n_val = max(1, int(np.floor(n * 100 / 1623 + 0.5)))
+            n_test = max(1, int(np.floor(n * 423 / 1623 + 0.5)))
+            split_sizes = (n - n_val - n_test, n_val, n_test)
+    split_sizes = tuple(int(v) for v in split_sizes)
+    if len(split_sizes) != 3 or min(split_sizes) < 0 or sum(split_sizes) > n:
+        raise DataError(f"split sizes {split_sizes} do not fit the {n} characters; give three counts summing to at most {n}")
+    rng = np.random.default_rng(np.random.SeedSequence([int(split_seed), 0x0A11]))
+    perm = rng.permutation(n)
+    a, b, c = split_sizes
+    assign[perm[:a]] = 0
+    assign[perm[a : a + b]] = 1
+    assign[perm[a + b : a + b + c]] = 2
+    return assign, f"seeded character shuffle (seed {split_seed}): {a}/{b}/{c} characters (train/val/test)"
+
+
+# --------------------------------------------------------------------------- the loader
+def load_omniglot(
+    root: str | os.PathLike,
+    image_size: int = 28,
+    rotations: bool = True,
+    split_seed: int = 0,
+    split_file: str | os.PathLike | Mapping[str, str | os.PathLike] | None = None,
+    *,
+    split_sizes: tuple[int, int, int] | None = None,
+    resample: str = "lanczos",
+    cache_dir: str | os.PathLike | None = None,
+    cache: bool = True,
+) -> ClassDataset:
+    """Omniglot as a class-disjoint :class:`ClassDataset` (see the module docstring).
+
+    Split: a seeded shuffle of the characters into 1100/100/423 train/val/test characters
+    (``split_sizes`` overrides; other character counts are split in the same proportions), or the
+    Vinyals-format ``split_file`` folder (characters it does not list are in no split). The four
+    rotations of a character are always in the same split.
+    """
+    if not isinstance(image_size, int) or image_size < 4:
+        raise DataError(f"image_size={image_size!r} is invalid; use an integer of at least 4 (28 is standard)")
+    if resample not in RESAMPLE:
+        raise DataError(f"unknown resample filter {resample!r}; use one of {', '.join(RESAMPLE)}")
+    sources = find_sources(root)
+    identity = {s: _source_identity(p) for s, p in sources.items()}
+    arrays = _decoded(sources, image_size, resample, cache_dir, cache, identity)
+    images, char_of_image, char_names = arrays["images"], arrays["char_of_image"].astype(np.int64), arrays["char_names"]
+    char_assign, description = _split_characters(char_names, split_seed, split_file, split_sizes)
+
+    n_rot = 4 if rotations else 1
+    n_img = len(images)
+    targets = (char_of_image[:, None] * n_rot + np.arange(n_rot)[None, :]).reshape(-1)
+    class_assign = np.repeat(char_assign, n_rot)
+    rot_names = ["rot000", "rot090", "rot180", "rot270"][:n_rot]
+    class_names = [f"{c}/{r}" for c in char_names for r in rot_names]
+
+    def loader(ids: np.ndarray) -> torch.Tensor:
+        base = images[ids // n_rot]
+        rot = ids % n_rot
+        out = np.empty((len(ids), image_size, image_size), dtype=np.uint8)
+        for k in range(n_rot):
+            sel = rot == k
+            if sel.any():
+                out[sel] = np.rot90(base[sel], k=k, axes=(1, 2))
+        return torch.from_numpy(out).to(torch.float32).div_(255.0).unsqueeze(1)
+
+    return ClassDataset(
+        name="omniglot",
+        image_shape=(1, image_size, image_size),
+        targets=targets,
+        split_kind="class",
+        assignment=class_assign,
+        loader=loader,
+        identity={"sources": identity, "image_size": image_size, "resample": resample, "rotations": bool(rotations), "images": n_img},
+        num_classes=len(char_names) * n_rot,
+        class_names=class_names,
+        split_description=description + (", each character's 4 rotations in its split" if rotations else ""),
+    )
+
+
+# --------------------------------------------------------------------------- download / extract
+def safe_extract_zip(archive: str | os.PathLike, target: str | os.PathLike) -> list[Path]:
+    """Extract ``archive`` into ``target``, refusing (before writing anything) any member whose
+    path is absolute, contains '..', or otherwise resolves outside ``target``, and any symlink."""
+    archive, target = Path(archive), Path(target).expanduser()
+    try:
+        zf = zipfile.ZipFile(archive)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise DataError(f"archive {archive} is not a readable zip ({exc}); download it again") from None
+    with zf:
+        root = target.resolve()
+        plan = []
+        for info in zf.infolist():
+            name = info.filename
+            dest = (root / name).resolve()
+            is_link = (info.external_attr >> 16) & 0o170000 == 0o120000
+            if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or ".." in PurePosixPath(name.replace("\\", "/")).parts or is_link or (dest != root and root not in dest.parents):
+                raise DataError(f"archive {archive} member {name!r} would be written outside {target}; refusing to extract this archive")
+            plan.append((info, dest))
+        written = []
+        for info, dest in plan:
+            if info.is_dir():
+                dest.mkdir(parents=True, exist_ok=True)
+                continue
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                with zf.open(info) as src, open(dest, "wb") as out:
+                    shutil.copyfileobj(src, out)
+            except (zipfile.BadZipFile, EOFError) as exc:
+                raise DataError(f"archive {archive} is corrupt ({exc}); download it again") from None
+            written.append(dest)
+    return written
+
+
+def _checksum_ok(path: Path, set_name: str, checksums: Mapping[str, str] | None) -> bool:
+    if checksums is not None:
+        return file_sha256(path) == checksums[set_name]
+    md5 = hashlib.md5(path.read_bytes()).hexdigest()
+    return md5 == OFFICIAL_MD5[set_name] or file_sha256(path) == KNOWN_SHA256[set_name]
+
+
+def download_omniglot(
+    root: str | os.PathLike,
+    extract: bool = True,
+    *,
+    urls: Mapping[str, str] | None = None,
+    checksums: Mapping[str, str] | None = None,
+    timeout: float = 60.0,
+) -> dict[str, Path]:
+    """Download the two official Omniglot archives into ``root`` (needs network) and verify them.
+
+    An archive is accepted when its md5 equals the official download's (the value torchvision and
+    other loaders check) or its sha256 equals the known rebuilt copy; ``checksums`` (set name ->
+    sha256) overrides both. Files already present and valid are not downloaded again. With
+    ``extract=True`` each archive is also unpacked into ``root`` by :func:`safe_extract_zip`.
+    Returns the archive paths.
+    """
+    import urllib.error
+    import urllib.request
+
+    root = Path(root).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    urls = dict(OFFICIAL_URLS if urls is None else urls)
+    out: dict[str, Path] = {}
+    for s in SETS:
+        dest = root / f"{s}.zip"
+        if not (dest.is_file() and _checksum_ok(dest, s, checksums)):
+            fd, tmp = tempfile.mkstemp(prefix=f".{s}.", suffix=".part", dir=root)
+            try:
+                with os.fdopen(fd, "wb") as fh, urllib.request.urlopen(urls[s], timeout=timeout) as resp:
+                    shutil.copyfileobj(resp, fh)
+                if not _checksum_ok(Path(tmp), s, checksums):
+                    raise DataError(f"downloaded {urls[s]} fails its checksum; retry, or download it by hand into {root}")
+                os.replace(tmp, dest)
+            except (urllib.error.URLError, OSError) as exc:
+                raise DataError(f"cannot download {urls[s]} ({exc}); check the network or download it by hand into {root}") from None
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        if extract and not (root / s).is_dir():
+            safe_extract_zip(dest, root)
+        out[s] = dest
+    return out
+

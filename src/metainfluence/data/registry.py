@@ -1,0 +1,51 @@
+"""Dataset lookup by name: ``load_dataset('omniglot', root=...)``."""
+
+from __future__ import annotations
+
+import inspect
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import DataError
+from .base import ClassDataset
+from .digits import load_digits
+from .mini_imagenet import load_mini_imagenet
+from .mnist import load_mnist
+from .omniglot import load_omniglot
+
+# name -> (loader, fixed options); a loader whose first parameter is ``root`` needs a data folder
+_LOADERS: dict[str, tuple[Callable[..., ClassDataset], dict[str, Any]]] = {
+    "digits": (load_digits, {}),
+    "omniglot": (load_omniglot, {}),
+    "mnist": (load_mnist, {"fashion": False}),
+    "fashion-mnist": (load_mnist, {"fashion": True}),
+    "mini-imagenet": (load_mini_imagenet, {}),
+}
+DATASETS: tuple[str, ...] = tuple(_LOADERS)
+
+
+def load_dataset(name: str, root: str | os.PathLike | None = None, **options: Any) -> ClassDataset:
+    """Load a dataset by name. ``root`` (else $METAINFLUENCE_DATA) is the folder holding the files —
+    the dataset's own folder or a parent with ``omniglot/``, ``mnist/``, ``fashion-mnist/``,
+    ``mini-imagenet/`` inside. ``options`` go to the loader (e.g. ``image_size``, ``split_seed``)."""
+    key = str(name).lower().replace("_", "-")
+    key = {"fashion": "fashion-mnist", "fashionmnist": "fashion-mnist", "miniimagenet": "mini-imagenet"}.get(key, key)
+    if key not in _LOADERS:
+        raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
+    loader, fixed = _LOADERS[key]
+    params = inspect.signature(loader).parameters
+    allowed = [p for p in params if p != "root" and p not in fixed]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise DataError(f"unknown option(s) {', '.join(unknown)} for dataset {key!r}; allowed: {', '.join(allowed)}")
+    if "root" in params:
+        if root is None:
+            root = os.environ.get("METAINFLUENCE_DATA") or None
+        if root is None:
+            raise DataError(f"dataset {key!r} needs its files: pass --data-root (root=...) or set METAINFLUENCE_DATA to the data folder")
+        root = Path(root).expanduser()
+        if not root.is_dir():
+            raise DataError(f"data root {root} does not exist; pass --data-root (root=...) or set METAINFLUENCE_DATA to an existing folder")
+        return loader(root, **fixed, **options)
+    return loader(**fixed, **options)

@@ -1,0 +1,87 @@
+"""Models used functionally: their parameters live in a flat λ, the module is only a template.
+
+Normalisation matters for influence (SPEC §10): batch statistics make one example's loss depend on
+the whole batch, so ``norm='group'`` or ``'none'`` is preferred for influence runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import SettingsError
+
+
+@dataclass
+class ModelSettings:
+    kind: str = field(default="mlp", metadata={"help": "model family: mlp | conv4"})
+    hidden: tuple[int, ...] = field(default=(64, 64), metadata={"help": "MLP hidden widths"})
+    width: int = field(default=32, metadata={"help": "Conv4 filters per block"})
+    norm: str = field(default="none", metadata={"help": "Conv4 normalisation: none | group | batch (batch statistics)"})
+    groups: int = field(default=4, metadata={"help": "groups for norm=group"})
+    activation: str = field(default="relu", metadata={"help": "MLP activation: relu | tanh (smooth: exact finite-difference checks)"})
+
+
+class MLP(nn.Module):
+    """Fully connected ReLU network; flattens its input."""
+
+    def __init__(self, in_features: int, out_features: int, hidden: tuple[int, ...] = (40, 40), activation: str = "relu"):
+        super().__init__()
+        acts = {"relu": nn.ReLU, "tanh": nn.Tanh}
+        if activation not in acts:
+            raise SettingsError(f"unknown activation {activation!r}; use relu or tanh")
+        dims = (in_features, *hidden)
+        layers: list[nn.Module] = []
+        for a, b in zip(dims[:-1], dims[1:]):
+            layers += [nn.Linear(a, b), acts[activation]()]
+        layers.append(nn.Linear(dims[-1], out_features))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.flatten(1))
+
+
+def _norm(kind: str, width: int, groups: int) -> nn.Module:
+    if kind == "none":
+        return nn.Identity()
+    if kind == "group":
+        return nn.GroupNorm(min(groups, width), width)
+    if kind == "batch":
+        # batch statistics only (no running buffers), as in MAML's transductive setting
+        return nn.BatchNorm2d(width, track_running_stats=False)
+    raise SettingsError(f"unknown norm {kind!r}; use none, group or batch")
+
+
+class Conv4(nn.Module):
+    """The standard four-block few-shot CNN: [conv3×3 → norm → ReLU → max-pool 2] × 4 → linear."""
+
+    def __init__(self, in_channels: int, image_size: int, out_features: int, width: int = 64, norm: str = "none", groups: int = 4):
+        super().__init__()
+        blocks: list[nn.Module] = []
+        c, s = in_channels, image_size
+        for _ in range(4):
+            if s < 2:
+                raise SettingsError(f"images of {image_size}px are too small for Conv4 (four 2× poolings); use the mlp model")
+            blocks += [nn.Conv2d(c, width, 3, padding=1), _norm(norm, width, groups), nn.ReLU(), nn.MaxPool2d(2)]
+            c, s = width, s // 2
+        self.features = nn.Sequential(*blocks)
+        self.head = nn.Linear(width * s * s, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).flatten(1))
+
+
+def build_model(settings: ModelSettings, input_shape: tuple[int, ...], out_features: int) -> nn.Module:
+    """Build the model template for inputs of ``input_shape`` (one example, e.g. (C, H, W))."""
+    if settings.kind == "mlp":
+        n_in = 1
+        for d in input_shape:
+            n_in *= d
+        return MLP(n_in, out_features, tuple(settings.hidden), settings.activation)
+    if settings.kind == "conv4":
+        if len(input_shape) != 3:
+            raise SettingsError(f"conv4 needs image inputs (C, H, W), got shape {tuple(input_shape)}; use the mlp model")
+        return Conv4(input_shape[0], input_shape[-1], out_features, settings.width, settings.norm, settings.groups)
+    raise SettingsError(f"unknown model kind {settings.kind!r}; use mlp or conv4")

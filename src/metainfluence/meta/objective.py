@@ -1,0 +1,302 @@
+"""The bilevel objective of SPEC §1, as pure functions of a flat meta-parameter vector λ.
+
+Inner problem (adaptation) of task i, on the inner objective
+    L_in(θ; λ) = L_S(θ; S_i, v) + (γ/2)‖θ − λ‖²,     L_S = Σ_j v_j ℓ(x_j, y_j; θ) / |S_i|
+  * ``unrolled`` (MAML): K steps of gradient descent from θ = λ, differentiated through (second order);
+  * ``implicit`` (iMAML): θ_i ≈ argmin L_in, derivatives by the implicit function theorem,
+    dθ_i/dλ = γ (∇²_θ L_S + γI)^{-1}.
+Outer objective with task weights w:
+    F(λ; w) = (1/n) Σ_i w_i L_Q^i(λ) + (μ/2)‖λ‖²,   L_Q^i(λ) = Σ_j u_j ℓ(x_j, y_j; θ_i(λ)) / |Q_i|.
+
+Per-task functions take one task's tensors and are vectorised over tasks with ``torch.func.vmap``;
+pool-level functions loop over chunks of ``chunk_size`` tasks to bound memory. Sums over tasks go
+through :meth:`MetaProblem.reduce` so that a task pool sharded over processes gives the same numbers
+(see :mod:`metainfluence.distributed`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, grad_and_value, jvp, vmap
+
+from ..errors import SettingsError
+from ..tasks.tensors import TaskTensors
+from .params import ParamSpec
+
+
+@dataclass
+class InnerSettings:
+    kind: str = field(default="unrolled", metadata={"help": "inner solver: unrolled (MAML, exact autodiff) | implicit (iMAML, proximal + IFT)"})
+    steps: int = field(default=1, metadata={"help": "inner gradient steps K"})
+    lr: float = field(default=0.4, metadata={"help": "inner step size α"})
+    first_order: bool = field(default=False, metadata={"help": "first-order MAML (stop gradients through inner gradients); unrolled only"})
+    proximal: float = field(default=0.0, metadata={"help": "proximal strength γ of (γ/2)‖θ−λ‖² in the inner objective; implicit needs γ > 0"})
+    implicit_cg_steps: int = field(default=30, metadata={"help": "CG iterations for the implicit-function-theorem solve (implicit only)"})
+
+    def validate(self) -> None:
+        if self.kind not in ("unrolled", "implicit"):
+            raise SettingsError(f"unknown inner solver {self.kind!r}; use unrolled or implicit")
+        if self.steps < 0 or (self.kind == "implicit" and self.steps < 1):
+            raise SettingsError(f"inner steps must be ≥ 0 (≥ 1 for implicit), got {self.steps}")
+        if self.lr <= 0:
+            raise SettingsError(f"inner lr must be positive, got {self.lr}")
+        if self.proximal < 0:
+            raise SettingsError(f"proximal γ must be ≥ 0, got {self.proximal}")
+        if self.kind == "implicit" and self.proximal <= 0:
+            raise SettingsError("the implicit inner solver needs a proximal term: set proximal γ > 0 (e.g. 1.0)")
+        if self.kind == "implicit" and self.first_order:
+            raise SettingsError("first_order applies to the unrolled inner solver only")
+
+
+def _cross_entropy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(out, y, reduction="none")
+
+
+def _squared_error(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return ((out - y) ** 2).flatten(1).sum(1)
+
+
+LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "cross_entropy": _cross_entropy,
+    "mse": _squared_error,
+}
+
+
+def _fixed_cg(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, iters: int) -> torch.Tensor:
+    """Conjugate gradient with a fixed number of steps and no data-dependent branching (vmappable)."""
+    x = torch.zeros_like(b)
+    r = b.clone()
+    p = r.clone()
+    rs = (r * r).sum()
+    for _ in range(iters):
+        ap = matvec(p)
+        pap = (p * ap).sum()
+        alpha = torch.where(pap > 0, rs / torch.where(pap > 0, pap, torch.ones_like(pap)), torch.zeros_like(pap))
+        x = x + alpha * p
+        r = r - alpha * ap
+        rs_new = (r * r).sum()
+        beta = torch.where(rs > 0, rs_new / torch.where(rs > 0, rs, torch.ones_like(rs)), torch.zeros_like(rs))
+        p = r + beta * p
+        rs = rs_new
+    return x
+
+
+def _identity_reduce(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+class MetaProblem:
+    """A meta-learning problem: a model template, a per-example loss, an inner solver and μ.
+
+    Everything is a function of the flat meta-parameters ``lam`` (λ, shape (p,)); the module's own
+    parameters are only used by :meth:`init_params` for the initial value and for shapes.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = "cross_entropy",
+        inner: InnerSettings | None = None,
+        weight_decay: float = 0.0,
+        chunk_size: int | None = None,
+    ):
+        self.model = model
+        self.spec = ParamSpec.from_module(model)
+        if isinstance(loss, str):
+            if loss not in LOSSES:
+                raise SettingsError(f"unknown loss {loss!r}; use one of {sorted(LOSSES)} or pass a callable (out, y) -> per-example losses")
+            self.loss_name = loss
+            self.loss_fn = LOSSES[loss]
+        else:
+            self.loss_name = getattr(loss, "__name__", "custom")
+            self.loss_fn = loss
+        self.inner = inner or InnerSettings()
+        self.inner.validate()
+        if weight_decay < 0:
+            raise SettingsError(f"weight decay μ must be ≥ 0, got {weight_decay}")
+        self.weight_decay = float(weight_decay)
+        if chunk_size is not None and chunk_size < 1:
+            raise SettingsError(f"chunk_size must be ≥ 1, got {chunk_size}")
+        self.chunk_size = chunk_size
+        # Sums over tasks pass through ``reduce``; n_total is the pool size across all shards.
+        self.reduce: Callable[[torch.Tensor], torch.Tensor] = _identity_reduce
+        self.n_total: Callable[[int], int] = lambda n_local: n_local
+
+    # ------------------------------------------------------------------ parameters
+    @property
+    def dim(self) -> int:
+        return self.spec.dim
+
+    def init_params(self, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
+        params = {n: p.detach() for n, p in self.model.named_parameters()}
+        return self.spec.flatten(params).to(dtype=dtype, device=device).clone()
+
+    # ------------------------------------------------------------------ one task
+    def forward(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.model, self.spec.unflatten(theta), (x,))
+
+    def example_losses(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(self.forward(theta, x), y)
+
+    def weighted_loss(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Σ_j weight_j ℓ(x_j, y_j; θ) / |set| — L_S with v, or L_Q with u."""
+        return (weights * self.example_losses(theta, x, y)).sum() / x.shape[0]
+
+    def inner_objective(self, theta, lam, xs, ys, v) -> torch.Tensor:
+        value = self.weighted_loss(theta, xs, ys, v)
+        if self.inner.proximal > 0:
+            value = value + 0.5 * self.inner.proximal * ((theta - lam) ** 2).sum()
+        return value
+
+    def inner_hvp(self, theta, lam, xs, ys, v, direction) -> torch.Tensor:
+        """(∇²_θ L_S + γI) · direction at θ (the inner Hessian of SPEC §6)."""
+        g = lambda th: grad(self.inner_objective)(th, lam, xs, ys, v)
+        return jvp(g, (theta,), (direction,))[1]
+
+    def adapt(self, lam, xs, ys, v) -> torch.Tensor:
+        """θ_i(λ): differentiable through the unrolled steps; detached for implicit (use the IFT)."""
+        cfg = self.inner
+        if cfg.kind == "unrolled":
+            theta = lam
+            for _ in range(cfg.steps):
+                g = grad(self.inner_objective)(theta, lam, xs, ys, v)
+                if cfg.first_order:
+                    g = g.detach()
+                theta = theta - cfg.lr * g
+            return theta
+        lam_d = lam.detach()
+        theta = lam_d
+        for _ in range(cfg.steps):
+            theta = theta - cfg.lr * grad(self.inner_objective)(theta, lam_d, xs, ys, v).detach()
+        return theta.detach()
+
+    def query_loss(self, lam, xs, ys, xq, yq, v, u) -> torch.Tensor:
+        """L_Q^i(λ). Differentiable in λ for ``unrolled``; for ``implicit`` use :meth:`task_total_gradient`."""
+        return self.weighted_loss(self.adapt(lam, xs, ys, v), xq, yq, u)
+
+    def implicit_jacobian_t(self, theta, lam, xs, ys, v, vec) -> torch.Tensor:
+        """(dθ_i/dλ)ᵀ vec = γ (∇²L_S + γI)^{-1} vec (the matrix is symmetric), by fixed-step CG."""
+        mv = lambda z: self.inner_hvp(theta, lam, xs, ys, v, z)
+        return self.inner.proximal * _fixed_cg(mv, vec, self.inner.implicit_cg_steps)
+
+    def task_total_gradient(self, lam, xs, ys, xq, yq, v, u) -> torch.Tensor:
+        """g_i = D_λ L_Q^i(λ), the total gradient through θ_i(λ) (SPEC §3)."""
+        if self.inner.kind == "unrolled":
+            return grad(self.query_loss)(lam, xs, ys, xq, yq, v, u)
+        theta = self.adapt(lam, xs, ys, v)
+        gq = grad(self.weighted_loss)(theta, xq, yq, u)
+        return self.implicit_jacobian_t(theta, lam.detach(), xs, ys, v, gq)
+
+    # ------------------------------------------------------------------ pool level
+    def default_weights(self, tasks: TaskTensors, like: torch.Tensor):
+        n = len(tasks)
+        v = torch.ones(n, tasks.n_support, dtype=like.dtype, device=like.device)
+        u = torch.ones(n, tasks.n_query, dtype=like.dtype, device=like.device)
+        return v, u
+
+    def chunks(self, n: int) -> Iterator[slice]:
+        step = self.chunk_size or n
+        for start in range(0, n, step):
+            yield slice(start, min(n, start + step))
+
+    def _task_args(self, lam, tasks: TaskTensors, v, u):
+        dv, du = self.default_weights(tasks, lam)
+        v = dv if v is None else v.to(lam)
+        u = du if u is None else u.to(lam)
+        return tasks.support_x, tasks.support_y, tasks.query_x, tasks.query_y, v, u
+
+    def per_task(self, fn: Callable, lam: torch.Tensor, tasks: TaskTensors, v=None, u=None, extra: tuple = ()) -> torch.Tensor:
+        """Stack ``fn(lam, xs, ys, xq, yq, v, u, *extra)`` over tasks (vmapped, chunked). ``extra`` items are per task."""
+        args = self._task_args(lam, tasks, v, u) + tuple(extra)
+        in_dims = (None,) + (0,) * len(args)
+        mapped = vmap(fn, in_dims=in_dims)
+        return torch.cat([mapped(lam, *[a[c] for a in args]) for c in self.chunks(len(tasks))])
+
+    def sum_over_tasks(self, fn: Callable, lam: torch.Tensor, tasks: TaskTensors, w=None, v=None, u=None, extra: tuple = ()) -> torch.Tensor:
+        """Σ_i w_i fn(task i), over all shards: chunked so that only one chunk's graph is alive at a time."""
+        args = self._task_args(lam, tasks, v, u) + tuple(extra)
+        w = torch.ones(len(tasks), dtype=lam.dtype, device=lam.device) if w is None else w.to(lam)
+        in_dims = (None,) + (0,) * len(args)
+        mapped = vmap(fn, in_dims=in_dims)
+        total = None
+        for c in self.chunks(len(tasks)):
+            out = mapped(lam, *[a[c] for a in args])
+            part = torch.tensordot(w[c], out, dims=1)
+            total = part if total is None else total + part
+        return self.reduce(total)
+
+    def task_losses(self, lam, tasks: TaskTensors, v=None, u=None) -> torch.Tensor:
+        """L_Q^i(λ) for every task, shape (n,)."""
+        with torch.no_grad():
+            return self.per_task(self.query_loss, lam, tasks, v, u)
+
+    def objective(self, lam, tasks: TaskTensors, w=None, v=None, u=None) -> torch.Tensor:
+        """F(λ; w). For ``implicit`` the value is exact but not differentiable: use :meth:`meta_gradient`."""
+        n = self.n_total(len(tasks))
+        total = self.sum_over_tasks(self.query_loss, lam, tasks, w, v, u)
+        return total / n + 0.5 * self.weight_decay * (lam * lam).sum()
+
+    def meta_gradient(self, lam, tasks: TaskTensors, w=None, v=None, u=None) -> torch.Tensor:
+        """∇_λ F(λ; w) = (1/n) Σ_i w_i g_i + μλ."""
+        n = self.n_total(len(tasks))
+        total = self.sum_over_tasks(self.task_total_gradient, lam.detach(), tasks, w, v, u)
+        return total / n + self.weight_decay * lam.detach()
+
+    def value_and_gradient(self, lam, tasks: TaskTensors, w=None, v=None, u=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(F(λ; w), ∇F(λ; w)) in one pass over the tasks for ``unrolled``; two for ``implicit``."""
+        lam = lam.detach()
+        if self.inner.kind == "implicit":
+            with torch.no_grad():
+                value = self.objective(lam, tasks, w, v, u)
+            return value, self.meta_gradient(lam, tasks, w, v, u)
+        n = self.n_total(len(tasks))
+        args = self._task_args(lam, tasks, v, u)
+        w = torch.ones(len(tasks), dtype=lam.dtype, device=lam.device) if w is None else w.to(lam)
+        mapped = vmap(self.query_loss, in_dims=(None,) + (0,) * len(args))
+        value = torch.zeros((), dtype=lam.dtype, device=lam.device)
+        gradient = torch.zeros_like(lam)
+        for c in self.chunks(len(tasks)):
+            chunk_args = [a[c] for a in args]
+            g, val = grad_and_value(lambda l: torch.dot(w[c], mapped(l, *chunk_args)))(lam)
+            value, gradient = value + val.detach(), gradient + g.detach()
+        value, gradient = self.reduce(value), self.reduce(gradient)
+        value = value / n + 0.5 * self.weight_decay * (lam * lam).sum()
+        return value, gradient / n + self.weight_decay * lam
+
+    def total_gradients(self, lam, tasks: TaskTensors, v=None, u=None) -> torch.Tensor:
+        """Per-task total gradients g_i, shape (n, p) (SPEC §3)."""
+        return self.per_task(self.task_total_gradient, lam.detach(), tasks, v, u).detach()
+
+    def task_metrics(self, lam, tasks: TaskTensors) -> tuple[torch.Tensor, torch.Tensor]:
+        """Query loss and accuracy after adaptation, per task (accuracy is NaN for regression)."""
+
+        def one(lam, xs, ys, xq, yq, v, u):
+            theta = self.adapt(lam, xs, ys, v)
+            out = self.forward(theta, xq)
+            loss = (u * self.loss_fn(out, yq)).sum() / xq.shape[0]
+            if out.dim() == 2 and yq.dim() == 1 and not yq.is_floating_point():
+                acc = (out.argmax(-1) == yq).to(out.dtype).mean()
+            else:
+                acc = torch.full((), float("nan"), dtype=out.dtype)
+            return torch.stack([loss, acc])
+
+        with torch.no_grad():
+            out = self.per_task(one, lam.detach(), tasks)
+        return out[:, 0], out[:, 1]
+
+    def settings_json(self) -> dict:
+        from dataclasses import asdict
+
+        return {
+            "model": type(self.model).__name__,
+            "n_params": self.dim,
+            "loss": self.loss_name,
+            "inner": asdict(self.inner),
+            "weight_decay": self.weight_decay,
+            "chunk_size": self.chunk_size,
+        }

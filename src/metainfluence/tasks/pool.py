@@ -1,0 +1,471 @@
+"""Task pools: fixed, finite lists of N-way K-shot tasks with stable integer ids.
+
+A :class:`TaskPool` stores, for every task, its N dataset classes, the example ids of its support
+set (N·K) and query set (N·Q), and their labels 0..N-1. Order inside a task is class-major:
+support = K examples of ``classes[t, 0]`` (label 0), then K of ``classes[t, 1]`` (label 1), ...;
+the query set likewise with Q per class. Label j always means dataset class ``classes[t, j]``
+(unless the label was deliberately corrupted, see :mod:`.corruption`).
+
+Determinism: task t of a pool is drawn by a numpy Generator seeded from
+(dataset fingerprint, split, N, K, Q, seed) and the task id t, so the same definition always gives
+the same tasks, and a pool of n tasks is the first n tasks of any longer pool with the same
+definition (the pool is a deterministic function of the definition and n_tasks).
+
+Splits: pools of different splits use disjoint classes for ``split_kind='class'`` datasets and
+disjoint examples (all classes) for ``split_kind='example'`` datasets; every saved pool says which.
+
+Saved form: ``STEM.json`` (human-readable definition and corruption record, written last) and
+``STEM.safetensors`` (index and label arrays). The JSON carries a checksum over the definition
+and the arrays, so an edited or mixed-up file is refused on load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import MetaInfluenceError, PoolError
+from ..io import read_json, read_tensors, write_json, write_tensors
+from .tensors import TaskTensors
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..data.base import ClassDataset
+
+SPLITS = ("train", "val", "test")
+FORMAT = "metainfluence-task-pool"
+FORMAT_VERSION = 1
+KIND = "class-task-pool"
+_ARRAYS = (
+    "task_ids",
+    "classes",
+    "support_ids",
+    "support_y",
+    "query_ids",
+    "query_y",
+    "support_true_y",
+    "query_true_y",
+    "support_corrupted",
+    "query_corrupted",
+    "corrupted_tasks",
+)
+_DEFINITION_KEYS = ("kind", "dataset", "fingerprint", "split", "split_kind", "n_way", "k_shot", "q_query", "n_tasks_built", "seed", "corruption")
+
+
+# --------------------------------------------------------------------------- shared helpers
+def _stem(path_stem: str | os.PathLike) -> Path:
+    stem = Path(path_stem).expanduser()
+    if stem.suffix in (".json", ".safetensors"):
+        stem = stem.with_suffix("")
+    return stem
+
+
+def _hash_entropy(*parts: Any) -> int:
+    """128-bit integer seed from a stable text rendering of ``parts``."""
+    text = repr(parts).encode()
+    return int.from_bytes(hashlib.sha256(text).digest()[:16], "little")
+
+
+def _checksum(definition: dict, arrays: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps(definition, sort_keys=True).encode())
+    for k in sorted(arrays):
+        t = arrays[k].detach().cpu().contiguous()
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)}:".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def save_pair(stem: str | os.PathLike, definition: dict, info: dict, arrays: dict[str, torch.Tensor]) -> Path:
+    """Write ``STEM.safetensors`` then ``STEM.json`` (definition + info + checksum), both atomically.
+    If the JSON cannot be written, the new tensor file is removed again, so a failed save leaves no
+    partial pool behind. Returns the JSON path."""
+    stem = _stem(stem)
+    tpath = stem.with_name(stem.name + ".safetensors")
+    jpath = stem.with_name(stem.name + ".json")
+    doc = {"format": FORMAT, "format_version": FORMAT_VERSION, **definition, **info}
+    doc["tensors_file"] = tpath.name
+    doc["checksum"] = _checksum(definition, arrays)
+    write_tensors(tpath, arrays)
+    try:
+        write_json(jpath, doc)
+    except BaseException:
+        try:
+            tpath.unlink()
+        except OSError:
+            pass
+        raise
+    return jpath
+
+
+def load_pair(stem: str | os.PathLike, kind: str, definition_keys: Sequence[str]) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read and verify a pool pair; PoolError (one line) on any problem."""
+    stem = _stem(stem)
+    jpath = stem.with_name(stem.name + ".json")
+    try:
+        doc = read_json(jpath, what="pool definition")
+    except MetaInfluenceError as exc:
+        raise PoolError(str(exc)) from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise PoolError(f"{jpath} is not a metainfluence task-pool file; pass the .json written by pool.save")
+    if doc.get("kind") != kind:
+        raise PoolError(f"{jpath} holds a {doc.get('kind')!r} pool, not a {kind!r} pool; load it with the matching loader (load_pool)")
+    missing = [k for k in definition_keys if k not in doc]
+    if missing:
+        raise PoolError(f"pool definition {jpath} lacks field(s) {', '.join(missing)}; rebuild and save the pool again")
+    tname = doc.get("tensors_file") or stem.name + ".safetensors"
+    tpath = jpath.with_name(Path(str(tname)).name)
+    try:
+        arrays = read_tensors(tpath, what="pool tensor file")
+    except MetaInfluenceError as exc:
+        raise PoolError(str(exc)) from None
+    definition = {k: doc[k] for k in definition_keys}
+    if _checksum(definition, arrays) != doc.get("checksum"):
+        raise PoolError(f"pool {jpath} does not match its tensor file {tpath.name} (edited or mixed up); rebuild the pool instead of editing it")
+    return doc, arrays
+
+
+# --------------------------------------------------------------------------- the pool
+@dataclass
+class TaskPool:
+    """A fixed list of N-way K-shot Q-query classification tasks (see the module docstring).
+
+    Arrays (n = number of tasks in this pool, S = N·K, Q' = N·Q):
+    ``task_ids`` (n,) stable ids; ``classes`` (n, N) dataset class ids; ``support_ids`` (n, S),
+    ``query_ids`` (n, Q') example ids; ``support_y``/``query_y`` the labels used for training
+    (possibly corrupted); ``support_true_y``/``query_true_y`` the true labels;
+    ``support_corrupted``/``query_corrupted`` bool masks of changed labels; ``corrupted_tasks`` (n,)
+    bool.
+    """
+
+    dataset: str
+    fingerprint: str
+    split: str
+    split_kind: str
+    n_way: int
+    k_shot: int
+    q_query: int
+    seed: int
+    n_tasks_built: int
+    task_ids: torch.Tensor
+    classes: torch.Tensor
+    support_ids: torch.Tensor
+    support_y: torch.Tensor
+    query_ids: torch.Tensor
+    query_y: torch.Tensor
+    support_true_y: torch.Tensor
+    query_true_y: torch.Tensor
+    support_corrupted: torch.Tensor
+    query_corrupted: torch.Tensor
+    corrupted_tasks: torch.Tensor
+    corruption: dict | None = None
+    dataset_split: str = ""
+
+    # ---------------------------------------------------------------- basics
+    def __len__(self) -> int:
+        return int(self.task_ids.shape[0])
+
+    @property
+    def n_tasks(self) -> int:
+        return len(self)
+
+    @property
+    def disjointness(self) -> str:
+        if self.split_kind == "class":
+            return "class-disjoint: train/val/test pools of this dataset use disjoint classes"
+        return "example-disjoint: train/val/test pools use all classes but disjoint examples"
+
+    @property
+    def is_corrupted(self) -> bool:
+        return self.corruption is not None
+
+    def classes_used(self) -> list[int]:
+        return sorted(int(c) for c in torch.unique(self.classes))
+
+    def _arrays(self) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, k) for k in _ARRAYS}
+
+    def definition(self) -> dict[str, Any]:
+        return {
+            "kind": KIND,
+            "dataset": self.dataset,
+            "fingerprint": self.fingerprint,
+            "split": self.split,
+            "split_kind": self.split_kind,
+            "n_way": self.n_way,
+            "k_shot": self.k_shot,
+            "q_query": self.q_query,
+            "n_tasks_built": self.n_tasks_built,
+            "seed": self.seed,
+            "corruption": self.corruption,
+        }
+
+    def _positions(self, task_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        ids = torch.as_tensor(task_ids, dtype=torch.long).reshape(-1)
+        if len(torch.unique(ids)) != len(ids):
+            raise PoolError("task ids passed to subset() repeat; pass each task id once")
+        lookup = {int(t): i for i, t in enumerate(self.task_ids.tolist())}
+        pos = []
+        for t in ids.tolist():
+            if t not in lookup:
+                raise PoolError(f"task id {t} is not in this pool (ids {self.task_ids.min().item()}..{self.task_ids.max().item()}, {len(self)} tasks); use ids from pool.task_ids")
+            pos.append(lookup[t])
+        return torch.tensor(pos, dtype=torch.long)
+
+    def subset(self, task_ids: Sequence[int] | torch.Tensor) -> "TaskPool":
+        """The pool restricted to the given stable task ids (in the given order); ids are kept in
+        ``task_ids``, so a task keeps its id in every subset."""
+        pos = self._positions(task_ids)
+        if len(pos) == 0:
+            raise PoolError("subset() got no task ids; a pool needs at least one task")
+        return dataclasses.replace(self, **{k: getattr(self, k)[pos].clone() for k in _ARRAYS})
+
+    def without(self, task_ids: Sequence[int] | torch.Tensor) -> "TaskPool":
+        """The pool minus the given stable task ids (the others in their current order)."""
+        drop = set(int(t) for t in self._positions(task_ids).tolist())
+        keep = [int(t) for i, t in enumerate(self.task_ids.tolist()) if i not in drop]
+        return self.subset(keep)
+
+    def summary(self) -> str:
+        n_corr = int(self.corrupted_tasks.sum())
+        corr = f"{n_corr} corrupted" if self.corruption is None else (
+            f"{n_corr} corrupted (rho_task={self.corruption['rho_task']}, rho_label={self.corruption['rho_label']}, {self.corruption['where']})"
+        )
+        return (
+            f"{self.dataset} [{self.fingerprint}] split={self.split} ({self.split_kind}-disjoint): "
+            f"{self.n_way}-way {self.k_shot}-shot {self.q_query}-query, {len(self)} tasks (seed {self.seed}), "
+            f"{len(self.classes_used())} classes used, {corr}"
+        )
+
+    def __repr__(self) -> str:
+        return f"TaskPool({self.summary()})"
+
+    # ---------------------------------------------------------------- data
+    def check_dataset(self, dataset: "ClassDataset") -> None:
+        """PoolError unless ``dataset`` is the one this pool was built from and every task is
+        consistent with it (class ids in range and in the split, examples of the claimed classes)."""
+        if dataset.name != self.dataset:
+            raise PoolError(f"pool was built from dataset {self.dataset!r}, not {dataset.name!r}; load the matching dataset")
+        if dataset.fingerprint != self.fingerprint:
+            raise PoolError(
+                f"pool was built from {self.dataset} data/options with fingerprint {self.fingerprint}, but the dataset given has {dataset.fingerprint}; "
+                "use the same files, image size, split and options, or rebuild the pool"
+            )
+        if dataset.split_kind != self.split_kind:
+            raise PoolError(f"pool records split kind {self.split_kind!r} but the dataset has {dataset.split_kind!r}; rebuild the pool")
+        cls = self.classes
+        if cls.min() < 0 or cls.max() >= dataset.num_classes:
+            raise PoolError(f"pool holds class ids outside 0..{dataset.num_classes - 1} of {dataset.name}; the pool file is corrupt — rebuild it")
+        allowed = torch.zeros(dataset.num_classes, dtype=torch.bool)
+        allowed[torch.tensor(dataset.classes(self.split), dtype=torch.long)] = True
+        if not allowed[cls].all():
+            raise PoolError(f"pool uses classes that are not in the {self.split!r} split of {dataset.name}; the pool file is corrupt — rebuild it")
+        targets = dataset.targets
+        for ids_name, y_name in (("support_ids", "support_true_y"), ("query_ids", "query_true_y")):
+            ids, y = getattr(self, ids_name), getattr(self, y_name)
+            if ids.min() < 0 or ids.max() >= dataset.num_examples:
+                raise PoolError(f"pool {ids_name} hold example ids outside 0..{dataset.num_examples - 1}; the pool file is corrupt — rebuild it")
+            claimed = torch.gather(cls, 1, y)
+            if not torch.equal(targets[ids], claimed):
+                raise PoolError(f"pool {ids_name} hold examples that are not of their task's claimed classes; the pool file is corrupt — rebuild it")
+            split_idx = SPLITS.index(self.split)
+            if not (torch.from_numpy(dataset.split_of_examples(ids.reshape(-1).numpy()).astype(np.int64)) == split_idx).all():
+                raise PoolError(f"pool {ids_name} hold examples outside the {self.split!r} split; the pool file is corrupt — rebuild it")
+        both = torch.cat([self.support_ids, self.query_ids], 1)
+        if (torch.sort(both, 1).values.diff(dim=1) == 0).any():
+            raise PoolError("a pool task uses the same example twice; the pool file is corrupt — rebuild it")
+
+    def tensors(self, dataset: "ClassDataset") -> TaskTensors:
+        """Stacked inputs and (training, possibly corrupted) labels: support_x (n, N·K, C, H, W)
+        float32, support_y (n, N·K) int64, query_x (n, N·Q, C, H, W), query_y (n, N·Q)."""
+        if dataset.name != self.dataset or dataset.fingerprint != self.fingerprint:
+            self.check_dataset(dataset)
+        n, s, q = len(self), self.support_ids.shape[1], self.query_ids.shape[1]
+        flat = torch.cat([self.support_ids.reshape(-1), self.query_ids.reshape(-1)])
+        uniq, inverse = torch.unique(flat, return_inverse=True)
+        images = dataset.load(uniq)[inverse]
+        sx = images[: n * s].reshape(n, s, *dataset.image_shape)
+        qx = images[n * s :].reshape(n, q, *dataset.image_shape)
+        return TaskTensors(sx, self.support_y.clone(), qx, self.query_y.clone())
+
+    # ---------------------------------------------------------------- files
+    def save(self, path_stem: str | os.PathLike) -> Path:
+        """Write ``STEM.json`` (readable definition) + ``STEM.safetensors`` (arrays); returns the JSON path."""
+        corrupted = self.task_ids[self.corrupted_tasks].tolist()
+        info = {
+            "disjointness": self.disjointness,
+            "dataset_split": self.dataset_split,
+            "n_tasks": len(self),
+            "is_subset": len(self) != self.n_tasks_built or not torch.equal(self.task_ids, torch.arange(self.n_tasks_built)),
+            "label_order": "class-major: support = K examples of classes[t,0] (label 0), then K of classes[t,1] (label 1), ...; query likewise with Q per class",
+            "num_classes_used": len(self.classes_used()),
+            "corrupted_task_ids": corrupted,
+            "n_corrupted_tasks": len(corrupted),
+            "n_corrupted_labels": int(self.support_corrupted.sum() + self.query_corrupted.sum()),
+            "summary": self.summary(),
+        }
+        return save_pair(path_stem, self.definition(), info, self._arrays())
+
+    @classmethod
+    def load(cls, path_stem: str | os.PathLike, dataset: "ClassDataset | None" = None) -> "TaskPool":
+        """Read a saved pool; with ``dataset``, also check that it belongs to that dataset
+        (name, fingerprint, classes and examples). PoolError with a one-line reason otherwise."""
+        doc, arrays = load_pair(path_stem, KIND, _DEFINITION_KEYS)
+        missing = [k for k in _ARRAYS if k not in arrays]
+        if missing:
+            raise PoolError(f"pool tensor file lacks array(s) {', '.join(missing)}; rebuild and save the pool again")
+        try:
+            pool = cls(
+                dataset=str(doc["dataset"]),
+                fingerprint=str(doc["fingerprint"]),
+                split=str(doc["split"]),
+                split_kind=str(doc["split_kind"]),
+                n_way=int(doc["n_way"]),
+                k_shot=int(doc["k_shot"]),
+                q_query=int(doc["q_query"]),
+                seed=int(doc["seed"]),
+                n_tasks_built=int(doc["n_tasks_built"]),
+                corruption=doc["corruption"],
+                dataset_split=str(doc.get("dataset_split", "")),
+                **arrays,
+            )
+        except (TypeError, ValueError) as exc:
+            raise PoolError(f"pool definition {_stem(path_stem)}.json has a malformed field ({exc}); rebuild the pool") from None
+        pool._check_shapes()
+        if dataset is not None:
+            pool.check_dataset(dataset)
+        return pool
+
+    def _check_shapes(self) -> None:
+        n, N = len(self), self.n_way
+        want = {
+            "classes": (n, N),
+            "support_ids": (n, N * self.k_shot),
+            "query_ids": (n, N * self.q_query),
+            "support_y": (n, N * self.k_shot),
+            "query_y": (n, N * self.q_query),
+            "support_true_y": (n, N * self.k_shot),
+            "query_true_y": (n, N * self.q_query),
+            "support_corrupted": (n, N * self.k_shot),
+            "query_corrupted": (n, N * self.q_query),
+            "corrupted_tasks": (n,),
+        }
+        for k, shape in want.items():
+            if tuple(getattr(self, k).shape) != shape:
+                raise PoolError(f"pool array {k} has shape {tuple(getattr(self, k).shape)}, expected {shape} for {N}-way {self.k_shot}-shot {self.q_query}-query; rebuild the pool")
+        if self.split not in SPLITS:
+            raise PoolError(f"pool split {self.split!r} is not one of {', '.join(SPLITS)}; rebuild the pool")
+        for k in ("support_y", "query_y", "support_true_y", "query_true_y"):
+            t = getattr(self, k)
+            if t.numel() and (t.min() < 0 or t.max() >= N):
+                raise PoolError(f"pool labels {k} fall outside 0..{N - 1}; rebuild the pool")
+        if len(torch.unique(self.task_ids)) != n or self.task_ids.min() < 0 or self.task_ids.max() >= self.n_tasks_built:
+            raise PoolError("pool task ids repeat or fall outside the built range; rebuild the pool")
+        if not torch.equal(self.support_y != self.support_true_y, self.support_corrupted) or not torch.equal(self.query_y != self.query_true_y, self.query_corrupted):
+            raise PoolError("pool labels and true labels disagree with the recorded corruption masks; rebuild the pool")
+        if not torch.equal(self.corrupted_tasks, self.support_corrupted.any(1) | self.query_corrupted.any(1)):
+            raise PoolError("pool's corrupted-task flags disagree with its corrupted-label masks; rebuild the pool")
+        if self.corruption is None and bool(self.corrupted_tasks.any()):
+            raise PoolError("pool has corrupted labels but no corruption record; rebuild the pool")
+
+
+# --------------------------------------------------------------------------- building
+def _positive_int(value: Any, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise PoolError(f"{name}={value!r} is invalid; use an integer of at least {minimum}")
+    return int(value)
+
+
+def build_pool(
+    dataset: "ClassDataset",
+    split: str,
+    n_way: int,
+    k_shot: int,
+    q_query: int,
+    n_tasks: int,
+    seed: int = 0,
+) -> TaskPool:
+    """Draw ``n_tasks`` N-way K-shot Q-query tasks from ``split`` of ``dataset``.
+
+    Each task: N distinct classes of the split (random order = label order), then for each class
+    K + Q distinct examples of that split (first K support, last Q query). Deterministic in
+    (dataset fingerprint, split, N, K, Q, seed) and the task id (see the module docstring).
+    """
+    if split not in SPLITS:
+        raise PoolError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    n_tasks = _positive_int(n_tasks, "n_tasks")
+    n_way = _positive_int(n_way, "n_way", 2)
+    k_shot = _positive_int(k_shot, "k_shot")
+    q_query = _positive_int(q_query, "q_query")
+    seed = int(seed)
+    classes = np.asarray(dataset.classes(split), dtype=np.int64)
+    if n_way > len(classes):
+        raise PoolError(f"n_way={n_way} is larger than the {len(classes)} classes in the {split!r} split of {dataset.name}; lower n_way")
+    per_class = [dataset.examples_of(int(c), split).numpy() for c in classes]
+    smallest = min(len(e) for e in per_class)
+    if k_shot + q_query > smallest:
+        raise PoolError(
+            f"k_shot + q_query = {k_shot + q_query} is larger than the {smallest} examples of the smallest class in the {split!r} split of {dataset.name}; lower k_shot or q_query"
+        )
+    entropy = _hash_entropy(KIND, dataset.fingerprint, split, n_way, k_shot, q_query, seed)
+    m = k_shot + q_query
+    cls_out = np.empty((n_tasks, n_way), dtype=np.int64)
+    sup = np.empty((n_tasks, n_way, k_shot), dtype=np.int64)
+    qry = np.empty((n_tasks, n_way, q_query), dtype=np.int64)
+    for t in range(n_tasks):
+        rng = np.random.default_rng(np.random.SeedSequence(entropy, spawn_key=(t,)))
+        chosen = rng.choice(len(classes), size=n_way, replace=False)
+        cls_out[t] = classes[chosen]
+        for j, ci in enumerate(chosen):
+            ex = per_class[ci]
+            pick = ex[rng.choice(len(ex), size=m, replace=False)]
+            sup[t, j] = pick[:k_shot]
+            qry[t, j] = pick[k_shot:]
+    sy = np.repeat(np.arange(n_way), k_shot)[None].repeat(n_tasks, 0)
+    qy = np.repeat(np.arange(n_way), q_query)[None].repeat(n_tasks, 0)
+    sy_t, qy_t = torch.from_numpy(sy), torch.from_numpy(qy)
+    return TaskPool(
+        dataset=dataset.name,
+        fingerprint=dataset.fingerprint,
+        split=split,
+        split_kind=dataset.split_kind,
+        n_way=n_way,
+        k_shot=k_shot,
+        q_query=q_query,
+        seed=seed,
+        n_tasks_built=n_tasks,
+        task_ids=torch.arange(n_tasks, dtype=torch.long),
+        classes=torch.from_numpy(cls_out),
+        support_ids=torch.from_numpy(sup.reshape(n_tasks, -1)),
+        support_y=sy_t.clone(),
+        query_ids=torch.from_numpy(qry.reshape(n_tasks, -1)),
+        query_y=qy_t.clone(),
+        support_true_y=sy_t.clone(),
+        query_true_y=qy_t.clone(),
+        support_corrupted=torch.zeros(sy.shape, dtype=torch.bool),
+        query_corrupted=torch.zeros(qy.shape, dtype=torch.bool),
+        corrupted_tasks=torch.zeros(n_tasks, dtype=torch.bool),
+        corruption=None,
+        dataset_split=dataset.split_description,
+    )
+
+
+def load_pool(path_stem: str | os.PathLike, dataset: "ClassDataset | None" = None):
+    """Load any saved pool: a :class:`TaskPool` or a sinusoid pool (by the ``kind`` in its JSON)."""
+    stem = _stem(path_stem)
+    try:
+        doc = read_json(stem.with_name(stem.name + ".json"), what="pool definition")
+    except MetaInfluenceError as exc:
+        raise PoolError(str(exc)) from None
+    if isinstance(doc, dict) and doc.get("kind") == "sinusoid-pool":
+        from ..data.sinusoid import SinusoidPool
+
+        return SinusoidPool.load(stem)
+    return TaskPool.load(stem, dataset=dataset)
