@@ -166,6 +166,14 @@ def test_indefinite_needs_damping_above_minus_lambda_min(solver):
     assert rel(res.x, torch.linalg.solve(A + 1.5 * torch.eye(P, dtype=F64), b)) < 1e-8
 
 
+def test_neumann_detects_slow_divergence_before_overflow():
+    # λ_min + δ = −0.05: the series grows only ~0.5% per step, far from NaN or overflow within J,
+    # yet must not come back as a finite but meaningless answer
+    A = sym_with_spectrum(INDEFINITE, seed=5)
+    with pytest.raises(DivergenceError, match="consecutive"):
+        neumann_solve(MatrixOperator(A), rhs(P), 0.95, SolverSettings(neumann_depth=2000))
+
+
 def test_explicit_error_names_lambda_min():
     A = sym_with_spectrum(INDEFINITE, seed=5)
     with pytest.raises(DivergenceError, match=r"raise damping above 1(\.0*)?\b"):

@@ -757,7 +757,7 @@ def lowrank_solve(
             f"H+δI is not positive definite on the low-rank subspace: eigenvalue {lam:.4g} + damping {damping:g} ≤ 0; raise damping above {-lam:.4g}"
         )
     C = B @ vecs
-    X = (C / shifted) @ vecs.T + (B - C @ vecs.T) / damping
+    X = (C / shifted) @ vecs.T
     bn = B.norm(dim=1)
     outside = ((B - C @ vecs.T).norm(dim=1) / torch.where(bn > 0, bn, torch.ones_like(bn))).tolist()
     info.update(
