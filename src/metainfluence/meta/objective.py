@@ -217,7 +217,8 @@ class MetaProblem:
         mapped = vmap(fn, in_dims=in_dims)
         return torch.cat([mapped(lam, *[a[c] for a in args]) for c in self.chunks(len(tasks))])
 
-    def sum_over_tasks(self, fn: Callable, lam: torch.Tensor, tasks: TaskTensors, w=None, v=None, u=None, extra: tuple = ()) -> torch.Tensor:
+    def sum_over_tasks(self, fn: Callable, lam: torch.Tensor, tasks: TaskTensors, w=None, v=None, u=None, extra: tuple = (),
+                       reduce: bool = True) -> torch.Tensor:
         """Σ_i w_i fn(task i), over all shards: chunked so that only one chunk's graph is alive at a time."""
         args = self._task_args(lam, tasks, v, u) + tuple(extra)
         w = torch.ones(len(tasks), dtype=lam.dtype, device=lam.device) if w is None else w.to(lam)
@@ -228,7 +229,7 @@ class MetaProblem:
             out = mapped(lam, *[a[c] for a in args])
             part = torch.tensordot(w[c], out, dims=1)
             total = part if total is None else total + part
-        return self.reduce(total)
+        return self.reduce(total) if reduce else total
 
     def task_losses(self, lam, tasks: TaskTensors, v=None, u=None) -> torch.Tensor:
         """L_Q^i(λ) for every task, shape (n,)."""

@@ -1,0 +1,101 @@
+"""Gradients that influence is built from (SPEC §3, §6, §7).
+
+* total gradients g_i = D_λ L_Q^i (in :class:`MetaProblem`),
+* per-example mixed derivatives ∂_λ ∂_{u_z} L_Q^k (query example z) and ∂_λ ∂_{v_z} L_Q^k (support
+  example z, through the unrolled inner loop): the gradient of task k's query loss with respect to λ,
+  differentiated by the weight of one example. Contracted with a vector s they give every example's
+  score in one reverse pass per task, without materialising (p × examples) matrices,
+* the measurement gradient ∇f(λ*) (default f: mean query loss of the validation pool),
+* the direct-IF baseline's gradients ∇_θ L_Q^k(θ_k), which ignore dθ/dλ.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.func import grad, jacrev, jvp
+
+from ..errors import SettingsError
+from ..meta.objective import MetaProblem
+from ..tasks.tensors import TaskTensors
+
+
+def measurement_gradient(problem: MetaProblem, lam: torch.Tensor, val_tasks: TaskTensors) -> tuple[torch.Tensor, float]:
+    """(∇f(λ), f(λ)) for f = mean query loss over ``val_tasks`` after adaptation (no weight decay)."""
+    lam = lam.detach()
+    n = problem.n_total(len(val_tasks))
+    gradient = problem.sum_over_tasks(problem.task_total_gradient, lam, val_tasks) / n
+    with torch.no_grad():
+        value = problem.sum_over_tasks(problem.query_loss, lam, val_tasks) / n
+    return gradient.detach(), float(value)
+
+
+def direct_gradients(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors) -> torch.Tensor:
+    """∇_θ L_Q^k(θ_k) per task (direct-IF: the adapted parameters treated as if they were λ)."""
+
+    def one(lam, xs, ys, xq, yq, v, u):
+        theta = problem.adapt(lam, xs, ys, v).detach()
+        return grad(problem.weighted_loss)(theta, xq, yq, u)
+
+    return problem.per_task(one, lam.detach(), tasks).detach()
+
+
+def direct_measurement_gradient(problem: MetaProblem, lam: torch.Tensor, val_tasks: TaskTensors) -> torch.Tensor:
+    n = problem.n_total(len(val_tasks))
+    return problem.reduce(direct_gradients(problem, lam, val_tasks).sum(0)) / n
+
+
+def _require_unrolled(problem: MetaProblem, what: str) -> None:
+    if problem.inner.kind != "unrolled":
+        raise SettingsError(f"{what} differentiates through the unrolled inner loop; with inner=implicit use the two-stage method")
+
+
+def example_scores(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, s: torch.Tensor, which: str) -> torch.Tensor:
+    """sᵀ ∂_λ ∂_{w_z} L_Q^k for every example z of every task, shape (n, |set|).
+
+    ``which`` = 'query' (w = u) or 'support' (w = v, exact for K-step MAML). One reverse pass of the
+    scalar sᵀ g_k(λ, v, u) with respect to the example weights per task."""
+    if which == "support":
+        _require_unrolled(problem, "support instance-IF (unrolled)")
+    argnum = {"support": 5, "query": 6}[which]
+    s = s.detach().to(lam)
+
+    def one(lam, xs, ys, xq, yq, v, u):
+        contracted = lambda *a: torch.dot(s, problem.task_total_gradient(*a))
+        return jacrev(contracted, argnums=argnum)(lam, xs, ys, xq, yq, v, u)
+
+    return problem.per_task(one, lam.detach(), tasks).detach()
+
+
+def example_mixed_gradients(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, which: str) -> torch.Tensor:
+    """The full mixed derivatives ∂_λ ∂_{w_z} L_Q^k, shape (n, |set|, p) (for per-example parameter changes)."""
+    if which == "support":
+        _require_unrolled(problem, "support instance-IF (unrolled)")
+    argnum = {"support": 5, "query": 6}[which]
+
+    def one(lam, xs, ys, xq, yq, v, u):
+        # g_k is linear in u and smooth in v: forward mode over the |set| weights is exact and cheap.
+        from torch.func import jacfwd
+
+        return jacfwd(problem.task_total_gradient, argnums=argnum)(lam, xs, ys, xq, yq, v, u).T
+
+    return problem.per_task(one, lam.detach(), tasks).detach()
+
+
+def removed_examples_gradient(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, mask: torch.Tensor, which: str) -> torch.Tensor:
+    """Σ_{z removed} ∂_λ ∂_{w_z} L_Q^k summed over tasks: one jvp per task along the removal mask (n, |set|)."""
+    if which == "support":
+        _require_unrolled(problem, "support instance-IF (unrolled)")
+    argnum = {"support": 5, "query": 6}[which]
+    mask = mask.to(lam)
+
+    def one(lam, xs, ys, xq, yq, v, u, m):
+        args = [lam, xs, ys, xq, yq, v, u]
+
+        def along(weight):
+            a = list(args)
+            a[argnum] = weight
+            return problem.task_total_gradient(*a)
+
+        return jvp(along, (args[argnum],), (m,))[1]
+
+    return problem.sum_over_tasks(one, lam.detach(), tasks, extra=(mask,)).detach()

@@ -1,0 +1,216 @@
+"""Products with the total Hessian H = ∇²_λ F(λ*) and its surrogates (SPEC §3).
+
+Every operator is a symmetric linear map on R^p with ``matvec(v) = H v`` (damping is added by the
+solvers) and ``matvec_subset(v, tasks)``, an unbiased estimate from a subset of tasks (LiSSA).
+
+kinds:
+  exact         forward-over-reverse (jvp of the total gradient) through the unrolled inner loop.
+  gauss-newton  (1/n) Σ J_iᵀ G_i J_i + μI,  J_i = dθ_i/dλ, G_i the Gauss–Newton matrix of L_Q^i at θ_i.
+  gamma         (1/n) Σ J_iᵀ ∇²_θ L_Q^i J_i + Γ I + μI,  Γ = (1/n) Σ ‖∇_θ L_Q^i(θ_i)‖₁  (paper, Thm 5.1).
+  fisher        (1/n) Σ E[ĝ_i ĝ_iᵀ] + μI, ĝ_i total gradients with query labels sampled from the model;
+                stored as a (n·M × p) factor so that its inverse is exact by Woodbury.
+  direct        (1/n) Σ ∇²_θ L_Q^i(θ_i) + μI: the Hessian of the direct-IF baseline (ignores dθ/dλ).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.func import grad, jvp, vjp, vmap
+
+from ..errors import SettingsError
+from ..meta.objective import MetaProblem
+from ..tasks.tensors import TaskTensors
+
+HESSIANS = ("exact", "gauss-newton", "gamma", "fisher", "direct")
+
+
+# ---------------------------------------------------------------------- per-task building blocks
+def jacobian_vp(problem: MetaProblem, lam, xs, ys, v, theta, direction):
+    """J_i · direction, J_i = dθ_i/dλ (unrolled: jvp through the inner loop; implicit: γ(∇²L_S+γI)^{-1})."""
+    if problem.inner.kind == "unrolled":
+        return jvp(lambda l: problem.adapt(l, xs, ys, v), (lam,), (direction,))[1]
+    return problem.implicit_jacobian_t(theta, lam, xs, ys, v, direction)  # symmetric
+
+
+def jacobian_t_vp(problem: MetaProblem, lam, xs, ys, v, theta, vec):
+    """J_iᵀ · vec."""
+    if problem.inner.kind == "unrolled":
+        return vjp(lambda l: problem.adapt(l, xs, ys, v), lam)[1](vec)[0]
+    return problem.implicit_jacobian_t(theta, lam, xs, ys, v, vec)
+
+
+def query_hvp_theta(problem: MetaProblem, theta, xq, yq, u, direction):
+    """∇²_θ L_Q(θ) · direction (the query loss Hessian in θ-space)."""
+    g = lambda th: grad(problem.weighted_loss)(th, xq, yq, u)
+    return jvp(g, (theta,), (direction,))[1]
+
+
+def query_gnvp_theta(problem: MetaProblem, theta, xq, yq, u, direction):
+    """Gauss–Newton product J_fᵀ H_ℓ J_f · direction, f the network outputs on the query set.
+
+    H_ℓ is the exact Hessian of the loss with respect to the outputs (PSD for cross-entropy and MSE)."""
+    out_fn = lambda th: problem.forward(th, xq)
+    out, d_out = jvp(out_fn, (theta,), (direction,))
+    loss_of_out = lambda o: (u * problem.loss_fn(o, yq)).sum() / xq.shape[0]
+    h_out = jvp(grad(loss_of_out), (out,), (d_out,))[1]
+    return vjp(out_fn, theta)[1](h_out)[0]
+
+
+def _adapted(problem, lam, xs, ys, v):
+    return problem.adapt(lam, xs, ys, v).detach()
+
+
+# ---------------------------------------------------------------------- the operator
+class TotalHessian:
+    """The total Hessian (or a surrogate) of F at λ over a task pool, as a linear operator."""
+
+    def __init__(
+        self,
+        problem: MetaProblem,
+        lam: torch.Tensor,
+        tasks: TaskTensors,
+        kind: str = "exact",
+        *,
+        fisher_samples: int = 1,
+        seed: int = 0,
+        w: torch.Tensor | None = None,
+        v: torch.Tensor | None = None,
+        u: torch.Tensor | None = None,
+    ):
+        if kind not in HESSIANS:
+            raise SettingsError(f"unknown hessian {kind!r}; use one of {', '.join(HESSIANS)}")
+        if kind == "exact" and problem.inner.kind != "unrolled":
+            raise SettingsError("hessian 'exact' differentiates through the unrolled inner loop; with inner=implicit use gauss-newton, gamma or fisher")
+        if kind == "exact" and problem.inner.first_order:
+            raise SettingsError("hessian 'exact' needs second-order MAML; first-order training has no exact total Hessian — drop first_order or use gauss-newton")
+        self.problem = problem
+        self.lam = lam.detach()
+        self.tasks = tasks
+        self.kind = kind
+        # task / support / query weights of the objective (SPEC §1): zeros give the Hessian of a reduced pool
+        self.w, self.v, self.u = w, v, u
+        self.dim = lam.numel()
+        self.dtype = lam.dtype
+        self.device = lam.device
+        self.n_tasks = len(tasks)
+        self.n_total = problem.n_total(len(tasks))
+        self.n_matvecs = 0
+        self.gamma = 0.0
+        self.fisher_factor: torch.Tensor | None = None
+        # θ_i(λ*) is fixed: adapt once (the implicit inner solve is the expensive part of its products)
+        self.thetas = None
+        if kind in ("gauss-newton", "gamma", "direct"):
+            adapted = lambda lam, xs, ys, xq, yq, v_, u_: _adapted(problem, lam, xs, ys, v_)
+            self.thetas = problem.per_task(adapted, self.lam, tasks, v, u)
+        if kind == "gamma":
+            l1 = problem.sum_over_tasks(self._query_grad_l1, self.lam, tasks, w, v, u, extra=(self.thetas,))
+            self.gamma = float(l1) / self.n_total
+        if kind == "fisher":
+            if w is not None or v is not None or u is not None:
+                raise SettingsError("the fisher Hessian is built for the full pool; use exact or gauss-newton for a reweighted pool")
+            self.fisher_factor = fisher_factor(problem, self.lam, tasks, fisher_samples, seed)
+
+    # per-task products, vmapped by MetaProblem.sum_over_tasks
+    def _query_grad_l1(self, lam, xs, ys, xq, yq, v, u, theta):
+        return grad(self.problem.weighted_loss)(theta, xq, yq, u).abs().sum()
+
+    def _task_product(self, direction):
+        p = self.problem
+        kind = self.kind
+
+        def exact(lam, xs, ys, xq, yq, v, u):
+            g = lambda l: grad(p.query_loss)(l, xs, ys, xq, yq, v, u)
+            return jvp(g, (lam,), (direction,))[1]
+
+        def sandwich(lam, xs, ys, xq, yq, v, u, theta):
+            jd = jacobian_vp(p, lam, xs, ys, v, theta, direction)
+            inner = query_gnvp_theta if kind == "gauss-newton" else query_hvp_theta
+            return jacobian_t_vp(p, lam, xs, ys, v, theta, inner(p, theta, xq, yq, u, jd))
+
+        def direct(lam, xs, ys, xq, yq, v, u, theta):
+            return query_hvp_theta(p, theta, xq, yq, u, direction)
+
+        return {"exact": exact, "gauss-newton": sandwich, "gamma": sandwich, "direct": direct}[kind]
+
+    def _local_sum(self, v: torch.Tensor, index=None) -> torch.Tensor:
+        """Σ_i w_i (H_i v) over this process's tasks (or the subset ``index``)."""
+        pick = (lambda t: t) if index is None else (lambda t: None if t is None else t[index])
+        tasks = self.tasks if index is None else self.tasks.subset(index)
+        extra = () if self.thetas is None else (pick(self.thetas),)
+        return self.problem.sum_over_tasks(self._task_product(v), self.lam, tasks, pick(self.w), pick(self.v), pick(self.u),
+                                           extra=extra, reduce=False)
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        self.n_matvecs += 1
+        v = v.to(self.lam)
+        if self.kind == "fisher":
+            G = self.fisher_factor
+            return G.T @ (G @ v) + self.problem.weight_decay * v
+        out = self.problem.reduce(self._local_sum(v)) / self.n_total + (self.gamma + self.problem.weight_decay) * v
+        return out.detach()
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """H applied to the rows of V (m, p), vectorised over the directions; returns (m, p)."""
+        self.n_matvecs += V.shape[0]
+        V = V.to(self.lam)
+        if self.kind == "fisher":
+            G = self.fisher_factor
+            return (V @ G.T) @ G + self.problem.weight_decay * V
+        local = vmap(self._local_sum)(V)
+        out = self.problem.reduce(local) / self.n_total + (self.gamma + self.problem.weight_decay) * V
+        return out.detach()
+
+    def matvec_subset(self, v: torch.Tensor, task_index: torch.Tensor) -> torch.Tensor:
+        """Unbiased estimate of H v from the tasks ``task_index`` (local indices)."""
+        self.n_matvecs += 1
+        v = v.to(self.lam)
+        if self.kind == "fisher":
+            raise SettingsError("lissa samples tasks; the fisher Hessian is solved exactly by woodbury — use solver=woodbury or cg")
+        # A local (not all-reduced) estimate: LiSSA's subsets are drawn per process.
+        part = self._local_sum(v, task_index)
+        return (part / len(task_index) + (self.gamma + self.problem.weight_decay) * v).detach()
+
+    def woodbury_solve(self, b: torch.Tensor, damping: float) -> torch.Tensor:
+        """(GᵀG + cI)^{-1} b with c = μ + δ, exactly, for the fisher kind (G holds the scaled ĝ rows)."""
+        if self.kind != "fisher":
+            raise SettingsError("the woodbury solver applies to hessian=fisher only")
+        c = self.problem.weight_decay + damping
+        if c <= 0:
+            raise SettingsError("the fisher Hessian is singular without weight decay or damping: set damping > 0")
+        G = self.fisher_factor
+        small = G @ G.T + c * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+        rhs = b.T if b.dim() == 2 else b
+        inner = torch.linalg.solve(small, G @ rhs)
+        x = (rhs - G.T @ inner) / c
+        return x.T if b.dim() == 2 else x
+
+
+def fisher_factor(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, samples: int, seed: int) -> torch.Tensor:
+    """Rows ĝ_{i,m} / √(n·M): total gradients with query labels drawn from the adapted model.
+
+    For cross-entropy labels are drawn from softmax(f); for MSE from N(f, 1/2), the Gaussian whose
+    negative log-likelihood is the squared error (so E[ĝĝᵀ] is the Gauss–Newton matrix)."""
+    if samples < 1:
+        raise SettingsError(f"fisher_samples must be ≥ 1, got {samples}")
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def outputs(lam, xs, ys, xq, yq, v, u):
+        return problem.forward(problem.adapt(lam, xs, ys, v), xq)
+
+    with torch.no_grad():
+        out = problem.per_task(outputs, lam, tasks)
+    rows = []
+    for _ in range(samples):
+        if problem.loss_name == "cross_entropy":
+            probs = torch.softmax(out.double(), -1).cpu()
+            flat = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=gen).reshape(probs.shape[:-1])
+            yq = flat.to(tasks.query_y.device)
+        elif problem.loss_name == "mse":
+            noise = torch.randn(out.shape, generator=gen, dtype=out.dtype).to(out.device)
+            yq = out + noise * 0.5**0.5
+        else:
+            raise SettingsError(f"the fisher Hessian needs a likelihood to sample from; loss {problem.loss_name!r} has none — use gauss-newton")
+        sampled = TaskTensors(tasks.support_x, tasks.support_y, tasks.query_x, yq)
+        rows.append(problem.total_gradients(lam, sampled))
+    G = torch.cat(rows) / (problem.n_total(len(tasks)) * samples) ** 0.5
+    return G

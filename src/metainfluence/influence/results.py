@@ -1,0 +1,141 @@
+"""Influence settings and the score files every influence computation writes."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError, SettingsError
+from ..io import load_result, save_result
+from .solvers import SolverSettings
+
+SIGN_CONVENTION = (
+    "score = predicted change of the measurement f (mean query loss of the validation pool after "
+    "adaptation, in loss units) when the item is removed (SPEC §7): score > 0 means removing the item "
+    "would raise the validation loss, i.e. the item HELPS; score < 0 means removing it would lower the "
+    "loss, i.e. the item HARMS. Harmful-first ranking sorts scores ascending."
+)
+
+METHODS = ("task-if", "direct-if", "tracin", "loss", "random")
+SUPPORT_METHODS = ("unrolled", "two-stage")
+
+
+@dataclass
+class InfluenceSettings:
+    method: str = field(default="task-if", metadata={"help": "task-if | direct-if | tracin | loss | random (SPEC §7)"})
+    hessian: str = field(default="exact", metadata={"help": "total-Hessian products: exact | gauss-newton | gamma | fisher (direct-if always uses direct)"})
+    solver: str = field(default="cg", metadata={"help": "iHVP solver: explicit | cg | neumann | lissa | lowrank | woodbury (fisher only)"})
+    damping: float = field(default=1e-3, metadata={"help": "damping δ added to every Hessian: solves use H + δI"})
+    tol: float = field(default=1e-6, metadata={"help": "solver tolerance (relative residual for cg, relative change for neumann/lissa)"})
+    max_iter: int = field(default=500, metadata={"help": "CG iteration limit"})
+    neumann_depth: int = field(default=1000, metadata={"help": "Neumann/LiSSA depth J"})
+    lissa_batch: int = field(default=0, metadata={"help": "tasks per LiSSA HVP (0 = all)"})
+    lowrank_rank: int = field(default=20, metadata={"help": "eigenpairs kept by the lowrank solver"})
+    lowrank_file: str = field(default="", metadata={"help": "saved Lanczos eigenpairs to reuse (lowrank solver); computed and saved there if missing"})
+    fisher_samples: int = field(default=4, metadata={"help": "label samples per task for the fisher Hessian"})
+    support_method: str = field(default="unrolled", metadata={"help": "support instance-IF: unrolled (exact mixed derivative) | two-stage (paper)"})
+    inner_damping: float = field(default=1e-2, metadata={"help": "damping of the inner Hessian in two-stage instance-IF"})
+    inner_cg_steps: int = field(default=50, metadata={"help": "CG steps for the inner Hessian solve in two-stage instance-IF"})
+    self_influence: bool = field(default=False, metadata={"help": "also compute self-influence g_kᵀ(H+δI)^{-1}g_k/n (one iHVP per task)"})
+    stationarity_warn: float = field(default=0.05, metadata={"help": "warn when ‖∇F‖ / mean‖g_i‖ exceeds this (SPEC §2)"})
+    seed: int = field(default=0, metadata={"help": "seed for random, fisher and lissa"})
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise SettingsError(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
+        if self.damping < 0:
+            raise SettingsError(f"damping must be ≥ 0, got {self.damping}; use a small positive value such as 1e-3")
+        if self.support_method not in SUPPORT_METHODS:
+            raise SettingsError(f"unknown support method {self.support_method!r}; use unrolled or two-stage")
+        if self.inner_damping < 0:
+            raise SettingsError(f"inner_damping must be ≥ 0, got {self.inner_damping}")
+
+    def solver_settings(self) -> SolverSettings:
+        return SolverSettings(
+            tol=self.tol,
+            max_iter=self.max_iter,
+            neumann_depth=self.neumann_depth,
+            lissa_batch=self.lissa_batch or None,
+            lowrank_rank=self.lowrank_rank,
+            seed=self.seed,
+        )
+
+
+@dataclass
+class InfluenceResult:
+    """Scores of a set of items (tasks, or examples of tasks) with everything needed to read them.
+
+    ``scores`` is (n,) for tasks, (n, m) for the m support or query examples of each task.
+    ``task_ids`` are the pool's stable ids of the rows."""
+
+    level: str
+    method: str
+    scores: torch.Tensor
+    task_ids: torch.Tensor
+    measurement: float
+    settings: dict[str, Any]
+    diagnostics: dict[str, Any]
+    self_influence: torch.Tensor | None = None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def ranking(self, harmful_first: bool = True) -> torch.Tensor:
+        """Item indices (flat over rows × examples for instance levels), most harmful first by default."""
+        flat = self.scores.reshape(-1)
+        return torch.argsort(flat, descending=not harmful_first, stable=True)
+
+    def items(self, flat_index: torch.Tensor) -> list[tuple[int, ...]]:
+        """Stable ids of flat item indices: (task_id,) or (task_id, example)."""
+        out = []
+        for i in flat_index.tolist():
+            if self.scores.dim() == 1:
+                out.append((int(self.task_ids[i]),))
+            else:
+                m = self.scores.shape[1]
+                out.append((int(self.task_ids[i // m]), i % m))
+        return out
+
+    def save(self, stem: str | Path, pool_fingerprint: str | None = None) -> tuple[Path, Path]:
+        tensors = {"scores": self.scores, "task_ids": self.task_ids}
+        if self.self_influence is not None:
+            tensors["self_influence"] = self.self_influence
+        tensors.update({f"extra.{k}": v for k, v in self.extra.items()})
+        info = {
+            "kind": "metainfluence.influence",
+            "level": self.level,
+            "method": self.method,
+            "sign_convention": SIGN_CONVENTION,
+            "units": "change of the measurement (loss units) per removed item" if self.method != "loss" else "minus the task's query loss (a suspicion score, not a change)",
+            "measurement": self.measurement,
+            "pool_fingerprint": pool_fingerprint,
+            "settings": self.settings,
+            "diagnostics": self.diagnostics,
+        }
+        return save_result(stem, tensors, info)
+
+    @classmethod
+    def load(cls, stem: str | Path, pool_fingerprint: str | None = None) -> "InfluenceResult":
+        tensors, info = load_result(stem, what="scores file")
+        if info.get("kind") != "metainfluence.influence":
+            raise CheckpointError(f"{stem} is not a metainfluence scores file; pass the output of `metainfluence influence`")
+        if pool_fingerprint is not None and info.get("pool_fingerprint") not in (None, pool_fingerprint):
+            raise CheckpointError(f"scores file {stem} was computed on another task pool; recompute the scores for this checkpoint's pool")
+        extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
+        return cls(
+            level=info["level"],
+            method=info["method"],
+            scores=tensors["scores"],
+            task_ids=tensors["task_ids"],
+            measurement=info["measurement"],
+            settings=info["settings"],
+            diagnostics=info["diagnostics"],
+            self_influence=tensors.get("self_influence"),
+            extra=extra,
+        )
+
+
+def settings_dict(settings: Any) -> dict:
+    return dataclasses.asdict(settings) if dataclasses.is_dataclass(settings) else dict(settings)

@@ -1,0 +1,186 @@
+"""Influence of whole training tasks (task-IF, SPEC §5, §7) and its baselines.
+
+    s        = (H + δI)^{-1} ∇f(λ*)                 one iHVP for all scores
+    score_k  = sᵀ g_k / n                           predicted Δf when task k is removed
+    Δλ_k     = (H + δI)^{-1} g_k / n                predicted parameter change
+    self_k   = g_kᵀ (H + δI)^{-1} g_k / n
+
+The pass over the training tasks is chunked and never holds more than one chunk of total gradients,
+so memory is flat in the pool size (unless self-influence is asked for).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import SettingsError
+from ..meta.objective import MetaProblem
+from ..tasks.tensors import TaskTensors
+from .gradients import direct_gradients, direct_measurement_gradient, measurement_gradient
+from .hessians import TotalHessian
+from .results import InfluenceResult, InfluenceSettings, settings_dict
+from .solvers import IHVPResult, LowRank, lanczos_eigenpairs, solve_ihvp
+
+
+def build_hessian(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, settings: InfluenceSettings, kind: str | None = None, **weights) -> TotalHessian:
+    return TotalHessian(problem, lam, tasks, kind or settings.hessian, fisher_samples=settings.fisher_samples, seed=settings.seed, **weights)
+
+
+def ihvp(op: TotalHessian, b: torch.Tensor, settings: InfluenceSettings) -> IHVPResult:
+    """x ≈ (H + δI)^{-1} b with the configured solver (plus the exact Woodbury solve for fisher)."""
+    if settings.solver == "woodbury":
+        start = time.perf_counter()
+        x = op.woodbury_solve(b, settings.damping)
+        rows = x.reshape(-1, op.dim)
+        brows = b.reshape(-1, op.dim)
+        res = [float((op.matvec(xi) + settings.damping * xi - bi).norm() / bi.norm().clamp_min(1e-300)) for xi, bi in zip(rows, brows)]
+        return IHVPResult(x=x, residual=max(res), iterations=0, solver="woodbury",
+                          info={"damping": settings.damping, "converged": True, "residuals": res, "seconds": time.perf_counter() - start})
+    lowrank = None
+    if settings.solver == "lowrank":
+        lowrank = _lowrank(op, settings)
+    return solve_ihvp(op, b, solver=settings.solver, damping=settings.damping, settings=settings.solver_settings(), lowrank=lowrank)
+
+
+def _lowrank(op: TotalHessian, settings: InfluenceSettings) -> LowRank:
+    cached = getattr(op, "_lowrank", None)
+    if cached is not None:
+        return cached
+    path = Path(settings.lowrank_file) if settings.lowrank_file else None
+    if path is not None and path.with_name(path.name + ".json").exists():
+        lr = LowRank.load(path, dim=op.dim)
+    else:
+        lr = lanczos_eigenpairs(op, settings.lowrank_rank, seed=settings.seed)
+        if path is not None:
+            lr.save(path)
+    op._lowrank = lr
+    return lr
+
+
+def stationarity(meta_gradient: torch.Tensor, task_gradient_norms: torch.Tensor, warn_ratio: float) -> dict[str, Any]:
+    """SPEC §2: ‖∇F(λ*)‖ and its ratio to the mean per-task total-gradient norm."""
+    norm = float(meta_gradient.norm())
+    mean_task = float(task_gradient_norms.mean())
+    ratio = norm / max(mean_task, 1e-300)
+    out = {"grad_norm": norm, "mean_task_grad_norm": mean_task, "ratio": ratio, "warning": None}
+    if ratio > warn_ratio:
+        out["warning"] = (
+            f"λ is not stationary: ‖∇F‖ = {norm:.3g} is {ratio:.2g} of the mean task-gradient norm; "
+            "influence assumes ∇F = 0 — run `metainfluence refine` first"
+        )
+        warnings.warn(out["warning"], stacklevel=3)
+    return out
+
+
+def _train_pass(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, s: torch.Tensor | None, gradient_fn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One chunked pass: (sᵀg_k per task, ‖g_k‖ per task, Σ_k g_k) without storing all g_k."""
+    dots, norms = [], []
+    total = torch.zeros_like(lam)
+    for c in problem.chunks(len(tasks)):
+        G = gradient_fn(problem, lam, tasks.subset(c))
+        total += G.sum(0)
+        norms.append(G.norm(dim=1))
+        dots.append(G @ s if s is not None else torch.zeros(G.shape[0], dtype=G.dtype, device=G.device))
+    return torch.cat(dots), torch.cat(norms), problem.reduce(total)
+
+
+def _total_gradients(problem, lam, tasks):
+    return problem.total_gradients(lam, tasks)
+
+
+def task_influence(
+    problem: MetaProblem,
+    lam: torch.Tensor,
+    train_tasks: TaskTensors,
+    val_tasks: TaskTensors,
+    settings: InfluenceSettings | None = None,
+    task_ids: torch.Tensor | None = None,
+) -> InfluenceResult:
+    """Score every training task by the predicted change of the validation loss when it is removed."""
+    settings = settings or InfluenceSettings()
+    settings.validate()
+    lam = lam.detach()
+    n = problem.n_total(len(train_tasks))
+    timings: dict[str, float] = {}
+    diag: dict[str, Any] = {"n_tasks": n, "n_params": lam.numel()}
+    method = settings.method
+    t0 = time.perf_counter()
+
+    if method in ("task-if", "direct-if", "tracin"):
+        direct = method == "direct-if"
+        if direct:
+            grad_f = direct_measurement_gradient(problem, lam, val_tasks)
+            with torch.no_grad():
+                f_value = float(problem.task_losses(lam, val_tasks).mean())
+        else:
+            grad_f, f_value = measurement_gradient(problem, lam, val_tasks)
+        timings["measurement_gradient"] = time.perf_counter() - t0
+
+        op = None
+        if method == "tracin":
+            s = grad_f  # the Hessian replaced by the identity
+        else:
+            t1 = time.perf_counter()
+            op = build_hessian(problem, lam, train_tasks, settings, kind="direct" if direct else None)
+            res = ihvp(op, grad_f, settings)
+            s = res.x
+            timings["ihvp"] = time.perf_counter() - t1
+            diag["solver"] = {"name": res.solver, "residual": res.residual, "iterations": res.iterations,
+                              "hvps": op.n_matvecs, **{k: v for k, v in res.info.items() if k not in ("residuals",)}}
+            diag["hessian"] = op.kind
+            if op.kind == "gamma":
+                diag["gamma"] = op.gamma
+
+        t2 = time.perf_counter()
+        dots, norms, g_sum = _train_pass(problem, lam, train_tasks, s, direct_gradients if direct else _total_gradients)
+        scores = dots / n
+        timings["task_gradients"] = time.perf_counter() - t2
+        if not direct:
+            diag["stationarity"] = stationarity(g_sum / n + problem.weight_decay * lam, norms, settings.stationarity_warn)
+        self_inf = None
+        if settings.self_influence:
+            if op is None:
+                op = build_hessian(problem, lam, train_tasks, settings)
+            t3 = time.perf_counter()
+            G = direct_gradients(problem, lam, train_tasks) if direct else problem.total_gradients(lam, train_tasks)
+            res_all = ihvp(op, G, settings)
+            self_inf = (G * res_all.x).sum(1) / n
+            diag["self_influence_residual"] = res_all.residual
+            timings["self_influence"] = time.perf_counter() - t3
+        extra = {"s": s}
+    elif method == "loss":
+        with torch.no_grad():
+            f_value = float(problem.task_losses(lam, val_tasks).mean())
+            scores = -problem.task_losses(lam, train_tasks)  # high loss = suspicious = ranked harmful first
+        self_inf, extra = None, {}
+    elif method == "random":
+        with torch.no_grad():
+            f_value = float(problem.task_losses(lam, val_tasks).mean())
+        gen = torch.Generator().manual_seed(settings.seed)
+        scores = torch.randn(len(train_tasks), generator=gen, dtype=torch.float64).to(lam)
+        self_inf, extra = None, {}
+    else:  # pragma: no cover - validate() guards
+        raise SettingsError(f"unknown method {method!r}")
+
+    timings["total"] = time.perf_counter() - t0
+    diag["timings_s"] = timings
+    ids = task_ids if task_ids is not None else torch.arange(len(train_tasks))
+    return InfluenceResult(
+        level="task", method=method, scores=scores.detach(), task_ids=ids, measurement=f_value,
+        settings={"influence": settings_dict(settings), "problem": problem.settings_json()},
+        diagnostics=diag, self_influence=self_inf, extra=extra,
+    )
+
+
+def task_parameter_changes(problem: MetaProblem, lam: torch.Tensor, train_tasks: TaskTensors, settings: InfluenceSettings,
+                           op: TotalHessian | None = None) -> tuple[torch.Tensor, IHVPResult]:
+    """Δλ_k = (H + δI)^{-1} g_k / n for every task k, shape (n, p): one iHVP per task."""
+    op = op or build_hessian(problem, lam, train_tasks, settings)
+    G = problem.total_gradients(lam, train_tasks)
+    res = ihvp(op, G, settings)
+    return res.x / problem.n_total(len(train_tasks)), res
