@@ -220,7 +220,7 @@ class ClassDataset:
         if self.split_kind == "class" and self._assignment[c] != s:
             where = SPLITS[self._assignment[c]] if self._assignment[c] >= 0 else "no split"
             raise DataError(f"class {c} of {self.name!r} belongs to {where}, not {split!r}; use classes({split!r}) to list its classes")
-        return torch.from_numpy(self._examples_np(c, s))
+        return torch.from_numpy(self._examples_np(c, s).copy())
 
     def split_of_examples(self, example_ids: torch.Tensor | np.ndarray) -> np.ndarray:
         """Split index (0/1/2, or -1) of each example id."""

@@ -143,17 +143,21 @@ def _decode(sources: Mapping[str, Path], image_size: int, resample: str) -> dict
     images, char_of_image, char_names = [], [], []
     for s in SETS:
         entries = _png_entries(sources[s], s)
-        for alphabet, character, fname, handle in entries:
-            key = f"{alphabet}/{character}"
-            if not char_names or char_names[-1] != key:
-                char_names.append(key)
-            data = _read_bytes(handle, sources[s])
-            try:
-                with Image.open(io.BytesIO(data)) as im:
-                    images.append(resize_ink(im, image_size, resample))
-            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-                raise DataError(f"Omniglot image {alphabet}/{character}/{fname} in {sources[s]} cannot be decoded ({exc}); download the archive again") from None
-            char_of_image.append(len(char_names) - 1)
+        try:
+            for alphabet, character, fname, handle in entries:
+                key = f"{alphabet}/{character}"
+                if not char_names or char_names[-1] != key:
+                    char_names.append(key)
+                data = _read_bytes(handle, sources[s])
+                try:
+                    with Image.open(io.BytesIO(data)) as im:
+                        images.append(resize_ink(im, image_size, resample))
+                except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+                    raise DataError(f"Omniglot image {alphabet}/{character}/{fname} in {sources[s]} cannot be decoded ({exc}); download the archive again") from None
+                char_of_image.append(len(char_names) - 1)
+        finally:
+            if isinstance(entries[0][3], tuple):
+                entries[0][3][0].close()
     if len(set(char_names)) != len(char_names):
         raise DataError("Omniglot background and evaluation archives share a character folder name; check that they are the official archives")
     return {
@@ -208,6 +212,8 @@ def read_split_file(split_file: str | os.PathLike | Mapping[str, str | os.PathLi
             raise DataError(f"split file mapping has unknown split(s) {sorted(bad)}; use train, val, test")
     else:
         folder = Path(split_file).expanduser()
+        if folder.is_file():
+            raise DataError(f"split_file {folder} is a file; pass the folder holding train.txt, val.txt, test.txt (or a mapping split -> file)")
         if not folder.is_dir():
             raise DataError(f"split folder {folder} does not exist; pass a folder holding train.txt, val.txt, test.txt")
         files = {s: folder / f"{s}.txt" for s in SPLITS if (folder / f"{s}.txt").is_file()}
@@ -317,7 +323,15 @@ def load_omniglot(
         split_kind="class",
         assignment=class_assign,
         loader=loader,
-        identity={"sources": identity, "image_size": image_size, "resample": resample, "rotations": bool(rotations), "images": n_img},
+        # content, not container: the same images give the same fingerprint from zips or folders
+        identity={
+            "images": digest(images, 32),
+            "characters": digest(char_of_image, 32),
+            "names": digest([str(c) for c in char_names], 32),
+            "image_size": image_size,
+            "resample": resample,
+            "rotations": bool(rotations),
+        },
         num_classes=len(char_names) * n_rot,
         class_names=class_names,
         split_description=description + (", each character's 4 rotations in its split" if rotations else ""),

@@ -290,9 +290,9 @@ class TaskPool:
         n, s, q = len(self), self.support_ids.shape[1], self.query_ids.shape[1]
         flat = torch.cat([self.support_ids.reshape(-1), self.query_ids.reshape(-1)])
         uniq, inverse = torch.unique(flat, return_inverse=True)
-        images = dataset.load(uniq)[inverse]
-        sx = images[: n * s].reshape(n, s, *dataset.image_shape)
-        qx = images[n * s :].reshape(n, q, *dataset.image_shape)
+        images = dataset.load(uniq)  # each distinct example loaded once
+        sx = torch.index_select(images, 0, inverse[: n * s]).reshape(n, s, *dataset.image_shape)
+        qx = torch.index_select(images, 0, inverse[n * s :]).reshape(n, q, *dataset.image_shape)
         return TaskTensors(sx, self.support_y.clone(), qx, self.query_y.clone())
 
     # ---------------------------------------------------------------- files

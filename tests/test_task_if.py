@@ -1,0 +1,110 @@
+"""task-IF (SPEC §5, §7) against closed forms on a quadratic bilevel problem.
+
+1-step MAML on linear regression: θ_i(λ) is affine in λ and the query loss is quadratic in θ, so F is
+exactly quadratic in λ. Then λ* and every leave-one-task-out λ_{−k} are single Newton steps with the
+explicit Hessian — a closed form to compare the influence prediction with."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import random_tasks, small_problem
+from metainfluence.influence.hessians import TotalHessian
+from metainfluence.influence.results import InfluenceSettings
+from metainfluence.influence.solvers import materialize
+from metainfluence.influence.task_if import task_influence, task_parameter_changes
+
+
+def _quadratic(n, seed=0):
+    problem, lam0 = small_problem("unrolled", steps=1, lr=0.05, hidden=(), n_features=5, n_classes=1, loss="mse", weight_decay=1e-2)
+    tasks = random_tasks(n=n, n_support=4, n_query=6, n_features=5, regression=True, seed=seed)
+    return problem, lam0, tasks
+
+
+def _newton_minimum(problem, lam, tasks, w=None):
+    H = materialize(TotalHessian(problem, lam, tasks, "exact", w=w))
+    return lam - torch.linalg.solve(H, problem.meta_gradient(lam, tasks, w))
+
+
+def test_removal_matches_leave_one_out_to_first_order_with_error_shrinking_like_one_over_n_squared():
+    errors = {}
+    for n in (20, 40, 80):
+        problem, lam0, tasks = _quadratic(n)
+        lam = _newton_minimum(problem, lam0, tasks)
+        assert problem.meta_gradient(lam, tasks).norm() < 1e-10  # exact stationarity of a quadratic
+        settings = InfluenceSettings(hessian="exact", solver="explicit", damping=0.0)
+        delta_if, _ = task_parameter_changes(problem, lam, tasks, settings)
+        errs = []
+        for k in range(10):
+            w = torch.ones(n, dtype=torch.float64)
+            w[k] = 0
+            delta_true = _newton_minimum(problem, lam, tasks, w) - lam
+            # first order: prediction and truth agree up to O(‖Δ‖²) = O(1/n²)
+            assert torch.nn.functional.cosine_similarity(delta_if[k], delta_true, dim=0) > 0.95
+            errs.append(float((delta_if[k] - delta_true).norm()))
+        errors[n] = torch.tensor(errs).median().item()
+    # doubling n should cut the error by about 4 (1/n²); allow slack for the task sample
+    assert errors[40] / errors[20] < 0.4
+    assert errors[80] / errors[40] < 0.4
+    assert errors[80] / errors[20] < 1 / 8
+
+
+@pytest.mark.parametrize("solver", ["cg", "neumann", "lissa", "lowrank"])
+def test_every_solver_agrees_with_explicit(solver):
+    problem, lam0, tasks = _quadratic(12)
+    lam = _newton_minimum(problem, lam0, tasks)
+    val = random_tasks(n=5, n_support=4, n_query=6, n_features=5, regression=True, seed=9)
+    base = dict(hessian="exact", damping=1e-3, tol=1e-12, max_iter=500, neumann_depth=200000, lowrank_rank=lam.numel())
+    ref = task_influence(problem, lam, tasks, val, InfluenceSettings(solver="explicit", **base))
+    got = task_influence(problem, lam, tasks, val, InfluenceSettings(solver=solver, **base))
+    torch.testing.assert_close(got.scores, ref.scores, rtol=1e-6, atol=1e-12)
+    assert got.diagnostics["solver"]["residual"] < 1e-6
+
+
+def test_scores_equal_measurement_change_of_the_predicted_parameters_and_self_influence():
+    problem, lam0, tasks = _quadratic(10)
+    lam = _newton_minimum(problem, lam0, tasks)
+    val = random_tasks(n=4, n_support=4, n_query=6, n_features=5, regression=True, seed=3)
+    settings = InfluenceSettings(solver="explicit", damping=0.0, self_influence=True)
+    res = task_influence(problem, lam, tasks, val, settings)
+    deltas, _ = task_parameter_changes(problem, lam, tasks, settings)
+    grad_f = problem.sum_over_tasks(problem.task_total_gradient, lam, val) / len(val)
+    torch.testing.assert_close(res.scores, deltas @ grad_f, rtol=1e-9, atol=1e-14)
+    G = problem.total_gradients(lam, tasks)
+    torch.testing.assert_close(res.self_influence, (G * deltas).sum(1), rtol=1e-9, atol=1e-14)
+    assert (res.self_influence > 0).all()  # H is positive definite here
+    assert res.diagnostics["stationarity"]["ratio"] < 1e-8
+
+
+def test_woodbury_solver_for_fisher_matches_cg():
+    problem, lam = small_problem("unrolled", steps=1, hidden=(5,))
+    tasks, val = random_tasks(n=6), random_tasks(n=3, seed=4)
+    common = dict(hessian="fisher", damping=1e-2, tol=1e-12, fisher_samples=2, stationarity_warn=1e9)
+    a = task_influence(problem, lam, tasks, val, InfluenceSettings(solver="woodbury", **common))
+    b = task_influence(problem, lam, tasks, val, InfluenceSettings(solver="cg", **common))
+    torch.testing.assert_close(a.scores, b.scores, rtol=1e-7, atol=1e-12)
+
+
+def test_nonstationary_point_is_flagged():
+    problem, lam = small_problem("unrolled", steps=1, hidden=(5,))
+    tasks, val = random_tasks(n=6), random_tasks(n=3, seed=4)
+    with pytest.warns(UserWarning, match="not stationary"):
+        res = task_influence(problem, lam, tasks, val, InfluenceSettings(hessian="gauss-newton", damping=1e-2))
+    assert res.diagnostics["stationarity"]["warning"]
+
+
+def test_result_file_round_trip_and_pool_check(tmp_path):
+    from metainfluence.errors import CheckpointError
+    from metainfluence.influence.results import InfluenceResult
+
+    problem, lam0, tasks = _quadratic(8)
+    lam = _newton_minimum(problem, lam0, tasks)
+    val = random_tasks(n=3, n_support=4, n_query=6, n_features=5, regression=True, seed=3)
+    res = task_influence(problem, lam, tasks, val, InfluenceSettings(solver="explicit"))
+    res.save(tmp_path / "scores", pool_fingerprint="abc")
+    back = InfluenceResult.load(tmp_path / "scores", pool_fingerprint="abc")
+    assert torch.equal(back.scores, res.scores)
+    assert "HELPS" in (tmp_path / "scores.json").read_text()
+    with pytest.raises(CheckpointError, match="another task pool"):
+        InfluenceResult.load(tmp_path / "scores", pool_fingerprint="xyz")
