@@ -1,0 +1,124 @@
+"""Removing tasks or examples from a trained meta-learner without retraining (SPEC §5).
+
+    Δλ_R    = (H + δI)^{-1} b_R / n,   b_R = Σ_{k∈R} g_k + Σ_{z∈R} ∂_λ∂_{w_z} L_Q^{k(z)}
+    λ_edit  = λ* + Δλ_R                                               (one iHVP for the whole set)
+Optional Newton refinement on the reduced objective F(λ; w_R) from λ_edit, for large removals, and
+the "unlearning" baseline: a few steps of gradient ascent on the removed items.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import SettingsError
+from ..meta.objective import MetaProblem
+from ..tasks.tensors import TaskTensors
+from .gradients import removed_examples_gradient
+from .hessians import TotalHessian
+from .results import InfluenceSettings
+from .task_if import build_hessian, ihvp
+
+
+@dataclass
+class Removal:
+    """What to remove: whole tasks (local row indices) and/or examples (bool masks (n, |S|), (n, |Q|))."""
+
+    tasks: list[int] = field(default_factory=list)
+    support: torch.Tensor | None = None
+    query: torch.Tensor | None = None
+
+    def weights(self, problem: MetaProblem, lam: torch.Tensor, pool: TaskTensors):
+        """(w, v, u) of the reduced objective: zeros on the removed items (SPEC §1)."""
+        n = len(pool)
+        bad = [k for k in self.tasks if not 0 <= k < n]
+        if bad:
+            raise SettingsError(f"task index {bad[0]} is outside the pool of {n} tasks")
+        w = torch.ones(n, dtype=lam.dtype, device=lam.device)
+        w[list(self.tasks)] = 0
+        v, u = problem.default_weights(pool, lam)
+        if self.support is not None:
+            v = v * (~self.support.bool()).to(v)
+        if self.query is not None:
+            u = u * (~self.query.bool()).to(u)
+        return w, v, u
+
+    def count(self) -> dict[str, int]:
+        return {
+            "tasks": len(self.tasks),
+            "support_examples": int(self.support.sum()) if self.support is not None else 0,
+            "query_examples": int(self.query.sum()) if self.query is not None else 0,
+        }
+
+
+def removed_gradient(problem: MetaProblem, lam: torch.Tensor, pool: TaskTensors, removal: Removal) -> torch.Tensor:
+    """b_R: the sum of total gradients of removed tasks plus mixed derivatives of removed examples."""
+    b = torch.zeros_like(lam)
+    if removal.tasks:
+        w = torch.zeros(len(pool), dtype=lam.dtype, device=lam.device)
+        w[list(removal.tasks)] = 1
+        b = b + problem.sum_over_tasks(problem.task_total_gradient, lam, pool, w=w)
+    # examples of removed tasks are already gone with their task
+    keep_rows = torch.ones(len(pool), dtype=torch.bool)
+    keep_rows[list(removal.tasks)] = False
+    for which, mask in (("support", removal.support), ("query", removal.query)):
+        if mask is not None and mask.any():
+            m = mask.bool() & keep_rows[:, None].to(mask.device)
+            b = b + removed_examples_gradient(problem, lam, pool, m, which)
+    return b.detach()
+
+
+@dataclass
+class EditResult:
+    lam: torch.Tensor
+    delta: torch.Tensor
+    diagnostics: dict[str, Any]
+
+
+def edit_model(
+    problem: MetaProblem,
+    lam: torch.Tensor,
+    pool: TaskTensors,
+    removal: Removal,
+    settings: InfluenceSettings | None = None,
+    newton_steps: int = 0,
+) -> EditResult:
+    """λ_edit = λ* + (H + δI)^{-1} b_R / n, then ``newton_steps`` Newton steps on F(λ; w_R)."""
+    settings = settings or InfluenceSettings()
+    settings.validate()
+    lam = lam.detach()
+    n = problem.n_total(len(pool))
+    t0 = time.perf_counter()
+    b = removed_gradient(problem, lam, pool, removal)
+    op = build_hessian(problem, lam, pool, settings)
+    res = ihvp(op, b / n, settings)
+    lam_edit = lam + res.x
+    diag: dict[str, Any] = {"removed": removal.count(), "solver_residual": res.residual, "solver_iterations": res.iterations,
+                            "hessian": op.kind, "newton": []}
+    if newton_steps:
+        w, v, u = removal.weights(problem, lam, pool)
+        for _ in range(newton_steps):
+            g = problem.meta_gradient(lam_edit, pool, w, v, u)
+            kind = "exact" if problem.inner.kind == "unrolled" and not problem.inner.first_order else "gauss-newton"
+            op_r = TotalHessian(problem, lam_edit, pool, kind, w=w, v=v, u=u)
+            step = ihvp(op_r, g, settings)
+            lam_edit = lam_edit - step.x
+            diag["newton"].append({"grad_norm_before": float(g.norm()), "residual": step.residual})
+        diag["newton_final_grad_norm"] = float(problem.meta_gradient(lam_edit, pool, w, v, u).norm())
+    diag["seconds"] = time.perf_counter() - t0
+    return EditResult(lam=lam_edit, delta=lam_edit - lam, diagnostics=diag)
+
+
+def unlearn(problem: MetaProblem, lam: torch.Tensor, pool: TaskTensors, removal: Removal, steps: int = 5, lr: float = 1.0) -> EditResult:
+    """Baseline: gradient ascent λ ← λ + lr · b_R(λ)/n on the removed items' losses."""
+    if steps < 1 or lr <= 0:
+        raise SettingsError("unlearning needs steps ≥ 1 and lr > 0")
+    t0 = time.perf_counter()
+    n = problem.n_total(len(pool))
+    cur = lam.detach()
+    for _ in range(steps):
+        cur = cur + lr * removed_gradient(problem, cur, pool, removal) / n
+    return EditResult(lam=cur, delta=cur - lam, diagnostics={"removed": removal.count(), "steps": steps, "lr": lr, "seconds": time.perf_counter() - t0})

@@ -1,0 +1,93 @@
+"""Influence of single support or query examples, through their task (instance-IF, SPEC §6).
+
+Query example z of task k:     score_z = sᵀ D_λ ℓ(z; θ_k(λ*)) / (n |Q_k|)       = sᵀ ∂_λ∂_{u_z} L_Q^k / n
+Support example z, ``unrolled``: score_z = sᵀ ∂_λ∂_{v_z} L_Q^k / n   (exact for K-step MAML)
+Support example z, ``two-stage`` (the paper's):
+    δθ_z = H_in^{-1} ∇_θ ℓ(z; θ_k) / |S_k|,   ∇_λ P_z = J_kᵀ ∇²_θ L_Q^k δθ_z,   score_z = −sᵀ ∇_λ P_z / n,
+  computed per task as  c = H_in^{-1} ∇²_θ L_Q^k (J_k s),  score_z = −cᵀ ∇_θ ℓ(z; θ_k) / (|S_k| n),
+  with H_in = ∇²_θ L_S + γI + δ_in I solved by CG (exact products; the paper uses EK-FAC here).
+with s = (H + δI)^{-1} ∇f(λ*) shared by every item.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch.func import jacrev
+
+from ..errors import SettingsError
+from ..meta.objective import MetaProblem, _fixed_cg
+from ..tasks.tensors import TaskTensors
+from .gradients import example_scores, measurement_gradient
+from .hessians import jacobian_vp, query_hvp_theta
+from .results import InfluenceResult, InfluenceSettings, settings_dict
+from .task_if import build_hessian, ihvp
+
+
+def _two_stage_scores(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, s: torch.Tensor, settings: InfluenceSettings):
+    """(n, |S|) two-stage scores (without the 1/n) and the worst relative residual of the inner solves."""
+    delta_in = settings.inner_damping
+    steps = settings.inner_cg_steps
+
+    def one(lam, xs, ys, xq, yq, v, u):
+        theta = problem.adapt(lam, xs, ys, v).detach()
+        a = jacobian_vp(problem, lam, xs, ys, v, theta, s)
+        b = query_hvp_theta(problem, theta, xq, yq, u, a)
+        mv = lambda z: problem.inner_hvp(theta, lam, xs, ys, v, z) + delta_in * z
+        c = _fixed_cg(mv, b, steps)
+        residual = (mv(c) - b).norm() / b.norm().clamp_min(1e-300)
+        per_example_grads = jacrev(lambda th: problem.example_losses(th, xs, ys))(theta)  # (|S|, p)
+        scores = -(per_example_grads @ c) * v / xs.shape[0]
+        return torch.cat([scores, residual[None]])
+
+    out = problem.per_task(one, lam.detach(), tasks).detach()
+    return out[:, :-1], float(out[:, -1].max())
+
+
+def instance_influence(
+    problem: MetaProblem,
+    lam: torch.Tensor,
+    train_tasks: TaskTensors,
+    val_tasks: TaskTensors,
+    which: str = "support",
+    settings: InfluenceSettings | None = None,
+    task_ids: torch.Tensor | None = None,
+) -> InfluenceResult:
+    """Scores (n, |S|) or (n, |Q|): predicted change of f when one example is removed (SPEC §7 sign)."""
+    settings = settings or InfluenceSettings()
+    settings.validate()
+    if which not in ("support", "query"):
+        raise SettingsError(f"instance level must be support or query, got {which!r}")
+    if settings.method != "task-if":
+        raise SettingsError("instance-IF uses the total Hessian: method must be task-if (baselines rank whole tasks)")
+    lam = lam.detach()
+    n = problem.n_total(len(train_tasks))
+    t0 = time.perf_counter()
+    grad_f, f_value = measurement_gradient(problem, lam, val_tasks)
+    op = build_hessian(problem, lam, train_tasks, settings)
+    res = ihvp(op, grad_f, settings)
+    s = res.x
+    t1 = time.perf_counter()
+    diag = {
+        "n_tasks": n,
+        "n_params": lam.numel(),
+        "hessian": op.kind,
+        "solver": {"name": res.solver, "residual": res.residual, "iterations": res.iterations, "hvps": op.n_matvecs},
+    }
+    method = which
+    if which == "support" and settings.support_method == "two-stage":
+        raw, inner_residual = _two_stage_scores(problem, lam, train_tasks, s, settings)
+        diag["inner_solve_residual"] = inner_residual
+        method = "support/two-stage"
+    else:
+        raw = example_scores(problem, lam, train_tasks, s, which)
+        method = f"{which}/unrolled" if which == "support" else "query"
+    scores = raw / n
+    diag["timings_s"] = {"ihvp": t1 - t0, "example_scores": time.perf_counter() - t1, "total": time.perf_counter() - t0}
+    ids = task_ids if task_ids is not None else torch.arange(len(train_tasks))
+    return InfluenceResult(
+        level=which, method=method, scores=scores, task_ids=ids, measurement=f_value,
+        settings={"influence": settings_dict(settings), "problem": problem.settings_json()},
+        diagnostics=diag, extra={"s": s},
+    )
