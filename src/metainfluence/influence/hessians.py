@@ -150,13 +150,13 @@ class TotalHessian:
         return out.detach()
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
-        """H applied to the rows of V (m, p), vectorised over the directions; returns (m, p)."""
-        self.n_matvecs += V.shape[0]
+        """H V for the columns of V (p, m), vectorised over the directions; returns (p, m)."""
+        self.n_matvecs += V.shape[1]
         V = V.to(self.lam)
         if self.kind == "fisher":
             G = self.fisher_factor
-            return (V @ G.T) @ G + self.problem.weight_decay * V
-        local = vmap(self._local_sum)(V)
+            return G.T @ (G @ V) + self.problem.weight_decay * V
+        local = vmap(self._local_sum, in_dims=1, out_dims=1)(V)
         out = self.problem.reduce(local) / self.n_total + (self.gamma + self.problem.weight_decay) * V
         return out.detach()
 
@@ -198,7 +198,8 @@ def fisher_factor(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, s
         return problem.forward(problem.adapt(lam, xs, ys, v), xq)
 
     with torch.no_grad():
-        out = problem.per_task(outputs, lam, tasks)
+        # labels are drawn for the whole pool (gathered over shards), so every process draws what one process would
+        out = problem.gather(problem.per_task(outputs, lam, tasks))
     rows = []
     for _ in range(samples):
         if problem.loss_name == "cross_entropy":
@@ -210,7 +211,7 @@ def fisher_factor(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, s
             yq = out + noise * 0.5**0.5
         else:
             raise SettingsError(f"the fisher Hessian needs a likelihood to sample from; loss {problem.loss_name!r} has none — use gauss-newton")
-        sampled = TaskTensors(tasks.support_x, tasks.support_y, tasks.query_x, yq)
-        rows.append(problem.total_gradients(lam, sampled))
+        sampled = TaskTensors(tasks.support_x, tasks.support_y, tasks.query_x, problem.local_rows(yq, len(tasks)))
+        rows.append(problem.gather(problem.total_gradients(lam, sampled)))  # every process holds all rows (Woodbury)
     G = torch.cat(rows) / (problem.n_total(len(tasks)) * samples) ** 0.5
     return G

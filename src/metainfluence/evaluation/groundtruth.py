@@ -1,0 +1,181 @@
+"""Ground truth for influence estimates (SPEC §8): leave-one-out and LDS by actual re-optimisation.
+
+Removing task k means w_k = 0 with the 1/n normalisation kept (SPEC §1), which is exactly what the
+influence derivative predicts. Both the control and every reduced run start from λ* and use the
+identical refine procedure, so optimiser drift cancels in Δf_k = f(λ_{−k}) − f(λ_ctrl).
+
+Runs are resumable: each finished unit (one left-out task, one subset) is written atomically to
+``out_dir`` and skipped when the command is run again with the same settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..errors import CheckpointError, SettingsError
+from ..io import read_json, read_tensors, write_json, write_tensors
+from ..meta.objective import MetaProblem
+from ..meta.refine import RefineSettings, refine
+from ..tasks.tensors import TaskTensors
+
+
+@dataclass
+class GroundTruthSettings:
+    n_loo: int = field(default=20, metadata={"help": "tasks left out one at a time (a seeded sample of the pool)"})
+    n_subsets: int = field(default=0, metadata={"help": "LDS: random subsets to refine on (0 = skip LDS)"})
+    subset_fraction: float = field(default=0.5, metadata={"help": "LDS: fraction α of the pool kept in each subset"})
+    seed: int = field(default=0, metadata={"help": "seed of the task sample and the subsets"})
+    method: str = field(default="lbfgs", metadata={"help": "re-optimiser: lbfgs (refine stage) | newton (exact-Hessian Newton; small models, converges to the nearby stationary point)"})
+    newton_max_iter: int = field(default=40, metadata={"help": "Newton iterations per re-optimisation (method newton)"})
+
+    def validate(self, n: int) -> None:
+        if not 0 <= self.n_loo <= n:
+            raise SettingsError(f"n_loo = {self.n_loo} but the pool has {n} tasks; choose 0..{n}")
+        if self.n_subsets < 0 or not 0 < self.subset_fraction < 1:
+            raise SettingsError("LDS needs n_subsets ≥ 0 and 0 < subset_fraction < 1")
+        if self.method not in ("lbfgs", "newton"):
+            raise SettingsError(f"unknown ground-truth method {self.method!r}; use lbfgs or newton")
+
+
+def reoptimise(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, settings: GroundTruthSettings,
+               refine_settings: RefineSettings, w: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+    """Re-optimise F(λ; w) from ``lam`` with the configured method; returns (λ, final ‖∇F‖)."""
+    if settings.method == "newton":
+        from ..meta.newton import newton_refine
+
+        out, rep = newton_refine(problem, lam, tasks, w, tol=refine_settings.tol, max_iter=settings.newton_max_iter)
+        return out, rep["grad_norm"]
+    out, rep = refine(problem, lam, tasks, refine_settings, w=w)
+    return out, rep.grad_norm_after
+
+
+def validation_loss(problem: MetaProblem, lam: torch.Tensor, val_tasks: TaskTensors) -> float:
+    """The default measurement f (SPEC §7): mean query loss of the validation pool after adaptation."""
+    return float(problem.task_losses(lam.to(val_tasks.query_x.dtype if val_tasks.query_x.is_floating_point() else lam.dtype), val_tasks).mean())
+
+
+class _Store:
+    """One JSON (+ optional tensors) per finished unit, keyed by a hash of the run's settings."""
+
+    def __init__(self, out_dir: str | Path | None, key: dict[str, Any]):
+        self.dir = Path(out_dir) if out_dir else None
+        self.key = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        if self.dir is not None:
+            manifest = self.dir / "manifest.json"
+            if manifest.exists():
+                old = read_json(manifest, "ground-truth manifest")
+                if old.get("key") != self.key:
+                    raise CheckpointError(f"{self.dir} holds ground truth of other settings; use another --out folder or delete it")
+            else:
+                write_json(manifest, {"key": self.key, "settings": key})
+
+    def get(self, name: str) -> tuple[dict, dict[str, torch.Tensor]] | None:
+        if self.dir is None or not (self.dir / f"{name}.json").exists():
+            return None
+        info = read_json(self.dir / f"{name}.json", "ground-truth unit")
+        tensors = read_tensors(self.dir / f"{name}.safetensors") if (self.dir / f"{name}.safetensors").exists() else {}
+        return info, tensors
+
+    def put(self, name: str, info: dict, tensors: dict[str, torch.Tensor] | None = None) -> None:
+        if self.dir is None:
+            return
+        if tensors:
+            write_tensors(self.dir / f"{name}.safetensors", tensors)
+        write_json(self.dir / f"{name}.json", info)  # written last: marks the unit complete
+
+
+def leave_one_out(
+    problem: MetaProblem,
+    lam_star: torch.Tensor,
+    tasks: TaskTensors,
+    val_tasks: TaskTensors,
+    settings: GroundTruthSettings,
+    refine_settings: RefineSettings | None = None,
+    out_dir: str | Path | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """True Δf_k and Δλ_k for a seeded sample of tasks, by refining with w_k = 0 (SPEC §8)."""
+    n = len(tasks)
+    settings.validate(n)
+    refine_settings = refine_settings or RefineSettings(tol=1e-8, max_iter=500)
+    gen = torch.Generator().manual_seed(settings.seed)
+    sample = torch.randperm(n, generator=gen)[: settings.n_loo].sort().values
+    store = _Store(out_dir, {"kind": "loo", "n": n, "gt": asdict(settings), "refine": asdict(refine_settings),
+                             "lam": float(lam_star.double().sum()), "problem": problem.settings_json()})
+    t0 = time.perf_counter()
+    done = store.get("control")
+    if done is None:
+        lam_ctrl, gn = reoptimise(problem, lam_star, tasks, settings, refine_settings)
+        f_ctrl = validation_loss(problem, lam_ctrl, val_tasks.to(dtype=lam_ctrl.dtype))
+        store.put("control", {"f": f_ctrl, "grad_norm": gn}, {"lam": lam_ctrl})
+    else:
+        f_ctrl, lam_ctrl = done[0]["f"], done[1]["lam"]
+    deltas_f, deltas_lam, grad_norms = [], [], []
+    for j, k in enumerate(sample.tolist()):
+        unit = store.get(f"loo_{k}")
+        if unit is None:
+            w = torch.ones(n, dtype=torch.float64)
+            w[k] = 0
+            lam_k, gn = reoptimise(problem, lam_star, tasks, settings, refine_settings, w)
+            f_k = validation_loss(problem, lam_k, val_tasks.to(dtype=lam_k.dtype))
+            info = {"task": k, "f": f_k, "grad_norm": gn}
+            store.put(f"loo_{k}", info, {"delta_lam": lam_k - lam_ctrl})
+            dl = lam_k - lam_ctrl
+        else:
+            info, dl = unit[0], unit[1]["delta_lam"]
+        deltas_f.append(info["f"] - f_ctrl)
+        deltas_lam.append(dl)
+        grad_norms.append(info["grad_norm"])
+        if progress:
+            progress(f"leave-one-out {j + 1}/{len(sample)}: task {k}, Δf = {info['f'] - f_ctrl:+.3e}")
+    return {
+        "tasks": sample,
+        "true_delta_f": torch.tensor(deltas_f, dtype=torch.float64),
+        "true_delta_lam": torch.stack(deltas_lam) if deltas_lam else torch.zeros(0, lam_star.numel()),
+        "f_control": f_ctrl,
+        "max_grad_norm": max(grad_norms) if grad_norms else 0.0,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def lds_ground_truth(
+    problem: MetaProblem,
+    lam_star: torch.Tensor,
+    tasks: TaskTensors,
+    val_tasks: TaskTensors,
+    settings: GroundTruthSettings,
+    refine_settings: RefineSettings | None = None,
+    out_dir: str | Path | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """f after refining on M random subsets keeping a fraction α of the tasks (SPEC §8)."""
+    n = len(tasks)
+    settings.validate(n)
+    refine_settings = refine_settings or RefineSettings(tol=1e-8, max_iter=500)
+    gen = torch.Generator().manual_seed(settings.seed + 1)
+    keep = max(1, round(settings.subset_fraction * n))
+    masks = torch.zeros(settings.n_subsets, n, dtype=torch.bool)
+    for m in range(settings.n_subsets):
+        masks[m, torch.randperm(n, generator=gen)[:keep]] = True
+    store = _Store(out_dir, {"kind": "lds", "n": n, "gt": asdict(settings), "refine": asdict(refine_settings),
+                             "lam": float(lam_star.double().sum()), "problem": problem.settings_json()})
+    values = []
+    for m in range(settings.n_subsets):
+        unit = store.get(f"subset_{m}")
+        if unit is None:
+            lam_m, gn = reoptimise(problem, lam_star, tasks, settings, refine_settings, masks[m].double())
+            info = {"f": validation_loss(problem, lam_m, val_tasks.to(dtype=lam_m.dtype)), "grad_norm": gn}
+            store.put(f"subset_{m}", info)
+        else:
+            info = unit[0]
+        values.append(info["f"])
+        if progress:
+            progress(f"LDS subset {m + 1}/{settings.n_subsets}: f = {info['f']:.4f}")
+    return {"masks": masks, "true_f": torch.tensor(values, dtype=torch.float64)}
