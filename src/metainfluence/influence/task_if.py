@@ -93,6 +93,12 @@ def _total_gradients(problem, lam, tasks):
     return problem.total_gradients(lam, tasks)
 
 
+def _mean_task_loss(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors) -> float:
+    """Mean query loss over the pool (over every shard when the pool is sharded)."""
+    with torch.no_grad():
+        return float(problem.reduce(problem.task_losses(lam, tasks).sum()) / problem.n_total(len(tasks)))
+
+
 def task_influence(
     problem: MetaProblem,
     lam: torch.Tensor,
@@ -115,8 +121,7 @@ def task_influence(
         direct = method == "direct-if"
         if direct:
             grad_f = direct_measurement_gradient(problem, lam, val_tasks)
-            with torch.no_grad():
-                f_value = float(problem.task_losses(lam, val_tasks).mean())
+            f_value = _mean_task_loss(problem, lam, val_tasks)
         else:
             grad_f, f_value = measurement_gradient(problem, lam, val_tasks)
         timings["measurement_gradient"] = time.perf_counter() - t0
@@ -141,28 +146,28 @@ def task_influence(
         scores = dots / n
         timings["task_gradients"] = time.perf_counter() - t2
         if not direct:
-            diag["stationarity"] = stationarity(g_sum / n + problem.weight_decay * lam, norms, settings.stationarity_warn)
+            diag["stationarity"] = stationarity(g_sum / n + problem.weight_decay * lam, problem.gather(norms), settings.stationarity_warn)
         self_inf = None
         if settings.self_influence:
             if op is None:
                 op = build_hessian(problem, lam, train_tasks, settings)
             t3 = time.perf_counter()
             G = direct_gradients(problem, lam, train_tasks) if direct else problem.total_gradients(lam, train_tasks)
+            G = problem.gather(G)  # sharded: every process solves all rows, since each HVP needs every process
             res_all = ihvp(op, G, settings)
-            self_inf = (G * res_all.x).sum(1) / n
+            self_inf = problem.local_rows((G * res_all.x).sum(1), len(train_tasks)) / n
             diag["self_influence_residual"] = res_all.residual
             timings["self_influence"] = time.perf_counter() - t3
         extra = {"s": s}
     elif method == "loss":
+        f_value = _mean_task_loss(problem, lam, val_tasks)
         with torch.no_grad():
-            f_value = float(problem.task_losses(lam, val_tasks).mean())
             scores = -problem.task_losses(lam, train_tasks)  # high loss = suspicious = ranked harmful first
         self_inf, extra = None, {}
     elif method == "random":
-        with torch.no_grad():
-            f_value = float(problem.task_losses(lam, val_tasks).mean())
+        f_value = _mean_task_loss(problem, lam, val_tasks)
         gen = torch.Generator().manual_seed(settings.seed)
-        scores = torch.randn(len(train_tasks), generator=gen, dtype=torch.float64).to(lam)
+        scores = problem.local_rows(torch.randn(n, generator=gen, dtype=torch.float64), len(train_tasks)).to(lam)
         self_inf, extra = None, {}
     else:  # pragma: no cover - validate() guards
         raise SettingsError(f"unknown method {method!r}")
@@ -181,6 +186,6 @@ def task_parameter_changes(problem: MetaProblem, lam: torch.Tensor, train_tasks:
                            op: TotalHessian | None = None) -> tuple[torch.Tensor, IHVPResult]:
     """Δλ_k = (H + δI)^{-1} g_k / n for every task k, shape (n, p): one iHVP per task."""
     op = op or build_hessian(problem, lam, train_tasks, settings)
-    G = problem.total_gradients(lam, train_tasks)
+    G = problem.gather(problem.total_gradients(lam, train_tasks))  # sharded: all rows, since each HVP needs every process
     res = ihvp(op, G, settings)
-    return res.x / problem.n_total(len(train_tasks)), res
+    return problem.local_rows(res.x, len(train_tasks)) / problem.n_total(len(train_tasks)), res

@@ -126,6 +126,10 @@ class MetaProblem:
         # Sums over tasks pass through ``reduce``; n_total is the pool size across all shards.
         self.reduce: Callable[[torch.Tensor], torch.Tensor] = _identity_reduce
         self.n_total: Callable[[int], int] = lambda n_local: n_local
+        # Per-task rows across shards: ``gather`` concatenates every shard's rows in pool order;
+        # ``local_rows(full, n_local)`` picks this shard's rows of a full-pool tensor.
+        self.gather: Callable[[torch.Tensor], torch.Tensor] = _identity_reduce
+        self.local_rows: Callable[[torch.Tensor, int], torch.Tensor] = lambda full, n_local: full
 
     # ------------------------------------------------------------------ parameters
     @property
