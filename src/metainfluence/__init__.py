@@ -1,1 +1,41 @@
-"""metainfluence: influence functions for meta-learning."""
+"""metainfluence: which meta-training tasks and examples help or harm a meta-learned model.
+
+The public API, stage by stage (data → task pools → meta-learning → influence → evaluation):
+
+    load_dataset, sinusoid_pool                 data/
+    build_pool, corrupt_labels, TaskTensors     tasks/
+    MetaProblem, InnerSettings, meta_train,     meta/
+    refine, evaluate
+    task_influence, instance_influence,         influence/
+    edit_model, Removal, unlearn, TotalHessian, solve_ihvp
+    leave_one_out, lds_ground_truth, metrics    evaluation/
+
+Sign convention (SPEC §7): a score is the predicted change of the measurement (validation loss) when
+the item is removed; positive means the item helps, negative means it harms.
+"""
+
+from .data import load_dataset, sinusoid_pool
+from .errors import MetaInfluenceError
+from .evaluation import metrics
+from .evaluation.groundtruth import GroundTruthSettings, lds_ground_truth, leave_one_out
+from .influence.editing import EditResult, Removal, edit_model, unlearn
+from .influence.hessians import TotalHessian
+from .influence.instance_if import instance_influence
+from .influence.results import SIGN_CONVENTION, InfluenceResult, InfluenceSettings
+from .influence.solvers import SolverSettings, solve_ihvp
+from .influence.task_if import task_influence, task_parameter_changes
+from .meta.evaluate import evaluate
+from .meta.objective import InnerSettings, MetaProblem
+from .meta.refine import RefineSettings, refine
+from .meta.train import TrainSettings, meta_train
+from .tasks import TaskTensors, build_pool, corrupt_labels
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SIGN_CONVENTION", "EditResult", "GroundTruthSettings", "InfluenceResult", "InfluenceSettings", "InnerSettings",
+    "MetaInfluenceError", "MetaProblem", "RefineSettings", "Removal", "SolverSettings", "TaskTensors", "TotalHessian",
+    "TrainSettings", "build_pool", "corrupt_labels", "edit_model", "evaluate", "instance_influence", "lds_ground_truth",
+    "leave_one_out", "load_dataset", "meta_train", "metrics", "refine", "sinusoid_pool", "solve_ihvp", "task_influence",
+    "task_parameter_changes", "unlearn",
+]

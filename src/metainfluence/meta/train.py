@@ -1,0 +1,291 @@
+"""Meta-training: Adam on the flat meta-parameters λ with meta-batches from a fixed task pool.
+
+Each step draws ``meta_batch`` distinct tasks of the pool with a seeded ``torch.Generator`` and
+takes one Adam step along the meta-gradient of the batch objective
+F_B(λ) = (1/|B|) Σ_{i∈B} L_Q^i(λ) + (μ/2)‖λ‖² (SPEC §1), computed by
+:meth:`MetaProblem.value_and_gradient` — vmapped over the batch's tasks, no Python loop over tasks.
+The same seed gives bit-identical λ (on the same machine, torch build and thread count).
+
+Training ends with a λ that is *not* stationary for the full pool (SPEC §2); run
+:func:`metainfluence.meta.refine.refine` before computing influence.
+
+A NaN/inf loss, gradient or λ stops training with a :class:`DivergenceError` that says what to
+change; checkpoints are written atomically every ``checkpoint_every`` steps and only from finite
+λ, so the last good checkpoint survives a divergence.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from ..config import to_dict
+from ..errors import CheckpointError, DivergenceError, SettingsError
+from ..tasks.tensors import TaskTensors
+from .checkpoint import Checkpoint, load_checkpoint, pool_record, save_checkpoint
+from .objective import MetaProblem
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise SettingsError(f"unknown dtype {name!r}; use float32 or float64")
+    return DTYPES[name]
+
+
+@dataclass
+class TrainSettings:
+    """Settings of meta-training (Adam on λ, meta-batches from a fixed pool)."""
+
+    meta_batch: int = field(default=32, metadata={"help": "tasks per meta-batch, drawn without replacement from the pool each step (the whole pool if it is smaller)"})
+    steps: int = field(default=1000, metadata={"help": "number of Adam steps on λ"})
+    lr: float = field(default=1e-3, metadata={"help": "outer (Adam) learning rate on λ"})
+    seed: int = field(default=0, metadata={"help": "seed of the model initialisation and of the meta-batch sampler"})
+    chunk_size: int = field(default=0, metadata={"help": "tasks per vmapped chunk inside a meta-batch (0 = the whole batch at once); lower it to save memory"})
+    checkpoint_every: int = field(default=200, metadata={"help": "steps between checkpoints (0 = only at the end)"})
+    dtype: str = field(default="float32", metadata={"help": "precision of training: float32 | float64", "choices": ("float32", "float64")})
+    log_every: int = field(default=10, metadata={"help": "steps between accuracy measurements on the meta-batch (progress bar and history)"})
+    max_minutes: float = field(default=0.0, metadata={"help": "stop after this many minutes of training (0 = no limit; a time limit makes the step count machine-dependent)"})
+
+    def validate(self) -> None:
+        if self.meta_batch < 1:
+            raise SettingsError(f"meta_batch must be ≥ 1, got {self.meta_batch}")
+        if self.steps < 0:
+            raise SettingsError(f"steps must be ≥ 0, got {self.steps}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise SettingsError(f"outer lr must be a positive number, got {self.lr}")
+        if self.chunk_size < 0 or self.checkpoint_every < 0 or self.log_every < 1:
+            raise SettingsError("chunk_size and checkpoint_every must be ≥ 0 and log_every ≥ 1")
+        if not (math.isfinite(self.max_minutes) and self.max_minutes >= 0):
+            raise SettingsError(f"max_minutes must be ≥ 0, got {self.max_minutes}")
+        parse_dtype(self.dtype)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return parse_dtype(self.dtype)
+
+
+@dataclass
+class TrainHistory:
+    """Per-step batch query loss and meta-gradient norm; batch accuracy every ``log_every`` steps."""
+
+    step: list[int] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    grad_norm: list[float] = field(default_factory=list)
+    accuracy_step: list[int] = field(default_factory=list)
+    accuracy: list[float] = field(default_factory=list)
+    wall_time_s: float = 0.0
+    tasks_seen: int = 0
+    stopped: str = "completed"
+
+    @property
+    def steps_done(self) -> int:
+        return self.step[-1] if self.step else 0
+
+    @property
+    def tasks_per_second(self) -> float:
+        return self.tasks_seen / self.wall_time_s if self.wall_time_s > 0 else float("nan")
+
+    def recent_loss(self, k: int = 50) -> float:
+        tail = self.loss[-k:]
+        return sum(tail) / len(tail) if tail else float("nan")
+
+    def recent_accuracy(self, k: int = 5) -> float:
+        tail = [a for a in self.accuracy[-k:] if not math.isnan(a)]
+        return sum(tail) / len(tail) if tail else float("nan")
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out["tasks_per_second"] = self.tasks_per_second
+        out["loss_meaning"] = "mean query loss of the step's meta-batch after adaptation, before the step"
+        return out
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "TrainHistory":
+        names = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def sample_batch(generator: torch.Generator, n_tasks: int, meta_batch: int) -> torch.Tensor:
+    """Indices of one meta-batch: ``meta_batch`` distinct tasks (all ``n_tasks`` when the pool is smaller)."""
+    if meta_batch >= n_tasks:
+        return torch.arange(n_tasks)
+    return torch.randperm(n_tasks, generator=generator)[:meta_batch]
+
+
+def batch_schedule(n_tasks: int, meta_batch: int, seed: int, steps: int) -> list[torch.Tensor]:
+    """The task indices every step of :func:`meta_train` uses (for inspection and tests)."""
+    g = torch.Generator().manual_seed(int(seed))
+    return [sample_batch(g, n_tasks, meta_batch) for _ in range(steps)]
+
+
+def _not_finite(t: torch.Tensor) -> bool:
+    return not bool(torch.isfinite(t).all())
+
+
+def meta_train(
+    problem: MetaProblem,
+    lam0: torch.Tensor,
+    pool_tensors: TaskTensors,
+    settings: TrainSettings | None = None,
+    checkpoint_path: str | os.PathLike | None = None,
+    progress: bool = True,
+    *,
+    pools: Mapping[str, Any] | None = None,
+    run_settings: Mapping[str, Any] | None = None,
+    resume: str | os.PathLike | Checkpoint | None = None,
+) -> tuple[torch.Tensor, TrainHistory]:
+    """Meta-train λ from ``lam0`` on ``pool_tensors``; returns (λ, history).
+
+    ``checkpoint_path``: stem of the checkpoint written every ``settings.checkpoint_every`` steps and
+    at the end (with Adam moments and the sampler state, so ``resume`` continues bit-identically).
+    ``pools``: name → pool object or record (recorded in the checkpoint; the training pool's tensor
+    fingerprint is always recorded). ``run_settings``: the other stages' settings to record
+    (model, inner, data, ...). ``resume``: a checkpoint written by this function to continue from.
+    """
+    settings = settings or TrainSettings()
+    settings.validate()
+    dtype = settings.torch_dtype
+    device = lam0.device
+    tasks = pool_tensors.to(device=device, dtype=dtype)
+    n = len(tasks)
+    if settings.chunk_size:
+        problem = copy.copy(problem)
+        problem.chunk_size = settings.chunk_size
+    mu = problem.weight_decay
+
+    lam = lam0.detach().to(dtype=dtype).clone()
+    if _not_finite(lam):
+        raise DivergenceError("the initial meta-parameters contain NaN or inf; start from a finite λ (e.g. problem.init_params())")
+    optimizer = torch.optim.Adam([lam], lr=settings.lr)
+    generator = torch.Generator().manual_seed(int(settings.seed))
+    history = TrainHistory()
+    start_step = 0
+
+    pool_records: dict[str, Any] = {}
+    for name, pool in (pools or {}).items():
+        pool_records[name] = dict(pool) if isinstance(pool, Mapping) else pool_record(pool)
+    # The training pool's record always carries the fingerprint of the tensors actually trained on.
+    train_rec = dict(pool_records.get("train", {}))
+    tensors_rec = pool_record(pool_tensors)
+    for key in ("kind", "fingerprint"):
+        train_rec.setdefault(key, tensors_rec[key])
+    train_rec["tensors_fingerprint"] = tensors_rec["tensors_fingerprint"]
+    train_rec["n_tasks"] = n
+    pool_records["train"] = train_rec
+    all_settings = {**to_dict(dict(run_settings or {})), "train": to_dict(settings)}
+
+    if resume is not None:
+        ckpt = resume if isinstance(resume, Checkpoint) else load_checkpoint(resume, expected_problem=problem, expected_pool=pool_tensors)
+        needed = {"adam.exp_avg", "adam.exp_avg_sq", "adam.step", "sampler"}
+        if not needed <= set(ckpt.state):
+            raise CheckpointError(f"checkpoint {ckpt.path} holds no optimiser state to resume from; resume from a checkpoint written by meta_train")
+        saved = (ckpt.settings or {}).get("train", {})
+        for key in ("meta_batch", "lr", "seed", "dtype"):
+            if key in saved and saved[key] != getattr(settings, key):
+                raise CheckpointError(f"cannot resume: the checkpoint was trained with {key}={saved[key]!r}, not {getattr(settings, key)!r}; use the same training settings")
+        with torch.no_grad():
+            lam.copy_(ckpt.lam.to(dtype))
+        optimizer.state[lam] = {
+            "step": ckpt.state["adam.step"].clone(),
+            "exp_avg": ckpt.state["adam.exp_avg"].to(dtype).clone(),
+            "exp_avg_sq": ckpt.state["adam.exp_avg_sq"].to(dtype).clone(),
+        }
+        generator.set_state(ckpt.state["sampler"].clone())
+        start_step = int(ckpt.step or 0)
+        if ckpt.info.get("history"):
+            history = TrainHistory.from_json(ckpt.info["history"])
+
+    last_saved: dict[str, Any] = {"step": None}
+
+    def save(step: int, kind: str) -> None:
+        if checkpoint_path is None:
+            return
+        st = optimizer.state.get(lam, {})
+        state = {"sampler": generator.get_state()}
+        if st:
+            state.update({"adam.step": st["step"], "adam.exp_avg": st["exp_avg"], "adam.exp_avg_sq": st["exp_avg_sq"]})
+        metrics = {"batch_loss_recent": history.recent_loss(), "batch_accuracy_recent": history.recent_accuracy(), "steps_done": step}
+        save_checkpoint(
+            checkpoint_path, lam, problem=problem, kind=kind, settings=all_settings, pools=pool_records,
+            metrics=metrics, history=history.to_json(), step=step, state=state,
+        )
+        last_saved["step"] = step
+
+    def diverged(step: int, what: str) -> DivergenceError:
+        if last_saved["step"] is not None:
+            kept = f"the last good checkpoint {Path(checkpoint_path)}.safetensors (step {last_saved['step']}) is intact"
+        elif checkpoint_path is not None:
+            kept = "no checkpoint was written yet"
+        else:
+            kept = "no checkpoint path was given"
+        return DivergenceError(
+            f"meta-training diverged at step {step}: {what} is NaN/inf; lower the outer lr (now {settings.lr:g}) "
+            f"or the inner lr (now {problem.inner.lr:g}) and train again; {kept}"
+        )
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=settings.steps, initial=start_step, desc="meta-train", unit="step", file=sys.stderr, dynamic_ncols=True, leave=True)
+    t0 = time.perf_counter()
+    wall_before = history.wall_time_s
+    deadline = t0 + 60.0 * settings.max_minutes if settings.max_minutes > 0 else None
+    step = start_step
+    try:
+        while step < settings.steps:
+            idx = sample_batch(generator, n, settings.meta_batch)
+            batch = tasks.subset(idx)
+            value, gradient = problem.value_and_gradient(lam, batch)
+            query_loss = float(value) - (0.5 * mu * float((lam * lam).sum()) if mu else 0.0)
+            if not math.isfinite(float(value)):
+                raise diverged(step + 1, "the meta-batch loss")
+            if _not_finite(gradient):
+                raise diverged(step + 1, "the meta-gradient")
+            if step % settings.log_every == 0:
+                _, acc = problem.task_metrics(lam, batch)
+                history.accuracy_step.append(step + 1)
+                history.accuracy.append(float(acc.mean()))
+            lam.grad = gradient.to(dtype)
+            optimizer.step()
+            lam.grad = None
+            if _not_finite(lam):
+                raise diverged(step + 1, "λ after the Adam step")
+            step += 1
+            history.step.append(step)
+            history.loss.append(query_loss)
+            history.grad_norm.append(float(gradient.norm()))
+            history.tasks_seen += len(idx)
+            history.wall_time_s = wall_before + time.perf_counter() - t0
+            if bar is not None:
+                bar.update(1)
+                if step % settings.log_every == 0 or step == settings.steps:
+                    acc_recent = history.recent_accuracy(1)
+                    post = {"loss": f"{history.recent_loss(settings.log_every):.3f}"}
+                    if not math.isnan(acc_recent):
+                        post["acc"] = f"{acc_recent:.3f}"
+                    bar.set_postfix(post, refresh=False)
+            if settings.checkpoint_every and step % settings.checkpoint_every == 0 and step < settings.steps:
+                save(step, "in-progress")
+            if deadline is not None and time.perf_counter() >= deadline:
+                history.stopped = f"time limit ({settings.max_minutes:g} min) after {step} steps"
+                break
+    except DivergenceError:
+        history.stopped = "diverged"
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    history.wall_time_s = wall_before + time.perf_counter() - t0
+    save(step, "trained")
+    return lam.detach(), history

@@ -1,0 +1,188 @@
+"""Settings ↔ flags ↔ config files, and the command line (one-line errors, exit status 2)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from metainfluence.cli import main
+from metainfluence.config import apply_overrides, load_settings, read_config_file, settings_from_dict, to_dict
+from metainfluence.errors import SettingsError
+from metainfluence.meta import RefineWarning, load_checkpoint
+from metainfluence.runs import RunSettings, run_demo
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+TINY = [
+    "--train-tasks", "12", "--val-tasks", "4", "--test-tasks", "10", "--model-hidden", "16",
+    "--model-activation", "tanh", "--steps", "6", "--meta-batch", "4", "--no-progress",
+]
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("error: ")
+    return err[0]
+
+
+# --------------------------------------------------------------------------- config files
+def test_toml_and_yaml_values_override_defaults_and_flags_override_files(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('[train]\nsteps = 7\nlr = 0.01\n[model]\nhidden = [16, 8]\n[inner]\nlr = 0.1\nfirst_order = true\n[data]\ndata_root = "/x"\n')
+    s = load_settings(RunSettings(), toml)
+    assert (s.train.steps, s.train.lr, s.model.hidden, s.inner.lr, s.inner.first_order, s.data.data_root) == (7, 0.01, (16, 8), 0.1, True, "/x")
+    d = RunSettings()
+    assert (s.train.meta_batch, s.data.n_way, s.refine.tol) == (d.train.meta_batch, d.data.n_way, d.refine.tol)
+    yml = tmp_path / "run.yaml"
+    yml.write_text("train:\n  steps: 9\nrefine:\n  method: gd\n")
+    s2 = load_settings(RunSettings(), yml, {"train.steps": 11})
+    assert s2.train.steps == 11 and s2.refine.method == "gd"
+    # a run's settings.json round-trips through the same path
+    js = tmp_path / "settings.json"
+    js.write_text(json.dumps(to_dict(s)))
+    assert load_settings(RunSettings(), js) == s
+    assert settings_from_dict(RunSettings, to_dict(s)) == s
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("[train]\nstepz = 3\n", "unknown setting 'train.stepz'"),
+        ("[trian]\nsteps = 3\n", "unknown setting 'trian"),
+        ("[train]\nsteps = 'ten'\n", "train.steps must be an integer"),
+        ("[model]\nhidden = 16\n", "model.hidden must be a list"),
+        ("steps = 3\n", "unknown setting 'steps'"),
+        ("[train\n", "not valid TOML"),
+    ],
+)
+def test_bad_config_files_are_refused_in_one_line(tmp_path, text, match):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(SettingsError, match=match) as err:
+        load_settings(RunSettings(), path)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_override_key_and_extension_are_refused(tmp_path):
+    with pytest.raises(SettingsError, match="unknown setting"):
+        apply_overrides(RunSettings(), {"inner.momentum": 0.9})
+    (tmp_path / "a.ini").write_text("x")
+    with pytest.raises(SettingsError, match="unknown extension"):
+        read_config_file(tmp_path / "a.ini")
+
+
+def test_help_shows_every_fields_help_text(capsys):
+    with pytest.raises(SystemExit) as ex:
+        main(["demo", "--help"])
+    assert ex.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for text in ("tasks per meta-batch", "inner step size α", "‖∇F‖₂ is at most this", "--refine-history-size", "--inner-first-order"):
+        assert text in out
+
+
+# --------------------------------------------------------------------------- one-line errors
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["train", "--stepz", "3"], "unrecognized arguments"),
+        (["train", "--steps", "ten"], "--steps expects int"),
+        (["train", "--dataset", "nope", "--no-progress"], "unknown dataset"),
+        (["train", "--lr", "-1", "--no-progress"], "outer lr must be a positive number"),
+        (["evaluate", "--checkpoint", "/nonexistent/ck"], "does not exist"),
+        (["refine"], "--checkpoint"),
+        (["demo", "--refine-method", "newton"], "invalid choice"),
+    ],
+)
+def test_bad_input_prints_one_line_and_exits_2(argv, match, capsys, tmp_path):
+    argv = [a if a != "OUT" else str(tmp_path) for a in argv]
+    assert main(argv) == 2
+    assert match in _error_line(capsys)
+
+
+def test_bad_config_key_from_the_command_line(capsys, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  stepz: 3\n")
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "o")]) == 2
+    assert "unknown setting 'train.stepz'" in _error_line(capsys)
+
+
+def test_console_script_error_has_no_traceback(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "metainfluence.cli", "evaluate", "--checkpoint", str(tmp_path / "none")],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: ")
+    assert "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------------- commands end to end
+def test_train_refine_evaluate_commands(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), *TINY]) == 0
+    ck = load_checkpoint(out / "trained")
+    assert ck.step == 6 and ck.info["settings"]["train"]["steps"] == 6
+    assert {"adam.exp_avg", "adam.exp_avg_sq", "adam.step", "sampler"} <= set(ck.state)
+    assert ck.info["metrics"]["eval"]["test"]["n_tasks"] == 10
+    assert (out / "pools" / "train.json").is_file() and (out / "settings.json").is_file()
+
+    assert main(["refine", "--checkpoint", str(out / "trained"), "--refine-max-iter", "3", "--refine-tol", "1e-12", "--no-progress"]) == 0
+    ref = load_checkpoint(out / "refined")
+    assert ref.lam.dtype == torch.float64 and ref.info["refine_report"]["iterations"] == 3
+    assert ref.info["refine_report"]["objective_after"] < ref.info["refine_report"]["objective_before"]
+
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(out / "refined.safetensors"), "--json", str(tmp_path / "e.json"), "--no-progress"]) == 0
+    res = json.loads((tmp_path / "e.json").read_text())
+    assert res["n_tasks"] == 10 and len(res["per_task_accuracy"]) == 10
+    assert abs(res["accuracy"] - ref.info["metrics"]["eval"]["test"]["accuracy"]) < 1e-12
+    assert "accuracy" in capsys.readouterr().out
+
+    # resuming a finished run with more steps continues from step 6
+    assert main(["train", "--out", str(out), *TINY[:-5], "--steps", "8", "--meta-batch", "4", "--resume", "--no-progress"]) == 0
+    assert load_checkpoint(out / "trained").step == 8
+
+
+def test_refine_refuses_a_checkpoint_whose_pool_file_was_swapped(tmp_path, capsys):
+    from metainfluence.data import load_dataset
+    from metainfluence.tasks import build_pool
+
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), *TINY]) == 0
+    other = build_pool(load_dataset("digits"), "train", 5, 1, 5, 12, seed=1)
+    other.save(out / "pools" / "train")
+    capsys.readouterr()
+    assert main(["refine", "--checkpoint", str(out / "trained"), "--no-progress"]) == 2
+    assert "another train pool" in _error_line(capsys)
+
+
+def test_run_demo_writes_its_outputs_and_summary(tmp_path):
+    s = apply_overrides(RunSettings(), {
+        "data.train_tasks": 20, "data.val_tasks": 5, "data.test_tasks": 30, "model.hidden": [16],
+        "train.steps": 20, "refine.max_iter": 5, "refine.tol": 1e-12,
+    })
+    lines: list[str] = []
+    with pytest.warns(RefineWarning, match="did not reach"):  # 5 iterations cannot reach 1e-12
+        result = run_demo(s, out=tmp_path / "demo", progress=False, log=lines.append)
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert summary["eval_trained"]["test"]["n_tasks"] == 30
+    assert summary["refine"]["objective_after"] < summary["refine"]["objective_before"]
+    assert result["refine_report"].iterations == 5
+    text = "\n".join(lines)
+    assert "after refine" in text and "‖∇F‖" in text and "train pool" in text
+    for name in ("trained.safetensors", "refined.safetensors", "refined.json", "settings.json", "pools/test.json"):
+        assert (tmp_path / "demo" / name).is_file()

@@ -1,0 +1,257 @@
+"""Meta-training, refine, evaluation and checkpoints (float64 wherever numbers are compared)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from helpers import random_tasks, small_problem
+from metainfluence.data import sinusoid_pool
+from metainfluence.errors import CheckpointError, DivergenceError, SettingsError
+from metainfluence.meta import (
+    EvalResult,
+    RefineSettings,
+    RefineWarning,
+    TrainSettings,
+    batch_schedule,
+    evaluate,
+    interval95,
+    load_checkpoint,
+    meta_train,
+    refine,
+    save_checkpoint,
+)
+from metainfluence.meta.checkpoint import pool_record
+from metainfluence.meta.objective import MetaProblem
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # Tiny problems are dominated by per-op overhead; one thread is faster and immune to
+    # contention from other processes on a 2-core machine.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _train_settings(**kw) -> TrainSettings:
+    base = dict(meta_batch=4, steps=30, lr=1e-2, seed=0, dtype="float64", log_every=5, checkpoint_every=0)
+    base.update(kw)
+    return TrainSettings(**base)
+
+
+# --------------------------------------------------------------------------- training
+def test_training_is_bit_deterministic_under_a_seed_and_differs_with_another():
+    problem, lam0 = small_problem(steps=1, lr=0.3)
+    tasks = random_tasks(n=12, seed=3)
+    a, ha = meta_train(problem, lam0, tasks, _train_settings(seed=0), progress=False)
+    b, hb = meta_train(problem, lam0, tasks, _train_settings(seed=0), progress=False)
+    c, _ = meta_train(problem, lam0, tasks, _train_settings(seed=1), progress=False)
+    assert torch.equal(a, b) and ha.loss == hb.loss
+    assert not torch.equal(a, c)
+    # meta-batches are distinct tasks, and the recorded schedule is the one a seed implies
+    sched = batch_schedule(12, 4, 0, 30)
+    assert all(len(set(s.tolist())) == 4 for s in sched)
+    assert [b.tolist() for b in sched] != [b.tolist() for b in batch_schedule(12, 4, 1, 30)]
+
+
+def test_training_lowers_the_pool_objective():
+    problem, lam0 = small_problem(steps=1, lr=0.3, weight_decay=1e-3)
+    tasks = random_tasks(n=16, seed=4)
+    lam, history = meta_train(problem, lam0, tasks, _train_settings(steps=80, lr=2e-2), progress=False)
+    before = float(problem.objective(lam0, tasks))
+    after = float(problem.objective(lam, tasks))
+    assert after < 0.9 * before, (before, after)
+    assert history.steps_done == 80 and len(history.accuracy) == 16 and history.tasks_seen == 80 * 4
+
+
+def test_resume_from_a_checkpoint_is_bit_identical(tmp_path):
+    problem, lam0 = small_problem(steps=1, lr=0.3)
+    tasks = random_tasks(n=10, seed=5)
+    full, _ = meta_train(problem, lam0, tasks, _train_settings(steps=20), progress=False)
+    meta_train(problem, lam0, tasks, _train_settings(steps=12), checkpoint_path=tmp_path / "ck", progress=False)
+    resumed, hist = meta_train(problem, lam0, tasks, _train_settings(steps=20), checkpoint_path=tmp_path / "ck2", progress=False, resume=tmp_path / "ck")
+    assert torch.equal(full, resumed)
+    assert hist.steps_done == 20 and len(hist.loss) == 20
+
+
+def test_huge_lr_stops_training_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    problem, lam0 = small_problem(steps=1, lr=0.3)
+    problem.model.float()
+    tasks = random_tasks(n=8, seed=6).to(dtype=torch.float32)
+    settings = _train_settings(dtype="float32", lr=1e30, steps=20, checkpoint_every=1)
+    with pytest.raises(DivergenceError) as err:
+        meta_train(problem, lam0.float(), tasks, settings, checkpoint_path=tmp_path / "ck", progress=False)
+    msg = str(err.value)
+    assert "\n" not in msg and "lower the outer lr" in msg and "inner lr" in msg and "intact" in msg
+    ck = load_checkpoint(tmp_path / "ck", expected_problem=problem, expected_pool=tasks)
+    assert torch.isfinite(ck.lam).all() and ck.step is not None and ck.step >= 1
+
+
+def test_nan_in_one_task_stops_training_and_the_checkpoint_equals_the_clean_run(tmp_path):
+    # Regression targets: TaskTensors refuses NaN inputs, but a NaN target still reaches the loss.
+    problem, lam0 = small_problem(steps=1, lr=0.1, loss="mse", n_classes=1)
+    tasks = random_tasks(n=10, seed=7, regression=True)
+    sched = batch_schedule(10, 3, 0, 40)
+    first_seen = {t: next(s for s, b in enumerate(sched, 1) if t in b.tolist()) for t in range(10)}
+    bad_task = max(first_seen, key=first_seen.get)
+    bad_step = first_seen[bad_task]
+    assert bad_step >= 3
+    poisoned = random_tasks(n=10, seed=7, regression=True)
+    poisoned.query_y[bad_task, 0, 0] = float("nan")
+    settings = _train_settings(meta_batch=3, steps=40, checkpoint_every=1)
+    with pytest.raises(DivergenceError, match=f"diverged at step {bad_step}"):
+        meta_train(problem, lam0, poisoned, settings, checkpoint_path=tmp_path / "ck", progress=False)
+    clean, _ = meta_train(problem, lam0, tasks, _train_settings(meta_batch=3, steps=bad_step - 1), progress=False)
+    ck = load_checkpoint(tmp_path / "ck", expected_problem=problem)
+    assert ck.step == bad_step - 1
+    assert torch.equal(ck.lam, clean)
+
+
+# --------------------------------------------------------------------------- refine
+def test_refine_reaches_its_tolerance_and_reports_consistent_diagnostics():
+    problem, lam0 = small_problem(steps=1, lr=0.3, weight_decay=1e-2)
+    tasks = random_tasks(n=12, seed=8)
+    lam, _ = meta_train(problem, lam0, tasks, _train_settings(steps=20), progress=False)
+    tol = 1e-7
+    lam_star, rep = refine(problem, lam, tasks, RefineSettings(tol=tol, max_iter=300))
+    g = problem.meta_gradient(lam_star, tasks)
+    assert rep.converged and rep.method == "lbfgs"
+    assert float(g.norm()) <= tol and rep.grad_norm_after <= tol
+    assert rep.grad_norm_before > 1e4 * rep.grad_norm_after
+    assert math.isclose(rep.grad_norm_before, float(problem.meta_gradient(lam.double(), tasks).norm()), rel_tol=1e-9)
+    mean_task = float(problem.total_gradients(lam_star, tasks).norm(dim=1).mean())
+    assert math.isclose(rep.ratio_after, rep.grad_norm_after / mean_task, rel_tol=1e-6)
+    assert rep.objective_after < rep.objective_before
+    # deterministic: the same call gives the same λ*
+    again, _ = refine(problem, lam, tasks, RefineSettings(tol=tol, max_iter=300))
+    assert torch.equal(again, lam_star)
+
+
+def test_refine_with_a_removed_task_keeps_the_full_pool_normalisation():
+    problem, lam0 = small_problem(steps=1, lr=0.3, weight_decay=1e-2)
+    tasks = random_tasks(n=8, seed=9)
+    w = torch.ones(8, dtype=torch.float64)
+    w[5] = 0
+    lam_w, rep = refine(problem, lam0, tasks, RefineSettings(tol=1e-8, max_iter=300), w=w)
+    assert rep.converged and rep.n_active_tasks == 7
+    keep = [i for i in range(8) if i != 5]
+    g = problem.total_gradients(lam_w, tasks.subset(keep))
+    # stationary for (1/n) Σ_{k≠5} g_k + μλ with n = 8 — not for the 7-task pool's own 1/7
+    assert float((g.sum(0) / 8 + problem.weight_decay * lam_w).norm()) < 1e-7
+    assert float((g.sum(0) / 7 + problem.weight_decay * lam_w).norm()) > 1e-4
+
+
+def test_gradient_descent_refine_decreases_and_warns_when_not_converged():
+    problem, lam0 = small_problem(steps=1, lr=0.3, weight_decay=1e-2)
+    tasks = random_tasks(n=8, seed=10)
+    with pytest.warns(RefineWarning, match="did not reach"):
+        lam, rep = refine(problem, lam0, tasks, RefineSettings(method="gd", tol=1e-12, max_iter=30, lr=0.5))
+    assert not rep.converged and rep.method == "gd" and rep.iterations == 30
+    assert rep.objective_after < rep.objective_before and rep.grad_norm_after < rep.grad_norm_before
+
+
+class _FlakyProblem(MetaProblem):
+    """Returns NaN on its third full-pool evaluation (simulates L-BFGS stepping into a NaN region)."""
+
+    calls = 0
+
+    def value_and_gradient(self, lam, tasks, w=None, v=None, u=None):
+        self.calls += 1
+        f, g = super().value_and_gradient(lam, tasks, w, v, u)
+        if self.calls == 3:
+            return f * float("nan"), g
+        return f, g
+
+
+def test_refine_falls_back_to_gradient_descent_when_lbfgs_meets_nan():
+    base, lam0 = small_problem(steps=1, lr=0.3, weight_decay=1e-2)
+    problem = _FlakyProblem(base.model, "cross_entropy", base.inner, weight_decay=1e-2)
+    tasks = random_tasks(n=8, seed=11)
+    with pytest.warns(RefineWarning):
+        lam, rep = refine(problem, lam0, tasks, RefineSettings(tol=1e-12, max_iter=25))
+    assert rep.method == "lbfgs+gd" and "NaN" in rep.message
+    assert torch.isfinite(lam).all() and rep.objective_after < rep.objective_before
+
+
+def test_refine_rejects_bad_settings_and_weights():
+    problem, lam0 = small_problem()
+    tasks = random_tasks(n=4)
+    with pytest.raises(SettingsError):
+        refine(problem, lam0, tasks, RefineSettings(method="newton"))
+    with pytest.raises(SettingsError):
+        refine(problem, lam0, tasks, RefineSettings(), w=torch.ones(3))
+
+
+# --------------------------------------------------------------------------- evaluation
+def test_interval_is_the_closed_form_on_known_accuracies():
+    accs = torch.tensor([1.0, 0.6, 0.8, 0.4, 1.0, 0.8])
+    res = EvalResult.from_per_task(torch.zeros(6), accs)
+    mean = sum(accs.tolist()) / 6
+    sd = math.sqrt(sum((a - mean) ** 2 for a in accs.tolist()) / 5)
+    assert math.isclose(res.accuracy, mean, rel_tol=1e-12)
+    assert math.isclose(res.accuracy_ci95, 1.96 * sd / math.sqrt(6), rel_tol=1e-12)
+    assert res.n_tasks == 6 and res.loss_ci95 == 0.0
+    assert math.isnan(interval95(torch.tensor([0.5]))[1])
+
+
+def test_evaluate_matches_a_per_task_loop():
+    problem, lam = small_problem(steps=2, lr=0.3)
+    tasks = random_tasks(n=7, seed=12)
+    res = evaluate(problem, lam, tasks)
+    accs, losses = [], []
+    for i in range(7):
+        xs, ys, xq, yq = tasks.support_x[i], tasks.support_y[i], tasks.query_x[i], tasks.query_y[i]
+        theta = problem.adapt(lam, xs, ys, torch.ones(len(ys), dtype=lam.dtype))
+        out = problem.forward(theta, xq)
+        accs.append(float((out.argmax(1) == yq).double().mean()))
+        losses.append(float(torch.nn.functional.cross_entropy(out, yq)))
+    assert res.per_task_accuracy == pytest.approx(accs, abs=1e-12)
+    assert res.per_task_loss == pytest.approx(losses, rel=1e-10)
+    assert res.accuracy == pytest.approx(sum(accs) / 7, abs=1e-12)
+
+
+# --------------------------------------------------------------------------- checkpoints
+def test_checkpoint_round_trips_exactly_and_refuses_another_model_or_pool(tmp_path):
+    problem, lam = small_problem(hidden=(8,))
+    lam = lam + 1e-3 * torch.randn_like(lam)
+    tasks = random_tasks(n=6)
+    pool = sinusoid_pool(6, 5, 5, seed=0)
+    save_checkpoint(tmp_path / "ck", lam, problem=problem, settings={"note": "x"}, pools={"train": pool_record(pool, tasks)}, metrics={"acc": 0.5})
+    ck = load_checkpoint(tmp_path / "ck.json", expected_problem=problem, expected_pool=pool)
+    assert torch.equal(ck.lam, lam) and ck.lam.dtype == torch.float64
+    assert ck.info["metrics"]["acc"] == 0.5 and ck.info["versions"]["torch"] == torch.__version__
+    assert ck.info["param_spec"] == problem.spec.to_json()
+    load_checkpoint(tmp_path / "ck", expected_pool=tasks)  # the tensors' fingerprint is recorded too
+
+    other, _ = small_problem(hidden=(9,))
+    with pytest.raises(CheckpointError, match="another model"):
+        load_checkpoint(tmp_path / "ck", expected_problem=other)
+    with pytest.raises(CheckpointError, match="another train pool"):
+        load_checkpoint(tmp_path / "ck", expected_pool=sinusoid_pool(6, 5, 5, seed=1))
+    with pytest.raises(CheckpointError, match="another train pool"):
+        load_checkpoint(tmp_path / "ck", expected_pool=random_tasks(n=6, seed=99))
+
+
+def test_truncated_or_corrupt_checkpoint_is_refused(tmp_path):
+    problem, lam = small_problem()
+    path = save_checkpoint(tmp_path / "ck", lam, problem=problem)
+    data = path.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) - 16])
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(tmp_path / "cut")
+    assert "\n" not in str(err.value)
+    (tmp_path / "head.safetensors").write_bytes(data[:100])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(tmp_path / "head")
+    flipped = bytearray(data)
+    flipped[-3] ^= 0xFF  # a byte of λ
+    (tmp_path / "flip.safetensors").write_bytes(bytes(flipped))
+    with pytest.raises(CheckpointError, match="checksum"):
+        load_checkpoint(tmp_path / "flip")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing")
