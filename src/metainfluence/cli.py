@@ -1,4 +1,4 @@
-"""Command line: ``metainfluence demo | train | refine | evaluate``.
+"""Command line: ``metainfluence demo | train | refine | evaluate | influence | edit``.
 
 A thin layer over :mod:`metainfluence.runs`. Every setting of :class:`~metainfluence.runs.RunSettings`
 is a flag (``--help`` lists them with their help texts and defaults) and a key of the ``--config``
@@ -49,7 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     # The demo's tensors are tiny: one thread avoids thread-pool overhead (measured on a busy 2-core
     # machine: 44 s with 1 thread, 285 s with 2).
     _common(demo, threads=1)
-    demo.set_defaults(_dests=add_settings_arguments(demo, RunSettings))
+    from .runs import demo_settings
+
+    demo.add_argument("--skip-influence", dest="influence_step", action="store_false", help="stop after refine and evaluate (no task-IF, no edit)")
+    demo.set_defaults(_dests=add_settings_arguments(demo, RunSettings, defaults=demo_settings()))
 
     train = sub.add_parser("train", help="build pools and meta-train (Adam on meta-batches); writes OUT/trained", description=(
         "Build the task pools and meta-train λ with Adam on seeded meta-batches; writes pools, a checkpoint every "
@@ -79,13 +82,65 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data-root", dest="data.data_root", default=argparse.SUPPRESS, help="folder holding the dataset files (else the recorded one, else $METAINFLUENCE_DATA)")
     _common(ev)
     ev.set_defaults(_dests=["data.data_root"])
+
+    from .influence.results import InfluenceSettings
+
+    inf = sub.add_parser("influence", help="score training tasks or examples: predicted change of the validation loss if removed", description=(
+        "Compute task-IF (or instance-IF, or a baseline) for a checkpoint's training pool against the mean query loss of "
+        "its validation pool. score > 0: removing the item would raise the validation loss (it helps); score < 0: it harms. "
+        "Writes OUT/NAME.safetensors + OUT/NAME.json (settings, sign convention, diagnostics, timings, task ids)."))
+    inf.add_argument("--checkpoint", required=True, help="refined checkpoint (stem, .json or .safetensors), e.g. runs/demo/refined")
+    inf.add_argument("--level", default="task", choices=("task", "support", "query"), help="score whole tasks, or single support / query examples (default: task)")
+    inf.add_argument("--out", default=None, help="output folder (default: the checkpoint's folder)")
+    inf.add_argument("--name", default=None, help="file name stem (default: influence_LEVEL_METHOD)")
+    inf.add_argument("--top", type=int, default=5, help="how many most harmful / most helpful items to print (default: 5)")
+    inf.add_argument("--data-root", dest="data.data_root", default=argparse.SUPPRESS, help="folder holding the dataset files (else the recorded one, else $METAINFLUENCE_DATA)")
+    _common(inf)
+    inf.set_defaults(_dests=add_settings_arguments(inf, InfluenceSettings, dest="influence.", title="influence settings") + ["data.data_root"])
+
+    ed = sub.add_parser("edit", help="remove tasks or examples from a checkpoint in closed form (no retraining)", description=(
+        "λ_edit = λ* + (H + δI)^{-1} Σ_removed g / n (SPEC §5), optionally followed by Newton steps on the reduced objective. "
+        "Remove tasks by id (--remove-tasks) or the top-k most harmful items of a scores file (--scores, --top-k). "
+        "Writes OUT/NAME (an ordinary checkpoint) with the test accuracy before and after."))
+    ed.add_argument("--checkpoint", required=True, help="refined checkpoint to edit")
+    ed.add_argument("--remove-tasks", default=None, help="comma-separated task ids of the training pool to remove")
+    ed.add_argument("--scores", default=None, help="scores file of `metainfluence influence` (stem or .json)")
+    ed.add_argument("--top-k", type=int, default=None, help="remove the k most harmful items of --scores")
+    ed.add_argument("--newton-steps", type=int, default=0, help="Newton steps on the reduced objective after the closed-form edit (default: 0)")
+    ed.add_argument("--out", default=None, help="output folder (default: the checkpoint's folder)")
+    ed.add_argument("--name", default="edited", help="name of the edited checkpoint (default: edited)")
+    ed.add_argument("--data-root", dest="data.data_root", default=argparse.SUPPRESS, help="folder holding the dataset files (else the recorded one, else $METAINFLUENCE_DATA)")
+    _common(ed)
+    ed.set_defaults(_dests=add_settings_arguments(ed, InfluenceSettings, dest="influence.", title="influence settings (Hessian, solver, damping of the edit)") + ["data.data_root"])
     return parser
 
 
-def _settings(args: argparse.Namespace):
+def _settings(args: argparse.Namespace, defaults=None):
     from .runs import RunSettings
 
-    return load_settings(RunSettings(), args.config, namespace_overrides(args, args._dests))
+    return load_settings(defaults if defaults is not None else RunSettings(), args.config, namespace_overrides(args, args._dests))
+
+
+def _influence_settings(args: argparse.Namespace):
+    from .config import apply_overrides
+    from .influence.results import InfluenceSettings
+
+    flags = {k[len("influence."):]: v for k, v in namespace_overrides(args, args._dests).items() if k.startswith("influence.")}
+    settings = apply_overrides(InfluenceSettings(), flags, source="flags")
+    settings.validate()
+    return settings
+
+
+def _data_only(args: argparse.Namespace):
+    """Checkpoint overrides for influence/edit: only --data-root applies to the run's settings."""
+
+    def apply(settings):
+        root = getattr(args, "data.data_root", None)
+        if root is not None:
+            settings = dataclasses.replace(settings, data=dataclasses.replace(settings.data, data_root=root))
+        return settings
+
+    return apply
 
 
 def _checkpoint_overrides(args: argparse.Namespace):
@@ -100,8 +155,10 @@ def _checkpoint_overrides(args: argparse.Namespace):
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .runs import run_demo
 
-    settings = _settings(args)
-    run_demo(settings, out=args.out, progress=args.progress)
+    from .runs import demo_settings
+
+    settings = _settings(args, demo_settings())
+    run_demo(settings, out=args.out, progress=args.progress, influence_step=args.influence_step)
     return 0
 
 
@@ -167,7 +224,89 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"demo": _cmd_demo, "train": _cmd_train, "refine": _cmd_refine, "evaluate": _cmd_evaluate}
+def _print_items(result, k: int) -> None:
+    from .influence.results import SIGN_CONVENTION
+
+    order = result.ranking(harmful_first=True)
+    k = max(0, min(k, order.numel()))
+    label = "task" if result.level == "task" else f"(task, {result.level} example)"
+    print(SIGN_CONVENTION)
+    for title, idx in (("most harmful", order[:k]), ("most helpful", order.flip(0)[:k])):
+        print(f"{title} {label}:")
+        for item, i in zip(result.items(idx), idx.tolist()):
+            print(f"  {item if len(item) > 1 else item[0]!s:>12}  score {float(result.scores.reshape(-1)[i]):+.4e}")
+
+
+def _cmd_influence(args: argparse.Namespace) -> int:
+    from .meta.checkpoint import pool_fingerprint
+    from .runs import context_from_checkpoint, influence_stage
+
+    settings = _influence_settings(args)
+    ctx, ckpt = context_from_checkpoint(args.checkpoint, splits=("train", "val"), overrides=_data_only(args))
+    out = Path(args.out) if args.out else Path(ckpt.path).parent
+    print(f"train pool: {ctx.pools['train'].summary()}")
+    result = influence_stage(ctx, ckpt.lam.double(), settings, args.level)
+    name = args.name or f"influence_{args.level}_{settings.method}"
+    result.save(out / name, pool_fingerprint=pool_fingerprint(ctx.pools["train"]))
+    diag = result.diagnostics
+    if "solver" in diag:
+        print(f"solver {diag['solver']['name']}: residual {diag['solver']['residual']:.2e}, {diag['solver']['iterations']} iterations")
+    if "stationarity" in diag:
+        st = diag["stationarity"]
+        print(f"stationarity: ‖∇F‖ = {st['grad_norm']:.3g} ({st['ratio']:.2g} of the mean task-gradient norm)")
+    _print_items(result, args.top)
+    print(f"scores: {out / name}.safetensors (+ .json); {diag['timings_s']['total']:.1f} s")
+    return 0
+
+
+def _cmd_edit(args: argparse.Namespace) -> int:
+    from .influence import InfluenceResult, Removal
+    from .meta.checkpoint import pool_fingerprint
+    from .runs import _evals_json, context_from_checkpoint, edit_stage, evaluate_stage, removal_from_scores, save_stage_checkpoint
+
+    settings = _influence_settings(args)
+    if (args.remove_tasks is None) == (args.scores is None):
+        raise SettingsError("say what to remove: either --remove-tasks IDS or --scores FILE --top-k K")
+    if args.newton_steps < 0:
+        raise SettingsError(f"--newton-steps must be ≥ 0, got {args.newton_steps}")
+    ctx, ckpt = context_from_checkpoint(args.checkpoint, splits=("train", "test"), overrides=_data_only(args))
+    ids = [int(i) for i in torch_ids(ctx.pools["train"].task_ids)]
+    if args.remove_tasks is not None:
+        try:
+            wanted = [int(x) for x in args.remove_tasks.split(",") if x.strip()]
+        except ValueError:
+            raise SettingsError(f"--remove-tasks takes comma-separated integers, got {args.remove_tasks!r}") from None
+        missing = [t for t in wanted if t not in ids]
+        if missing or not wanted:
+            raise SettingsError(f"task id {missing[0] if missing else '(none)'} is not in the training pool of {len(ids)} tasks; use ids 0..{len(ids) - 1}")
+        removal = Removal(tasks=sorted(ids.index(t) for t in wanted))
+    else:
+        if args.top_k is None:
+            raise SettingsError("--scores needs --top-k K (how many of the most harmful items to remove)")
+        result = InfluenceResult.load(args.scores, pool_fingerprint=pool_fingerprint(ctx.pools["train"]))
+        removal = removal_from_scores(result, args.top_k)
+    lam = ckpt.lam.double()
+    edited = edit_stage(ctx, lam, removal, settings, newton_steps=args.newton_steps)
+    before = evaluate_stage(ctx, lam, ("test",))["test"]
+    after = evaluate_stage(ctx, edited.lam, ("test",))["test"]
+    if args.out:
+        ctx.out = Path(args.out)
+    path = save_stage_checkpoint(ctx, args.name, edited.lam, "edited", {
+        "eval": {"test": after.to_json()}, "eval_before_edit": {"test": before.to_json()},
+        "removed": removal.count(), "removed_tasks": [ids[i] for i in removal.tasks], "edit": edited.diagnostics})
+    print(f"removed {removal.count()} in closed form ({edited.diagnostics['seconds']:.1f} s, solver residual {edited.diagnostics['solver_residual']:.1e})")
+    print(f"test before edit: {before.summary()}")
+    print(f"test after edit:  {after.summary()}")
+    print(f"checkpoint: {path}")
+    return 0
+
+
+def torch_ids(ids) -> list[int]:
+    return [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
+
+
+COMMANDS = {"demo": _cmd_demo, "train": _cmd_train, "refine": _cmd_refine, "evaluate": _cmd_evaluate,
+            "influence": _cmd_influence, "edit": _cmd_edit}
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:

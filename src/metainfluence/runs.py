@@ -55,6 +55,9 @@ class DataSettings:
     standardize: bool = field(default=True, metadata={"help": "standardise image inputs with the training pool's statistics (per-pixel mean, overall sd); a well-conditioned F lets refine reach its tolerance"})
     pool_seed: int = field(default=0, metadata={"help": "seed of the task pools (same seed = same tasks)"})
     split_seed: int = field(default=0, metadata={"help": "seed of the dataset's train/val/test split"})
+    corrupt_tasks: float = field(default=0.0, metadata={"help": "fraction ρ_task of TRAINING tasks given wrong labels (mislabeled-task experiments; the truth is recorded in the pool)"})
+    corrupt_labels: float = field(default=0.8, metadata={"help": "fraction ρ_label of a corrupted task's labels changed to another class of the task"})
+    corrupt_where: str = field(default="both", metadata={"help": "which labels of a corrupted task: support | query | both"})
 
     def validate(self) -> None:
         for name in ("n_way", "k_shot", "q_query", "train_tasks", "val_tasks", "test_tasks"):
@@ -62,6 +65,10 @@ class DataSettings:
                 raise SettingsError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         if self.image_size < 0:
             raise SettingsError(f"image_size must be ≥ 0, got {self.image_size}")
+        if not (0 <= self.corrupt_tasks <= 1 and 0 <= self.corrupt_labels <= 1):
+            raise SettingsError("corrupt_tasks and corrupt_labels are fractions: give values in [0, 1]")
+        if self.corrupt_where not in ("support", "query", "both"):
+            raise SettingsError(f"corrupt_where must be support, query or both, got {self.corrupt_where!r}")
 
 
 @dataclass
@@ -179,6 +186,10 @@ def build_pools(data: DataSettings, dataset, splits: tuple[str, ...] = SPLITS) -
             from .tasks import build_pool
 
             pools[split] = build_pool(dataset, split, data.n_way, data.k_shot, data.q_query, sizes[split], seed=data.pool_seed)
+            if split == "train" and data.corrupt_tasks > 0:
+                from .tasks import corrupt_labels
+
+                pools[split] = corrupt_labels(pools[split], data.corrupt_tasks, data.corrupt_labels, where=data.corrupt_where, seed=data.pool_seed)
     return pools
 
 
@@ -314,12 +325,105 @@ def context_from_checkpoint(path: str | os.PathLike, data_root: str | None = Non
     return RunContext(settings, dataset, pools, tensors, problem, folder, standardization), ckpt
 
 
+# --------------------------------------------------------------------------- influence and editing
+def influence_stage(ctx: RunContext, lam: torch.Tensor, settings: Any, level: str = "task"):
+    """Scores of the training pool's tasks (level 'task') or examples ('support' / 'query') against the
+    validation pool's mean query loss (SPEC §7), with the pool's stable task ids."""
+    from .influence import instance_influence, task_influence
+
+    dtype = lam.dtype
+    train, val = ctx.tensors["train"].to(dtype=dtype), ctx.tensors["val"].to(dtype=dtype)
+    ids = torch.as_tensor(ctx.pools["train"].task_ids)
+    if level == "task":
+        return task_influence(ctx.problem, lam, train, val, settings, task_ids=ids)
+    if level in ("support", "query"):
+        return instance_influence(ctx.problem, lam, train, val, level, settings, task_ids=ids)
+    raise SettingsError(f"unknown influence level {level!r}; use task, support or query")
+
+
+def edit_stage(ctx: RunContext, lam: torch.Tensor, removal: Any, settings: Any, newton_steps: int = 0):
+    """Closed-form removal (SPEC §5) on the training pool; returns the EditResult."""
+    from .influence import edit_model
+
+    return edit_model(ctx.problem, lam, ctx.tensors["train"].to(dtype=lam.dtype), removal, settings, newton_steps=newton_steps)
+
+
+def removal_from_scores(result: Any, k: int) -> Any:
+    """A Removal of the k most harmful items of a scores file (tasks or examples), by local row index."""
+    from .influence import Removal
+
+    total = result.scores.numel()
+    if not 1 <= k <= total:
+        raise SettingsError(f"--top-k {k} is outside 1..{total} (the number of scored items); choose a smaller k")
+    order = result.ranking(harmful_first=True)[:k]
+    if result.level == "task":
+        return Removal(tasks=sorted(order.tolist()))
+    mask = torch.zeros(result.scores.numel(), dtype=torch.bool)
+    mask[order] = True
+    mask = mask.reshape(result.scores.shape)
+    return Removal(support=mask) if result.level == "support" else Removal(query=mask)
+
+
+def demo_settings() -> RunSettings:
+    """The demo's defaults: the digits pools with 20% of the training tasks mislabeled."""
+    settings = RunSettings()
+    settings.data.corrupt_tasks = 0.2
+    return settings
+
+
+def _influence_demo(ctx: RunContext, lam: torch.Tensor, out: Path, log: Callable[[str], None]) -> dict:
+    """task-IF on the (partly corrupted) training pool, detection of the corrupted tasks, closed-form edit."""
+    from .evaluation.metrics import detection_auc, recall_at
+    from .influence import InfluenceSettings
+
+    from .errors import DivergenceError
+
+    settings = InfluenceSettings(hessian="exact", solver="cg", damping=1e-3, tol=1e-6, max_iter=300)
+    t = time.perf_counter()
+    try:
+        result = influence_stage(ctx, lam, settings)
+    except DivergenceError as exc:
+        # λ is not at a minimum (indefinite total Hessian): say so, and use the PSD Gauss–Newton kind
+        log(f"warning: {exc}; falling back to hessian=gauss-newton")
+        settings = dataclasses.replace(settings, hessian="gauss-newton")
+        result = influence_stage(ctx, lam, settings)
+    influence_s = time.perf_counter() - t
+    from .meta.checkpoint import pool_fingerprint
+
+    result.save(out / "task_influence", pool_fingerprint=pool_fingerprint(ctx.pools["train"]))
+    pool = ctx.pools["train"]
+    corrupted = torch.as_tensor(pool.corrupted_tasks).bool()
+    n, n_bad = len(corrupted), int(corrupted.sum())
+    summary: dict[str, Any] = {"hessian": settings.hessian, "influence_s": influence_s, "solver_residual": result.diagnostics["solver"]["residual"],
+                               "stationarity_ratio": result.diagnostics["stationarity"]["ratio"], "n_corrupted": n_bad}
+    order = result.ranking(harmful_first=True)
+    if n_bad:
+        summary["recall_at_corrupted_fraction"] = recall_at(order, corrupted, n_bad / n)
+        summary["recall_at_1.25x"] = recall_at(order, corrupted, min(1.0, 1.25 * n_bad / n))
+        summary["auc"] = detection_auc(-result.scores, corrupted)
+    k = n_bad or max(1, n // 10)
+    removal = removal_from_scores(result, k)
+    t = time.perf_counter()
+    edited = edit_stage(ctx, lam, removal, settings)
+    summary["edit_s"] = time.perf_counter() - t
+    summary["removed_tasks"] = len(removal.tasks)
+    summary["removed_corrupted"] = int(corrupted[removal.tasks].sum())
+    before = evaluate_stage(ctx, lam, ("val", "test"))
+    after = evaluate_stage(ctx, edited.lam, ("val", "test"))
+    summary["eval_before_edit"] = _evals_json(before)
+    summary["eval_after_edit"] = _evals_json(after)
+    summary["edit_residual"] = edited.diagnostics["solver_residual"]
+    save_stage_checkpoint(ctx, "edited", edited.lam, "edited", {"eval": _evals_json(after), "removed_tasks": removal.tasks})
+    return summary
+
+
 # --------------------------------------------------------------------------- the demo
-def run_demo(settings: RunSettings | None = None, out: str | os.PathLike = "runs/demo", progress: bool = True, log: Callable[[str], None] = print) -> dict:
+def run_demo(settings: RunSettings | None = None, out: str | os.PathLike = "runs/demo", progress: bool = True, log: Callable[[str], None] = print,
+             influence_step: bool = True) -> dict:
     """Build pools on the embedded digits data (by default), meta-train, refine, evaluate, and write
     everything under ``out``. Returns a dict with the context (``"context"``), both λ, the refine
     report, evaluation results and the summary written to ``out/summary.json``."""
-    settings = settings or RunSettings()
+    settings = settings or demo_settings()
     t_start = time.perf_counter()
     out = Path(out)
     timings: dict[str, float] = {}
@@ -350,6 +454,10 @@ def run_demo(settings: RunSettings | None = None, out: str | os.PathLike = "runs
     train_state = load_checkpoint(out / "trained", expected_problem=ctx.problem).state
     save_stage_checkpoint(ctx, "trained", lam_trained, "trained", {"eval": _evals_json(eval_trained)}, history=history, step=history.steps_done, state=train_state)
     save_stage_checkpoint(ctx, "refined", lam_refined, "refined", {"eval": _evals_json(eval_refined)}, refine_report=report, history=history, step=history.steps_done)
+
+    t = time.perf_counter()
+    influence = _influence_demo(ctx, lam_refined, out, log) if influence_step else None
+    timings["influence_and_edit_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_start
 
     summary = {
@@ -360,6 +468,7 @@ def run_demo(settings: RunSettings | None = None, out: str | os.PathLike = "runs
         "eval_trained": _evals_json(eval_trained),
         "eval_refined": _evals_json(eval_refined),
         "refine": report.to_json(),
+        "influence": influence,
         "timings": timings,
         "files": {"trained": "trained.safetensors", "refined": "refined.safetensors", "pools": "pools/", "settings": "settings.json"},
     }
@@ -401,6 +510,20 @@ def format_demo_summary(summary: Mapping[str, Any], out: Path) -> list[str]:
         f"stationarity (full training pool): ‖∇F‖ {r['grad_norm_before']:.3g} → {r['grad_norm_after']:.3g} "
         f"(tol {r['tol']:.1g}, {'converged' if r['converged'] else 'NOT converged'}); "
         f"‖∇F‖ / mean‖g_i‖ {r['ratio_before']:.3g} → {r['ratio_after']:.3g}; refine {r['iterations']} iterations, {r['wall_time_s']:.1f} s",
-        f"total {summary['timings']['total_s']:.1f} s; outputs in {out}/ (trained/refined checkpoints, pools/, summary.json)",
     ]
+    inf = summary.get("influence")
+    if inf:
+        b, a = inf["eval_before_edit"]["test"], inf["eval_after_edit"]["test"]
+        lines += [
+            f"task-IF ({inf['hessian']} total Hessian, CG residual {inf['solver_residual']:.1e}) in {inf['influence_s']:.1f} s; "
+            f"score = predicted change of the validation loss if the task is removed (> 0 helps, < 0 harms)",
+        ]
+        if inf["n_corrupted"]:
+            lines.append(
+                f"mislabeled tasks: {inf['n_corrupted']}; among the {inf['removed_tasks']} most harmful by task-IF: {inf['removed_corrupted']} "
+                f"(recall {inf['recall_at_corrupted_fraction']:.2f}; at 1.25× that many: {inf['recall_at_1.25x']:.2f}; AUC {inf['auc']:.3f})")
+        lines += [
+            f"closed-form edit removing them ({inf['edit_s']:.1f} s, no retraining): meta-test {_fmt_eval(b)} → {_fmt_eval(a)}",
+        ]
+    lines.append(f"total {summary['timings']['total_s']:.1f} s; outputs in {out}/ (checkpoints, pools/, task_influence scores, summary.json)")
     return lines

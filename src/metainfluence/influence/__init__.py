@@ -1,1 +1,12 @@
-"""influence stage."""
+"""The influence stage: total gradients, total-Hessian products, iHVP solvers, task-IF, instance-IF, editing."""
+
+from .editing import EditResult, Removal, edit_model, unlearn
+from .hessians import HESSIANS, TotalHessian
+from .instance_if import instance_influence
+from .results import METHODS, SIGN_CONVENTION, InfluenceResult, InfluenceSettings
+from .solvers import SolverSettings, solve_ihvp
+from .task_if import task_influence, task_parameter_changes
+
+__all__ = ["EditResult", "HESSIANS", "METHODS", "Removal", "SIGN_CONVENTION", "InfluenceResult", "InfluenceSettings",
+           "SolverSettings", "TotalHessian", "edit_model", "instance_influence", "solve_ihvp", "task_influence",
+           "task_parameter_changes", "unlearn"]
