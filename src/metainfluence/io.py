@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .errors import CheckpointError, MetaInfluenceError
+from .errors import CheckpointError, SettingsError
 
 FORMAT_VERSION = 1
 
@@ -26,9 +26,9 @@ def _check_writable_dir(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise MetaInfluenceError(f"cannot create output folder {folder}: {exc.strerror}; choose a writable folder") from None
+        raise SettingsError(f"cannot create output folder {folder}: {exc.strerror or exc}; choose a writable folder") from None
     if not os.access(folder, os.W_OK):
-        raise MetaInfluenceError(f"output folder {folder} is not writable; choose a writable folder")
+        raise SettingsError(f"output folder {folder} is not writable; choose a writable folder")
 
 
 def _umask() -> int:
@@ -41,7 +41,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, rename)."""
     path = Path(path)
     _check_writable_dir(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise SettingsError(f"cannot write into output folder {path.parent}: {exc.strerror or exc}; choose a writable folder") from None
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -49,11 +52,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; results are meant to be shared
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(exc, OSError):
+            raise SettingsError(f"cannot write {path}: {exc.strerror or exc}; free disk space or choose a writable folder") from None
         raise
     return path
 

@@ -214,6 +214,8 @@ def prepare_run(settings: RunSettings, out: str | os.PathLike | None = None, spl
     if dataset is not None:
         log(f"dataset: {dataset!r}")
     pools = build_pools(settings.data, dataset, splits)
+    # build the model before writing anything, so a model that cannot take these inputs leaves no files
+    problem = build_problem(settings, dataset)
     out_path = Path(out) if out is not None else None
     if out_path is not None and save_pools:
         for name, pool in pools.items():
@@ -221,7 +223,6 @@ def prepare_run(settings: RunSettings, out: str | os.PathLike | None = None, spl
     tensors, standardization = pool_tensors(pools, dataset, settings.data)
     for name, pool in pools.items():
         log(f"{name} pool: {pool.summary()}")
-    problem = build_problem(settings, dataset)
     return RunContext(settings, dataset, pools, tensors, problem, out_path, standardization)
 
 

@@ -357,18 +357,56 @@ def safe_extract_zip(archive: str | os.PathLike, target: str | os.PathLike) -> l
             if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or ".." in PurePosixPath(name.replace("\\", "/")).parts or is_link or (dest != root and root not in dest.parents):
                 raise DataError(f"archive {archive} member {name!r} would be written outside {target}; refusing to extract this archive")
             plan.append((info, dest))
-        written = []
-        for info, dest in plan:
-            if info.is_dir():
-                dest.mkdir(parents=True, exist_ok=True)
-                continue
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                with zf.open(info) as src, open(dest, "wb") as out:
-                    shutil.copyfileobj(src, out)
-            except (zipfile.BadZipFile, EOFError) as exc:
+        # Each member goes to a temporary name and is renamed into place once complete; if any member
+        # fails, everything this call wrote (files and the folders it created) is removed again.
+        written: list[Path] = []
+        fresh: list[Path] = []  # written files that did not exist before this call
+        created: list[Path] = []
+        mask = os.umask(0)
+        os.umask(mask)
+
+        def make_dirs(d: Path) -> None:
+            missing = []
+            while not d.exists():
+                missing.append(d)
+                d = d.parent
+            for m in reversed(missing):
+                m.mkdir()
+                created.append(m)
+
+        try:
+            for info, dest in plan:
+                if info.is_dir():
+                    make_dirs(dest)
+                    continue
+                make_dirs(dest.parent)
+                existed = dest.exists()
+                fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+                try:
+                    with zf.open(info) as src, os.fdopen(fd, "wb") as out:
+                        shutil.copyfileobj(src, out)
+                    os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600 files; extract with the usual mode
+                    os.replace(tmp, dest)
+                except BaseException:
+                    if os.path.exists(tmp):
+                        os.unlink(tmp)
+                    raise
+                written.append(dest)
+                if not existed:
+                    fresh.append(dest)
+        except BaseException as exc:
+            for p in fresh:
+                p.unlink(missing_ok=True)
+            for d in reversed(created):
+                try:
+                    d.rmdir()
+                except OSError:
+                    pass
+            if isinstance(exc, (zipfile.BadZipFile, EOFError, zlib.error, ValueError)):
                 raise DataError(f"archive {archive} is corrupt ({exc}); download it again") from None
-            written.append(dest)
+            if isinstance(exc, OSError):
+                raise DataError(f"cannot extract {archive} into {target} ({exc.strerror or exc}); choose a writable folder") from None
+            raise
     return written
 
 

@@ -61,6 +61,9 @@ def validation_loss(problem: MetaProblem, lam: torch.Tensor, val_tasks: TaskTens
     return float(problem.task_losses(lam.to(val_tasks.query_x.dtype if val_tasks.query_x.is_floating_point() else lam.dtype), val_tasks).mean())
 
 
+_UNIT_PREFIXES = (".manifest.json.", ".control.", ".loo_", ".subset_")
+
+
 class _Store:
     """One JSON (+ optional tensors) per finished unit, keyed by a hash of the run's settings."""
 
@@ -71,9 +74,15 @@ class _Store:
             manifest = self.dir / "manifest.json"
             if manifest.exists():
                 old = read_json(manifest, "ground-truth manifest")
-                if old.get("key") != self.key:
+                if not isinstance(old, dict) or old.get("key") != self.key:
                     raise CheckpointError(f"{self.dir} holds ground truth of other settings; use another --out folder or delete it")
-            else:
+            # A run killed inside an atomic write leaves its temporary file (".NAME.xxxx.tmp"); that
+            # unit is redone on resume, so the leftover is removed (one writer per folder).
+            if self.dir.is_dir():
+                for stale in self.dir.glob(".*.tmp"):
+                    if stale.name.startswith(_UNIT_PREFIXES):
+                        stale.unlink(missing_ok=True)
+            if not manifest.exists():
                 write_json(manifest, {"key": self.key, "settings": key})
 
     def get(self, name: str) -> tuple[dict, dict[str, torch.Tensor]] | None:

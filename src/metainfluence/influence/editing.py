@@ -8,6 +8,7 @@ the "unlearning" baseline: a few steps of gradient ascent on the removed items.
 
 from __future__ import annotations
 
+import operator
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,12 +32,28 @@ class Removal:
     support: torch.Tensor | None = None
     query: torch.Tensor | None = None
 
+    def validate(self, pool: TaskTensors) -> None:
+        """SettingsError unless every task index is in 0..n-1 and the masks are (n, |S|) / (n, |Q|)."""
+        n = len(pool)
+        try:
+            if any(isinstance(k, bool) for k in self.tasks):
+                raise TypeError
+            idx = [operator.index(k) for k in self.tasks]
+        except TypeError:
+            raise SettingsError(f"task indices {list(self.tasks)!r} are not all integers; pass task row indices 0..{n - 1}") from None
+        bad = [k for k in idx if not 0 <= k < n]
+        if bad:
+            raise SettingsError(f"task index {bad[0]} is outside the pool of {n} tasks; pass row indices 0..{n - 1} (at most {n} tasks)")
+        if len(set(idx)) != len(idx):
+            raise SettingsError("a task index is given twice in the removal; pass each task once")
+        for name, mask, m in (("support", self.support, pool.n_support), ("query", self.query, pool.n_query)):
+            if mask is not None and tuple(mask.shape) != (n, m):
+                raise SettingsError(f"the {name} removal mask has shape {tuple(mask.shape)}, expected ({n}, {m}) — one entry per {name} example of every task")
+
     def weights(self, problem: MetaProblem, lam: torch.Tensor, pool: TaskTensors):
         """(w, v, u) of the reduced objective: zeros on the removed items (SPEC §1)."""
+        self.validate(pool)
         n = len(pool)
-        bad = [k for k in self.tasks if not 0 <= k < n]
-        if bad:
-            raise SettingsError(f"task index {bad[0]} is outside the pool of {n} tasks")
         w = torch.ones(n, dtype=lam.dtype, device=lam.device)
         w[list(self.tasks)] = 0
         v, u = problem.default_weights(pool, lam)
@@ -56,6 +73,7 @@ class Removal:
 
 def removed_gradient(problem: MetaProblem, lam: torch.Tensor, pool: TaskTensors, removal: Removal) -> torch.Tensor:
     """b_R: the sum of total gradients of removed tasks plus mixed derivatives of removed examples."""
+    removal.validate(pool)
     b = torch.zeros_like(lam)
     if removal.tasks:
         w = torch.zeros(len(pool), dtype=lam.dtype, device=lam.device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,8 @@ import torch
 
 from ..errors import CheckpointError, SettingsError
 from ..io import load_result, save_result
-from .solvers import SolverSettings
+from .hessians import HESSIANS
+from .solvers import SOLVERS, SolverSettings
 
 SIGN_CONVENTION = (
     "score = predicted change of the measurement f (mean query loss of the validation pool after "
@@ -21,7 +23,16 @@ SIGN_CONVENTION = (
 )
 
 METHODS = ("task-if", "direct-if", "tracin", "loss", "random")
+SOLVER_NAMES = (*SOLVERS, "woodbury")
 SUPPORT_METHODS = ("unrolled", "two-stage")
+
+
+def _finite_nonnegative(value: Any) -> bool:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return False
+    return not isinstance(value, bool) and math.isfinite(v) and v >= 0
 
 
 @dataclass
@@ -47,12 +58,18 @@ class InfluenceSettings:
     def validate(self) -> None:
         if self.method not in METHODS:
             raise SettingsError(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
-        if self.damping < 0:
-            raise SettingsError(f"damping must be ≥ 0, got {self.damping}; use a small positive value such as 1e-3")
+        if self.hessian not in HESSIANS:
+            raise SettingsError(f"unknown hessian {self.hessian!r}; use one of {', '.join(HESSIANS)}")
+        if self.solver not in SOLVER_NAMES:
+            raise SettingsError(f"unknown iHVP solver {self.solver!r}; use one of {', '.join(SOLVER_NAMES)}")
+        if self.solver == "woodbury" and self.hessian != "fisher":
+            raise SettingsError(f"the woodbury solver inverts the fisher Hessian only, not {self.hessian!r}; use hessian=fisher or another solver")
+        if not _finite_nonnegative(self.damping):
+            raise SettingsError(f"damping must be a finite number ≥ 0, got {self.damping}; use a small positive value such as 1e-3")
         if self.support_method not in SUPPORT_METHODS:
             raise SettingsError(f"unknown support method {self.support_method!r}; use unrolled or two-stage")
-        if self.inner_damping < 0:
-            raise SettingsError(f"inner_damping must be ≥ 0, got {self.inner_damping}")
+        if not _finite_nonnegative(self.inner_damping):
+            raise SettingsError(f"inner_damping must be a finite number ≥ 0, got {self.inner_damping}")
 
     def solver_settings(self) -> SolverSettings:
         return SolverSettings(
@@ -119,8 +136,14 @@ class InfluenceResult:
     @classmethod
     def load(cls, stem: str | Path, pool_fingerprint: str | None = None) -> "InfluenceResult":
         tensors, info = load_result(stem, what="scores file")
-        if info.get("kind") != "metainfluence.influence":
+        if not isinstance(info, dict) or info.get("kind") != "metainfluence.influence":
             raise CheckpointError(f"{stem} is not a metainfluence scores file; pass the output of `metainfluence influence`")
+        missing = [k for k in ("level", "method", "measurement", "settings", "diagnostics") if k not in info]
+        missing += [k for k in ("scores", "task_ids") if k not in tensors]
+        if missing:
+            raise CheckpointError(f"scores file {stem} lacks {', '.join(missing)}; it is damaged or not a scores file — recompute it")
+        if tensors["task_ids"].dim() != 1 or tensors["scores"].shape[:1] != tensors["task_ids"].shape:
+            raise CheckpointError(f"scores file {stem}: scores {tuple(tensors['scores'].shape)} and task ids {tuple(tensors['task_ids'].shape)} disagree; recompute it")
         if pool_fingerprint is not None and info.get("pool_fingerprint") not in (None, pool_fingerprint):
             raise CheckpointError(f"scores file {stem} was computed on another task pool; recompute the scores for this checkpoint's pool")
         extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}

@@ -37,19 +37,23 @@ def newton_refine(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, w
         H = materialize(TotalHessian(problem, lam, tasks, "exact", w=w))
         lo = float(torch.linalg.eigvalsh(H)[0])
         # Close to a stationary point, solve ∇F = 0 by plain (lightly damped) Newton steps, which converge
-        # quadratically to the NEARBY stationary point; far from it, shift H to positive definite and descend.
-        near = float(g.norm()) < 1e-3
-        shift = mu if near and lo + mu > 0 else max(mu, -lo + mu)
-        for _ in range(12):
-            step = torch.linalg.solve(H + shift * eye, g)
-            cand = lam - step
-            v2, g2 = problem.value_and_gradient(cand, tasks, w)
-            # far from the minimum accept a decrease of F; close to it (F flat to rounding) a decrease of ‖∇F‖
-            ok = g2.norm() < g.norm() if near else v2 < value
-            if torch.isfinite(v2) and ok:
+        # quadratically to the NEARBY stationary point ("root"); far from it, or when that fails, shift H
+        # to positive definite and descend on F ("descent").
+        modes = ("root", "descent") if float(g.norm()) < 1e-3 else ("descent",)
+        accepted = False
+        for mode in modes:
+            shift = mu if mode == "root" and lo + mu > 0 else max(mu, -lo + mu)
+            for _ in range(12):
+                cand = lam - torch.linalg.solve(H + shift * eye, g)
+                v2, g2 = problem.value_and_gradient(cand, tasks, w)
+                ok = g2.norm() < g.norm() if mode == "root" else v2 < value
+                if torch.isfinite(v2) and ok:
+                    accepted = True
+                    break
+                shift *= 10
+            if accepted:
                 break
-            shift *= 10
-        else:
+        if not accepted:
             if g.norm() < 1e-6:  # at the rounding floor of F: no step can show a decrease
                 break
             raise DivergenceError("Newton refinement could not decrease F; the model is far from a minimum — train longer first")
