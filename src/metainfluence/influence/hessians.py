@@ -61,6 +61,16 @@ def _adapted(problem, lam, xs, ys, v):
 
 
 # ---------------------------------------------------------------------- the operator
+def check_hessian_kind(problem: MetaProblem, kind: str) -> None:
+    """Refuse a Hessian kind the problem cannot provide (before any expensive work)."""
+    if kind not in HESSIANS:
+        raise SettingsError(f"unknown hessian {kind!r}; use one of {', '.join(HESSIANS)}")
+    if kind == "exact" and problem.inner.kind != "unrolled":
+        raise SettingsError("hessian 'exact' differentiates through the unrolled inner loop; with inner=implicit use gauss-newton, gamma or fisher")
+    if kind == "exact" and problem.inner.first_order:
+        raise SettingsError("hessian 'exact' needs second-order MAML; first-order training has no exact total Hessian — drop first_order or use gauss-newton")
+
+
 class TotalHessian:
     """The total Hessian (or a surrogate) of F at λ over a task pool, as a linear operator."""
 
@@ -77,12 +87,7 @@ class TotalHessian:
         v: torch.Tensor | None = None,
         u: torch.Tensor | None = None,
     ):
-        if kind not in HESSIANS:
-            raise SettingsError(f"unknown hessian {kind!r}; use one of {', '.join(HESSIANS)}")
-        if kind == "exact" and problem.inner.kind != "unrolled":
-            raise SettingsError("hessian 'exact' differentiates through the unrolled inner loop; with inner=implicit use gauss-newton, gamma or fisher")
-        if kind == "exact" and problem.inner.first_order:
-            raise SettingsError("hessian 'exact' needs second-order MAML; first-order training has no exact total Hessian — drop first_order or use gauss-newton")
+        check_hessian_kind(problem, kind)
         self.problem = problem
         self.lam = lam.detach()
         self.tasks = tasks

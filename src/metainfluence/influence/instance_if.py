@@ -20,7 +20,7 @@ from ..errors import SettingsError
 from ..meta.objective import MetaProblem, _fixed_cg
 from ..tasks.tensors import TaskTensors
 from .gradients import example_scores, measurement_gradient
-from .hessians import jacobian_vp, query_hvp_theta
+from .hessians import check_hessian_kind, jacobian_vp, query_hvp_theta
 from .results import InfluenceResult, InfluenceSettings, settings_dict
 from .task_if import build_hessian, ihvp
 
@@ -61,6 +61,7 @@ def instance_influence(
         raise SettingsError(f"instance level must be support or query, got {which!r}")
     if settings.method != "task-if":
         raise SettingsError("instance-IF uses the total Hessian: method must be task-if (baselines rank whole tasks)")
+    check_hessian_kind(problem, settings.hessian)
     lam = lam.detach()
     n = problem.n_total(len(train_tasks))
     t0 = time.perf_counter()

@@ -22,7 +22,7 @@ from ..errors import SettingsError
 from ..meta.objective import MetaProblem
 from ..tasks.tensors import TaskTensors
 from .gradients import direct_gradients, direct_measurement_gradient, measurement_gradient
-from .hessians import TotalHessian
+from .hessians import TotalHessian, check_hessian_kind
 from .results import InfluenceResult, InfluenceSettings, settings_dict
 from .solvers import IHVPResult, LowRank, lanczos_eigenpairs, solve_ihvp
 
@@ -110,6 +110,8 @@ def task_influence(
     """Score every training task by the predicted change of the validation loss when it is removed."""
     settings = settings or InfluenceSettings()
     settings.validate()
+    if settings.method == "task-if":
+        check_hessian_kind(problem, settings.hessian)
     lam = lam.detach()
     n = problem.n_total(len(train_tasks))
     timings: dict[str, float] = {}
