@@ -100,6 +100,14 @@ class _Store:
         write_json(self.dir / f"{name}.json", info)  # written last: marks the unit complete
 
 
+def _open_store(kind: str, out_dir, problem: MetaProblem, lam_star: torch.Tensor, n: int,
+                settings: GroundTruthSettings, refine_settings: RefineSettings) -> _Store:
+    """The resumable store of one ground-truth run, keyed by everything that determines its numbers."""
+    lam_hash = hashlib.sha256(lam_star.detach().double().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+    return _Store(out_dir, {"kind": kind, "n": n, "gt": asdict(settings), "refine": asdict(refine_settings),
+                            "lam_sha256": lam_hash, "problem": problem.settings_json()})
+
+
 def leave_one_out(
     problem: MetaProblem,
     lam_star: torch.Tensor,
@@ -116,8 +124,7 @@ def leave_one_out(
     refine_settings = refine_settings or RefineSettings(tol=1e-8, max_iter=500)
     gen = torch.Generator().manual_seed(settings.seed)
     sample = torch.randperm(n, generator=gen)[: settings.n_loo].sort().values
-    store = _Store(out_dir, {"kind": "loo", "n": n, "gt": asdict(settings), "refine": asdict(refine_settings),
-                             "lam": float(lam_star.double().sum()), "problem": problem.settings_json()})
+    store = _open_store("loo", out_dir, problem, lam_star, n, settings, refine_settings)
     t0 = time.perf_counter()
     done = store.get("control")
     if done is None:
@@ -173,8 +180,7 @@ def lds_ground_truth(
     masks = torch.zeros(settings.n_subsets, n, dtype=torch.bool)
     for m in range(settings.n_subsets):
         masks[m, torch.randperm(n, generator=gen)[:keep]] = True
-    store = _Store(out_dir, {"kind": "lds", "n": n, "gt": asdict(settings), "refine": asdict(refine_settings),
-                             "lam": float(lam_star.double().sum()), "problem": problem.settings_json()})
+    store = _open_store("lds", out_dir, problem, lam_star, n, settings, refine_settings)
     values = []
     for m in range(settings.n_subsets):
         unit = store.get(f"subset_{m}")
