@@ -1,4 +1,4 @@
-"""Command line: ``metainfluence demo | train | refine | evaluate | influence | edit``.
+"""Command line: ``metainfluence demo | train | refine | evaluate | influence | edit | experiment | report``.
 
 A thin layer over :mod:`metainfluence.runs`. Every setting of :class:`~metainfluence.runs.RunSettings`
 is a flag (``--help`` lists them with their help texts and defaults) and a key of the ``--config``
@@ -112,6 +112,22 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("--data-root", dest="data.data_root", default=argparse.SUPPRESS, help="folder holding the dataset files (else the recorded one, else $METAINFLUENCE_DATA)")
     _common(ed)
     ed.set_defaults(_dests=add_settings_arguments(ed, InfluenceSettings, dest="influence.", title="influence settings (Hessian, solver, damping of the edit)") + ["data.data_root"])
+
+    ex = sub.add_parser("experiment", help="run one of the evidence experiments (SPEC §8): detection | removal | estimates", description=(
+        "Run an experiment of SPEC §8 with a config file (configs/*.toml), writing its tables, plots, seeds and timings to --out; "
+        "--quick runs a small variant on the embedded digits / sinusoid data. `metainfluence report OUT` renders the results."))
+    ex.add_argument("name", help="detection | removal | estimates")
+    ex.add_argument("--config", default=None, metavar="FILE", help="experiment config (TOML/YAML/JSON), e.g. configs/detection_mnist.toml")
+    ex.add_argument("--quick", action="store_true", help="small variant (about a minute on 2 CPU cores)")
+    ex.add_argument("--out", default=None, help="output folder (default: runs/experiment-NAME)")
+    ex.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    ex.add_argument("--threads", type=int, default=1, metavar="N", help="torch CPU threads (default: 1)")
+    ex.set_defaults(_dests=[])
+
+    rp = sub.add_parser("report", help="render an experiment folder as report.md + self-contained report.html")
+    rp.add_argument("run_dir", help="output folder of `metainfluence experiment`")
+    rp.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
+    rp.set_defaults(_dests=[])
     return parser
 
 
@@ -301,12 +317,31 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_experiment(args: argparse.Namespace) -> int:
+    from .evaluation.experiments import EXPERIMENTS, run_experiment
+
+    if args.name not in EXPERIMENTS:
+        raise SettingsError(f"unknown experiment {args.name!r}; use one of {', '.join(EXPERIMENTS)}")
+    out = args.out or f"runs/experiment-{args.name}"
+    run_experiment(args.name, args.config, args.quick, out)
+    print(f"results in {out}/; render them with: metainfluence report {out}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .evaluation.experiments import report_run
+
+    path = report_run(args.run_dir)
+    print(f"report: {path}")
+    return 0
+
+
 def torch_ids(ids) -> list[int]:
     return [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
 
 
 COMMANDS = {"demo": _cmd_demo, "train": _cmd_train, "refine": _cmd_refine, "evaluate": _cmd_evaluate,
-            "influence": _cmd_influence, "edit": _cmd_edit}
+            "influence": _cmd_influence, "edit": _cmd_edit, "experiment": _cmd_experiment, "report": _cmd_report}
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
