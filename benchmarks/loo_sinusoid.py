@@ -16,14 +16,11 @@ import time
 
 import torch
 
-from metainfluence.data import sinusoid_pool
 from metainfluence.evaluation.groundtruth import GroundTruthSettings, leave_one_out
 from metainfluence.evaluation.metrics import pearson, spearman
+from metainfluence.evaluation.reference import sinusoid_reference
 from metainfluence.influence.results import InfluenceSettings
 from metainfluence.influence.task_if import task_influence
-from metainfluence.meta.models import MLP
-from metainfluence.meta.newton import newton_refine
-from metainfluence.meta.objective import InnerSettings, MetaProblem
 from metainfluence.meta.refine import RefineSettings
 
 
@@ -35,18 +32,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    torch.manual_seed(0)
     n = args.tasks
-    train = sinusoid_pool(n, 10, 10, seed=1).tensors(dtype=torch.float64)
-    val = sinusoid_pool(20, 10, 10, seed=2).tensors(dtype=torch.float64)
-    problem = MetaProblem(MLP(1, 1, (args.hidden, args.hidden), "tanh").double(), "mse", InnerSettings(steps=1, lr=0.01),
-                          weight_decay=args.weight_decay)
-    lam = problem.init_params(torch.float64).requires_grad_(True)
-    opt = torch.optim.Adam([lam], lr=0.01)
-    for _ in range(1000):
-        _, lam.grad = problem.value_and_gradient(lam.detach(), train)
-        opt.step()
-    lam, rep = newton_refine(problem, lam.detach(), train, tol=1e-9)
+    problem, lam, train, val, rep = sinusoid_reference(n, 20, (args.hidden, args.hidden), args.weight_decay, adam_steps=1000)
     print(f"p = {problem.dim} parameters, n = {n} tasks; refined ‖∇F‖ = {rep['grad_norm']:.1e}")
     gt = leave_one_out(problem, lam, train, val, GroundTruthSettings(n_loo=n, method="newton"), RefineSettings(tol=1e-9))
     per_loo = gt["seconds"] / (n + 1)

@@ -8,14 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from metainfluence.data import sinusoid_pool
 from metainfluence.evaluation.groundtruth import GroundTruthSettings, leave_one_out, reoptimise, validation_loss
 from metainfluence.evaluation.metrics import spearman
+from metainfluence.evaluation.reference import sinusoid_reference
 from metainfluence.influence.results import InfluenceSettings
 from metainfluence.influence.task_if import task_influence
-from metainfluence.meta.models import MLP
-from metainfluence.meta.newton import newton_refine
-from metainfluence.meta.objective import InnerSettings, MetaProblem
 from metainfluence.meta.refine import RefineSettings
 
 N_TASKS = 20
@@ -23,16 +20,7 @@ N_TASKS = 20
 
 @pytest.fixture(scope="module")
 def refined():
-    torch.manual_seed(0)
-    train = sinusoid_pool(N_TASKS, 10, 10, seed=1).tensors(dtype=torch.float64)
-    val = sinusoid_pool(20, 10, 10, seed=2).tensors(dtype=torch.float64)
-    problem = MetaProblem(MLP(1, 1, (8, 8), "tanh").double(), "mse", InnerSettings(steps=1, lr=0.01), weight_decay=0.1)
-    lam = problem.init_params(torch.float64).requires_grad_(True)
-    opt = torch.optim.Adam([lam], lr=0.01)
-    for _ in range(500):
-        _, lam.grad = problem.value_and_gradient(lam.detach(), train)
-        opt.step()
-    lam, report = newton_refine(problem, lam.detach(), train, tol=1e-9)
+    problem, lam, train, val, report = sinusoid_reference(N_TASKS, adam_steps=500)
     assert report["grad_norm"] <= 1e-9
     return problem, lam, train, val
 

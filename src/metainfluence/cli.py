@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from .config import add_settings_arguments, load_settings, namespace_overrides
 from .errors import MetaInfluenceError, SettingsError
@@ -278,7 +277,7 @@ def _cmd_influence(args: argparse.Namespace) -> int:
 def _cmd_edit(args: argparse.Namespace) -> int:
     from .influence import InfluenceResult, Removal
     from .meta.checkpoint import pool_fingerprint
-    from .runs import _evals_json, context_from_checkpoint, edit_stage, evaluate_stage, removal_from_scores, save_stage_checkpoint
+    from .runs import context_from_checkpoint, edit_stage, evaluate_stage, removal_from_scores, save_stage_checkpoint
 
     settings = _influence_settings(args)
     if (args.remove_tasks is None) == (args.scores is None):

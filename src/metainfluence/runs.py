@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from .config import settings_from_dict, to_dict
-from .errors import CheckpointError, MetaInfluenceError, PoolError, SettingsError
+from .errors import CheckpointError, PoolError, SettingsError
 from .io import write_json
 from .meta.checkpoint import Checkpoint, check_pool, load_checkpoint, pool_record, save_checkpoint
 from .meta.evaluate import EvalResult, evaluate

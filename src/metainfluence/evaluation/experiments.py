@@ -474,26 +474,16 @@ def _removal(run, infl, sec: RemovalSettings, out: Path, quick: bool, log) -> di
 
 # --------------------------------------------------------------------------- estimates
 def _estimates(run, infl, sec: EstimatesSettings, out: Path, quick: bool, log) -> dict:
-    from ..data import sinusoid_pool
     from ..influence.hessians import TotalHessian
     from ..influence.solvers import materialize
-    from ..meta.models import MLP
-    from ..meta.newton import newton_refine
-    from ..meta.objective import InnerSettings, MetaProblem
     from .groundtruth import GroundTruthSettings, lds_ground_truth, leave_one_out, validation_loss
 
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    torch.manual_seed(sec.seed)
-    train = sinusoid_pool(sec.n_tasks, 10, 10, seed=1).tensors(dtype=torch.float64)
-    val = sinusoid_pool(sec.n_val, 10, 10, seed=2).tensors(dtype=torch.float64)
-    problem = MetaProblem(MLP(1, 1, tuple(sec.hidden), "tanh").double(), "mse", InnerSettings(steps=1, lr=sec.inner_lr), weight_decay=sec.weight_decay)
-    lam = problem.init_params(torch.float64).requires_grad_(True)
-    opt = torch.optim.Adam([lam], lr=0.01)
-    for _ in range(sec.adam_steps):
-        _, lam.grad = problem.value_and_gradient(lam.detach(), train)
-        opt.step()
-    lam, nrep = newton_refine(problem, lam.detach(), train, tol=1e-9)
+    from .reference import sinusoid_reference
+
+    problem, lam, train, val, nrep = sinusoid_reference(sec.n_tasks, sec.n_val, tuple(sec.hidden), sec.weight_decay, sec.inner_lr,
+                                                        sec.adam_steps, seed=sec.seed)
     timings["train_s"] = time.perf_counter() - t
     log(f"estimates: sinusoid MAML, {sec.n_tasks} tasks, {problem.dim} parameters; Newton refine ‖∇F‖ = {nrep['grad_norm']:.2g}")
 
@@ -567,7 +557,6 @@ def _estimates(run, infl, sec: EstimatesSettings, out: Path, quick: bool, log) -
     t = time.perf_counter()
     H = {k: materialize(TotalHessian(problem, lam, train, k, fisher_samples=infl.fisher_samples, seed=infl.seed)) for k in ("exact", "gauss-newton", "gamma", "fisher", "direct")}
     ex = H["exact"]
-    ev_ex = torch.linalg.eigvalsh(ex)
     op_rows = []
     for k, M in H.items():
         ev = torch.linalg.eigvalsh(M)
@@ -579,7 +568,6 @@ def _estimates(run, infl, sec: EstimatesSettings, out: Path, quick: bool, log) -
     # Neumann depth × damping ablation (exact Hessian)
     t = time.perf_counter()
     abl = []
-    ref = None
     for d in sec.dampings:
         sref = dataclasses.replace(infl, method="task-if", hessian="exact", solver="explicit", damping=d, stationarity_warn=1.0)
         r_ex, _ = score(sref)
