@@ -17,14 +17,6 @@ from metainfluence.meta import RefineWarning, load_checkpoint
 from metainfluence.runs import RunSettings, run_demo
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 TINY = [
     "--train-tasks", "12", "--val-tasks", "4", "--test-tasks", "10", "--model-hidden", "16",
     "--model-activation", "tanh", "--steps", "6", "--meta-batch", "4", "--no-progress",

@@ -7,18 +7,9 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from metainfluence.evaluation.experiments import METHODS, report_run, run_experiment
 from metainfluence.influence.results import SIGN_CONVENTION
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _check_report(out, names):

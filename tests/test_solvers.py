@@ -14,7 +14,6 @@ from metainfluence.influence.solvers import (
     LowRank,
     MatrixOperator,
     SolverSettings,
-    cg_solve,
     explicit_solve,
     lanczos_eigenpairs,
     lissa_solve,

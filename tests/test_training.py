@@ -27,16 +27,6 @@ from metainfluence.meta.checkpoint import pool_record
 from metainfluence.meta.objective import MetaProblem
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny problems are dominated by per-op overhead; one thread is faster and immune to
-    # contention from other processes on a 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _train_settings(**kw) -> TrainSettings:
     base = dict(meta_batch=4, steps=30, lr=1e-2, seed=0, dtype="float64", log_every=5, checkpoint_every=0)
     base.update(kw)

@@ -285,7 +285,7 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     if args.newton_steps < 0:
         raise SettingsError(f"--newton-steps must be ≥ 0, got {args.newton_steps}")
     ctx, ckpt = context_from_checkpoint(args.checkpoint, splits=("train", "test"), overrides=_data_only(args))
-    ids = [int(i) for i in torch_ids(ctx.pools["train"].task_ids)]
+    ids = [int(i) for i in ctx.pools["train"].task_ids.tolist()]
     if args.remove_tasks is not None:
         try:
             wanted = [int(x) for x in args.remove_tasks.split(",") if x.strip()]
@@ -333,10 +333,6 @@ def _cmd_report(args: argparse.Namespace) -> int:
     path = report_run(args.run_dir)
     print(f"report: {path}")
     return 0
-
-
-def torch_ids(ids) -> list[int]:
-    return [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
 
 
 COMMANDS = {"demo": _cmd_demo, "train": _cmd_train, "refine": _cmd_refine, "evaluate": _cmd_evaluate,

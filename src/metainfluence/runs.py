@@ -372,7 +372,7 @@ def demo_settings() -> RunSettings:
     return settings
 
 
-def _influence_demo(ctx: RunContext, lam: torch.Tensor, out: Path, log: Callable[[str], None]) -> dict:
+def _influence_demo(ctx: RunContext, lam: torch.Tensor, before: Mapping[str, EvalResult], out: Path, log: Callable[[str], None]) -> dict:
     """task-IF on the (partly corrupted) training pool, detection of the corrupted tasks, closed-form edit."""
     from .evaluation.metrics import detection_auc, recall_at
     from .influence import InfluenceSettings
@@ -409,7 +409,6 @@ def _influence_demo(ctx: RunContext, lam: torch.Tensor, out: Path, log: Callable
     summary["edit_s"] = time.perf_counter() - t
     summary["removed_tasks"] = len(removal.tasks)
     summary["removed_corrupted"] = int(corrupted[removal.tasks].sum())
-    before = evaluate_stage(ctx, lam, ("val", "test"))
     after = evaluate_stage(ctx, edited.lam, ("val", "test"))
     summary["eval_before_edit"] = _evals_json(before)
     summary["eval_after_edit"] = _evals_json(after)
@@ -457,7 +456,7 @@ def run_demo(settings: RunSettings | None = None, out: str | os.PathLike = "runs
     save_stage_checkpoint(ctx, "refined", lam_refined, "refined", {"eval": _evals_json(eval_refined)}, refine_report=report, history=history, step=history.steps_done)
 
     t = time.perf_counter()
-    influence = _influence_demo(ctx, lam_refined, out, log) if influence_step else None
+    influence = _influence_demo(ctx, lam_refined, eval_refined, out, log) if influence_step else None
     timings["influence_and_edit_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_start
 

@@ -300,7 +300,6 @@ def load_omniglot(
     char_assign, description = _split_characters(char_names, split_seed, split_file, split_sizes)
 
     n_rot = 4 if rotations else 1
-    n_img = len(images)
     targets = (char_of_image[:, None] * n_rot + np.arange(n_rot)[None, :]).reshape(-1)
     class_assign = np.repeat(char_assign, n_rot)
     rot_names = ["rot000", "rot090", "rot180", "rot270"][:n_rot]

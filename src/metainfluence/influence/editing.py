@@ -76,16 +76,16 @@ def removed_gradient(problem: MetaProblem, lam: torch.Tensor, pool: TaskTensors,
     removal.validate(pool)
     b = torch.zeros_like(lam)
     if removal.tasks:
-        w = torch.zeros(len(pool), dtype=lam.dtype, device=lam.device)
-        w[list(removal.tasks)] = 1
-        b = b + problem.sum_over_tasks(problem.task_total_gradient, lam, pool, w=w)
+        b = b + problem.sum_over_tasks(problem.task_total_gradient, lam, pool.subset(list(removal.tasks)))
     # examples of removed tasks are already gone with their task
     keep_rows = torch.ones(len(pool), dtype=torch.bool)
     keep_rows[list(removal.tasks)] = False
     for which, mask in (("support", removal.support), ("query", removal.query)):
         if mask is not None and mask.any():
             m = mask.bool() & keep_rows[:, None].to(mask.device)
-            b = b + removed_examples_gradient(problem, lam, pool, m, which)
+            rows = m.any(1).nonzero().flatten().tolist()
+            if rows:  # only the tasks that lose an example
+                b = b + removed_examples_gradient(problem, lam, pool.subset(rows), m[rows], which)
     return b.detach()
 
 
