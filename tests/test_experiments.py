@@ -26,7 +26,15 @@ def _check_report(out, names):
 @pytest.mark.slow
 def test_detection_quick(tmp_path):
     out = tmp_path / "det"
-    res = run_experiment("detection", None, True, str(out), log=lambda s: None)
+    cfg = tmp_path / "sweep.toml"
+    cfg.write_text("[detection]\nrho_tasks = [0.2, 0.4]\nedit_fractions = [0.25]\n")
+    res = run_experiment("detection", str(cfg), True, str(out), log=lambda s: None)
+    # the sweep: one complete run per ρ_task in its own folder, summarised per method × ρ
+    sweep = res["sweep"]
+    assert {r["rho_task"] for r in sweep} == {0.2, 0.4} and {r["method"] for r in sweep} >= set(METHODS)
+    sub = json.loads((out / "rho_0.4" / "results.json").read_text())
+    assert sub["n_corrupted"] == round(0.4 * sub["n_tasks"]) and sub["settings"]["detection"]["rho_task"] == 0.4
+    assert all(r["n_corrupted"] == round(r["rho_task"] * res["n_tasks"]) for r in sweep)
     saved = json.loads((out / "results.json").read_text())
     assert saved["sign_convention"] == SIGN_CONVENTION and saved["seeds"]["train_seed"] == 0
     assert saved["n_corrupted"] == round(0.2 * saved["n_tasks"])
@@ -41,7 +49,7 @@ def test_detection_quick(tmp_path):
         acc, ci = r["test_acc"]
         assert 0 <= acc <= 1 and 0 < ci < 0.2
     assert {"recall", "accuracy", "harmful_tasks"} <= set(res["figures"])
-    _check_report(out, [*METHODS, "task-if (self, fisher)", "oracle"])
+    _check_report(out, [*METHODS, "task-if (self, fisher)", "oracle", "Sweep over ρ_task"])
 
 
 @pytest.mark.slow
@@ -49,11 +57,18 @@ def test_removal_quick(tmp_path):
     out = tmp_path / "rem"
     res = run_experiment("removal", None, True, str(out), log=lambda s: None)
     rows = res["table"]
-    assert {r["method"] for r in rows if r["path"] == "edit"} == set(METHODS)
+    levels = ("instance-if (support)", "instance-if (query)")
+    assert {r["method"] for r in rows if r["path"] == "edit"} == set(METHODS) | set(levels)
+    n_ex = {"instance-if (support)": res["n_tasks"] * 5, "instance-if (query)": res["n_tasks"] * 25}  # 5-way 1-shot 5-query
     for r in rows:
         acc, ci = r["test_acc"]
         assert 0 <= acc <= 1 and 0 < ci < 0.2
-        assert r["removed"] in (0, res["removed_per_method"])
+        assert r["removed"] == (round(0.4 * n_ex[r["method"]]) if r["method"] in levels else 0 if r["path"] == "-" else res["removed_per_method"])
+    # the removed examples are recorded as (task id, example index) pairs, as many as the row says
+    assert len(res["removed_ids"]["instance-if (support)"]) == round(0.4 * n_ex["instance-if (support)"])
+    assert {"task-if", "random", "instance-if (support)"} == set(res["edit_vs_retrain"])
+    sup = res["edit_vs_retrain"]["instance-if (support)"]
+    assert sup["retrain_over_edit"] > 1 and abs(sup["acc_gap_points"]) < 10
     edit = next(r for r in rows if r["method"] == "task-if" and r["path"] == "edit")
     retrain = next(r for r in rows if r["method"] == "task-if" and r["path"] == "retrain")
     assert edit["path_s"] < retrain["path_s"]
@@ -73,10 +88,39 @@ def test_estimates_quick(tmp_path):
     assert exact["spearman"] > get("direct-if", "direct", "explicit")["spearman"]
     assert exact["spearman"] > get("tracin", "-", "-")["spearman"]
     assert abs(get("task-if", "exact", "cg")["spearman"] - exact["spearman"]) < 0.05  # solver agrees with the explicit solve
+    dl = {r["hessian"]: r for r in res["parameter_change"]}
+    # the exact total Hessian predicts the direction of λ_{-k} − λ* (Newton-re-optimised) closely
+    assert dl["exact"]["cosine_mean"] > 0.9 and dl["exact"]["cosine_mean"] >= dl["gamma"]["cosine_mean"]
     ops = {r["hessian"]: r for r in res["operator_error"]}
     assert ops["exact"]["rel_fro_error"] == 0.0 and ops["gamma"]["rel_fro_error"] > 0
     # Neumann converges to the explicit solve as the depth grows (at the largest damping)
     d = max(r["damping"] for r in res["neumann_damping_ablation"])
     errs = [r["rel_score_error"] for r in res["neumann_damping_ablation"] if r["solver"] == "neumann" and r["damping"] == d]
     assert errs[-1] <= errs[0]
-    _check_report(out, ["task-if", "direct-if", "tracin", "gamma", "Neumann"])
+    _check_report(out, ["task-if", "direct-if", "tracin", "gamma", "Neumann", "parameter change"])
+
+
+def test_every_shipped_config_loads_and_names_known_methods():
+    from pathlib import Path
+
+    from metainfluence.evaluation.experiments import load_experiment_settings
+
+    configs = sorted((Path(__file__).parent.parent / "configs").glob("*.toml"))
+    assert len(configs) >= 7
+    for path in configs:
+        name = path.stem.split("_")[0]
+        run, infl, sec = load_experiment_settings(name, str(path), quick=False)
+        assert run.data.dataset.replace("-", "") in path.stem or name == "estimates", path
+
+
+def test_removal_refuses_a_retrain_method_it_does_not_rank(tmp_path):
+    from metainfluence.errors import SettingsError
+    from metainfluence.evaluation.experiments import load_experiment_settings
+
+    cfg = tmp_path / "r.toml"
+    cfg.write_text('[removal]\ninstance_levels = ["query"]\nretrain_methods = ["instance-if (support)"]\n')
+    with pytest.raises(SettingsError, match="retrain_methods names 'instance-if \\(support\\)'"):
+        load_experiment_settings("removal", str(cfg), quick=True)
+    cfg.write_text('[removal]\ninstance_levels = ["both"]\n')
+    with pytest.raises(SettingsError, match="unknown instance level 'both'"):
+        load_experiment_settings("removal", str(cfg), quick=True)

@@ -33,6 +33,18 @@ def test_query_example_scores_sum_to_their_task_score():
     torch.testing.assert_close(q.scores.sum(1), t.scores, rtol=1e-9, atol=1e-14)
 
 
+def test_instance_scores_from_task_ifs_ihvp_equal_a_fresh_solve():
+    problem, lam = small_problem(steps=2, hidden=(6,), weight_decay=1e-2)
+    tasks, val = random_tasks(n=5), random_tasks(n=3, seed=7)
+    settings = InfluenceSettings(hessian="gauss-newton", damping=1e-2, tol=1e-12, stationarity_warn=1e9)
+    t = task_influence(problem, lam, tasks, val, settings)
+    for which in ("support", "query"):
+        fresh = instance_influence(problem, lam, tasks, val, which, settings)
+        shared = instance_influence(problem, lam, tasks, val, which, settings, s=t.extra["s"])
+        torch.testing.assert_close(shared.scores, fresh.scores, rtol=1e-8, atol=1e-14)
+        assert shared.diagnostics["solver"]["name"] == "given"
+
+
 def test_support_mixed_derivative_equals_finite_differences_in_the_weight():
     problem, lam = small_problem(steps=2, hidden=(6,))
     tasks = random_tasks(n=3)

@@ -136,6 +136,27 @@ def test_refine_with_a_removed_task_keeps_the_full_pool_normalisation():
     assert float((g.sum(0) / 7 + problem.weight_decay * lam_w).norm()) > 1e-4
 
 
+def test_example_weights_drive_training_and_refine_to_the_reduced_objective():
+    # v, u (SPEC §1) zero some examples: all-ones weights are the plain run bit for bit, zeros change
+    # the trajectory, and refine becomes stationary for F(λ; v, u) rather than for F(λ)
+    problem, lam0 = small_problem(steps=1, lr=0.3, weight_decay=1e-2)
+    tasks = random_tasks(n=10, seed=5)
+    ones = (torch.ones(10, tasks.n_support, dtype=torch.float64), torch.ones(10, tasks.n_query, dtype=torch.float64))
+    v, u = ones[0].clone(), ones[1].clone()
+    v[2, 0] = 0
+    u[4, :2] = 0
+    plain, _ = meta_train(problem, lam0, tasks, _train_settings(), progress=False)
+    same, _ = meta_train(problem, lam0, tasks, _train_settings(), progress=False, example_weights=ones)
+    reduced, _ = meta_train(problem, lam0, tasks, _train_settings(), progress=False, example_weights=(v, u))
+    assert torch.equal(plain, same) and not torch.equal(plain, reduced)
+    lam_r, rep = refine(problem, reduced, tasks, RefineSettings(tol=1e-8, max_iter=300), example_weights=(v, u))
+    assert rep.converged
+    assert float(problem.meta_gradient(lam_r, tasks, v=v, u=u).norm()) <= 1e-8
+    assert float(problem.meta_gradient(lam_r, tasks).norm()) > 1e-5
+    with pytest.raises(SettingsError, match="example weights"):
+        meta_train(problem, lam0, tasks, _train_settings(), progress=False, example_weights=(v[:, :1], u))
+
+
 def test_gradient_descent_refine_decreases_and_warns_when_not_converged():
     problem, lam0 = small_problem(steps=1, lr=0.3, weight_decay=1e-2)
     tasks = random_tasks(n=8, seed=10)

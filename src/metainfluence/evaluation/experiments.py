@@ -59,6 +59,7 @@ PAPER_TABLE1 = [
 @dataclass
 class DetectionSettings:
     rho_task: float = field(default=0.2, metadata={"help": "fraction of training tasks corrupted"})
+    rho_tasks: tuple[float, ...] = field(default=(), metadata={"help": "sweep: one full run per value (sub-folders rho_<value>), replaces rho_task"})
     rho_label: float = field(default=0.8, metadata={"help": "fraction of labels flipped inside a corrupted task"})
     where: str = field(default="both", metadata={"help": "both | support | query"})
     corruption_seed: int = field(default=0, metadata={"help": "seed of the corruption"})
@@ -66,6 +67,7 @@ class DetectionSettings:
     self_influence: bool = field(default=True, metadata={"help": "also rank by task-IF self-influence (one iHVP per task)"})
     edit_fractions: tuple[float, ...] = field(default=(0.1, 0.25, 0.4), metadata={"help": "fractions removed by closed-form edit (0 = the unedited model is added)"})
     direct_damping: float = field(default=1.0, metadata={"help": "damping of direct-IF's (indefinite) θ-space Hessian"})
+    edit_max_iter: int = field(default=0, metadata={"help": "solver iterations of each edit (0 = [influence] max_iter)"})
 
 
 @dataclass
@@ -73,9 +75,13 @@ class RemovalSettings:
     fraction: float = field(default=0.4, metadata={"help": "fraction of tasks removed (top harmful)"})
     methods: tuple[str, ...] = field(default=METHODS, metadata={"help": "ranking methods"})
     retrain: bool = field(default=True, metadata={"help": "also retrain from scratch on the remaining tasks"})
-    retrain_methods: tuple[str, ...] = field(default=METHODS, metadata={"help": "methods whose removal is also retrained from scratch (the paper's 'retrain' row uses task-IF's ranking)"})
+    instance_levels: tuple[str, ...] = field(default=("support", "query"), metadata={"help": "also remove the top fraction of examples of these levels by instance-IF"})
+    retrain_methods: tuple[str, ...] = field(default=METHODS + ("instance-if (support)", "instance-if (query)"), metadata={"help": "methods whose removal is also retrained from scratch (the paper's 'retrain' row uses task-IF's ranking)"})
     retrain_refine: bool = field(default=True, metadata={"help": "retraining includes the refine stage (as the full model did)"})
     direct_damping: float = field(default=1.0, metadata={"help": "damping of direct-IF's θ-space Hessian"})
+    edit_hessian: str = field(default="", metadata={"help": "Hessian of the closed-form edit ('' = [influence] hessian)"})
+    edit_solver: str = field(default="", metadata={"help": "iHVP solver of the edit ('' = [influence] solver)"})
+    edit_max_iter: int = field(default=0, metadata={"help": "solver iterations of the edit (0 = [influence] max_iter)"})
 
 
 @dataclass
@@ -133,7 +139,7 @@ def load_experiment_settings(name: str, config: str | None, quick: bool):
         if name == "detection":
             sec = dataclasses.replace(sec, edit_fractions=(0.25,))
         if name == "removal":
-            sec = dataclasses.replace(sec, retrain_methods=("task-if", "random"))
+            sec = dataclasses.replace(sec, retrain_methods=("task-if", "random", "instance-if (support)"))
             run = dataclasses.replace(run, refine=RefineSettings(tol=1e-5, max_iter=250),
                                       train=dataclasses.replace(run.train, steps=500))
         if name == "estimates":
@@ -155,6 +161,14 @@ def load_experiment_settings(name: str, config: str | None, quick: bool):
     for m in getattr(sec, "methods", ()):
         if m not in METHODS:
             raise SettingsError(f"unknown method {m!r} in [{name}] methods; use some of {', '.join(METHODS)}")
+    if name == "removal":
+        bad = [lv for lv in sec.instance_levels if lv not in ("support", "query")]
+        if bad:
+            raise SettingsError(f"unknown instance level {bad[0]!r} in [removal] instance_levels; use support and/or query")
+        known = set(sec.methods) | {f"instance-if ({lv})" for lv in sec.instance_levels}
+        bad = [m for m in sec.retrain_methods if m not in known]
+        if bad:
+            raise SettingsError(f"[removal] retrain_methods names {bad[0]!r}, which is not ranked in this run; use some of {', '.join(sorted(known))}")
     return run, infl, sec
 
 
@@ -305,6 +319,31 @@ def _image_tensors(pool, dataset, ids: list[int]):
 
 # --------------------------------------------------------------------------- detection
 def _detection(run, infl, sec: DetectionSettings, out: Path, quick: bool, log) -> dict:
+    """One run at ``rho_task``, or with ``rho_tasks`` one run per value in ``out/rho_<value>``: the
+    first value's result is the main one (its figures are referenced from the sub-folder) and a
+    summary row per method × ρ_task is added."""
+    if not sec.rho_tasks:
+        return _detection_one(run, infl, sec, out, quick, log)
+    results = []
+    for rho in sec.rho_tasks:
+        sub = out / f"rho_{rho:g}"
+        sub.mkdir(parents=True, exist_ok=True)
+        log(f"detection sweep: ρ_task = {rho:g} → {sub}")
+        r = _detection_one(run, infl, dataclasses.replace(sec, rho_task=float(rho), rho_tasks=()), sub, quick, log)
+        r["timings"]["total_s"] = sum(v for k, v in r["timings"].items() if k != "total_s")
+        write_json(sub / "results.json", r)
+        results.append(r)
+    main = dict(results[0])
+    main["settings"] = {**main["settings"], "detection": to_dict(dataclasses.replace(sec, rho_task=float(sec.rho_tasks[0])))}
+    main["figures"] = {k: f"rho_{sec.rho_tasks[0]:g}/{v}" for k, v in main["figures"].items()}
+    main["sweep"] = [{"rho_task": float(rho), "method": row["method"], "recall@1.25rho": row["recall@1.25rho"], "auc": row["auc"],
+                      "n_corrupted": r["n_corrupted"], "refine_ratio": r["refine"]["ratio_after"]}
+                     for rho, r in zip(sec.rho_tasks, results) for row in r["detection"]]
+    main["timings"] = {f"rho_{rho:g}_s": r["timings"]["total_s"] for rho, r in zip(sec.rho_tasks, results)}
+    return main
+
+
+def _detection_one(run, infl, sec: DetectionSettings, out: Path, quick: bool, log) -> dict:
     from ..runs import RunContext, pool_tensors, prepare_run
     from ..tasks.corruption import corrupt_labels
 
@@ -356,7 +395,7 @@ def _detection(run, infl, sec: DetectionSettings, out: Path, quick: bool, log) -
     base = evaluate(problem, lam_star, test)
     edit_rows = []
     acc_curves: dict[str, tuple[list, list, list]] = {}
-    edit_infl = dataclasses.replace(infl, method="task-if", self_influence=False)
+    edit_infl = dataclasses.replace(infl, method="task-if", self_influence=False, **({"max_iter": sec.edit_max_iter} if sec.edit_max_iter else {}))
     oracle_ids = torch.nonzero(flags).flatten().tolist()
     plan = [(m, f) for m in suspicion for f in sec.edit_fractions if f > 0] + [("oracle (true corrupted)", sec.rho_task)]
     for m, f in plan:
@@ -401,8 +440,50 @@ def _detection(run, infl, sec: DetectionSettings, out: Path, quick: bool, log) -
 
 
 # --------------------------------------------------------------------------- removal
+def _instance_removals(problem, lam, train, val, infl, levels, fraction, log, task_if=None) -> list[tuple[str, float, Removal]]:
+    """(name, seconds, Removal) removing the top ``fraction`` most harmful examples of each level by instance-IF.
+
+    With ``task_if`` (a task-IF result of the same settings) its iHVP s = (H+δI)⁻¹∇f is reused and its
+    solve time is charged to every level, so the seconds stay those of a stand-alone computation."""
+    from ..influence.instance_if import instance_influence
+
+    reuse = task_if is not None and "s" in task_if.extra
+    out = []
+    for level in levels:
+        t = time.perf_counter()
+        r = instance_influence(problem, lam, train, val, level, dataclasses.replace(infl, method="task-if", self_influence=False),
+                               s=task_if.extra["s"] if reuse else None)
+        secs = time.perf_counter() - t + (task_if.diagnostics["timings_s"]["ihvp"] if reuse else 0.0)
+        m = r.scores.numel()
+        mask = torch.zeros(m, dtype=torch.bool)
+        mask[r.ranking(harmful_first=True)[: metrics.fraction_to_count(fraction, m)]] = True
+        out.append((f"instance-if ({level})", secs, Removal(**{level: mask.reshape(r.scores.shape)})))
+        log(f"  instance-if ({level}) scores in {secs:.2f} s" + (" (task-IF's iHVP reused, its time included)" if reuse else ""))
+    return out
+
+
+def _retrain(problem, run, pool, removal: Removal, refine_too: bool):
+    """Meta-train from the same initialisation, seed and schedule without the removed items (then refine)."""
+    from ..runs import _stage_settings
+
+    keep = torch.ones(len(pool), dtype=torch.bool)
+    keep[list(removal.tasks)] = False
+    rows = torch.nonzero(keep).flatten()
+    sub = pool.subset(rows)
+    ew = None
+    if removal.support is not None or removal.query is not None:
+        like = torch.zeros((), dtype=torch.float64)
+        _, v, u = removal.weights(problem, like, pool)
+        ew = (v[rows], u[rows])
+    lam0 = problem.init_params(torch.float32)
+    lam, _ = meta_train(problem, lam0, sub, run.train, progress=False, run_settings=_stage_settings(run), example_weights=ew)
+    if refine_too:
+        lam, _ = refine(problem, lam, sub, run.refine, example_weights=ew)
+    return lam
+
+
 def _removal(run, infl, sec: RemovalSettings, out: Path, quick: bool, log) -> dict:
-    from ..runs import _stage_settings, prepare_run
+    from ..runs import prepare_run
 
     timings: dict[str, float] = {}
     t = time.perf_counter()
@@ -421,37 +502,45 @@ def _removal(run, infl, sec: RemovalSettings, out: Path, quick: bool, log) -> di
 
     t = time.perf_counter()
     scores = _score_all(problem, lam_star, train, val, infl, sec.methods, sec.direct_damping, log)
+    plans = [(m, r.diagnostics["seconds"], Removal(tasks=r.ranking(harmful_first=True)[:k_remove].tolist())) for m, r in scores.items()]
+    plans += _instance_removals(problem, lam_star, train, val, infl, sec.instance_levels, sec.fraction, log, task_if=scores.get("task-if"))
     timings["scoring_s"] = time.perf_counter() - t
-    edit_infl = dataclasses.replace(infl, method="task-if", self_influence=False)
+    edit_infl = dataclasses.replace(infl, method="task-if", self_influence=False,
+                                    **{k: v for k, v in (("hessian", sec.edit_hessian), ("solver", sec.edit_solver), ("max_iter", sec.edit_max_iter)) if v})
     rows = [{"method": "none (full pool)", "path": "-", "removed": 0, "test_acc": (base.accuracy, base.accuracy_ci95), "test_loss": base.loss,
              "score_s": 0.0, "path_s": full_train_s, "total_s": full_train_s}]
-    removed_ids: dict[str, list[int]] = {}
-    for m, res in scores.items():
-        ids = res.ranking(harmful_first=True)[:k_remove].tolist()
-        removed_ids[m] = [int(i) for i in ctx.pools["train"].task_ids[ids]]
-        score_s = res.diagnostics["seconds"]
+    removed_ids: dict[str, Any] = {}
+    for m, score_s, removal in plans:
+        cnt = removal.count()
+        size = cnt["tasks"] or cnt["support_examples"] or cnt["query_examples"]
+        unit = "tasks" if cnt["tasks"] else "examples"
+        if removal.tasks:
+            removed_ids[m] = [int(i) for i in ctx.pools["train"].task_ids[list(removal.tasks)]]
+        else:
+            mask = removal.support if removal.support is not None else removal.query
+            removed_ids[m] = [[int(ctx.pools["train"].task_ids[i]), int(j)] for i, j in torch.nonzero(mask).tolist()]
         te = time.perf_counter()
-        ed = edit_model(problem, lam_star, train, Removal(tasks=ids), edit_infl)
+        ed = edit_model(problem, lam_star, train, removal, edit_infl)
         edit_s = time.perf_counter() - te
         ev = evaluate(problem, ed.lam, test)
-        rows.append({"method": m, "path": "edit", "removed": len(ids), "test_acc": (ev.accuracy, ev.accuracy_ci95), "test_loss": ev.loss,
-                     "score_s": score_s, "path_s": edit_s, "total_s": score_s + edit_s})
+        rows.append({"method": m, "path": "edit", "removed": size, "unit": unit, "test_acc": (ev.accuracy, ev.accuracy_ci95), "test_loss": ev.loss,
+                     "score_s": score_s, "path_s": edit_s, "total_s": score_s + edit_s, "solver_residual": ed.diagnostics.get("solver_residual")})
         log(f"  {m:<9} edit:    acc {ev.accuracy:.4f} ± {ev.accuracy_ci95:.4f}  ({edit_s:.2f} s + scoring {score_s:.2f} s)")
         if sec.retrain and m in sec.retrain_methods:
-            keep = torch.ones(n, dtype=torch.bool)
-            keep[ids] = False
-            sub = ctx.tensors["train"].subset(torch.nonzero(keep).flatten())
             tr = time.perf_counter()
-            lam0 = problem.init_params(torch.float32)
-            lam_r, _ = meta_train(problem, lam0, sub, run.train, progress=False, run_settings=_stage_settings(run))
-            if sec.retrain_refine:
-                lam_r, _ = refine(problem, lam_r, sub, run.refine)
+            lam_r = _retrain(problem, run, ctx.tensors["train"], removal, sec.retrain_refine)
             retrain_s = time.perf_counter() - tr
             ev_r = evaluate(problem, lam_r, test)
-            rows.append({"method": m, "path": "retrain", "removed": len(ids), "test_acc": (ev_r.accuracy, ev_r.accuracy_ci95), "test_loss": ev_r.loss,
+            rows.append({"method": m, "path": "retrain", "removed": size, "unit": unit, "test_acc": (ev_r.accuracy, ev_r.accuracy_ci95), "test_loss": ev_r.loss,
                          "score_s": score_s, "path_s": retrain_s, "total_s": score_s + retrain_s})
             log(f"  {m:<9} retrain: acc {ev_r.accuracy:.4f} ± {ev_r.accuracy_ci95:.4f}  ({retrain_s:.2f} s)")
     timings["paths_s"] = time.perf_counter() - t - timings["scoring_s"]
+    # the paper's headline ratio: retraining time over closed-form edit time (scoring + edit), per method
+    speedups = {}
+    for r in rows:
+        if r["path"] == "retrain":
+            e = next(x for x in rows if x["method"] == r["method"] and x["path"] == "edit")
+            speedups[r["method"]] = {"retrain_over_edit": r["path_s"] / e["total_s"], "acc_gap_points": 100 * (r["test_acc"][0] - e["test_acc"][0])}
 
     figs = {}
     if ctx.dataset is not None and "task-if" in scores:
@@ -466,9 +555,9 @@ def _removal(run, infl, sec: RemovalSettings, out: Path, quick: bool, log) -> di
     figs["accuracy"] = plots.accuracy_vs_removed(acc, out / "accuracy_vs_removed.png", title=f"Test accuracy after removing the top {sec.fraction:.0%} harmful tasks (edit)").name
 
     header = _header("removal", run, infl, sec, quick)
-    save_result(out / "results", {f"scores.{m}": r.scores for m, r in scores.items()}, {**header, "removed_task_ids": removed_ids})
+    save_result(out / "results", {f"scores.{m}": r.scores for m, r in scores.items()}, {**header, "removed_ids": removed_ids})
     return {**header, "n_tasks": n, "removed_per_method": k_remove, "refine": rep.to_json(), "full_test": _eval_json(base),
-            "table": rows, "removed_task_ids": removed_ids, "paper_table1": PAPER_TABLE1,
+            "table": rows, "edit_vs_retrain": speedups, "removed_ids": removed_ids, "paper_table1": PAPER_TABLE1,
             "influence_diagnostics": {m: _diag_json(r) for m, r in scores.items()}, "figures": figs, "timings": timings}
 
 
@@ -553,6 +642,23 @@ def _estimates(run, infl, sec: EstimatesSettings, out: Path, quick: bool, log) -
         if "spearman" in r:
             log(f"  {r['method']:<9} {r['hessian']:<12} {r['solver']:<9} spearman {r['spearman']:+.3f} pearson {r['pearson']:+.3f}")
 
+    # direction and size of the predicted parameter change Δλ_k = (H+δI)⁻¹g_k/n against λ_{-k} − λ*
+    from ..influence.task_if import task_parameter_changes
+
+    t = time.perf_counter()
+    true_dl = gt["true_delta_lam"].double()
+    dl_rows = []
+    for h in sec.hessians:
+        s = dataclasses.replace(infl, method="task-if", hessian=h, solver="explicit", damping=sec.damping, stationarity_warn=1.0)
+        pred, _ = task_parameter_changes(problem, lam, train, s)
+        pred = pred[idx].double()
+        cos = metrics.cosine(pred, true_dl)
+        rel = (pred - true_dl).norm(dim=1) / true_dl.norm(dim=1).clamp_min(1e-300)
+        dl_rows.append({"hessian": h, "cosine_mean": float(np.nanmean(cos)), "cosine_min": float(np.nanmin(cos)),
+                        "rel_error_median": float(rel.median()), "norm_ratio_median": float((pred.norm(dim=1) / true_dl.norm(dim=1).clamp_min(1e-300)).median())})
+        log(f"  Δλ {h:<12} cosine mean {dl_rows[-1]['cosine_mean']:.3f} min {dl_rows[-1]['cosine_min']:.3f}")
+    timings["delta_lambda_s"] = time.perf_counter() - t
+
     # operator error of the Hessian surrogates against the exact total Hessian
     t = time.perf_counter()
     H = {k: materialize(TotalHessian(problem, lam, train, k, fisher_samples=infl.fisher_samples, seed=infl.seed)) for k in ("exact", "gauss-newton", "gamma", "fisher", "direct")}
@@ -595,7 +701,8 @@ def _estimates(run, infl, sec: EstimatesSettings, out: Path, quick: bool, log) -
     save_result(out / "results", {"true_delta_f": true, "loo_tasks": idx, **{f"scores.{k}": v for k, v in best.items()}}, header)
     return {**header, "n_params": problem.dim, "refine_grad_norm": nrep["grad_norm"], "loo_max_grad_norm": gt["max_grad_norm"],
             "f_full": f_full, "loo": {"tasks": idx.tolist(), "true_delta_f": true.tolist()},
-            "lds_subsets": sec.lds_subsets, "lds_error": lds_error, "lds_reoptimiser": "lbfgs (tol 1e-8)", "correlations": rows, "operator_error": op_rows, "neumann_damping_ablation": abl,
+            "lds_subsets": sec.lds_subsets, "lds_error": lds_error, "lds_reoptimiser": "lbfgs (tol 1e-8)", "correlations": rows,
+            "parameter_change": dl_rows, "operator_error": op_rows, "neumann_damping_ablation": abl,
             "figures": figs, "timings": timings}
 
 
@@ -628,6 +735,11 @@ def report_run(run_dir) -> Path:
             "Suspicion = −score (harmful first); `task-if (self, fisher)` ranks by self-influence g_kᵀ(H+δI)⁻¹g_k/n instead, with the fisher surrogate of H solved exactly by Woodbury (CG per task was ≈ 30× slower).", settings_p]})
         secs.append({"heading": "Detection", "tables": [{"rows": res["detection"], "caption": "recall after inspecting a fraction of the tasks, AUC", "floatfmt": ".3f"}],
                      "images": img("recall", "recall of corrupted tasks vs fraction inspected")})
+        if res.get("sweep"):
+            secs.append({"heading": "Sweep over ρ_task", "paragraphs": [
+                f"One full run per ρ_task (sub-folders `rho_<value>`, each with its own results.json and figures); the sections above and below are ρ_task = {s['rho_tasks'][0]:g}. "
+                "`refine_ratio` = ‖∇F‖ / mean ‖g_k‖ after refine (stationarity of that run)."],
+                "tables": [{"rows": res["sweep"], "floatfmt": ".3f"}]})
         rows = [{**r, "test_acc": _acc(r["test_acc"])} for r in res["edits"]]
         secs.append({"heading": "Accuracy after removal (closed-form edit)", "paragraphs": ["Edits use task-IF's iHVP with the settings of `[influence]`; each row removes the top-ranked fraction of the method's ranking."],
                      "tables": [{"rows": rows, "floatfmt": ".4f"}], "images": img("accuracy", "test accuracy vs fraction removed") + img("harmful_tasks", "most harmful tasks by task-IF")})
@@ -637,10 +749,15 @@ def report_run(run_dir) -> Path:
         rows = [{**r, "test_acc": _acc(r["test_acc"])} for r in res["table"]]
         secs.append({"heading": "Setup", "paragraphs": [
             f"{data['dataset']} {data['n_way']}-way {data['k_shot']}-shot, {res['n_tasks']} training tasks; each method removes its top {s['fraction']:.0%} harmful tasks "
-            f"({res['removed_per_method']}). `edit` = closed-form λ* + (H+δI)⁻¹b_R/n; `retrain` = meta-train from the same initialisation, seed and schedule on the remaining tasks"
+            f"({res['removed_per_method']}); `instance-if (support|query)` rows remove the top {s['fraction']:.0%} of all support (query) examples by instance-IF. `edit` = closed-form λ* + (H+δI)⁻¹b_R/n; `retrain` = meta-train from the same initialisation, seed and schedule on the remaining tasks"
             + (" then refine" if s["retrain_refine"] else "") + ". `score_s` is the time to rank, `path_s` the time of the edit or the retraining; the full row's `path_s` is its train+refine time.",
             settings_p]})
         secs.append({"heading": "Removal table (measured)", "tables": [{"rows": rows, "floatfmt": ".4f"}], "images": img("accuracy", "") + img("harmful_tasks", "most harmful tasks by task-IF")})
+        sp = [{"method": m, **v} for m, v in res.get("edit_vs_retrain", {}).items()]
+        if sp:
+            secs.append({"heading": "Edit against retraining", "paragraphs": [
+                "`retrain_over_edit` = retraining time / (scoring + edit time), measured in the same run; `acc_gap_points` = retrained − edited accuracy in "
+                "percentage points (the target: within 1 point at ≥ 20× less time)."], "tables": [{"rows": sp, "floatfmt": ".3g"}]})
         secs.append({"heading": "The paper's numbers (SPEC §9, ICLR version)", "tables": [{"rows": res["paper_table1"], "floatfmt": ".4f"}]})
     else:
         secs.append({"heading": "Setup", "paragraphs": [
@@ -649,6 +766,9 @@ def report_run(run_dir) -> Path:
             f"(max ‖∇F‖ {res['loo_max_grad_norm']:.2g}); LDS over {res['lds_subsets']} half-pool subsets.", settings_p]})
         secs.append({"heading": "Correlation with leave-one-out", "tables": [{"rows": res["correlations"], "floatfmt": ".3g"}],
                      "images": img("scatter_task_if", "task-IF vs LOO") + img("scatter_direct_if", "direct-IF vs LOO")})
+        secs.append({"heading": "Predicted vs true parameter change", "paragraphs": [
+            "Cosine and relative error of Δλ_k = (H+δI)⁻¹g_k/n (explicit solve) against λ_{-k} − λ* from leave-one-out re-optimisation, over the left-out tasks."],
+            "tables": [{"rows": res.get("parameter_change", []), "floatfmt": ".3g"}]})
         secs.append({"heading": "Hessian surrogates vs the exact total Hessian", "tables": [{"rows": res["operator_error"], "floatfmt": ".4g"}]})
         secs.append({"heading": "Neumann depth × damping ablation (exact Hessian)", "tables": [{"rows": res["neumann_damping_ablation"], "floatfmt": ".3g"}]})
     secs.append({"heading": "Timings", "paragraphs": [timing_p]})

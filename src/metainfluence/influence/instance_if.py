@@ -53,8 +53,12 @@ def instance_influence(
     which: str = "support",
     settings: InfluenceSettings | None = None,
     task_ids: torch.Tensor | None = None,
+    s: torch.Tensor | None = None,
 ) -> InfluenceResult:
-    """Scores (n, |S|) or (n, |Q|): predicted change of f when one example is removed (SPEC §7 sign)."""
+    """Scores (n, |S|) or (n, |Q|): predicted change of f when one example is removed (SPEC §7 sign).
+
+    ``s``: the iHVP (H + δI)⁻¹∇f of the same problem, λ, pools and settings — e.g. ``extra["s"]`` of a
+    task-IF result — so that both levels and task-IF share one solve; computed here when omitted."""
     settings = settings or InfluenceSettings()
     settings.validate()
     if which not in ("support", "query"):
@@ -66,15 +70,22 @@ def instance_influence(
     n = problem.n_total(len(train_tasks))
     t0 = time.perf_counter()
     grad_f, f_value = measurement_gradient(problem, lam, val_tasks)
-    op = build_hessian(problem, lam, train_tasks, settings)
-    res = ihvp(op, grad_f, settings)
-    s = res.x
+    if s is None:
+        op = build_hessian(problem, lam, train_tasks, settings)
+        res = ihvp(op, grad_f, settings)
+        s = res.x
+        solver = {"name": res.solver, "residual": res.residual, "iterations": res.iterations, "hvps": op.n_matvecs}
+    else:
+        if tuple(s.shape) != tuple(lam.shape):
+            raise SettingsError(f"the given iHVP vector s has shape {tuple(s.shape)}, expected {tuple(lam.shape)} (one entry per meta-parameter)")
+        s = s.detach().to(lam)
+        solver = {"name": "given", "residual": None, "iterations": 0, "hvps": 0}
     t1 = time.perf_counter()
     diag = {
         "n_tasks": n,
         "n_params": lam.numel(),
-        "hessian": op.kind,
-        "solver": {"name": res.solver, "residual": res.residual, "iterations": res.iterations, "hvps": op.n_matvecs},
+        "hessian": settings.hessian,
+        "solver": solver,
     }
     method = which
     if which == "support" and settings.support_method == "two-stage":

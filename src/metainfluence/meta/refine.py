@@ -108,8 +108,8 @@ class _NonFinite(Exception):
 class _Evaluator:
     """F and ∇F at a point, with a small cache keyed by the point's exact value."""
 
-    def __init__(self, problem: MetaProblem, tasks: TaskTensors, w: torch.Tensor | None, size: int = 8):
-        self.problem, self.tasks, self.w = problem, tasks, w
+    def __init__(self, problem: MetaProblem, tasks: TaskTensors, w: torch.Tensor | None, size: int = 8, v=None, u=None):
+        self.problem, self.tasks, self.w, self.v, self.u = problem, tasks, w, v, u
         self.cache: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.size = size
         self.count = 0
@@ -119,7 +119,7 @@ class _Evaluator:
         for cx, f, g in self.cache:
             if torch.equal(cx, x):
                 return f, g
-        f, g = self.problem.value_and_gradient(x, self.tasks, self.w)
+        f, g = self.problem.value_and_gradient(x, self.tasks, self.w, self.v, self.u)
         self.count += 1
         self.cache.append((x.clone(), f.detach(), g.detach()))
         if len(self.cache) > self.size:
@@ -156,8 +156,11 @@ def refine(
     settings: RefineSettings | None = None,
     w: torch.Tensor | None = None,
     progress: bool = False,
+    example_weights: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, RefineReport]:
-    """Minimise F(λ; w) over the full pool from ``lam`` until ‖∇F‖ ≤ ``settings.tol``.
+    """Minimise F(λ; w, v, u) over the full pool from ``lam`` until ‖∇F‖ ≤ ``settings.tol``.
+
+    ``example_weights``: (v, u), per-example weights (n, |S|), (n, |Q|) of the support and query losses.
 
     Returns (λ in ``settings.dtype``, :class:`RefineReport`). Deterministic: no sampling anywhere.
     Emits a :class:`RefineWarning` (and ``report.converged = False``) when the tolerance is not met;
@@ -173,7 +176,12 @@ def refine(
         w = torch.as_tensor(w).to(device=x0.device, dtype=dtype)
         if w.shape != (len(tasks),):
             raise SettingsError(f"task weights w have shape {tuple(w.shape)}, expected ({len(tasks)},) — one per pool task")
-    ev = _Evaluator(problem, tasks, w)
+    v = u = None
+    if example_weights is not None:
+        v, u = (torch.as_tensor(t).to(device=x0.device, dtype=dtype) for t in example_weights)
+        if tuple(v.shape) != (len(tasks), tasks.n_support) or tuple(u.shape) != (len(tasks), tasks.n_query):
+            raise SettingsError(f"example weights have shapes {tuple(v.shape)}, {tuple(u.shape)}; expected ({len(tasks)}, {tasks.n_support}) and ({len(tasks)}, {tasks.n_query})")
+    ev = _Evaluator(problem, tasks, w, v=v, u=u)
     f0, g0 = ev(x0)
     if not _finite(f0, g0):
         raise DivergenceError("refine: F or ∇F is NaN/inf at the starting λ; start from a trained, finite λ (lower the training lr if it diverged)")

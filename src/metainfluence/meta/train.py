@@ -143,6 +143,7 @@ def meta_train(
     pools: Mapping[str, Any] | None = None,
     run_settings: Mapping[str, Any] | None = None,
     resume: str | os.PathLike | Checkpoint | None = None,
+    example_weights: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, TrainHistory]:
     """Meta-train λ from ``lam0`` on ``pool_tensors``; returns (λ, history).
 
@@ -151,6 +152,8 @@ def meta_train(
     ``pools``: name → pool object or record (recorded in the checkpoint; the training pool's tensor
     fingerprint is always recorded). ``run_settings``: the other stages' settings to record
     (model, inner, data, ...). ``resume``: a checkpoint written by this function to continue from.
+    ``example_weights``: (v, u) of shapes (n, |S|), (n, |Q|) — per-example weights of the support and
+    query losses (SPEC §1; 0 removes an example), e.g. to retrain without some examples.
     """
     settings = settings or TrainSettings()
     settings.validate()
@@ -158,6 +161,11 @@ def meta_train(
     device = lam0.device
     tasks = pool_tensors.to(device=device, dtype=dtype)
     n = len(tasks)
+    v_all = u_all = None
+    if example_weights is not None:
+        v_all, u_all = (torch.as_tensor(t).to(device=device, dtype=dtype) for t in example_weights)
+        if tuple(v_all.shape) != (n, tasks.n_support) or tuple(u_all.shape) != (n, tasks.n_query):
+            raise SettingsError(f"example weights have shapes {tuple(v_all.shape)}, {tuple(u_all.shape)}; expected ({n}, {tasks.n_support}) and ({n}, {tasks.n_query})")
     if settings.chunk_size:
         problem = copy.copy(problem)
         problem.chunk_size = settings.chunk_size
@@ -246,7 +254,10 @@ def meta_train(
         while step < settings.steps:
             idx = sample_batch(generator, n, settings.meta_batch)
             batch = tasks.subset(idx)
-            value, gradient = problem.value_and_gradient(lam, batch)
+            if v_all is None:
+                value, gradient = problem.value_and_gradient(lam, batch)
+            else:
+                value, gradient = problem.value_and_gradient(lam, batch, v=v_all[idx], u=u_all[idx])
             query_loss = float(value) - (0.5 * mu * float((lam * lam).sum()) if mu else 0.0)
             if not math.isfinite(float(value)):
                 raise diverged(step + 1, "the meta-batch loss")
