@@ -64,9 +64,15 @@ def test_removal_quick(tmp_path):
         acc, ci = r["test_acc"]
         assert 0 <= acc <= 1 and 0 < ci < 0.2
         assert r["removed"] == (round(0.4 * n_ex[r["method"]]) if r["method"] in levels else 0 if r["path"] == "-" else res["removed_per_method"])
+        assert r["path"] in ("-", "edit", "retrain", "re-optimise from λ*")
     # the removed examples are recorded as (task id, example index) pairs, as many as the row says
     assert len(res["removed_ids"]["instance-if (support)"]) == round(0.4 * n_ex["instance-if (support)"])
     assert {"task-if", "random", "instance-if (support)"} == set(res["edit_vs_retrain"])
+    # re-optimising from λ* on the kept tasks: the optimum the edit approximates; the edit points towards it
+    reopt = next(r for r in rows if r["method"] == "task-if" and r["path"] == "re-optimise from λ*")
+    assert reopt["reduced_grad_after_reoptimise"] < reopt["reduced_grad_at_lam_star"]
+    assert reopt["reduced_grad_after_edit"] < reopt["reduced_grad_at_lam_star"] and reopt["edit_cosine_to_reoptimised"] > 0.3
+    assert "reoptimise_acc_gap_points" in res["edit_vs_retrain"]["task-if"]
     sup = res["edit_vs_retrain"]["instance-if (support)"]
     assert sup["retrain_over_edit"] > 1 and abs(sup["acc_gap_points"]) < 10
     edit = next(r for r in rows if r["method"] == "task-if" and r["path"] == "edit")

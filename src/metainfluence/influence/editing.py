@@ -104,7 +104,9 @@ def edit_model(
     settings: InfluenceSettings | None = None,
     newton_steps: int = 0,
 ) -> EditResult:
-    """λ_edit = λ* + (H + δI)^{-1} b_R / n, then ``newton_steps`` Newton steps on F(λ; w_R)."""
+    """λ_edit = λ* + (H + δI)^{-1} b_R / n, then ``newton_steps`` Newton steps on F(λ; w_R) (with
+    ``settings.hessian`` when it is exact or gauss-newton, else the exact Hessian where available; each
+    step backtracks until F(λ; w_R) decreases, so a far-from-quadratic F cannot make it diverge)."""
     settings = settings or InfluenceSettings()
     settings.validate()
     lam = lam.detach()
@@ -120,11 +122,21 @@ def edit_model(
         w, v, u = removal.weights(problem, lam, pool)
         for _ in range(newton_steps):
             g = problem.meta_gradient(lam_edit, pool, w, v, u)
-            kind = "exact" if problem.inner.kind == "unrolled" and not problem.inner.first_order else "gauss-newton"
+            # the edit's own curvature when it is exact or Gauss–Newton (GN stays PSD where the exact
+            # Hessian of a non-convex reduced objective makes CG fail); exact otherwise, if the problem has it
+            exact_ok = problem.inner.kind == "unrolled" and not problem.inner.first_order
+            kind = settings.hessian if settings.hessian == "gauss-newton" or (settings.hessian == "exact" and exact_ok) else ("exact" if exact_ok else "gauss-newton")
             op_r = TotalHessian(problem, lam_edit, pool, kind, w=w, v=v, u=u)
             step = ihvp(op_r, g, settings)
-            lam_edit = lam_edit - step.x
-            diag["newton"].append({"grad_norm_before": float(g.norm()), "residual": step.residual})
+            # backtracking (Armijo) on F(λ; w_R): a full step can overshoot where F is far from quadratic
+            f0 = float(problem.objective(lam_edit, pool, w, v, u))
+            slope = -float(g @ step.x)
+            t = 1.0
+            with torch.no_grad():
+                while t > 1e-4 and float(problem.objective(lam_edit - t * step.x, pool, w, v, u)) > f0 + 1e-4 * t * slope:
+                    t *= 0.5
+            lam_edit = lam_edit - t * step.x
+            diag["newton"].append({"grad_norm_before": float(g.norm()), "residual": step.residual, "step": t})
         diag["newton_final_grad_norm"] = float(problem.meta_gradient(lam_edit, pool, w, v, u).norm())
     diag["seconds"] = time.perf_counter() - t0
     return EditResult(lam=lam_edit, delta=lam_edit - lam, diagnostics=diag)
