@@ -73,8 +73,11 @@ def test_removal_quick(tmp_path):
     assert reopt["reduced_grad_after_reoptimise"] < reopt["reduced_grad_at_lam_star"]
     assert reopt["reduced_grad_after_edit"] < reopt["reduced_grad_at_lam_star"] and reopt["edit_cosine_to_reoptimised"] > 0.3
     assert "reoptimise_acc_gap_points" in res["edit_vs_retrain"]["task-if"]
+    # the edit-vs-retrain summary is the table's own numbers (times are reported, not asserted: shared cores)
     sup = res["edit_vs_retrain"]["instance-if (support)"]
-    assert sup["retrain_over_edit"] > 1 and abs(sup["acc_gap_points"]) < 10
+    e_row, r_row = (next(r for r in rows if r["method"] == "instance-if (support)" and r["path"] == p) for p in ("edit", "retrain"))
+    assert sup["retrain_over_edit"] == pytest.approx(r_row["path_s"] / e_row["total_s"])
+    assert sup["acc_gap_points"] == pytest.approx(100 * (r_row["test_acc"][0] - e_row["test_acc"][0])) and abs(sup["acc_gap_points"]) < 10
     edit = next(r for r in rows if r["method"] == "task-if" and r["path"] == "edit")
     retrain = next(r for r in rows if r["method"] == "task-if" and r["path"] == "retrain")
     assert edit["path_s"] < retrain["path_s"]

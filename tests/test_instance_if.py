@@ -96,7 +96,7 @@ def test_task_edit_with_newton_refinement_is_exact_leave_out_on_a_quadratic():
 
 def test_gauss_newton_newton_steps_descend_a_nonlinear_reduced_objective():
     # a tanh network: F(λ; w_R) is far from quadratic for a third of the pool removed. Full Gauss–Newton
-    # steps overshot here (‖∇F‖ 0.08 → 0.51, measured); with backtracking every step lowers F and the
+    # steps overshot here (‖∇F‖ grew 6×, before backtracking was added); with backtracking every step lowers F and the
     # gradient left by the closed-form edit shrinks, where the exact Hessian is indefinite (CG refuses)
     from metainfluence.errors import DivergenceError
     from metainfluence.meta.refine import RefineSettings, refine

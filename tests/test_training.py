@@ -153,6 +153,9 @@ def test_example_weights_drive_training_and_refine_to_the_reduced_objective():
     assert rep.converged
     assert float(problem.meta_gradient(lam_r, tasks, v=v, u=u).norm()) <= 1e-8
     assert float(problem.meta_gradient(lam_r, tasks).norm()) > 1e-5
+    # the stationarity ratio is taken with the same example weights
+    assert rep.task_grad_norm_after == pytest.approx(float(problem.total_gradients(lam_r, tasks, v, u).norm(dim=1).mean()), rel=1e-9)
+    assert rep.task_grad_norm_after != pytest.approx(float(problem.total_gradients(lam_r, tasks).norm(dim=1).mean()), rel=1e-6)
     with pytest.raises(SettingsError, match="example weights"):
         meta_train(problem, lam0, tasks, _train_settings(), progress=False, example_weights=(v[:, :1], u))
 

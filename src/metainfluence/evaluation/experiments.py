@@ -554,14 +554,13 @@ def _removal(run, infl, sec: RemovalSettings, out: Path, quick: bool, log) -> di
     timings["paths_s"] = time.perf_counter() - t - timings["scoring_s"]
     # the paper's headline ratio: retraining time over closed-form edit time (scoring + edit), per method
     # (and the re-optimisation from λ*, the optimum the edit approximates)
+    keys = {"retrain": ("retrain_over_edit", "acc_gap_points"), "re-optimise from λ*": ("reoptimise_over_edit", "reoptimise_acc_gap_points")}
     speedups: dict[str, dict[str, float]] = {}
     for r in rows:
-        key = {"retrain": "", "re-optimise from λ*": "reoptimise_"}.get(r["path"])
-        if key is not None:
+        if r["path"] in keys:
+            ratio, gap = keys[r["path"]]
             e = next(x for x in rows if x["method"] == r["method"] and x["path"] == "edit")
-            speedups.setdefault(r["method"], {}).update({
-                f"{key or 'retrain_'}over_edit": r["path_s"] / e["total_s"],
-                f"{key}acc_gap_points": 100 * (r["test_acc"][0] - e["test_acc"][0])})
+            speedups.setdefault(r["method"], {}).update({ratio: r["path_s"] / e["total_s"], gap: 100 * (r["test_acc"][0] - e["test_acc"][0])})
 
     figs = {}
     if ctx.dataset is not None and "task-if" in scores:

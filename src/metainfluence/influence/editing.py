@@ -120,12 +120,13 @@ def edit_model(
                             "hessian": op.kind, "newton": []}
     if newton_steps:
         w, v, u = removal.weights(problem, lam, pool)
+        # the edit's own curvature when it is exact or Gauss–Newton (GN stays PSD where the exact
+        # Hessian of a non-convex reduced objective makes CG fail); exact otherwise, if the problem has it
+        kind = settings.hessian if settings.hessian in ("exact", "gauss-newton") else "exact"
+        if kind == "exact" and (problem.inner.kind != "unrolled" or problem.inner.first_order):
+            kind = "gauss-newton"
         for _ in range(newton_steps):
             g = problem.meta_gradient(lam_edit, pool, w, v, u)
-            # the edit's own curvature when it is exact or Gauss–Newton (GN stays PSD where the exact
-            # Hessian of a non-convex reduced objective makes CG fail); exact otherwise, if the problem has it
-            exact_ok = problem.inner.kind == "unrolled" and not problem.inner.first_order
-            kind = settings.hessian if settings.hessian == "gauss-newton" or (settings.hessian == "exact" and exact_ok) else ("exact" if exact_ok else "gauss-newton")
             op_r = TotalHessian(problem, lam_edit, pool, kind, w=w, v=v, u=u)
             step = ihvp(op_r, g, settings)
             # backtracking (Armijo) on F(λ; w_R): a full step can overshoot where F is far from quadratic

@@ -203,6 +203,17 @@ class MetaProblem:
         u = torch.ones(n, tasks.n_query, dtype=like.dtype, device=like.device)
         return v, u
 
+    def example_weights(self, tasks: TaskTensors, weights, like: torch.Tensor):
+        """(v, u) of a user's ``weights`` = (v, u) cast like ``like`` and shape-checked against
+        ``tasks`` ((n, |S|), (n, |Q|)); (None, None) for None (the default all-ones weights)."""
+        if weights is None:
+            return None, None
+        v, u = (torch.as_tensor(t).to(device=like.device, dtype=like.dtype) for t in weights)
+        n = len(tasks)
+        if tuple(v.shape) != (n, tasks.n_support) or tuple(u.shape) != (n, tasks.n_query):
+            raise SettingsError(f"example weights have shapes {tuple(v.shape)}, {tuple(u.shape)}; expected ({n}, {tasks.n_support}) and ({n}, {tasks.n_query})")
+        return v, u
+
     def chunks(self, n: int) -> Iterator[slice]:
         step = self.chunk_size or n
         for start in range(0, n, step):

@@ -131,19 +131,23 @@ def _finite(f: torch.Tensor, g: torch.Tensor) -> bool:
     return bool(torch.isfinite(f)) and bool(torch.isfinite(g).all())
 
 
-def mean_task_gradient_norm(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, w: torch.Tensor | None = None) -> float:
-    """(1/|K|) Σ_{k∈K} ‖g_k‖ over the tasks with w_k ≠ 0, from :meth:`MetaProblem.total_gradients`
-    taken chunk by chunk (so the (n × p) matrix is never held at once)."""
+def mean_task_gradient_norm(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, w: torch.Tensor | None = None,
+                            v: torch.Tensor | None = None, u: torch.Tensor | None = None) -> float:
+    """(1/|K|) Σ_{k∈K} ‖g_k‖ over the tasks with w_k ≠ 0 (with example weights v, u when given), from
+    :meth:`MetaProblem.total_gradients` taken chunk by chunk (so the (n × p) matrix is never held at once)."""
     if w is not None:
         active = torch.nonzero(w != 0).reshape(-1)
         if len(active) == 0:
             return float("nan")
         tasks = tasks.subset(active)
+        v = None if v is None else v[active]
+        u = None if u is None else u[active]
     step = problem.chunk_size or len(tasks)
     total = torch.zeros((), dtype=lam.dtype, device=lam.device)
     for start in range(0, len(tasks), step):
-        part = tasks.subset(slice(start, min(len(tasks), start + step)))
-        total = total + problem.total_gradients(lam, part).norm(dim=1).sum()
+        rows = slice(start, min(len(tasks), start + step))
+        part = tasks.subset(rows)
+        total = total + problem.total_gradients(lam, part, None if v is None else v[rows], None if u is None else u[rows]).norm(dim=1).sum()
     # through ``reduce`` so that a pool sharded over processes gives the pool-wide mean
     count = problem.reduce(torch.tensor(float(len(tasks)), dtype=lam.dtype, device=lam.device))
     return float(problem.reduce(total) / count)
@@ -176,16 +180,12 @@ def refine(
         w = torch.as_tensor(w).to(device=x0.device, dtype=dtype)
         if w.shape != (len(tasks),):
             raise SettingsError(f"task weights w have shape {tuple(w.shape)}, expected ({len(tasks)},) — one per pool task")
-    v = u = None
-    if example_weights is not None:
-        v, u = (torch.as_tensor(t).to(device=x0.device, dtype=dtype) for t in example_weights)
-        if tuple(v.shape) != (len(tasks), tasks.n_support) or tuple(u.shape) != (len(tasks), tasks.n_query):
-            raise SettingsError(f"example weights have shapes {tuple(v.shape)}, {tuple(u.shape)}; expected ({len(tasks)}, {tasks.n_support}) and ({len(tasks)}, {tasks.n_query})")
+    v, u = problem.example_weights(tasks, example_weights, x0)
     ev = _Evaluator(problem, tasks, w, v=v, u=u)
     f0, g0 = ev(x0)
     if not _finite(f0, g0):
         raise DivergenceError("refine: F or ∇F is NaN/inf at the starting λ; start from a trained, finite λ (lower the training lr if it diverged)")
-    task_norm_before = mean_task_gradient_norm(problem, x0, tasks, w)
+    task_norm_before = mean_task_gradient_norm(problem, x0, tasks, w, v, u)
 
     bar = None
     if progress:
@@ -222,7 +222,7 @@ def refine(
     f1, g1 = ev(x)
     gn0, gn1 = float(g0.norm()), float(g1.norm())
     converged = gn1 <= settings.tol
-    task_norm_after = mean_task_gradient_norm(problem, x, tasks, w)
+    task_norm_after = mean_task_gradient_norm(problem, x, tasks, w, v, u)
     if not converged and not message:
         message = f"reached max_iter={settings.max_iter}"
     report = RefineReport(

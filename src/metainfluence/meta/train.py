@@ -161,11 +161,7 @@ def meta_train(
     device = lam0.device
     tasks = pool_tensors.to(device=device, dtype=dtype)
     n = len(tasks)
-    v_all = u_all = None
-    if example_weights is not None:
-        v_all, u_all = (torch.as_tensor(t).to(device=device, dtype=dtype) for t in example_weights)
-        if tuple(v_all.shape) != (n, tasks.n_support) or tuple(u_all.shape) != (n, tasks.n_query):
-            raise SettingsError(f"example weights have shapes {tuple(v_all.shape)}, {tuple(u_all.shape)}; expected ({n}, {tasks.n_support}) and ({n}, {tasks.n_query})")
+    v_all, u_all = problem.example_weights(tasks, example_weights, lam0.to(dtype))
     if settings.chunk_size:
         problem = copy.copy(problem)
         problem.chunk_size = settings.chunk_size
