@@ -47,6 +47,7 @@ import torch
 
 from metainfluence.influence.hessians import TotalHessian
 from metainfluence.influence.results import InfluenceSettings
+from metainfluence.linalg import SolverSettings
 from metainfluence.influence.task_if import task_influence
 from metainfluence.io import write_json
 from metainfluence.meta.models import ModelSettings
@@ -129,9 +130,7 @@ def main(argv=None) -> int:
     for hessian in HESSIANS:
         combos = SOLVERS + (("woodbury",) if hessian == "fisher" else ())
         for solver in combos:
-            s = InfluenceSettings(hessian=hessian, solver=solver, damping=args.damping, tol=args.tol, max_iter=500,
-                                  neumann_depth=args.depth, lissa_batch=args.lissa_batch if solver == "lissa" else 0,
-                                  lowrank_rank=args.rank, stationarity_warn=1.0)
+            s = InfluenceSettings(hessian=hessian, solver=solver, damping=args.damping, stationarity_warn=1.0, solve=SolverSettings(tol=args.tol, max_iter=500, neumann_depth=args.depth, lissa_batch=args.lissa_batch if solver == "lissa" else None, lowrank_rank=args.rank))
             row = {"hessian": hessian, "solver": solver}
             if solver == "explicit" and hessian != "fisher":
                 op = TotalHessian(problem, lam, train, hessian)

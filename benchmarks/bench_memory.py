@@ -59,6 +59,7 @@ def child(args: argparse.Namespace) -> dict:
 
     from metainfluence.data.digits import load_digits
     from metainfluence.influence.results import InfluenceSettings
+    from metainfluence.linalg import SolverSettings
     from metainfluence.influence.task_if import task_influence
     from metainfluence.meta.models import MLP
     from metainfluence.meta.objective import InnerSettings, MetaProblem
@@ -75,9 +76,9 @@ def child(args: argparse.Namespace) -> dict:
     lam = problem.init_params()
     common = dict(hessian=args.hessian, damping=args.damping, stationarity_warn=1e9)
     if args.solver == "cg":
-        settings = InfluenceSettings(solver="cg", tol=1e-30, max_iter=args.cg_iters, **common)  # always cg_iters iterations
+        settings = InfluenceSettings(solver="cg", **common, solve=SolverSettings(tol=1e-30, max_iter=args.cg_iters))  # always cg_iters iterations
     else:
-        settings = InfluenceSettings(solver="lowrank", lowrank_rank=args.rank, **common)
+        settings = InfluenceSettings(solver="lowrank", **common, solve=SolverSettings(lowrank_rank=args.rank))
     # warm-up on 2 tasks, one per chunk: loads lazily imported code and the allocator's first
     # arenas, so that ``extra`` below is working memory rather than a fixed start-up cost
     warm = MetaProblem(problem.model, "cross_entropy", problem.inner, weight_decay=1e-3, chunk_size=1)

@@ -42,7 +42,7 @@ def loop_meta_gradient(problem: MetaProblem, lam: torch.Tensor, tasks) -> torch.
     total = torch.zeros_like(lam)
     v_all, u_all = problem.default_weights(tasks, lam)
     for i in range(len(tasks)):
-        total += problem.task_total_gradient(lam, tasks.support_x[i], tasks.support_y[i], tasks.query_x[i], tasks.query_y[i], v_all[i], u_all[i])
+        total += problem.task_total_gradient(lam, problem.records(lam, tasks, v_all, u_all).row(i))
     return total / len(tasks) + problem.weight_decay * lam
 
 

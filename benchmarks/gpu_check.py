@@ -22,6 +22,7 @@ import torch
 
 from metainfluence.influence.hessians import TotalHessian
 from metainfluence.influence.results import InfluenceSettings
+from metainfluence.linalg import SolverSettings
 from metainfluence.influence.task_if import task_influence
 from metainfluence.meta.models import MLP, Conv4
 from metainfluence.meta.objective import InnerSettings, MetaProblem
@@ -61,7 +62,7 @@ def correctness(device) -> dict:
     eps = 1e-5
     fd = (problem.meta_gradient(lam + eps * d, train) - problem.meta_gradient(lam - eps * d, train)) / (2 * eps)
     hvp_err = float((op.matvec(d) - fd).norm() / fd.norm())
-    s = InfluenceSettings(hessian="gauss-newton", solver="cg", damping=1e-2, tol=1e-12, stationarity_warn=1e9)
+    s = InfluenceSettings(hessian="gauss-newton", solver="cg", damping=1e-2, stationarity_warn=1e9, solve=SolverSettings(tol=1e-12))
     on_dev = task_influence(problem, lam, train, val, s).scores.cpu()
     on_cpu = task_influence(problem, lam.cpu(), train.to("cpu"), val.to("cpu"), s).scores
     return {"hvp_vs_finite_differences_rel_err": hvp_err,
@@ -80,7 +81,7 @@ def timings(device, n_tasks: int) -> dict:
         total = torch.zeros_like(lam)
         v, u = problem.default_weights(batch, lam)
         for i in range(len(batch)):
-            total += problem.task_total_gradient(lam, batch.support_x[i], batch.support_y[i], batch.query_x[i], batch.query_y[i], v[i], u[i])
+            total += problem.task_total_gradient(lam, problem.records(lam, batch, v, u).row(i))
         return total
 
     t_vec = timed(lambda: problem.meta_gradient(lam, batch), device)
@@ -90,7 +91,7 @@ def timings(device, n_tasks: int) -> dict:
     t_hvp = timed(lambda: op.matvec(d), device)
     t_floor = timed(lambda: problem.total_gradients(lam, pool), device, repeats=1)
     # at a random initialisation the exact H is indefinite: time the PSD Gauss–Newton kind with a fixed CG budget
-    s = InfluenceSettings(hessian="gauss-newton", solver="cg", damping=1e-2, tol=1e-30, max_iter=20, stationarity_warn=1e9)
+    s = InfluenceSettings(hessian="gauss-newton", solver="cg", damping=1e-2, stationarity_warn=1e9, solve=SolverSettings(tol=1e-30, max_iter=20))
     t0 = time.perf_counter()
     res = task_influence(problem, lam, pool, pool.subset(list(range(50))), s)
     if device.type == "cuda":

@@ -20,6 +20,7 @@ from metainfluence.evaluation.groundtruth import GroundTruthSettings, leave_one_
 from metainfluence.evaluation.metrics import pearson, spearman
 from metainfluence.evaluation.reference import sinusoid_reference
 from metainfluence.influence.results import InfluenceSettings
+from metainfluence.linalg import SolverSettings
 from metainfluence.influence.task_if import task_influence
 from metainfluence.meta.refine import RefineSettings
 
@@ -42,9 +43,7 @@ def main(argv=None) -> int:
     configs += [("task-if", "exact", s) for s in ("cg", "neumann", "lowrank")]
     configs += [("direct-if", "exact", "explicit"), ("tracin", "-", "-"), ("loss", "-", "-"), ("random", "-", "-")]
     for method, hessian, solver in configs:
-        s = InfluenceSettings(method=method, hessian=hessian if hessian != "-" else "exact", solver=solver if solver != "-" else "cg",
-                              damping=1.0 if method == "direct-if" else 1e-3, tol=1e-10, neumann_depth=100000, lowrank_rank=20,
-                              max_iter=2000)
+        s = InfluenceSettings(method=method, hessian=hessian if hessian != "-" else "exact", solver=solver if solver != "-" else "cg", damping=1.0 if method == "direct-if" else 1e-3, solve=SolverSettings(tol=1e-10, neumann_depth=100000, lowrank_rank=20, max_iter=2000))
         t = time.perf_counter()
         scores = task_influence(problem, lam, train, val, s).scores
         dt = time.perf_counter() - t

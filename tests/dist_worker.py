@@ -19,19 +19,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers import random_tasks, small_problem  # noqa: E402
 
 from metainfluence.influence.results import InfluenceSettings  # noqa: E402
+from metainfluence.linalg import SolverSettings  # noqa: E402
 
 N_TRAIN, N_VAL = 7, 5  # odd: the shards are uneven (4 + 3, 3 + 2)
-TIGHT = dict(tol=1e-12, max_iter=2000)
+TIGHT = dict(solve=SolverSettings(tol=1e-12, max_iter=2000))
 CASES = {
     # the exact and direct Hessians are indefinite here: damping 0.5 keeps CG valid
     "exact_cg": InfluenceSettings(hessian="exact", solver="cg", damping=0.5, **TIGHT),
     "gn_cg": InfluenceSettings(hessian="gauss-newton", solver="cg", damping=5e-2, **TIGHT),
-    "exact_lowrank": InfluenceSettings(hessian="exact", solver="lowrank", damping=0.5, lowrank_rank=3),
-    "fisher_woodbury_self": InfluenceSettings(hessian="fisher", solver="woodbury", damping=1e-2, fisher_samples=2, seed=3, self_influence=True),
+    "exact_lowrank": InfluenceSettings(hessian="exact", solver="lowrank", damping=0.5, solve=SolverSettings(lowrank_rank=3)),
+    "fisher_woodbury_self": InfluenceSettings(hessian="fisher", solver="woodbury", damping=1e-2, fisher_samples=2, self_influence=True, solve=SolverSettings(seed=3)),
     "direct_cg": InfluenceSettings(method="direct-if", solver="cg", damping=0.5, **TIGHT),
     "tracin": InfluenceSettings(method="tracin"),
     "loss": InfluenceSettings(method="loss"),
-    "random": InfluenceSettings(method="random", seed=5),
+    "random": InfluenceSettings(method="random", solve=SolverSettings(seed=5)),
 }
 HVP_KINDS = ("exact", "gauss-newton", "gamma")
 
@@ -69,7 +70,7 @@ def main() -> int:
         value, gradient = problem.value_and_gradient(lam, local_train)
         tensors["objective"] = value.reshape(1)
         tensors["value_and_gradient.gradient"] = gradient
-        tensors["n_total"] = torch.tensor([problem.n_total(len(local_train))])
+        tensors["n_total"] = torch.tensor([problem.collective.total_count(len(local_train))])
         for kind in HVP_KINDS:
             op = TotalHessian(problem, lam, local_train, kind)
             tensors[f"hvp.{kind}"] = op.matvec(direction)
@@ -88,7 +89,7 @@ def main() -> int:
         tensors[f"{name}.rank_spread"] = (every - every[0]).abs().max().reshape(1)
 
     # the hooks are gone after the context: a single-process sum again
-    tensors["restored_n_total"] = torch.tensor([problem.n_total(len(local_train))])
+    tensors["restored_n_total"] = torch.tensor([problem.collective.total_count(len(local_train))])
     if ctx.is_main:
         write_tensors(out / "results.safetensors", tensors)
     ctx.barrier()

@@ -46,7 +46,7 @@ from metainfluence.evaluation.groundtruth import GroundTruthSettings, leave_one_
 from metainfluence.influence.editing import Removal, edit_model, unlearn
 from metainfluence.influence.instance_if import instance_influence
 from metainfluence.influence.results import InfluenceResult, InfluenceSettings
-from metainfluence.influence.solvers import LowRank, MatrixOperator, SolverSettings, solve_ihvp
+from metainfluence.linalg import LowRank, MatrixOperator, SolverSettings, solve_ihvp
 from metainfluence.influence.task_if import task_influence
 from metainfluence.io import write_json, write_tensors
 from metainfluence.meta.checkpoint import load_checkpoint, pool_record, save_checkpoint

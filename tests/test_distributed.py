@@ -173,9 +173,9 @@ def test_without_a_process_group_everything_is_the_single_process_path(monkeypat
     t = torch.arange(6.0).reshape(3, 2)
     assert all_reduce_sum(t) is t and gather_rows(t) is t and torch.equal(local_rows(t, 3), t)
     problem, lam, train, val, _ = dist_worker.build()
-    before = problem.reduce
+    before = problem.collective
     with distribute(problem) as p:
-        assert p.reduce is before  # nothing to install
+        assert p.collective is before  # nothing to install
     settings = dist_worker.CASES["tracin"]
     got = distributed_task_influence(problem, lam, train, val, settings, task_ids=torch.arange(10, 17))
     ref = task_influence(problem, lam, train, val, settings)

@@ -11,7 +11,8 @@ from metainfluence.influence.gradients import example_mixed_gradients, example_s
 from metainfluence.influence.hessians import TotalHessian
 from metainfluence.influence.instance_if import instance_influence
 from metainfluence.influence.results import InfluenceSettings
-from metainfluence.influence.solvers import materialize
+from metainfluence.linalg import SolverSettings
+from metainfluence.linalg import materialize
 from metainfluence.influence.task_if import task_influence
 
 
@@ -28,7 +29,7 @@ def test_query_example_scores_sum_to_their_task_score():
     # L_Q = Σ_z u_z ℓ_z / |Q| is linear in u, so the task's gradient is the sum of its examples' parts.
     problem, lam = small_problem(steps=2, hidden=(6,), weight_decay=1e-2)
     tasks, val = random_tasks(n=5), random_tasks(n=3, seed=7)
-    settings = InfluenceSettings(hessian="gauss-newton", damping=1e-2, tol=1e-12, stationarity_warn=1e9)
+    settings = InfluenceSettings(hessian="gauss-newton", damping=1e-2, stationarity_warn=1e9, solve=SolverSettings(tol=1e-12))
     t = task_influence(problem, lam, tasks, val, settings)
     q = instance_influence(problem, lam, tasks, val, "query", settings)
     torch.testing.assert_close(q.scores.sum(1), t.scores, rtol=1e-9, atol=1e-14)
@@ -37,7 +38,7 @@ def test_query_example_scores_sum_to_their_task_score():
 def test_instance_scores_from_task_ifs_ihvp_equal_a_fresh_solve():
     problem, lam = small_problem(steps=2, hidden=(6,), weight_decay=1e-2)
     tasks, val = random_tasks(n=5), random_tasks(n=3, seed=7)
-    settings = InfluenceSettings(hessian="gauss-newton", damping=1e-2, tol=1e-12, stationarity_warn=1e9)
+    settings = InfluenceSettings(hessian="gauss-newton", damping=1e-2, stationarity_warn=1e9, solve=SolverSettings(tol=1e-12))
     t = task_influence(problem, lam, tasks, val, settings)
     for which in ("support", "query"):
         fresh = instance_influence(problem, lam, tasks, val, which, settings)
@@ -106,7 +107,7 @@ def test_gauss_newton_newton_steps_descend_a_nonlinear_reduced_objective():
     lam, _ = refine(problem, lam0, tasks, RefineSettings(tol=1e-9, max_iter=500))
     removal = Removal(tasks=[0, 3, 5, 8])
     w, v, u = removal.weights(problem, lam, tasks)
-    settings = InfluenceSettings(hessian="gauss-newton", solver="cg", damping=1e-6, tol=1e-12, max_iter=500, stationarity_warn=1e9)
+    settings = InfluenceSettings(hessian="gauss-newton", solver="cg", damping=1e-6, stationarity_warn=1e9, solve=SolverSettings(tol=1e-12, max_iter=500))
     first = edit_model(problem, lam, tasks, removal, settings)
     refined = edit_model(problem, lam, tasks, removal, settings, newton_steps=6)
     g = lambda x: float(problem.meta_gradient(x, tasks, w, v, u).norm())
@@ -116,8 +117,7 @@ def test_gauss_newton_newton_steps_descend_a_nonlinear_reduced_objective():
     assert refined.diagnostics["newton_final_grad_norm"] < 0.75 * g(first.lam)
     assert all(0 < s["step"] <= 1 for s in refined.diagnostics["newton"]) and len(refined.diagnostics["newton"]) == 6
     with pytest.raises(DivergenceError, match="indefinite"):
-        edit_model(problem, lam, tasks, removal, InfluenceSettings(hessian="exact", solver="cg", damping=1e-6, tol=1e-12, max_iter=500,
-                                                                   stationarity_warn=1e9), newton_steps=6)
+        edit_model(problem, lam, tasks, removal, InfluenceSettings(hessian="exact", solver="cg", damping=1e-6, stationarity_warn=1e9, solve=SolverSettings(tol=1e-12, max_iter=500)), newton_steps=6)
 
 
 def test_unlearning_moves_against_the_removed_tasks():
@@ -142,9 +142,10 @@ def test_two_stage_agrees_with_unrolled_when_the_inner_loop_reaches_its_optimum(
     from torch.func import grad
 
     v, _ = problem.default_weights(tasks, lam)
-    theta = problem.adapt(lam, tasks.support_x[0], tasks.support_y[0], v[0])
-    assert grad(problem.inner_objective)(theta, lam, tasks.support_x[0], tasks.support_y[0], v[0]).norm() < 1e-9
-    common = dict(hessian="exact", damping=1e-2, tol=1e-12, inner_damping=0.0, inner_cg_steps=40, stationarity_warn=1e9)
+    task0 = problem.records(lam, tasks, v).row(0)
+    theta = problem.adapt(lam, task0)
+    assert grad(problem.inner_objective)(theta, lam, task0).norm() < 1e-9
+    common = dict(hessian="exact", damping=1e-2, solve=SolverSettings(tol=1e-12), inner_damping=0.0, inner_cg_steps=40, stationarity_warn=1e9)
     unrolled = instance_influence(problem, lam, tasks, val, "support", InfluenceSettings(support_method="unrolled", **common))
     two = instance_influence(problem, lam, tasks, val, "support", InfluenceSettings(support_method="two-stage", **common))
     assert two.diagnostics["inner_solve_residual"] < 1e-8
@@ -161,18 +162,18 @@ def test_two_stage_equals_its_dense_formula():
 
     problem, lam = small_problem("unrolled", steps=2, lr=0.3, hidden=(4,))
     tasks, val = random_tasks(n=2), random_tasks(n=2, seed=3)
-    settings = InfluenceSettings(hessian="gauss-newton", support_method="two-stage", damping=1e-2, tol=1e-12,
-                                 inner_damping=0.5, inner_cg_steps=80, stationarity_warn=1e9)
+    settings = InfluenceSettings(hessian="gauss-newton", support_method="two-stage", damping=1e-2, inner_damping=0.5, inner_cg_steps=80, stationarity_warn=1e9, solve=SolverSettings(tol=1e-12))
     res = instance_influence(problem, lam, tasks, val, "support", settings)
     s = res.extra["s"]
     k = 1
     xs, ys, xq, yq = tasks.support_x[k], tasks.support_y[k], tasks.query_x[k], tasks.query_y[k]
     v, u = problem.default_weights(tasks, lam)
-    theta = problem.adapt(lam, xs, ys, v[k])
+    task_k = problem.records(lam, tasks, v, u).row(k)
+    theta = problem.adapt(lam, task_k)
     H_in = hessian(lambda th: problem.weighted_loss(th, xs, ys, v[k]))(theta) + 0.5 * torch.eye(lam.numel(), dtype=torch.float64)
     per_ex = jacrev(lambda th: problem.example_losses(th, xs, ys))(theta)
     for z in range(xs.shape[0]):
         dtheta = torch.linalg.solve(H_in, per_ex[z]) / xs.shape[0]
-        P = lambda l: torch.dot(grad(problem.weighted_loss)(problem.adapt(l, xs, ys, v[k]), xq, yq, u[k]), dtheta)
+        P = lambda l: torch.dot(grad(problem.weighted_loss)(problem.adapt(l, task_k), xq, yq, u[k]), dtheta)
         expected = -torch.dot(s, grad(P)(lam)) / len(tasks)
         torch.testing.assert_close(res.scores[k, z], expected, rtol=1e-6, atol=1e-12)

@@ -14,7 +14,7 @@ def _loop_meta_gradient(problem, lam, tasks):
     for i in range(len(tasks)):
         t = tasks.subset([i])
         v, u = problem.default_weights(t, lam)
-        total += problem.task_total_gradient(lam, t.support_x[0], t.support_y[0], t.query_x[0], t.query_y[0], v[0], u[0])
+        total += problem.task_total_gradient(lam, problem.records(lam, t, v, u).row(0))
     return total / len(tasks) + problem.weight_decay * lam
 
 

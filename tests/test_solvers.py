@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from metainfluence.errors import CheckpointError, DivergenceError, SettingsError
-from metainfluence.influence.solvers import (
+from metainfluence.linalg import (
     SOLVERS,
     FunctionOperator,
     LowRank,

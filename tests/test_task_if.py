@@ -12,7 +12,7 @@ import torch
 from helpers import random_tasks, small_problem
 from metainfluence.influence.hessians import TotalHessian
 from metainfluence.influence.results import InfluenceSettings
-from metainfluence.influence.solvers import materialize
+from metainfluence.linalg import SolverSettings, materialize
 from metainfluence.influence.task_if import task_influence, task_parameter_changes
 
 
@@ -55,7 +55,7 @@ def test_every_solver_agrees_with_explicit(solver):
     problem, lam0, tasks = _quadratic(12)
     lam = _newton_minimum(problem, lam0, tasks)
     val = random_tasks(n=5, n_support=4, n_query=6, n_features=5, regression=True, seed=9)
-    base = dict(hessian="exact", damping=1e-3, tol=1e-12, max_iter=500, neumann_depth=200000, lowrank_rank=lam.numel())
+    base = dict(hessian="exact", damping=1e-3, solve=SolverSettings(tol=1e-12, max_iter=500, neumann_depth=200000, lowrank_rank=lam.numel()))
     ref = task_influence(problem, lam, tasks, val, InfluenceSettings(solver="explicit", **base))
     got = task_influence(problem, lam, tasks, val, InfluenceSettings(solver=solver, **base))
     torch.testing.assert_close(got.scores, ref.scores, rtol=1e-6, atol=1e-12)
@@ -80,7 +80,7 @@ def test_scores_equal_measurement_change_of_the_predicted_parameters_and_self_in
 def test_woodbury_solver_for_fisher_matches_cg():
     problem, lam = small_problem("unrolled", steps=1, hidden=(5,))
     tasks, val = random_tasks(n=6), random_tasks(n=3, seed=4)
-    common = dict(hessian="fisher", damping=1e-2, tol=1e-12, fisher_samples=2, stationarity_warn=1e9)
+    common = dict(hessian="fisher", damping=1e-2, solve=SolverSettings(tol=1e-12), fisher_samples=2, stationarity_warn=1e9)
     a = task_influence(problem, lam, tasks, val, InfluenceSettings(solver="woodbury", **common))
     b = task_influence(problem, lam, tasks, val, InfluenceSettings(solver="cg", **common))
     torch.testing.assert_close(a.scores, b.scores, rtol=1e-7, atol=1e-12)

@@ -9,6 +9,7 @@ The public API, stage by stage (data → task pools → meta-learning → influe
     task_influence, instance_influence,         influence/
     edit_model, Removal, unlearn, TotalHessian, solve_ihvp
     leave_one_out, lds_ground_truth, metrics    evaluation/
+    SolverSettings, solve_ihvp                  linalg/ (operators and solvers, used by every stage)
 
 Sign convention (SPEC §7): a score is the predicted change of the measurement (validation loss) when
 the item is removed; positive means the item helps, negative means it harms.
@@ -22,8 +23,9 @@ from .influence.editing import EditResult, Removal, edit_model, unlearn
 from .influence.hessians import TotalHessian
 from .influence.instance_if import instance_influence
 from .influence.results import SIGN_CONVENTION, InfluenceResult, InfluenceSettings
-from .influence.solvers import SolverSettings, solve_ihvp
+
 from .influence.task_if import task_influence, task_parameter_changes
+from .linalg import SolverSettings, solve_ihvp
 from .meta.evaluate import evaluate
 from .meta.objective import InnerSettings, MetaProblem
 from .meta.refine import RefineSettings, refine

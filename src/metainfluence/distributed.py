@@ -4,12 +4,13 @@ Every quantity the influence code needs is either a **sum over tasks** (meta-gra
 gradient, Hessian-vector products, Γ, means of losses) or a **per-task row** (scores, total gradients,
 self-influence). With the pools split into contiguous shards, one per process:
 
-* sums go through ``problem.reduce`` (installed here as an all-reduce of the local partial sums) and
-  pool sizes through ``problem.n_total`` (the all-reduced sum of the local counts), so every process
-  sees the full-pool value — the same vectors, the same solver iterations, the same s;
+* the problem's collective (:class:`TorchCollective`, installed by :class:`distribute`) sends sums
+  through an all-reduce of the local partial sums and pool sizes through the all-reduced sum of the
+  local counts, so every process sees the full-pool value — the same vectors, the same solver
+  iterations, the same s;
 * per-task rows are computed for the local tasks only and gathered back into pool order at the end
-  (:func:`gather_rows`); ``problem.gather`` / ``problem.local_rows`` do the same inside the engine
-  where a full-pool row set is needed (fisher factor, self-influence right-hand sides).
+  (:func:`gather_rows`); the collective's ``gather_rows`` / ``local_rows`` do the same inside the
+  engine where a full-pool row set is needed (fisher factor, self-influence right-hand sides).
 
 Launch with torchrun (one process per GPU, or per group of CPU cores)::
 
@@ -50,6 +51,7 @@ from typing import Any, Sequence
 import torch
 
 from .errors import SettingsError
+from .meta.collective import Collective
 from .meta.objective import MetaProblem
 from .tasks.tensors import TaskTensors
 
@@ -64,6 +66,7 @@ __all__ = [
     "all_gather_counts",
     "gather_rows",
     "local_rows",
+    "TorchCollective",
     "distribute",
     "distributed_task_influence",
 ]
@@ -301,43 +304,55 @@ def local_rows(full: torch.Tensor, n_local: int, group=None) -> torch.Tensor:
     return full[start:start + int(n_local)]
 
 
-# ---------------------------------------------------------------------- the problem's hooks
-_HOOKS = ("reduce", "n_total", "gather", "local_rows")
+# ---------------------------------------------------------------------- the problem's collective
+class TorchCollective(Collective):
+    """:class:`~metainfluence.meta.collective.Collective` over a torch.distributed process group:
+    ``all_sum`` all-reduces (sums) a copy of its argument, ``total_count`` is the all-reduced sum of
+    the local counts, ``gather_rows`` / ``local_rows`` move per-task rows between shards and the full
+    pool. Every method is a collective (see the module docstring). ``total_count`` is deliberately
+    not cached per local count: two pools can share a rank's local count but not another rank's, and
+    a per-rank cache would then skip a collective on one rank only (a hang) or return the wrong total."""
+
+    def __init__(self, group=None):
+        self.group = group
+        self.world_size = _dist().get_world_size(group)
+
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum(t, self.group)
+
+    def total_count(self, n_local: int) -> int:
+        return all_reduce_count(n_local, self.group)
+
+    def gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return gather_rows(rows, None, self.group)
+
+    def local_rows(self, full: torch.Tensor, n_local: int) -> torch.Tensor:
+        return local_rows(full, n_local, self.group)
 
 
 class distribute:
-    """Install the all-reduce / gather hooks on ``problem`` (see the module docstring).
+    """Give ``problem`` a :class:`TorchCollective` (see the module docstring).
 
-    Works as a function (the hooks stay until :meth:`restore`) or as a context manager::
+    Works as a function (the collective stays until :meth:`restore`) or as a context manager::
 
         with distribute(problem):
             res = task_influence(problem, lam, local_train, local_val, settings)
 
-    ``problem.reduce`` all-reduces (sums) a copy of its argument, ``problem.n_total(n_local)`` is
-    the all-reduced sum of the local counts, ``problem.gather`` / ``problem.local_rows`` move
-    per-task rows between shards and the full pool. Every hook is a collective: every process
-    must make the same calls in the same order (the engine does, since all of its control flow
-    depends only on reduced values and settings). ``n_total`` is deliberately not cached per local
-    count: two pools can share a rank's local count but not another rank's, and a per-rank cache
-    would then skip a collective on one rank only (a hang) or return the wrong total.
-
-    Without an initialised process group nothing is installed (a single process needs no hooks).
+    Every process must make the same engine calls in the same order (the engine does, since all of
+    its control flow depends only on reduced values and settings). Without an initialised process
+    group nothing changes (a single process needs no collective).
     """
 
     def __init__(self, problem: MetaProblem, group=None):
         self.problem = problem
         self.group = group
-        self._saved = {name: getattr(problem, name) for name in _HOOKS}
+        self._saved = problem.collective
         self.active = is_distributed()
         if self.active:
-            problem.reduce = lambda t: all_reduce_sum(t, group)
-            problem.n_total = lambda n_local: all_reduce_count(n_local, group)
-            problem.gather = lambda t: gather_rows(t, None, group)
-            problem.local_rows = lambda full, n_local: local_rows(full, n_local, group)
+            problem.collective = TorchCollective(group)
 
     def restore(self) -> None:
-        for name, hook in self._saved.items():
-            setattr(self.problem, name, hook)
+        self.problem.collective = self._saved
         self.active = False
 
     def __enter__(self) -> MetaProblem:

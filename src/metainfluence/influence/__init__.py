@@ -1,10 +1,10 @@
-"""The influence stage: total gradients, total-Hessian products, iHVP solvers, task-IF, instance-IF, editing."""
+"""The influence stage: total gradients, total-Hessian products, task-IF, instance-IF, editing (solvers live in linalg)."""
 
 from .editing import EditResult, Removal, edit_model, unlearn
 from .hessians import HESSIANS, TotalHessian
 from .instance_if import instance_influence
 from .results import METHODS, SIGN_CONVENTION, InfluenceResult, InfluenceSettings
-from .solvers import SolverSettings, solve_ihvp
+from ..linalg import SolverSettings, solve_ihvp
 from .task_if import task_influence, task_parameter_changes
 
 __all__ = ["EditResult", "HESSIANS", "METHODS", "Removal", "SIGN_CONVENTION", "InfluenceResult", "InfluenceSettings",

@@ -110,7 +110,7 @@ def edit_model(
     settings = settings or InfluenceSettings()
     settings.validate()
     lam = lam.detach()
-    n = problem.n_total(len(pool))
+    n = problem.collective.total_count(len(pool))
     t0 = time.perf_counter()
     b = removed_gradient(problem, lam, pool, removal)
     op = build_hessian(problem, lam, pool, settings)
@@ -148,7 +148,7 @@ def unlearn(problem: MetaProblem, lam: torch.Tensor, pool: TaskTensors, removal:
     if steps < 1 or lr <= 0:
         raise SettingsError("unlearning needs steps ≥ 1 and lr > 0")
     t0 = time.perf_counter()
-    n = problem.n_total(len(pool))
+    n = problem.collective.total_count(len(pool))
     cur = lam.detach()
     for _ in range(steps):
         cur = cur + lr * removed_gradient(problem, cur, pool, removal) / n

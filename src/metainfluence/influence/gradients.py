@@ -12,17 +12,17 @@
 from __future__ import annotations
 
 import torch
-from torch.func import grad, jacrev, jvp
+from torch.func import grad, jacfwd, jacrev, jvp
 
 from ..errors import SettingsError
-from ..meta.objective import MetaProblem
+from ..meta.objective import MetaProblem, TaskRecord
 from ..tasks.tensors import TaskTensors
 
 
 def measurement_gradient(problem: MetaProblem, lam: torch.Tensor, val_tasks: TaskTensors) -> tuple[torch.Tensor, float]:
     """(∇f(λ), f(λ)) for f = mean query loss over ``val_tasks`` after adaptation (no weight decay)."""
     lam = lam.detach()
-    n = problem.n_total(len(val_tasks))
+    n = problem.collective.total_count(len(val_tasks))
     gradient = problem.sum_over_tasks(problem.task_total_gradient, lam, val_tasks) / n
     with torch.no_grad():
         value = problem.sum_over_tasks(problem.query_loss, lam, val_tasks) / n
@@ -32,16 +32,20 @@ def measurement_gradient(problem: MetaProblem, lam: torch.Tensor, val_tasks: Tas
 def direct_gradients(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors) -> torch.Tensor:
     """∇_θ L_Q^k(θ_k) per task (direct-IF: the adapted parameters treated as if they were λ)."""
 
-    def one(lam, xs, ys, xq, yq, v, u):
-        theta = problem.adapt(lam, xs, ys, v).detach()
-        return grad(problem.weighted_loss)(theta, xq, yq, u)
+    def one(lam, task: TaskRecord):
+        theta = problem.adapt(lam, task).detach()
+        return grad(problem.weighted_loss)(theta, task.xq, task.yq, task.u)
 
     return problem.per_task(one, lam.detach(), tasks).detach()
 
 
 def direct_measurement_gradient(problem: MetaProblem, lam: torch.Tensor, val_tasks: TaskTensors) -> torch.Tensor:
-    n = problem.n_total(len(val_tasks))
-    return problem.reduce(direct_gradients(problem, lam, val_tasks).sum(0)) / n
+    n = problem.collective.total_count(len(val_tasks))
+    return problem.collective.all_sum(direct_gradients(problem, lam, val_tasks).sum(0)) / n
+
+
+# which example weights of a task record an instance level differentiates: v (support) or u (query)
+_WEIGHT_OF = {"support": "v", "query": "u"}
 
 
 def _require_unrolled(problem: MetaProblem, what: str) -> None:
@@ -56,12 +60,12 @@ def example_scores(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, 
     scalar sᵀ g_k(λ, v, u) with respect to the example weights per task."""
     if which == "support":
         _require_unrolled(problem, "support instance-IF (unrolled)")
-    argnum = {"support": 5, "query": 6}[which]
+    field = _WEIGHT_OF[which]
     s = s.detach().to(lam)
 
-    def one(lam, xs, ys, xq, yq, v, u):
-        contracted = lambda *a: torch.dot(s, problem.task_total_gradient(*a))
-        return jacrev(contracted, argnums=argnum)(lam, xs, ys, xq, yq, v, u)
+    def one(lam, task: TaskRecord):
+        contracted = lambda weight: torch.dot(s, problem.task_total_gradient(lam, task._replace(**{field: weight})))
+        return jacrev(contracted)(getattr(task, field))
 
     return problem.per_task(one, lam.detach(), tasks).detach()
 
@@ -70,13 +74,12 @@ def example_mixed_gradients(problem: MetaProblem, lam: torch.Tensor, tasks: Task
     """The full mixed derivatives ∂_λ ∂_{w_z} L_Q^k, shape (n, |set|, p) (for per-example parameter changes)."""
     if which == "support":
         _require_unrolled(problem, "support instance-IF (unrolled)")
-    argnum = {"support": 5, "query": 6}[which]
+    field = _WEIGHT_OF[which]
 
-    def one(lam, xs, ys, xq, yq, v, u):
+    def one(lam, task: TaskRecord):
         # g_k is linear in u and smooth in v: forward mode over the |set| weights is exact and cheap.
-        from torch.func import jacfwd
-
-        return jacfwd(problem.task_total_gradient, argnums=argnum)(lam, xs, ys, xq, yq, v, u).T
+        along = lambda weight: problem.task_total_gradient(lam, task._replace(**{field: weight}))
+        return jacfwd(along)(getattr(task, field)).T
 
     return problem.per_task(one, lam.detach(), tasks).detach()
 
@@ -85,17 +88,11 @@ def removed_examples_gradient(problem: MetaProblem, lam: torch.Tensor, tasks: Ta
     """Σ_{z removed} ∂_λ ∂_{w_z} L_Q^k summed over tasks: one jvp per task along the removal mask (n, |set|)."""
     if which == "support":
         _require_unrolled(problem, "support instance-IF (unrolled)")
-    argnum = {"support": 5, "query": 6}[which]
+    field = _WEIGHT_OF[which]
     mask = mask.to(lam)
 
-    def one(lam, xs, ys, xq, yq, v, u, m):
-        args = [lam, xs, ys, xq, yq, v, u]
-
-        def along(weight):
-            a = list(args)
-            a[argnum] = weight
-            return problem.task_total_gradient(*a)
-
-        return jvp(along, (args[argnum],), (m,))[1]
+    def one(lam, task: TaskRecord, m):
+        along = lambda weight: problem.task_total_gradient(lam, task._replace(**{field: weight}))
+        return jvp(along, (getattr(task, field),), (m,))[1]
 
     return problem.sum_over_tasks(one, lam.detach(), tasks, extra=(mask,)).detach()

@@ -8,7 +8,7 @@ kinds:
   gauss-newton  (1/n) Σ J_iᵀ G_i J_i + μI,  J_i = dθ_i/dλ, G_i the Gauss–Newton matrix of L_Q^i at θ_i.
   gamma         (1/n) Σ J_iᵀ ∇²_θ L_Q^i J_i + Γ I + μI,  Γ = (1/n) Σ ‖∇_θ L_Q^i(θ_i)‖₁  (paper, Thm 5.1).
   fisher        (1/n) Σ E[ĝ_i ĝ_iᵀ] + μI, ĝ_i total gradients with query labels sampled from the model;
-                stored as a (n·M × p) factor so that its inverse is exact by Woodbury.
+                stored as a (n·M × p) factor so that its inverse is exact by Woodbury (linalg.woodbury).
   direct        (1/n) Σ ∇²_θ L_Q^i(θ_i) + μI: the Hessian of the direct-IF baseline (ignores dθ/dλ).
 """
 
@@ -18,46 +18,43 @@ import torch
 from torch.func import grad, jvp, vjp, vmap
 
 from ..errors import SettingsError
-from ..meta.objective import MetaProblem
+from ..linalg import FactorOperator
+from ..meta.objective import MetaProblem, TaskRecord
 from ..tasks.tensors import TaskTensors
 
 HESSIANS = ("exact", "gauss-newton", "gamma", "fisher", "direct")
 
 
 # ---------------------------------------------------------------------- per-task building blocks
-def jacobian_vp(problem: MetaProblem, lam, xs, ys, v, theta, direction):
+def jacobian_vp(problem: MetaProblem, lam, task: TaskRecord, theta, direction):
     """J_i · direction, J_i = dθ_i/dλ (unrolled: jvp through the inner loop; implicit: γ(∇²L_S+γI)^{-1})."""
     if problem.inner.kind == "unrolled":
-        return jvp(lambda l: problem.adapt(l, xs, ys, v), (lam,), (direction,))[1]
-    return problem.implicit_jacobian_t(theta, lam, xs, ys, v, direction)  # symmetric
+        return jvp(lambda l: problem.adapt(l, task), (lam,), (direction,))[1]
+    return problem.implicit_jacobian_t(theta, lam, task, direction)  # symmetric
 
 
-def jacobian_t_vp(problem: MetaProblem, lam, xs, ys, v, theta, vec):
+def jacobian_t_vp(problem: MetaProblem, lam, task: TaskRecord, theta, vec):
     """J_iᵀ · vec."""
     if problem.inner.kind == "unrolled":
-        return vjp(lambda l: problem.adapt(l, xs, ys, v), lam)[1](vec)[0]
-    return problem.implicit_jacobian_t(theta, lam, xs, ys, v, vec)
+        return vjp(lambda l: problem.adapt(l, task), lam)[1](vec)[0]
+    return problem.implicit_jacobian_t(theta, lam, task, vec)
 
 
-def query_hvp_theta(problem: MetaProblem, theta, xq, yq, u, direction):
+def query_hvp_theta(problem: MetaProblem, theta, task: TaskRecord, direction):
     """∇²_θ L_Q(θ) · direction (the query loss Hessian in θ-space)."""
-    g = lambda th: grad(problem.weighted_loss)(th, xq, yq, u)
+    g = lambda th: grad(problem.weighted_loss)(th, task.xq, task.yq, task.u)
     return jvp(g, (theta,), (direction,))[1]
 
 
-def query_gnvp_theta(problem: MetaProblem, theta, xq, yq, u, direction):
+def query_gnvp_theta(problem: MetaProblem, theta, task: TaskRecord, direction):
     """Gauss–Newton product J_fᵀ H_ℓ J_f · direction, f the network outputs on the query set.
 
     H_ℓ is the exact Hessian of the loss with respect to the outputs (PSD for cross-entropy and MSE)."""
-    out_fn = lambda th: problem.forward(th, xq)
+    out_fn = lambda th: problem.forward(th, task.xq)
     out, d_out = jvp(out_fn, (theta,), (direction,))
-    loss_of_out = lambda o: (u * problem.loss_fn(o, yq)).sum() / xq.shape[0]
+    loss_of_out = lambda o: (task.u * problem.loss_fn(o, task.yq)).sum() / task.xq.shape[0]
     h_out = jvp(grad(loss_of_out), (out,), (d_out,))[1]
     return vjp(out_fn, theta)[1](h_out)[0]
-
-
-def _adapted(problem, lam, xs, ys, v):
-    return problem.adapt(lam, xs, ys, v).detach()
 
 
 # ---------------------------------------------------------------------- the operator
@@ -98,42 +95,42 @@ class TotalHessian:
         self.dtype = lam.dtype
         self.device = lam.device
         self.n_tasks = len(tasks)
-        self.n_total = problem.n_total(len(tasks))
+        self.n_total = problem.collective.total_count(len(tasks))
         self.n_matvecs = 0
         self.gamma = 0.0
-        self.fisher_factor: torch.Tensor | None = None
+        self.factor: torch.Tensor | None = None  # fisher: H = factorᵀfactor + shift·I (Woodbury)
+        self.shift = problem.weight_decay
         # θ_i(λ*) is fixed: adapt once (the implicit inner solve is the expensive part of its products)
         self.thetas = None
         if kind in ("gauss-newton", "gamma", "direct"):
-            adapted = lambda lam, xs, ys, xq, yq, v_, u_: _adapted(problem, lam, xs, ys, v_)
-            self.thetas = problem.per_task(adapted, self.lam, tasks, v, u)
+            self.thetas = problem.per_task(lambda l, t: problem.adapt(l, t).detach(), self.lam, tasks, v, u)
         if kind == "gamma":
             l1 = problem.sum_over_tasks(self._query_grad_l1, self.lam, tasks, w, v, u, extra=(self.thetas,))
             self.gamma = float(l1) / self.n_total
         if kind == "fisher":
             if w is not None or v is not None or u is not None:
                 raise SettingsError("the fisher Hessian is built for the full pool; use exact or gauss-newton for a reweighted pool")
-            self.fisher_factor = fisher_factor(problem, self.lam, tasks, fisher_samples, seed)
+            self.factor = fisher_factor(problem, self.lam, tasks, fisher_samples, seed)
+            self._fisher = FactorOperator(self.factor, self.shift)
 
     # per-task products, vmapped by MetaProblem.sum_over_tasks
-    def _query_grad_l1(self, lam, xs, ys, xq, yq, v, u, theta):
-        return grad(self.problem.weighted_loss)(theta, xq, yq, u).abs().sum()
+    def _query_grad_l1(self, lam, task: TaskRecord, theta):
+        return grad(self.problem.weighted_loss)(theta, task.xq, task.yq, task.u).abs().sum()
 
     def _task_product(self, direction):
         p = self.problem
         kind = self.kind
 
-        def exact(lam, xs, ys, xq, yq, v, u):
-            g = lambda l: grad(p.query_loss)(l, xs, ys, xq, yq, v, u)
-            return jvp(g, (lam,), (direction,))[1]
+        def exact(lam, task):
+            return p.task_total_hvp(lam, task, direction)
 
-        def sandwich(lam, xs, ys, xq, yq, v, u, theta):
-            jd = jacobian_vp(p, lam, xs, ys, v, theta, direction)
+        def sandwich(lam, task, theta):
+            jd = jacobian_vp(p, lam, task, theta, direction)
             inner = query_gnvp_theta if kind == "gauss-newton" else query_hvp_theta
-            return jacobian_t_vp(p, lam, xs, ys, v, theta, inner(p, theta, xq, yq, u, jd))
+            return jacobian_t_vp(p, lam, task, theta, inner(p, theta, task, jd))
 
-        def direct(lam, xs, ys, xq, yq, v, u, theta):
-            return query_hvp_theta(p, theta, xq, yq, u, direction)
+        def direct(lam, task, theta):
+            return query_hvp_theta(p, theta, task, direction)
 
         return {"exact": exact, "gauss-newton": sandwich, "gamma": sandwich, "direct": direct}[kind]
 
@@ -149,9 +146,8 @@ class TotalHessian:
         self.n_matvecs += 1
         v = v.to(self.lam)
         if self.kind == "fisher":
-            G = self.fisher_factor
-            return G.T @ (G @ v) + self.problem.weight_decay * v
-        out = self.problem.reduce(self._local_sum(v)) / self.n_total + (self.gamma + self.problem.weight_decay) * v
+            return self._fisher.matvec(v)
+        out = self.problem.collective.all_sum(self._local_sum(v)) / self.n_total + (self.gamma + self.problem.weight_decay) * v
         return out.detach()
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
@@ -159,10 +155,9 @@ class TotalHessian:
         self.n_matvecs += V.shape[1]
         V = V.to(self.lam)
         if self.kind == "fisher":
-            G = self.fisher_factor
-            return G.T @ (G @ V) + self.problem.weight_decay * V
+            return self._fisher.matmat(V)
         local = vmap(self._local_sum, in_dims=1, out_dims=1)(V)
-        out = self.problem.reduce(local) / self.n_total + (self.gamma + self.problem.weight_decay) * V
+        out = self.problem.collective.all_sum(local) / self.n_total + (self.gamma + self.problem.weight_decay) * V
         return out.detach()
 
     def matvec_subset(self, v: torch.Tensor, task_index: torch.Tensor) -> torch.Tensor:
@@ -175,20 +170,6 @@ class TotalHessian:
         part = self._local_sum(v, task_index)
         return (part / len(task_index) + (self.gamma + self.problem.weight_decay) * v).detach()
 
-    def woodbury_solve(self, b: torch.Tensor, damping: float) -> torch.Tensor:
-        """(GᵀG + cI)^{-1} b with c = μ + δ, exactly, for the fisher kind (G holds the scaled ĝ rows)."""
-        if self.kind != "fisher":
-            raise SettingsError("the woodbury solver applies to hessian=fisher only")
-        c = self.problem.weight_decay + damping
-        if c <= 0:
-            raise SettingsError("the fisher Hessian is singular without weight decay or damping: set damping > 0")
-        G = self.fisher_factor
-        small = G @ G.T + c * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
-        rhs = b.T if b.dim() == 2 else b
-        inner = torch.linalg.solve(small, G @ rhs)
-        x = (rhs - G.T @ inner) / c
-        return x.T if b.dim() == 2 else x
-
 
 def fisher_factor(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, samples: int, seed: int) -> torch.Tensor:
     """Rows ĝ_{i,m} / √(n·M): total gradients with query labels drawn from the adapted model.
@@ -199,12 +180,12 @@ def fisher_factor(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, s
         raise SettingsError(f"fisher_samples must be ≥ 1, got {samples}")
     gen = torch.Generator(device="cpu").manual_seed(seed)
 
-    def outputs(lam, xs, ys, xq, yq, v, u):
-        return problem.forward(problem.adapt(lam, xs, ys, v), xq)
+    def outputs(lam, task):
+        return problem.forward(problem.adapt(lam, task), task.xq)
 
     with torch.no_grad():
         # labels are drawn for the whole pool (gathered over shards), so every process draws what one process would
-        out = problem.gather(problem.per_task(outputs, lam, tasks))
+        out = problem.collective.gather_rows(problem.per_task(outputs, lam, tasks))
     rows = []
     for _ in range(samples):
         if problem.loss_name == "cross_entropy":
@@ -216,7 +197,7 @@ def fisher_factor(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, s
             yq = out + noise * 0.5**0.5
         else:
             raise SettingsError(f"the fisher Hessian needs a likelihood to sample from; loss {problem.loss_name!r} has none — use gauss-newton")
-        sampled = TaskTensors(tasks.support_x, tasks.support_y, tasks.query_x, problem.local_rows(yq, len(tasks)))
-        rows.append(problem.gather(problem.total_gradients(lam, sampled)))  # every process holds all rows (Woodbury)
-    G = torch.cat(rows) / (problem.n_total(len(tasks)) * samples) ** 0.5
+        sampled = TaskTensors(tasks.support_x, tasks.support_y, tasks.query_x, problem.collective.local_rows(yq, len(tasks)))
+        rows.append(problem.collective.gather_rows(problem.total_gradients(lam, sampled)))  # every process holds all rows (Woodbury)
+    G = torch.cat(rows) / (problem.collective.total_count(len(tasks)) * samples) ** 0.5
     return G

@@ -17,7 +17,8 @@ import torch
 from torch.func import jacrev
 
 from ..errors import SettingsError
-from ..meta.objective import MetaProblem, _fixed_cg
+from ..linalg import fixed_step_cg
+from ..meta.objective import MetaProblem, TaskRecord
 from ..tasks.tensors import TaskTensors
 from .gradients import example_scores, measurement_gradient
 from .hessians import check_hessian_kind, jacobian_vp, query_hvp_theta
@@ -30,15 +31,15 @@ def _two_stage_scores(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensor
     delta_in = settings.inner_damping
     steps = settings.inner_cg_steps
 
-    def one(lam, xs, ys, xq, yq, v, u):
-        theta = problem.adapt(lam, xs, ys, v).detach()
-        a = jacobian_vp(problem, lam, xs, ys, v, theta, s)
-        b = query_hvp_theta(problem, theta, xq, yq, u, a)
-        mv = lambda z: problem.inner_hvp(theta, lam, xs, ys, v, z) + delta_in * z
-        c = _fixed_cg(mv, b, steps)
+    def one(lam, task: TaskRecord):
+        theta = problem.adapt(lam, task).detach()
+        a = jacobian_vp(problem, lam, task, theta, s)
+        b = query_hvp_theta(problem, theta, task, a)
+        mv = lambda z: problem.inner_hvp(theta, lam, task, z) + delta_in * z
+        c = fixed_step_cg(mv, b, steps)
         residual = (mv(c) - b).norm() / b.norm().clamp_min(1e-300)
-        per_example_grads = jacrev(lambda th: problem.example_losses(th, xs, ys))(theta)  # (|S|, p)
-        scores = -(per_example_grads @ c) * v / xs.shape[0]
+        per_example_grads = jacrev(lambda th: problem.example_losses(th, task.xs, task.ys))(theta)  # (|S|, p)
+        scores = -(per_example_grads @ c) * task.v / task.xs.shape[0]
         return torch.cat([scores, residual[None]])
 
     out = problem.per_task(one, lam.detach(), tasks).detach()
@@ -67,7 +68,7 @@ def instance_influence(
         raise SettingsError("instance-IF uses the total Hessian: method must be task-if (baselines rank whole tasks)")
     check_hessian_kind(problem, settings.hessian)
     lam = lam.detach()
-    n = problem.n_total(len(train_tasks))
+    n = problem.collective.total_count(len(train_tasks))
     t0 = time.perf_counter()
     grad_f, f_value = measurement_gradient(problem, lam, val_tasks)
     if s is None:

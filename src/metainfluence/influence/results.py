@@ -12,8 +12,8 @@ import torch
 
 from ..errors import CheckpointError, SettingsError
 from ..io import load_result, save_result
+from ..linalg import SOLVER_NAMES, SolverSettings
 from .hessians import HESSIANS
-from .solvers import SOLVERS, SolverSettings
 
 SIGN_CONVENTION = (
     "score = predicted change of the measurement f (mean query loss of the validation pool after "
@@ -23,7 +23,6 @@ SIGN_CONVENTION = (
 )
 
 METHODS = ("task-if", "direct-if", "tracin", "loss", "random")
-SOLVER_NAMES = (*SOLVERS, "woodbury")
 SUPPORT_METHODS = ("unrolled", "two-stage")
 
 
@@ -37,15 +36,17 @@ def _finite_nonnegative(value: Any) -> bool:
 
 @dataclass
 class InfluenceSettings:
+    """What to score and how: the method, the Hessian, the iHVP solver by name and damping, the
+    solver's own settings (composed: :class:`~metainfluence.linalg.SolverSettings`, a ``[influence.solve]``
+    section in config files, flags without a prefix), and the instance-level options."""
+
     method: str = field(default="task-if", metadata={"help": "task-if | direct-if | tracin | loss | random (SPEC §7)"})
     hessian: str = field(default="exact", metadata={"help": "total-Hessian products: exact | gauss-newton | gamma | fisher (direct-if always uses direct)"})
     solver: str = field(default="cg", metadata={"help": "iHVP solver: explicit | cg | neumann | lissa | lowrank | woodbury (fisher only)"})
     damping: float = field(default=1e-3, metadata={"help": "damping δ added to every Hessian: solves use H + δI"})
-    tol: float = field(default=1e-6, metadata={"help": "solver tolerance (relative residual for cg, relative change for neumann/lissa)"})
-    max_iter: int = field(default=500, metadata={"help": "CG iteration limit"})
-    neumann_depth: int = field(default=1000, metadata={"help": "Neumann/LiSSA depth J"})
-    lissa_batch: int = field(default=0, metadata={"help": "tasks per LiSSA HVP (0 = all)"})
-    lowrank_rank: int = field(default=20, metadata={"help": "eigenpairs kept by the lowrank solver"})
+    solve: SolverSettings = field(default_factory=SolverSettings, metadata={
+        "help": "settings of the iHVP solvers (tolerance, iteration limits, Neumann/LiSSA/Lanczos options, seed of random, fisher and lissa)",
+        "flag_prefix": ""})
     lowrank_file: str = field(default="", metadata={"help": "saved Lanczos eigenpairs to reuse (lowrank solver); computed and saved there if missing"})
     fisher_samples: int = field(default=4, metadata={"help": "label samples per task for the fisher Hessian"})
     support_method: str = field(default="unrolled", metadata={"help": "support instance-IF: unrolled (exact mixed derivative) | two-stage (paper)"})
@@ -53,7 +54,11 @@ class InfluenceSettings:
     inner_cg_steps: int = field(default=50, metadata={"help": "CG steps for the inner Hessian solve in two-stage instance-IF"})
     self_influence: bool = field(default=False, metadata={"help": "also compute self-influence g_kᵀ(H+δI)^{-1}g_k/n (one iHVP per task)"})
     stationarity_warn: float = field(default=0.05, metadata={"help": "warn when ‖∇F‖ / mean‖g_i‖ exceeds this (SPEC §2)"})
-    seed: int = field(default=0, metadata={"help": "seed for random, fisher and lissa"})
+
+    @property
+    def seed(self) -> int:
+        """The one seed of an influence computation (random scores, fisher labels, solver randomness)."""
+        return self.solve.seed
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -66,20 +71,12 @@ class InfluenceSettings:
             raise SettingsError(f"the woodbury solver inverts the fisher Hessian only, not {self.hessian!r}; use hessian=fisher or another solver")
         if not _finite_nonnegative(self.damping):
             raise SettingsError(f"damping must be a finite number ≥ 0, got {self.damping}; use a small positive value such as 1e-3")
+        if not isinstance(self.solve, SolverSettings):
+            raise SettingsError(f"solve must be a SolverSettings, got {type(self.solve).__name__}; pass solve=SolverSettings(...)")
         if self.support_method not in SUPPORT_METHODS:
             raise SettingsError(f"unknown support method {self.support_method!r}; use unrolled or two-stage")
         if not _finite_nonnegative(self.inner_damping):
             raise SettingsError(f"inner_damping must be a finite number ≥ 0, got {self.inner_damping}")
-
-    def solver_settings(self) -> SolverSettings:
-        return SolverSettings(
-            tol=self.tol,
-            max_iter=self.max_iter,
-            neumann_depth=self.neumann_depth,
-            lissa_batch=self.lissa_batch or None,
-            lowrank_rank=self.lowrank_rank,
-            seed=self.seed,
-        )
 
 
 @dataclass

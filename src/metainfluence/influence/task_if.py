@@ -24,7 +24,7 @@ from ..tasks.tensors import TaskTensors
 from .gradients import direct_gradients, direct_measurement_gradient, measurement_gradient
 from .hessians import TotalHessian, check_hessian_kind
 from .results import InfluenceResult, InfluenceSettings, settings_dict
-from .solvers import IHVPResult, LowRank, lanczos_eigenpairs, solve_ihvp
+from ..linalg import IHVPResult, LowRank, lanczos_eigenpairs, solve_ihvp
 
 
 def build_hessian(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, settings: InfluenceSettings, kind: str | None = None, **weights) -> TotalHessian:
@@ -32,19 +32,11 @@ def build_hessian(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, s
 
 
 def ihvp(op: TotalHessian, b: torch.Tensor, settings: InfluenceSettings) -> IHVPResult:
-    """x ≈ (H + δI)^{-1} b with the configured solver (plus the exact Woodbury solve for fisher)."""
-    if settings.solver == "woodbury":
-        start = time.perf_counter()
-        x = op.woodbury_solve(b, settings.damping)
-        rows = x.reshape(-1, op.dim)
-        brows = b.reshape(-1, op.dim)
-        res = [float((op.matvec(xi) + settings.damping * xi - bi).norm() / bi.norm().clamp_min(1e-300)) for xi, bi in zip(rows, brows)]
-        return IHVPResult(x=x, residual=max(res), iterations=0, solver="woodbury",
-                          info={"damping": settings.damping, "converged": True, "residuals": res, "seconds": time.perf_counter() - start})
+    """x ≈ (H + δI)^{-1} b with the configured solver."""
     lowrank = None
     if settings.solver == "lowrank":
         lowrank = _lowrank(op, settings)
-    return solve_ihvp(op, b, solver=settings.solver, damping=settings.damping, settings=settings.solver_settings(), lowrank=lowrank)
+    return solve_ihvp(op, b, solver=settings.solver, damping=settings.damping, settings=settings.solve, lowrank=lowrank)
 
 
 def _lowrank(op: TotalHessian, settings: InfluenceSettings) -> LowRank:
@@ -55,7 +47,7 @@ def _lowrank(op: TotalHessian, settings: InfluenceSettings) -> LowRank:
     if path is not None and path.with_name(path.name + ".json").exists():
         lr = LowRank.load(path, dim=op.dim)
     else:
-        lr = lanczos_eigenpairs(op, settings.lowrank_rank, seed=settings.seed)
+        lr = lanczos_eigenpairs(op, settings.solve.lowrank_rank, settings.solve.lanczos_iters, settings.seed)
         if path is not None:
             lr.save(path)
     op._lowrank = lr
@@ -86,7 +78,7 @@ def _train_pass(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, s: 
         total += G.sum(0)
         norms.append(G.norm(dim=1))
         dots.append(G @ s if s is not None else torch.zeros(G.shape[0], dtype=G.dtype, device=G.device))
-    return torch.cat(dots), torch.cat(norms), problem.reduce(total)
+    return torch.cat(dots), torch.cat(norms), problem.collective.all_sum(total)
 
 
 def _total_gradients(problem, lam, tasks):
@@ -96,7 +88,7 @@ def _total_gradients(problem, lam, tasks):
 def _mean_task_loss(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors) -> float:
     """Mean query loss over the pool (over every shard when the pool is sharded)."""
     with torch.no_grad():
-        return float(problem.reduce(problem.task_losses(lam, tasks).sum()) / problem.n_total(len(tasks)))
+        return float(problem.collective.all_sum(problem.task_losses(lam, tasks).sum()) / problem.collective.total_count(len(tasks)))
 
 
 def task_influence(
@@ -113,7 +105,7 @@ def task_influence(
     if settings.method == "task-if":
         check_hessian_kind(problem, settings.hessian)
     lam = lam.detach()
-    n = problem.n_total(len(train_tasks))
+    n = problem.collective.total_count(len(train_tasks))
     timings: dict[str, float] = {}
     diag: dict[str, Any] = {"n_tasks": n, "n_params": lam.numel()}
     method = settings.method
@@ -148,16 +140,16 @@ def task_influence(
         scores = dots / n
         timings["task_gradients"] = time.perf_counter() - t2
         if not direct:
-            diag["stationarity"] = stationarity(g_sum / n + problem.weight_decay * lam, problem.gather(norms), settings.stationarity_warn)
+            diag["stationarity"] = stationarity(g_sum / n + problem.weight_decay * lam, problem.collective.gather_rows(norms), settings.stationarity_warn)
         self_inf = None
         if settings.self_influence:
             if op is None:
                 op = build_hessian(problem, lam, train_tasks, settings)
             t3 = time.perf_counter()
             G = direct_gradients(problem, lam, train_tasks) if direct else problem.total_gradients(lam, train_tasks)
-            G = problem.gather(G)  # sharded: every process solves all rows, since each HVP needs every process
+            G = problem.collective.gather_rows(G)  # sharded: every process solves all rows, since each HVP needs every process
             res_all = ihvp(op, G, settings)
-            self_inf = problem.local_rows((G * res_all.x).sum(1), len(train_tasks)) / n
+            self_inf = problem.collective.local_rows((G * res_all.x).sum(1), len(train_tasks)) / n
             diag["self_influence_residual"] = res_all.residual
             timings["self_influence"] = time.perf_counter() - t3
         extra = {"s": s}
@@ -169,7 +161,7 @@ def task_influence(
     elif method == "random":
         f_value = _mean_task_loss(problem, lam, val_tasks)
         gen = torch.Generator().manual_seed(settings.seed)
-        scores = problem.local_rows(torch.randn(n, generator=gen, dtype=torch.float64), len(train_tasks)).to(lam)
+        scores = problem.collective.local_rows(torch.randn(n, generator=gen, dtype=torch.float64), len(train_tasks)).to(lam)
         self_inf, extra = None, {}
     else:  # pragma: no cover - validate() guards
         raise SettingsError(f"unknown method {method!r}")
@@ -188,6 +180,6 @@ def task_parameter_changes(problem: MetaProblem, lam: torch.Tensor, train_tasks:
                            op: TotalHessian | None = None) -> tuple[torch.Tensor, IHVPResult]:
     """Δλ_k = (H + δI)^{-1} g_k / n for every task k, shape (n, p): one iHVP per task."""
     op = op or build_hessian(problem, lam, train_tasks, settings)
-    G = problem.gather(problem.total_gradients(lam, train_tasks))  # sharded: all rows, since each HVP needs every process
+    G = problem.collective.gather_rows(problem.total_gradients(lam, train_tasks))  # sharded: all rows, since each HVP needs every process
     res = ihvp(op, G, settings)
-    return problem.local_rows(res.x, len(train_tasks)) / problem.n_total(len(train_tasks)), res
+    return problem.collective.local_rows(res.x, len(train_tasks)) / problem.collective.total_count(len(train_tasks)), res

@@ -13,6 +13,7 @@ import time
 import torch
 
 from ..errors import DivergenceError
+from ..linalg import FunctionOperator, materialize
 from ..tasks.tensors import TaskTensors
 from .objective import MetaProblem
 
@@ -20,9 +21,6 @@ from .objective import MetaProblem
 def newton_refine(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, w: torch.Tensor | None = None,
                   tol: float = 1e-9, max_iter: int = 50, damping: float = 1e-4) -> tuple[torch.Tensor, dict]:
     """Minimise F(λ; w) by damped Newton steps with the materialised exact Hessian (unrolled inner only)."""
-    from ..influence.hessians import TotalHessian
-    from ..influence.solvers import materialize
-
     t0 = time.perf_counter()
     lam = lam.detach().double()
     tasks = tasks.to(dtype=torch.float64)
@@ -34,7 +32,7 @@ def newton_refine(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, w
     for it in range(1, max_iter + 1):
         if g.norm() <= tol:
             break
-        H = materialize(TotalHessian(problem, lam, tasks, "exact", w=w))
+        H = materialize(_ExactHessian(problem, lam, tasks, w))
         lo = float(torch.linalg.eigvalsh(H)[0])
         # Close to a stationary point, solve ∇F = 0 by plain (lightly damped) Newton steps, which converge
         # quadratically to the NEARBY stationary point ("root"); far from it, or when that fails, shift H
@@ -62,3 +60,14 @@ def newton_refine(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, w
         history.append(float(g.norm()))
     return lam, {"method": "newton", "iterations": it, "grad_norm": float(g.norm()), "history": history,
                  "converged": float(g.norm()) <= tol, "seconds": time.perf_counter() - t0}
+
+
+class _ExactHessian(FunctionOperator):
+    """∇²_λ F(λ; w) through :meth:`MetaProblem.total_hvp`, with block products for materialising."""
+
+    def __init__(self, problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, w: torch.Tensor | None):
+        super().__init__(lambda d: self.matmat(d[:, None])[:, 0], lam.numel(), lam.dtype, lam.device)
+        self._product = lambda D: problem.total_hvp(lam, tasks, D, w)
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        return self._product(V)

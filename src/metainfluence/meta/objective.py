@@ -8,16 +8,17 @@ Inner problem (adaptation) of task i, on the inner objective
 Outer objective with task weights w:
     F(λ; w) = (1/n) Σ_i w_i L_Q^i(λ) + (μ/2)‖λ‖²,   L_Q^i(λ) = Σ_j u_j ℓ(x_j, y_j; θ_i(λ)) / |Q_i|.
 
-Per-task functions take one task's tensors and are vectorised over tasks with ``torch.func.vmap``;
-pool-level functions loop over chunks of ``chunk_size`` tasks to bound memory. Sums over tasks go
-through :meth:`MetaProblem.reduce` so that a task pool sharded over processes gives the same numbers
-(see :mod:`metainfluence.distributed`).
+Per-task functions take λ and one task's :class:`TaskRecord` (support/query tensors and example
+weights) and are vectorised over tasks with ``torch.func.vmap``; pool-level functions loop over chunks
+of ``chunk_size`` tasks to bound memory. Sums over tasks go through the problem's
+:class:`~metainfluence.meta.collective.Collective`, so that a task pool sharded over processes gives
+the same numbers (see :mod:`metainfluence.distributed`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,9 @@ from torch import nn
 from torch.func import functional_call, grad, grad_and_value, jvp, vmap
 
 from ..errors import SettingsError
+from ..linalg.cg import fixed_step_cg
 from ..tasks.tensors import TaskTensors
+from .collective import SINGLE_PROCESS, Collective
 from .params import ParamSpec
 
 
@@ -67,27 +70,20 @@ LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 }
 
 
-def _fixed_cg(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, iters: int) -> torch.Tensor:
-    """Conjugate gradient with a fixed number of steps and no data-dependent branching (vmappable)."""
-    x = torch.zeros_like(b)
-    r = b.clone()
-    p = r.clone()
-    rs = (r * r).sum()
-    for _ in range(iters):
-        ap = matvec(p)
-        pap = (p * ap).sum()
-        alpha = torch.where(pap > 0, rs / torch.where(pap > 0, pap, torch.ones_like(pap)), torch.zeros_like(pap))
-        x = x + alpha * p
-        r = r - alpha * ap
-        rs_new = (r * r).sum()
-        beta = torch.where(rs > 0, rs_new / torch.where(rs > 0, rs, torch.ones_like(rs)), torch.zeros_like(rs))
-        p = r + beta * p
-        rs = rs_new
-    return x
+class TaskRecord(NamedTuple):
+    """One task as the per-task functions see it (a batch of tasks inside ``vmap``): support set
+    (xs, ys) with example weights v, query set (xq, yq) with example weights u."""
 
+    xs: torch.Tensor
+    ys: torch.Tensor
+    xq: torch.Tensor
+    yq: torch.Tensor
+    v: torch.Tensor
+    u: torch.Tensor
 
-def _identity_reduce(t: torch.Tensor) -> torch.Tensor:
-    return t
+    def row(self, index) -> "TaskRecord":
+        """The task(s) at ``index`` (an int, a slice or an index tensor) of a batched record."""
+        return TaskRecord(*(t[index] for t in self))
 
 
 class MetaProblem:
@@ -104,6 +100,7 @@ class MetaProblem:
         inner: InnerSettings | None = None,
         weight_decay: float = 0.0,
         chunk_size: int | None = None,
+        collective: Collective | None = None,
     ):
         self.model = model
         self.spec = ParamSpec.from_module(model)
@@ -123,13 +120,8 @@ class MetaProblem:
         if chunk_size is not None and chunk_size < 1:
             raise SettingsError(f"chunk_size must be ≥ 1, got {chunk_size}")
         self.chunk_size = chunk_size
-        # Sums over tasks pass through ``reduce``; n_total is the pool size across all shards.
-        self.reduce: Callable[[torch.Tensor], torch.Tensor] = _identity_reduce
-        self.n_total: Callable[[int], int] = lambda n_local: n_local
-        # Per-task rows across shards: ``gather`` concatenates every shard's rows in pool order;
-        # ``local_rows(full, n_local)`` picks this shard's rows of a full-pool tensor.
-        self.gather: Callable[[torch.Tensor], torch.Tensor] = _identity_reduce
-        self.local_rows: Callable[[torch.Tensor, int], torch.Tensor] = lambda full, n_local: full
+        # sums over tasks and per-task rows cross processes through this (one process by default)
+        self.collective: Collective = collective or SINGLE_PROCESS
 
     # ------------------------------------------------------------------ parameters
     @property
@@ -151,24 +143,24 @@ class MetaProblem:
         """Σ_j weight_j ℓ(x_j, y_j; θ) / |set| — L_S with v, or L_Q with u."""
         return (weights * self.example_losses(theta, x, y)).sum() / x.shape[0]
 
-    def inner_objective(self, theta, lam, xs, ys, v) -> torch.Tensor:
-        value = self.weighted_loss(theta, xs, ys, v)
+    def inner_objective(self, theta, lam, task: TaskRecord) -> torch.Tensor:
+        value = self.weighted_loss(theta, task.xs, task.ys, task.v)
         if self.inner.proximal > 0:
             value = value + 0.5 * self.inner.proximal * ((theta - lam) ** 2).sum()
         return value
 
-    def inner_hvp(self, theta, lam, xs, ys, v, direction) -> torch.Tensor:
+    def inner_hvp(self, theta, lam, task: TaskRecord, direction) -> torch.Tensor:
         """(∇²_θ L_S + γI) · direction at θ (the inner Hessian of SPEC §6)."""
-        g = lambda th: grad(self.inner_objective)(th, lam, xs, ys, v)
+        g = lambda th: grad(self.inner_objective)(th, lam, task)
         return jvp(g, (theta,), (direction,))[1]
 
-    def adapt(self, lam, xs, ys, v) -> torch.Tensor:
+    def adapt(self, lam, task: TaskRecord) -> torch.Tensor:
         """θ_i(λ): differentiable through the unrolled steps; detached for implicit (use the IFT)."""
         cfg = self.inner
         if cfg.kind == "unrolled":
             theta = lam
             for _ in range(cfg.steps):
-                g = grad(self.inner_objective)(theta, lam, xs, ys, v)
+                g = grad(self.inner_objective)(theta, lam, task)
                 if cfg.first_order:
                     g = g.detach()
                 theta = theta - cfg.lr * g
@@ -176,25 +168,40 @@ class MetaProblem:
         lam_d = lam.detach()
         theta = lam_d
         for _ in range(cfg.steps):
-            theta = theta - cfg.lr * grad(self.inner_objective)(theta, lam_d, xs, ys, v).detach()
+            theta = theta - cfg.lr * grad(self.inner_objective)(theta, lam_d, task).detach()
         return theta.detach()
 
-    def query_loss(self, lam, xs, ys, xq, yq, v, u) -> torch.Tensor:
+    def query_loss(self, lam, task: TaskRecord) -> torch.Tensor:
         """L_Q^i(λ). Differentiable in λ for ``unrolled``; for ``implicit`` use :meth:`task_total_gradient`."""
-        return self.weighted_loss(self.adapt(lam, xs, ys, v), xq, yq, u)
+        return self.weighted_loss(self.adapt(lam, task), task.xq, task.yq, task.u)
 
-    def implicit_jacobian_t(self, theta, lam, xs, ys, v, vec) -> torch.Tensor:
+    def implicit_jacobian_t(self, theta, lam, task: TaskRecord, vec) -> torch.Tensor:
         """(dθ_i/dλ)ᵀ vec = γ (∇²L_S + γI)^{-1} vec (the matrix is symmetric), by fixed-step CG."""
-        mv = lambda z: self.inner_hvp(theta, lam, xs, ys, v, z)
-        return self.inner.proximal * _fixed_cg(mv, vec, self.inner.implicit_cg_steps)
+        mv = lambda z: self.inner_hvp(theta, lam, task, z)
+        return self.inner.proximal * fixed_step_cg(mv, vec, self.inner.implicit_cg_steps)
 
-    def task_total_gradient(self, lam, xs, ys, xq, yq, v, u) -> torch.Tensor:
+    def task_total_gradient(self, lam, task: TaskRecord) -> torch.Tensor:
         """g_i = D_λ L_Q^i(λ), the total gradient through θ_i(λ) (SPEC §3)."""
         if self.inner.kind == "unrolled":
-            return grad(self.query_loss)(lam, xs, ys, xq, yq, v, u)
-        theta = self.adapt(lam, xs, ys, v)
-        gq = grad(self.weighted_loss)(theta, xq, yq, u)
-        return self.implicit_jacobian_t(theta, lam.detach(), xs, ys, v, gq)
+            return grad(self.query_loss)(lam, task)
+        theta = self.adapt(lam, task)
+        gq = grad(self.weighted_loss)(theta, task.xq, task.yq, task.u)
+        return self.implicit_jacobian_t(theta, lam.detach(), task, gq)
+
+    def task_total_hvp(self, lam, task: TaskRecord, direction) -> torch.Tensor:
+        """H_i · direction, H_i = D²_λ L_Q^i: forward-over-reverse through the unrolled inner loop."""
+        return jvp(lambda l: grad(self.query_loss)(l, task), (lam,), (direction,))[1]
+
+    def total_hvp(self, lam, tasks: TaskTensors, directions: torch.Tensor, w=None, v=None, u=None) -> torch.Tensor:
+        """∇²_λ F(λ; w, v, u) · D for the columns of ``directions`` (p, k), exact (unrolled inner only)."""
+        lam = lam.detach()
+        n = self.collective.total_count(len(tasks))
+
+        def one_direction(d):
+            return self.sum_over_tasks(lambda l, t: self.task_total_hvp(l, t, d), lam, tasks, w, v, u, reduce=False)
+
+        local = vmap(one_direction, in_dims=1, out_dims=1)(directions.to(lam))
+        return (self.collective.all_sum(local) / n + self.weight_decay * directions.to(lam)).detach()
 
     # ------------------------------------------------------------------ pool level
     def default_weights(self, tasks: TaskTensors, like: torch.Tensor):
@@ -219,32 +226,34 @@ class MetaProblem:
         for start in range(0, n, step):
             yield slice(start, min(n, start + step))
 
-    def _task_args(self, lam, tasks: TaskTensors, v, u):
+    def records(self, lam, tasks: TaskTensors, v=None, u=None) -> TaskRecord:
+        """The pool as one batched :class:`TaskRecord` (weights default to ones, cast like λ)."""
         dv, du = self.default_weights(tasks, lam)
         v = dv if v is None else v.to(lam)
         u = du if u is None else u.to(lam)
-        return tasks.support_x, tasks.support_y, tasks.query_x, tasks.query_y, v, u
+        return TaskRecord(tasks.support_x, tasks.support_y, tasks.query_x, tasks.query_y, v, u)
+
+    def _mapped_chunks(self, fn: Callable, lam, tasks: TaskTensors, v, u, extra: tuple):
+        """(chunk slice, fn over the chunk's tasks) pairs: ``fn(lam, task, *extra)`` vmapped over tasks."""
+        record = self.records(lam, tasks, v, u)
+        mapped = vmap(fn, in_dims=(None, 0) + (0,) * len(extra))
+        for c in self.chunks(len(tasks)):
+            chunk = record.row(c)
+            yield c, mapped(lam, chunk, *[e[c] for e in extra])
 
     def per_task(self, fn: Callable, lam: torch.Tensor, tasks: TaskTensors, v=None, u=None, extra: tuple = ()) -> torch.Tensor:
-        """Stack ``fn(lam, xs, ys, xq, yq, v, u, *extra)`` over tasks (vmapped, chunked). ``extra`` items are per task."""
-        args = self._task_args(lam, tasks, v, u) + tuple(extra)
-        in_dims = (None,) + (0,) * len(args)
-        mapped = vmap(fn, in_dims=in_dims)
-        return torch.cat([mapped(lam, *[a[c] for a in args]) for c in self.chunks(len(tasks))])
+        """Stack ``fn(lam, task, *extra)`` over tasks (vmapped, chunked). ``extra`` items are per task."""
+        return torch.cat([out for _, out in self._mapped_chunks(fn, lam, tasks, v, u, extra)])
 
     def sum_over_tasks(self, fn: Callable, lam: torch.Tensor, tasks: TaskTensors, w=None, v=None, u=None, extra: tuple = (),
                        reduce: bool = True) -> torch.Tensor:
         """Σ_i w_i fn(task i), over all shards: chunked so that only one chunk's graph is alive at a time."""
-        args = self._task_args(lam, tasks, v, u) + tuple(extra)
         w = torch.ones(len(tasks), dtype=lam.dtype, device=lam.device) if w is None else w.to(lam)
-        in_dims = (None,) + (0,) * len(args)
-        mapped = vmap(fn, in_dims=in_dims)
         total = None
-        for c in self.chunks(len(tasks)):
-            out = mapped(lam, *[a[c] for a in args])
+        for c, out in self._mapped_chunks(fn, lam, tasks, v, u, extra):
             part = torch.tensordot(w[c], out, dims=1)
             total = part if total is None else total + part
-        return self.reduce(total) if reduce else total
+        return self.collective.all_sum(total) if reduce else total
 
     def task_losses(self, lam, tasks: TaskTensors, v=None, u=None) -> torch.Tensor:
         """L_Q^i(λ) for every task, shape (n,)."""
@@ -253,13 +262,13 @@ class MetaProblem:
 
     def objective(self, lam, tasks: TaskTensors, w=None, v=None, u=None) -> torch.Tensor:
         """F(λ; w). For ``implicit`` the value is exact but not differentiable: use :meth:`meta_gradient`."""
-        n = self.n_total(len(tasks))
+        n = self.collective.total_count(len(tasks))
         total = self.sum_over_tasks(self.query_loss, lam, tasks, w, v, u)
         return total / n + 0.5 * self.weight_decay * (lam * lam).sum()
 
     def meta_gradient(self, lam, tasks: TaskTensors, w=None, v=None, u=None) -> torch.Tensor:
         """∇_λ F(λ; w) = (1/n) Σ_i w_i g_i + μλ."""
-        n = self.n_total(len(tasks))
+        n = self.collective.total_count(len(tasks))
         total = self.sum_over_tasks(self.task_total_gradient, lam.detach(), tasks, w, v, u)
         return total / n + self.weight_decay * lam.detach()
 
@@ -270,17 +279,17 @@ class MetaProblem:
             with torch.no_grad():
                 value = self.objective(lam, tasks, w, v, u)
             return value, self.meta_gradient(lam, tasks, w, v, u)
-        n = self.n_total(len(tasks))
-        args = self._task_args(lam, tasks, v, u)
+        n = self.collective.total_count(len(tasks))
+        record = self.records(lam, tasks, v, u)
         w = torch.ones(len(tasks), dtype=lam.dtype, device=lam.device) if w is None else w.to(lam)
-        mapped = vmap(self.query_loss, in_dims=(None,) + (0,) * len(args))
+        mapped = vmap(self.query_loss, in_dims=(None, 0))
         value = torch.zeros((), dtype=lam.dtype, device=lam.device)
         gradient = torch.zeros_like(lam)
         for c in self.chunks(len(tasks)):
-            chunk_args = [a[c] for a in args]
-            g, val = grad_and_value(lambda l: torch.dot(w[c], mapped(l, *chunk_args)))(lam)
+            chunk = record.row(c)
+            g, val = grad_and_value(lambda l: torch.dot(w[c], mapped(l, chunk)))(lam)
             value, gradient = value + val.detach(), gradient + g.detach()
-        value, gradient = self.reduce(value), self.reduce(gradient)
+        value, gradient = self.collective.all_sum(value), self.collective.all_sum(gradient)
         value = value / n + 0.5 * self.weight_decay * (lam * lam).sum()
         return value, gradient / n + self.weight_decay * lam
 
@@ -291,12 +300,12 @@ class MetaProblem:
     def task_metrics(self, lam, tasks: TaskTensors) -> tuple[torch.Tensor, torch.Tensor]:
         """Query loss and accuracy after adaptation, per task (accuracy is NaN for regression)."""
 
-        def one(lam, xs, ys, xq, yq, v, u):
-            theta = self.adapt(lam, xs, ys, v)
-            out = self.forward(theta, xq)
-            loss = (u * self.loss_fn(out, yq)).sum() / xq.shape[0]
-            if out.dim() == 2 and yq.dim() == 1 and not yq.is_floating_point():
-                acc = (out.argmax(-1) == yq).to(out.dtype).mean()
+        def one(lam, task: TaskRecord):
+            theta = self.adapt(lam, task)
+            out = self.forward(theta, task.xq)
+            loss = (task.u * self.loss_fn(out, task.yq)).sum() / task.xq.shape[0]
+            if out.dim() == 2 and task.yq.dim() == 1 and not task.yq.is_floating_point():
+                acc = (out.argmax(-1) == task.yq).to(out.dtype).mean()
             else:
                 acc = torch.full((), float("nan"), dtype=out.dtype)
             return torch.stack([loss, acc])

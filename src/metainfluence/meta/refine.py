@@ -149,8 +149,8 @@ def mean_task_gradient_norm(problem: MetaProblem, lam: torch.Tensor, tasks: Task
         part = tasks.subset(rows)
         total = total + problem.total_gradients(lam, part, None if v is None else v[rows], None if u is None else u[rows]).norm(dim=1).sum()
     # through ``reduce`` so that a pool sharded over processes gives the pool-wide mean
-    count = problem.reduce(torch.tensor(float(len(tasks)), dtype=lam.dtype, device=lam.device))
-    return float(problem.reduce(total) / count)
+    count = problem.collective.all_sum(torch.tensor(float(len(tasks)), dtype=lam.dtype, device=lam.device))
+    return float(problem.collective.all_sum(total) / count)
 
 
 def refine(

@@ -1,0 +1,112 @@
+"""Conjugate gradient: the one CG of the library, in two forms.
+
+* :func:`block_cg` — independent CG recursions for every right-hand side, their products taken
+  together as one block (``matmat``), each column frozen once its recursive residual reaches
+  ``tol``. Used by the ``cg`` solver (influence, self-influence, edits, Newton steps) and by anything
+  else that solves with a total Hessian.
+* :func:`fixed_step_cg` — a fixed number of steps with no data-dependent branching, so that it can
+  run inside ``vmap`` and autodiff (the implicit inner solver's (∇²L_S + γI)⁻¹ and the inner solves
+  of two-stage instance-IF).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ..errors import DivergenceError
+from .core import DampedProducts, IHVPResult, SolverSettings, finish, prepare_rhs
+from .operators import LinearOperator
+
+
+def block_cg(products: Callable[[Tensor], Tensor], B: Tensor, tol: float, max_iter: int) -> tuple[Tensor, dict]:
+    """Solve A X = B column by column, A symmetric positive definite reached through
+    ``products(P) = A P`` on (p, k) blocks. B: (p, m). Returns X (p, m) and diagnostics:
+    ``iterations_per_rhs``, ``recursive_residuals`` (‖r‖/‖b‖ when each column stopped) and
+    ``converged`` (every column reached ``tol``). Columns with b = 0 get x = 0 without iterating.
+    Non-positive curvature pᵀAp ≤ 0 (A indefinite) or NaN raises :class:`DivergenceError`."""
+    p, m = B.shape
+    X = torch.zeros_like(B)
+    R = B.clone()
+    P = R.clone()
+    bnorm = B.norm(dim=0)
+    rr = (R * R).sum(0)
+    iterations = [0] * m
+    rel = [0.0 if bnorm[j] == 0 else 1.0 for j in range(m)]
+    active = bnorm > 0
+    damping = getattr(products, "damping", None)
+    advice = f"raise damping (now {damping:g}) or use a gauss-newton/fisher Hessian" if damping is not None else "raise damping"
+    it = 0
+    while bool(active.any()) and it < max_iter:
+        it += 1
+        idx = torch.nonzero(active).flatten()
+        Pa = P[:, idx]
+        AP = products(Pa)
+        curvature = (Pa * AP).sum(0)
+        if not bool(torch.isfinite(curvature).all()):
+            raise DivergenceError(f"conjugate gradient met NaN/inf at iteration {it} (the HVP is not finite); check the model and loss, or raise damping")
+        if bool((curvature <= 0).any()):
+            raise DivergenceError(
+                f"conjugate gradient met curvature pᵀ(H+δI)p = {float(curvature.min()):.3g} ≤ 0 at iteration {it}: H+δI is indefinite; {advice}"
+            )
+        alpha = rr[idx] / curvature
+        X[:, idx] += alpha * Pa
+        R[:, idx] -= alpha * AP
+        rr_new = (R[:, idx] * R[:, idx]).sum(0)
+        rel_new = rr_new.sqrt() / bnorm[idx]
+        if not bool(torch.isfinite(rel_new).all()):
+            raise DivergenceError(f"conjugate gradient produced NaN/inf at iteration {it}; raise damping")
+        done = rel_new <= tol
+        P[:, idx] = R[:, idx] + (rr_new / rr[idx]) * Pa
+        rr[idx] = rr_new
+        for j, r, d in zip(idx.tolist(), rel_new.tolist(), done.tolist()):
+            iterations[j], rel[j] = it, r
+            if d:
+                active[j] = False
+    return X, {"converged": not bool(active.any()), "iterations_per_rhs": iterations, "recursive_residuals": rel}
+
+
+def cg_solve(op: LinearOperator, b: Tensor, damping: float, settings: SolverSettings = SolverSettings()) -> IHVPResult:
+    """Conjugate gradient on H + δI from x = 0 for every right-hand side, ``cg_block`` of them at a
+    time (one block of products per iteration). Stops each rhs at relative (recursive) residual ≤ ``tol`` or at ``max_iter``; reaching
+    ``max_iter`` is not an error (``converged`` False, the true residual recorded). CG detects
+    indefiniteness only when its Krylov space reaches a negative direction of H + δI; if it
+    converges first, the answer is still (H + δI)⁻¹ b."""
+    t0 = time.perf_counter()
+    B = prepare_rhs(op, b, damping)
+    products = DampedProducts(op, damping)
+    X = torch.empty_like(B)
+    info: dict = {"converged": True, "iterations_per_rhs": [], "recursive_residuals": []}
+    for start in range(0, B.shape[0], settings.cg_block):
+        rows = slice(start, start + settings.cg_block)
+        Xb, part = block_cg(products.block, B[rows].T.contiguous(), settings.tol, settings.max_iter)
+        X[rows] = Xb.T
+        info["converged"] = info["converged"] and part["converged"]
+        info["iterations_per_rhs"] += part["iterations_per_rhs"]
+        info["recursive_residuals"] += part["recursive_residuals"]
+    return finish("cg", X, B, b, products, max(info["iterations_per_rhs"]), info, t0)
+
+
+def fixed_step_cg(matvec: Callable[[Tensor], Tensor], b: Tensor, iters: int) -> Tensor:
+    """``iters`` CG steps on A x = b from x = 0 without data-dependent branching (vmappable and
+    differentiable); a step with pᵀAp ≤ 0 or a zero residual leaves x unchanged."""
+    x = torch.zeros_like(b)
+    r = b.clone()
+    p = r.clone()
+    rs = (r * r).sum()
+    for _ in range(iters):
+        ap = matvec(p)
+        pap = (p * ap).sum()
+        alpha = torch.where(pap > 0, rs / torch.where(pap > 0, pap, torch.ones_like(pap)), torch.zeros_like(pap))
+        x = x + alpha * p
+        r = r - alpha * ap
+        rs_new = (r * r).sum()
+        beta = torch.where(rs > 0, rs_new / torch.where(rs > 0, rs, torch.ones_like(rs)), torch.zeros_like(rs))
+        p = r + beta * p
+        rs = rs_new
+    return x
+
+
