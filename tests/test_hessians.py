@@ -77,3 +77,35 @@ def test_fisher_woodbury_equals_dense_solve():
     x = woodbury_solve(op, b, 1e-2).x
     ref = torch.linalg.solve(H + 1e-2 * torch.eye(lam.numel(), dtype=torch.float64), b)
     torch.testing.assert_close(x, ref, rtol=1e-8, atol=1e-10)
+
+
+def _gn_and_fisher(samples, **weights):
+    problem, lam = small_problem(steps=1, lr=0.3, hidden=(5,), weight_decay=1e-3)
+    tasks = random_tasks(n=5, n_support=4, n_query=8, seed=11)
+    gn = materialize(TotalHessian(problem, lam, tasks, "gauss-newton", **weights))
+    fisher = materialize(TotalHessian(problem, lam, tasks, "fisher", fisher_samples=samples, seed=1, **weights))
+    return gn, fisher
+
+
+def _scale_and_direction(a, b):
+    return float(a.norm() / b.norm()), float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
+
+
+def test_fisher_with_many_samples_matches_gauss_newton_in_scale_and_direction():
+    # E[ĝ ĝᵀ] of the mean query loss is the Gauss–Newton term / |Q|: without the √|Q| rows were |Q| = 8× too small
+    gn, fisher = _gn_and_fisher(400)
+    ratio, cosine = _scale_and_direction(fisher, gn)
+    assert abs(ratio - 1) < 0.1 and cosine > 0.95
+
+
+def test_fisher_of_a_reduced_pool_is_rebuilt_from_its_weights():
+    # task 1 removed, two support and one query example of task 3 removed: the rows change, not only drop out
+    w = torch.ones(5, dtype=torch.float64)
+    w[1] = 0
+    v = torch.ones(5, 4, dtype=torch.float64)
+    v[3, :2] = 0
+    u = torch.ones(5, 8, dtype=torch.float64)
+    u[3, 0] = 0
+    gn, fisher = _gn_and_fisher(400, w=w, v=v, u=u)
+    ratio, cosine = _scale_and_direction(fisher, gn)
+    assert abs(ratio - 1) < 0.1 and cosine > 0.95

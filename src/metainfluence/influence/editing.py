@@ -1,13 +1,17 @@
 """Removing tasks or examples from a trained meta-learner without retraining (SPEC §5).
 
-    Δλ_R    = (H + δI)^{-1} b_R / n,   b_R = Σ_{k∈R} g_k + Σ_{z∈R} ∂_λ∂_{w_z} L_Q^{k(z)}
+    Δλ_R    = (H_R + δI)^{-1} b_R / n,   b_R = Σ_{k∈R} g_k + Σ_{z∈R} ∂_λ∂_{w_z} L_Q^{k(z)}
     λ_edit  = λ* + Δλ_R                                               (one iHVP for the whole set)
-Optional Newton refinement on the reduced objective F(λ; w_R) from λ_edit, for large removals, and
-the "unlearning" baseline: a few steps of gradient ascent on the removed items.
+H_R is the total Hessian of the *reduced* objective F(·; w_R, v_R, u_R) at λ*, so the edit is one
+Newton step on it — exact when F is quadratic (and ∇F(λ*) = 0, since ∇F_R(λ*) = −b_R/n there).
+``step="full"`` keeps the paper's step with the full-pool H (the first-order prediction).
+Optional Newton refinement on the reduced objective from λ_edit, for large removals, and the
+"unlearning" baseline: a few steps of gradient ascent on the removed items.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 import time
 from dataclasses import dataclass, field
@@ -89,6 +93,20 @@ def removed_gradient(problem: MetaProblem, lam: torch.Tensor, pool: TaskTensors,
     return b.detach()
 
 
+EDIT_STEPS = ("reduced", "full")
+
+
+def descent_direction(g: torch.Tensor, newton: torch.Tensor, op, damping: float) -> tuple[torch.Tensor, bool]:
+    """The Newton direction d (the update is λ − t·d) when it descends, gᵀd > 0; otherwise — an
+    indefinite H can turn it uphill — the gradient scaled by the Cauchy step ‖g‖²/gᵀ(H+δI)g (or by 1
+    where that curvature is not positive). Returns (direction, whether the gradient was used)."""
+    if float(g @ newton) > 0:
+        return newton, False
+    curvature = float(g @ op.matvec(g)) + damping * float(g @ g)
+    scale = float(g @ g) / curvature if curvature > 0 else 1.0
+    return scale * g, True
+
+
 @dataclass
 class EditResult:
     lam: torch.Tensor
@@ -103,41 +121,51 @@ def edit_model(
     removal: Removal,
     settings: InfluenceSettings | None = None,
     newton_steps: int = 0,
+    step: str = "reduced",
 ) -> EditResult:
-    """λ_edit = λ* + (H + δI)^{-1} b_R / n, then ``newton_steps`` Newton steps on F(λ; w_R) (with
+    """λ_edit = λ* + (H_R + δI)^{-1} b_R / n (``step="reduced"``, the default) or with the full-pool H
+    (``step="full"``, the paper's), then ``newton_steps`` Newton steps on F(λ; w_R) (with
     ``settings.hessian`` when it is exact or gauss-newton, else the exact Hessian where available; each
-    step backtracks until F(λ; w_R) decreases, so a far-from-quadratic F cannot make it diverge)."""
+    step backtracks until F(λ; w_R) decreases and falls back to the gradient direction where the
+    Newton direction is not a descent direction, so a far-from-quadratic F cannot make it diverge)."""
     settings = settings or InfluenceSettings()
     settings.validate()
+    if step not in EDIT_STEPS:
+        raise SettingsError(f"unknown edit step {step!r}; use one of {', '.join(EDIT_STEPS)}")
     lam = lam.detach()
     n = problem.collective.total_count(len(pool))
     t0 = time.perf_counter()
     b = removed_gradient(problem, lam, pool, removal)
-    op = build_hessian(problem, lam, pool, settings)
+    w, v, u = removal.weights(problem, lam, pool)
+    op = build_hessian(problem, lam, pool, settings, **({"w": w, "v": v, "u": u} if step == "reduced" else {}))
     res = ihvp(op, b / n, settings)
     lam_edit = lam + res.x
-    diag: dict[str, Any] = {"removed": removal.count(), "solver_residual": res.residual, "solver_iterations": res.iterations,
+    diag: dict[str, Any] = {"removed": removal.count(), "step": step, "solver_residual": res.residual,
+                            "solver_iterations": res.iterations, "solver_converged": bool(res.info.get("converged", True)),
                             "hessian": op.kind, "newton": []}
     if newton_steps:
-        w, v, u = removal.weights(problem, lam, pool)
         # the edit's own curvature when it is exact or Gauss–Newton (GN stays PSD where the exact
         # Hessian of a non-convex reduced objective makes CG fail); exact otherwise, if the problem has it
         kind = settings.hessian if settings.hessian in ("exact", "gauss-newton") else "exact"
         if kind == "exact" and (problem.inner.kind != "unrolled" or problem.inner.first_order):
             kind = "gauss-newton"
+        # the structured woodbury solver needs the fisher kind; the Newton steps use CG on their own kind
+        newton_settings = settings if settings.solver != "woodbury" else dataclasses.replace(settings, solver="cg")
         for _ in range(newton_steps):
             g = problem.meta_gradient(lam_edit, pool, w, v, u)
             op_r = TotalHessian(problem, lam_edit, pool, kind, w=w, v=v, u=u)
-            step = ihvp(op_r, g, settings)
+            solved = ihvp(op_r, g, newton_settings)
+            direction, fallback = descent_direction(g, solved.x, op_r, settings.damping)
             # backtracking (Armijo) on F(λ; w_R): a full step can overshoot where F is far from quadratic
             f0 = float(problem.objective(lam_edit, pool, w, v, u))
-            slope = -float(g @ step.x)
+            slope = -float(g @ direction)
             t = 1.0
             with torch.no_grad():
-                while t > 1e-4 and float(problem.objective(lam_edit - t * step.x, pool, w, v, u)) > f0 + 1e-4 * t * slope:
+                while t > 1e-4 and float(problem.objective(lam_edit - t * direction, pool, w, v, u)) > f0 + 1e-4 * t * slope:
                     t *= 0.5
-            lam_edit = lam_edit - t * step.x
-            diag["newton"].append({"grad_norm_before": float(g.norm()), "residual": step.residual, "step": t})
+            lam_edit = lam_edit - t * direction
+            diag["newton"].append({"grad_norm_before": float(g.norm()), "residual": solved.residual, "step": t,
+                                   "gradient_fallback": fallback})
         diag["newton_final_grad_norm"] = float(problem.meta_gradient(lam_edit, pool, w, v, u).norm())
     diag["seconds"] = time.perf_counter() - t0
     return EditResult(lam=lam_edit, delta=lam_edit - lam, diagnostics=diag)

@@ -7,8 +7,9 @@ kinds:
   exact         forward-over-reverse (jvp of the total gradient) through the unrolled inner loop.
   gauss-newton  (1/n) Σ J_iᵀ G_i J_i + μI,  J_i = dθ_i/dλ, G_i the Gauss–Newton matrix of L_Q^i at θ_i.
   gamma         (1/n) Σ J_iᵀ ∇²_θ L_Q^i J_i + Γ I + μI,  Γ = (1/n) Σ ‖∇_θ L_Q^i(θ_i)‖₁  (paper, Thm 5.1).
-  fisher        (1/n) Σ E[ĝ_i ĝ_iᵀ] + μI, ĝ_i total gradients with query labels sampled from the model;
-                stored as a (n·M × p) factor so that its inverse is exact by Woodbury (linalg.woodbury).
+  fisher        (1/n) Σ |Q_i| E[ĝ_i ĝ_iᵀ] + μI, ĝ_i total gradients of the mean query loss with query
+                labels sampled from the model (E[ĝ_i ĝ_iᵀ] is the Gauss–Newton term / |Q_i|); stored as a
+                (n·M × p) factor so that its inverse is exact by Woodbury (linalg.woodbury).
   direct        (1/n) Σ ∇²_θ L_Q^i(θ_i) + μI: the Hessian of the direct-IF baseline (ignores dθ/dλ).
 """
 
@@ -108,9 +109,8 @@ class TotalHessian:
             l1 = problem.sum_over_tasks(self._query_grad_l1, self.lam, tasks, w, v, u, extra=(self.thetas,))
             self.gamma = float(l1) / self.n_total
         if kind == "fisher":
-            if w is not None or v is not None or u is not None:
-                raise SettingsError("the fisher Hessian is built for the full pool; use exact or gauss-newton for a reweighted pool")
-            self.factor = fisher_factor(problem, self.lam, tasks, fisher_samples, seed)
+            # a reweighted pool rebuilds the rows from its weights (a support removal changes J_i)
+            self.factor = fisher_factor(problem, self.lam, tasks, fisher_samples, seed, w, v, u)
             self._fisher = FactorOperator(self.factor, self.shift)
 
     # per-task products, vmapped by MetaProblem.sum_over_tasks
@@ -171,11 +171,16 @@ class TotalHessian:
         return (part / len(task_index) + (self.gamma + self.problem.weight_decay) * v).detach()
 
 
-def fisher_factor(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, samples: int, seed: int) -> torch.Tensor:
-    """Rows ĝ_{i,m} / √(n·M): total gradients with query labels drawn from the adapted model.
+def fisher_factor(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, samples: int, seed: int,
+                  w: torch.Tensor | None = None, v: torch.Tensor | None = None, u: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows √(w_i |Q_i| / (n·M)) ĝ_{i,m}: total gradients of the task's mean query loss with query
+    labels drawn from the adapted model, M draws per task.
 
     For cross-entropy labels are drawn from softmax(f); for MSE from N(f, 1/2), the Gaussian whose
-    negative log-likelihood is the squared error (so E[ĝĝᵀ] is the Gauss–Newton matrix)."""
+    negative log-likelihood is the squared error. The per-example gradients of sampled labels have
+    mean zero, so E[ĝ_i ĝ_iᵀ] is task i's Gauss–Newton term divided by |Q_i|: the √|Q_i| restores
+    the scale (SPEC §3). With weights (w, v, u) the rows are those of the reduced objective: ĝ taken
+    with the example weights, each task's rows scaled by √w_i."""
     if samples < 1:
         raise SettingsError(f"fisher_samples must be ≥ 1, got {samples}")
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -185,7 +190,7 @@ def fisher_factor(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, s
 
     with torch.no_grad():
         # labels are drawn for the whole pool (gathered over shards), so every process draws what one process would
-        out = problem.collective.gather_rows(problem.per_task(outputs, lam, tasks))
+        out = problem.collective.gather_rows(problem.per_task(outputs, lam, tasks, v, u))
     rows = []
     for _ in range(samples):
         if problem.loss_name == "cross_entropy":
@@ -198,6 +203,9 @@ def fisher_factor(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, s
         else:
             raise SettingsError(f"the fisher Hessian needs a likelihood to sample from; loss {problem.loss_name!r} has none — use gauss-newton")
         sampled = TaskTensors(tasks.support_x, tasks.support_y, tasks.query_x, problem.collective.local_rows(yq, len(tasks)))
-        rows.append(problem.collective.gather_rows(problem.total_gradients(lam, sampled)))  # every process holds all rows (Woodbury)
-    G = torch.cat(rows) / (problem.collective.total_count(len(tasks)) * samples) ** 0.5
+        rows.append(problem.collective.gather_rows(problem.total_gradients(lam, sampled, v, u)))  # every process holds all rows (Woodbury)
+    G = torch.cat(rows) * (tasks.n_query / (problem.collective.total_count(len(tasks)) * samples)) ** 0.5
+    if w is not None:
+        task_weight = problem.collective.gather_rows(w.to(G)).clamp_min(0).sqrt()
+        G = G * task_weight.repeat(samples)[:, None]
     return G

@@ -3,9 +3,12 @@
 Query example z of task k:     score_z = sᵀ D_λ ℓ(z; θ_k(λ*)) / (n |Q_k|)       = sᵀ ∂_λ∂_{u_z} L_Q^k / n
 Support example z, ``unrolled``: score_z = sᵀ ∂_λ∂_{v_z} L_Q^k / n   (exact for K-step MAML)
 Support example z, ``two-stage`` (the paper's):
-    δθ_z = H_in^{-1} ∇_θ ℓ(z; θ_k) / |S_k|,   ∇_λ P_z = J_kᵀ ∇²_θ L_Q^k δθ_z,   score_z = −sᵀ ∇_λ P_z / n,
-  computed per task as  c = H_in^{-1} ∇²_θ L_Q^k (J_k s),  score_z = −cᵀ ∇_θ ℓ(z; θ_k) / (|S_k| n),
-  with H_in = ∇²_θ L_S + γI + δ_in I solved by CG (exact products; the paper uses EK-FAC here).
+    δθ_z = R ∇_θ ℓ(z; θ_k) / |S_k|,   ∇_λ P_z = J_kᵀ ∇²_θ L_Q^k δθ_z,   score_z = −sᵀ ∇_λ P_z / n,
+  computed per task as  c = R ∇²_θ L_Q^k (J_k s),  score_z = −cᵀ ∇_θ ℓ(z; θ_k) / (|S_k| n),
+  where R is the inner problem's response to a change of the support loss (SPEC §6, corrected):
+    implicit (inner optimum):  R = (H_in + δ_in I)^{-1}, H_in = ∇²_θ L_S + γI, solved by CG;
+    unrolled (K steps of α):   R = α Σ_{j<K} (I − α H_in)^j  (0 at K = 0, → H_in^{-1} as K grows),
+  with exact products (the paper uses EK-FAC for H_in).
 with s = (H + δI)^{-1} ∇f(λ*) shared by every item.
 """
 
@@ -26,18 +29,34 @@ from .results import InfluenceResult, InfluenceSettings, settings_dict
 from .task_if import build_hessian, ihvp
 
 
+def k_step_response(hvp, b: torch.Tensor, alpha: float, steps: int) -> torch.Tensor:
+    """α Σ_{j<K} (I − αA)^j b: how K gradient steps of size α on a quadratic with Hessian A move
+    their end point when the linear term changes by b (Horner's rule, K products)."""
+    c = torch.zeros_like(b)
+    for _ in range(steps):
+        c = alpha * b + c - alpha * hvp(c)
+    return c
+
+
 def _two_stage_scores(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, s: torch.Tensor, settings: InfluenceSettings):
-    """(n, |S|) two-stage scores (without the 1/n) and the worst relative residual of the inner solves."""
+    """(n, |S|) two-stage scores (without the 1/n) and the worst relative residual of the inner solves
+    (0 for the unrolled K-step response, which is applied exactly)."""
     delta_in = settings.inner_damping
     steps = settings.inner_cg_steps
+    implicit = problem.inner.kind == "implicit"
+    alpha, K = problem.inner.lr, problem.inner.steps
 
     def one(lam, task: TaskRecord):
         theta = problem.adapt(lam, task).detach()
         a = jacobian_vp(problem, lam, task, theta, s)
         b = query_hvp_theta(problem, theta, task, a)
-        mv = lambda z: problem.inner_hvp(theta, lam, task, z) + delta_in * z
-        c = fixed_step_cg(mv, b, steps)
-        residual = (mv(c) - b).norm() / b.norm().clamp_min(1e-300)
+        if implicit:
+            mv = lambda z: problem.inner_hvp(theta, lam, task, z) + delta_in * z
+            c = fixed_step_cg(mv, b, steps)
+            residual = (mv(c) - b).norm() / b.norm().clamp_min(1e-300)
+        else:
+            c = k_step_response(lambda z: problem.inner_hvp(theta, lam, task, z), b, alpha, K)
+            residual = torch.zeros((), dtype=b.dtype, device=b.device)
         per_example_grads = jacrev(lambda th: problem.example_losses(th, task.xs, task.ys))(theta)  # (|S|, p)
         scores = -(per_example_grads @ c) * task.v / task.xs.shape[0]
         return torch.cat([scores, residual[None]])

@@ -50,8 +50,8 @@ class InfluenceSettings:
     lowrank_file: str = field(default="", metadata={"help": "saved Lanczos eigenpairs to reuse (lowrank solver); computed and saved there if missing"})
     fisher_samples: int = field(default=4, metadata={"help": "label samples per task for the fisher Hessian"})
     support_method: str = field(default="unrolled", metadata={"help": "support instance-IF: unrolled (exact mixed derivative) | two-stage (paper)"})
-    inner_damping: float = field(default=1e-2, metadata={"help": "damping of the inner Hessian in two-stage instance-IF"})
-    inner_cg_steps: int = field(default=50, metadata={"help": "CG steps for the inner Hessian solve in two-stage instance-IF"})
+    inner_damping: float = field(default=1e-2, metadata={"help": "damping of the inner Hessian in two-stage instance-IF (implicit inner solver; the unrolled K-step response needs none)"})
+    inner_cg_steps: int = field(default=50, metadata={"help": "CG steps for the inner Hessian solve in two-stage instance-IF (implicit inner solver)"})
     self_influence: bool = field(default=False, metadata={"help": "also compute self-influence g_kᵀ(H+δI)^{-1}g_k/n (one iHVP per task)"})
     stationarity_warn: float = field(default=0.05, metadata={"help": "warn when ‖∇F‖ / mean‖g_i‖ exceeds this (SPEC §2)"})
 
