@@ -201,3 +201,50 @@ def test_two_stage_response_limits():
     res = instance_influence(problem, lam, tasks, val, "support", settings)
     limit = _two_stage_dense(problem, lam, tasks, res.extra["s"], 0, torch.linalg.inv)
     torch.testing.assert_close(res.scores[0], limit, rtol=1e-6, atol=1e-12)
+
+
+def _reoptimised(problem, lam, tasks, removal):
+    """argmin F(λ; w_R, v_R, u_R) of a quadratic F: one exact Newton step from anywhere."""
+    w, v, u = removal.weights(problem, lam, tasks)
+    H = materialize(TotalHessian(problem, lam, tasks, "exact", w=w, v=v, u=u))
+    return lam - torch.linalg.solve(H, problem.meta_gradient(lam, tasks, w, v, u))
+
+
+def _mask(rows, cols, shape):
+    m = torch.zeros(shape, dtype=torch.bool)
+    m[rows, cols] = True
+    return m
+
+
+@pytest.mark.parametrize("what", ["tasks", "support", "query", "mixture"])
+def test_default_edit_is_exact_reoptimisation_on_a_quadratic(what):
+    # linear model, squared error, one inner step: F is quadratic, so the reduced-H step lands on the
+    # re-optimised λ for 40% of the pool removed (the full-H step covered about half of the way on main)
+    problem, lam, tasks = _quadratic(n=10)
+    support = _mask([0, 0, 3, 5, 8], [0, 2, 1, 3, 0], (10, 4))
+    query = _mask([1, 4, 4, 6, 9], [5, 0, 2, 1, 3], (10, 6))
+    removal = {"tasks": Removal(tasks=[0, 2, 5, 7]), "support": Removal(support=support), "query": Removal(query=query),
+               "mixture": Removal(tasks=[2, 7], support=support, query=query)}[what]
+    settings = InfluenceSettings(hessian="exact", solver="cg", damping=0.0, stationarity_warn=1e9, solve=SolverSettings(tol=1e-13, max_iter=500))
+    res = edit_model(problem, lam, tasks, removal, settings)
+    truth = _reoptimised(problem, lam, tasks, removal)
+    torch.testing.assert_close(res.lam, truth, rtol=0, atol=1e-8)
+    full = edit_model(problem, lam, tasks, removal, settings, step="full")
+    assert full.diagnostics["step"] == "full" and not torch.allclose(full.lam, truth, atol=1e-6)
+
+
+def test_newton_steps_fall_back_to_the_gradient_where_the_newton_direction_climbs():
+    from metainfluence.influence.editing import descent_direction
+    from metainfluence.linalg import MatrixOperator
+
+    H = torch.diag(torch.tensor([2.0, -1.0], dtype=torch.float64))  # indefinite
+    g = torch.tensor([0.1, 1.0], dtype=torch.float64)
+    newton = torch.linalg.solve(H, g)  # gᵀH⁻¹g = 0.005 − 1 < 0: λ − newton goes uphill
+    d, fallback = descent_direction(g, newton, MatrixOperator(H), damping=0.0)
+    assert fallback and float(g @ d) > 0
+    assert torch.equal(d, g)  # gᵀHg = 0.02 − 1 < 0: no Cauchy scale exists, unit scale
+    H_pd = torch.diag(torch.tensor([2.0, 0.5], dtype=torch.float64))
+    d3, fallback3 = descent_direction(g, -g, MatrixOperator(H_pd), 0.0)  # an uphill candidate on a convex F
+    assert fallback3 and torch.allclose(d3, g * float(g @ g) / float(g @ H_pd @ g))
+    d2, fallback2 = descent_direction(g, torch.linalg.solve(torch.eye(2, dtype=torch.float64), g), MatrixOperator(H), 0.0)
+    assert not fallback2 and torch.equal(d2, g)

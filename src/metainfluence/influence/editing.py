@@ -75,8 +75,11 @@ class Removal:
         }
 
 
-def removed_gradient(problem: MetaProblem, lam: torch.Tensor, pool: TaskTensors, removal: Removal) -> torch.Tensor:
-    """b_R: the sum of total gradients of removed tasks plus mixed derivatives of removed examples."""
+def removed_gradient(problem: MetaProblem, lam: torch.Tensor, pool: TaskTensors, removal: Removal, linear: bool = True) -> torch.Tensor:
+    """b_R: the sum of total gradients of removed tasks plus the removed examples' share of their
+    tasks' gradients. ``linear``: the examples' mixed derivatives ∂_λ∂_{w_z} L_Q (the first-order
+    prediction); otherwise the exact difference g_k(v, u) − g_k(v_R, u_R) of every task that loses
+    an example, so that b_R / n = ∇F(λ) − ∇F(λ; w_R, v_R, u_R) exactly (g_k is not linear in v)."""
     removal.validate(pool)
     b = torch.zeros_like(lam)
     if removal.tasks:
@@ -84,12 +87,24 @@ def removed_gradient(problem: MetaProblem, lam: torch.Tensor, pool: TaskTensors,
     # examples of removed tasks are already gone with their task
     keep_rows = torch.ones(len(pool), dtype=torch.bool)
     keep_rows[list(removal.tasks)] = False
-    for which, mask in (("support", removal.support), ("query", removal.query)):
-        if mask is not None and mask.any():
-            m = mask.bool() & keep_rows[:, None].to(mask.device)
+    masks = {which: (m.bool() & keep_rows[:, None].to(m.device)) for which, m in (("support", removal.support), ("query", removal.query))
+             if m is not None and m.any()}
+    if linear:
+        for which, m in masks.items():
             rows = m.any(1).nonzero().flatten().tolist()
             if rows:  # only the tasks that lose an example
                 b = b + removed_examples_gradient(problem, lam, pool.subset(rows), m[rows], which)
+        return b.detach()
+    if masks:
+        touched = torch.zeros(len(pool), dtype=torch.bool)
+        for m in masks.values():
+            touched |= m.any(1).cpu()
+        rows = touched.nonzero().flatten().tolist()
+        if rows:
+            _, v, u = removal.weights(problem, lam, pool)
+            part = pool.subset(rows)
+            b = b + problem.sum_over_tasks(problem.task_total_gradient, lam, part)
+            b = b - problem.sum_over_tasks(problem.task_total_gradient, lam, part, v=v[rows], u=u[rows])
     return b.detach()
 
 
@@ -135,7 +150,8 @@ def edit_model(
     lam = lam.detach()
     n = problem.collective.total_count(len(pool))
     t0 = time.perf_counter()
-    b = removed_gradient(problem, lam, pool, removal)
+    # the reduced step is a Newton step on F(·; w_R, v_R, u_R): it needs the exact change of the gradient
+    b = removed_gradient(problem, lam, pool, removal, linear=step == "full")
     w, v, u = removal.weights(problem, lam, pool)
     op = build_hessian(problem, lam, pool, settings, **({"w": w, "v": v, "u": u} if step == "reduced" else {}))
     res = ihvp(op, b / n, settings)
