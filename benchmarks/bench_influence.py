@@ -45,7 +45,7 @@ import warnings
 
 import torch
 
-from metainfluence.influence.hessians import TotalHessian
+from metainfluence.meta.curvature import TotalHessian
 from metainfluence.influence.results import InfluenceSettings
 from metainfluence.linalg import SolverSettings
 from metainfluence.influence.task_if import task_influence

@@ -55,7 +55,7 @@ def main() -> int:
     torch.set_num_threads(1)
 
     from metainfluence.distributed import distribute, distributed_task_influence, gather_rows, init_distributed, shard
-    from metainfluence.influence.hessians import TotalHessian
+    from metainfluence.meta.curvature import TotalHessian
     from metainfluence.io import write_tensors
 
     ctx = init_distributed(backend="gloo", timeout_s=60)

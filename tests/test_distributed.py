@@ -31,7 +31,7 @@ from metainfluence.distributed import (
     shard_counts,
 )
 from metainfluence.errors import SettingsError
-from metainfluence.influence.hessians import TotalHessian
+from metainfluence.meta.curvature import TotalHessian
 from metainfluence.influence.results import InfluenceResult
 from metainfluence.influence.task_if import task_influence
 from metainfluence.io import read_tensors

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import random_tasks, small_problem
-from metainfluence.influence.hessians import TotalHessian
+from metainfluence.meta.curvature import TotalHessian
 from metainfluence.linalg import materialize, woodbury_solve
 
 

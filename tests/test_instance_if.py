@@ -8,7 +8,7 @@ import torch
 from helpers import random_tasks, small_problem
 from metainfluence.influence.editing import Removal, edit_model, unlearn
 from metainfluence.influence.gradients import example_mixed_gradients, example_scores
-from metainfluence.influence.hessians import TotalHessian
+from metainfluence.meta.curvature import TotalHessian
 from metainfluence.influence.instance_if import instance_influence
 from metainfluence.influence.results import InfluenceSettings
 from metainfluence.linalg import SolverSettings

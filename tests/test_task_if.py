@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from helpers import random_tasks, small_problem
-from metainfluence.influence.hessians import TotalHessian
+from metainfluence.meta.curvature import TotalHessian
 from metainfluence.influence.results import InfluenceSettings
 from metainfluence.linalg import SolverSettings, materialize
 from metainfluence.influence.task_if import task_influence, task_parameter_changes

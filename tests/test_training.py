@@ -269,3 +269,29 @@ def test_truncated_or_corrupt_checkpoint_is_refused(tmp_path):
         load_checkpoint(tmp_path / "flip")
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("dense_max", [10_000, 0])
+def test_newton_refine_reaches_tight_tolerances_in_a_few_steps(dense_max):
+    # strongly convex (linear model, squared error, one inner step, weight decay): Newton converges in a
+    # step or two (dense) and Newton–CG in a handful, where a gradient method needs hundreds of iterations
+    problem, lam0 = small_problem("unrolled", steps=1, lr=0.05, hidden=(), n_features=5, n_classes=1, loss="mse", weight_decay=1e-2)
+    tasks = random_tasks(n=10, n_support=4, n_query=6, n_features=5, regression=True, seed=0)
+    lam, rep = refine(problem, lam0, tasks, RefineSettings(method="newton", tol=1e-12, max_iter=20, newton_dense_max=dense_max))
+    assert rep.converged and rep.grad_norm_after <= 1e-12
+    assert rep.iterations <= (2 if dense_max else 8)
+    assert rep.method.startswith("newton (exact, " + ("dense" if dense_max else "CG"))
+
+
+def test_newton_refine_on_a_nonlinear_pool():
+    # tanh network: exact-Hessian Newton (shifted while the Hessian is indefinite) reaches a tight tolerance;
+    # Gauss–Newton steps converge only linearly here (GN ≠ H away from zero residuals), and say so
+    problem, lam0 = small_problem(steps=1, lr=0.3, hidden=(6,), weight_decay=1e-2)
+    tasks = random_tasks(n=12, seed=2)
+    warm, _ = refine(problem, lam0, tasks, RefineSettings(tol=1e-4, max_iter=200))
+    start = float(problem.meta_gradient(warm, tasks).norm())
+    lam, rep = refine(problem, warm, tasks, RefineSettings(method="newton", tol=1e-10, max_iter=40))
+    assert rep.converged and float(problem.meta_gradient(lam, tasks).norm()) <= 1e-10 and rep.method.startswith("newton (exact")
+    with pytest.warns(RefineWarning, match="max-iter"):
+        lam_gn, rep_gn = refine(problem, warm, tasks, RefineSettings(method="newton", newton_hessian="gauss-newton", tol=1e-12, max_iter=10))
+    assert rep_gn.grad_norm_after < 0.2 * start

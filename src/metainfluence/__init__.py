@@ -20,7 +20,7 @@ from .errors import MetaInfluenceError
 from .evaluation import metrics
 from .evaluation.groundtruth import GroundTruthSettings, lds_ground_truth, leave_one_out
 from .influence.editing import EditResult, Removal, edit_model, unlearn
-from .influence.hessians import TotalHessian
+from .meta.curvature import TotalHessian
 from .influence.instance_if import instance_influence
 from .influence.results import SIGN_CONVENTION, InfluenceResult, InfluenceSettings
 

@@ -583,7 +583,7 @@ def _removal(run, infl, sec: RemovalSettings, out: Path, quick: bool, log) -> di
 
 # --------------------------------------------------------------------------- estimates
 def _estimates(run, infl, sec: EstimatesSettings, out: Path, quick: bool, log) -> dict:
-    from ..influence.hessians import TotalHessian
+    from ..meta.curvature import TotalHessian
     from ..influence.solvers import materialize
     from .groundtruth import GroundTruthSettings, lds_ground_truth, leave_one_out, validation_loss
 

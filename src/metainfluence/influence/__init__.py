@@ -1,7 +1,7 @@
 """The influence stage: total gradients, total-Hessian products, task-IF, instance-IF, editing (solvers live in linalg)."""
 
 from .editing import EditResult, Removal, edit_model, unlearn
-from .hessians import HESSIANS, TotalHessian
+from ..meta.curvature import HESSIANS, TotalHessian
 from .instance_if import instance_influence
 from .results import METHODS, SIGN_CONVENTION, InfluenceResult, InfluenceSettings
 from ..linalg import SolverSettings, solve_ihvp

@@ -23,7 +23,7 @@ from ..errors import SettingsError
 from ..meta.objective import MetaProblem
 from ..tasks.tensors import TaskTensors
 from .gradients import removed_examples_gradient
-from .hessians import TotalHessian
+from ..meta.curvature import TotalHessian
 from .results import InfluenceSettings
 from .task_if import build_hessian, ihvp
 

@@ -24,7 +24,7 @@ from ..linalg import fixed_step_cg
 from ..meta.objective import MetaProblem, TaskRecord
 from ..tasks.tensors import TaskTensors
 from .gradients import example_scores, measurement_gradient
-from .hessians import check_hessian_kind, jacobian_vp, query_hvp_theta
+from ..meta.curvature import check_hessian_kind, jacobian_vp, query_hvp_theta
 from .results import InfluenceResult, InfluenceSettings, settings_dict
 from .task_if import build_hessian, ihvp
 

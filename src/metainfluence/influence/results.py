@@ -13,7 +13,7 @@ import torch
 from ..errors import CheckpointError, SettingsError
 from ..io import load_result, save_result
 from ..linalg import SOLVER_NAMES, SolverSettings
-from .hessians import HESSIANS
+from ..meta.curvature import HESSIANS
 
 SIGN_CONVENTION = (
     "score = predicted change of the measurement f (mean query loss of the validation pool after "

@@ -22,7 +22,7 @@ from ..errors import SettingsError
 from ..meta.objective import MetaProblem
 from ..tasks.tensors import TaskTensors
 from .gradients import direct_gradients, direct_measurement_gradient, measurement_gradient
-from .hessians import TotalHessian, check_hessian_kind
+from ..meta.curvature import TotalHessian, check_hessian_kind
 from .results import InfluenceResult, InfluenceSettings, settings_dict
 from ..linalg import IHVPResult, LowRank, lanczos_eigenpairs, solve_ihvp
 

@@ -8,13 +8,15 @@ decreases.
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
 
 from ..errors import DivergenceError
-from ..linalg import FunctionOperator, materialize
+from ..linalg import materialize
 from ..tasks.tensors import TaskTensors
+from .curvature import TotalHessian
 from .objective import MetaProblem
 
 
@@ -32,7 +34,7 @@ def newton_refine(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, w
     for it in range(1, max_iter + 1):
         if g.norm() <= tol:
             break
-        H = materialize(_ExactHessian(problem, lam, tasks, w))
+        H = materialize(TotalHessian(problem, lam, tasks, "exact", w=w))
         lo = float(torch.linalg.eigvalsh(H)[0])
         # Close to a stationary point, solve ∇F = 0 by plain (lightly damped) Newton steps, which converge
         # quadratically to the NEARBY stationary point ("root"); far from it, or when that fails, shift H
@@ -62,12 +64,72 @@ def newton_refine(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, w
                  "converged": float(g.norm()) <= tol, "seconds": time.perf_counter() - t0}
 
 
-class _ExactHessian(FunctionOperator):
-    """∇²_λ F(λ; w) through :meth:`MetaProblem.total_hvp`, with block products for materialising."""
 
-    def __init__(self, problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, w: torch.Tensor | None):
-        super().__init__(lambda d: self.matmat(d[:, None])[:, 0], lam.numel(), lam.dtype, lam.device)
-        self._product = lambda D: problem.total_hvp(lam, tasks, D, w)
+def newton_solver(problem: MetaProblem, tasks: TaskTensors, w=None, v=None, u=None, *, hessian: str = "auto",
+                  dense_max: int = 3000, cg_iters: int = 100):
+    """``solve(x, g, shift) -> d`` with (H(x) + shift·I) d = g: dense below ``dense_max`` parameters
+    (materialised H, Cholesky), matrix-free CG above it. ``hessian``: exact | gauss-newton | auto
+    (exact where the problem has it, i.e. unrolled second-order MAML; gauss-newton otherwise).
+    Raises :class:`DivergenceError` when H + shift·I is not positive definite."""
+    from ..linalg import SolverSettings, cg_solve
 
-    def matmat(self, V: torch.Tensor) -> torch.Tensor:
-        return self._product(V)
+    if hessian == "auto":
+        hessian = "exact" if problem.inner.kind == "unrolled" and not problem.inner.first_order else "gauss-newton"
+
+    def solve(x: torch.Tensor, g: torch.Tensor, shift: float) -> torch.Tensor:
+        op = TotalHessian(problem, x, tasks, hessian, w=w, v=v, u=u)
+        if x.numel() <= dense_max:
+            H = materialize(op) + shift * torch.eye(x.numel(), dtype=x.dtype, device=x.device)
+            factor, info = torch.linalg.cholesky_ex(H)
+            if int(info) != 0:
+                raise DivergenceError("H + shift·I is not positive definite")
+            return torch.cholesky_solve(g[:, None], factor)[:, 0]
+        # inexact Newton: a relative residual of min(0.5, √‖g‖) keeps the convergence superlinear
+        tol = min(0.5, float(g.norm()) ** 0.5)
+        return cg_solve(op, g, shift, SolverSettings(tol=tol, max_iter=cg_iters)).x
+
+    solve.hessian = hessian  # type: ignore[attr-defined]
+    return solve
+
+
+def newton_minimise(evaluate, solve, x: torch.Tensor, tol: float, max_iter: int, shift: float = 1e-8,
+                    show=lambda g: None) -> tuple[torch.Tensor, int, str]:
+    """Levenberg–Marquardt-damped Newton steps on F until ‖∇F‖ ≤ tol: the shift grows tenfold while
+    H + shift·I is indefinite or the step fails, and shrinks after each full step; each step
+    backtracks until F decreases (Armijo) or, at F's rounding floor, until ‖∇F‖ does.
+    ``evaluate(x) -> (F, ∇F)``; returns (x, iterations, failure reason or '')."""
+    f, g = evaluate(x)
+    floor = shift
+    it = 0
+    while it < max_iter and float(g.norm()) > tol:
+        it += 1
+        accepted = False
+        for _ in range(16):
+            try:
+                d = solve(x, g, shift)
+            except DivergenceError:
+                shift = max(shift * 10, 1e-12)
+                continue
+            slope = float(g @ d)
+            if not math.isfinite(slope) or slope <= 0:
+                shift = max(shift * 10, 1e-12)
+                continue
+            t = 1.0
+            while t >= 1e-4:
+                ft, gt = evaluate(x - t * d)
+                finite = bool(torch.isfinite(ft)) and bool(torch.isfinite(gt).all())
+                armijo = finite and float(ft) <= float(f) - 1e-4 * t * slope
+                flat = finite and float(gt.norm()) < float(g.norm()) and float(ft) <= float(f) + 1e-12 * abs(float(f))
+                if armijo or flat:
+                    accepted = True
+                    break
+                t *= 0.5
+            if accepted:
+                break
+            shift = max(shift * 10, 1e-12)
+        if not accepted:
+            return x, it, "could not find a step that decreases F (H may be far from positive definite: try the gauss-newton Hessian)"
+        x, f, g = x - t * d, ft, gt
+        shift = max(floor, shift / 10) if t == 1.0 else shift
+        show(g)
+    return x, it, ""

@@ -192,17 +192,6 @@ class MetaProblem:
         """H_i · direction, H_i = D²_λ L_Q^i: forward-over-reverse through the unrolled inner loop."""
         return jvp(lambda l: grad(self.query_loss)(l, task), (lam,), (direction,))[1]
 
-    def total_hvp(self, lam, tasks: TaskTensors, directions: torch.Tensor, w=None, v=None, u=None) -> torch.Tensor:
-        """∇²_λ F(λ; w, v, u) · D for the columns of ``directions`` (p, k), exact (unrolled inner only)."""
-        lam = lam.detach()
-        n = self.collective.total_count(len(tasks))
-
-        def one_direction(d):
-            return self.sum_over_tasks(lambda l, t: self.task_total_hvp(l, t, d), lam, tasks, w, v, u, reduce=False)
-
-        local = vmap(one_direction, in_dims=1, out_dims=1)(directions.to(lam))
-        return (self.collective.all_sum(local) / n + self.weight_decay * directions.to(lam)).detach()
-
     # ------------------------------------------------------------------ pool level
     def default_weights(self, tasks: TaskTensors, like: torch.Tensor):
         n = len(tasks)

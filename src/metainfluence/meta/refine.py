@@ -11,6 +11,9 @@ F(λ; w) = (1/n) Σ_i w_i L_Q^i(λ) + (μ/2)‖λ‖² from the trained λ:
   NaN/inf or stops making progress, it falls back to gradient descent from the last good point.
 - ``gd``: full-batch gradient descent with Armijo backtracking (the step halves until F decreases
   enough, and grows by 1.2× after each accepted step).
+- ``newton``: Levenberg–Marquardt-damped Newton steps with the exact (or Gauss–Newton) total
+  Hessian — materialised below ``newton_dense_max`` parameters, matrix-free Newton–CG above — for
+  tight tolerances where L-BFGS stalls.
 
 The weights ``w`` refine with tasks removed (w_k = 0) while keeping the 1/n normalisation of the
 full pool — the leave-one-out ground truth of SPEC §8 is defined this way. The report records
@@ -39,21 +42,31 @@ class RefineWarning(UserWarning):
     """Refine stopped before ‖∇F‖ reached its tolerance; influence estimates will be less reliable."""
 
 
+REFINE_METHODS = ("lbfgs", "gd", "newton")
+
+
 @dataclass
 class RefineSettings:
     """Settings of the refine stage (deterministic full-pool optimisation of F)."""
 
-    method: str = field(default="lbfgs", metadata={"help": "optimiser: lbfgs (strong-Wolfe line search, falls back to gd on failure) | gd (gradient descent with backtracking)", "choices": ("lbfgs", "gd")})
+    method: str = field(default="lbfgs", metadata={"help": "optimiser: lbfgs (strong-Wolfe line search, falls back to gd on failure) | gd (gradient descent with backtracking) | newton (damped Newton: dense below newton_dense_max parameters, Newton–CG above)", "choices": REFINE_METHODS})
     tol: float = field(default=1e-6, metadata={"help": "stop when the full-pool meta-gradient norm ‖∇F‖₂ is at most this"})
     max_iter: int = field(default=1000, metadata={"help": "maximum optimiser iterations (each is one or a few full-pool passes)"})
     lr: float = field(default=0.1, metadata={"help": "initial step size of gradient descent (method gd, and the L-BFGS fallback)"})
     history_size: int = field(default=20, metadata={"help": "L-BFGS memory (number of curvature pairs)"})
     dtype: str = field(default="float64", metadata={"help": "precision of refine and of the returned λ: float64 (lets ‖∇F‖ go far below float32 round-off) | float32", "choices": ("float32", "float64")})
     fallback: bool = field(default=True, metadata={"help": "fall back to gradient descent when L-BFGS hits NaN/inf or stalls"})
+    newton_hessian: str = field(default="auto", metadata={"help": "newton: Hessian of the steps: exact | gauss-newton | auto (exact where the problem has it)", "choices": ("auto", "exact", "gauss-newton")})
+    newton_dense_max: int = field(default=3000, metadata={"help": "newton: largest number of parameters whose Hessian is materialised (above it: matrix-free Newton–CG)"})
+    newton_cg_iters: int = field(default=100, metadata={"help": "newton: CG iterations per Newton–CG step (products with the Hessian)"})
 
     def validate(self) -> None:
-        if self.method not in ("lbfgs", "gd"):
-            raise SettingsError(f"unknown refine method {self.method!r}; use lbfgs or gd")
+        if self.method not in REFINE_METHODS:
+            raise SettingsError(f"unknown refine method {self.method!r}; use one of {', '.join(REFINE_METHODS)}")
+        if self.newton_hessian not in ("auto", "exact", "gauss-newton"):
+            raise SettingsError(f"unknown newton_hessian {self.newton_hessian!r}; use auto, exact or gauss-newton")
+        if self.newton_dense_max < 0 or self.newton_cg_iters < 1:
+            raise SettingsError("newton_dense_max must be ≥ 0 and newton_cg_iters ≥ 1")
         if not (math.isfinite(self.tol) and self.tol >= 0):
             raise SettingsError(f"refine tol must be ≥ 0, got {self.tol}")
         if self.max_iter < 0:
@@ -203,6 +216,15 @@ def refine(
     method_used = settings.method
     message = ""
     try:
+        if settings.method == "newton" and float(g0.norm()) > settings.tol:
+            from .newton import newton_minimise, newton_solver
+
+            solve = newton_solver(problem, tasks, w, v, u, hessian=settings.newton_hessian, dense_max=settings.newton_dense_max,
+                                  cg_iters=settings.newton_cg_iters)
+            method_used = f"newton ({solve.hessian}, {'dense' if x.numel() <= settings.newton_dense_max else 'CG'})"
+            x, iterations, failure = newton_minimise(ev, solve, x, settings.tol, settings.max_iter, show=show)
+            if failure:
+                message = f"Newton {failure} after {iterations} iterations"
         if settings.method == "lbfgs" and float(g0.norm()) > settings.tol and settings.max_iter > 0:
             x, iterations, failure = _run_lbfgs(ev, x, settings, show)
             if failure:
@@ -246,11 +268,19 @@ def refine(
     )
     if not converged:
         warnings.warn(
-            f"refine did not reach ‖∇F‖ ≤ {settings.tol:g} (‖∇F‖ = {gn1:.3g}, {message}); raise max_iter or tol — influence estimates assume stationarity (SPEC §2)",
+            f"refine did not reach ‖∇F‖ ≤ {settings.tol:g} (‖∇F‖ = {gn1:.3g}, {message}); {refine_advice(settings)} — influence estimates assume stationarity (docs/method.md §2)",
             RefineWarning,
             stacklevel=2,
         )
     return x, report
+
+
+def refine_advice(settings: RefineSettings | None = None) -> str:
+    """What helps a refine that stopped above its tolerance."""
+    if settings is not None and settings.method == "newton":
+        return ("raise --refine-max-iter, or try --refine-newton-hessian gauss-newton (PSD) if the exact Hessian is indefinite here")
+    return ("refine with the Newton refiner (--refine-method newton: a few exact or Gauss–Newton steps reach tight tolerances "
+            "where L-BFGS stalls), or raise --refine-max-iter")
 
 
 def _run_lbfgs(ev: _Evaluator, x0: torch.Tensor, settings: RefineSettings, show) -> tuple[torch.Tensor, int, str]:

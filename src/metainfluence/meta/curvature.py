@@ -20,8 +20,8 @@ from torch.func import grad, jvp, vjp, vmap
 
 from ..errors import SettingsError
 from ..linalg import FactorOperator
-from ..meta.objective import MetaProblem, TaskRecord
 from ..tasks.tensors import TaskTensors
+from .objective import MetaProblem, TaskRecord
 
 HESSIANS = ("exact", "gauss-newton", "gamma", "fisher", "direct")
 
