@@ -196,7 +196,7 @@ def test_refine_rejects_bad_settings_and_weights():
     problem, lam0 = small_problem()
     tasks = random_tasks(n=4)
     with pytest.raises(SettingsError):
-        refine(problem, lam0, tasks, RefineSettings(method="newton"))
+        refine(problem, lam0, tasks, RefineSettings(method="adam"))
     with pytest.raises(SettingsError):
         refine(problem, lam0, tasks, RefineSettings(), w=torch.ones(3))
 
