@@ -6,6 +6,8 @@ explicit Hessian — a closed form to compare the influence prediction with."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -108,3 +110,33 @@ def test_result_file_round_trip_and_pool_check(tmp_path):
     assert "HELPS" in (tmp_path / "scores.json").read_text()
     with pytest.raises(CheckpointError, match="another task pool"):
         InfluenceResult.load(tmp_path / "scores", pool_fingerprint="xyz")
+
+
+def test_an_unconverged_solve_is_said_aloud_with_its_remedy():
+    from metainfluence.influence.results import InfluenceWarning
+
+    problem, lam = small_problem("unrolled", steps=1, hidden=(5,))
+    tasks, val = random_tasks(n=6), random_tasks(n=3, seed=4)
+    settings = InfluenceSettings(hessian="gauss-newton", damping=1e-4, stationarity_warn=1e9, solve=SolverSettings(tol=1e-12, max_iter=3))
+    with pytest.warns(InfluenceWarning, match="max-iter"):
+        res = task_influence(problem, lam, tasks, val, settings)
+    assert res.diagnostics["solver"]["converged"] is False
+    assert any("stopped before its tolerance" in w for w in res.diagnostics["warnings"])
+
+
+def test_instance_results_carry_stationarity_and_the_implicit_inner_check():
+    from metainfluence.influence.instance_if import instance_influence
+    from metainfluence.influence.results import InfluenceWarning
+
+    tasks, val = random_tasks(n=4), random_tasks(n=3, seed=4)
+    problem, lam = small_problem("implicit", steps=2, lr=0.1, proximal=1.0, hidden=(5,))  # 2 steps: far from the inner optimum
+    settings = InfluenceSettings(hessian="gauss-newton", damping=1e-2, solve=SolverSettings(tol=1e-10))
+    with pytest.warns(InfluenceWarning):
+        res = instance_influence(problem, lam, tasks, val, "query", settings)
+    assert res.diagnostics["stationarity"]["ratio"] > 0
+    assert res.diagnostics["inner_solve"]["relative_max"] > 1e-3
+    assert any("implicit inner problem is not solved" in w for w in res.diagnostics["warnings"])
+    solved, lam2 = small_problem("implicit", steps=300, lr=0.3, proximal=1.0, hidden=(5,))
+    res2 = instance_influence(solved, lam2, tasks, val, "query", dataclasses.replace(settings, stationarity_warn=1e9))
+    assert res2.diagnostics["inner_solve"]["relative_max"] < 1e-3
+    assert not any("inner" in w for w in res2.diagnostics.get("warnings", []))

@@ -25,8 +25,8 @@ from ..meta.objective import MetaProblem, TaskRecord
 from ..tasks.tensors import TaskTensors
 from .gradients import example_scores, measurement_gradient
 from ..meta.curvature import check_hessian_kind, jacobian_vp, query_hvp_theta
-from .results import InfluenceResult, InfluenceSettings, settings_dict
-from .task_if import build_hessian, ihvp
+from .results import InfluenceResult, InfluenceSettings, check_solve, settings_dict, solver_record
+from .task_if import _train_pass, build_hessian, ihvp, inner_solve_check, stationarity
 
 
 def k_step_response(hvp, b: torch.Tensor, alpha: float, steps: int) -> torch.Tensor:
@@ -94,7 +94,7 @@ def instance_influence(
         op = build_hessian(problem, lam, train_tasks, settings)
         res = ihvp(op, grad_f, settings)
         s = res.x
-        solver = {"name": res.solver, "residual": res.residual, "iterations": res.iterations, "hvps": op.n_matvecs}
+        solver = solver_record(res, op.n_matvecs)
     else:
         if tuple(s.shape) != tuple(lam.shape):
             raise SettingsError(f"the given iHVP vector s has shape {tuple(s.shape)}, expected {tuple(lam.shape)} (one entry per meta-parameter)")
@@ -107,6 +107,12 @@ def instance_influence(
         "hessian": settings.hessian,
         "solver": solver,
     }
+    if solver["name"] != "given":
+        check_solve(diag, res, settings)
+    # the same trust checks as task-IF: λ stationary, inner problem solved (one pass of total gradients)
+    _, norms, g_sum = _train_pass(problem, lam, train_tasks, None, lambda p, l, t: p.total_gradients(l, t))
+    diag["stationarity"] = stationarity(g_sum / n + problem.weight_decay * lam, problem.collective.gather_rows(norms), settings.stationarity_warn, diag)
+    inner_solve_check(problem, lam, train_tasks, diag)
     method = which
     if which == "support" and settings.support_method == "two-stage":
         raw, inner_residual = _two_stage_scores(problem, lam, train_tasks, s, settings)

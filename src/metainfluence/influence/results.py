@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,6 +156,47 @@ class InfluenceResult:
             self_influence=tensors.get("self_influence"),
             extra=extra,
         )
+
+
+class InfluenceWarning(UserWarning):
+    """A number an influence result cannot vouch for (unconverged solve, non-stationary λ, unsolved
+    inner problem); the same text is in the result's ``diagnostics["warnings"]``."""
+
+
+def shortfall(diag: dict[str, Any], message: str) -> None:
+    """Say a shortfall aloud: a warning now and a line in the result's diagnostics."""
+    diag.setdefault("warnings", []).append(message)
+    warnings.warn(message, InfluenceWarning, stacklevel=3)
+
+
+# a solve whose true relative residual is above this gives scores off by about as much
+RESIDUAL_WARN = 1e-2
+
+
+def solver_record(res: Any, hvps: int | None = None) -> dict[str, Any]:
+    """What a result records of an iHVP solve (every key except the per-rhs residual list)."""
+    out = {"name": res.solver, "residual": res.residual, "iterations": res.iterations}
+    if hvps is not None:
+        out["hvps"] = hvps
+    out.update({k: v for k, v in res.info.items() if k not in ("residuals", "recursive_residuals", "iterations_per_rhs", "relative_changes", "depth_per_rhs")})
+    return out
+
+
+def check_solve(diag: dict[str, Any], res: Any, settings: "InfluenceSettings", what: str = "iHVP") -> None:
+    """A shortfall when the solve stopped before its tolerance or left a large true residual, with
+    the remedy of its solver."""
+    converged = bool(res.info.get("converged", True))
+    if converged and res.residual <= RESIDUAL_WARN:
+        return
+    remedy = {
+        "cg": f"raise --max-iter (now {settings.solve.max_iter}) or --damping (now {settings.damping:g})",
+        "neumann": f"raise --neumann-depth (now {settings.solve.neumann_depth}) or --damping (now {settings.damping:g}), or use --solver cg",
+        "lissa": f"raise --neumann-depth (now {settings.solve.neumann_depth}), --lissa-batch or --lissa-repeats, or use --solver cg",
+        "lowrank": f"raise --lowrank-rank (now {settings.solve.lowrank_rank}) or use --solver cg (the spectrum is not low-rank enough)",
+    }.get(res.solver, "use --solver cg with a tighter --tol")
+    state = "stopped before its tolerance" if not converged else "left a large residual"
+    shortfall(diag, f"the {what} solve ({res.solver}) {state}: relative residual {res.residual:.2g} "
+                    f"(tol {settings.solve.tol:g}) after {res.iterations} iterations, so the scores are approximate; {remedy}")
 
 
 def settings_dict(settings: Any) -> dict:

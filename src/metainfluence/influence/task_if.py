@@ -23,7 +23,8 @@ from ..meta.objective import MetaProblem
 from ..tasks.tensors import TaskTensors
 from .gradients import direct_gradients, direct_measurement_gradient, measurement_gradient
 from ..meta.curvature import TotalHessian, check_hessian_kind
-from .results import InfluenceResult, InfluenceSettings, settings_dict
+from ..meta.refine import refine_advice
+from .results import InfluenceResult, InfluenceSettings, check_solve, settings_dict, shortfall, solver_record
 from ..linalg import IHVPResult, LowRank, lanczos_eigenpairs, solve_ihvp
 
 
@@ -54,19 +55,37 @@ def _lowrank(op: TotalHessian, settings: InfluenceSettings) -> LowRank:
     return lr
 
 
-def stationarity(meta_gradient: torch.Tensor, task_gradient_norms: torch.Tensor, warn_ratio: float) -> dict[str, Any]:
-    """SPEC §2: ‖∇F(λ*)‖ and its ratio to the mean per-task total-gradient norm."""
+def stationarity(meta_gradient: torch.Tensor, task_gradient_norms: torch.Tensor, warn_ratio: float,
+                 diag: dict[str, Any] | None = None) -> dict[str, Any]:
+    """SPEC §2: ‖∇F(λ*)‖ and its ratio to the mean per-task total-gradient norm (a shortfall in
+    ``diag`` above ``warn_ratio``)."""
     norm = float(meta_gradient.norm())
     mean_task = float(task_gradient_norms.mean())
     ratio = norm / max(mean_task, 1e-300)
     out = {"grad_norm": norm, "mean_task_grad_norm": mean_task, "ratio": ratio, "warning": None}
     if ratio > warn_ratio:
         out["warning"] = (
-            f"λ is not stationary: ‖∇F‖ = {norm:.3g} is {ratio:.2g} of the mean task-gradient norm; "
-            "influence assumes ∇F = 0 — run `metainfluence refine` first"
+            f"λ is not stationary: ‖∇F‖ = {norm:.3g} is {ratio:.2g} of the mean task-gradient norm (warned above "
+            f"{warn_ratio:g}); influence assumes ∇F = 0 — {refine_advice()}"
         )
-        warnings.warn(out["warning"], stacklevel=3)
+        if diag is not None:
+            shortfall(diag, out["warning"])
+        else:
+            warnings.warn(out["warning"], stacklevel=3)
     return out
+
+
+def inner_solve_check(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, diag: dict[str, Any], warn_ratio: float = 1e-3) -> None:
+    """The implicit inner solver assumes θ_i is the inner optimum: record the worst ‖∇_θ L_in(θ_i)‖
+    relative to its value at θ = λ, and say so when it is large."""
+    if problem.inner.kind != "implicit":
+        return
+    at_theta, at_start = problem.inner_gradient_norms(lam, tasks)
+    rel = float((at_theta / at_start.clamp_min(1e-300)).max())
+    diag["inner_solve"] = {"grad_norm_max": float(at_theta.max()), "relative_max": rel}
+    if rel > warn_ratio:
+        shortfall(diag, f"the implicit inner problem is not solved: ‖∇_θ L_in(θ_i)‖ is up to {rel:.2g} of its value at θ = λ; "
+                        f"the implicit-function derivatives assume an inner optimum — raise --inner-steps (now {problem.inner.steps}) or --inner-lr")
 
 
 def _train_pass(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, s: torch.Tensor | None, gradient_fn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -129,8 +148,8 @@ def task_influence(
             res = ihvp(op, grad_f, settings)
             s = res.x
             timings["ihvp"] = time.perf_counter() - t1
-            diag["solver"] = {"name": res.solver, "residual": res.residual, "iterations": res.iterations,
-                              "hvps": op.n_matvecs, **{k: v for k, v in res.info.items() if k not in ("residuals",)}}
+            diag["solver"] = solver_record(res, op.n_matvecs)
+            check_solve(diag, res, settings)
             diag["hessian"] = op.kind
             if op.kind == "gamma":
                 diag["gamma"] = op.gamma
@@ -140,7 +159,8 @@ def task_influence(
         scores = dots / n
         timings["task_gradients"] = time.perf_counter() - t2
         if not direct:
-            diag["stationarity"] = stationarity(g_sum / n + problem.weight_decay * lam, problem.collective.gather_rows(norms), settings.stationarity_warn)
+            diag["stationarity"] = stationarity(g_sum / n + problem.weight_decay * lam, problem.collective.gather_rows(norms), settings.stationarity_warn, diag)
+            inner_solve_check(problem, lam, train_tasks, diag)
         self_inf = None
         if settings.self_influence:
             if op is None:
@@ -151,6 +171,7 @@ def task_influence(
             res_all = ihvp(op, G, settings)
             self_inf = problem.collective.local_rows((G * res_all.x).sum(1), len(train_tasks)) / n
             diag["self_influence_residual"] = res_all.residual
+            check_solve(diag, res_all, settings, "self-influence")
             timings["self_influence"] = time.perf_counter() - t3
         extra = {"s": s}
     elif method == "loss":

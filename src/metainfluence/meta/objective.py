@@ -286,6 +286,18 @@ class MetaProblem:
         """Per-task total gradients g_i, shape (n, p) (SPEC §3)."""
         return self.per_task(self.task_total_gradient, lam.detach(), tasks, v, u).detach()
 
+    def inner_gradient_norms(self, lam, tasks: TaskTensors, v=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per task, ‖∇_θ L_in(θ_i; λ)‖ at the adapted θ_i and at θ = λ (how far the inner solve got)."""
+
+        def one(lam, task: TaskRecord):
+            theta = self.adapt(lam, task).detach()
+            at = lambda th: grad(self.inner_objective)(th, lam, task).norm()
+            return torch.stack([at(theta), at(lam)])
+
+        with torch.no_grad():
+            out = self.per_task(one, lam.detach(), tasks, v)
+        return out[:, 0], out[:, 1]
+
     def task_metrics(self, lam, tasks: TaskTensors) -> tuple[torch.Tensor, torch.Tensor]:
         """Query loss and accuracy after adaptation, per task (accuracy is NaN for regression)."""
 
