@@ -66,6 +66,9 @@ class InfluenceSettings:
             raise SettingsError(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
         if self.hessian not in HESSIANS:
             raise SettingsError(f"unknown hessian {self.hessian!r}; use one of {', '.join(HESSIANS)}")
+        if self.method == "task-if" and self.hessian == "direct":
+            raise SettingsError("hessian 'direct' ignores dθ/dλ: it is the direct-IF baseline's Hessian — use method=direct-if, "
+                                "or a total Hessian (exact, gauss-newton, gamma, fisher) for task-if")
         if self.solver not in SOLVER_NAMES:
             raise SettingsError(f"unknown iHVP solver {self.solver!r}; use one of {', '.join(SOLVER_NAMES)}")
         if self.solver == "woodbury" and self.hessian != "fisher":

@@ -70,6 +70,15 @@ LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 }
 
 
+WORKING_DTYPES = (torch.float32, torch.float64)
+
+
+def check_working_dtype(lam: torch.Tensor) -> None:
+    """λ sets the dtype of every computation: refuse anything but float32 / float64 with the remedy."""
+    if lam.dtype not in WORKING_DTYPES:
+        raise SettingsError(f"λ has dtype {lam.dtype}; the library computes in float32 or float64 — pass lam.double() (exact tier) or lam.float()")
+
+
 class TaskRecord(NamedTuple):
     """One task as the per-task functions see it (a batch of tasks inside ``vmap``): support set
     (xs, ys) with example weights v, query set (xq, yq) with example weights u."""
@@ -216,7 +225,13 @@ class MetaProblem:
             yield slice(start, min(n, start + step))
 
     def records(self, lam, tasks: TaskTensors, v=None, u=None) -> TaskRecord:
-        """The pool as one batched :class:`TaskRecord` (weights default to ones, cast like λ)."""
+        """The pool as one batched :class:`TaskRecord` (weights default to ones, cast like λ).
+
+        dtype rule: everything is computed in λ's dtype (float32 or float64); floating task tensors
+        (inputs, regression targets) are cast to it, so float32 pools serve a float64 λ and back."""
+        check_working_dtype(lam)
+        if tasks.support_x.is_floating_point() and tasks.support_x.dtype != lam.dtype:
+            tasks = tasks.to(dtype=lam.dtype)
         dv, du = self.default_weights(tasks, lam)
         v = dv if v is None else v.to(lam)
         u = du if u is None else u.to(lam)
