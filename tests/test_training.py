@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers import random_tasks, small_problem
-from metainfluence.data import sinusoid_pool
+from metainfluence.tasks import sinusoid_pool
 from metainfluence.errors import CheckpointError, DivergenceError, SettingsError
 from metainfluence.meta import (
     EvalResult,

@@ -178,7 +178,7 @@ def build_pools(data: DataSettings, dataset, splits: tuple[str, ...] = SPLITS) -
     pools = {}
     for i, split in enumerate(splits):
         if dataset is None:
-            from .data import sinusoid_pool
+            from .tasks import sinusoid_pool
 
             # Sinusoid tasks have no classes to split: the pools differ by seed.
             pools[split] = sinusoid_pool(sizes[split], data.k_shot, data.q_query, seed=data.pool_seed * 3 + SPLITS.index(split))
