@@ -12,11 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import Removal, edit_model, evaluate, metrics
+from .. import Removal, corrupt_labels, edit_model, evaluate, metrics
 from ..config import to_dict
 from ..io import save_result, write_json
 from ..pipeline import RunContext
-from ..tasks import corrupt_labels
 from . import plots
 from .common import METHODS, _diag_json, _eval_json, _header, _image_tensors, _score_all, _train_and_refine
 

@@ -29,7 +29,7 @@ def demo_settings() -> RunSettings:
     return settings
 
 
-def _influence_demo(ctx: RunContext, lam: torch.Tensor, before: Mapping[str, EvalResult], out: Path, log: Callable[[str], None]) -> dict:
+def _influence_demo(ctx: RunContext, lam: torch.Tensor, before: Mapping[str, EvalResult], log: Callable[[str], None]) -> dict:
     """task-IF on the (partly corrupted) training pool, detection of the corrupted tasks, closed-form edit."""
     settings = InfluenceSettings(hessian="exact", solver="cg", damping=1e-3, tol=1e-6, max_iter=300)
     t = time.perf_counter()
@@ -41,7 +41,7 @@ def _influence_demo(ctx: RunContext, lam: torch.Tensor, before: Mapping[str, Eva
         settings = dataclasses.replace(settings, hessian="gauss-newton")
         result = influence_stage(ctx, lam, settings)
     influence_s = time.perf_counter() - t
-    ctx.save_scores(result, "task_influence", folder=out)
+    ctx.save_scores(result, "task_influence")
     pool = ctx.pools["train"]
     corrupted = torch.as_tensor(pool.corrupted_tasks).bool()
     n, n_bad = len(corrupted), int(corrupted.sum())
@@ -106,7 +106,7 @@ def run_demo(settings: RunSettings | None = None, out: str | os.PathLike = "runs
     ctx.save_checkpoint("refined", lam_refined, "refined", {"eval": evals_json(eval_refined)}, refine_report=report, history=history, step=history.steps_done)
 
     t = time.perf_counter()
-    influence = _influence_demo(ctx, lam_refined, eval_refined, out, log) if influence_step else None
+    influence = _influence_demo(ctx, lam_refined, eval_refined, log) if influence_step else None
     timings["influence_and_edit_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_start
 
