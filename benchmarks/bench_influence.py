@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import platform
@@ -52,7 +51,7 @@ from metainfluence.influence.task_if import task_influence
 from metainfluence.io import write_json
 from metainfluence.meta.models import ModelSettings
 from metainfluence.meta.refine import RefineSettings, RefineWarning, refine
-from metainfluence.runs import RunSettings, prepare_run, train_stage
+from metainfluence.pipeline import RunContext, RunSettings, train_stage
 
 HESSIANS = ("exact", "gauss-newton", "gamma", "fisher")
 SOLVERS = ("explicit", "cg", "neumann", "lissa", "lowrank")
@@ -109,7 +108,7 @@ def main(argv=None) -> int:
         train=dataclasses.replace(base.train, steps=args.train_steps, checkpoint_every=0),
         refine=RefineSettings(tol=1e-6, max_iter=args.refine_iters),
     )
-    ctx = prepare_run(settings, None, splits=("train", "val"), save_pools=False)
+    ctx = RunContext.prepare(settings, None, splits=("train", "val"), save_pools=False)
     problem = ctx.problem
     problem.chunk_size = args.chunk
     n, p = args.tasks, problem.dim

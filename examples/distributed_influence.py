@@ -24,7 +24,7 @@ import torch
 from metainfluence.distributed import distributed_task_influence, init_distributed
 from metainfluence.influence.results import InfluenceSettings
 from metainfluence.meta.checkpoint import pool_fingerprint
-from metainfluence.runs import context_from_checkpoint
+from metainfluence.pipeline import RunContext
 
 
 def main() -> int:
@@ -42,7 +42,7 @@ def main() -> int:
 
     ctx = init_distributed(args.backend)
     with ctx:
-        run, ckpt = context_from_checkpoint(args.checkpoint, data_root=args.data_root, splits=("train", "val"))
+        run, ckpt = RunContext.from_checkpoint(args.checkpoint, data_root=args.data_root, splits=("train", "val"))
         dtype = getattr(torch, args.dtype)
         problem = run.problem
         problem.model.to(device=ctx.device, dtype=dtype)

@@ -53,7 +53,7 @@ from metainfluence.meta.checkpoint import load_checkpoint, pool_record, save_che
 from metainfluence.meta.models import MLP, ModelSettings, build_model
 from metainfluence.meta.objective import InnerSettings, MetaProblem
 from metainfluence.meta.refine import RefineSettings, refine
-from metainfluence.runs import RunSettings
+from metainfluence.pipeline import RunSettings
 from metainfluence.tasks import TaskPool, TaskTensors, build_pool, corrupt_labels, load_pool
 
 CLI = "cli"  # error "class" of the command-line cases: exit status 2 and one stderr line

@@ -14,7 +14,7 @@ from metainfluence.cli import main
 from metainfluence.config import apply_overrides, load_settings, read_config_file, settings_from_dict, to_dict
 from metainfluence.errors import SettingsError
 from metainfluence.meta import RefineWarning, load_checkpoint
-from metainfluence.runs import RunSettings, run_demo
+from metainfluence.pipeline import RunSettings, run_demo
 
 
 TINY = [

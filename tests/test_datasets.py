@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import metainfluence.data.omniglot as omni_mod
+import metainfluence.data.omniglot_download as omni_dl
 from fixtures import (
     make_idx,
     make_mini_imagenet,
@@ -257,7 +258,7 @@ def test_download_checks_checksum_and_extracts(tmp_path):
 def test_official_checksums_match_the_shared_archives(shared_data):
     for s in ("images_background", "images_evaluation"):
         path = shared_data / "omniglot" / "official_layout" / f"{s}.zip"
-        assert omni_mod._checksum_ok(path, s, None)
+        assert omni_dl._checksum_ok(path, s, None)
 
 
 # =========================================================================== MNIST (fake idx)

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from metainfluence.evaluation.experiments import METHODS, report_run, run_experiment
+from metainfluence.experiments import METHODS, report_run, run_experiment
 from metainfluence.influence.results import SIGN_CONVENTION
 
 
@@ -112,7 +112,7 @@ def test_estimates_quick(tmp_path):
 def test_every_shipped_config_loads_and_names_known_methods():
     from pathlib import Path
 
-    from metainfluence.evaluation.experiments import load_experiment_settings
+    from metainfluence.experiments import load_experiment_settings
 
     configs = sorted((Path(__file__).parent.parent / "configs").glob("*.toml"))
     assert len(configs) >= 7
@@ -124,7 +124,7 @@ def test_every_shipped_config_loads_and_names_known_methods():
 
 def test_removal_refuses_a_retrain_method_it_does_not_rank(tmp_path):
     from metainfluence.errors import SettingsError
-    from metainfluence.evaluation.experiments import load_experiment_settings
+    from metainfluence.experiments import load_experiment_settings
 
     cfg = tmp_path / "r.toml"
     cfg.write_text('[removal]\ninstance_levels = ["query"]\nretrain_methods = ["instance-if (support)"]\n')

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 import metainfluence.tasks.pool as pool_mod
+import metainfluence.tasks.storage as storage_mod
 from fixtures import make_omniglot
-from metainfluence.data import SinusoidPool, load_dataset, load_digits, load_omniglot, sinusoid_pool
+from metainfluence.data import load_dataset, load_digits, load_omniglot
 from metainfluence.errors import MetaInfluenceError, PoolError
-from metainfluence.tasks import TaskPool, TaskTensors, build_pool, corrupt_labels, load_pool
+from metainfluence.tasks import SinusoidPool, TaskPool, TaskTensors, build_pool, corrupt_labels, load_pool, sinusoid_pool
 
 SPLITS = ("train", "val", "test")
 
@@ -226,7 +227,7 @@ def test_failed_save_leaves_no_partial_file(digits, tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(pool_mod, "write_json", fail)
+    monkeypatch.setattr(storage_mod, "write_json", fail)
     with pytest.raises(OSError):
         p.save(tmp_path / "out" / "pool")
     assert list((tmp_path / "out").iterdir()) == []

@@ -15,8 +15,8 @@ from PIL import Image as PILImage
 
 from metainfluence.errors import SettingsError
 from metainfluence.evaluation.metrics import harmful_first, recall_curve
-from metainfluence.evaluation.plots import accuracy_vs_removed, recall_curves, scatter_predicted_vs_actual, task_image_grid
-from metainfluence.evaluation.report import SIGN_CONVENTION, Image, Section, Table, markdown_table, write_report
+from metainfluence.experiments.plots import accuracy_vs_removed, recall_curves, scatter_predicted_vs_actual, task_image_grid
+from metainfluence.experiments.report import SIGN_CONVENTION, Image, Section, Table, markdown_table, write_report
 from metainfluence.tasks.tensors import TaskTensors
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

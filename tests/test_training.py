@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers import random_tasks, small_problem
-from metainfluence.data import sinusoid_pool
+from metainfluence.tasks import sinusoid_pool
 from metainfluence.errors import CheckpointError, DivergenceError, SettingsError
 from metainfluence.meta import (
     EvalResult,
@@ -219,7 +219,7 @@ def test_evaluate_matches_a_per_task_loop():
     res = evaluate(problem, lam, tasks)
     accs, losses = [], []
     for i in range(7):
-        xs, ys, xq, yq = tasks.support_x[i], tasks.support_y[i], tasks.query_x[i], tasks.query_y[i]
+        xq, yq = tasks.query_x[i], tasks.query_y[i]
         theta = problem.adapt(lam, problem.records(lam, tasks).row(i))
         out = problem.forward(theta, xq)
         accs.append(float((out.argmax(1) == yq).double().mean()))

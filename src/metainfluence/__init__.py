@@ -2,8 +2,9 @@
 
 The public API, stage by stage (data → task pools → meta-learning → influence → evaluation):
 
-    load_dataset, sinusoid_pool                 data/
-    build_pool, corrupt_labels, TaskTensors     tasks/
+    load_dataset                                data/
+    build_pool, corrupt_labels, TaskTensors,    tasks/
+    sinusoid_pool
     MetaProblem, InnerSettings, meta_train,     meta/
     refine, evaluate
     task_influence, instance_influence,         influence/
@@ -15,7 +16,7 @@ Sign convention (SPEC §7): a score is the predicted change of the measurement (
 the item is removed; positive means the item helps, negative means it harms.
 """
 
-from .data import load_dataset, sinusoid_pool
+from .data import load_dataset
 from .errors import MetaInfluenceError
 from .evaluation import metrics
 from .evaluation.groundtruth import GroundTruthSettings, lds_ground_truth, leave_one_out
@@ -30,7 +31,7 @@ from .meta.evaluate import evaluate
 from .meta.objective import InnerSettings, MetaProblem
 from .meta.refine import RefineSettings, refine
 from .meta.train import TrainSettings, meta_train
-from .tasks import TaskTensors, build_pool, corrupt_labels
+from .tasks import TaskTensors, build_pool, corrupt_labels, sinusoid_pool
 
 __version__ = "0.1.0"
 

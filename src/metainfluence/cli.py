@@ -1,6 +1,7 @@
 """Command line: ``metainfluence demo | train | refine | evaluate | influence | edit | experiment | report``.
 
-A thin layer over :mod:`metainfluence.runs`. Every setting of :class:`~metainfluence.runs.RunSettings`
+A thin layer (argument parsing and printing) over :mod:`metainfluence.pipeline` and
+:mod:`metainfluence.experiments`. Every setting of :class:`~metainfluence.pipeline.RunSettings`
 is a flag (``--help`` lists them with their help texts and defaults) and a key of the ``--config``
 file (TOML, YAML or JSON; sections ``[data]``, ``[model]``, ``[inner]``, ``[objective]``, ``[train]``,
 ``[refine]``). Precedence: defaults < config file < flags. A user mistake prints ``error: <one line>``
@@ -13,7 +14,6 @@ import argparse
 import dataclasses
 import sys
 import warnings
-from pathlib import Path
 from typing import Sequence
 
 from .config import add_settings_arguments, load_settings, namespace_overrides
@@ -36,7 +36,7 @@ def _common(p: argparse.ArgumentParser, threads: int = 0) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .runs import RunSettings
+    from .pipeline import RunSettings, demo_settings
 
     parser = _Parser(prog="metainfluence", description="Influence functions for meta-learning: meta-train, refine to stationarity, evaluate.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -48,8 +48,6 @@ def build_parser() -> argparse.ArgumentParser:
     # The demo's tensors are tiny: one thread avoids thread-pool overhead (measured on a busy 2-core
     # machine: 44 s with 1 thread, 285 s with 2).
     _common(demo, threads=1)
-    from .runs import demo_settings
-
     demo.add_argument("--skip-influence", dest="influence_step", action="store_false", help="stop after refine and evaluate (no task-IF, no edit)")
     demo.set_defaults(_dests=add_settings_arguments(demo, RunSettings, defaults=demo_settings()))
 
@@ -131,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace, defaults=None):
-    from .runs import RunSettings
+    from .pipeline import RunSettings
 
     return load_settings(defaults if defaults is not None else RunSettings(), args.config, namespace_overrides(args, args._dests))
 
@@ -168,9 +166,7 @@ def _checkpoint_overrides(args: argparse.Namespace):
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .runs import run_demo
-
-    from .runs import demo_settings
+    from .pipeline import demo_settings, run_demo
 
     settings = _settings(args, demo_settings())
     run_demo(settings, out=args.out, progress=args.progress, influence_step=args.influence_step)
@@ -178,64 +174,32 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .config import to_dict
-    from .io import write_json
-    from .meta.checkpoint import load_checkpoint
-    from .runs import _evals_json, evaluate_stage, prepare_run, save_stage_checkpoint, train_stage
+    from .pipeline import train_run
 
-    settings = _settings(args)
-    out = Path(args.out)
-    resume = out / "trained" if args.resume else None
-    if resume is not None and not (out / "trained.safetensors").is_file():
-        raise SettingsError(f"--resume: there is no checkpoint {out / 'trained.safetensors'} to continue from; train without --resume first")
-    ctx = prepare_run(settings, out, log=print)
-    write_json(out / "settings.json", to_dict(settings))
-    lam, history, _ = train_stage(ctx, progress=args.progress, resume=resume)
-    results = evaluate_stage(ctx, lam, ("val", "test"))
-    state = load_checkpoint(out / "trained", expected_problem=ctx.problem).state
-    save_stage_checkpoint(ctx, "trained", lam, "trained", {"eval": _evals_json(results)}, history=history, step=history.steps_done, state=state)
+    ctx, lam, history, results = train_run(_settings(args), args.out, resume=args.resume, progress=args.progress)
     print(f"trained {history.steps_done} steps in {history.wall_time_s:.1f} s ({history.tasks_per_second:.0f} tasks/s, {history.stopped})")
     for split, res in results.items():
         print(f"{split}: {res.summary()}")
-    print(f"checkpoint: {out / 'trained.safetensors'}")
+    print(f"checkpoint: {ctx.out / 'trained.safetensors'}")
     return 0
 
 
 def _cmd_refine(args: argparse.Namespace) -> int:
-    from .meta.evaluate import evaluate
-    from .meta.refine import refine
-    from .runs import context_from_checkpoint, save_stage_checkpoint
+    from .pipeline import refine_checkpoint
 
-    ctx, ckpt = context_from_checkpoint(args.checkpoint, splits=("train", "test"), overrides=_checkpoint_overrides(args))
-    if args.out is not None:
-        ctx.out = Path(args.out)
-    print(f"train pool: {ctx.pools['train'].summary()}")
-    lam, report = refine(ctx.problem, ckpt.lam, ctx.tensors["train"], ctx.settings.refine, progress=args.progress)
+    path, report, before, after = refine_checkpoint(args.checkpoint, out=args.out, name=args.name, overrides=_checkpoint_overrides(args), progress=args.progress)
     print(report.summary())
-    before = evaluate(ctx.problem, ckpt.lam, ctx.tensors["test"])
-    after = evaluate(ctx.problem, lam, ctx.tensors["test"])
     print(f"test before refine: {before.summary()}")
     print(f"test after refine:  {after.summary()}")
-    path = save_stage_checkpoint(ctx, args.name, lam, "refined", {"eval": {"test": after.to_json()}, "eval_before_refine": {"test": before.to_json()}}, refine_report=report, step=ckpt.step)
     print(f"checkpoint: {path}")
     return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from .io import write_json
-    from .meta.evaluate import evaluate
-    from .runs import context_from_checkpoint
+    from .pipeline import evaluate_checkpoint
 
-    if args.tasks is not None and args.tasks < 1:
-        raise SettingsError(f"--tasks must be ≥ 1, got {args.tasks}")
-    splits = ("train",) if args.split == "train" else ("train", args.split)
-    ctx, ckpt = context_from_checkpoint(args.checkpoint, splits=splits, test_tasks=args.tasks, overrides=_checkpoint_overrides(args))
-    pool = ctx.pools[args.split]
-    print(f"{args.split} pool: {pool.summary()}")
-    result = evaluate(ctx.problem, ckpt.lam, ctx.tensors[args.split])
+    ckpt, result = evaluate_checkpoint(args.checkpoint, split=args.split, tasks=args.tasks, json_path=args.json, overrides=_checkpoint_overrides(args))
     print(f"{ckpt.info.get('kind', 'checkpoint')} λ ({ckpt.path}): {result.summary()}")
-    if args.json:
-        write_json(args.json, {"checkpoint": str(ckpt.path), "split": args.split, "pool": pool.summary(), **result.to_json(per_task=True)})
     return 0
 
 
@@ -253,16 +217,9 @@ def _print_items(result, k: int) -> None:
 
 
 def _cmd_influence(args: argparse.Namespace) -> int:
-    from .meta.checkpoint import pool_fingerprint
-    from .runs import context_from_checkpoint, influence_stage
+    from .pipeline import influence_checkpoint
 
-    settings = _influence_settings(args)
-    ctx, ckpt = context_from_checkpoint(args.checkpoint, splits=("train", "val"), overrides=_data_only(args))
-    out = Path(args.out) if args.out else Path(ckpt.path).parent
-    print(f"train pool: {ctx.pools['train'].summary()}")
-    result = influence_stage(ctx, ckpt.lam.double(), settings, args.level)
-    name = args.name or f"influence_{args.level}_{settings.method}"
-    result.save(out / name, pool_fingerprint=pool_fingerprint(ctx.pools["train"]))
+    result, stem = influence_checkpoint(args.checkpoint, _influence_settings(args), level=args.level, out=args.out, name=args.name, overrides=_data_only(args))
     diag = result.diagnostics
     if "solver" in diag:
         print(f"solver {diag['solver']['name']}: residual {diag['solver']['residual']:.2e}, {diag['solver']['iterations']} iterations")
@@ -270,45 +227,16 @@ def _cmd_influence(args: argparse.Namespace) -> int:
         st = diag["stationarity"]
         print(f"stationarity: ‖∇F‖ = {st['grad_norm']:.3g} ({st['ratio']:.2g} of the mean task-gradient norm)")
     _print_items(result, args.top)
-    print(f"scores: {out / name}.safetensors (+ .json); {diag['timings_s']['total']:.1f} s")
+    print(f"scores: {stem}.safetensors (+ .json); {diag['timings_s']['total']:.1f} s")
     return 0
 
 
 def _cmd_edit(args: argparse.Namespace) -> int:
-    from .influence import InfluenceResult, Removal
-    from .meta.checkpoint import pool_fingerprint
-    from .runs import context_from_checkpoint, edit_stage, evaluate_stage, removal_from_scores, save_stage_checkpoint
+    from .pipeline import edit_checkpoint
 
-    settings = _influence_settings(args)
-    if (args.remove_tasks is None) == (args.scores is None):
-        raise SettingsError("say what to remove: either --remove-tasks IDS or --scores FILE --top-k K")
-    if args.newton_steps < 0:
-        raise SettingsError(f"--newton-steps must be ≥ 0, got {args.newton_steps}")
-    ctx, ckpt = context_from_checkpoint(args.checkpoint, splits=("train", "test"), overrides=_data_only(args))
-    ids = [int(i) for i in ctx.pools["train"].task_ids.tolist()]
-    if args.remove_tasks is not None:
-        try:
-            wanted = [int(x) for x in args.remove_tasks.split(",") if x.strip()]
-        except ValueError:
-            raise SettingsError(f"--remove-tasks takes comma-separated integers, got {args.remove_tasks!r}") from None
-        missing = [t for t in wanted if t not in ids]
-        if missing or not wanted:
-            raise SettingsError(f"task id {missing[0] if missing else '(none)'} is not in the training pool of {len(ids)} tasks; use ids 0..{len(ids) - 1}")
-        removal = Removal(tasks=sorted(ids.index(t) for t in wanted))
-    else:
-        if args.top_k is None:
-            raise SettingsError("--scores needs --top-k K (how many of the most harmful items to remove)")
-        result = InfluenceResult.load(args.scores, pool_fingerprint=pool_fingerprint(ctx.pools["train"]))
-        removal = removal_from_scores(result, args.top_k)
-    lam = ckpt.lam.double()
-    edited = edit_stage(ctx, lam, removal, settings, newton_steps=args.newton_steps)
-    before = evaluate_stage(ctx, lam, ("test",))["test"]
-    after = evaluate_stage(ctx, edited.lam, ("test",))["test"]
-    if args.out:
-        ctx.out = Path(args.out)
-    path = save_stage_checkpoint(ctx, args.name, edited.lam, "edited", {
-        "eval": {"test": after.to_json()}, "eval_before_edit": {"test": before.to_json()},
-        "removed": removal.count(), "removed_tasks": [ids[i] for i in removal.tasks], "edit": edited.diagnostics})
+    path, removal, edited, before, after = edit_checkpoint(
+        args.checkpoint, _influence_settings(args), remove_tasks=args.remove_tasks, scores=args.scores, top_k=args.top_k,
+        newton_steps=args.newton_steps, out=args.out, name=args.name, overrides=_data_only(args))
     print(f"removed {removal.count()} in closed form ({edited.diagnostics['seconds']:.1f} s, solver residual {edited.diagnostics['solver_residual']:.1e})")
     print(f"test before edit: {before.summary()}")
     print(f"test after edit:  {after.summary()}")
@@ -317,7 +245,7 @@ def _cmd_edit(args: argparse.Namespace) -> int:
 
 
 def _cmd_experiment(args: argparse.Namespace) -> int:
-    from .evaluation.experiments import EXPERIMENTS, run_experiment
+    from .experiments import EXPERIMENTS, run_experiment
 
     if args.name not in EXPERIMENTS:
         raise SettingsError(f"unknown experiment {args.name!r}; use one of {', '.join(EXPERIMENTS)}")
@@ -328,7 +256,7 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .evaluation.experiments import report_run
+    from .experiments import report_run
 
     path = report_run(args.run_dir)
     print(f"report: {path}")

@@ -2,7 +2,7 @@
 
 Every stage's settings are a dataclass whose fields carry a help text in
 ``field(metadata={"help": ...})``. This module turns such a dataclass (or one that groups several,
-like :class:`metainfluence.runs.RunSettings`) into argparse flags automatically, reads overrides from
+like :class:`metainfluence.pipeline.RunSettings`) into argparse flags automatically, reads overrides from
 a TOML (``tomllib``) or YAML (``yaml.safe_load``) file, and refuses unknown keys with a one-line
 :class:`~metainfluence.errors.SettingsError`.
 

@@ -1,19 +1,19 @@
 """Datasets: one :class:`ClassDataset` interface, loaders for digits, Omniglot, MNIST,
-Fashion-MNIST and Mini-ImageNet, a registry by name, and sinusoid regression pools."""
+Fashion-MNIST and Mini-ImageNet, and a registry by name. (Sinusoid regression pools are generated,
+not loaded: see :mod:`metainfluence.tasks.sinusoid`.)"""
 
 from .base import SPLITS, ClassDataset, default_cache_dir
 from .digits import load_digits
 from .mini_imagenet import load_mini_imagenet, read_split_csvs
 from .mnist import load_mnist, read_idx
-from .omniglot import download_omniglot, load_omniglot, read_split_file, resize_ink, safe_extract_zip
+from .omniglot import load_omniglot, read_split_file, resize_ink
+from .omniglot_download import download_omniglot, safe_extract_zip
 from .registry import DATASETS, load_dataset
-from .sinusoid import SinusoidPool, sinusoid_pool
 
 __all__ = [
     "SPLITS",
     "ClassDataset",
     "DATASETS",
-    "SinusoidPool",
     "default_cache_dir",
     "download_omniglot",
     "load_dataset",
@@ -26,5 +26,4 @@ __all__ = [
     "read_split_file",
     "resize_ink",
     "safe_extract_zip",
-    "sinusoid_pool",
 ]

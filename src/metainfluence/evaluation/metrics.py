@@ -20,15 +20,20 @@ items as were corrupted.
 Bad inputs (NaN or inf, mismatched lengths, wrong rank, ids out of range) raise
 :class:`~metainfluence.errors.SettingsError` with a one-line message. A correlation of a constant
 input is undefined and returned as NaN (no exception, no warning).
+
+Correlations come from :mod:`scipy.stats` (``pearsonr``, ``spearmanr``) and the ROC AUC from
+:func:`sklearn.metrics.roc_auc_score`; this module adds the input checks and what is specific to
+influence evaluation (LDS predictions, recall after inspecting a fraction of the pool, selection).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
-from scipy.stats import rankdata
+from scipy import stats
 
 from ..errors import SettingsError
 
@@ -144,33 +149,32 @@ def _pair(a: Any, b: Any, name_a: str = "a", name_b: str = "b") -> tuple[np.ndar
     return x, y
 
 
-def _pearson_arrays(x: np.ndarray, y: np.ndarray) -> float:
-    xc = x - x.mean()
-    yc = y - y.mean()
-    nx = math.sqrt(float(xc @ xc))
-    ny = math.sqrt(float(yc @ yc))
-    if nx == 0.0 or ny == 0.0 or np.all(x == x[0]) or np.all(y == y[0]):
+def _correlation(fn, x: np.ndarray, y: np.ndarray) -> float:
+    """``fn`` (scipy's pearsonr or spearmanr) of two checked arrays; NaN for a constant input, without
+    scipy's warning (the documented behaviour here)."""
+    if np.all(x == x[0]) or np.all(y == y[0]):
         return float("nan")
-    r = float(xc @ yc) / (nx * ny)
-    return max(-1.0, min(1.0, r))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", stats.NearConstantInputWarning)
+        return float(fn(x, y).statistic)
 
 
 def pearson(a: Any, b: Any) -> float:
-    """Pearson correlation of two 1-D arrays of equal length (≥ 2), computed in float64.
+    """Pearson correlation of two 1-D arrays of equal length (≥ 2), computed in float64
+    (``scipy.stats.pearsonr``).
 
     Returns NaN when either input is constant (the correlation is undefined there).
     """
     x, y = _pair(a, b)
-    return _pearson_arrays(x, y)
+    return _correlation(stats.pearsonr, x, y)
 
 
 def spearman(a: Any, b: Any) -> float:
-    """Spearman rank correlation: Pearson of the ranks, ties given their average rank.
-
-    Equals ``scipy.stats.spearmanr(a, b).statistic``. Returns NaN when either input is constant.
+    """Spearman rank correlation: Pearson of the ranks, ties given their average rank
+    (``scipy.stats.spearmanr``). Returns NaN when either input is constant.
     """
     x, y = _pair(a, b)
-    return _pearson_arrays(rankdata(x, method="average"), rankdata(y, method="average"))
+    return _correlation(stats.spearmanr, x, y)
 
 
 def cosine(a: Any, b: Any) -> float | np.ndarray:
@@ -208,8 +212,8 @@ def loo_correlation(scores: Any, true_delta: Any) -> dict[str, float | int]:
     correlations. Returns ``{"pearson", "spearman", "n"}``.
     """
     x, y = _pair(scores, true_delta, "scores", "true_delta")
-    return {"pearson": _pearson_arrays(x, y),
-            "spearman": _pearson_arrays(rankdata(x), rankdata(y)),
+    return {"pearson": _correlation(stats.pearsonr, x, y),
+            "spearman": _correlation(stats.spearmanr, x, y),
             "n": int(x.shape[0])}
 
 
@@ -240,7 +244,7 @@ def lds(predicted_subset_values: Any, true_subset_values: Any) -> float:
     subset. NaN when either side is constant.
     """
     x, y = _pair(predicted_subset_values, true_subset_values, "predicted_subset_values", "true_subset_values")
-    return _pearson_arrays(rankdata(x), rankdata(y))
+    return _correlation(stats.spearmanr, x, y)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,13 +282,13 @@ def recall_at(ranking: Any, is_corrupted: Any, fraction: float) -> float:
 
 
 def detection_auc(suspicion_scores: Any, is_corrupted: Any) -> float:
-    """ROC AUC of separating corrupted items by ``suspicion_scores`` (higher = more suspicious).
-
-    Computed as the Mann–Whitney statistic with average ranks for ties, i.e. the probability that a
-    random corrupted item scores above a random clean one, ties counting one half (equal to
-    ``sklearn.metrics.roc_auc_score``). For influence scores, where harmful items are negative,
+    """ROC AUC of separating corrupted items by ``suspicion_scores`` (higher = more suspicious),
+    ``sklearn.metrics.roc_auc_score``: the probability that a random corrupted item scores above a
+    random clean one, ties counting one half. For influence scores, where harmful items are negative,
     pass ``-scores``. Needs at least one corrupted and one clean item.
     """
+    from sklearn.metrics import roc_auc_score  # imported here: it adds about a second to `import metainfluence`
+
     s = _as_float(suspicion_scores, "suspicion_scores")
     corrupted = _as_bool(is_corrupted, "is_corrupted")
     _same_length(s, corrupted, "suspicion_scores", "is_corrupted")
@@ -292,9 +296,7 @@ def detection_auc(suspicion_scores: Any, is_corrupted: Any) -> float:
     neg = int(corrupted.shape[0] - pos)
     if pos == 0 or neg == 0:
         raise SettingsError(f"AUC needs corrupted and clean items, got {pos} corrupted and {neg} clean; pass the recorded corruption flags")
-    ranks = rankdata(s, method="average")
-    u = float(ranks[corrupted].sum()) - pos * (pos + 1) / 2.0
-    return u / (pos * neg)
+    return float(roc_auc_score(corrupted, s))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from ..data import sinusoid_pool
 from ..meta.models import MLP
 from ..meta.newton import newton_refine
 from ..meta.objective import InnerSettings, MetaProblem
+from ..tasks.sinusoid import sinusoid_pool
 from ..tasks.tensors import TaskTensors
 
 

@@ -20,8 +20,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ..errors import SettingsError
+from ..evaluation.metrics import _as_float, _to_numpy, pearson, spearman
 from ..io import atomic_write_bytes
-from .metrics import _as_float, _to_numpy, pearson, spearman
 
 __all__ = ["scatter_predicted_vs_actual", "recall_curves", "accuracy_vs_removed", "task_image_grid"]
 

@@ -20,8 +20,9 @@ import numpy as np
 import torch
 
 from ..errors import PoolError
-from ..tasks.pool import _hash_entropy, _positive_int, load_pair, save_pair
-from ..tasks.tensors import TaskTensors
+from .pool import _positive_int
+from .storage import _hash_entropy, load_pair, save_pair
+from .tensors import TaskTensors
 
 KIND = "sinusoid-pool"
 _ARRAYS = ("task_ids", "amplitudes", "phases", "support_x", "query_x")

@@ -1,0 +1,181 @@
+"""The removal table (SPEC §8, §9): remove each method's top harmful tasks (or examples, by
+instance-IF) by closed-form edit, by re-optimisation from λ* and by retraining, and compare accuracy
+and time; with the paper's Table 1 for reference."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import Removal, edit_model, evaluate, instance_influence, meta_train, metrics, refine
+from ..io import save_result
+from ..pipeline import RunContext, stage_settings
+from . import plots
+from .common import METHODS, _diag_json, _eval_json, _header, _image_tensors, _score_all, _train_and_refine
+
+# The paper's Table 1 (ICLR version, SPEC §9): accuracy after removing 40% harmful data, wall time (s).
+PAPER_TABLE1 = [
+    {"method": "retrain", "omniglot_acc": 0.7908, "omniglot_time_s": 316.74, "miniimagenet_acc": 0.3071, "miniimagenet_time_s": 682.56},
+    {"method": "task-IF", "omniglot_acc": 0.7804, "omniglot_time_s": 65.69, "miniimagenet_acc": 0.2668, "miniimagenet_time_s": 74.63},
+    {"method": "direct-IF", "omniglot_acc": 0.5422, "omniglot_time_s": 7.46, "miniimagenet_acc": 0.2214, "miniimagenet_time_s": 10.24},
+    {"method": "EK-FAC IF", "omniglot_acc": 0.4872, "omniglot_time_s": 631.90, "miniimagenet_acc": 0.1868, "miniimagenet_time_s": 1937.42},
+    {"method": "TracIn", "omniglot_acc": 0.7690, "omniglot_time_s": 375.42, "miniimagenet_acc": 0.2592, "miniimagenet_time_s": 1154.16},
+    {"method": "instance-IF (train)", "omniglot_acc": 0.7686, "omniglot_time_s": 4.49, "miniimagenet_acc": 0.2854, "miniimagenet_time_s": 7.17},
+    {"method": "instance-IF (val)", "omniglot_acc": 0.7790, "omniglot_time_s": 5.53, "miniimagenet_acc": 0.2767, "miniimagenet_time_s": 7.47},
+]
+
+
+
+@dataclass
+class RemovalSettings:
+    fraction: float = field(default=0.4, metadata={"help": "fraction of tasks removed (top harmful)"})
+    methods: tuple[str, ...] = field(default=METHODS, metadata={"help": "ranking methods"})
+    retrain: bool = field(default=True, metadata={"help": "also retrain from scratch on the remaining tasks"})
+    instance_levels: tuple[str, ...] = field(default=("support", "query"), metadata={"help": "also remove the top fraction of examples of these levels by instance-IF"})
+    retrain_methods: tuple[str, ...] = field(default=METHODS + ("instance-if (support)", "instance-if (query)"), metadata={"help": "methods whose removal is also retrained from scratch (the paper's 'retrain' row uses task-IF's ranking)"})
+    retrain_refine: bool = field(default=True, metadata={"help": "retraining includes the refine stage (as the full model did)"})
+    reoptimise_methods: tuple[str, ...] = field(default=("task-if",), metadata={"help": "methods whose removal is also re-optimised from λ* (refine on the kept items: the optimum the edit approximates, without retraining's path noise)"})
+    direct_damping: float = field(default=1.0, metadata={"help": "damping of direct-IF's θ-space Hessian"})
+    edit_hessian: str = field(default="", metadata={"help": "Hessian of the closed-form edit ('' = [influence] hessian)"})
+    edit_solver: str = field(default="", metadata={"help": "iHVP solver of the edit ('' = [influence] solver)"})
+    edit_max_iter: int = field(default=0, metadata={"help": "solver iterations of the edit (0 = [influence] max_iter)"})
+
+
+# --------------------------------------------------------------------------- removal
+def _instance_removals(problem, lam, train, val, infl, levels, fraction, log, task_if=None) -> list[tuple[str, float, Removal]]:
+    """(name, seconds, Removal) removing the top ``fraction`` most harmful examples of each level by instance-IF.
+
+    With ``task_if`` (a task-IF result of the same settings) its iHVP s = (H+δI)⁻¹∇f is reused and its
+    solve time is charged to every level, so the seconds stay those of a stand-alone computation."""
+    reuse = task_if is not None and "s" in task_if.extra
+    out = []
+    for level in levels:
+        t = time.perf_counter()
+        r = instance_influence(problem, lam, train, val, level, dataclasses.replace(infl, method="task-if", self_influence=False),
+                               s=task_if.extra["s"] if reuse else None)
+        secs = time.perf_counter() - t + (task_if.diagnostics["timings_s"]["ihvp"] if reuse else 0.0)
+        m = r.scores.numel()
+        mask = torch.zeros(m, dtype=torch.bool)
+        mask[r.ranking(harmful_first=True)[: metrics.fraction_to_count(fraction, m)]] = True
+        out.append((f"instance-if ({level})", secs, Removal(**{level: mask.reshape(r.scores.shape)})))
+        log(f"  instance-if ({level}) scores in {secs:.2f} s" + (" (task-IF's iHVP reused, its time included)" if reuse else ""))
+    return out
+
+
+def _retrain(problem, run, pool, removal: Removal, refine_too: bool):
+    """Meta-train from the same initialisation, seed and schedule without the removed items (then refine)."""
+    keep = torch.ones(len(pool), dtype=torch.bool)
+    keep[list(removal.tasks)] = False
+    rows = torch.nonzero(keep).flatten()
+    sub = pool.subset(rows)
+    ew = None
+    if removal.support is not None or removal.query is not None:
+        like = torch.zeros((), dtype=torch.float64)
+        _, v, u = removal.weights(problem, like, pool)
+        ew = (v[rows], u[rows])
+    lam0 = problem.init_params(torch.float32)
+    lam, _ = meta_train(problem, lam0, sub, run.train, progress=False, run_settings=stage_settings(run), example_weights=ew)
+    if refine_too:
+        lam, _ = refine(problem, lam, sub, run.refine, example_weights=ew)
+    return lam
+
+
+def run_removal(run, infl, sec: RemovalSettings, out: Path, quick: bool, log) -> dict:
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    ctx = RunContext.prepare(run, out, log=log)
+    timings["data_s"] = time.perf_counter() - t
+    lam_star, rep, tt = _train_and_refine(ctx, log)
+    timings.update(tt)
+    full_train_s = tt["train_s"] + tt["refine_s"]
+    problem = ctx.problem
+    dt = lam_star.dtype
+    train, val, test = (ctx.tensors[k].to(dtype=dt) for k in ("train", "val", "test"))
+    n = len(train)
+    k_remove = metrics.fraction_to_count(sec.fraction, n)
+    base = evaluate(problem, lam_star, test)
+    log(f"removal: full model test accuracy {base.accuracy:.4f} ± {base.accuracy_ci95:.4f}; removing {k_remove} of {n} tasks per method")
+
+    t = time.perf_counter()
+    scores = _score_all(problem, lam_star, train, val, infl, sec.methods, sec.direct_damping, log)
+    plans = [(m, r.diagnostics["seconds"], Removal(tasks=r.ranking(harmful_first=True)[:k_remove].tolist())) for m, r in scores.items()]
+    plans += _instance_removals(problem, lam_star, train, val, infl, sec.instance_levels, sec.fraction, log, task_if=scores.get("task-if"))
+    timings["scoring_s"] = time.perf_counter() - t
+    edit_infl = dataclasses.replace(infl, method="task-if", self_influence=False,
+                                    **{k: v for k, v in (("hessian", sec.edit_hessian), ("solver", sec.edit_solver)) if v},
+                                    **({"solve": dataclasses.replace(infl.solve, max_iter=sec.edit_max_iter)} if sec.edit_max_iter else {}))
+    rows = [{"method": "none (full pool)", "path": "-", "removed": 0, "test_acc": (base.accuracy, base.accuracy_ci95), "test_loss": base.loss,
+             "score_s": 0.0, "path_s": full_train_s, "total_s": full_train_s}]
+    removed_ids: dict[str, Any] = {}
+    for m, score_s, removal in plans:
+        cnt = removal.count()
+        size = cnt["tasks"] or cnt["support_examples"] or cnt["query_examples"]
+        unit = "tasks" if cnt["tasks"] else "examples"
+        if removal.tasks:
+            removed_ids[m] = [int(i) for i in ctx.pools["train"].task_ids[list(removal.tasks)]]
+        else:
+            mask = removal.support if removal.support is not None else removal.query
+            removed_ids[m] = [[int(ctx.pools["train"].task_ids[i]), int(j)] for i, j in torch.nonzero(mask).tolist()]
+        te = time.perf_counter()
+        ed = edit_model(problem, lam_star, train, removal, edit_infl)
+        edit_s = time.perf_counter() - te
+        ev = evaluate(problem, ed.lam, test)
+        rows.append({"method": m, "path": "edit", "removed": size, "unit": unit, "test_acc": (ev.accuracy, ev.accuracy_ci95), "test_loss": ev.loss,
+                     "score_s": score_s, "path_s": edit_s, "total_s": score_s + edit_s, "solver_residual": ed.diagnostics.get("solver_residual")})
+        log(f"  {m:<9} edit:    acc {ev.accuracy:.4f} ± {ev.accuracy_ci95:.4f}  ({edit_s:.2f} s + scoring {score_s:.2f} s)")
+        if m in sec.reoptimise_methods:
+            w, v, u = removal.weights(problem, lam_star, train)
+            tr = time.perf_counter()
+            lam_o, rep_o = refine(problem, lam_star, train, run.refine, w=w, example_weights=(v, u))
+            reopt_s = time.perf_counter() - tr
+            ev_o = evaluate(problem, lam_o, test)
+            g_star = float(problem.meta_gradient(lam_star, train, w, v, u).norm())
+            g_edit = float(problem.meta_gradient(ed.lam, train, w, v, u).norm())
+            rows.append({"method": m, "path": "re-optimise from λ*", "removed": size, "unit": unit, "test_acc": (ev_o.accuracy, ev_o.accuracy_ci95),
+                         "test_loss": ev_o.loss, "score_s": score_s, "path_s": reopt_s, "total_s": score_s + reopt_s,
+                         "reduced_grad_at_lam_star": g_star, "reduced_grad_after_edit": g_edit, "reduced_grad_after_reoptimise": rep_o.grad_norm_after,
+                         "edit_cosine_to_reoptimised": metrics.cosine((ed.lam - lam_star).double(), (lam_o - lam_star).double()),
+                         "edit_norm_ratio": float((ed.lam - lam_star).norm() / (lam_o - lam_star).norm().clamp_min(1e-300))})
+            log(f"  {m:<9} re-optimise from λ*: acc {ev_o.accuracy:.4f} ± {ev_o.accuracy_ci95:.4f} ({reopt_s:.2f} s); reduced ‖∇F‖ λ* {g_star:.3g}, "
+                f"edit {g_edit:.3g}; cos(edit Δλ, re-optimised Δλ) {rows[-1]['edit_cosine_to_reoptimised']:.3f}")
+        if sec.retrain and m in sec.retrain_methods:
+            tr = time.perf_counter()
+            lam_r = _retrain(problem, run, ctx.tensors["train"], removal, sec.retrain_refine)
+            retrain_s = time.perf_counter() - tr
+            ev_r = evaluate(problem, lam_r, test)
+            rows.append({"method": m, "path": "retrain", "removed": size, "unit": unit, "test_acc": (ev_r.accuracy, ev_r.accuracy_ci95), "test_loss": ev_r.loss,
+                         "score_s": score_s, "path_s": retrain_s, "total_s": score_s + retrain_s})
+            log(f"  {m:<9} retrain: acc {ev_r.accuracy:.4f} ± {ev_r.accuracy_ci95:.4f}  ({retrain_s:.2f} s)")
+    timings["paths_s"] = time.perf_counter() - t - timings["scoring_s"]
+    # the paper's headline ratio: retraining time over closed-form edit time (scoring + edit), per method
+    # (and the re-optimisation from λ*, the optimum the edit approximates)
+    keys = {"retrain": ("retrain_over_edit", "acc_gap_points"), "re-optimise from λ*": ("reoptimise_over_edit", "reoptimise_acc_gap_points")}
+    speedups: dict[str, dict[str, float]] = {}
+    for r in rows:
+        if r["path"] in keys:
+            ratio, gap = keys[r["path"]]
+            e = next(x for x in rows if x["method"] == r["method"] and x["path"] == "edit")
+            speedups.setdefault(r["method"], {}).update({ratio: r["path_s"] / e["total_s"], gap: 100 * (r["test_acc"][0] - e["test_acc"][0])})
+
+    figs = {}
+    if ctx.dataset is not None and "task-if" in scores:
+        top = scores["task-if"].ranking()[:4].tolist()
+        x, given, true, ns, ids = _image_tensors(ctx.pools["train"], ctx.dataset, top)
+        figs["harmful_tasks"] = plots.task_image_grid(x, out / "harmful_tasks.png", given_labels=given, n_support=ns, task_ids=ids,
+                                                      title="Most harmful training tasks by task-IF").name
+    acc = {}
+    for r in rows[1:]:
+        if r["path"] == "edit":
+            acc[r["method"]] = ([0.0, sec.fraction], [base.accuracy, r["test_acc"][0]], [base.accuracy_ci95, r["test_acc"][1]])
+    figs["accuracy"] = plots.accuracy_vs_removed(acc, out / "accuracy_vs_removed.png", title=f"Test accuracy after removing the top {sec.fraction:.0%} harmful tasks (edit)").name
+
+    header = _header("removal", run, infl, sec, quick)
+    save_result(out / "results", {f"scores.{m}": r.scores for m, r in scores.items()}, {**header, "removed_ids": removed_ids})
+    return {**header, "n_tasks": n, "removed_per_method": k_remove, "refine": rep.to_json(), "full_test": _eval_json(base),
+            "table": rows, "edit_vs_retrain": speedups, "removed_ids": removed_ids, "paper_table1": PAPER_TABLE1,
+            "influence_diagnostics": {m: _diag_json(r) for m, r in scores.items()}, "figures": figs, "timings": timings}

@@ -1,0 +1,184 @@
+"""The stages of a run on a :class:`RunContext` — train, evaluate, refine, influence, edit — and the
+commands the CLI runs (each a stage on a run built from settings or rebuilt from a checkpoint). They
+report through ``log``; the CLI prints what they return."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from ..errors import SettingsError
+from ..influence import Removal, edit_model, instance_influence, task_influence
+from ..io import write_json
+from ..meta.evaluate import EvalResult, evaluate
+from ..meta.refine import RefineReport, refine
+from ..meta.train import TrainHistory, meta_train
+from .run import RunContext
+from .settings import RunSettings, stage_settings
+
+Log = Callable[[str], None]
+
+
+# --------------------------------------------------------------------------- stages
+def train_stage(ctx: RunContext, progress: bool = True, resume: str | os.PathLike | None = None) -> tuple[torch.Tensor, TrainHistory, Path | None]:
+    """Meta-train on the train pool; writes ``out/trained`` (checkpoint) when the context has a folder."""
+    s = ctx.settings
+    lam0 = ctx.problem.init_params(torch.float32)
+    ckpt = ctx.out / "trained" if ctx.out is not None else None
+    lam, history = meta_train(
+        ctx.problem, lam0, ctx.tensors["train"], s.train, checkpoint_path=ckpt, progress=progress,
+        pools=ctx.pool_records(), run_settings=stage_settings(s), resume=resume,
+    )
+    return lam, history, (ckpt.with_suffix(".safetensors") if ckpt is not None else None)
+
+
+def evaluate_stage(ctx: RunContext, lam: torch.Tensor, splits: tuple[str, ...] = ("test",)) -> dict[str, EvalResult]:
+    return {split: evaluate(ctx.problem, lam, ctx.tensors[split]) for split in splits if split in ctx.tensors}
+
+
+def refine_stage(ctx: RunContext, lam: torch.Tensor, progress: bool = True, w: torch.Tensor | None = None) -> tuple[torch.Tensor, RefineReport]:
+    return refine(ctx.problem, lam, ctx.tensors["train"], ctx.settings.refine, w=w, progress=progress)
+
+
+def influence_stage(ctx: RunContext, lam: torch.Tensor, settings: Any, level: str = "task"):
+    """Scores of the training pool's tasks (level 'task') or examples ('support' / 'query') against the
+    validation pool's mean query loss (SPEC §7), with the pool's stable task ids."""
+    dtype = lam.dtype
+    train, val = ctx.tensors["train"].to(dtype=dtype), ctx.tensors["val"].to(dtype=dtype)
+    ids = torch.as_tensor(ctx.pools["train"].task_ids)
+    if level == "task":
+        return task_influence(ctx.problem, lam, train, val, settings, task_ids=ids)
+    if level in ("support", "query"):
+        return instance_influence(ctx.problem, lam, train, val, level, settings, task_ids=ids)
+    raise SettingsError(f"unknown influence level {level!r}; use task, support or query")
+
+
+def edit_stage(ctx: RunContext, lam: torch.Tensor, removal: Any, settings: Any, newton_steps: int = 0):
+    """Closed-form removal (SPEC §5) on the training pool; returns the EditResult."""
+    return edit_model(ctx.problem, lam, ctx.tensors["train"].to(dtype=lam.dtype), removal, settings, newton_steps=newton_steps)
+
+
+def removal_from_scores(result: Any, k: int) -> Any:
+    """A Removal of the k most harmful items of a scores file (tasks or examples), by local row index."""
+    total = result.scores.numel()
+    if not 1 <= k <= total:
+        raise SettingsError(f"--top-k {k} is outside 1..{total} (the number of scored items); choose a smaller k")
+    order = result.ranking(harmful_first=True)[:k]
+    if result.level == "task":
+        return Removal(tasks=sorted(order.tolist()))
+    mask = torch.zeros(result.scores.numel(), dtype=torch.bool)
+    mask[order] = True
+    mask = mask.reshape(result.scores.shape)
+    return Removal(support=mask) if result.level == "support" else Removal(query=mask)
+
+
+def removal_from_task_ids(ctx: RunContext, remove_tasks: str) -> Removal:
+    """A Removal of the training tasks with the given comma-separated stable ids."""
+    ids = [int(i) for i in ctx.pools["train"].task_ids.tolist()]
+    try:
+        wanted = [int(x) for x in remove_tasks.split(",") if x.strip()]
+    except ValueError:
+        raise SettingsError(f"--remove-tasks takes comma-separated integers, got {remove_tasks!r}") from None
+    missing = [t for t in wanted if t not in ids]
+    if missing or not wanted:
+        raise SettingsError(f"task id {missing[0] if missing else '(none)'} is not in the training pool of {len(ids)} tasks; use ids 0..{len(ids) - 1}")
+    return Removal(tasks=sorted(ids.index(t) for t in wanted))
+
+
+def evals_json(results: Mapping[str, EvalResult]) -> dict:
+    return {k: v.to_json() for k, v in results.items()}
+
+
+# --------------------------------------------------------------------------- commands
+def train_run(settings: RunSettings, out: str | os.PathLike, resume: bool = False, progress: bool = True,
+              log: Log = print) -> tuple[RunContext, torch.Tensor, TrainHistory, dict[str, EvalResult]]:
+    """Build the pools, meta-train (or continue ``out/trained``), evaluate on val and test, and write
+    ``out/settings.json`` and the ``out/trained`` checkpoint (with its Adam state, so it can be resumed)."""
+    out = Path(out)
+    resume_from = out / "trained" if resume else None
+    if resume_from is not None and not (out / "trained.safetensors").is_file():
+        raise SettingsError(f"--resume: there is no checkpoint {out / 'trained.safetensors'} to continue from; train without --resume first")
+    ctx = RunContext.prepare(settings, out, log=log)
+    ctx.write_settings()
+    lam, history, _ = train_stage(ctx, progress=progress, resume=resume_from)
+    results = evaluate_stage(ctx, lam, ("val", "test"))
+    state = ctx.checkpoint_state("trained")
+    ctx.save_checkpoint("trained", lam, "trained", {"eval": evals_json(results)}, history=history, step=history.steps_done, state=state)
+    return ctx, lam, history, results
+
+
+def refine_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | None = None, name: str = "refined",
+                      overrides: Callable[[RunSettings], RunSettings] | None = None, progress: bool = True,
+                      log: Log = print) -> tuple[Path, RefineReport, EvalResult, EvalResult]:
+    """Refine a trained checkpoint to stationarity on its training pool; writes ``OUT/NAME``.
+    Returns (path, report, test result before, test result after)."""
+    ctx, ckpt = RunContext.from_checkpoint(checkpoint, splits=("train", "test"), overrides=overrides)
+    if out is not None:
+        ctx.out = Path(out)
+    log(f"train pool: {ctx.pools['train'].summary()}")
+    lam, report = refine(ctx.problem, ckpt.lam, ctx.tensors["train"], ctx.settings.refine, progress=progress)
+    before = evaluate(ctx.problem, ckpt.lam, ctx.tensors["test"])
+    after = evaluate(ctx.problem, lam, ctx.tensors["test"])
+    path = ctx.save_checkpoint(name, lam, "refined", {"eval": {"test": after.to_json()}, "eval_before_refine": {"test": before.to_json()}}, refine_report=report, step=ckpt.step)
+    return path, report, before, after
+
+
+def evaluate_checkpoint(checkpoint: str | os.PathLike, split: str = "test", tasks: int | None = None, json_path: str | os.PathLike | None = None,
+                        overrides: Callable[[RunSettings], RunSettings] | None = None, log: Log = print) -> tuple[Any, EvalResult]:
+    """Meta-test a checkpoint on its run's ``split`` pool (``tasks`` test tasks); optionally write the
+    result with per-task values to ``json_path``. Returns (checkpoint, result)."""
+    if tasks is not None and tasks < 1:
+        raise SettingsError(f"--tasks must be ≥ 1, got {tasks}")
+    splits = ("train",) if split == "train" else ("train", split)
+    ctx, ckpt = RunContext.from_checkpoint(checkpoint, splits=splits, test_tasks=tasks, overrides=overrides)
+    pool = ctx.pools[split]
+    log(f"{split} pool: {pool.summary()}")
+    result = evaluate(ctx.problem, ckpt.lam, ctx.tensors[split])
+    if json_path:
+        write_json(json_path, {"checkpoint": str(ckpt.path), "split": split, "pool": pool.summary(), **result.to_json(per_task=True)})
+    return ckpt, result
+
+
+def influence_checkpoint(checkpoint: str | os.PathLike, settings: Any, level: str = "task", out: str | os.PathLike | None = None,
+                         name: str | None = None, overrides: Callable[[RunSettings], RunSettings] | None = None, log: Log = print) -> tuple[Any, Path]:
+    """Score a checkpoint's training tasks or examples (:func:`influence_stage`) and write the scores file
+    ``OUT/NAME`` (default: the checkpoint's folder, ``influence_LEVEL_METHOD``). Returns (result, stem)."""
+    ctx, ckpt = RunContext.from_checkpoint(checkpoint, splits=("train", "val"), overrides=overrides)
+    folder = Path(out) if out else Path(ckpt.path).parent
+    log(f"train pool: {ctx.pools['train'].summary()}")
+    result = influence_stage(ctx, ckpt.lam.double(), settings, level)
+    stem = ctx.save_scores(result, name or f"influence_{level}_{settings.method}", folder=folder)
+    return result, stem
+
+
+def edit_checkpoint(checkpoint: str | os.PathLike, settings: Any, remove_tasks: str | None = None, scores: str | os.PathLike | None = None,
+                    top_k: int | None = None, newton_steps: int = 0, out: str | os.PathLike | None = None, name: str = "edited",
+                    overrides: Callable[[RunSettings], RunSettings] | None = None) -> tuple[Path, Removal, Any, EvalResult, EvalResult]:
+    """Remove training tasks by id (``remove_tasks``, comma-separated) or the ``top_k`` most harmful
+    items of a scores file from a checkpoint in closed form; writes ``OUT/NAME``.
+    Returns (path, removal, edit result, test result before, test result after)."""
+    if (remove_tasks is None) == (scores is None):
+        raise SettingsError("say what to remove: either --remove-tasks IDS or --scores FILE --top-k K")
+    if newton_steps < 0:
+        raise SettingsError(f"--newton-steps must be ≥ 0, got {newton_steps}")
+    ctx, ckpt = RunContext.from_checkpoint(checkpoint, splits=("train", "test"), overrides=overrides)
+    ids = [int(i) for i in ctx.pools["train"].task_ids.tolist()]
+    if remove_tasks is not None:
+        removal = removal_from_task_ids(ctx, remove_tasks)
+    else:
+        if top_k is None:
+            raise SettingsError("--scores needs --top-k K (how many of the most harmful items to remove)")
+        removal = removal_from_scores(ctx.load_scores(scores), top_k)
+    lam = ckpt.lam.double()
+    edited = edit_stage(ctx, lam, removal, settings, newton_steps=newton_steps)
+    before = evaluate_stage(ctx, lam, ("test",))["test"]
+    after = evaluate_stage(ctx, edited.lam, ("test",))["test"]
+    if out:
+        ctx.out = Path(out)
+    path = ctx.save_checkpoint(name, edited.lam, "edited", {
+        "eval": {"test": after.to_json()}, "eval_before_edit": {"test": before.to_json()},
+        "removed": removal.count(), "removed_tasks": [ids[i] for i in removal.tasks], "edit": edited.diagnostics})
+    return path, removal, edited, before, after
