@@ -5,7 +5,7 @@
 1. float64 on CUDA: the exact total-Hessian product equals central differences of the meta-gradient,
    and task-IF scores on CUDA equal the CPU's (relative error printed).
 2. float32 Conv4 (32 filters, 28×28, 5-way 1-shot, 1 inner step): vectorised meta-gradient vs a Python
-   loop over tasks; exact HVP cost in units of one meta-gradient (SPEC §3 measured 3.4× on 2 CPU cores);
+   loop over tasks; exact HVP cost in units of one meta-gradient (docs/method.md §3 measured 3.4× on 2 CPU cores);
    task-IF (gauss-newton, 20 CG steps) for the whole pool vs its floor (one pass of per-task total gradients).
 Timings are ratios measured in the same run; random inputs (timings do not depend on the pixels).
 """

@@ -1,4 +1,4 @@
-"""Leave-one-task-out ground truth vs influence scores on a sinusoid MAML (SPEC §8).
+"""Leave-one-task-out ground truth vs influence scores on a sinusoid MAML (docs/method.md §10).
 
     python benchmarks/loo_sinusoid.py [--tasks 24] [--hidden 8] [--weight-decay 0.1]
 

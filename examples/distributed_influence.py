@@ -17,11 +17,11 @@ runs as one process.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 import torch
 
 from metainfluence.distributed import distributed_task_influence, init_distributed
+from metainfluence.config import add_settings_arguments, load_settings, namespace_overrides
 from metainfluence.influence.results import InfluenceSettings
 from metainfluence.meta.checkpoint import pool_fingerprint
 from metainfluence.pipeline import RunContext
@@ -34,10 +34,7 @@ def main() -> int:
     ap.add_argument("--data-root", default=None, help="dataset folder (not needed for digits and sinusoid)")
     ap.add_argument("--backend", default=None, choices=[None, "gloo", "nccl"], help="default: nccl with CUDA, else gloo")
     ap.add_argument("--dtype", default="float64", choices=["float32", "float64"])
-    for f in dataclasses.fields(InfluenceSettings):
-        if f.type in ("str", "float", "int"):
-            ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default, help=f.metadata.get("help"))
-    ap.add_argument("--self-influence", action="store_true", help=InfluenceSettings.__dataclass_fields__["self_influence"].metadata["help"])
+    dests = add_settings_arguments(ap, InfluenceSettings, dest="influence.", title="influence settings")
     args = ap.parse_args()
 
     ctx = init_distributed(args.backend)
@@ -49,7 +46,8 @@ def main() -> int:
         lam = ckpt.lam.to(device=ctx.device, dtype=dtype)
         train = run.tensors["train"].to(ctx.device, dtype)
         val = run.tensors["val"].to(ctx.device, dtype)
-        settings = InfluenceSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(InfluenceSettings)})
+        typed = {k.removeprefix("influence."): v for k, v in namespace_overrides(args, dests).items()}
+        settings = load_settings(InfluenceSettings(), overrides=typed)
         pool = run.pools["train"]
         ids = getattr(pool, "task_ids", None)
         result = distributed_task_influence(problem, lam, train, val, settings, task_ids=ids, out=args.out,

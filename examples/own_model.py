@@ -28,7 +28,7 @@ model = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 3)).double()
 problem = mi.MetaProblem(model, loss="cross_entropy",
                          inner=mi.InnerSettings(kind="unrolled", steps=1, lr=0.5), weight_decay=1e-2)
 
-# 3. Meta-train, then refine to a stationary point (influence assumes ∇F(λ*) = 0, SPEC §2).
+# 3. Meta-train, then refine to a stationary point (influence assumes ∇F(λ*) = 0, docs/method.md §2).
 lam = problem.init_params(torch.float64).requires_grad_(True)
 opt = torch.optim.Adam([lam], lr=0.02)
 for _ in range(300):

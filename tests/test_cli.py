@@ -95,7 +95,7 @@ def test_help_shows_every_fields_help_text(capsys):
         (["train", "--lr", "-1", "--no-progress"], "outer lr must be a positive number"),
         (["evaluate", "--checkpoint", "/nonexistent/ck"], "does not exist"),
         (["refine"], "--checkpoint"),
-        (["demo", "--refine-method", "newton"], "invalid choice"),
+        (["demo", "--refine-method", "adam"], "invalid choice"),
     ],
 )
 def test_bad_input_prints_one_line_and_exits_2(argv, match, capsys, tmp_path):

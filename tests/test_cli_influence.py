@@ -65,3 +65,25 @@ def test_edit_refuses_a_scores_file_of_another_pool(demo_run, tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "another task pool" in err[0]
+
+
+def test_one_config_file_serves_influence_and_edit(demo_run, tmp_path, capsys):
+    # the same file a run and an experiment use: influence and edit take [influence] (main ignored it)
+    cfg = tmp_path / "all.toml"
+    cfg.write_text('[data]\ndataset = "digits"\n[train]\nsteps = 10\n[influence]\nhessian = "gauss-newton"\ndamping = 0.05\n'
+                   '[influence.solve]\nmax_iter = 7\n[removal]\nfraction = 0.3\n')
+    assert main(["influence", "--checkpoint", str(demo_run / "refined"), "--config", str(cfg), "--name", "cfg", "--threads", "1"]) == 0
+    ran = json.loads((demo_run / "cfg.json").read_text())["settings"]["influence"]
+    assert ran["damping"] == 0.05 and ran["hessian"] == "gauss-newton" and ran["solve"]["max_iter"] == 7
+    # flags still win over the file
+    assert main(["edit", "--checkpoint", str(demo_run / "refined"), "--config", str(cfg), "--remove-tasks", "3",
+                 "--damping", "0.1", "--name", "cfg_ed", "--threads", "1"]) == 0
+    metrics = json.loads((demo_run / "cfg_ed.json").read_text())["metrics"]
+    assert metrics["edit"]["hessian"] == "gauss-newton" and metrics["edit"]["step"] == "reduced"
+    assert metrics["edit_settings"]["influence"]["damping"] == 0.1 and metrics["edit_settings"]["influence"]["solve"]["max_iter"] == 7
+    capsys.readouterr()
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[influnce]\ndamping = 0.05\n')
+    assert main(["influence", "--checkpoint", str(demo_run / "refined"), "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown section 'influnce'" in err and "influence" in err.split("sections are")[1]

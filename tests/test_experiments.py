@@ -1,4 +1,4 @@
-"""The evidence experiments' --quick variants (SPEC §8, §9): run each in tmp_path and check the
+"""The evidence experiments' --quick variants (docs/method.md §10, §11): run each in tmp_path and check the
 content of its results and that its report renders with the figures embedded."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""LDS ground truth (SPEC §8) on a quadratic bilevel problem, where re-optimisation is one Newton step."""
+"""LDS ground truth (docs/method.md §10) on a quadratic bilevel problem, where re-optimisation is one Newton step."""
 
 from __future__ import annotations
 

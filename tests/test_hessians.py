@@ -1,4 +1,4 @@
-"""Total-Hessian products (SPEC §3): exact = finite differences; surrogates symmetric / PSD as stated."""
+"""Total-Hessian products (docs/method.md §3): exact = finite differences; surrogates symmetric / PSD as stated."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def test_operators_are_symmetric_and_psd_where_stated(kind):
     torch.testing.assert_close(H, H.T, rtol=1e-9, atol=1e-11)
     eig = torch.linalg.eigvalsh((H + H.T) / 2)
     if kind in ("gauss-newton", "fisher"):
-        # SPEC §3: positive semi-definite (plus μI)
+        # docs/method.md §3: positive semi-definite (plus μI)
         assert eig.min() >= problem.weight_decay - 1e-10
     if kind == "gamma":
         assert op.gamma > 0

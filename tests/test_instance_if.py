@@ -1,4 +1,4 @@
-"""instance-IF (SPEC §6) and closed-form editing (SPEC §5)."""
+"""instance-IF (docs/method.md §7) and closed-form editing (docs/method.md §6)."""
 
 from __future__ import annotations
 
@@ -179,7 +179,7 @@ def _two_stage_dense(problem, lam, tasks, s, k, response):
 
 
 def test_two_stage_equals_its_dense_formula():
-    """K unrolled steps of size α: R = α Σ_{j<K} (I − αH_in)^j (SPEC §6, corrected), applied exactly."""
+    """K unrolled steps of size α: R = α Σ_{j<K} (I − αH_in)^j (docs/method.md §7, corrected), applied exactly."""
     problem, lam = small_problem("unrolled", steps=2, lr=0.3, hidden=(4,))
     tasks, val = random_tasks(n=2), random_tasks(n=2, seed=3)
     settings = InfluenceSettings(hessian="gauss-newton", support_method="two-stage", damping=1e-2, inner_damping=0.5, inner_cg_steps=80, stationarity_warn=1e9, solve=SolverSettings(tol=1e-12))

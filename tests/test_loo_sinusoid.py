@@ -1,6 +1,6 @@
-"""Influence against actual re-optimisation on a small MAML (SPEC §8): sinusoid regression, 20 tasks.
+"""Influence against actual re-optimisation on a small MAML (docs/method.md §10): sinusoid regression, 20 tasks.
 
-The model is meta-trained with Adam, refined to ‖∇F‖ ≤ 1e-9 by exact-Hessian Newton (SPEC §2), and every
+The model is meta-trained with Adam, refined to ‖∇F‖ ≤ 1e-9 by exact-Hessian Newton (docs/method.md §2), and every
 task is left out by re-optimising from λ* with w_k = 0 (same procedure for the control)."""
 
 from __future__ import annotations

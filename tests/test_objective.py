@@ -1,4 +1,4 @@
-"""The bilevel objective (SPEC §1): meta-gradients are exact, weights mean what SPEC says."""
+"""The bilevel objective (docs/method.md §1): meta-gradients are exact, weights mean what SPEC says."""
 
 from __future__ import annotations
 

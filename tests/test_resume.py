@@ -1,4 +1,4 @@
-"""A ground-truth run killed with SIGKILL resumes to bit-identical results (SPEC §8, issue #6).
+"""A ground-truth run killed with SIGKILL resumes to bit-identical results (docs/method.md §10, issue #6).
 
 Three interrupted/resumed processes of ``tests/resume_worker.py`` (leave-one-out over 8 tasks, exact
 Newton re-optimisation, store in ``out_dir``) against one uninterrupted reference process:

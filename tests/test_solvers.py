@@ -1,4 +1,4 @@
-"""iHVP solvers (SPEC.md §4), in float64 against dense linear algebra."""
+"""iHVP solvers (docs/method.md §4), in float64 against dense linear algebra."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""task-IF (SPEC §5, §7) against closed forms on a quadratic bilevel problem.
+"""task-IF (docs/method.md §6, §5) against closed forms on a quadratic bilevel problem.
 
 1-step MAML on linear regression: θ_i(λ) is affine in λ and the query loss is quadratic in θ, so F is
 exactly quadratic in λ. Then λ* and every leave-one-task-out λ_{−k} are single Newton steps with the
@@ -140,3 +140,21 @@ def test_instance_results_carry_stationarity_and_the_implicit_inner_check():
     res2 = instance_influence(solved, lam2, tasks, val, "query", dataclasses.replace(settings, stationarity_warn=1e9))
     assert res2.diagnostics["inner_solve"]["relative_max"] < 1e-3
     assert not any("inner" in w for w in res2.diagnostics.get("warnings", []))
+
+
+def test_a_saved_eigenpair_file_of_another_lambda_or_kind_is_recomputed_not_reused(tmp_path):
+    problem, lam = small_problem("unrolled", steps=1, hidden=(5,))
+    tasks, val = random_tasks(n=6), random_tasks(n=3, seed=4)
+    stem = str(tmp_path / "eig")
+    settings = InfluenceSettings(hessian="gauss-newton", solver="lowrank", damping=1e-2, stationarity_warn=1e9, lowrank_file=stem,
+                                 solve=SolverSettings(lowrank_rank=6))
+    first = task_influence(problem, lam, tasks, val, settings)
+    again = task_influence(problem, lam, tasks, val, settings)  # same λ, pool, kind: reused
+    torch.testing.assert_close(again.scores, first.scores, rtol=0, atol=0)
+    lam2 = lam + 0.05 * torch.randn(lam.shape, generator=torch.Generator().manual_seed(1), dtype=lam.dtype)
+    fresh = task_influence(problem, lam2, tasks, val, dataclasses.replace(settings, lowrank_file=""))
+    with pytest.warns(UserWarning, match="recomputing"):
+        moved = task_influence(problem, lam2, tasks, val, settings)
+    torch.testing.assert_close(moved.scores, fresh.scores, rtol=1e-10, atol=1e-14)
+    with pytest.warns(UserWarning, match="recomputing"):
+        task_influence(problem, lam2, tasks, val, dataclasses.replace(settings, hessian="exact", damping=1.0))

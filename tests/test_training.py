@@ -137,7 +137,7 @@ def test_refine_with_a_removed_task_keeps_the_full_pool_normalisation():
 
 
 def test_example_weights_drive_training_and_refine_to_the_reduced_objective():
-    # v, u (SPEC §1) zero some examples: all-ones weights are the plain run bit for bit, zeros change
+    # v, u (docs/method.md §1) zero some examples: all-ones weights are the plain run bit for bit, zeros change
     # the trajectory, and refine becomes stationary for F(λ; v, u) rather than for F(λ)
     problem, lam0 = small_problem(steps=1, lr=0.3, weight_decay=1e-2)
     tasks = random_tasks(n=10, seed=5)

@@ -12,7 +12,7 @@ The public API, stage by stage (data → task pools → meta-learning → influe
     leave_one_out, lds_ground_truth, metrics    evaluation/
     SolverSettings, solve_ihvp                  linalg/ (operators and solvers, used by every stage)
 
-Sign convention (SPEC §7): a score is the predicted change of the measurement (validation loss) when
+Sign convention (docs/method.md §5): a score is the predicted change of the measurement (validation loss) when
 the item is removed; positive means the item helps, negative means it harms.
 """
 

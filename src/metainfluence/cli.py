@@ -16,7 +16,7 @@ import sys
 import warnings
 from typing import Sequence
 
-from .config import add_settings_arguments, load_settings, namespace_overrides
+from .config import add_settings_arguments, config_sections, load_settings, namespace_overrides
 from .errors import MetaInfluenceError, SettingsError
 
 EXIT_USER_ERROR = 2
@@ -30,7 +30,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _common(p: argparse.ArgumentParser, threads: int = 0) -> None:
-    p.add_argument("--config", metavar="FILE", help="settings file (.toml, .yaml/.yml or .json) with sections data, model, inner, objective, train, refine; flags override it")
+    p.add_argument("--config", metavar="FILE", help="settings file (.toml, .yaml/.yml or .json); one file serves every command, each taking its own sections "
+                   "(data, model, inner, objective, train, refine for runs; influence for influence and edit); flags override it")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     p.add_argument("--threads", type=int, default=threads, metavar="N", help=f"torch CPU threads (0 = torch's default; default: {threads})")
 
@@ -59,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(train)
     train.set_defaults(_dests=add_settings_arguments(train, RunSettings, only=("data", "model", "inner", "objective", "train")))
 
-    ref = sub.add_parser("refine", help="drive the full-pool meta-gradient below a tolerance (SPEC §2); writes OUT/refined", description=(
+    ref = sub.add_parser("refine", help="drive the full-pool meta-gradient below a tolerance (docs/method.md §2); writes OUT/refined", description=(
         "Load a trained checkpoint, rebuild its run (refusing a different model or training pool), minimise the "
         "full-pool objective F until ‖∇F‖ ≤ tol, evaluate on the test pool, and write the refined checkpoint."))
     ref.add_argument("--checkpoint", required=True, help="checkpoint to refine (stem, .json or .safetensors), e.g. runs/train/trained")
@@ -96,13 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     inf.set_defaults(_dests=add_settings_arguments(inf, InfluenceSettings, dest="influence.", title="influence settings") + ["data.data_root"])
 
     ed = sub.add_parser("edit", help="remove tasks or examples from a checkpoint in closed form (no retraining)", description=(
-        "λ_edit = λ* + (H + δI)^{-1} Σ_removed g / n (SPEC §5), optionally followed by Newton steps on the reduced objective. "
+        "λ_edit = λ* + (H_R + δI)^{-1} b_R / n with H_R the Hessian of the reduced objective (docs/method.md §9), optionally followed by Newton steps on it. "
         "Remove tasks by id (--remove-tasks) or the top-k most harmful items of a scores file (--scores, --top-k). "
         "Writes OUT/NAME (an ordinary checkpoint) with the test accuracy before and after."))
     ed.add_argument("--checkpoint", required=True, help="refined checkpoint to edit")
     ed.add_argument("--remove-tasks", default=None, help="comma-separated task ids of the training pool to remove")
     ed.add_argument("--scores", default=None, help="scores file of `metainfluence influence` (stem or .json)")
     ed.add_argument("--top-k", type=int, default=None, help="remove the k most harmful items of --scores")
+    ed.add_argument("--edit-step", default="reduced", choices=("reduced", "full"), help="Hessian of the closed-form step: reduced (H_R of the objective without the removed items; exact on a quadratic) or full (the paper's full-pool H, the first-order prediction) (default: reduced)")
     ed.add_argument("--newton-steps", type=int, default=0, help="Newton steps on the reduced objective after the closed-form edit (default: 0)")
     ed.add_argument("--out", default=None, help="output folder (default: the checkpoint's folder)")
     ed.add_argument("--name", default="edited", help="name of the edited checkpoint (default: edited)")
@@ -110,8 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(ed)
     ed.set_defaults(_dests=add_settings_arguments(ed, InfluenceSettings, dest="influence.", title="influence settings (Hessian, solver, damping of the edit)") + ["data.data_root"])
 
-    ex = sub.add_parser("experiment", help="run one of the evidence experiments (SPEC §8): detection | removal | estimates", description=(
-        "Run an experiment of SPEC §8 with a config file (configs/*.toml), writing its tables, plots, seeds and timings to --out; "
+    ex = sub.add_parser("experiment", help="run one of the evidence experiments (docs/method.md §10): detection | removal | estimates", description=(
+        "Run an experiment of docs/method.md §10 with a config file (configs/*.toml), writing its tables, plots, seeds and timings to --out; "
         "--quick runs a small variant on the embedded digits / sinusoid data. `metainfluence report OUT` renders the results."))
     ex.add_argument("name", help="detection | removal | estimates")
     ex.add_argument("--config", default=None, metavar="FILE", help="experiment config (TOML/YAML/JSON), e.g. configs/detection_mnist.toml")
@@ -128,18 +130,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _sections(args: argparse.Namespace, owned: tuple[str, ...]):
+    """The ``--config`` sections this command owns (None without --config); see :func:`config_sections`."""
+    import dataclasses as dc
+
+    from .experiments import EXPERIMENTS
+    from .pipeline import RunSettings
+
+    if args.config is None:
+        return None
+    known = [f.name for f in dc.fields(RunSettings)] + ["influence", *EXPERIMENTS]
+    return config_sections(args.config, owned, known)
+
+
+def _run_sections(args: argparse.Namespace):
+    import dataclasses as dc
+
+    from .pipeline import RunSettings
+
+    return _sections(args, tuple(f.name for f in dc.fields(RunSettings)))
+
+
 def _settings(args: argparse.Namespace, defaults=None):
     from .pipeline import RunSettings
 
-    return load_settings(defaults if defaults is not None else RunSettings(), args.config, namespace_overrides(args, args._dests))
+    return load_settings(defaults if defaults is not None else RunSettings(), _run_sections(args), namespace_overrides(args, args._dests))
 
 
 def _influence_settings(args: argparse.Namespace):
-    from .config import apply_overrides
+    """[influence] of --config, then the flags; what ran is recorded in every result."""
     from .influence.results import InfluenceSettings
 
+    section = (_sections(args, ("influence",)) or {}).get("influence", {})
     flags = {k[len("influence."):]: v for k, v in namespace_overrides(args, args._dests).items() if k.startswith("influence.")}
-    settings = apply_overrides(InfluenceSettings(), flags, source="flags")
+    settings = load_settings(InfluenceSettings(), section, flags)
     settings.validate()
     return settings
 
@@ -160,7 +184,7 @@ def _checkpoint_overrides(args: argparse.Namespace):
     """Apply --config and flags on top of the settings recorded in a checkpoint."""
 
     def apply(settings):
-        return load_settings(settings, args.config, namespace_overrides(args, args._dests))
+        return load_settings(settings, _run_sections(args), namespace_overrides(args, args._dests))
 
     return apply
 
@@ -236,7 +260,7 @@ def _cmd_edit(args: argparse.Namespace) -> int:
 
     path, removal, edited, before, after = edit_checkpoint(
         args.checkpoint, _influence_settings(args), remove_tasks=args.remove_tasks, scores=args.scores, top_k=args.top_k,
-        newton_steps=args.newton_steps, out=args.out, name=args.name, overrides=_data_only(args))
+        newton_steps=args.newton_steps, step=args.edit_step, out=args.out, name=args.name, overrides=_data_only(args))
     print(f"removed {removal.count()} in closed form ({edited.diagnostics['seconds']:.1f} s, solver residual {edited.diagnostics['solver_residual']:.1e})")
     print(f"test before edit: {before.summary()}")
     print(f"test after edit:  {after.summary()}")

@@ -293,9 +293,26 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def load_settings(settings: Any, config: str | os.PathLike | None = None, overrides: Mapping[str, Any] | None = None) -> Any:
-    """``settings`` (defaults), then the config file, then command-line ``overrides`` (dotted keys)."""
-    if config is not None:
+def config_sections(path: str | os.PathLike, owned: typing.Iterable[str], known: typing.Iterable[str]) -> dict[str, Any]:
+    """The sections of a config file that one command owns. One file can serve every command: each
+    takes its own sections and leaves the others, but a section no command knows is an error that
+    names the valid ones (a typo must not be silently ignored)."""
+    data = read_config_file(path)
+    known = list(known)
+    unknown = [k for k in data if k not in known]
+    if unknown:
+        raise SettingsError(f"config {path}: unknown section {unknown[0]!r}; the sections are {', '.join(known)}")
+    owned = set(owned)
+    return {k: v for k, v in data.items() if k in owned}
+
+
+def load_settings(settings: Any, config: str | os.PathLike | Mapping[str, Any] | None = None,
+                  overrides: Mapping[str, Any] | None = None) -> Any:
+    """``settings`` (defaults), then the config file (a path, or its already-read sections), then
+    command-line ``overrides`` (dotted keys)."""
+    if isinstance(config, Mapping):
+        settings = apply_overrides(settings, config, source="config")
+    elif config is not None:
         settings = apply_overrides(settings, read_config_file(config), source=f"config {config}")
     if overrides:
         settings = apply_overrides(settings, overrides, source="command line", convert=False)

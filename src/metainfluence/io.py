@@ -8,6 +8,7 @@ under the final name. Nothing here ever unpickles.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -15,6 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 
 from .errors import CheckpointError, SettingsError
@@ -142,3 +144,36 @@ def load_result(stem: str | os.PathLike, what: str = "result") -> tuple[dict[str
     info = read_json(stem.with_name(stem.name + ".json"), what=what)
     tensors = read_tensors(stem.with_name(stem.name + ".safetensors"), what=what)
     return tensors, info
+
+
+def fingerprint(obj: Any, length: int = 16) -> str:
+    """The library's one fingerprint: a short stable hex SHA-256 of a JSON-able object whose leaves may
+    be numpy arrays or tensors (hashed by dtype, shape and bytes). Every artifact records the
+    fingerprint of what it was computed from, so a mismatch is caught instead of silently reused."""
+    h = hashlib.sha256()
+
+    def feed(o: Any) -> None:
+        if isinstance(o, np.ndarray):
+            a = np.ascontiguousarray(o)
+            h.update(f"ndarray:{a.dtype.str}:{a.shape}:".encode())
+            h.update(a.tobytes())
+        elif isinstance(o, torch.Tensor):
+            feed(o.detach().cpu().numpy())
+        elif isinstance(o, Mapping):
+            h.update(b"{")
+            for k in sorted(o):
+                h.update(json.dumps(str(k)).encode() + b":")
+                feed(o[k])
+                h.update(b",")
+            h.update(b"}")
+        elif isinstance(o, (list, tuple)):
+            h.update(b"[")
+            for v in o:
+                feed(v)
+                h.update(b",")
+            h.update(b"]")
+        else:
+            h.update(json.dumps(o, sort_keys=True).encode())
+
+    feed(obj)
+    return h.hexdigest()[:length]

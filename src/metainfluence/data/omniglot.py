@@ -19,6 +19,7 @@ digests, the image size and the resampling filter.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import re
@@ -74,9 +75,13 @@ def find_sources(root: str | os.PathLike) -> dict[str, Path]:
 def _source_identity(path: Path) -> dict:
     if path.is_file():
         return {"kind": "zip", "size": path.stat().st_size, "sha256": file_sha256(path)}
+    # keyed by every file's name AND content (not sizes): an edited image must not reuse a stale cache
     files = sorted(p for p in path.rglob("*.png"))
-    listing = [(str(p.relative_to(path).as_posix()), p.stat().st_size) for p in files]
-    return {"kind": "folder", "files": len(files), "listing": digest(listing, 32)}
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.relative_to(path).as_posix().encode() + b"\0")
+        h.update(hashlib.sha256(p.read_bytes()).digest())
+    return {"kind": "folder", "files": len(files), "contents": h.hexdigest()[:32]}
 
 
 # --------------------------------------------------------------------------- decoding

@@ -1,6 +1,6 @@
-"""Ground truth for influence estimates (SPEC §8): leave-one-out and LDS by actual re-optimisation.
+"""Ground truth for influence estimates (docs/method.md §10): leave-one-out and LDS by actual re-optimisation.
 
-Removing task k means w_k = 0 with the 1/n normalisation kept (SPEC §1), which is exactly what the
+Removing task k means w_k = 0 with the 1/n normalisation kept (docs/method.md §1), which is exactly what the
 influence derivative predicts. Both the control and every reduced run start from λ* and use the
 identical refine procedure, so optimiser drift cancels in Δf_k = f(λ_{−k}) − f(λ_ctrl).
 
@@ -57,7 +57,7 @@ def reoptimise(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, sett
 
 
 def validation_loss(problem: MetaProblem, lam: torch.Tensor, val_tasks: TaskTensors) -> float:
-    """The default measurement f (SPEC §7): mean query loss of the validation pool after adaptation."""
+    """The default measurement f (docs/method.md §5): mean query loss of the validation pool after adaptation."""
     return float(problem.task_losses(lam.to(val_tasks.query_x.dtype if val_tasks.query_x.is_floating_point() else lam.dtype), val_tasks).mean())
 
 
@@ -118,7 +118,7 @@ def leave_one_out(
     out_dir: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """True Δf_k and Δλ_k for a seeded sample of tasks, by refining with w_k = 0 (SPEC §8)."""
+    """True Δf_k and Δλ_k for a seeded sample of tasks, by refining with w_k = 0 (docs/method.md §10)."""
     n = len(tasks)
     settings.validate(n)
     refine_settings = refine_settings or RefineSettings(tol=1e-8, max_iter=500)
@@ -171,7 +171,7 @@ def lds_ground_truth(
     out_dir: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """f after refining on M random subsets keeping a fraction α of the tasks (SPEC §8)."""
+    """f after refining on M random subsets keeping a fraction α of the tasks (docs/method.md §10)."""
     n = len(tasks)
     settings.validate(n)
     refine_settings = refine_settings or RefineSettings(tol=1e-8, max_iter=500)

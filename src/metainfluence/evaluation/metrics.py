@@ -10,7 +10,7 @@ Shape conventions (all functions):
   ``0..n-1``.
 * ``subsets_mask``: 2-D boolean ``(M, n)``, one row per subset, True = the item is **kept**.
 
-Sign convention (SPEC §7): a score is the predicted change of the measurement f when the item is
+Sign convention (docs/method.md §5): a score is the predicted change of the measurement f when the item is
 removed. score > 0: the item helps; score < 0: the item harms. Harmful-first ranking sorts ascending.
 
 Fractions of a pool become counts by rounding half up, ``floor(fraction·n + 0.5)``, the same rule
@@ -205,7 +205,7 @@ def cosine(a: Any, b: Any) -> float | np.ndarray:
 
 
 def loo_correlation(scores: Any, true_delta: Any) -> dict[str, float | int]:
-    """Agreement of predicted scores with leave-one-out truth (SPEC §8).
+    """Agreement of predicted scores with leave-one-out truth (docs/method.md §10).
 
     ``scores[k]`` is the predicted change of f when item k is removed and ``true_delta[k]`` the
     measured f(λ_{−k}) − f(λ_ctrl); both share the sign convention, so a good method has positive
@@ -218,7 +218,7 @@ def loo_correlation(scores: Any, true_delta: Any) -> dict[str, float | int]:
 
 
 def lds_predictions(scores: Any, f_full: float, subsets_mask: Any) -> np.ndarray:
-    """Predicted measurement of each subset (SPEC §8): f(subset) = f_full + Σ_{k ∉ subset} score_k.
+    """Predicted measurement of each subset (docs/method.md §10): f(subset) = f_full + Σ_{k ∉ subset} score_k.
 
     ``scores``: (n,), ``f_full``: f(λ*) on the full pool, ``subsets_mask``: (M, n) bool with
     True = item kept. Returns (M,) float64.
@@ -239,7 +239,7 @@ def lds_predictions(scores: Any, f_full: float, subsets_mask: Any) -> np.ndarray
 
 
 def lds(predicted_subset_values: Any, true_subset_values: Any) -> float:
-    """Linear datamodeling score (SPEC §8): Spearman correlation across subsets between the
+    """Linear datamodeling score (docs/method.md §10): Spearman correlation across subsets between the
     predicted measurements (see :func:`lds_predictions`) and those measured after refining on each
     subset. NaN when either side is constant.
     """
@@ -319,7 +319,7 @@ def mean_ci(values: Any) -> tuple[float, float]:
 
 
 def harmful_first(scores: Any) -> np.ndarray:
-    """Item ids ordered most harmful first: ascending score (SPEC §7), ties kept in id order."""
+    """Item ids ordered most harmful first: ascending score (docs/method.md §5), ties kept in id order."""
     s = _as_float(scores, "scores")
     return np.argsort(s, kind="stable").astype(np.int64)
 

@@ -1,4 +1,4 @@
-"""The small reference problem where exact ground truth is affordable: sinusoid MAML (SPEC §10).
+"""The small reference problem where exact ground truth is affordable: sinusoid MAML (docs/method.md §1.4).
 
 A tanh MLP (smooth, so Newton and finite differences behave), one inner step, μ large enough for the
 total Hessian to be positive definite at the refined point; meta-trained with Adam on the full pool

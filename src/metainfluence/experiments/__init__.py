@@ -1,4 +1,4 @@
-"""Evidence experiments (SPEC §8, §9): mislabeled-task detection, the removal table, and the accuracy
+"""Evidence experiments (docs/method.md §10, §11): mislabeled-task detection, the removal table, and the accuracy
 of influence estimates against leave-one-out re-optimisation.
 
     run_experiment(name, config, quick, out, log) -> dict     one experiment, results in ``out``

@@ -1,4 +1,4 @@
-"""Mislabeled-task detection (SPEC §8): corrupt a fraction of the training tasks, rank them by each
+"""Mislabeled-task detection (docs/method.md §10): corrupt a fraction of the training tasks, rank them by each
 method, measure recall and AUC, and the meta-test accuracy after removing the top-ranked tasks by
 closed-form edit; optionally swept over ρ_task."""
 

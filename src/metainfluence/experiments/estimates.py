@@ -1,4 +1,4 @@
-"""Accuracy of influence estimates (SPEC §8): task-IF and baselines against leave-one-out (and LDS)
+"""Accuracy of influence estimates (docs/method.md §10): task-IF and baselines against leave-one-out (and LDS)
 re-optimisation on a small sinusoid MAML problem, over Hessian kinds, solvers, damping and Neumann
 depth; predicted against true parameter changes; Hessian surrogates against the exact one."""
 

@@ -1,4 +1,4 @@
-"""The removal table (SPEC §8, §9): remove each method's top harmful tasks (or examples, by
+"""The removal table (docs/method.md §10, §11): remove each method's top harmful tasks (or examples, by
 instance-IF) by closed-form edit, by re-optimisation from λ* and by retraining, and compare accuracy
 and time; with the paper's Table 1 for reference."""
 
@@ -18,7 +18,7 @@ from ..pipeline import RunContext, stage_settings
 from . import plots
 from .common import METHODS, _diag_json, _eval_json, _header, _image_tensors, _score_all, _train_and_refine
 
-# The paper's Table 1 (ICLR version, SPEC §9): accuracy after removing 40% harmful data, wall time (s).
+# The paper's Table 1 (ICLR version, docs/method.md §11): accuracy after removing 40% harmful data, wall time (s).
 PAPER_TABLE1 = [
     {"method": "retrain", "omniglot_acc": 0.7908, "omniglot_time_s": 316.74, "miniimagenet_acc": 0.3071, "miniimagenet_time_s": 682.56},
     {"method": "task-IF", "omniglot_acc": 0.7804, "omniglot_time_s": 65.69, "miniimagenet_acc": 0.2668, "miniimagenet_time_s": 74.63},

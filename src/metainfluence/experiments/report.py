@@ -350,7 +350,7 @@ def write_report(out_dir: str | os.PathLike, title: str, sections: Sequence[Sect
     (list of str, or one str), ``tables`` (list of tables; a table is a list of row dicts, a dict
     ``{"rows", "columns", "caption", "floatfmt"}`` or a :class:`Table`), ``images`` (PNG paths
     relative to ``out_dir``, ``(path, caption)`` pairs or :class:`Image`) and ``level`` (2).
-    With ``sign_convention`` the score sign convention of SPEC §7 is stated under the title.
+    With ``sign_convention`` the score sign convention of docs/method.md §5 is stated under the title.
     Both files are written atomically; nothing is written if any input is invalid.
     """
     out = Path(out_dir)

@@ -150,7 +150,7 @@ def report_run(run_dir) -> Path:
             secs.append({"heading": "Edit against retraining", "paragraphs": [
                 "`retrain_over_edit` = retraining time / (scoring + edit time), measured in the same run; `acc_gap_points` = retrained − edited accuracy in "
                 "percentage points (the target: within 1 point at ≥ 20× less time); `reoptimise_*` the same against re-optimising from λ* on the kept items."], "tables": [{"rows": sp, "floatfmt": ".3g"}]})
-        secs.append({"heading": "The paper's numbers (SPEC §9, ICLR version)", "tables": [{"rows": res["paper_table1"], "floatfmt": ".4f"}]})
+        secs.append({"heading": "The paper's numbers (docs/method.md §11, ICLR version)", "tables": [{"rows": res["paper_table1"], "floatfmt": ".4f"}]})
     else:
         secs.append({"heading": "Setup", "paragraphs": [
             f"Sinusoid MAML, {res['settings']['estimates']['n_tasks']} training tasks, tanh MLP {res['settings']['estimates']['hidden']}, {res['n_params']} parameters, "

@@ -1,4 +1,4 @@
-"""Removing tasks or examples from a trained meta-learner without retraining (SPEC §5).
+"""Removing tasks or examples from a trained meta-learner without retraining (docs/method.md §6).
 
     Δλ_R    = (H_R + δI)^{-1} b_R / n,   b_R = Σ_{k∈R} g_k + Σ_{z∈R} ∂_λ∂_{w_z} L_Q^{k(z)}
     λ_edit  = λ* + Δλ_R                                               (one iHVP for the whole set)
@@ -55,7 +55,7 @@ class Removal:
                 raise SettingsError(f"the {name} removal mask has shape {tuple(mask.shape)}, expected ({n}, {m}) — one entry per {name} example of every task")
 
     def weights(self, problem: MetaProblem, lam: torch.Tensor, pool: TaskTensors):
-        """(w, v, u) of the reduced objective: zeros on the removed items (SPEC §1)."""
+        """(w, v, u) of the reduced objective: zeros on the removed items (docs/method.md §1)."""
         self.validate(pool)
         n = len(pool)
         w = torch.ones(n, dtype=lam.dtype, device=lam.device)

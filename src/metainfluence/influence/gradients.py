@@ -1,4 +1,4 @@
-"""Gradients that influence is built from (SPEC §3, §6, §7).
+"""Gradients that influence is built from (docs/method.md §3, §7, §5).
 
 * total gradients g_i = D_λ L_Q^i (in :class:`MetaProblem`),
 * per-example mixed derivatives ∂_λ ∂_{u_z} L_Q^k (query example z) and ∂_λ ∂_{v_z} L_Q^k (support

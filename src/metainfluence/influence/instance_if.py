@@ -1,11 +1,11 @@
-"""Influence of single support or query examples, through their task (instance-IF, SPEC §6).
+"""Influence of single support or query examples, through their task (instance-IF, docs/method.md §7).
 
 Query example z of task k:     score_z = sᵀ D_λ ℓ(z; θ_k(λ*)) / (n |Q_k|)       = sᵀ ∂_λ∂_{u_z} L_Q^k / n
 Support example z, ``unrolled``: score_z = sᵀ ∂_λ∂_{v_z} L_Q^k / n   (exact for K-step MAML)
 Support example z, ``two-stage`` (the paper's):
     δθ_z = R ∇_θ ℓ(z; θ_k) / |S_k|,   ∇_λ P_z = J_kᵀ ∇²_θ L_Q^k δθ_z,   score_z = −sᵀ ∇_λ P_z / n,
   computed per task as  c = R ∇²_θ L_Q^k (J_k s),  score_z = −cᵀ ∇_θ ℓ(z; θ_k) / (|S_k| n),
-  where R is the inner problem's response to a change of the support loss (SPEC §6, corrected):
+  where R is the inner problem's response to a change of the support loss (docs/method.md §7, corrected):
     implicit (inner optimum):  R = (H_in + δ_in I)^{-1}, H_in = ∇²_θ L_S + γI, solved by CG;
     unrolled (K steps of α):   R = α Σ_{j<K} (I − α H_in)^j  (0 at K = 0, → H_in^{-1} as K grows),
   with exact products (the paper uses EK-FAC for H_in).
@@ -75,7 +75,7 @@ def instance_influence(
     task_ids: torch.Tensor | None = None,
     s: torch.Tensor | None = None,
 ) -> InfluenceResult:
-    """Scores (n, |S|) or (n, |Q|): predicted change of f when one example is removed (SPEC §7 sign).
+    """Scores (n, |S|) or (n, |Q|): predicted change of f when one example is removed (docs/method.md §5 sign).
 
     ``s``: the iHVP (H + δI)⁻¹∇f of the same problem, λ, pools and settings — e.g. ``extra["s"]`` of a
     task-IF result — so that both levels and task-IF share one solve; computed here when omitted."""

@@ -18,7 +18,7 @@ from ..meta.curvature import HESSIANS
 
 SIGN_CONVENTION = (
     "score = predicted change of the measurement f (mean query loss of the validation pool after "
-    "adaptation, in loss units) when the item is removed (SPEC §7): score > 0 means removing the item "
+    "adaptation, in loss units) when the item is removed (docs/method.md §5): score > 0 means removing the item "
     "would raise the validation loss, i.e. the item HELPS; score < 0 means removing it would lower the "
     "loss, i.e. the item HARMS. Harmful-first ranking sorts scores ascending."
 )
@@ -41,7 +41,7 @@ class InfluenceSettings:
     solver's own settings (composed: :class:`~metainfluence.linalg.SolverSettings`, a ``[influence.solve]``
     section in config files, flags without a prefix), and the instance-level options."""
 
-    method: str = field(default="task-if", metadata={"help": "task-if | direct-if | tracin | loss | random (SPEC §7)"})
+    method: str = field(default="task-if", metadata={"help": "task-if | direct-if | tracin | loss | random (docs/method.md §5)"})
     hessian: str = field(default="exact", metadata={"help": "total-Hessian products: exact | gauss-newton | gamma | fisher (direct-if always uses direct)"})
     solver: str = field(default="cg", metadata={"help": "iHVP solver: explicit | cg | neumann | lissa | lowrank | woodbury (fisher only)"})
     damping: float = field(default=1e-3, metadata={"help": "damping δ added to every Hessian: solves use H + δI"})
@@ -54,7 +54,7 @@ class InfluenceSettings:
     inner_damping: float = field(default=1e-2, metadata={"help": "damping of the inner Hessian in two-stage instance-IF (implicit inner solver; the unrolled K-step response needs none)"})
     inner_cg_steps: int = field(default=50, metadata={"help": "CG steps for the inner Hessian solve in two-stage instance-IF (implicit inner solver)"})
     self_influence: bool = field(default=False, metadata={"help": "also compute self-influence g_kᵀ(H+δI)^{-1}g_k/n (one iHVP per task)"})
-    stationarity_warn: float = field(default=0.05, metadata={"help": "warn when ‖∇F‖ / mean‖g_i‖ exceeds this (SPEC §2)"})
+    stationarity_warn: float = field(default=0.05, metadata={"help": "warn when ‖∇F‖ / mean‖g_i‖ exceeds this (docs/method.md §2)"})
 
     @property
     def seed(self) -> int:

@@ -1,4 +1,4 @@
-"""Influence of whole training tasks (task-IF, SPEC §5, §7) and its baselines.
+"""Influence of whole training tasks (task-IF, docs/method.md §6, §5) and its baselines.
 
     s        = (H + δI)^{-1} ∇f(λ*)                 one iHVP for all scores
     score_k  = sᵀ g_k / n                           predicted Δf when task k is removed
@@ -25,7 +25,9 @@ from .gradients import direct_gradients, direct_measurement_gradient, measuremen
 from ..meta.curvature import TotalHessian, check_hessian_kind
 from ..meta.refine import refine_advice
 from .results import InfluenceResult, InfluenceSettings, check_solve, settings_dict, shortfall, solver_record
+from ..io import fingerprint
 from ..linalg import IHVPResult, LowRank, lanczos_eigenpairs, solve_ihvp
+from ..meta.checkpoint import tensors_fingerprint
 
 
 def build_hessian(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, settings: InfluenceSettings, kind: str | None = None, **weights) -> TotalHessian:
@@ -40,15 +42,32 @@ def ihvp(op: TotalHessian, b: torch.Tensor, settings: InfluenceSettings) -> IHVP
     return solve_ihvp(op, b, solver=settings.solver, damping=settings.damping, settings=settings.solve, lowrank=lowrank)
 
 
+def curvature_fingerprint(op: TotalHessian, **fit: Any) -> str:
+    """What an approximation of ``op`` depends on: λ, the pool and its weights, the Hessian kind, the
+    problem and the fit settings ``fit`` (damping is applied at solve time and is not part of it)."""
+    weights = {k: getattr(op, k) for k in ("w", "v", "u") if getattr(op, k) is not None}
+    fisher = {"fisher_samples": op.fisher_samples, "seed": op.seed} if op.kind == "fisher" else {}
+    return fingerprint({"lam": op.lam, "pool": tensors_fingerprint(op.tasks), "weights": weights, "kind": op.kind,
+                        "problem": op.problem.settings_json(), **fisher, "fit": fit}, 32)
+
+
 def _lowrank(op: TotalHessian, settings: InfluenceSettings) -> LowRank:
     cached = getattr(op, "_lowrank", None)
     if cached is not None:
         return cached
+    fit = {"rank": settings.solve.lowrank_rank, "lanczos_iters": settings.solve.lanczos_iters, "seed": settings.seed}
+    fp = curvature_fingerprint(op, **fit)
     path = Path(settings.lowrank_file) if settings.lowrank_file else None
+    lr = None
     if path is not None and path.with_name(path.name + ".json").exists():
         lr = LowRank.load(path, dim=op.dim)
-    else:
+        if lr.fingerprint != fp:
+            # eigenpairs of another λ, pool, kind or fit would give wrong scores: recompute, never reuse
+            warnings.warn(f"the eigenpair file {path} was computed for another λ, pool, Hessian kind or rank; recomputing it", stacklevel=3)
+            lr = None
+    if lr is None:
         lr = lanczos_eigenpairs(op, settings.solve.lowrank_rank, settings.solve.lanczos_iters, settings.seed)
+        lr.info["fingerprint"] = fp
         if path is not None:
             lr.save(path)
     op._lowrank = lr
@@ -57,7 +76,7 @@ def _lowrank(op: TotalHessian, settings: InfluenceSettings) -> LowRank:
 
 def stationarity(meta_gradient: torch.Tensor, task_gradient_norms: torch.Tensor, warn_ratio: float,
                  diag: dict[str, Any] | None = None) -> dict[str, Any]:
-    """SPEC §2: ‖∇F(λ*)‖ and its ratio to the mean per-task total-gradient norm (a shortfall in
+    """docs/method.md §2: ‖∇F(λ*)‖ and its ratio to the mean per-task total-gradient norm (a shortfall in
     ``diag`` above ``warn_ratio``)."""
     norm = float(meta_gradient.norm())
     mean_task = float(task_gradient_norms.mean())

@@ -59,7 +59,7 @@ class SolverSettings:
     lanczos_iters: int | None = field(
         default=None, metadata=_help("lowrank: Lanczos steps (HVPs) to find the top-k eigenpairs; None = 2k + 10.")
     )
-    seed: int = field(default=0, metadata=_help("Seed of power iteration, Lanczos start vectors and lissa task subsets."))
+    seed: int = field(default=0, metadata=_help("Seed of random scores, fisher label draws, power iteration, Lanczos start vectors and lissa task subsets."))
     divergence_patience: int = field(
         default=30,
         metadata=_help("neumann/lissa: declare divergence after the update norm grew this many consecutive steps."),

@@ -38,6 +38,11 @@ class LowRank:
     def rank(self) -> int:
         return self.eigenvalues.shape[0]
 
+    @property
+    def fingerprint(self) -> str | None:
+        """The fingerprint of what the eigenpairs were computed from (operator, point, pool, settings)."""
+        return self.info.get("fingerprint")
+
     def save(self, stem: str | Path) -> tuple[Path, Path]:
         """Write ``stem.safetensors`` (tensors) and ``stem.json`` (dim, rank, info)."""
         meta = {"kind": _LOWRANK_KIND, "dim": self.dim, "rank": self.rank, "info": self.info}

@@ -95,7 +95,7 @@ def _neumann_one(
 
 
 def neumann_solve(op: LinearOperator, b: Tensor, damping: float, settings: SolverSettings = SolverSettings()) -> IHVPResult:
-    """The paper's truncated Neumann series, scaled to converge (SPEC.md §4).
+    """The paper's truncated Neumann series, scaled to converge (docs/method.md §4).
 
     x ← b + (I − (H+δI)/s) x, answer x/s, with s = ``neumann_scale`` or scale_safety × |λ|_max from
     power iteration. Stops when ‖Δx‖/‖x‖ ≤ tol (then the error is about κ·tol, κ the condition number

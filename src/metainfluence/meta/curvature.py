@@ -1,4 +1,4 @@
-"""Products with the total Hessian H = ∇²_λ F(λ*) and its surrogates (SPEC §3).
+"""Products with the total Hessian H = ∇²_λ F(λ*) and its surrogates (docs/method.md §3).
 
 Every operator is a symmetric linear map on R^p with ``matvec(v) = H v`` (damping is added by the
 solvers) and ``matvec_subset(v, tasks)``, an unbiased estimate from a subset of tasks (LiSSA).
@@ -90,13 +90,14 @@ class TotalHessian:
         self.lam = lam.detach()
         self.tasks = tasks
         self.kind = kind
-        # task / support / query weights of the objective (SPEC §1): zeros give the Hessian of a reduced pool
+        # task / support / query weights of the objective (docs/method.md §1): zeros give the Hessian of a reduced pool
         self.w, self.v, self.u = w, v, u
         self.dim = lam.numel()
         self.dtype = lam.dtype
         self.device = lam.device
         self.n_tasks = len(tasks)
         self.n_total = problem.collective.total_count(len(tasks))
+        self.fisher_samples, self.seed = fisher_samples, seed
         self.n_matvecs = 0
         self.gamma = 0.0
         self.factor: torch.Tensor | None = None  # fisher: H = factorᵀfactor + shift·I (Woodbury)
@@ -179,7 +180,7 @@ def fisher_factor(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, s
     For cross-entropy labels are drawn from softmax(f); for MSE from N(f, 1/2), the Gaussian whose
     negative log-likelihood is the squared error. The per-example gradients of sampled labels have
     mean zero, so E[ĝ_i ĝ_iᵀ] is task i's Gauss–Newton term divided by |Q_i|: the √|Q_i| restores
-    the scale (SPEC §3). With weights (w, v, u) the rows are those of the reduced objective: ĝ taken
+    the scale (docs/method.md §3). With weights (w, v, u) the rows are those of the reduced objective: ĝ taken
     with the example weights, each task's rows scaled by √w_i."""
     if samples < 1:
         raise SettingsError(f"fisher_samples must be ≥ 1, got {samples}")

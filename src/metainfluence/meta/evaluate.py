@@ -2,7 +2,7 @@
 
 Accuracy and loss are averaged over tasks, with the usual few-shot 95% interval
 1.96 · sd / √n (sd the sample standard deviation over tasks, n the number of tasks), as in the
-MAML literature's "98.7 ± 0.4%". SPEC §8 asks for at least 600 held-out tasks.
+MAML literature's "98.7 ± 0.4%". docs/method.md §10 asks for at least 600 held-out tasks.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Models used functionally: their parameters live in a flat λ, the module is only a template.
 
-Normalisation matters for influence (SPEC §10): batch statistics make one example's loss depend on
+Normalisation matters for influence (docs/method.md §1.4): batch statistics make one example's loss depend on
 the whole batch, so ``norm='group'`` or ``'none'`` is preferred for influence runs.
 """
 

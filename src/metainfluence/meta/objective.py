@@ -1,4 +1,4 @@
-"""The bilevel objective of SPEC §1, as pure functions of a flat meta-parameter vector λ.
+"""The bilevel objective of docs/method.md §1, as pure functions of a flat meta-parameter vector λ.
 
 Inner problem (adaptation) of task i, on the inner objective
     L_in(θ; λ) = L_S(θ; S_i, v) + (γ/2)‖θ − λ‖²,     L_S = Σ_j v_j ℓ(x_j, y_j; θ) / |S_i|
@@ -159,7 +159,7 @@ class MetaProblem:
         return value
 
     def inner_hvp(self, theta, lam, task: TaskRecord, direction) -> torch.Tensor:
-        """(∇²_θ L_S + γI) · direction at θ (the inner Hessian of SPEC §6)."""
+        """(∇²_θ L_S + γI) · direction at θ (the inner Hessian of docs/method.md §7)."""
         g = lambda th: grad(self.inner_objective)(th, lam, task)
         return jvp(g, (theta,), (direction,))[1]
 
@@ -190,7 +190,7 @@ class MetaProblem:
         return self.inner.proximal * fixed_step_cg(mv, vec, self.inner.implicit_cg_steps)
 
     def task_total_gradient(self, lam, task: TaskRecord) -> torch.Tensor:
-        """g_i = D_λ L_Q^i(λ), the total gradient through θ_i(λ) (SPEC §3)."""
+        """g_i = D_λ L_Q^i(λ), the total gradient through θ_i(λ) (docs/method.md §3)."""
         if self.inner.kind == "unrolled":
             return grad(self.query_loss)(lam, task)
         theta = self.adapt(lam, task)
@@ -298,7 +298,7 @@ class MetaProblem:
         return value, gradient / n + self.weight_decay * lam
 
     def total_gradients(self, lam, tasks: TaskTensors, v=None, u=None) -> torch.Tensor:
-        """Per-task total gradients g_i, shape (n, p) (SPEC §3)."""
+        """Per-task total gradients g_i, shape (n, p) (docs/method.md §3)."""
         return self.per_task(self.task_total_gradient, lam.detach(), tasks, v, u).detach()
 
     def inner_gradient_norms(self, lam, tasks: TaskTensors, v=None) -> tuple[torch.Tensor, torch.Tensor]:

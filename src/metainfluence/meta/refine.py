@@ -1,4 +1,4 @@
-"""The refine stage (SPEC §2): drive the full-pool meta-gradient ‖∇F(λ; w)‖ below a tolerance.
+"""The refine stage (docs/method.md §2): drive the full-pool meta-gradient ‖∇F(λ; w)‖ below a tolerance.
 
 Influence functions assume ∇_λ F(λ*) = 0, which Adam on random meta-batches does not deliver.
 :func:`refine` minimises the deterministic full-pool objective
@@ -16,7 +16,7 @@ F(λ; w) = (1/n) Σ_i w_i L_Q^i(λ) + (μ/2)‖λ‖² from the trained λ:
   tight tolerances where L-BFGS stalls.
 
 The weights ``w`` refine with tasks removed (w_k = 0) while keeping the 1/n normalisation of the
-full pool — the leave-one-out ground truth of SPEC §8 is defined this way. The report records
+full pool — the leave-one-out ground truth of docs/method.md §10 is defined this way. The report records
 ‖∇F‖ and F before/after, and ‖∇F‖ relative to the mean per-task total-gradient norm
 (1/|K|) Σ_{k∈K} ‖g_k‖ over the tasks K with w_k ≠ 0 (the stationarity diagnostic every influence
 result carries).
@@ -80,7 +80,7 @@ class RefineSettings:
 
 @dataclass
 class RefineReport:
-    """What refine did, and how stationary λ is before and after (SPEC §2)."""
+    """What refine did, and how stationary λ is before and after (docs/method.md §2)."""
 
     method: str
     converged: bool

@@ -2,11 +2,11 @@
 
 Each step draws ``meta_batch`` distinct tasks of the pool with a seeded ``torch.Generator`` and
 takes one Adam step along the meta-gradient of the batch objective
-F_B(λ) = (1/|B|) Σ_{i∈B} L_Q^i(λ) + (μ/2)‖λ‖² (SPEC §1), computed by
+F_B(λ) = (1/|B|) Σ_{i∈B} L_Q^i(λ) + (μ/2)‖λ‖² (docs/method.md §1), computed by
 :meth:`MetaProblem.value_and_gradient` — vmapped over the batch's tasks, no Python loop over tasks.
 The same seed gives bit-identical λ (on the same machine, torch build and thread count).
 
-Training ends with a λ that is *not* stationary for the full pool (SPEC §2); run
+Training ends with a λ that is *not* stationary for the full pool (docs/method.md §2); run
 :func:`metainfluence.meta.refine.refine` before computing influence.
 
 A NaN/inf loss, gradient or λ stops training with a :class:`DivergenceError` that says what to
@@ -153,7 +153,7 @@ def meta_train(
     fingerprint is always recorded). ``run_settings``: the other stages' settings to record
     (model, inner, data, ...). ``resume``: a checkpoint written by this function to continue from.
     ``example_weights``: (v, u) of shapes (n, |S|), (n, |Q|) — per-example weights of the support and
-    query losses (SPEC §1; 0 removes an example), e.g. to retrain without some examples.
+    query losses (docs/method.md §1; 0 removes an example), e.g. to retrain without some examples.
     """
     settings = settings or TrainSettings()
     settings.validate()

@@ -26,7 +26,7 @@ class DataSettings:
     k_shot: int = field(default=1, metadata={"help": "support examples per class K (sinusoid: support points)"})
     q_query: int = field(default=5, metadata={"help": "query examples per class Q (sinusoid: query points)"})
     train_tasks: int = field(default=300, metadata={"help": "tasks in the training pool n (influence is over these)"})
-    val_tasks: int = field(default=100, metadata={"help": "tasks in the validation pool (the influence measurement, SPEC §7)"})
+    val_tasks: int = field(default=100, metadata={"help": "tasks in the validation pool (the influence measurement, docs/method.md §5)"})
     test_tasks: int = field(default=600, metadata={"help": "held-out meta-test tasks (≥ 600 for the usual 95% interval)"})
     standardize: bool = field(default=True, metadata={"help": "standardise image inputs with the training pool's statistics (per-pixel mean, overall sd); a well-conditioned F lets refine reach its tolerance"})
     pool_seed: int = field(default=0, metadata={"help": "seed of the task pools (same seed = same tasks)"})

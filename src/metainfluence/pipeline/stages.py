@@ -10,6 +10,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from ..config import to_dict
 from ..errors import SettingsError
 from ..influence import Removal, edit_model, instance_influence, task_influence
 from ..io import write_json
@@ -45,7 +46,7 @@ def refine_stage(ctx: RunContext, lam: torch.Tensor, progress: bool = True, w: t
 
 def influence_stage(ctx: RunContext, lam: torch.Tensor, settings: Any, level: str = "task"):
     """Scores of the training pool's tasks (level 'task') or examples ('support' / 'query') against the
-    validation pool's mean query loss (SPEC §7), with the pool's stable task ids."""
+    validation pool's mean query loss (docs/method.md §5), with the pool's stable task ids."""
     dtype = lam.dtype
     train, val = ctx.tensors["train"].to(dtype=dtype), ctx.tensors["val"].to(dtype=dtype)
     ids = torch.as_tensor(ctx.pools["train"].task_ids)
@@ -56,9 +57,9 @@ def influence_stage(ctx: RunContext, lam: torch.Tensor, settings: Any, level: st
     raise SettingsError(f"unknown influence level {level!r}; use task, support or query")
 
 
-def edit_stage(ctx: RunContext, lam: torch.Tensor, removal: Any, settings: Any, newton_steps: int = 0):
-    """Closed-form removal (SPEC §5) on the training pool; returns the EditResult."""
-    return edit_model(ctx.problem, lam, ctx.tensors["train"].to(dtype=lam.dtype), removal, settings, newton_steps=newton_steps)
+def edit_stage(ctx: RunContext, lam: torch.Tensor, removal: Any, settings: Any, newton_steps: int = 0, step: str = "reduced"):
+    """Closed-form removal (docs/method.md §6) on the training pool; returns the EditResult."""
+    return edit_model(ctx.problem, lam, ctx.tensors["train"].to(dtype=lam.dtype), removal, settings, newton_steps=newton_steps, step=step)
 
 
 def removal_from_scores(result: Any, k: int) -> Any:
@@ -155,7 +156,7 @@ def influence_checkpoint(checkpoint: str | os.PathLike, settings: Any, level: st
 
 
 def edit_checkpoint(checkpoint: str | os.PathLike, settings: Any, remove_tasks: str | None = None, scores: str | os.PathLike | None = None,
-                    top_k: int | None = None, newton_steps: int = 0, out: str | os.PathLike | None = None, name: str = "edited",
+                    top_k: int | None = None, newton_steps: int = 0, step: str = "reduced", out: str | os.PathLike | None = None, name: str = "edited",
                     overrides: Callable[[RunSettings], RunSettings] | None = None) -> tuple[Path, Removal, Any, EvalResult, EvalResult]:
     """Remove training tasks by id (``remove_tasks``, comma-separated) or the ``top_k`` most harmful
     items of a scores file from a checkpoint in closed form; writes ``OUT/NAME``.
@@ -173,12 +174,13 @@ def edit_checkpoint(checkpoint: str | os.PathLike, settings: Any, remove_tasks: 
             raise SettingsError("--scores needs --top-k K (how many of the most harmful items to remove)")
         removal = removal_from_scores(ctx.load_scores(scores), top_k)
     lam = ckpt.lam.double()
-    edited = edit_stage(ctx, lam, removal, settings, newton_steps=newton_steps)
+    edited = edit_stage(ctx, lam, removal, settings, newton_steps=newton_steps, step=step)
     before = evaluate_stage(ctx, lam, ("test",))["test"]
     after = evaluate_stage(ctx, edited.lam, ("test",))["test"]
     if out:
         ctx.out = Path(out)
     path = ctx.save_checkpoint(name, edited.lam, "edited", {
         "eval": {"test": after.to_json()}, "eval_before_edit": {"test": before.to_json()},
-        "removed": removal.count(), "removed_tasks": [ids[i] for i in removal.tasks], "edit": edited.diagnostics})
+        "removed": removal.count(), "removed_tasks": [ids[i] for i in removal.tasks], "edit": edited.diagnostics,
+        "edit_settings": {"influence": to_dict(settings), "step": step, "newton_steps": newton_steps}})
     return path, removal, edited, before, after

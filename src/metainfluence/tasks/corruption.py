@@ -1,4 +1,4 @@
-"""Label corruption for mislabeled-task detection (SPEC §8), with the truth recorded.
+"""Label corruption for mislabeled-task detection (docs/method.md §10), with the truth recorded.
 
 ``corrupt_labels(pool, rho_task, rho_label, where, seed)`` picks exactly ``round(rho_task·n)`` tasks
 (round half up) and, in each, exactly ``round(rho_label·m)`` of its m labels in the chosen sets

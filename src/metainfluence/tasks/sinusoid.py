@@ -1,4 +1,4 @@
-"""Sinusoid regression task pools (SPEC §10; Finn et al. 2017).
+"""Sinusoid regression task pools (docs/method.md §1.4; Finn et al. 2017).
 
 Task t: amplitude A_t ~ U[0.1, 5], phase φ_t ~ U[0, π]; K support and Q query inputs x ~ U[−5, 5];
 targets y = A_t · sin(x − φ_t). Inputs and targets are shaped (n, K, 1) / (n, Q, 1).
