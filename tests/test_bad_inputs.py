@@ -800,10 +800,11 @@ def test_bad_input_gives_one_clear_line_and_no_partial_file(c: Case, world, tmp_
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith((".tmp", ".part"))]
 
 
-def test_the_table_is_big_enough():
-    assert len(CASES) >= 25
+def test_every_case_is_distinct_and_checks_its_message():
     names = [p.id for p in CASES]
     assert len(set(names)) == len(names)
+    # a case that names no word of its message would pass on any error of its class
+    assert all(p.values[0].mentions for p in CASES), [p.id for p in CASES if not p.values[0].mentions]
 
 
 # =========================================================================== nothing is unpickled

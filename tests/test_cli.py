@@ -178,3 +178,52 @@ def test_run_demo_writes_its_outputs_and_summary(tmp_path):
     assert "after refine" in text and "‖∇F‖" in text and "train pool" in text
     for name in ("trained.safetensors", "refined.safetensors", "refined.json", "settings.json", "pools/test.json"):
         assert (tmp_path / "demo" / name).is_file()
+
+
+# --------------------------------------------------------------------------- run-folder guards
+def test_train_refuses_an_existing_run_and_a_locked_one(tmp_path, capsys):
+    import os
+
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), *TINY]) == 0
+    first = (out / "trained.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), *TINY, "--pool-seed", "3"]) == 2
+    assert "already holds a run" in _error_line(capsys) and (out / "trained.safetensors").read_bytes() == first
+    # a live process holding the lock keeps a second writer out; a dead one's lock is taken over
+    (out / ".metainfluence.lock").write_text(str(os.getppid()))
+    assert main(["train", "--out", str(out), *TINY, "--force"]) == 2
+    assert "another process" in _error_line(capsys)
+    (out / ".metainfluence.lock").write_text("999999999")
+    assert main(["train", "--out", str(out), *TINY, "--force", "--pool-seed", "3"]) == 0
+    assert (out / "trained.safetensors").read_bytes() != first and not (out / ".metainfluence.lock").exists()
+
+
+def test_names_stay_inside_out_and_out_is_checked_before_work(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), *TINY]) == 0
+    capsys.readouterr()
+    assert main(["refine", "--checkpoint", str(out / "trained"), "--name", "../escaped", "--no-progress"]) == 2
+    assert "plain file name" in _error_line(capsys) and not (tmp_path / "escaped.json").exists()
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert main(["refine", "--checkpoint", str(out / "trained"), "--out", str(blocker), "--no-progress"]) == 2
+    assert "is a file, not a folder" in _error_line(capsys)
+
+
+def test_evaluate_refuses_a_test_pool_of_another_run(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["train", "--out", str(a), *TINY]) == 0
+    assert main(["train", "--out", str(b), *TINY, "--pool-seed", "2"]) == 0
+    for ext in ("json", "safetensors"):  # the other run's test pool lands in this run's folder
+        (a / "pools" / f"test.{ext}").write_bytes((b / "pools" / f"test.{ext}").read_bytes())
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(a / "trained"), "--no-progress"]) == 2
+    assert "does not belong to the run" in _error_line(capsys)
+
+
+def test_absurd_pool_sizes_are_refused_before_any_work(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), *TINY, "--train-tasks", "1000000000"]) == 2
+    err = _error_line(capsys)
+    assert "--train-tasks" in err and "at most" in err and not out.exists()

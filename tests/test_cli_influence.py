@@ -55,7 +55,12 @@ def test_edit_command_removes_the_top_k_and_records_it(demo_run, capsys):
     exact = InfluenceResult.load(demo_run / "task_influence")
     expected = sorted(exact.ranking()[:12].tolist())
     assert sorted(info["metrics"]["removed_tasks"]) == expected
-    assert 0 <= info["metrics"]["eval"]["test"]["accuracy"] <= 1
+    # the recorded test accuracy is the edited λ's: evaluating the written checkpoint gives it again
+    assert main(["evaluate", "--checkpoint", str(demo_run / "ed"), "--json", str(demo_run / "ed_eval.json"), "--threads", "1"]) == 0
+    again = json.loads((demo_run / "ed_eval.json").read_text())
+    assert again["accuracy"] == pytest.approx(info["metrics"]["eval"]["test"]["accuracy"], abs=1e-12)
+    assert info["metrics"]["eval"]["test"]["accuracy"] != info["metrics"]["eval_before_edit"]["test"]["accuracy"] or \
+        info["metrics"]["eval"]["test"]["loss"] != info["metrics"]["eval_before_edit"]["test"]["loss"]
 
 
 def test_edit_refuses_a_scores_file_of_another_pool(demo_run, tmp_path, capsys):

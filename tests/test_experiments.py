@@ -47,7 +47,7 @@ def test_detection_quick(tmp_path):
     assert rows["task-if"]["auc"] > 0.5
     for r in res["edits"]:
         acc, ci = r["test_acc"]
-        assert 0 <= acc <= 1 and 0 < ci < 0.2
+        assert 0.4 < acc <= 1 and 0 < ci < 0.2  # 5-way: well above chance (0.2) on digits
     assert {"recall", "accuracy", "harmful_tasks"} <= set(res["figures"])
     _check_report(out, [*METHODS, "task-if (self, fisher)", "oracle", "Sweep over ρ_task"])
 
@@ -62,7 +62,7 @@ def test_removal_quick(tmp_path):
     n_ex = {"instance-if (support)": res["n_tasks"] * 5, "instance-if (query)": res["n_tasks"] * 25}  # 5-way 1-shot 5-query
     for r in rows:
         acc, ci = r["test_acc"]
-        assert 0 <= acc <= 1 and 0 < ci < 0.2
+        assert 0.4 < acc <= 1 and 0 < ci < 0.2  # 5-way: well above chance (0.2) on digits
         assert r["removed"] == (round(0.4 * n_ex[r["method"]]) if r["method"] in levels else 0 if r["path"] == "-" else res["removed_per_method"])
         assert r["path"] in ("-", "edit", "retrain", "re-optimise from λ*")
     # the removed examples are recorded as (task id, example index) pairs, as many as the row says
@@ -80,7 +80,7 @@ def test_removal_quick(tmp_path):
     assert sup["acc_gap_points"] == pytest.approx(100 * (r_row["test_acc"][0] - e_row["test_acc"][0])) and abs(sup["acc_gap_points"]) < 10
     edit = next(r for r in rows if r["method"] == "task-if" and r["path"] == "edit")
     retrain = next(r for r in rows if r["method"] == "task-if" and r["path"] == "retrain")
-    assert edit["path_s"] < retrain["path_s"]
+    assert res["edit_vs_retrain"]["task-if"]["retrain_over_edit"] == pytest.approx(retrain["path_s"] / edit["total_s"])
     assert res["removed_per_method"] == round(0.4 * res["n_tasks"])
     md = _check_report(out, [*METHODS, "retrain", "EK-FAC IF"])
     assert "0.7804" in md  # the paper's task-IF Omniglot accuracy beside the measured table

@@ -13,7 +13,7 @@ from metainfluence.meta.newton import newton_refine
 from metainfluence.meta.refine import RefineSettings
 
 
-def test_lds_of_task_if_is_high_on_a_quadratic_problem_and_random_is_not(tmp_path):
+def test_lds_of_task_if_is_high_on_a_quadratic_problem_and_random_is_not(tmp_path, monkeypatch):
     problem, lam0 = small_problem("unrolled", steps=1, lr=0.05, hidden=(), n_features=5, n_classes=1, loss="mse", weight_decay=1e-2)
     tasks = random_tasks(n=30, n_support=4, n_query=6, n_features=5, regression=True, seed=0)
     val = random_tasks(n=10, n_support=4, n_query=6, n_features=5, regression=True, seed=1)
@@ -28,6 +28,12 @@ def test_lds_of_task_if_is_high_on_a_quadratic_problem_and_random_is_not(tmp_pat
         ranks[method] = lds(lds_predictions(scores, f_full, gt["masks"]), gt["true_f"])
     assert ranks["task-if"] > 0.7, ranks
     assert ranks["task-if"] > ranks["random"] + 0.3, ranks
-    # resumable: a second call reads every subset back instead of re-optimising
+    # resumable: a second call reads every subset back instead of re-optimising (re-optimising would fail now)
+    import metainfluence.meta.newton as newton_module
+
+    def refuse(*a, **k):
+        raise AssertionError("a finished subset was re-optimised instead of read back")
+
+    monkeypatch.setattr(newton_module, "newton_refine", refuse)
     again = lds_ground_truth(problem, lam, tasks, val, gt_settings, RefineSettings(tol=1e-10), out_dir=tmp_path / "lds")
     assert torch.equal(again["true_f"], gt["true_f"])

@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint-every steps (OUT/trained) and evaluates on the val and test pools."))
     train.add_argument("--out", default="runs/train", help="output folder (default: runs/train)")
     train.add_argument("--resume", action="store_true", help="continue from OUT/trained (bit-identical to an uninterrupted run)")
+    train.add_argument("--force", action="store_true", help="overwrite the run already in --out (without it an existing run is refused)")
     _common(train)
     train.set_defaults(_dests=add_settings_arguments(train, RunSettings, only=("data", "model", "inner", "objective", "train")))
 
@@ -200,7 +201,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from .pipeline import train_run
 
-    ctx, lam, history, results = train_run(_settings(args), args.out, resume=args.resume, progress=args.progress)
+    ctx, lam, history, results = train_run(_settings(args), args.out, resume=args.resume, force=args.force, progress=args.progress)
     print(f"trained {history.steps_done} steps in {history.wall_time_s:.1f} s ({history.tasks_per_second:.0f} tasks/s, {history.stopped})")
     for split, res in results.items():
         print(f"{split}: {res.summary()}")
@@ -231,6 +232,8 @@ def _print_items(result, k: int) -> None:
     from .influence.results import SIGN_CONVENTION
 
     order = result.ranking(harmful_first=True)
+    if k > order.numel():
+        print(f"note: --top {k} is more than the {order.numel()} scored items; showing all of them")
     k = max(0, min(k, order.numel()))
     label = "task" if result.level == "task" else f"(task, {result.level} example)"
     print(SIGN_CONVENTION)

@@ -14,12 +14,13 @@ from __future__ import annotations
 import dataclasses
 import operator
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ..errors import SettingsError
+from ..errors import DivergenceError, SettingsError
 from ..meta.objective import MetaProblem
 from ..tasks.tensors import TaskTensors
 from .gradients import removed_examples_gradient
@@ -122,6 +123,42 @@ def descent_direction(g: torch.Tensor, newton: torch.Tensor, op, damping: float)
     return scale * g, True
 
 
+def _reduced_solve(problem, lam, pool, settings, rhs, weights, diag):
+    """(H_R + δI)⁻¹ rhs with H_R of the reduced objective. The exact H_R is often indefinite at λ*
+    (λ* minimises F, not F_R): then the Gauss–Newton H_R (positive semi-definite) is used, and said."""
+    w, v, u = weights
+    op = build_hessian(problem, lam, pool, settings, w=w, v=v, u=u)
+    try:
+        return op, ihvp(op, rhs, settings)
+    except DivergenceError as exc:
+        if op.kind not in ("exact", "gamma") or settings.solver in ("woodbury",):
+            raise
+        message = (f"the {op.kind} Hessian of the reduced objective is indefinite at λ* ({' '.join(str(exc).split())[:80]}…); "
+                   "the edit used its Gauss–Newton Hessian instead (--edit-step full gives the paper's full-pool step)")
+        diag.setdefault("warnings", []).append(message)
+        warnings.warn(message, stacklevel=4)
+        op = build_hessian(problem, lam, pool, settings, kind="gauss-newton", w=w, v=v, u=u)
+        solver_settings = settings if settings.solver in ("cg", "explicit", "lowrank", "neumann") else dataclasses.replace(settings, solver="cg")
+        return op, ihvp(op, rhs, solver_settings)
+
+
+def _backtrack(problem, lam, delta, pool, weights, diag) -> float:
+    """Largest t in {1, 1/2, …, 1/64} with F_R(λ + tΔ) ≤ F_R(λ) + 10⁻⁴ t ∇F_Rᵀ Δ (Armijo); 1 when Δ is
+    not a descent direction of F_R (recorded)."""
+    w, v, u = weights
+    g = problem.meta_gradient(lam, pool, w, v, u)
+    slope = float(g @ delta)
+    if not slope < 0:
+        diag["edit_not_descent"] = True
+        return 1.0
+    with torch.no_grad():
+        f0 = float(problem.objective(lam, pool, w, v, u))
+        t = 1.0
+        while t > 1 / 64 and float(problem.objective(lam + t * delta, pool, w, v, u)) > f0 + 1e-4 * t * slope:
+            t *= 0.5
+    return t
+
+
 @dataclass
 class EditResult:
     lam: torch.Tensor
@@ -153,12 +190,20 @@ def edit_model(
     # the reduced step is a Newton step on F(·; w_R, v_R, u_R): it needs the exact change of the gradient
     b = removed_gradient(problem, lam, pool, removal, linear=step == "full")
     w, v, u = removal.weights(problem, lam, pool)
-    op = build_hessian(problem, lam, pool, settings, **({"w": w, "v": v, "u": u} if step == "reduced" else {}))
-    res = ihvp(op, b / n, settings)
-    lam_edit = lam + res.x
-    diag: dict[str, Any] = {"removed": removal.count(), "step": step, "solver_residual": res.residual,
-                            "solver_iterations": res.iterations, "solver_converged": bool(res.info.get("converged", True)),
-                            "hessian": op.kind, "newton": []}
+    diag: dict[str, Any] = {"removed": removal.count(), "step": step, "newton": []}
+    if step == "full":
+        op = build_hessian(problem, lam, pool, settings)
+        res = ihvp(op, b / n, settings)
+        lam_edit = lam + res.x
+    else:
+        op, res = _reduced_solve(problem, lam, pool, settings, b / n, (w, v, u), diag)
+        # a Newton step is exact on a quadratic F and may overshoot elsewhere: backtrack on F(·; w_R)
+        # (one forward pass per trial; the full step is kept wherever it lowers F enough)
+        t = _backtrack(problem, lam, res.x, pool, (w, v, u), diag)
+        lam_edit = lam + t * res.x
+        diag["step_length"] = t
+    diag.update({"solver_residual": res.residual, "solver_iterations": res.iterations,
+                 "solver_converged": bool(res.info.get("converged", True)), "hessian": op.kind})
     if newton_steps:
         # the edit's own curvature when it is exact or Gauss–Newton (GN stays PSD where the exact
         # Hessian of a non-convex reduced objective makes CG fail); exact otherwise, if the problem has it

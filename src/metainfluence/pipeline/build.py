@@ -66,9 +66,9 @@ def build_pools(data: DataSettings, dataset, splits: tuple[str, ...] = SPLITS) -
     for split in splits:
         if dataset is None:
             # Sinusoid tasks have no classes to split: the pools differ by seed.
-            pools[split] = sinusoid_pool(sizes[split], data.k_shot, data.q_query, seed=data.pool_seed * 3 + SPLITS.index(split))
+            pools[split] = sinusoid_pool(sizes[split], data.k_shot, data.query_size(split), seed=data.pool_seed * 3 + SPLITS.index(split))
         else:
-            pools[split] = build_pool(dataset, split, data.n_way, data.k_shot, data.q_query, sizes[split], seed=data.pool_seed)
+            pools[split] = build_pool(dataset, split, data.n_way, data.k_shot, data.query_size(split), sizes[split], seed=data.pool_seed)
             if split == "train" and data.corrupt_tasks > 0:
                 pools[split] = corrupt_labels(pools[split], data.corrupt_tasks, data.corrupt_labels, where=data.corrupt_where, seed=data.pool_seed)
     return pools

@@ -38,6 +38,17 @@ from .build import SPLITS, build_pools, build_problem, load_data, pool_tensors
 from .settings import RunSettings
 
 
+def _check_belongs(checkpoint, split: str, record: Mapping[str, Any], pool: Any, file: Path | None) -> None:
+    """A validation or test pool must be the one the checkpoint's run recorded (same size, same
+    fingerprint): a pool file of another run in the folder would silently change every number."""
+    if split == "train" or record.get("kind") != "pool" or record.get("n_tasks") != len(pool):
+        return
+    if record.get("fingerprint") != pool_fingerprint(pool):
+        where = f"the pool file {file}" if file is not None else f"the {split} pool rebuilt from the recorded settings"
+        raise CheckpointError(f"{where} does not belong to the run of checkpoint {checkpoint} (its {split} pool fingerprint differs); "
+                              "restore that run's pools/ folder, or evaluate a checkpoint of the run that wrote these pools")
+
+
 @dataclass
 class RunContext:
     """What a run is built from: dataset, pools (train/val/test), their tensors and the problem, and the
@@ -114,6 +125,7 @@ class RunContext:
                 if loaded is not None and len(loaded) == want:
                     pool = loaded
             pools[split] = pool if pool is not None else rebuilt[split]
+            _check_belongs(path, split, rec, pools[split], folder / file if pool is not None else None)
         tensors, standardization = pool_tensors(pools, dataset, settings.data)
         problem = build_problem(settings, dataset)
         ckpt = load_checkpoint(path, expected_problem=problem, expected_pool=pools["train"] if recorded.get("train", {}).get("kind") == "pool" else tensors["train"])

@@ -4,6 +4,7 @@ source of the CLI flags and config-file sections."""
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +16,18 @@ from ..meta.refine import RefineSettings
 from ..meta.train import TrainSettings
 
 
+# input values per example of each dataset at its default size (sinusoid: one x)
+_VALUES_PER_EXAMPLE = {"digits": 64, "omniglot": 28 * 28, "mnist": 28 * 28, "fashion-mnist": 28 * 28, "mini-imagenet": 3 * 84 * 84, "sinusoid": 1}
+
+
+def _memory_bytes() -> int:
+    """Physical memory of this machine (64 GiB where it cannot be read)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        return 64 * 2**30
+
+
 @dataclass
 class DataSettings:
     """Which tasks: dataset, task shape and pool sizes."""
@@ -24,7 +37,8 @@ class DataSettings:
     image_size: int = field(default=0, metadata={"help": "image side in pixels (0 = the dataset's default, e.g. 28 for Omniglot)"})
     n_way: int = field(default=5, metadata={"help": "classes per task N"})
     k_shot: int = field(default=1, metadata={"help": "support examples per class K (sinusoid: support points)"})
-    q_query: int = field(default=5, metadata={"help": "query examples per class Q (sinusoid: query points)"})
+    q_query: int = field(default=5, metadata={"help": "query examples per class Q (sinusoid: query points) of the training pool, and of the others unless eval_q_query is set"})
+    eval_q_query: int = field(default=0, metadata={"help": "query examples per class of the validation and test pools (0 = q_query); e.g. 1 in training and 15 at evaluation"})
     train_tasks: int = field(default=300, metadata={"help": "tasks in the training pool n (influence is over these)"})
     val_tasks: int = field(default=100, metadata={"help": "tasks in the validation pool (the influence measurement, docs/method.md §5)"})
     test_tasks: int = field(default=600, metadata={"help": "held-out meta-test tasks (≥ 600 for the usual 95% interval)"})
@@ -35,10 +49,34 @@ class DataSettings:
     corrupt_labels: float = field(default=0.8, metadata={"help": "fraction ρ_label of a corrupted task's labels changed to another class of the task"})
     corrupt_where: str = field(default="both", metadata={"help": "which labels of a corrupted task: support | query | both"})
 
+    def query_size(self, split: str) -> int:
+        """Query examples per class of the ``split`` pool."""
+        return self.q_query if split == "train" or not self.eval_q_query else self.eval_q_query
+
     def validate(self) -> None:
         for name in ("n_way", "k_shot", "q_query", "train_tasks", "val_tasks", "test_tasks"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.eval_q_query < 0:
+            raise SettingsError(f"eval_q_query must be ≥ 0 (0 = q_query), got {self.eval_q_query}")
+        self.check_pool_sizes()
+
+    def check_pool_sizes(self) -> None:
+        """Refuse pools whose input tensors cannot fit in memory, before any work starts."""
+        values = _VALUES_PER_EXAMPLE.get(self.dataset, 784)
+        if self.image_size and self.dataset in ("omniglot", "mnist", "fashion-mnist"):
+            values = self.image_size ** 2
+        elif self.image_size and self.dataset == "mini-imagenet":
+            values = 3 * self.image_size ** 2
+        limit = _memory_bytes() // 2
+        for split, n in (("train", self.train_tasks), ("val", self.val_tasks), ("test", self.test_tasks)):
+            per_task = self.n_way * (self.k_shot + self.query_size(split)) * values * 8  # float64 in influence
+            if n * per_task > limit:
+                flag = {"train": "--train-tasks", "val": "--val-tasks", "test": "--test-tasks"}[split]
+                raise SettingsError(
+                    f"the {split} pool of {n} tasks would need {n * per_task / 2**30:.1f} GiB of inputs in float64 "
+                    f"({self.n_way} × ({self.k_shot} + {self.query_size(split)}) examples of {values} values per task), over half this "
+                    f"machine's {_memory_bytes() / 2**30:.0f} GiB; lower {flag} (at most {max(1, limit // per_task)} here)")
         if self.image_size < 0:
             raise SettingsError(f"image_size must be ≥ 0, got {self.image_size}")
         if not (0 <= self.corrupt_tasks <= 1 and 0 <= self.corrupt_labels <= 1):

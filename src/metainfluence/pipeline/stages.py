@@ -17,6 +17,7 @@ from ..io import write_json
 from ..meta.evaluate import EvalResult, evaluate
 from ..meta.refine import RefineReport, refine
 from ..meta.train import TrainHistory, meta_train
+from .guard import RunLock, check_name, check_writable, claim_run_folder
 from .run import RunContext
 from .settings import RunSettings, stage_settings
 
@@ -94,7 +95,7 @@ def evals_json(results: Mapping[str, EvalResult]) -> dict:
 
 
 # --------------------------------------------------------------------------- commands
-def train_run(settings: RunSettings, out: str | os.PathLike, resume: bool = False, progress: bool = True,
+def train_run(settings: RunSettings, out: str | os.PathLike, resume: bool = False, progress: bool = True, force: bool = False,
               log: Log = print) -> tuple[RunContext, torch.Tensor, TrainHistory, dict[str, EvalResult]]:
     """Build the pools, meta-train (or continue ``out/trained``), evaluate on val and test, and write
     ``out/settings.json`` and the ``out/trained`` checkpoint (with its Adam state, so it can be resumed)."""
@@ -102,12 +103,15 @@ def train_run(settings: RunSettings, out: str | os.PathLike, resume: bool = Fals
     resume_from = out / "trained" if resume else None
     if resume_from is not None and not (out / "trained.safetensors").is_file():
         raise SettingsError(f"--resume: there is no checkpoint {out / 'trained.safetensors'} to continue from; train without --resume first")
-    ctx = RunContext.prepare(settings, out, log=log)
-    ctx.write_settings()
-    lam, history, _ = train_stage(ctx, progress=progress, resume=resume_from)
-    results = evaluate_stage(ctx, lam, ("val", "test"))
-    state = ctx.checkpoint_state("trained")
-    ctx.save_checkpoint("trained", lam, "trained", {"eval": evals_json(results)}, history=history, step=history.steps_done, state=state)
+    settings.validate()  # sizes and settings are refused before the folder is touched
+    claim_run_folder(out, resume=resume, force=force)
+    with RunLock(out):
+        ctx = RunContext.prepare(settings, out, log=log)
+        ctx.write_settings()
+        lam, history, _ = train_stage(ctx, progress=progress, resume=resume_from)
+        results = evaluate_stage(ctx, lam, ("val", "test"))
+        state = ctx.checkpoint_state("trained")
+        ctx.save_checkpoint("trained", lam, "trained", {"eval": evals_json(results)}, history=history, step=history.steps_done, state=state)
     return ctx, lam, history, results
 
 
@@ -116,14 +120,16 @@ def refine_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | No
                       log: Log = print) -> tuple[Path, RefineReport, EvalResult, EvalResult]:
     """Refine a trained checkpoint to stationarity on its training pool; writes ``OUT/NAME``.
     Returns (path, report, test result before, test result after)."""
+    check_name(name)
+    folder = check_writable(out if out is not None else Path(checkpoint).expanduser().parent)
     ctx, ckpt = RunContext.from_checkpoint(checkpoint, splits=("train", "test"), overrides=overrides)
-    if out is not None:
-        ctx.out = Path(out)
+    ctx.out = folder
     log(f"train pool: {ctx.pools['train'].summary()}")
-    lam, report = refine(ctx.problem, ckpt.lam, ctx.tensors["train"], ctx.settings.refine, progress=progress)
-    before = evaluate(ctx.problem, ckpt.lam, ctx.tensors["test"])
-    after = evaluate(ctx.problem, lam, ctx.tensors["test"])
-    path = ctx.save_checkpoint(name, lam, "refined", {"eval": {"test": after.to_json()}, "eval_before_refine": {"test": before.to_json()}}, refine_report=report, step=ckpt.step)
+    with RunLock(folder):
+        lam, report = refine(ctx.problem, ckpt.lam, ctx.tensors["train"], ctx.settings.refine, progress=progress)
+        before = evaluate(ctx.problem, ckpt.lam, ctx.tensors["test"])
+        after = evaluate(ctx.problem, lam, ctx.tensors["test"])
+        path = ctx.save_checkpoint(name, lam, "refined", {"eval": {"test": after.to_json()}, "eval_before_refine": {"test": before.to_json()}}, refine_report=report, step=ckpt.step)
     return path, report, before, after
 
 
@@ -147,11 +153,13 @@ def influence_checkpoint(checkpoint: str | os.PathLike, settings: Any, level: st
                          name: str | None = None, overrides: Callable[[RunSettings], RunSettings] | None = None, log: Log = print) -> tuple[Any, Path]:
     """Score a checkpoint's training tasks or examples (:func:`influence_stage`) and write the scores file
     ``OUT/NAME`` (default: the checkpoint's folder, ``influence_LEVEL_METHOD``). Returns (result, stem)."""
+    name = check_name(name or f"influence_{level}_{settings.method}")
+    folder = check_writable(out if out else Path(checkpoint).expanduser().parent)
     ctx, ckpt = RunContext.from_checkpoint(checkpoint, splits=("train", "val"), overrides=overrides)
-    folder = Path(out) if out else Path(ckpt.path).parent
     log(f"train pool: {ctx.pools['train'].summary()}")
     result = influence_stage(ctx, ckpt.lam.double(), settings, level)
-    stem = ctx.save_scores(result, name or f"influence_{level}_{settings.method}", folder=folder)
+    with RunLock(folder):
+        stem = ctx.save_scores(result, name, folder=folder)
     return result, stem
 
 
@@ -165,6 +173,8 @@ def edit_checkpoint(checkpoint: str | os.PathLike, settings: Any, remove_tasks: 
         raise SettingsError("say what to remove: either --remove-tasks IDS or --scores FILE --top-k K")
     if newton_steps < 0:
         raise SettingsError(f"--newton-steps must be ≥ 0, got {newton_steps}")
+    check_name(name)
+    folder = check_writable(out if out else Path(checkpoint).expanduser().parent)
     ctx, ckpt = RunContext.from_checkpoint(checkpoint, splits=("train", "test"), overrides=overrides)
     ids = [int(i) for i in ctx.pools["train"].task_ids.tolist()]
     if remove_tasks is not None:
@@ -177,10 +187,10 @@ def edit_checkpoint(checkpoint: str | os.PathLike, settings: Any, remove_tasks: 
     edited = edit_stage(ctx, lam, removal, settings, newton_steps=newton_steps, step=step)
     before = evaluate_stage(ctx, lam, ("test",))["test"]
     after = evaluate_stage(ctx, edited.lam, ("test",))["test"]
-    if out:
-        ctx.out = Path(out)
-    path = ctx.save_checkpoint(name, edited.lam, "edited", {
-        "eval": {"test": after.to_json()}, "eval_before_edit": {"test": before.to_json()},
-        "removed": removal.count(), "removed_tasks": [ids[i] for i in removal.tasks], "edit": edited.diagnostics,
-        "edit_settings": {"influence": to_dict(settings), "step": step, "newton_steps": newton_steps}})
+    ctx.out = folder
+    with RunLock(folder):
+        path = ctx.save_checkpoint(name, edited.lam, "edited", {
+            "eval": {"test": after.to_json()}, "eval_before_edit": {"test": before.to_json()},
+            "removed": removal.count(), "removed_tasks": [ids[i] for i in removal.tasks], "edit": edited.diagnostics,
+            "edit_settings": {"influence": to_dict(settings), "step": step, "newton_steps": newton_steps}})
     return path, removal, edited, before, after

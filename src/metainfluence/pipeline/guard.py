@@ -1,0 +1,95 @@
+"""Guards of a run folder: refuse to overwrite a run by accident, check that it is writable before
+any expensive work, keep names inside it, and hold a lock while a process writes into it (two
+processes writing one folder would mix their files)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import SettingsError
+
+RUN_MARKERS = ("settings.json", "trained.safetensors", "refined.safetensors", "summary.json")
+LOCK_NAME = ".metainfluence.lock"
+
+
+def check_name(name: str, what: str = "--name") -> str:
+    """A file stem that stays inside its folder: no separators, no '..', not empty."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith("."):
+        raise SettingsError(f"{what} {name!r} must be a plain file name inside --out (no '/', '..' or leading '.'); choose e.g. 'edited'")
+    return name
+
+
+def check_writable(out: str | os.PathLike) -> Path:
+    """Create ``out`` if needed and prove it writable with a probe file, before any expensive work."""
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise SettingsError(f"--out {path} is a file, not a folder; choose a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise SettingsError(f"--out {path} is not writable ({exc.strerror}); choose a folder you can write to") from None
+    return path
+
+
+def claim_run_folder(out: str | os.PathLike, *, resume: bool = False, force: bool = False) -> Path:
+    """The folder of a NEW run: refused when it already holds one, unless resuming or forced."""
+    path = Path(out).expanduser()
+    found = [m for m in RUN_MARKERS if (path / m).exists()]
+    if found and not (resume or force):
+        raise SettingsError(f"--out {path} already holds a run ({', '.join(found)}); pass --resume to continue it, "
+                            "--force to overwrite it, or choose another --out")
+    return check_writable(path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # pragma: no cover - another user's live process
+        return True
+    return True
+
+
+class RunLock:
+    """An exclusive lock file in a run folder, held while writing (a stale lock of a dead process is
+    taken over). Usable as a context manager."""
+
+    def __init__(self, out: str | os.PathLike):
+        self.path = Path(out) / LOCK_NAME
+        self.held = False
+
+    def acquire(self) -> "RunLock":
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    pid = int(self.path.read_text().strip() or 0)
+                except (OSError, ValueError):
+                    pid = 0
+                if pid and pid != os.getpid() and _alive(pid):
+                    raise SettingsError(f"another process (pid {pid}) is writing the run in {self.path.parent}; wait for it to finish "
+                                        "or choose another --out") from None
+                self.path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            with os.fdopen(fd, "w") as fh:
+                fh.write(str(os.getpid()))
+            self.held = True
+            return self
+        raise SettingsError(f"could not take the lock {self.path}; remove it if no metainfluence process is running")
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
