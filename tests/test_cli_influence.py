@@ -92,3 +92,11 @@ def test_one_config_file_serves_influence_and_edit(demo_run, tmp_path, capsys):
     assert main(["influence", "--checkpoint", str(demo_run / "refined"), "--config", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "unknown section 'influnce'" in err and "influence" in err.split("sections are")[1]
+
+
+def test_report_renders_a_run_folder(demo_run, capsys):
+    assert main(["report", str(demo_run)]) == 0
+    md = (demo_run / "report.md").read_text()
+    assert "## Checkpoints" in md and "| refined | refined |" in md
+    assert "## Scores: task_influence" in md and "Hessian exact" in md or "Hessian gauss-newton" in md
+    assert (demo_run / "report.html").is_file()

@@ -37,3 +37,26 @@ def test_lds_of_task_if_is_high_on_a_quadratic_problem_and_random_is_not(tmp_pat
     monkeypatch.setattr(newton_module, "newton_refine", refuse)
     again = lds_ground_truth(problem, lam, tasks, val, gt_settings, RefineSettings(tol=1e-10), out_dir=tmp_path / "lds")
     assert torch.equal(again["true_f"], gt["true_f"])
+
+
+def test_proximal_response_is_what_the_damped_newton_step_predicts():
+    # quadratic F: re-optimising F_R + (γ/2)‖λ − λ*‖² from λ* lands exactly on λ* + (H − H_k/n + γI)⁻¹ g_k / n,
+    # the Newton-step prediction with damping γ (plain re-optimisation is the γ = 0 case)
+    from metainfluence.evaluation.groundtruth import leave_one_out
+    from metainfluence.linalg import SolverSettings
+
+    problem, lam0 = small_problem("unrolled", steps=1, lr=0.05, hidden=(), n_features=5, n_classes=1, loss="mse", weight_decay=1e-2)
+    tasks = random_tasks(n=8, n_support=4, n_query=6, n_features=5, regression=True, seed=0)
+    val = random_tasks(n=4, n_support=4, n_query=6, n_features=5, regression=True, seed=1)
+    lam, _ = newton_refine(problem, lam0, tasks, tol=1e-12)
+    gamma = 0.5
+    gt = leave_one_out(problem, lam, tasks, val, GroundTruthSettings(n_loo=8, method="newton", proximal=gamma), RefineSettings(tol=1e-12))
+    pred = task_influence(problem, lam, tasks, val, InfluenceSettings(hessian="exact", damping=gamma, removal="newton", stationarity_warn=1e9,
+                                                                         solve=SolverSettings(tol=1e-13)))
+    from metainfluence.influence.gradients import measurement_gradient
+
+    grad_f, _ = measurement_gradient(problem, lam, val)
+    order = gt["tasks"].tolist()
+    torch.testing.assert_close(gt["true_delta_lam"] @ grad_f, pred.scores[order], rtol=1e-7, atol=1e-13)
+    plain = leave_one_out(problem, lam, tasks, val, GroundTruthSettings(n_loo=8, method="newton"), RefineSettings(tol=1e-12))
+    assert not torch.allclose(plain["true_delta_lam"], gt["true_delta_lam"], rtol=1e-3)

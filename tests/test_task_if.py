@@ -158,3 +158,43 @@ def test_a_saved_eigenpair_file_of_another_lambda_or_kind_is_recomputed_not_reus
     torch.testing.assert_close(moved.scores, fresh.scores, rtol=1e-10, atol=1e-14)
     with pytest.warns(UserWarning, match="recomputing"):
         task_influence(problem, lam2, tasks, val, dataclasses.replace(settings, hessian="exact", damping=1.0))
+
+
+def test_newton_step_removal_is_exact_leave_one_out_on_a_quadratic():
+    # F quadratic: λ without task k is one Newton step on the reduced objective, so the Newton-step
+    # prediction ∇fᵀΔλ_k is exact where first-order task-IF is not
+    problem, lam0 = small_problem("unrolled", steps=1, lr=0.05, hidden=(), n_features=5, n_classes=1, loss="mse", weight_decay=1e-2)
+    tasks = random_tasks(n=8, n_support=4, n_query=6, n_features=5, regression=True, seed=0)
+    val = random_tasks(n=4, n_support=4, n_query=6, n_features=5, regression=True, seed=1)
+    H = materialize(TotalHessian(problem, lam0, tasks, "exact"))
+    lam = lam0 - torch.linalg.solve(H, problem.meta_gradient(lam0, tasks))
+    settings = InfluenceSettings(hessian="exact", damping=0.0, removal="newton", stationarity_warn=1e9, solve=SolverSettings(tol=1e-13))
+    res = task_influence(problem, lam, tasks, val, settings)
+    from metainfluence.influence.gradients import measurement_gradient
+
+    grad_f, _ = measurement_gradient(problem, lam, val)
+    for k in range(8):
+        w = torch.ones(8, dtype=torch.float64)
+        w[k] = 0
+        H_R = materialize(TotalHessian(problem, lam, tasks, "exact", w=w))
+        delta = -torch.linalg.solve(H_R, problem.meta_gradient(lam, tasks, w))
+        assert float(res.scores[k]) == pytest.approx(float(grad_f @ delta), rel=1e-8, abs=1e-14)
+    assert not torch.allclose(res.extra["first_order_scores"], res.scores, rtol=1e-4)
+
+
+def test_newton_step_with_fisher_downdates_its_factor_exactly():
+    from metainfluence.linalg import FactorOperator, woodbury_solve
+    from metainfluence.influence.gradients import measurement_gradient
+
+    problem, lam = small_problem("unrolled", steps=1, hidden=(5,))
+    tasks, val = random_tasks(n=6), random_tasks(n=3, seed=4)
+    settings = InfluenceSettings(hessian="fisher", solver="woodbury", damping=1e-2, fisher_samples=3, removal="newton", stationarity_warn=1e9)
+    res = task_influence(problem, lam, tasks, val, settings)
+    op = TotalHessian(problem, lam, tasks, "fisher", fisher_samples=3, seed=settings.seed)
+    G = problem.total_gradients(lam, tasks)
+    grad_f, _ = measurement_gradient(problem, lam, val)
+    for k in range(6):
+        keep = torch.tensor([r % 6 != k for r in range(op.factor.shape[0])])
+        reduced = FactorOperator(op.factor[keep], op.shift)
+        x = woodbury_solve(reduced, G[k] / 6, 1e-2).x
+        assert float(res.scores[k]) == pytest.approx(float(grad_f @ x), rel=1e-8)

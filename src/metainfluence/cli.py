@@ -39,7 +39,9 @@ def _common(p: argparse.ArgumentParser, threads: int = 0) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .pipeline import RunSettings, demo_settings
 
-    parser = _Parser(prog="metainfluence", description="Influence functions for meta-learning: meta-train, refine to stationarity, evaluate.")
+    parser = _Parser(prog="metainfluence", description="Influence functions for meta-learning: meta-train, refine to stationarity, evaluate.",
+                     epilog="environment: METAINFLUENCE_DATA = folder of the dataset files (when --data-root is not given); "
+                            "METAINFLUENCE_CACHE = cache of decoded datasets (default ~/.cache/metainfluence).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     demo = sub.add_parser("demo", help="the whole pipeline on the embedded digits data: pools, meta-train, refine, evaluate", description=(
@@ -312,8 +314,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-        with warnings.catch_warnings():
+        from .progress import showing
+
+        with warnings.catch_warnings(), showing(getattr(args, "progress", False)):
             warnings.showwarning = _one_line_warning
+            # a dependency's deprecation notices are not the user's business (ours are UserWarnings)
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", category=FutureWarning)
             return COMMANDS[args.command](args)
     except MetaInfluenceError as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)

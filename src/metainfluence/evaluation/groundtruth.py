@@ -23,6 +23,7 @@ from ..errors import CheckpointError, SettingsError
 from ..io import read_json, read_tensors, write_json, write_tensors
 from ..meta.objective import MetaProblem
 from ..meta.refine import RefineSettings, refine
+from ..progress import bar
 from ..tasks.tensors import TaskTensors
 
 
@@ -34,12 +35,16 @@ class GroundTruthSettings:
     seed: int = field(default=0, metadata={"help": "seed of the task sample and the subsets"})
     method: str = field(default="lbfgs", metadata={"help": "re-optimiser: lbfgs (refine stage) | newton (exact-Hessian Newton; small models, converges to the nearby stationary point)"})
     newton_max_iter: int = field(default=40, metadata={"help": "Newton iterations per re-optimisation (method newton)"})
+    proximal: float = field(default=0.0, metadata={"help": "re-optimise F_R(λ) + (γ/2)‖λ − λ*‖² instead of F_R (the proximal response of Bae et al. 2022, "
+                                                           "what a damped influence function estimates when F is not convex); γ = 0: plain re-optimisation"})
 
     def validate(self, n: int) -> None:
         if not 0 <= self.n_loo <= n:
             raise SettingsError(f"n_loo = {self.n_loo} but the pool has {n} tasks; choose 0..{n}")
         if self.n_subsets < 0 or not 0 < self.subset_fraction < 1:
             raise SettingsError("LDS needs n_subsets ≥ 0 and 0 < subset_fraction < 1")
+        if not (self.proximal >= 0):
+            raise SettingsError(f"proximal γ must be ≥ 0, got {self.proximal}")
         if self.method not in ("lbfgs", "newton"):
             raise SettingsError(f"unknown ground-truth method {self.method!r}; use lbfgs or newton")
 
@@ -50,9 +55,9 @@ def reoptimise(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, sett
     if settings.method == "newton":
         from ..meta.newton import newton_refine
 
-        out, rep = newton_refine(problem, lam, tasks, w, tol=refine_settings.tol, max_iter=settings.newton_max_iter)
+        out, rep = newton_refine(problem, lam, tasks, w, tol=refine_settings.tol, max_iter=settings.newton_max_iter, proximal=settings.proximal)
         return out, rep["grad_norm"]
-    out, rep = refine(problem, lam, tasks, refine_settings, w=w)
+    out, rep = refine(problem, lam, tasks, refine_settings, w=w, proximal=(settings.proximal, lam) if settings.proximal else None)
     return out, rep.grad_norm_after
 
 
@@ -134,7 +139,7 @@ def leave_one_out(
     else:
         f_ctrl, lam_ctrl = done[0]["f"], done[1]["lam"]
     deltas_f, deltas_lam, grad_norms = [], [], []
-    for j, k in enumerate(sample.tolist()):
+    for j, k in enumerate(bar("leave-one-out", len(sample), "task", iterable=sample.tolist())):
         unit = store.get(f"loo_{k}")
         if unit is None:
             w = torch.ones(n, dtype=torch.float64)
@@ -182,7 +187,7 @@ def lds_ground_truth(
         masks[m, torch.randperm(n, generator=gen)[:keep]] = True
     store = _open_store("lds", out_dir, problem, lam_star, n, settings, refine_settings)
     values = []
-    for m in range(settings.n_subsets):
+    for m in bar("LDS subsets", settings.n_subsets, "subset", iterable=range(settings.n_subsets)):
         unit = store.get(f"subset_{m}")
         if unit is None:
             lam_m, gn = reoptimise(problem, lam_star, tasks, settings, refine_settings, masks[m].double())

@@ -104,8 +104,13 @@ def _acc(v) -> Any:
 
 
 def report_run(run_dir) -> Path:
-    """Render ``run_dir/results.json`` (tables) and its figures into ``report.md`` and ``report.html``."""
+    """Render ``run_dir/results.json`` (tables) and its figures into ``report.md`` and ``report.html``;
+    a run folder without results.json (checkpoints, scores, edits) gets its own report."""
     d = Path(run_dir)
+    if not (d / "results.json").is_file() and d.is_dir():
+        from .run_report import report_run_folder
+
+        return report_run_folder(d)  # a run folder, not an experiment
     res = read_json(d / "results.json", what="experiment results")
     name = res.get("experiment")
     if name not in EXPERIMENTS:

@@ -53,6 +53,8 @@ class InfluenceSettings:
     support_method: str = field(default="unrolled", metadata={"help": "support instance-IF: unrolled (exact mixed derivative) | two-stage (paper)"})
     inner_damping: float = field(default=1e-2, metadata={"help": "damping of the inner Hessian in two-stage instance-IF (implicit inner solver; the unrolled K-step response needs none)"})
     inner_cg_steps: int = field(default=50, metadata={"help": "CG steps for the inner Hessian solve in two-stage instance-IF (implicit inner solver)"})
+    removal: str = field(default="first-order", metadata={"help": "task-if removal prediction: first-order (the derivative, (H+δI)⁻¹g_k/n) | newton "
+                                                                  "(one Newton step on the pool without the task, (H − H_k/n + δI)⁻¹g_k/n; survives overfitting better, one solve per task unless fisher)"})
     self_influence: bool = field(default=False, metadata={"help": "also compute self-influence g_kᵀ(H+δI)^{-1}g_k/n (one iHVP per task)"})
     stationarity_warn: float = field(default=0.05, metadata={"help": "warn when ‖∇F‖ / mean‖g_i‖ exceeds this (docs/method.md §2)"})
 
@@ -69,6 +71,10 @@ class InfluenceSettings:
         if self.method == "task-if" and self.hessian == "direct":
             raise SettingsError("hessian 'direct' ignores dθ/dλ: it is the direct-IF baseline's Hessian — use method=direct-if, "
                                 "or a total Hessian (exact, gauss-newton, gamma, fisher) for task-if")
+        if self.removal not in ("first-order", "newton"):
+            raise SettingsError(f"unknown removal prediction {self.removal!r}; use first-order or newton")
+        if self.removal == "newton" and self.method != "task-if":
+            raise SettingsError("the newton removal prediction is a task-if option; use method=task-if")
         if self.solver not in SOLVER_NAMES:
             raise SettingsError(f"unknown iHVP solver {self.solver!r}; use one of {', '.join(SOLVER_NAMES)}")
         if self.solver == "woodbury" and self.hessian != "fisher":

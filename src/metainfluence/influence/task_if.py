@@ -11,6 +11,7 @@ so memory is flat in the pool size (unless self-influence is asked for).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from pathlib import Path
@@ -24,8 +25,10 @@ from ..tasks.tensors import TaskTensors
 from .gradients import direct_gradients, direct_measurement_gradient, measurement_gradient
 from ..meta.curvature import TotalHessian, check_hessian_kind
 from ..meta.refine import refine_advice
+from .newton_step import newton_step_scores
 from .results import InfluenceResult, InfluenceSettings, check_solve, settings_dict, shortfall, solver_record
 from ..io import fingerprint
+from ..progress import bar
 from ..linalg import IHVPResult, LowRank, lanczos_eigenpairs, solve_ihvp
 from ..meta.checkpoint import tensors_fingerprint
 
@@ -111,7 +114,8 @@ def _train_pass(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, s: 
     """One chunked pass: (sᵀg_k per task, ‖g_k‖ per task, Σ_k g_k) without storing all g_k."""
     dots, norms = [], []
     total = torch.zeros_like(lam)
-    for c in problem.chunks(len(tasks)):
+    chunks = list(problem.chunks(len(tasks)))
+    for c in bar("task gradients", len(chunks), "chunk", iterable=chunks):
         G = gradient_fn(problem, lam, tasks.subset(c))
         total += G.sum(0)
         norms.append(G.norm(dim=1))
@@ -193,6 +197,19 @@ def task_influence(
             check_solve(diag, res_all, settings, "self-influence")
             timings["self_influence"] = time.perf_counter() - t3
         extra = {"s": s}
+        if settings.removal == "newton":
+            t4 = time.perf_counter()
+            G = problem.total_gradients(lam, train_tasks)
+            first_order = scores
+            # per-task solves need products only: a saved low-rank basis of the full H does not apply
+            per_task = settings if settings.solver != "lowrank" else dataclasses.replace(settings, solver="cg")
+            scores, newton_diag = newton_step_scores(op, G, grad_f, s, settings, lambda o, b: ihvp(o, b, per_task))
+            diag["newton_step"] = newton_diag
+            if newton_diag.get("unconverged_solves"):
+                shortfall(diag, f"{newton_diag['unconverged_solves']} of the per-task Newton-step solves stopped before their tolerance "
+                                f"(worst residual {newton_diag['worst_residual']:.2g}); raise --max-iter or --damping")
+            extra["first_order_scores"] = first_order
+            timings["newton_step"] = time.perf_counter() - t4
     elif method == "loss":
         f_value = _mean_task_loss(problem, lam, val_tasks)
         with torch.no_grad():

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..errors import DivergenceError
+from ..progress import bar
 from .core import DampedProducts, IHVPResult, SolverSettings, finish, prepare_rhs
 from .operators import LinearOperator
 
@@ -38,6 +39,7 @@ def block_cg(products: Callable[[Tensor], Tensor], B: Tensor, tol: float, max_it
     rel = [0.0 if bnorm[j] == 0 else 1.0 for j in range(m)]
     active = bnorm > 0
     damping = getattr(products, "damping", None)
+    progress = bar(f"CG ({m} rhs)" if m > 1 else "CG", max_iter, "it")
     advice = f"raise damping (now {damping:g}) or use a gauss-newton/fisher Hessian" if damping is not None else "raise damping"
     it = 0
     while bool(active.any()) and it < max_iter:
@@ -66,6 +68,9 @@ def block_cg(products: Callable[[Tensor], Tensor], B: Tensor, tol: float, max_it
             iterations[j], rel[j] = it, r
             if d:
                 active[j] = False
+        progress.update(1)
+        progress.set_postfix({"residual": f"{max(rel_new.tolist()):.1e}", "tol": f"{tol:.0e}"}, refresh=False)
+    progress.close()
     return X, {"converged": not bool(active.any()), "iterations_per_rhs": iterations, "recursive_residuals": rel}
 
 
@@ -80,13 +85,19 @@ def cg_solve(op: LinearOperator, b: Tensor, damping: float, settings: SolverSett
     products = DampedProducts(op, damping)
     X = torch.empty_like(B)
     info: dict = {"converged": True, "iterations_per_rhs": [], "recursive_residuals": []}
-    for start in range(0, B.shape[0], settings.cg_block):
+    blocks = range(0, B.shape[0], settings.cg_block)
+    outer = bar("solves", len(blocks), "rhs") if len(blocks) > 1 else None
+    for start in blocks:
+        if outer is not None:
+            outer.update(1)
         rows = slice(start, start + settings.cg_block)
         Xb, part = block_cg(products.block, B[rows].T.contiguous(), settings.tol, settings.max_iter)
         X[rows] = Xb.T
         info["converged"] = info["converged"] and part["converged"]
         info["iterations_per_rhs"] += part["iterations_per_rhs"]
         info["recursive_residuals"] += part["recursive_residuals"]
+    if outer is not None:
+        outer.close()
     return finish("cg", X, B, b, products, max(info["iterations_per_rhs"]), info, t0)
 
 

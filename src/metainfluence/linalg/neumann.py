@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ..errors import DivergenceError, SettingsError
+from ..progress import bar
 from .core import _EPS_FLOOR, DampedProducts, IHVPResult, SolverSettings, finish, prepare_rhs, seeded_randn
 from .operators import LinearOperator
 
@@ -73,7 +74,9 @@ def _neumann_one(
     x = b.clone()
     prev, grew, rel = math.inf, 0, math.inf
     advice = f"raise damping (now {damping:g}) or neumann_scale (now {s:.4g}), or use solver='cg'"
+    progress = bar(solver, settings.neumann_depth, "term")
     for t in range(1, settings.neumann_depth + 1):
+        progress.update(1)
         step = b - apply(x) / s
         x = x + step
         change, xnorm = step.norm().item(), x.norm().item()
@@ -90,7 +93,9 @@ def _neumann_one(
         prev = change
         rel = change / xnorm if xnorm > 0 else math.inf
         if rel <= floor:
+            progress.close()
             return x / s, t, True, rel
+    progress.close()
     return x / s, settings.neumann_depth, False, rel
 
 

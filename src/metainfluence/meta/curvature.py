@@ -143,6 +143,14 @@ class TotalHessian:
         return self.problem.sum_over_tasks(self._task_product(v), self.lam, tasks, pick(self.w), pick(self.v), pick(self.u),
                                            extra=extra, reduce=False)
 
+    def tasks_matvec(self, v: torch.Tensor, task_index) -> torch.Tensor:
+        """Σ_{i ∈ task_index} w_i H_i v over this process's tasks ``task_index`` (no 1/n, no μ, no Γ):
+        the tasks' own share of n·H, e.g. to downdate H by a removed task."""
+        if self.kind == "fisher":
+            raise SettingsError("the fisher Hessian is a factor: downdate its rows instead of taking per-task products")
+        index = torch.as_tensor(task_index, dtype=torch.long)
+        return self._local_sum(v.to(self.lam), index).detach()
+
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         self.n_matvecs += 1
         v = v.to(self.lam)

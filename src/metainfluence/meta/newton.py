@@ -21,20 +21,27 @@ from .objective import MetaProblem
 
 
 def newton_refine(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, w: torch.Tensor | None = None,
-                  tol: float = 1e-9, max_iter: int = 50, damping: float = 1e-4) -> tuple[torch.Tensor, dict]:
+                  tol: float = 1e-9, max_iter: int = 50, damping: float = 1e-4, proximal: float = 0.0) -> tuple[torch.Tensor, dict]:
     """Minimise F(λ; w) by damped Newton steps with the materialised exact Hessian (unrolled inner only)."""
     t0 = time.perf_counter()
     lam = lam.detach().double()
     tasks = tasks.to(dtype=torch.float64)
     eye = torch.eye(lam.numel(), dtype=lam.dtype, device=lam.device)
-    value, g = problem.value_and_gradient(lam, tasks, w)
+    centre = lam.clone()
+
+    def value_and_gradient(x):
+        # F, plus (γ/2)‖λ − λ₀‖² for the proximal response (λ₀ = the starting point)
+        f, grad_ = problem.value_and_gradient(x, tasks, w)
+        return f + 0.5 * proximal * ((x - centre) ** 2).sum(), grad_ + proximal * (x - centre)
+
+    value, g = value_and_gradient(lam)
     history = [float(g.norm())]
     mu = damping
     it = 0
     for it in range(1, max_iter + 1):
         if g.norm() <= tol:
             break
-        H = materialize(TotalHessian(problem, lam, tasks, "exact", w=w))
+        H = materialize(TotalHessian(problem, lam, tasks, "exact", w=w)) + proximal * eye
         lo = float(torch.linalg.eigvalsh(H)[0])
         # Close to a stationary point, solve ∇F = 0 by plain (lightly damped) Newton steps, which converge
         # quadratically to the NEARBY stationary point ("root"); far from it, or when that fails, shift H
@@ -45,7 +52,7 @@ def newton_refine(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, w
             shift = mu if mode == "root" and lo + mu > 0 else max(mu, -lo + mu)
             for _ in range(12):
                 cand = lam - torch.linalg.solve(H + shift * eye, g)
-                v2, g2 = problem.value_and_gradient(cand, tasks, w)
+                v2, g2 = value_and_gradient(cand)
                 ok = g2.norm() < g.norm() if mode == "root" else v2 < value
                 if torch.isfinite(v2) and ok:
                     accepted = True

@@ -121,8 +121,9 @@ class _NonFinite(Exception):
 class _Evaluator:
     """F and ∇F at a point, with a small cache keyed by the point's exact value."""
 
-    def __init__(self, problem: MetaProblem, tasks: TaskTensors, w: torch.Tensor | None, size: int = 8, v=None, u=None):
+    def __init__(self, problem: MetaProblem, tasks: TaskTensors, w: torch.Tensor | None, size: int = 8, v=None, u=None, proximal=None):
         self.problem, self.tasks, self.w, self.v, self.u = problem, tasks, w, v, u
+        self.proximal = proximal  # (γ, centre): adds (γ/2)‖λ − centre‖² to F
         self.cache: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.size = size
         self.count = 0
@@ -133,6 +134,9 @@ class _Evaluator:
             if torch.equal(cx, x):
                 return f, g
         f, g = self.problem.value_and_gradient(x, self.tasks, self.w, self.v, self.u)
+        if self.proximal is not None:
+            gamma, centre = self.proximal
+            f, g = f + 0.5 * gamma * ((x - centre) ** 2).sum(), g + gamma * (x - centre)
         self.count += 1
         self.cache.append((x.clone(), f.detach(), g.detach()))
         if len(self.cache) > self.size:
@@ -174,10 +178,13 @@ def refine(
     w: torch.Tensor | None = None,
     progress: bool = False,
     example_weights: tuple[torch.Tensor, torch.Tensor] | None = None,
+    proximal: tuple[float, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, RefineReport]:
     """Minimise F(λ; w, v, u) over the full pool from ``lam`` until ‖∇F‖ ≤ ``settings.tol``.
 
     ``example_weights``: (v, u), per-example weights (n, |S|), (n, |Q|) of the support and query losses.
+    ``proximal``: (γ, λ₀) adds (γ/2)‖λ − λ₀‖² to F — the proximal response of Bae et al. (2022), what
+    a damped influence function estimates in a non-convex model.
 
     Returns (λ in ``settings.dtype``, :class:`RefineReport`). Deterministic: no sampling anywhere.
     Emits a :class:`RefineWarning` (and ``report.converged = False``) when the tolerance is not met;
@@ -194,7 +201,9 @@ def refine(
         if w.shape != (len(tasks),):
             raise SettingsError(f"task weights w have shape {tuple(w.shape)}, expected ({len(tasks)},) — one per pool task")
     v, u = problem.example_weights(tasks, example_weights, x0)
-    ev = _Evaluator(problem, tasks, w, v=v, u=u)
+    if proximal is not None:
+        proximal = (float(proximal[0]), proximal[1].detach().to(x0))
+    ev = _Evaluator(problem, tasks, w, v=v, u=u, proximal=proximal)
     f0, g0 = ev(x0)
     if not _finite(f0, g0):
         raise DivergenceError("refine: F or ∇F is NaN/inf at the starting λ; start from a trained, finite λ (lower the training lr if it diverged)")
@@ -222,7 +231,8 @@ def refine(
             solve = newton_solver(problem, tasks, w, v, u, hessian=settings.newton_hessian, dense_max=settings.newton_dense_max,
                                   cg_iters=settings.newton_cg_iters)
             method_used = f"newton ({solve.hessian}, {'dense' if x.numel() <= settings.newton_dense_max else 'CG'})"
-            x, iterations, failure = newton_minimise(ev, solve, x, settings.tol, settings.max_iter, show=show)
+            step_solver = solve if proximal is None else (lambda x_, g_, shift, _s=solve: _s(x_, g_, shift + proximal[0]))
+            x, iterations, failure = newton_minimise(ev, step_solver, x, settings.tol, settings.max_iter, show=show)
             if failure:
                 message = f"Newton {failure} after {iterations} iterations"
         if settings.method == "lbfgs" and float(g0.norm()) > settings.tol and settings.max_iter > 0:
