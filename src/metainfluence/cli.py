@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--out", default=None, help="output folder (default: the checkpoint's folder)")
     inf.add_argument("--name", default=None, help="file name stem (default: influence_LEVEL_METHOD)")
     inf.add_argument("--top", type=int, default=5, help="how many most harmful / most helpful items to print (default: 5)")
+    inf.add_argument("--check", type=int, default=0, metavar="K", help="fidelity check: re-optimise K random groups of tasks removed from λ* and record the Spearman and relative error of the predicted change (default: 0, no check)")
+    inf.add_argument("--check-fraction", type=float, default=0.1, help="fraction of the training tasks in each removed group (default: 0.1)")
+    inf.add_argument("--check-minutes", type=float, default=10.0, help="time budget of the fidelity check (default: 10)")
     inf.add_argument("--data-root", dest="data.data_root", default=argparse.SUPPRESS, help="folder holding the dataset files (else the recorded one, else $METAINFLUENCE_DATA)")
     _common(inf)
     inf.set_defaults(_dests=add_settings_arguments(inf, InfluenceSettings, dest="influence.", title="influence settings") + ["data.data_root"])
@@ -248,13 +251,23 @@ def _print_items(result, k: int) -> None:
 def _cmd_influence(args: argparse.Namespace) -> int:
     from .pipeline import influence_checkpoint
 
-    result, stem = influence_checkpoint(args.checkpoint, _influence_settings(args), level=args.level, out=args.out, name=args.name, overrides=_data_only(args))
+    from .evaluation.fidelity import CheckSettings
+
+    check = CheckSettings(removals=args.check, fraction=args.check_fraction, max_minutes=args.check_minutes)
+    result, stem = influence_checkpoint(args.checkpoint, _influence_settings(args), level=args.level, out=args.out, name=args.name,
+                                        overrides=_data_only(args), check=check)
     diag = result.diagnostics
     if "solver" in diag:
         print(f"solver {diag['solver']['name']}: residual {diag['solver']['residual']:.2e}, {diag['solver']['iterations']} iterations")
     if "stationarity" in diag:
         st = diag["stationarity"]
         print(f"stationarity: ‖∇F‖ = {st['grad_norm']:.3g} ({st['ratio']:.2g} of the mean task-gradient norm)")
+    if "fidelity_check" in diag:
+        fc = diag["fidelity_check"]
+        print(f"fidelity check ({fc['removals_done']} removals of {fc['group_size']} tasks, re-optimised from λ*): "
+              f"Spearman {fc['spearman']:.2f}, relative error {fc['relative_error']:.2f}, sign agreement {fc['sign_agreement']:.2f}")
+    for w in diag.get("warnings", []):
+        print(f"warning: {w}")
     _print_items(result, args.top)
     print(f"scores: {stem}.safetensors (+ .json); {diag['timings_s']['total']:.1f} s")
     return 0

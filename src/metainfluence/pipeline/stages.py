@@ -12,6 +12,8 @@ import torch
 
 from ..config import to_dict
 from ..errors import SettingsError
+from ..evaluation.fidelity import CheckSettings, fidelity_check
+from ..influence.results import shortfall
 from ..influence import Removal, edit_model, instance_influence, task_influence
 from ..io import write_json
 from ..meta.evaluate import EvalResult, evaluate
@@ -150,7 +152,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, split: str = "test", task
 
 
 def influence_checkpoint(checkpoint: str | os.PathLike, settings: Any, level: str = "task", out: str | os.PathLike | None = None,
-                         name: str | None = None, overrides: Callable[[RunSettings], RunSettings] | None = None, log: Log = print) -> tuple[Any, Path]:
+                         name: str | None = None, overrides: Callable[[RunSettings], RunSettings] | None = None, log: Log = print,
+                         check: CheckSettings | None = None) -> tuple[Any, Path]:
     """Score a checkpoint's training tasks or examples (:func:`influence_stage`) and write the scores file
     ``OUT/NAME`` (default: the checkpoint's folder, ``influence_LEVEL_METHOD``). Returns (result, stem)."""
     name = check_name(name or f"influence_{level}_{settings.method}")
@@ -158,6 +161,18 @@ def influence_checkpoint(checkpoint: str | os.PathLike, settings: Any, level: st
     ctx, ckpt = RunContext.from_checkpoint(checkpoint, splits=("train", "val"), overrides=overrides)
     log(f"train pool: {ctx.pools['train'].summary()}")
     result = influence_stage(ctx, ckpt.lam.double(), settings, level)
+    if check is not None and check.removals:
+        if level != "task":
+            raise SettingsError("--check re-optimises groups of tasks; use it with --level task")
+        fid = fidelity_check(ctx.problem, ckpt.lam.double(), ctx.tensors["train"], ctx.tensors["val"], result.scores, check, ctx.settings.refine)
+        result.diagnostics["fidelity_check"] = fid
+        if fid["max_reoptimised_grad_norm"] > fid["refine_tol"]:
+            shortfall(result.diagnostics, f"the fidelity check's re-optimisations stopped at ‖∇F‖ up to {fid['max_reoptimised_grad_norm']:.2g} "
+                                          f"(tol {fid['refine_tol']:g}), so its actual changes carry that error; raise --refine-max-iter or use --refine-method newton")
+        if not (fid["spearman"] >= 0.5):
+            shortfall(result.diagnostics, f"the fidelity check found the scores track re-optimisation weakly (Spearman {fid['spearman']:.2f} over "
+                                          f"{fid['removals_done']} removals of {fid['group_size']} tasks); try --removal newton, a larger --damping, "
+                                          "or refine further before trusting the ranking")
     with RunLock(folder):
         stem = ctx.save_scores(result, name, folder=folder)
     return result, stem
