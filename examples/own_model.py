@@ -43,7 +43,9 @@ print("most harmful tasks:", sorted(harmful.tolist()), "(corrupted: [0, 1, 2, 3]
 print("stationarity ‖∇F‖ / mean‖g_i‖ =", f"{result.diagnostics['stationarity']['ratio']:.1e}")
 
 # 5. Remove them in closed form — no retraining.
-edited = mi.edit_model(problem, lam, train, mi.Removal(tasks=harmful.tolist()))
+# The edit is a Newton step on the objective without them; its exact Hessian is often indefinite at λ*
+# (λ* minimises the full objective, not the reduced one), so use the positive semi-definite Gauss–Newton one.
+edited = mi.edit_model(problem, lam, train, mi.Removal(tasks=harmful.tolist()), mi.InfluenceSettings(hessian="gauss-newton"))
 before = problem.task_losses(lam, val).mean().item()
 after = problem.task_losses(edited.lam, val).mean().item()
 print(f"validation loss {before:.4f} → {after:.4f} after the edit")

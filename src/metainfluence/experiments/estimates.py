@@ -38,6 +38,9 @@ class EstimatesSettings:
     neumann_depths: tuple[int, ...] = field(default=(10, 100, 1000), metadata={"help": "Neumann depth ablation"})
     dampings: tuple[float, ...] = field(default=(1e-3, 1e-2, 1e-1, 1.0), metadata={"help": "damping ablation"})
     lds_subsets: int = field(default=20, metadata={"help": "LDS subsets (0 = skip)"})
+    proximal: float = field(default=0.1, metadata={"help": "γ of the proximal-response ground truth (re-optimise F_R + (γ/2)‖λ − λ*‖²) and of the "
+                                                           "damping of the predictions compared with it; 0 = skip"})
+    removal_hessians: tuple[str, ...] = field(default=("exact", "gauss-newton", "fisher"), metadata={"help": "Hessian kinds of the first-order vs Newton-step table"})
 
 
 # --------------------------------------------------------------------------- estimates
@@ -69,8 +72,14 @@ def run_estimates(run, infl, sec: EstimatesSettings, out: Path, quick: bool, log
             log(f"LDS failed: {lds_error}")
         timings["lds_s"] = time.perf_counter() - t
     f_full = validation_loss(problem, lam, val)
+    train_loss = validation_loss(problem, lam, train)  # mean query loss of the training tasks: with f_full, how overfit λ* is
     true = gt["true_delta_f"]
     idx = gt["tasks"]
+    prox_gt = None
+    if sec.proximal > 0:
+        t = time.perf_counter()
+        prox_gt = leave_one_out(problem, lam, train, val, dataclasses.replace(gts, proximal=sec.proximal), rs, out_dir=out / "groundtruth_proximal")
+        timings["proximal_loo_s"] = time.perf_counter() - t
 
     def score(s: InfluenceSettings):
         tt = time.perf_counter()
@@ -115,6 +124,28 @@ def run_estimates(run, infl, sec: EstimatesSettings, out: Path, quick: bool, log
     for r in rows:
         if "spearman" in r:
             log(f"  {r['method']:<9} {r['hessian']:<12} {r['solver']:<9} spearman {r['spearman']:+.3f} pearson {r['pearson']:+.3f}")
+
+    # first-order vs Newton-step predictions, against plain and proximal leave-one-out
+    t = time.perf_counter()
+    removal_rows = []
+    for h in sec.removal_hessians:
+        for removal in ("first-order", "newton"):
+            for truth, gt_, d in (("leave-one-out", gt, sec.damping), ("proximal", prox_gt, sec.proximal)):
+                if gt_ is None:
+                    continue
+                s = dataclasses.replace(infl, method="task-if", hessian=h, solver="woodbury" if h == "fisher" else "explicit", damping=d,
+                                        removal=removal, stationarity_warn=1.0)
+                try:
+                    r, secs = score(s)
+                except Exception as exc:  # e.g. an indefinite reduced Hessian: recorded, not fatal
+                    removal_rows.append({"hessian": h, "removal": removal, "truth": truth, "damping": d, "error": f"{type(exc).__name__}: {exc}"[:160]})
+                    continue
+                c = metrics.loo_correlation(r.scores[gt_["tasks"]], gt_["true_delta_f"])
+                ratio = float((r.scores[gt_["tasks"]].abs().sum() / gt_["true_delta_f"].abs().sum().clamp_min(1e-300)))
+                removal_rows.append({"hessian": h, "removal": removal, "truth": truth, "damping": d, "spearman": c["spearman"],
+                                     "pearson": c["pearson"], "size_ratio": ratio, "seconds": secs})
+                log(f"  {h:<12} {removal:<11} vs {truth:<13} spearman {c['spearman']:+.3f}  |pred|/|true| {ratio:.2f}")
+    timings["removal_table_s"] = time.perf_counter() - t
 
     # direction and size of the predicted parameter change Δλ_k = (H+δI)⁻¹g_k/n against λ_{-k} − λ*
     t = time.perf_counter()
@@ -172,7 +203,9 @@ def run_estimates(run, infl, sec: EstimatesSettings, out: Path, quick: bool, log
     header["settings"]["problem"] = problem.settings_json()
     save_result(out / "results", {"true_delta_f": true, "loo_tasks": idx, **{f"scores.{k}": v for k, v in best.items()}}, header)
     return {**header, "n_params": problem.dim, "refine_grad_norm": nrep["grad_norm"], "loo_max_grad_norm": gt["max_grad_norm"],
-            "f_full": f_full, "loo": {"tasks": idx.tolist(), "true_delta_f": true.tolist()},
+            "f_full": f_full, "train_query_loss": train_loss, "loo": {"tasks": idx.tolist(), "true_delta_f": true.tolist()},
+            "proximal_loo": None if prox_gt is None else {"gamma": sec.proximal, "true_delta_f": prox_gt["true_delta_f"].tolist()},
+            "removal_predictions": removal_rows,
             "lds_subsets": sec.lds_subsets, "lds_error": lds_error, "lds_reoptimiser": "lbfgs (tol 1e-8)", "correlations": rows,
             "parameter_change": dl_rows, "operator_error": op_rows, "neumann_damping_ablation": abl,
             "figures": figs, "timings": timings}

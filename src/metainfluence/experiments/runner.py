@@ -163,6 +163,12 @@ def report_run(run_dir) -> Path:
             f"(max ‖∇F‖ {res['loo_max_grad_norm']:.2g}); LDS over {res['lds_subsets']} half-pool subsets.", settings_p]})
         secs.append({"heading": "Correlation with leave-one-out", "tables": [{"rows": res["correlations"], "floatfmt": ".3g"}],
                      "images": img("scatter_task_if", "task-IF vs LOO") + img("scatter_direct_if", "direct-IF vs LOO")})
+        if res.get("removal_predictions"):
+            secs.append({"heading": "First-order vs Newton-step predictions, against plain and proximal leave-one-out", "paragraphs": [
+                f"Training query loss {res.get('train_query_loss', float('nan')):.4g} against {res['f_full']:.4g} on the validation pool. "
+                "`first-order`: Δλ_k = (H+δI)⁻¹g_k/n; `newton`: one Newton step on the pool without task k, (H − H_k/n + δI)⁻¹g_k/n. "
+                "`proximal`: re-optimisation of F_R + (γ/2)‖λ − λ*‖² (Bae et al. 2022), with predictions damped by the same γ. "
+                "`size_ratio` = Σ|predicted| / Σ|actual|."], "tables": [{"rows": res["removal_predictions"], "floatfmt": ".3g"}]})
         secs.append({"heading": "Predicted vs true parameter change", "paragraphs": [
             "Cosine and relative error of Δλ_k = (H+δI)⁻¹g_k/n (explicit solve) against λ_{-k} − λ* from leave-one-out re-optimisation, over the left-out tasks."],
             "tables": [{"rows": res.get("parameter_change", []), "floatfmt": ".3g"}]})
