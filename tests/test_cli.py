@@ -227,3 +227,14 @@ def test_absurd_pool_sizes_are_refused_before_any_work(tmp_path, capsys):
     assert main(["train", "--out", str(out), *TINY, "--train-tasks", "1000000000"]) == 2
     err = _error_line(capsys)
     assert "--train-tasks" in err and "at most" in err and not out.exists()
+
+
+def test_cli_users_see_no_dependency_deprecation_warnings(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-W", "default", "-m", "metainfluence.cli", "train", "--out", str(tmp_path / "run"), *TINY],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert "DeprecationWarning" not in proc.stderr and "FutureWarning" not in proc.stderr, proc.stderr

@@ -266,8 +266,6 @@ def _cmd_influence(args: argparse.Namespace) -> int:
         fc = diag["fidelity_check"]
         print(f"fidelity check ({fc['removals_done']} removals of {fc['group_size']} tasks, re-optimised from λ*): "
               f"Spearman {fc['spearman']:.2f}, relative error {fc['relative_error']:.2f}, sign agreement {fc['sign_agreement']:.2f}")
-    for w in diag.get("warnings", []):
-        print(f"warning: {w}")
     _print_items(result, args.top)
     print(f"scores: {stem}.safetensors (+ .json); {diag['timings_s']['total']:.1f} s")
     return 0
