@@ -1,4 +1,4 @@
-"""Command line: ``metainfluence demo | train | refine | evaluate | influence | edit | experiment | report``.
+"""Command line: ``metainfluence demo | train | refine | evaluate | influence | edit | curvature | experiment | report``.
 
 A thin layer (argument parsing and printing) over :mod:`metainfluence.pipeline` and
 :mod:`metainfluence.experiments`. Every setting of :class:`~metainfluence.pipeline.RunSettings`
@@ -117,6 +117,21 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("--data-root", dest="data.data_root", default=argparse.SUPPRESS, help="folder holding the dataset files (else the recorded one, else $METAINFLUENCE_DATA)")
     _common(ed)
     ed.set_defaults(_dests=add_settings_arguments(ed, InfluenceSettings, dest="influence.", title="influence settings (Hessian, solver, damping of the edit)") + ["data.data_root"])
+
+    cv = sub.add_parser("curvature", help="fit a Nyström sketch of the total Hessian once, for --solver pcg / curvature", description=(
+        "Sketch the total Hessian (--hessian gauss-newton or fisher) of a checkpoint's training pool from one block of products, "
+        "measure it on probe vectors (relative error of H·x, residual of the fast-tier solve at --damping) and its cost as a multiple "
+        "of one pass of per-task gradients, and save it as OUT.safetensors + OUT.json with the fingerprint of λ, pool and kind. "
+        "Use it with `influence`/`edit` --curvature-file OUT --solver pcg (exact, preconditioned) or --solver curvature (fast)."))
+    cv.add_argument("--checkpoint", required=True, help="refined checkpoint (stem, .json or .safetensors)")
+    cv.add_argument("--out", required=True, help="output stem of the curvature file, e.g. runs/x/curvature_gn")
+    cv.add_argument("--rank", type=int, default=50, help="eigenpairs kept (default: 50)")
+    cv.add_argument("--oversample", type=int, default=10, help="extra sketch columns (default: 10)")
+    cv.add_argument("--probes", type=int, default=4, help="probe vectors for the quality report (default: 4)")
+    cv.add_argument("--data-root", dest="data.data_root", default=argparse.SUPPRESS, help="folder holding the dataset files (else the recorded one, else $METAINFLUENCE_DATA)")
+    _common(cv)
+    cv.set_defaults(_dests=add_settings_arguments(cv, InfluenceSettings, dest="influence.", title="influence settings (hessian, fisher samples, seed, reference damping)",
+                                                  defaults=InfluenceSettings(hessian="gauss-newton")) + ["data.data_root"])
 
     ex = sub.add_parser("experiment", help="run one of the evidence experiments (docs/method.md §10): detection | removal | estimates", description=(
         "Run an experiment of docs/method.md §10 with a config file (configs/*.toml), writing its tables, plots, seeds and timings to --out; "
@@ -284,6 +299,28 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_curvature(args: argparse.Namespace) -> int:
+    import dataclasses as dc
+
+    from .pipeline import curvature_checkpoint
+
+    settings = _influence_settings(args)
+    if not any(k == "influence.hessian" for k in namespace_overrides(args, args._dests)):
+        settings = dc.replace(settings, hessian="gauss-newton")  # the sketch needs a PSD kind
+    art, stem = curvature_checkpoint(args.checkpoint, settings, args.out, rank=args.rank, oversample=args.oversample, probes=args.probes,
+                                     overrides=_data_only(args))
+    i = art.info
+    print(f"{i['hessian']} total Hessian, rank {i['rank']} Nyström sketch ({i['sketch']['products']} products): fit {i['fit_over_floor']:.1f}× the floor "
+          f"(one pass of per-task gradients, {i['floor_seconds']:.2f} s)")
+    print(f"eigenvalues {i['eigenvalue_max']:.3g} … {i['eigenvalue_min_kept']:.3g}; probe error of H·x: max {max(i['probe_operator_rel_error']):.2g}; "
+          f"fast-tier solve residual at δ = {i['probe_damping']:g}: max {max(i['probe_solve_residual']):.2g}")
+    if max(i["probe_solve_residual"]) > 1e-2:
+        print(f"warning: the fast tier (--solver curvature) leaves residuals up to {max(i['probe_solve_residual']):.2g} here; use --solver pcg "
+              "for exact answers, or a larger --rank")
+    print(f"curvature: {stem}.safetensors (+ .json)")
+    return 0
+
+
 def _cmd_experiment(args: argparse.Namespace) -> int:
     from .experiments import EXPERIMENTS, run_experiment
 
@@ -304,7 +341,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"demo": _cmd_demo, "train": _cmd_train, "refine": _cmd_refine, "evaluate": _cmd_evaluate,
-            "influence": _cmd_influence, "edit": _cmd_edit, "experiment": _cmd_experiment, "report": _cmd_report}
+            "influence": _cmd_influence, "edit": _cmd_edit, "curvature": _cmd_curvature, "experiment": _cmd_experiment, "report": _cmd_report}
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -43,8 +43,10 @@ class InfluenceSettings:
 
     method: str = field(default="task-if", metadata={"help": "task-if | direct-if | tracin | loss | random (docs/method.md §5)"})
     hessian: str = field(default="exact", metadata={"help": "total-Hessian products: exact | gauss-newton | gamma | fisher (direct-if always uses direct)"})
-    solver: str = field(default="cg", metadata={"help": "iHVP solver: explicit | cg | neumann | lissa | lowrank | woodbury (fisher only)"})
+    solver: str = field(default="cg", metadata={"help": "iHVP solver: explicit | cg | neumann | lissa | lowrank | woodbury (fisher only) | pcg (CG preconditioned by --curvature-file) | curvature (the fitted sketch's inverse, fast tier)"})
     damping: float = field(default=1e-3, metadata={"help": "damping δ added to every Hessian: solves use H + δI"})
+    damping_mode: str = field(default="absolute", metadata={"help": "absolute: δ as given | relative: δ × the Hessian's mean eigenvalue tr(H)/p (Hutchinson), the same meaning for every kind"})
+    curvature_file: str = field(default="", metadata={"help": "a fitted curvature sketch (`metainfluence curvature`) for --solver pcg (exact, preconditioned) or curvature (fast tier)"})
     solve: SolverSettings = field(default_factory=SolverSettings, metadata={
         "help": "settings of the iHVP solvers (tolerance, iteration limits, Neumann/LiSSA/Lanczos options, seed of random, fisher and lissa)",
         "flag_prefix": ""})
@@ -79,6 +81,10 @@ class InfluenceSettings:
             raise SettingsError(f"unknown iHVP solver {self.solver!r}; use one of {', '.join(SOLVER_NAMES)}")
         if self.solver == "woodbury" and self.hessian != "fisher":
             raise SettingsError(f"the woodbury solver inverts the fisher Hessian only, not {self.hessian!r}; use hessian=fisher or another solver")
+        if self.damping_mode not in ("absolute", "relative"):
+            raise SettingsError(f"unknown damping_mode {self.damping_mode!r}; use absolute or relative")
+        if self.solver in ("pcg", "curvature") and not self.curvature_file:
+            raise SettingsError(f"solver {self.solver} needs a curvature file: fit one with `metainfluence curvature --checkpoint RUN/refined --out FILE` and pass --curvature-file FILE")
         if not _finite_nonnegative(self.damping):
             raise SettingsError(f"damping must be a finite number ≥ 0, got {self.damping}; use a small positive value such as 1e-3")
         if not isinstance(self.solve, SolverSettings):
@@ -202,6 +208,8 @@ def check_solve(diag: dict[str, Any], res: Any, settings: "InfluenceSettings", w
         "neumann": f"raise --neumann-depth (now {settings.solve.neumann_depth}) or --damping (now {settings.damping:g}), or use --solver cg",
         "lissa": f"raise --neumann-depth (now {settings.solve.neumann_depth}), --lissa-batch or --lissa-repeats, or use --solver cg",
         "lowrank": f"raise --lowrank-rank (now {settings.solve.lowrank_rank}) or use --solver cg (the spectrum is not low-rank enough)",
+        "curvature": "use --solver pcg with the same --curvature-file (exact, preconditioned), or fit a larger --rank",
+        "pcg": f"raise --max-iter (now {settings.solve.max_iter}) or --damping (now {settings.damping:g})",
     }.get(res.solver, "use --solver cg with a tighter --tol")
     state = "stopped before its tolerance" if not converged else "left a large residual"
     shortfall(diag, f"the {what} solve ({res.solver}) {state}: relative residual {res.residual:.2g} "

@@ -29,7 +29,7 @@ from .newton_step import newton_step_scores
 from .results import InfluenceResult, InfluenceSettings, check_solve, settings_dict, shortfall, solver_record
 from ..io import fingerprint
 from ..progress import bar
-from ..linalg import IHVPResult, LowRank, lanczos_eigenpairs, solve_ihvp
+from ..linalg import IHVPResult, LowRank, apply_block, lanczos_eigenpairs, solve_ihvp
 from ..meta.checkpoint import tensors_fingerprint
 
 
@@ -38,17 +38,50 @@ def build_hessian(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, s
 
 
 def ihvp(op: TotalHessian, b: torch.Tensor, settings: InfluenceSettings) -> IHVPResult:
-    """x ≈ (H + δI)^{-1} b with the configured solver."""
-    lowrank = None
+    """x ≈ (H + δI)^{-1} b with the configured solver (δ absolute, or relative to H's mean eigenvalue)."""
+    lowrank = sketch = None
     if settings.solver == "lowrank":
         lowrank = _lowrank(op, settings)
-    return solve_ihvp(op, b, solver=settings.solver, damping=settings.damping, settings=settings.solve, lowrank=lowrank)
+    if settings.solver in ("pcg", "curvature"):
+        sketch = _sketch(op, settings)
+    res = solve_ihvp(op, b, solver=settings.solver, damping=effective_damping(op, settings), settings=settings.solve,
+                     lowrank=lowrank, sketch=sketch)
+    if settings.damping_mode == "relative":
+        res.info["damping_relative"] = settings.damping
+        res.info["mean_eigenvalue"] = op._mean_eigenvalue
+    return res
 
 
-def curvature_fingerprint(op: TotalHessian, **fit: Any) -> str:
+def effective_damping(op: TotalHessian, settings: InfluenceSettings) -> float:
+    """δ itself, or δ × the mean eigenvalue tr(H)/p (Hutchinson, 16 Rademacher probes, cached on the
+    operator) so that one damping setting means the same for every Hessian kind and model."""
+    if settings.damping_mode == "absolute":
+        return settings.damping
+    if getattr(op, "_mean_eigenvalue", None) is None:
+        g = torch.Generator().manual_seed(settings.seed + 7)
+        Z = (torch.randint(0, 2, (op.dim, 16), generator=g) * 2 - 1).to(dtype=op.dtype, device=op.device)
+        op._mean_eigenvalue = float((Z * apply_block(op, Z)).sum(0).mean()) / op.dim
+    if op._mean_eigenvalue <= 0:
+        raise SettingsError(f"relative damping needs a positive mean eigenvalue; this {op.kind} Hessian has trace/p = {op._mean_eigenvalue:.3g} — use absolute damping")
+    return settings.damping * op._mean_eigenvalue
+
+
+def _sketch(op: TotalHessian, settings: InfluenceSettings):
+    from .curvature import CurvatureArtifact
+
+    if not settings.curvature_file:
+        raise SettingsError(f"solver {settings.solver!r} needs --curvature FILE (fit one with `metainfluence curvature`)")
+    art = CurvatureArtifact.load(settings.curvature_file)
+    # pcg is exact whatever its preconditioner: a full-pool sketch may serve a reduced-pool H
+    art.check(op, allow_reduced=settings.solver == "pcg")
+    op._curvature_info = art.info
+    return art.sketch
+
+
+def curvature_fingerprint(op: TotalHessian, ignore_weights: bool = False, **fit: Any) -> str:
     """What an approximation of ``op`` depends on: λ, the pool and its weights, the Hessian kind, the
     problem and the fit settings ``fit`` (damping is applied at solve time and is not part of it)."""
-    weights = {k: getattr(op, k) for k in ("w", "v", "u") if getattr(op, k) is not None}
+    weights = {} if ignore_weights else {k: getattr(op, k) for k in ("w", "v", "u") if getattr(op, k) is not None}
     fisher = {"fisher_samples": op.fisher_samples, "seed": op.seed} if op.kind == "fisher" else {}
     return fingerprint({"lam": op.lam, "pool": tensors_fingerprint(op.tasks), "weights": weights, "kind": op.kind,
                         "problem": op.problem.settings_json(), **fisher, "fit": fit}, 32)
@@ -172,6 +205,9 @@ def task_influence(
             s = res.x
             timings["ihvp"] = time.perf_counter() - t1
             diag["solver"] = solver_record(res, op.n_matvecs)
+            if getattr(op, "_curvature_info", None):
+                ci = op._curvature_info
+                diag["curvature"] = {k: ci.get(k) for k in ("hessian", "rank", "probe_operator_rel_error", "probe_solve_residual", "fit_over_floor")}
             check_solve(diag, res, settings)
             diag["hessian"] = op.kind
             if op.kind == "gamma":
@@ -202,7 +238,7 @@ def task_influence(
             G = problem.total_gradients(lam, train_tasks)
             first_order = scores
             # per-task solves need products only: a saved low-rank basis of the full H does not apply
-            per_task = settings if settings.solver != "lowrank" else dataclasses.replace(settings, solver="cg")
+            per_task = settings if settings.solver not in ("lowrank", "curvature", "pcg") else dataclasses.replace(settings, solver="cg")
             scores, newton_diag = newton_step_scores(op, G, grad_f, s, settings, lambda o, b: ihvp(o, b, per_task))
             diag["newton_step"] = newton_diag
             if newton_diag.get("unconverged_solves"):

@@ -7,6 +7,7 @@ products, and solvers of (H + δI) x = b that report their own accuracy.
     neumann.py    Neumann series and LiSSA, power iteration
     lanczos.py    Lanczos eigenpairs, the low-rank solve
     woodbury.py   GᵀG + cI and its exact Woodbury inverse
+    nystrom.py    randomized Nyström sketch: a CG preconditioner (pcg) and an approximate inverse (curvature)
     dense.py      materialise and eigendecompose
     solve.py      SOLVERS and solve_ihvp, the one entry point
 """
@@ -16,6 +17,7 @@ from .core import IHVPResult, SolverSettings
 from .dense import explicit_solve
 from .lanczos import LowRank, lanczos_eigenpairs, lowrank_solve
 from .neumann import lissa_solve, neumann_solve, power_iteration
+from .nystrom import nystrom_preconditioner, nystrom_sketch, pcg_solve, sketch_solve
 from .operators import FunctionOperator, LinearOperator, MatrixOperator, SubsetOperator, apply_block, materialize
 from .solve import SOLVER_NAMES, SOLVERS, STRUCTURED_SOLVERS, solve_ihvp
 from .woodbury import FactorOperator, woodbury_solve
@@ -24,5 +26,5 @@ __all__ = [
     "LinearOperator", "SubsetOperator", "MatrixOperator", "FunctionOperator", "FactorOperator", "apply_block", "materialize",
     "SolverSettings", "IHVPResult", "block_cg", "cg_solve", "fixed_step_cg", "neumann_solve", "lissa_solve",
     "power_iteration", "LowRank", "lanczos_eigenpairs", "lowrank_solve", "explicit_solve", "woodbury_solve",
-    "SOLVERS", "STRUCTURED_SOLVERS", "SOLVER_NAMES", "solve_ihvp",
+    "SOLVERS", "STRUCTURED_SOLVERS", "SOLVER_NAMES", "solve_ihvp", "nystrom_sketch", "nystrom_preconditioner", "pcg_solve", "sketch_solve",
 ]

@@ -13,6 +13,7 @@ from .cg import cg_solve
 from .core import IHVPResult, SolverSettings
 from .dense import explicit_solve
 from .lanczos import LowRank, lowrank_solve
+from .nystrom import pcg_solve, sketch_solve
 from .neumann import lissa_solve, neumann_solve
 from .operators import LinearOperator
 from .woodbury import woodbury_solve
@@ -26,7 +27,9 @@ SOLVERS: dict[str, Callable[..., IHVPResult]] = {
 }
 # solvers for operators of a special form: woodbury needs H = GᵀG + cI (a factor operator)
 STRUCTURED_SOLVERS: dict[str, Callable[..., IHVPResult]] = {"woodbury": woodbury_solve}
-SOLVER_NAMES = (*SOLVERS, *STRUCTURED_SOLVERS)
+# solvers that need a fitted curvature sketch (``sketch=``): preconditioned CG and the sketch's own inverse
+SKETCH_SOLVERS: dict[str, Callable[..., IHVPResult]] = {"pcg": pcg_solve, "curvature": sketch_solve}
+SOLVER_NAMES = (*SOLVERS, *STRUCTURED_SOLVERS, *SKETCH_SOLVERS)
 
 
 def solve_ihvp(
@@ -37,12 +40,17 @@ def solve_ihvp(
     damping: float,
     settings: SolverSettings = SolverSettings(),
     lowrank: LowRank | None = None,
+    sketch: LowRank | None = None,
 ) -> IHVPResult:
     """x ≈ (H + δI)⁻¹ b with the named solver; ``b`` is (p,) or (m, p) and x has its shape.
 
     ``lowrank`` (precomputed eigenpairs) is only for ``solver='lowrank'``."""
     if solver not in SOLVER_NAMES:
         raise SettingsError(f"unknown iHVP solver {solver!r}; choose one of {', '.join(SOLVER_NAMES)}")
+    if solver in SKETCH_SOLVERS:
+        if sketch is None:
+            raise SettingsError(f"solver {solver!r} needs a curvature sketch: fit one with `metainfluence curvature` and pass --curvature FILE")
+        return SKETCH_SOLVERS[solver](op, b, damping, settings, sketch=sketch)
     if solver == "lowrank":
         return lowrank_solve(op, b, damping, settings, lowrank=lowrank)
     if lowrank is not None:

@@ -9,6 +9,7 @@ from .demo import demo_settings, format_demo_summary, run_demo
 from .run import RunContext
 from .settings import DataSettings, ObjectiveSettings, RunSettings, stage_settings
 from .stages import (
+    curvature_checkpoint,
     edit_checkpoint,
     edit_stage,
     evals_json,
@@ -25,7 +26,7 @@ from .stages import (
 )
 
 __all__ = [
-    "SPLITS", "DataSettings", "ObjectiveSettings", "RunContext", "RunSettings", "build_pools", "build_problem", "demo_settings",
+    "SPLITS", "curvature_checkpoint", "DataSettings", "ObjectiveSettings", "RunContext", "RunSettings", "build_pools", "build_problem", "demo_settings",
     "edit_checkpoint", "edit_stage", "evals_json", "evaluate_checkpoint", "evaluate_stage", "format_demo_summary", "influence_checkpoint",
     "influence_stage", "input_statistics", "load_data", "pool_tensors", "refine_checkpoint", "refine_stage", "removal_from_scores",
     "removal_from_task_ids", "run_demo", "stage_settings", "standardize_tensors", "train_run", "train_stage",

@@ -209,3 +209,21 @@ def edit_checkpoint(checkpoint: str | os.PathLike, settings: Any, remove_tasks: 
             "removed": removal.count(), "removed_tasks": [ids[i] for i in removal.tasks], "edit": edited.diagnostics,
             "edit_settings": {"influence": to_dict(settings), "step": step, "newton_steps": newton_steps}})
     return path, removal, edited, before, after
+
+
+def curvature_checkpoint(checkpoint: str | os.PathLike, settings: Any, out: str | os.PathLike, rank: int = 50, oversample: int = 10,
+                         probes: int = 4, overrides: Callable[[RunSettings], RunSettings] | None = None, log: Log = print):
+    """Fit a Nyström sketch of the checkpoint's total Hessian (kind ``settings.hessian``) on its training
+    pool and save it to the stem ``out`` (safetensors + JSON). Returns (artifact, stem)."""
+    from ..influence.curvature import fit_curvature
+
+    stem = Path(out)
+    check_name(stem.name, "--out")
+    check_writable(stem.parent if str(stem.parent) else ".")
+    ctx, ckpt = RunContext.from_checkpoint(checkpoint, splits=("train",), overrides=overrides)
+    log(f"train pool: {ctx.pools['train'].summary()}")
+    lam = ckpt.lam.double()
+    art = fit_curvature(ctx.problem, lam, ctx.tensors["train"].to(dtype=lam.dtype), settings, rank=rank, oversample=oversample, probes=probes)
+    with RunLock(stem.parent):
+        art.save(stem)
+    return art, stem

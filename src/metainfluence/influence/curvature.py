@@ -1,0 +1,106 @@
+"""Fit the curvature once, reuse it everywhere: a saved randomized Nyström sketch of a total Hessian.
+
+``fit_curvature`` sketches H (Gauss–Newton by default: positive semi-definite) from one block of
+products, measures the sketch on held-out probe vectors (relative error of H·x, true residual of the
+fast-tier solve at a reference damping) and its cost as a multiple of the floor (one pass of per-task
+total gradients), and saves it (safetensors + JSON) with the fingerprint of λ, pool, weights,
+Hessian kind and problem it was fitted to. Damping is applied at solve time, so one fit serves a
+damping sweep. Solvers ``pcg`` (CG preconditioned by the sketch: exact to the requested residual)
+and ``curvature`` (the sketch's inverse: fast, its residual recorded) use it; a sketch of another
+λ, pool or kind is refused (for ``pcg`` a full-pool sketch may precondition a reduced-pool H).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError, SettingsError
+from ..io import load_result, save_result
+from ..linalg import LowRank, apply_block, nystrom_sketch, sketch_solve
+from ..meta.curvature import TotalHessian
+from ..meta.objective import MetaProblem
+from ..tasks.tensors import TaskTensors
+
+KIND = "metainfluence.curvature"
+
+
+@dataclass
+class CurvatureArtifact:
+    sketch: LowRank
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def fingerprint(self) -> str | None:
+        return self.info.get("fingerprint")
+
+    @property
+    def pool_fingerprint(self) -> str | None:
+        return self.info.get("full_pool_fingerprint")
+
+    def save(self, stem: str | Path) -> tuple[Path, Path]:
+        meta = {"kind": KIND, "dim": self.sketch.dim, "rank": self.sketch.rank, "info": self.info}
+        return save_result(stem, {"eigenvalues": self.sketch.eigenvalues, "eigenvectors": self.sketch.eigenvectors}, meta)
+
+    @classmethod
+    def load(cls, stem: str | Path) -> "CurvatureArtifact":
+        tensors, meta = load_result(stem, what="curvature file")
+        if meta.get("kind") != KIND or set(tensors) != {"eigenvalues", "eigenvectors"}:
+            raise CheckpointError(f"{stem} is not a curvature file; fit one with `metainfluence curvature`")
+        vals, vecs = tensors["eigenvalues"], tensors["eigenvectors"]
+        if vals.ndim != 1 or vecs.ndim != 2 or vecs.shape != (meta.get("dim"), vals.shape[0]):
+            raise CheckpointError(f"{stem}: eigenvalues and eigenvectors disagree with its JSON; fit it again")
+        info = meta.get("info", {})
+        return cls(LowRank(vals, vecs, info.get("sketch", {})), info)
+
+    def check(self, op: TotalHessian, allow_reduced: bool = False) -> None:
+        """CheckpointError unless fitted to ``op`` (or, with ``allow_reduced``, to its full pool)."""
+        from .task_if import curvature_fingerprint
+
+        if curvature_fingerprint(op) == self.fingerprint:
+            return
+        if allow_reduced and curvature_fingerprint(op, ignore_weights=True) == self.pool_fingerprint:
+            return
+        raise CheckpointError("the curvature file was fitted to another λ, pool or Hessian kind; fit it again with "
+                              "`metainfluence curvature` for this checkpoint (and --hessian)")
+
+
+def fit_curvature(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, settings: Any, rank: int = 50,
+                  oversample: int = 10, probes: int = 4, block: int = 16) -> CurvatureArtifact:
+    """Sketch the total Hessian of kind ``settings.hessian`` (fisher samples and seed from
+    ``settings``) and measure it; ``settings.damping`` is the reference damping of the probe solves."""
+    from .task_if import build_hessian, curvature_fingerprint
+
+    if settings.hessian == "exact":
+        raise SettingsError("the Nyström sketch needs a positive semi-definite Hessian; use --hessian gauss-newton or fisher "
+                            "(an exact-Hessian solve can still be preconditioned by a Gauss–Newton sketch: not yet offered)")
+    lam = lam.detach()
+    t0 = time.perf_counter()
+    problem.total_gradients(lam, tasks)  # the floor: one pass of per-task total gradients
+    floor = time.perf_counter() - t0
+    op = build_hessian(problem, lam, tasks, settings)
+    t1 = time.perf_counter()
+    sketch = nystrom_sketch(op, min(rank, op.dim), oversample, settings.seed, block)
+    fit_s = time.perf_counter() - t1
+    g = torch.Generator().manual_seed(settings.seed + 1)
+    X = torch.randn(op.dim, probes, generator=g, dtype=lam.dtype).to(lam.device)
+    X = X / X.norm(dim=0)
+    HX = apply_block(op, X)
+    U, vals = sketch.eigenvectors, sketch.eigenvalues
+    approx = U @ (vals[:, None] * (U.T @ X))
+    op_err = ((approx - HX).norm(dim=0) / HX.norm(dim=0)).tolist()
+    fast = sketch_solve(op, X.T.contiguous(), settings.damping, sketch=sketch)
+    info = {
+        "fingerprint": curvature_fingerprint(op), "full_pool_fingerprint": curvature_fingerprint(op, ignore_weights=True),
+        "hessian": op.kind, "method": "nystrom", "rank": sketch.rank, "oversample": oversample, "seed": settings.seed,
+        "fisher_samples": settings.fisher_samples, "sketch": sketch.info,
+        "probe_operator_rel_error": op_err, "probe_solve_residual": fast.info["residuals"], "probe_damping": settings.damping,
+        "eigenvalue_max": float(vals[0]), "eigenvalue_min_kept": float(vals[-1]),
+        "floor_seconds": floor, "fit_seconds": fit_s, "fit_over_floor": fit_s / max(floor, 1e-12),
+        "n_tasks": len(tasks), "n_params": op.dim,
+    }
+    return CurvatureArtifact(sketch, info)

@@ -1,0 +1,117 @@
+"""Randomized Nyström approximation of a positive semi-definite operator, and the two ways the
+library uses it (Frangella, Tropp & Udell, "Randomized Nyström preconditioning", 2023):
+
+    H ≈ U Λ Uᵀ            from one block of products H Ω with a Gaussian test matrix Ω (p × ℓ)
+
+* as a **preconditioner** for CG on H + δI:  P⁻¹ = (λ_ℓ + δ) U (Λ + δI)⁻¹ Uᵀ + (I − UUᵀ), which maps
+  the top of the spectrum to about λ_ℓ + δ, so CG converges as if H had no eigenvalues above λ_ℓ
+  (``pcg``: exact to the requested residual);
+* as an **approximate inverse** (the fast tier):  x = U (Λ + δI)⁻¹ Uᵀ b + (I − UUᵀ) b / (λ_ℓ + δ),
+  whose true residual every result records (``curvature``).
+
+The products are taken ``block`` columns at a time through the operator's ``matmat``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ..errors import DivergenceError, SettingsError
+from ..progress import bar
+from .cg import block_cg
+from .core import DampedProducts, IHVPResult, SolverSettings, finish, prepare_rhs
+from .lanczos import LowRank
+from .operators import LinearOperator, apply_block
+
+
+def nystrom_sketch(op: LinearOperator, rank: int, oversample: int = 10, seed: int = 0, block: int = 16) -> LowRank:
+    """Top-``rank`` eigenpairs of a PSD ``op`` from ``rank + oversample`` products (one sketch)."""
+    p = op.dim
+    if not isinstance(rank, int) or not 1 <= rank <= p:
+        raise SettingsError(f"Nyström rank must be an integer in 1..{p}, got {rank!r}")
+    ell = min(p, rank + max(0, oversample))
+    t0 = time.perf_counter()
+    g = torch.Generator().manual_seed(seed)
+    omega = torch.linalg.qr(torch.randn(p, ell, generator=g, dtype=op.dtype))[0].to(op.device)
+    Y = torch.empty(p, ell, dtype=op.dtype, device=op.device)
+    for start in bar("Nyström sketch", (ell + block - 1) // block, "block", iterable=range(0, ell, block)):
+        cols = slice(start, min(ell, start + block))
+        Y[:, cols] = apply_block(op, omega[:, cols]).detach()
+    if not torch.isfinite(Y).all():
+        raise DivergenceError("the Nyström sketch met non-finite products; check the model and loss for NaN")
+    # a tiny shift keeps the Cholesky factor well defined (removed from the eigenvalues afterwards)
+    nu = torch.finfo(op.dtype).eps ** 0.5 * float(Y.norm())
+    Y_nu = Y + nu * omega
+    core = omega.T @ Y_nu
+    factor, info = torch.linalg.cholesky_ex(0.5 * (core + core.T))
+    if int(info) != 0:
+        raise DivergenceError("the Nyström core is not positive definite: the operator is not PSD (use hessian=gauss-newton or fisher)")
+    Bm = torch.linalg.solve_triangular(factor, Y_nu.T, upper=False).T  # Y_ν C⁻ᵀ
+    U, S, _ = torch.linalg.svd(Bm, full_matrices=False)
+    vals = (S ** 2 - nu).clamp_min(0)[:rank]
+    return LowRank(vals, U[:, :rank], {"method": "nystrom", "sketch_size": ell, "seed": seed, "products": ell,
+                                       "shift": nu, "seconds": time.perf_counter() - t0})
+
+
+def nystrom_preconditioner(sketch: LowRank, damping: float) -> Callable[[Tensor], Tensor]:
+    """R ↦ P⁻¹R with P⁻¹ = (λ_ℓ + δ) U (Λ + δI)⁻¹ Uᵀ + (I − UUᵀ) (columns of R)."""
+    U, vals = sketch.eigenvectors, sketch.eigenvalues
+    floor = float(vals[-1]) + damping
+    if floor <= 0:
+        raise DivergenceError("the Nyström preconditioner needs λ_ℓ + δ > 0; raise damping")
+    scale = floor / (vals + damping)
+
+    def apply(R: Tensor) -> Tensor:
+        C = U.T @ R
+        return R + U @ ((scale[:, None] - 1) * C)
+
+    return apply
+
+
+def pcg_solve(op: LinearOperator, b: Tensor, damping: float, settings: SolverSettings = SolverSettings(), *,
+              sketch: LowRank) -> IHVPResult:
+    """Block CG on H + δI preconditioned by a Nyström sketch of H: the exact tier, to ``tol``."""
+    t0 = time.perf_counter()
+    B = prepare_rhs(op, b, damping)
+    _check(sketch, op)
+    products = DampedProducts(op, damping)
+    M = nystrom_preconditioner(_on(sketch, op), damping)
+    X = torch.empty_like(B)
+    info: dict = {"converged": True, "iterations_per_rhs": [], "recursive_residuals": [], "preconditioner": "nystrom", "rank": sketch.rank}
+    for start in range(0, B.shape[0], settings.cg_block):
+        rows = slice(start, start + settings.cg_block)
+        Xb, part = block_cg(products.block, B[rows].T.contiguous(), settings.tol, settings.max_iter, precondition=M)
+        X[rows] = Xb.T
+        info["converged"] = info["converged"] and part["converged"]
+        info["iterations_per_rhs"] += part["iterations_per_rhs"]
+        info["recursive_residuals"] += part["recursive_residuals"]
+    return finish("pcg", X, B, b, products, max(info["iterations_per_rhs"]), info, t0)
+
+
+def sketch_solve(op: LinearOperator, b: Tensor, damping: float, settings: SolverSettings = SolverSettings(), *,
+                 sketch: LowRank) -> IHVPResult:
+    """The fast tier: the sketch's approximate inverse applied directly (no products but the
+    residual check, which says how good the answer is)."""
+    t0 = time.perf_counter()
+    B = prepare_rhs(op, b, damping)
+    _check(sketch, op)
+    sk = _on(sketch, op)
+    floor = float(sk.eigenvalues[-1]) + damping
+    if floor <= 0:
+        raise DivergenceError("the sketch's inverse needs λ_ℓ + δ > 0; raise damping")
+    C = B @ sk.eigenvectors
+    X = (C / (sk.eigenvalues + damping)) @ sk.eigenvectors.T + (B - C @ sk.eigenvectors.T) / floor
+    return finish("curvature", X, B, b, DampedProducts(op, damping), 0, {"converged": True, "rank": sk.rank, "tail_eigenvalue": floor - damping}, t0)
+
+
+def _check(sketch: LowRank, op: LinearOperator) -> None:
+    if sketch.dim != op.dim:
+        raise SettingsError(f"the curvature sketch has dimension {sketch.dim} but the operator {op.dim}; fit it for this model")
+
+
+def _on(sketch: LowRank, op: LinearOperator) -> LowRank:
+    return LowRank(sketch.eigenvalues.to(device=op.device, dtype=op.dtype), sketch.eigenvectors.to(device=op.device, dtype=op.dtype), sketch.info)

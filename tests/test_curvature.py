@@ -1,0 +1,84 @@
+"""A fitted curvature sketch (randomized Nyström): its eigenpairs, the preconditioned exact tier, the
+fast tier's honest residual, refusal of a sketch of another λ, and damping relative to the spectrum."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from helpers import random_tasks, small_problem
+from metainfluence.errors import CheckpointError
+from metainfluence.influence.curvature import CurvatureArtifact, fit_curvature
+from metainfluence.influence.results import InfluenceSettings
+from metainfluence.influence.task_if import task_influence
+from metainfluence.linalg import MatrixOperator, SolverSettings, cg_solve, materialize, nystrom_sketch, pcg_solve, sketch_solve
+from metainfluence.meta.curvature import TotalHessian
+
+
+def _decaying(p=80, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    Q = torch.linalg.qr(torch.randn(p, p, generator=g, dtype=torch.float64))[0]
+    vals = 10.0 ** torch.linspace(2, -4, p, dtype=torch.float64)  # condition number 1e6
+    return Q @ torch.diag(vals) @ Q.T, vals
+
+
+def test_nystrom_recovers_the_top_of_a_decaying_spectrum_and_preconditions_cg():
+    A, vals = _decaying()
+    op = MatrixOperator(A)
+    sk = nystrom_sketch(op, 20, oversample=10, seed=1)
+    torch.testing.assert_close(sk.eigenvalues[:10], vals[:10], rtol=0.05, atol=0)  # one sketch, no power iterations
+    assert bool((sk.eigenvalues <= vals[:20] * (1 + 1e-9)).all())  # Nyström never overestimates
+    b = torch.randn(80, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    settings = SolverSettings(tol=1e-10, max_iter=2000)
+    plain = cg_solve(op, b, 1e-3, settings)
+    pre = pcg_solve(op, b, 1e-3, settings, sketch=sk)
+    exact = torch.linalg.solve(A + 1e-3 * torch.eye(80, dtype=torch.float64), b)
+    assert pre.residual < 1e-9 and torch.allclose(pre.x, exact, rtol=1e-7, atol=1e-10)
+    assert pre.iterations < 0.5 * plain.iterations, (pre.iterations, plain.iterations)
+    # the fast tier is approximate and says how much: its recorded residual is the true one
+    fast = sketch_solve(op, b, 1e-3, sketch=sk)
+    true = float(((A + 1e-3 * torch.eye(80, dtype=torch.float64)) @ fast.x - b).norm() / b.norm())
+    assert fast.residual == pytest.approx(true, rel=1e-8)
+
+
+def _problem():
+    problem, lam = small_problem(steps=1, lr=0.3, hidden=(6,), weight_decay=1e-2)
+    return problem, lam, random_tasks(n=12, seed=3), random_tasks(n=4, seed=4)
+
+
+def test_pcg_with_a_saved_sketch_equals_cg_and_a_sketch_of_another_lambda_is_refused(tmp_path):
+    problem, lam, train, val = _problem()
+    base = InfluenceSettings(hessian="gauss-newton", damping=1e-3, stationarity_warn=1e9, solve=SolverSettings(tol=1e-11, max_iter=2000))
+    art = fit_curvature(problem, lam, train, base, rank=20, probes=3)
+    assert art.info["fit_over_floor"] > 0 and len(art.info["probe_operator_rel_error"]) == 3
+    art.save(tmp_path / "curv")
+    cg = task_influence(problem, lam, train, val, base)
+    pcg = task_influence(problem, lam, train, val, dataclasses.replace(base, solver="pcg", curvature_file=str(tmp_path / "curv")))
+    torch.testing.assert_close(pcg.scores, cg.scores, rtol=1e-7, atol=1e-14)
+    assert pcg.diagnostics["curvature"]["rank"] == 20 and pcg.diagnostics["solver"]["name"] == "pcg"
+    # the fast tier on a spectrum that is not low-rank: approximate, and said aloud with the remedy
+    from metainfluence.influence.results import InfluenceWarning
+
+    with pytest.warns(InfluenceWarning, match="--solver pcg"):
+        fast = task_influence(problem, lam, train, val, dataclasses.replace(base, solver="curvature", curvature_file=str(tmp_path / "curv")))
+    assert fast.diagnostics["solver"]["residual"] > 1e-2 and any("large residual" in w for w in fast.diagnostics["warnings"])
+    with pytest.raises(CheckpointError, match="another λ"):
+        task_influence(problem, lam + 0.01, train, val, dataclasses.replace(base, solver="pcg", curvature_file=str(tmp_path / "curv")))
+    with pytest.raises(CheckpointError, match="another λ"):
+        task_influence(problem, lam, train, val, dataclasses.replace(base, hessian="fisher", solver="pcg", curvature_file=str(tmp_path / "curv")))
+    loaded = CurvatureArtifact.load(tmp_path / "curv")
+    torch.testing.assert_close(loaded.sketch.eigenvectors, art.sketch.eigenvectors)
+
+
+def test_relative_damping_is_a_multiple_of_the_mean_eigenvalue():
+    problem, lam, train, val = _problem()
+    H = materialize(TotalHessian(problem, lam, train, "gauss-newton"))
+    mean_eig = float(torch.trace(H)) / H.shape[0]
+    rel = InfluenceSettings(hessian="gauss-newton", damping=0.5, damping_mode="relative", stationarity_warn=1e9, solve=SolverSettings(tol=1e-12))
+    res = task_influence(problem, lam, train, val, rel)
+    est = res.diagnostics["solver"]["mean_eigenvalue"]
+    assert est == pytest.approx(mean_eig, rel=0.35)  # Hutchinson with 16 probes
+    absolute = task_influence(problem, lam, train, val, dataclasses.replace(rel, damping=0.5 * est, damping_mode="absolute"))
+    torch.testing.assert_close(res.scores, absolute.scores, rtol=1e-9, atol=1e-14)
