@@ -109,3 +109,12 @@ def test_fisher_of_a_reduced_pool_is_rebuilt_from_its_weights():
     gn, fisher = _gn_and_fisher(400, w=w, v=v, u=u)
     ratio, cosine = _scale_and_direction(fisher, gn)
     assert abs(ratio - 1) < 0.1 and cosine > 0.95
+
+
+def test_block_products_are_chunked_over_directions_without_changing_them():
+    problem, lam = small_problem(steps=1, hidden=(5,))
+    tasks = random_tasks(n=5)
+    V = torch.randn(lam.numel(), 11, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    whole = TotalHessian(problem, lam, tasks, "gauss-newton", column_chunk=0).matmat(V)
+    chunked = TotalHessian(problem, lam, tasks, "gauss-newton", column_chunk=4).matmat(V)
+    torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-14)

@@ -84,6 +84,7 @@ class TotalHessian:
         w: torch.Tensor | None = None,
         v: torch.Tensor | None = None,
         u: torch.Tensor | None = None,
+        column_chunk: int = 16,
     ):
         check_hessian_kind(problem, kind)
         self.problem = problem
@@ -98,6 +99,7 @@ class TotalHessian:
         self.n_tasks = len(tasks)
         self.n_total = problem.collective.total_count(len(tasks))
         self.fisher_samples, self.seed = fisher_samples, seed
+        self.column_chunk = column_chunk
         self.n_matvecs = 0
         self.gamma = 0.0
         self.factor: torch.Tensor | None = None  # fisher: H = factorᵀfactor + shift·I (Woodbury)
@@ -165,7 +167,10 @@ class TotalHessian:
         V = V.to(self.lam)
         if self.kind == "fisher":
             return self._fisher.matmat(V)
-        local = vmap(self._local_sum, in_dims=1, out_dims=1)(V)
+        # directions are vmapped ``column_chunk`` at a time (and tasks by the problem's chunk_size), so
+        # memory is bounded by one chunk of each, whatever the number of right-hand sides
+        step = self.column_chunk or V.shape[1]
+        local = torch.cat([vmap(self._local_sum, in_dims=1, out_dims=1)(V[:, c:c + step]) for c in range(0, V.shape[1], step)], dim=1)
         out = self.problem.collective.all_sum(local) / self.n_total + (self.gamma + self.problem.weight_decay) * V
         return out.detach()
 
