@@ -25,6 +25,7 @@ from ..linalg import LowRank, apply_block, nystrom_sketch, sketch_solve
 from ..meta.curvature import TotalHessian
 from ..meta.objective import MetaProblem
 from ..tasks.tensors import TaskTensors
+from .hessian_of import build_hessian, curvature_fingerprint
 
 KIND = "metainfluence.curvature"
 
@@ -59,8 +60,6 @@ class CurvatureArtifact:
 
     def check(self, op: TotalHessian, allow_reduced: bool = False) -> None:
         """CheckpointError unless fitted to ``op`` (or, with ``allow_reduced``, to its full pool)."""
-        from .task_if import curvature_fingerprint
-
         if curvature_fingerprint(op) == self.fingerprint:
             return
         if allow_reduced and curvature_fingerprint(op, ignore_weights=True) == self.pool_fingerprint:
@@ -73,8 +72,6 @@ def fit_curvature(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, s
                   oversample: int = 10, probes: int = 4, block: int = 16) -> CurvatureArtifact:
     """Sketch the total Hessian of kind ``settings.hessian`` (fisher samples and seed from
     ``settings``) and measure it; ``settings.damping`` is the reference damping of the probe solves."""
-    from .task_if import build_hessian, curvature_fingerprint
-
     if settings.hessian == "exact":
         raise SettingsError("the Nyström sketch needs a positive semi-definite Hessian; use --hessian gauss-newton or fisher "
                             "(an exact-Hessian solve can still be preconditioned by a Gauss–Newton sketch: not yet offered)")

@@ -25,16 +25,11 @@ from ..tasks.tensors import TaskTensors
 from .gradients import direct_gradients, direct_measurement_gradient, measurement_gradient
 from ..meta.curvature import TotalHessian, check_hessian_kind
 from ..meta.refine import refine_advice
+from .hessian_of import build_hessian, curvature_fingerprint
 from .newton_step import newton_step_scores
 from .results import InfluenceResult, InfluenceSettings, check_solve, settings_dict, shortfall, solver_record
-from ..io import fingerprint
 from ..progress import bar
 from ..linalg import IHVPResult, LowRank, apply_block, lanczos_eigenpairs, solve_ihvp
-from ..meta.checkpoint import tensors_fingerprint
-
-
-def build_hessian(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, settings: InfluenceSettings, kind: str | None = None, **weights) -> TotalHessian:
-    return TotalHessian(problem, lam, tasks, kind or settings.hessian, fisher_samples=settings.fisher_samples, seed=settings.seed, **weights)
 
 
 def ihvp(op: TotalHessian, b: torch.Tensor, settings: InfluenceSettings) -> IHVPResult:
@@ -76,15 +71,6 @@ def _sketch(op: TotalHessian, settings: InfluenceSettings):
     art.check(op, allow_reduced=settings.solver == "pcg")
     op._curvature_info = art.info
     return art.sketch
-
-
-def curvature_fingerprint(op: TotalHessian, ignore_weights: bool = False, **fit: Any) -> str:
-    """What an approximation of ``op`` depends on: λ, the pool and its weights, the Hessian kind, the
-    problem and the fit settings ``fit`` (damping is applied at solve time and is not part of it)."""
-    weights = {} if ignore_weights else {k: getattr(op, k) for k in ("w", "v", "u") if getattr(op, k) is not None}
-    fisher = {"fisher_samples": op.fisher_samples, "seed": op.seed} if op.kind == "fisher" else {}
-    return fingerprint({"lam": op.lam, "pool": tensors_fingerprint(op.tasks), "weights": weights, "kind": op.kind,
-                        "problem": op.problem.settings_json(), **fisher, "fit": fit}, 32)
 
 
 def _lowrank(op: TotalHessian, settings: InfluenceSettings) -> LowRank:
