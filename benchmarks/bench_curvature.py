@@ -1,8 +1,8 @@
 """Exact and fast tiers of task-IF against the floor, in ONE run (a script, not a test).
 
 Problem: Conv4 (group norm, ``--width`` filters) on Omniglot 5-way 1-shot 5-query (28×28) from
-``--data-root`` / $METAINFLUENCE_DATA (required), ``--tasks`` training tasks, 1 inner step, μ = 1e-2, meta-trained briefly with Adam. Then, with
-the floor = one pass of per-task total gradients over the pool (float64):
+``--data-root`` / $METAINFLUENCE_DATA (required), ``--tasks`` training tasks, 1 inner step,
+μ = 1e-2, meta-trained briefly with Adam. Then, with the floor = one pass of per-task total gradients over the pool (float64):
 
 * ``cg``:        Gauss–Newton + CG to ``--tol`` (the exact tier's reference);
 * ``pcg``:       the same, preconditioned by a rank-``--rank`` Nyström sketch (fit timed separately);
@@ -24,6 +24,7 @@ import os
 import platform
 import resource
 import sys
+import tempfile
 import time
 import warnings
 
@@ -94,7 +95,8 @@ def main(argv=None) -> int:
     common = dict(hessian="gauss-newton", damping=args.damping, stationarity_warn=1e9, solve=SolverSettings(tol=args.tol, max_iter=args.max_iter))
     ref_s = InfluenceSettings(solver="cg", **common)
     art, fit_s = timed(lambda: fit_curvature(problem, lam, train, ref_s, rank=args.rank, probes=4))
-    stem = f"/tmp/bench_curvature_{os.getpid()}"
+    workdir = tempfile.TemporaryDirectory(prefix="bench_curvature_")  # the sketch file lives only as long as the run
+    stem = os.path.join(workdir.name, "curvature")
     art.save(stem)
     log(f"Nyström sketch rank {art.sketch.rank}: fit {fit_s:.1f} s = {fit_s / floor:.1f}× the floor; probe operator error {max(art.info['probe_operator_rel_error']):.2g}")
     tiers = {"cg": ref_s, "pcg": InfluenceSettings(solver="pcg", curvature_file=stem, **common),
@@ -115,9 +117,9 @@ def main(argv=None) -> int:
     for name, s in tiers.items():
         op = build_hessian(problem, lam, train, s)
         res, t = timed(lambda: ihvp(op, G, s))
-        self_rows[name] = ((G * res.x).sum(1), t, res.residual)
+        self_rows[name] = ((G * res.x).sum(1), t)
     for r in rows:
-        vals, t, resid = self_rows[r["tier"]]
+        vals, t = self_rows[r["tier"]]
         r.update({"self-inf s": round(t, 2), "self ÷ floor": round(t / floor, 1), "self Spearman": round(spearman(vals, self_rows["cg"][0]), 4)})
     # instance-IF of one task's query examples, from each tier's s
     one = train.subset([0])
@@ -135,6 +137,7 @@ def main(argv=None) -> int:
     if args.json:
         write_json(args.json, {"args": vars(args), "floor_s": floor, "fit_s": fit_s, "rows": rows, "peak_gb": peak_gb,
                                "sketch": {k: art.info[k] for k in ("rank", "probe_operator_rel_error", "probe_solve_residual", "eigenvalue_max", "eigenvalue_min_kept")}})
+    workdir.cleanup()
     return 0
 
 
