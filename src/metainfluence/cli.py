@@ -118,8 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(ed)
     ed.set_defaults(_dests=add_settings_arguments(ed, InfluenceSettings, dest="influence.", title="influence settings (Hessian, solver, damping of the edit)") + ["data.data_root"])
 
-    cv = sub.add_parser("curvature", help="fit a Nyström sketch of the total Hessian once, for --solver pcg / curvature", description=(
-        "Sketch the total Hessian (--hessian gauss-newton or fisher) of a checkpoint's training pool from one block of products, "
+    cv = sub.add_parser("curvature", help="fit a Nyström sketch (or an EK-FAC) of the total Hessian once, for --solver pcg / curvature", description=(
+        "Sketch the total Hessian (--hessian gauss-newton or fisher) of a checkpoint's training pool from one block of products "
+        "(--method nystrom), or fit an EK-FAC of the Fisher at the adapted parameters (--method ekfac; it drops dθ/dλ, a preconditioner first), "
         "measure it on probe vectors (relative error of H·x, residual of the fast-tier solve at --damping) and its cost as a multiple "
         "of one pass of per-task gradients, and save it as OUT.safetensors + OUT.json with the fingerprint of λ, pool and kind. "
         "Use it with `influence`/`edit` --curvature-file OUT --solver pcg (exact, preconditioned) or --solver curvature (fast)."))
@@ -128,10 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--rank", type=int, default=50, help="eigenpairs kept (default: 50)")
     cv.add_argument("--oversample", type=int, default=10, help="extra sketch columns (default: 10)")
     cv.add_argument("--probes", type=int, default=4, help="probe vectors for the quality report (default: 4)")
+    cv.add_argument("--method", default="nystrom", choices=("nystrom", "ekfac"), help="nystrom: low-rank sketch of H | ekfac: eigenvalue-corrected "
+                    "Kronecker factors of the θ-space Fisher at each task's adapted parameters (default: nystrom)")
+    cv.add_argument("--max-tasks", type=int, default=None, help="ekfac: fit on a seeded subsample of this many tasks (default: all)")
     cv.add_argument("--data-root", dest="data.data_root", default=argparse.SUPPRESS, help="folder holding the dataset files (else the recorded one, else $METAINFLUENCE_DATA)")
     _common(cv)
     cv.set_defaults(_dests=add_settings_arguments(cv, InfluenceSettings, dest="influence.", title="influence settings (hessian, fisher samples, seed, reference damping)",
-                                                  defaults=InfluenceSettings(hessian="gauss-newton")) + ["data.data_root"])
+                                                  defaults=InfluenceSettings(hessian="gauss-newton"), exclude=("method",)) + ["data.data_root"])
 
     ex = sub.add_parser("experiment", help="run one of the evidence experiments (docs/method.md §10): detection | removal | estimates", description=(
         "Run an experiment of docs/method.md §10 with a config file (configs/*.toml), writing its tables, plots, seeds and timings to --out; "
@@ -308,12 +312,18 @@ def _cmd_curvature(args: argparse.Namespace) -> int:
     if not any(k == "influence.hessian" for k in namespace_overrides(args, args._dests)):
         settings = dc.replace(settings, hessian="gauss-newton")  # the sketch needs a PSD kind
     art, stem = curvature_checkpoint(args.checkpoint, settings, args.out, rank=args.rank, oversample=args.oversample, probes=args.probes,
-                                     overrides=_data_only(args))
+                                     overrides=_data_only(args), method=args.method, max_tasks=args.max_tasks)
     i = art.info
-    print(f"{i['hessian']} total Hessian, rank {i['rank']} Nyström sketch ({i['sketch']['products']} products): fit {i['fit_over_floor']:.1f}× the floor "
-          f"(one pass of per-task gradients, {i['floor_seconds']:.2f} s)")
-    print(f"eigenvalues {i['eigenvalue_max']:.3g} … {i['eigenvalue_min_kept']:.3g}; probe error of H·x: max {max(i['probe_operator_rel_error']):.2g}; "
-          f"fast-tier solve residual at δ = {i['probe_damping']:g}: max {max(i['probe_solve_residual']):.2g}")
+    floor = f"fit {i['fit_over_floor']:.1f}× the floor (one pass of per-task gradients, {i['floor_seconds']:.2f} s)"
+    if art.method == "ekfac":
+        print(f"EK-FAC of the θ-space Fisher at the adapted parameters ({i['n_kronecker_blocks']} Kronecker blocks, {i['n_diagonal']} diagonal "
+              f"parameters, {i['n_tasks_fitted']} tasks), measured against the {i['hessian']} total Hessian: {floor}")
+        print(f"smallest eigenvalue {i['eigenvalue_min']:.3g}; probe error of H·x: max {max(i['probe_operator_rel_error']):.2g} "
+              "(EK-FAC drops dθ/dλ: a preconditioner for --solver pcg first)")
+    else:
+        print(f"{i['hessian']} total Hessian, rank {i['rank']} Nyström sketch ({i['sketch']['products']} products): {floor}")
+        print(f"eigenvalues {i['eigenvalue_max']:.3g} … {i['eigenvalue_min_kept']:.3g}; probe error of H·x: max {max(i['probe_operator_rel_error']):.2g}")
+    print(f"fast-tier solve residual at δ = {i['probe_damping']:g}: max {max(i['probe_solve_residual']):.2g}")
     if max(i["probe_solve_residual"]) > 1e-2:
         print(f"warning: the fast tier (--solver curvature) leaves residuals up to {max(i['probe_solve_residual']):.2g} here; use --solver pcg "
               "for exact answers, or a larger --rank")

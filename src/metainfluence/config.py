@@ -139,13 +139,15 @@ def add_settings_arguments(
     defaults: Any = None,
     only: typing.Iterable[str] | None = None,
     title: str | None = None,
+    exclude: typing.Iterable[str] = (),
 ) -> list[str]:
     """Add one flag per field of the settings dataclass ``cls`` (recursing into groups); returns their dests.
 
     Flags are ``--{prefix}{field-name}``; their ``dest`` is the dotted path (``"inner.lr"``) and their
     default is ``argparse.SUPPRESS``, so only flags the user typed appear in the parsed namespace
     (that is what lets a config file sit between the defaults and the command line).
-    ``only`` restricts the groups added (top-level group names).
+    ``only`` restricts the groups added (top-level group names); ``exclude`` drops top-level fields
+    (a command whose own flag has the same name, e.g. ``curvature --method``).
     """
     hints = _hints(cls)
     defaults = defaults if defaults is not None else cls()
@@ -162,7 +164,7 @@ def add_settings_arguments(
                 parser, tp, prefix=prefix + _flag_prefix(f), dest=path + ".", defaults=getattr(defaults, f.name), title=f"{f.name} settings: {sub_title}"
             )
             continue
-        if f.metadata.get("cli") is False:
+        if f.metadata.get("cli") is False or f.name in exclude:
             continue
         flag = "--" + prefix + f.name.replace("_", "-")
         default = getattr(defaults, f.name)

@@ -1,4 +1,5 @@
-"""Fit the curvature once, reuse it everywhere: a saved randomized Nyström sketch of a total Hessian.
+"""Fit the curvature once, reuse it everywhere: a saved randomized Nyström sketch of a total Hessian,
+or an EK-FAC of the θ-space Fisher at the adapted parameters (``method='ekfac'``, meta/ekfac.py).
 
 ``fit_curvature`` sketches H (Gauss–Newton by default: positive semi-definite) from one block of
 products, measures the sketch on held-out probe vectors (relative error of H·x, true residual of the
@@ -8,6 +9,8 @@ Hessian kind and problem it was fitted to. Damping is applied at solve time, so 
 damping sweep. Solvers ``pcg`` (CG preconditioned by the sketch: exact to the requested residual)
 and ``curvature`` (the sketch's inverse: fast, its residual recorded) use it; a sketch of another
 λ, pool or kind is refused (for ``pcg`` a full-pool sketch may precondition a reduced-pool H).
+EK-FAC drops dθ/dλ: its probe error against the total H is recorded and is large by design, so it is
+a preconditioner for ``pcg`` first and a fast tier only where that error says so.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ import torch
 
 from ..errors import CheckpointError, SettingsError
 from ..io import load_result, save_result
-from ..linalg import LowRank, apply_block, nystrom_sketch, sketch_solve
+from ..linalg import EKFAC, LowRank, apply_block, nystrom_sketch, sketch_solve
 from ..meta.curvature import TotalHessian
+from ..meta.ekfac import fit_ekfac
 from ..meta.objective import MetaProblem
 from ..tasks.tensors import TaskTensors
 from .hessian_of import build_hessian, curvature_fingerprint
@@ -32,8 +36,15 @@ KIND = "metainfluence.curvature"
 
 @dataclass
 class CurvatureArtifact:
-    sketch: LowRank
+    """A fitted curvature: ``sketch`` is a Nyström :class:`LowRank` of the total Hessian (method
+    ``nystrom``) or an :class:`EKFAC` of the θ-space Fisher at the adapted parameters (method ``ekfac``)."""
+
+    sketch: LowRank | EKFAC
     info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def method(self) -> str:
+        return "ekfac" if isinstance(self.sketch, EKFAC) else "nystrom"
 
     @property
     def fingerprint(self) -> str | None:
@@ -44,18 +55,25 @@ class CurvatureArtifact:
         return self.info.get("full_pool_fingerprint")
 
     def save(self, stem: str | Path) -> tuple[Path, Path]:
+        if isinstance(self.sketch, EKFAC):
+            meta = {"kind": KIND, "method": "ekfac", "dim": self.sketch.dim, "ekfac": self.sketch.meta(), "info": self.info}
+            return save_result(stem, self.sketch.tensors(), meta)
         meta = {"kind": KIND, "dim": self.sketch.dim, "rank": self.sketch.rank, "info": self.info}
         return save_result(stem, {"eigenvalues": self.sketch.eigenvalues, "eigenvectors": self.sketch.eigenvectors}, meta)
 
     @classmethod
     def load(cls, stem: str | Path) -> "CurvatureArtifact":
         tensors, meta = load_result(stem, what="curvature file")
-        if meta.get("kind") != KIND or set(tensors) != {"eigenvalues", "eigenvectors"}:
+        if meta.get("kind") != KIND:
+            raise CheckpointError(f"{stem} is not a curvature file; fit one with `metainfluence curvature`")
+        info = meta.get("info", {})
+        if meta.get("method") == "ekfac":
+            return cls(EKFAC.from_tensors(tensors, meta.get("ekfac", {}), info), info)
+        if set(tensors) != {"eigenvalues", "eigenvectors"}:
             raise CheckpointError(f"{stem} is not a curvature file; fit one with `metainfluence curvature`")
         vals, vecs = tensors["eigenvalues"], tensors["eigenvectors"]
         if vals.ndim != 1 or vecs.ndim != 2 or vecs.shape != (meta.get("dim"), vals.shape[0]):
             raise CheckpointError(f"{stem}: eigenvalues and eigenvectors disagree with its JSON; fit it again")
-        info = meta.get("info", {})
         return cls(LowRank(vals, vecs, info.get("sketch", {})), info)
 
     def check(self, op: TotalHessian, allow_reduced: bool = False) -> None:
@@ -68,36 +86,62 @@ class CurvatureArtifact:
                               "`metainfluence curvature` for this checkpoint (and --hessian)")
 
 
+CURVATURE_METHODS = ("nystrom", "ekfac")
+
+
 def fit_curvature(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, settings: Any, rank: int = 50,
-                  oversample: int = 10, probes: int = 4, block: int = 16) -> CurvatureArtifact:
-    """Sketch the total Hessian of kind ``settings.hessian`` (fisher samples and seed from
-    ``settings``) and measure it; ``settings.damping`` is the reference damping of the probe solves."""
-    if settings.hessian == "exact":
+                  oversample: int = 10, probes: int = 4, block: int = 16, method: str = "nystrom",
+                  max_tasks: int | None = None) -> CurvatureArtifact:
+    """Fit a curvature of the total Hessian of kind ``settings.hessian`` (fisher samples and seed from
+    ``settings``) and measure it against that operator; ``settings.damping`` is the reference damping
+    of the probe solves.
+
+    ``nystrom``: a rank-``rank`` sketch of H itself (needs a PSD kind). ``ekfac``: EK-FAC of the
+    θ-space Fisher at each task's adapted θ_i(λ) (tasks subsampled to ``max_tasks``); it drops
+    dθ/dλ, so its probe error against H is large by design — a preconditioner first."""
+    if method not in CURVATURE_METHODS:
+        raise SettingsError(f"unknown curvature method {method!r}; use one of {', '.join(CURVATURE_METHODS)}")
+    if method == "nystrom" and settings.hessian == "exact":
         raise SettingsError("the Nyström sketch needs a positive semi-definite Hessian; use --hessian gauss-newton or fisher "
-                            "(an exact-Hessian solve can still be preconditioned by a Gauss–Newton sketch: not yet offered)")
+                            "(or --method ekfac, a positive definite preconditioner of any kind)")
     lam = lam.detach()
     t0 = time.perf_counter()
     problem.total_gradients(lam, tasks)  # the floor: one pass of per-task total gradients
     floor = time.perf_counter() - t0
     op = build_hessian(problem, lam, tasks, settings)
     t1 = time.perf_counter()
-    sketch = nystrom_sketch(op, min(rank, op.dim), oversample, settings.seed, block)
-    fit_s = time.perf_counter() - t1
+    if method == "ekfac":
+        approx_op = fit_ekfac(problem, lam, tasks, adapt=True, fisher_samples=settings.fisher_samples, seed=settings.seed,
+                              max_tasks=max_tasks)
+        fit_s = time.perf_counter() - t1
+        fit = {"method": "ekfac", "max_tasks": max_tasks, "n_tasks_fitted": approx_op.info["n_tasks_fitted"],
+               "n_kronecker_blocks": len(approx_op.blocks), "n_diagonal": int(approx_op.diag_index.numel()),
+               "eigenvalue_min": approx_op.min_eigenvalue()}
+    else:
+        approx_op = nystrom_sketch(op, min(rank, op.dim), oversample, settings.seed, block)
+        fit_s = time.perf_counter() - t1
+        vals = approx_op.eigenvalues
+        fit = {"method": "nystrom", "rank": approx_op.rank, "oversample": oversample, "sketch": approx_op.info,
+               "eigenvalue_max": float(vals[0]), "eigenvalue_min_kept": float(vals[-1])}
     g = torch.Generator().manual_seed(settings.seed + 1)
     X = torch.randn(op.dim, probes, generator=g, dtype=lam.dtype).to(lam.device)
     X = X / X.norm(dim=0)
     HX = apply_block(op, X)
-    U, vals = sketch.eigenvectors, sketch.eigenvalues
-    approx = U @ (vals[:, None] * (U.T @ X))
+    approx = approx_op.matmat(X) if method == "ekfac" else _lowrank_product(approx_op, X)
     op_err = ((approx - HX).norm(dim=0) / HX.norm(dim=0)).tolist()
-    fast = sketch_solve(op, X.T.contiguous(), settings.damping, sketch=sketch)
+    fast = sketch_solve(op, X.T.contiguous(), settings.damping, sketch=approx_op)
     info = {
         "fingerprint": curvature_fingerprint(op), "full_pool_fingerprint": curvature_fingerprint(op, ignore_weights=True),
-        "hessian": op.kind, "method": "nystrom", "rank": sketch.rank, "oversample": oversample, "seed": settings.seed,
-        "fisher_samples": settings.fisher_samples, "sketch": sketch.info,
+        "hessian": op.kind, "seed": settings.seed, "fisher_samples": settings.fisher_samples, **fit,
         "probe_operator_rel_error": op_err, "probe_solve_residual": fast.info["residuals"], "probe_damping": settings.damping,
-        "eigenvalue_max": float(vals[0]), "eigenvalue_min_kept": float(vals[-1]),
         "floor_seconds": floor, "fit_seconds": fit_s, "fit_over_floor": fit_s / max(floor, 1e-12),
         "n_tasks": len(tasks), "n_params": op.dim,
     }
-    return CurvatureArtifact(sketch, info)
+    if method == "ekfac":
+        approx_op.info.update(info)
+    return CurvatureArtifact(approx_op, info)
+
+
+def _lowrank_product(sketch: LowRank, X: torch.Tensor) -> torch.Tensor:
+    U, vals = sketch.eigenvectors, sketch.eigenvalues
+    return U @ (vals[:, None] * (U.T @ X))

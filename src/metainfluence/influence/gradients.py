@@ -6,7 +6,7 @@
   differentiated by the weight of one example. Contracted with a vector s they give every example's
   score in one reverse pass per task, without materialising (p × examples) matrices,
 * the measurement gradient ∇f(λ*) (default f: mean query loss of the validation pool),
-* the direct-IF baseline's gradients ∇_θ L_Q^k(θ_k), which ignore dθ/dλ.
+* the direct-IF baseline's gradients ∇_θ L_Q^k(θ_k), which ignore dθ/dλ (and those at θ = λ, EK-FAC IF's).
 """
 
 from __future__ import annotations
@@ -29,19 +29,20 @@ def measurement_gradient(problem: MetaProblem, lam: torch.Tensor, val_tasks: Tas
     return gradient.detach(), float(value)
 
 
-def direct_gradients(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors) -> torch.Tensor:
-    """∇_θ L_Q^k(θ_k) per task (direct-IF: the adapted parameters treated as if they were λ)."""
+def direct_gradients(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, adapt: bool = True) -> torch.Tensor:
+    """∇_θ L_Q^k(θ_k) per task (direct-IF: the adapted parameters treated as if they were λ); with
+    ``adapt=False`` the query loss at θ = λ itself (the single-level EK-FAC IF baseline)."""
 
     def one(lam, task: TaskRecord):
-        theta = problem.adapt(lam, task).detach()
+        theta = problem.adapt(lam, task).detach() if adapt else lam
         return grad(problem.weighted_loss)(theta, task.xq, task.yq, task.u)
 
     return problem.per_task(one, lam.detach(), tasks).detach()
 
 
-def direct_measurement_gradient(problem: MetaProblem, lam: torch.Tensor, val_tasks: TaskTensors) -> torch.Tensor:
+def direct_measurement_gradient(problem: MetaProblem, lam: torch.Tensor, val_tasks: TaskTensors, adapt: bool = True) -> torch.Tensor:
     n = problem.collective.total_count(len(val_tasks))
-    return problem.collective.all_sum(direct_gradients(problem, lam, val_tasks).sum(0)) / n
+    return problem.collective.all_sum(direct_gradients(problem, lam, val_tasks, adapt).sum(0)) / n
 
 
 # which example weights of a task record an instance level differentiates: v (support) or u (query)

@@ -23,7 +23,7 @@ SIGN_CONVENTION = (
     "loss, i.e. the item HARMS. Harmful-first ranking sorts scores ascending."
 )
 
-METHODS = ("task-if", "direct-if", "tracin", "loss", "random")
+METHODS = ("task-if", "direct-if", "tracin", "ekfac-if", "loss", "random")
 SUPPORT_METHODS = ("unrolled", "two-stage")
 
 
@@ -41,7 +41,7 @@ class InfluenceSettings:
     solver's own settings (composed: :class:`~metainfluence.linalg.SolverSettings`, a ``[influence.solve]``
     section in config files, flags without a prefix), and the instance-level options."""
 
-    method: str = field(default="task-if", metadata={"help": "task-if | direct-if | tracin | loss | random (docs/method.md §5)"})
+    method: str = field(default="task-if", metadata={"help": "task-if | direct-if | tracin | ekfac-if | loss | random (docs/method.md §5, §8)"})
     hessian: str = field(default="exact", metadata={"help": "total-Hessian products: exact | gauss-newton | gamma | fisher (direct-if always uses direct)"})
     solver: str = field(default="cg", metadata={"help": "iHVP solver: explicit | cg | neumann | lissa | lowrank | woodbury (fisher only) | pcg (CG preconditioned by --curvature-file) | curvature (the fitted sketch's inverse, fast tier)"})
     damping: float = field(default=1e-3, metadata={"help": "damping δ added to every Hessian: solves use H + δI"})

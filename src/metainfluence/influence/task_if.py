@@ -1,4 +1,5 @@
-"""Influence of whole training tasks (task-IF, docs/method.md §6, §5) and its baselines.
+"""Influence of whole training tasks (task-IF, docs/method.md §6, §5) and its baselines (direct-IF,
+TracIn, the single-level EK-FAC IF, loss, random; §8).
 
     s        = (H + δI)^{-1} ∇f(λ*)                 one iHVP for all scores
     score_k  = sᵀ g_k / n                           predicted Δf when task k is removed
@@ -24,6 +25,7 @@ from ..meta.objective import MetaProblem
 from ..tasks.tensors import TaskTensors
 from .gradients import direct_gradients, direct_measurement_gradient, measurement_gradient
 from ..meta.curvature import TotalHessian, check_hessian_kind
+from ..meta.ekfac import fit_ekfac
 from ..meta.refine import refine_advice
 from .hessian_of import build_hessian, curvature_fingerprint
 from .newton_step import newton_step_scores
@@ -71,6 +73,21 @@ def _sketch(op: TotalHessian, settings: InfluenceSettings):
     art.check(op, allow_reduced=settings.solver == "pcg")
     op._curvature_info = art.info
     return art.sketch
+
+
+# the fast tier of a curvature whose probe error of H·x is above this is said aloud (EK-FAC, which drops dθ/dλ)
+PROBE_ERROR_WARN = 0.1
+
+
+def curvature_record(diag: dict[str, Any], info: dict[str, Any], settings: InfluenceSettings) -> None:
+    """The curvature file's fit record in the diagnostics and, for the fast tier, a shortfall when its
+    probe error against the real operator is large (its inverse then answers another question)."""
+    diag["curvature"] = {k: info.get(k) for k in ("method", "hessian", "rank", "probe_operator_rel_error", "probe_solve_residual", "fit_over_floor")}
+    err = max(info.get("probe_operator_rel_error") or [0.0])
+    if settings.solver == "curvature" and err > PROBE_ERROR_WARN:
+        shortfall(diag, f"the {info.get('method', 'nystrom')} curvature misses the {info.get('hessian')} Hessian by up to {err:.2g} "
+                        f"(relative error of H·x on its probe vectors), so the fast tier's scores are approximate; "
+                        f"use --solver pcg with the same --curvature-file (exact, preconditioned)")
 
 
 def _lowrank(op: TotalHessian, settings: InfluenceSettings) -> LowRank:
@@ -192,8 +209,7 @@ def task_influence(
             timings["ihvp"] = time.perf_counter() - t1
             diag["solver"] = solver_record(res, op.n_matvecs)
             if getattr(op, "_curvature_info", None):
-                ci = op._curvature_info
-                diag["curvature"] = {k: ci.get(k) for k in ("hessian", "rank", "probe_operator_rel_error", "probe_solve_residual", "fit_over_floor")}
+                curvature_record(diag, op._curvature_info, settings)
             check_solve(diag, res, settings)
             diag["hessian"] = op.kind
             if op.kind == "gamma":
@@ -232,6 +248,10 @@ def task_influence(
                                 f"(worst residual {newton_diag['worst_residual']:.2g}); raise --max-iter or --damping")
             extra["first_order_scores"] = first_order
             timings["newton_step"] = time.perf_counter() - t4
+    elif method == "ekfac-if":
+        scores, f_value, diag_part, extra = _ekfac_if(problem, lam, train_tasks, val_tasks, settings, n, timings)
+        diag.update(diag_part)
+        self_inf = None
     elif method == "loss":
         f_value = _mean_task_loss(problem, lam, val_tasks)
         with torch.no_grad():
@@ -253,6 +273,31 @@ def task_influence(
         settings={"influence": settings_dict(settings), "problem": problem.settings_json()},
         diagnostics=diag, self_influence=self_inf, extra=extra,
     )
+
+
+def _ekfac_if(problem: MetaProblem, lam: torch.Tensor, train_tasks: TaskTensors, val_tasks: TaskTensors,
+              settings: InfluenceSettings, n: int, timings: dict[str, float]):
+    """The single-level EK-FAC IF baseline (docs/method.md §8): λ treated as the trained parameters of
+    one model, the inner loop ignored — gradients of the query losses at θ = λ and an EK-FAC of the
+    Fisher fitted at λ itself. score_k = ∇f_λᵀ (K + δI)⁻¹ ∇L_Q^k(λ) / n."""
+    t0 = time.perf_counter()
+    grad_f = direct_measurement_gradient(problem, lam, val_tasks, adapt=False)
+    with torch.no_grad():  # f at θ = λ, the measurement this baseline differentiates
+        f_value = float(problem.collective.all_sum(problem.per_task(lambda l, t: problem.weighted_loss(l, t.xq, t.yq, t.u), lam, val_tasks).sum())
+                        / problem.collective.total_count(len(val_tasks)))
+    t1 = time.perf_counter()
+    ekfac = fit_ekfac(problem, lam, train_tasks, adapt=False, fisher_samples=settings.fisher_samples, seed=settings.seed)
+    damping = settings.damping if settings.damping_mode == "absolute" else settings.damping * ekfac.mean_eigenvalue()
+    s = ekfac.solve(grad_f, damping)
+    timings["ekfac_fit_and_solve"] = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    dots, _, _ = _train_pass(problem, lam, train_tasks, s, lambda p, l, t: direct_gradients(p, l, t, adapt=False))
+    timings["task_gradients"] = time.perf_counter() - t2
+    timings["measurement_gradient"] = t1 - t0
+    diag = {"solver": {"name": "ekfac", "damping": damping, "residual": 0.0, "exact_inverse_of": "EK-FAC + δI"},
+            "hessian": "ekfac (Fisher at θ = λ, no adaptation)",
+            "ekfac": {k: ekfac.info.get(k) for k in ("fisher_samples", "seed", "n_tasks_fitted", "seconds")}}
+    return dots / n, f_value, diag, {"s": s}
 
 
 def task_parameter_changes(problem: MetaProblem, lam: torch.Tensor, train_tasks: TaskTensors, settings: InfluenceSettings,

@@ -8,6 +8,7 @@ products, and solvers of (H + δI) x = b that report their own accuracy.
     lanczos.py    Lanczos eigenpairs, the low-rank solve
     woodbury.py   GᵀG + cI and its exact Woodbury inverse
     nystrom.py    randomized Nyström sketch: a CG preconditioner (pcg) and an approximate inverse (curvature)
+    ekfac.py      eigenvalue-corrected Kronecker-factored operator with an exact blockwise damped inverse
     dense.py      materialise and eigendecompose
     solve.py      SOLVERS and solve_ihvp, the one entry point
 """
@@ -15,6 +16,7 @@ products, and solvers of (H + δI) x = b that report their own accuracy.
 from .cg import block_cg, cg_solve, fixed_step_cg
 from .core import IHVPResult, SolverSettings
 from .dense import explicit_solve
+from .ekfac import EKFAC, KroneckerBlock
 from .lanczos import LowRank, lanczos_eigenpairs, lowrank_solve
 from .neumann import lissa_solve, neumann_solve, power_iteration
 from .nystrom import nystrom_preconditioner, nystrom_sketch, pcg_solve, sketch_solve
@@ -27,4 +29,5 @@ __all__ = [
     "SolverSettings", "IHVPResult", "block_cg", "cg_solve", "fixed_step_cg", "neumann_solve", "lissa_solve",
     "power_iteration", "LowRank", "lanczos_eigenpairs", "lowrank_solve", "explicit_solve", "woodbury_solve",
     "SOLVERS", "STRUCTURED_SOLVERS", "SOLVER_NAMES", "solve_ihvp", "nystrom_sketch", "nystrom_preconditioner", "pcg_solve", "sketch_solve",
+    "EKFAC", "KroneckerBlock",
 ]

@@ -9,6 +9,9 @@ library uses it (Frangella, Tropp & Udell, "Randomized Nyström preconditioning"
 * as an **approximate inverse** (the fast tier):  x = U (Λ + δI)⁻¹ Uᵀ b + (I − UUᵀ) b / (λ_ℓ + δ),
   whose true residual every result records (``curvature``).
 
+An EK-FAC (linalg/ekfac.py) serves both roles the same way through its exact blockwise inverse
+(EK-FAC + δI)⁻¹ (PCG is unchanged by a positive scaling of its preconditioner).
+
 The products are taken ``block`` columns at a time through the operator's ``matmat``.
 """
 
@@ -23,6 +26,7 @@ from torch import Tensor
 from ..errors import DivergenceError, SettingsError
 from ..progress import bar
 from .cg import block_cg
+from .ekfac import EKFAC
 from .core import DampedProducts, IHVPResult, SolverSettings, finish, prepare_rhs
 from .lanczos import LowRank
 from .operators import LinearOperator, apply_block
@@ -73,15 +77,20 @@ def nystrom_preconditioner(sketch: LowRank, damping: float) -> Callable[[Tensor]
 
 
 def pcg_solve(op: LinearOperator, b: Tensor, damping: float, settings: SolverSettings = SolverSettings(), *,
-              sketch: LowRank) -> IHVPResult:
-    """Block CG on H + δI preconditioned by a Nyström sketch of H: the exact tier, to ``tol``."""
+              sketch: LowRank | EKFAC) -> IHVPResult:
+    """Block CG on H + δI preconditioned by a Nyström sketch (or an EK-FAC) of H: the exact tier, to ``tol``."""
     t0 = time.perf_counter()
     B = prepare_rhs(op, b, damping)
     _check(sketch, op)
     products = DampedProducts(op, damping)
-    M = nystrom_preconditioner(_on(sketch, op), damping)
+    sk = _on(sketch, op)
+    if isinstance(sk, EKFAC):
+        # PCG only needs an SPD M ≈ (H + δI)⁻¹: EK-FAC's own damped inverse
+        M = lambda R: sk.solve(R, damping)
+    else:
+        M = nystrom_preconditioner(sk, damping)
     X = torch.empty_like(B)
-    info: dict = {"converged": True, "iterations_per_rhs": [], "recursive_residuals": [], "preconditioner": "nystrom", "rank": sketch.rank}
+    info: dict = {"converged": True, "iterations_per_rhs": [], "recursive_residuals": [], "preconditioner": _method(sketch), "rank": sketch.rank}
     for start in range(0, B.shape[0], settings.cg_block):
         rows = slice(start, start + settings.cg_block)
         Xb, part = block_cg(products.block, B[rows].T.contiguous(), settings.tol, settings.max_iter, precondition=M)
@@ -93,13 +102,17 @@ def pcg_solve(op: LinearOperator, b: Tensor, damping: float, settings: SolverSet
 
 
 def sketch_solve(op: LinearOperator, b: Tensor, damping: float, settings: SolverSettings = SolverSettings(), *,
-                 sketch: LowRank) -> IHVPResult:
-    """The fast tier: the sketch's approximate inverse applied directly (no products but the
-    residual check, which says how good the answer is)."""
+                 sketch: LowRank | EKFAC) -> IHVPResult:
+    """The fast tier: the sketch's (or EK-FAC's) approximate inverse applied directly (no products but
+    the residual check, which says how good the answer is)."""
     t0 = time.perf_counter()
     B = prepare_rhs(op, b, damping)
     _check(sketch, op)
     sk = _on(sketch, op)
+    if isinstance(sk, EKFAC):
+        X = sk.solve(B.T, damping).T
+        return finish("curvature", X, B, b, DampedProducts(op, damping), 0, {"converged": True, "approximation": "ekfac",
+                                                                             "min_eigenvalue": sk.min_eigenvalue()}, t0)
     floor = float(sk.eigenvalues[-1]) + damping
     if floor <= 0:
         raise DivergenceError("the sketch's inverse needs λ_ℓ + δ > 0; raise damping")
@@ -108,10 +121,16 @@ def sketch_solve(op: LinearOperator, b: Tensor, damping: float, settings: Solver
     return finish("curvature", X, B, b, DampedProducts(op, damping), 0, {"converged": True, "rank": sk.rank, "tail_eigenvalue": floor - damping}, t0)
 
 
-def _check(sketch: LowRank, op: LinearOperator) -> None:
+def _check(sketch: LowRank | EKFAC, op: LinearOperator) -> None:
     if sketch.dim != op.dim:
         raise SettingsError(f"the curvature sketch has dimension {sketch.dim} but the operator {op.dim}; fit it for this model")
 
 
-def _on(sketch: LowRank, op: LinearOperator) -> LowRank:
+def _method(sketch: LowRank | EKFAC) -> str:
+    return "ekfac" if isinstance(sketch, EKFAC) else "nystrom"
+
+
+def _on(sketch: LowRank | EKFAC, op: LinearOperator) -> LowRank | EKFAC:
+    if isinstance(sketch, EKFAC):
+        return sketch.to(op.dtype, op.device)
     return LowRank(sketch.eigenvalues.to(device=op.device, dtype=op.dtype), sketch.eigenvectors.to(device=op.device, dtype=op.dtype), sketch.info)

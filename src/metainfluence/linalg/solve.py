@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from torch import Tensor
 
@@ -27,7 +27,7 @@ SOLVERS: dict[str, Callable[..., IHVPResult]] = {
 }
 # solvers for operators of a special form: woodbury needs H = GᵀG + cI (a factor operator)
 STRUCTURED_SOLVERS: dict[str, Callable[..., IHVPResult]] = {"woodbury": woodbury_solve}
-# solvers that need a fitted curvature sketch (``sketch=``): preconditioned CG and the sketch's own inverse
+# solvers that need a fitted curvature (``sketch=``: a Nyström LowRank or an EKFAC): preconditioned CG and its own inverse
 SKETCH_SOLVERS: dict[str, Callable[..., IHVPResult]] = {"pcg": pcg_solve, "curvature": sketch_solve}
 SOLVER_NAMES = (*SOLVERS, *STRUCTURED_SOLVERS, *SKETCH_SOLVERS)
 
@@ -40,7 +40,7 @@ def solve_ihvp(
     damping: float,
     settings: SolverSettings = SolverSettings(),
     lowrank: LowRank | None = None,
-    sketch: LowRank | None = None,
+    sketch: Any = None,
 ) -> IHVPResult:
     """x ≈ (H + δI)⁻¹ b with the named solver; ``b`` is (p,) or (m, p) and x has its shape.
 

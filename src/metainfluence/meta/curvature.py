@@ -207,15 +207,7 @@ def fisher_factor(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, s
         out = problem.collective.gather_rows(problem.per_task(outputs, lam, tasks, v, u))
     rows = []
     for _ in range(samples):
-        if problem.loss_name == "cross_entropy":
-            probs = torch.softmax(out.double(), -1).cpu()
-            flat = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=gen).reshape(probs.shape[:-1])
-            yq = flat.to(tasks.query_y.device)
-        elif problem.loss_name == "mse":
-            noise = torch.randn(out.shape, generator=gen, dtype=out.dtype).to(out.device)
-            yq = out + noise * 0.5**0.5
-        else:
-            raise SettingsError(f"the fisher Hessian needs a likelihood to sample from; loss {problem.loss_name!r} has none — use gauss-newton")
+        yq = sample_labels(problem, out, gen).to(tasks.query_y.device)
         sampled = TaskTensors(tasks.support_x, tasks.support_y, tasks.query_x, problem.collective.local_rows(yq, len(tasks)))
         rows.append(problem.collective.gather_rows(problem.total_gradients(lam, sampled, v, u)))  # every process holds all rows (Woodbury)
     G = torch.cat(rows) * (tasks.n_query / (problem.collective.total_count(len(tasks)) * samples)) ** 0.5
@@ -223,3 +215,17 @@ def fisher_factor(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, s
         task_weight = problem.collective.gather_rows(w.to(G)).clamp_min(0).sqrt()
         G = G * task_weight.repeat(samples)[:, None]
     return G
+
+
+def sample_labels(problem: MetaProblem, out: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Labels drawn from the model's predictive distribution at outputs ``out`` (any leading shape):
+    a class from softmax(out) for cross-entropy, out + N(0, 1/2) for MSE (the Gaussian whose negative
+    log-likelihood is the squared error). Gradients of such labels give the Fisher = Gauss–Newton term."""
+    if problem.loss_name == "cross_entropy":
+        probs = torch.softmax(out.double(), -1).cpu()
+        flat = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=gen).reshape(probs.shape[:-1])
+        return flat.to(out.device)
+    if problem.loss_name == "mse":
+        noise = torch.randn(out.shape, generator=gen, dtype=out.dtype).to(out.device)
+        return out + noise * 0.5**0.5
+    raise SettingsError(f"the fisher Hessian needs a likelihood to sample from; loss {problem.loss_name!r} has none — use gauss-newton")

@@ -212,8 +212,10 @@ def edit_checkpoint(checkpoint: str | os.PathLike, settings: Any, remove_tasks: 
 
 
 def curvature_checkpoint(checkpoint: str | os.PathLike, settings: Any, out: str | os.PathLike, rank: int = 50, oversample: int = 10,
-                         probes: int = 4, overrides: Callable[[RunSettings], RunSettings] | None = None, log: Log = print):
-    """Fit a Nyström sketch of the checkpoint's total Hessian (kind ``settings.hessian``) on its training
+                         probes: int = 4, overrides: Callable[[RunSettings], RunSettings] | None = None, log: Log = print,
+                         method: str = "nystrom", max_tasks: int | None = None):
+    """Fit a curvature (``method``: a Nyström sketch of the checkpoint's total Hessian of kind
+    ``settings.hessian``, or an EK-FAC at the adapted parameters measured against it) on its training
     pool and save it to the stem ``out`` (safetensors + JSON). Returns (artifact, stem)."""
     from ..influence.curvature import fit_curvature
 
@@ -223,7 +225,8 @@ def curvature_checkpoint(checkpoint: str | os.PathLike, settings: Any, out: str 
     ctx, ckpt = RunContext.from_checkpoint(checkpoint, splits=("train",), overrides=overrides)
     log(f"train pool: {ctx.pools['train'].summary()}")
     lam = ckpt.lam.double()
-    art = fit_curvature(ctx.problem, lam, ctx.tensors["train"].to(dtype=lam.dtype), settings, rank=rank, oversample=oversample, probes=probes)
+    art = fit_curvature(ctx.problem, lam, ctx.tensors["train"].to(dtype=lam.dtype), settings, rank=rank, oversample=oversample, probes=probes,
+                        method=method, max_tasks=max_tasks)
     with RunLock(stem.parent):
         art.save(stem)
     return art, stem
