@@ -140,3 +140,22 @@ def test_ekfac_if_matches_an_explicit_solve_with_the_materialised_ekfac():
     assert res.method == "ekfac-if" and res.diagnostics["solver"]["name"] == "ekfac"
     rel = task_influence(problem, lam, train, val, dataclasses.replace(settings, damping_mode="relative", damping=0.1))
     assert rel.diagnostics["solver"]["damping"] == pytest.approx(0.1 * float(torch.trace(K)) / K.shape[0], rel=1e-10)
+
+
+def test_cli_fits_an_ekfac_curvature_and_runs_pcg_and_ekfac_if(tmp_path, capsys):
+    from metainfluence.cli import main
+    from metainfluence.influence.results import InfluenceResult
+
+    small = ["--train-tasks", "16", "--val-tasks", "8", "--test-tasks", "8", "--steps", "20", "--meta-batch", "8",
+             "--weight-decay", "0.05", "--no-progress", "--threads", "1"]
+    assert main(["demo", "--out", str(tmp_path), *small]) == 0
+    ckpt = str(tmp_path / "refined")
+    assert main(["curvature", "--checkpoint", ckpt, "--out", str(tmp_path / "ek"), "--method", "ekfac", "--threads", "1"]) == 0
+    assert "EK-FAC" in capsys.readouterr().out
+    assert main(["influence", "--checkpoint", ckpt, "--hessian", "gauss-newton", "--solver", "pcg", "--curvature-file", str(tmp_path / "ek"),
+                 "--name", "pcg", "--threads", "1"]) == 0
+    info = json.loads((tmp_path / "pcg.json").read_text())["diagnostics"]
+    assert info["curvature"]["method"] == "ekfac" and info["solver"]["residual"] < 1e-5
+    assert main(["influence", "--checkpoint", ckpt, "--method", "ekfac-if", "--damping", "0.1", "--name", "ek", "--threads", "1"]) == 0
+    res = InfluenceResult.load(tmp_path / "ek")
+    assert res.method == "ekfac-if" and res.scores.shape == (16,) and bool(torch.isfinite(res.scores).all())

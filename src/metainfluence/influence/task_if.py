@@ -294,7 +294,7 @@ def _ekfac_if(problem: MetaProblem, lam: torch.Tensor, train_tasks: TaskTensors,
     dots, _, _ = _train_pass(problem, lam, train_tasks, s, lambda p, l, t: direct_gradients(p, l, t, adapt=False))
     timings["task_gradients"] = time.perf_counter() - t2
     timings["measurement_gradient"] = t1 - t0
-    diag = {"solver": {"name": "ekfac", "damping": damping, "residual": 0.0, "exact_inverse_of": "EK-FAC + δI"},
+    diag = {"solver": {"name": "ekfac", "damping": damping, "residual": 0.0, "iterations": 0, "exact_inverse_of": "EK-FAC + δI"},
             "hessian": "ekfac (Fisher at θ = λ, no adaptation)",
             "ekfac": {k: ekfac.info.get(k) for k in ("fisher_samples", "seed", "n_tasks_fitted", "seconds")}}
     return dots / n, f_value, diag, {"s": s}
