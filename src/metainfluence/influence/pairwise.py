@@ -136,6 +136,9 @@ def pairwise_influence(
     if settings.method != "task-if" or settings.removal != "first-order":
         raise SettingsError(f"pairwise scores are first-order task-IF (method task-if, removal first-order), not {settings.method}/{settings.removal}")
     check_hessian_kind(problem, settings.hessian)
+    if problem.collective.total_count(1) != 1:
+        # a sharded test pool would give each process other right-hand sides for one collective solve
+        raise SettingsError("pairwise scores run in one process; compute them without the distributed launcher")
     lam = lam.detach()
     n = problem.collective.total_count(len(train_tasks))
     diag: dict[str, Any] = {"n_tasks": n, "n_params": lam.numel()}
