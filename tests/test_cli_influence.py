@@ -128,3 +128,21 @@ def test_influence_check_reoptimises_groups_and_records_the_fidelity(demo_run, c
     actual = validation_loss(ctx.problem, reduced, val) - validation_loss(ctx.problem, full, val)
     assert fc["actual"][0] == pytest.approx(actual, rel=1e-6, abs=1e-12)
 
+
+
+def test_influence_pairwise_writes_the_train_by_val_matrix(demo_run, capsys):
+    from metainfluence.influence.pairwise import PairwiseResult
+
+    assert main(["influence", "--checkpoint", str(demo_run / "refined"), "--level", "pairwise", "--hessian", "gauss-newton",
+                 "--rhs-chunk", "15", "--cg-block", "15", "--name", "pw", "--threads", "1"]) == 0
+    assert "60 training × 30 validation tasks" in capsys.readouterr().out
+    res = PairwiseResult.load(demo_run / "pw")
+    assert res.scores.shape == (60, 30) and torch.equal(res.train_task_ids, torch.arange(60))
+    # linearity: the mean over validation tasks is the task-level score against the validation pool
+    assert main(["influence", "--checkpoint", str(demo_run / "refined"), "--hessian", "gauss-newton", "--name", "pw_task", "--threads", "1"]) == 0
+    task = InfluenceResult.load(demo_run / "pw_task")
+    torch.testing.assert_close(res.scores.mean(1), task.scores, rtol=1e-3, atol=1e-4 * float(task.scores.abs().max()))
+    info = json.loads((demo_run / "pw.json").read_text())
+    assert len(info["diagnostics"]["solver"]["residuals"]) == 30
+    assert main(["influence", "--checkpoint", str(demo_run / "refined"), "--measurement", "margin"]) == 2
+    assert "pairwise only" in capsys.readouterr().err

@@ -8,6 +8,7 @@ The public API, stage by stage (data → task pools → meta-learning → influe
     MetaProblem, InnerSettings, meta_train,     meta/
     refine, evaluate
     task_influence, instance_influence,         influence/
+    pairwise_influence, PairwiseResult,
     edit_model, Removal, unlearn, TotalHessian, solve_ihvp
     leave_one_out, lds_ground_truth, metrics    evaluation/
     SolverSettings, solve_ihvp                  linalg/ (operators and solvers, used by every stage)
@@ -23,6 +24,7 @@ from .evaluation.groundtruth import GroundTruthSettings, lds_ground_truth, leave
 from .influence.editing import EditResult, Removal, edit_model, unlearn
 from .meta.curvature import TotalHessian
 from .influence.instance_if import instance_influence
+from .influence.pairwise import PairwiseResult, pairwise_influence
 from .influence.results import SIGN_CONVENTION, InfluenceResult, InfluenceSettings
 
 from .influence.task_if import task_influence, task_parameter_changes
@@ -37,8 +39,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SIGN_CONVENTION", "EditResult", "GroundTruthSettings", "InfluenceResult", "InfluenceSettings", "InnerSettings",
-    "MetaInfluenceError", "MetaProblem", "RefineSettings", "Removal", "SolverSettings", "TaskTensors", "TotalHessian",
+    "MetaInfluenceError", "MetaProblem", "PairwiseResult", "RefineSettings", "Removal", "SolverSettings", "TaskTensors", "TotalHessian",
     "TrainSettings", "build_pool", "corrupt_labels", "edit_model", "evaluate", "instance_influence", "lds_ground_truth",
-    "leave_one_out", "load_dataset", "meta_train", "metrics", "refine", "sinusoid_pool", "solve_ihvp", "task_influence",
+    "leave_one_out", "load_dataset", "meta_train", "metrics", "pairwise_influence", "refine", "sinusoid_pool", "solve_ihvp", "task_influence",
     "task_parameter_changes", "unlearn",
 ]

@@ -91,7 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
         "its validation pool. score > 0: removing the item would raise the validation loss (it helps); score < 0: it harms. "
         "Writes OUT/NAME.safetensors + OUT/NAME.json (settings, sign convention, diagnostics, timings, task ids)."))
     inf.add_argument("--checkpoint", required=True, help="refined checkpoint (stem, .json or .safetensors), e.g. runs/demo/refined")
-    inf.add_argument("--level", default="task", choices=("task", "support", "query"), help="score whole tasks, or single support / query examples (default: task)")
+    inf.add_argument("--level", default="task", choices=("task", "support", "query", "pairwise"),
+                     help="score whole tasks, single support / query examples, or every training task on every validation task (pairwise: an n_train × n_val matrix) (default: task)")
+    inf.add_argument("--measurement", default=None, choices=("loss", "margin"),
+                     help="pairwise only: each validation task's query loss (default) or its mean margin, correct-class logit minus the best other logit")
     inf.add_argument("--out", default=None, help="output folder (default: the checkpoint's folder)")
     inf.add_argument("--name", default=None, help="file name stem (default: influence_LEVEL_METHOD)")
     inf.add_argument("--top", type=int, default=5, help="how many most harmful / most helpful items to print (default: 5)")
@@ -267,14 +270,29 @@ def _print_items(result, k: int) -> None:
             print(f"  {item if len(item) > 1 else item[0]!s:>12}  score {float(result.scores.reshape(-1)[i]):+.4e}")
 
 
+def _print_pairs(result, k: int) -> None:
+    """The matrix's shape and, for the first k validation tasks, the training task that helps and harms it most."""
+    from .influence.pairwise import PAIRWISE_SIGN_CONVENTION
+
+    n, m = result.scores.shape
+    print(PAIRWISE_SIGN_CONVENTION)
+    print(f"{n} training × {m} validation tasks ({result.measurement}); per validation task, the extreme training tasks:")
+    for j in range(min(max(k, 0), m)):
+        col = result.scores[:, j]
+        lo, hi = int(col.argmin()), int(col.argmax())
+        print(f"  {int(result.test_task_ids[j]):>6}  min {int(result.train_task_ids[lo]):>6} ({float(col[lo]):+.3e})"
+              f"  max {int(result.train_task_ids[hi]):>6} ({float(col[hi]):+.3e})")
+
+
 def _cmd_influence(args: argparse.Namespace) -> int:
     from .pipeline import influence_checkpoint
 
     from .evaluation.fidelity import CheckSettings
 
     check = CheckSettings(removals=args.check, fraction=args.check_fraction, max_minutes=args.check_minutes)
+    measurement = "margin" if args.measurement == "margin" else None
     result, stem = influence_checkpoint(args.checkpoint, _influence_settings(args), level=args.level, out=args.out, name=args.name,
-                                        overrides=_data_only(args), check=check)
+                                        overrides=_data_only(args), check=check, measurement=measurement)
     diag = result.diagnostics
     if "solver" in diag:
         print(f"solver {diag['solver']['name']}: residual {diag['solver']['residual']:.2e}, {diag['solver']['iterations']} iterations")
@@ -285,7 +303,10 @@ def _cmd_influence(args: argparse.Namespace) -> int:
         fc = diag["fidelity_check"]
         print(f"fidelity check ({fc['removals_done']} removals of {fc['group_size']} tasks, re-optimised from λ*): "
               f"Spearman {fc['spearman']:.2f}, relative error {fc['relative_error']:.2f}, sign agreement {fc['sign_agreement']:.2f}")
-    _print_items(result, args.top)
+    if args.level == "pairwise":
+        _print_pairs(result, args.top)
+    else:
+        _print_items(result, args.top)
     print(f"scores: {stem}.safetensors (+ .json); {diag['timings_s']['total']:.1f} s")
     return 0
 

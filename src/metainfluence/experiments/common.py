@@ -16,7 +16,7 @@ from ..config import to_dict
 from ..pipeline import refine_stage, train_stage
 
 EXPERIMENTS = ("detection", "removal", "estimates")
-METHODS = ("task-if", "direct-if", "tracin", "loss", "random")
+METHODS = ("task-if", "direct-if", "tracin", "trak", "ekfac-if", "loss", "random")
 
 
 def _machine() -> dict[str, Any]:

@@ -23,7 +23,7 @@ SIGN_CONVENTION = (
     "loss, i.e. the item HARMS. Harmful-first ranking sorts scores ascending."
 )
 
-METHODS = ("task-if", "direct-if", "tracin", "ekfac-if", "loss", "random")
+METHODS = ("task-if", "direct-if", "tracin", "trak", "ekfac-if", "loss", "random")
 SUPPORT_METHODS = ("unrolled", "two-stage")
 
 
@@ -41,7 +41,7 @@ class InfluenceSettings:
     solver's own settings (composed: :class:`~metainfluence.linalg.SolverSettings`, a ``[influence.solve]``
     section in config files, flags without a prefix), and the instance-level options."""
 
-    method: str = field(default="task-if", metadata={"help": "task-if | direct-if | tracin | ekfac-if | loss | random (docs/method.md §5, §8)"})
+    method: str = field(default="task-if", metadata={"help": "task-if | direct-if | tracin | trak | ekfac-if | loss | random (docs/method.md §5, §8)"})
     hessian: str = field(default="exact", metadata={"help": "total-Hessian products: exact | gauss-newton | gamma | fisher (direct-if always uses direct)"})
     solver: str = field(default="cg", metadata={"help": "iHVP solver: explicit | cg | neumann | lissa | lowrank | woodbury (fisher only) | pcg (CG preconditioned by --curvature-file) | curvature (the fitted sketch's inverse, fast tier)"})
     damping: float = field(default=1e-3, metadata={"help": "damping δ added to every Hessian: solves use H + δI"})
@@ -59,6 +59,8 @@ class InfluenceSettings:
                                                                   "(one Newton step on the pool without the task, (H − H_k/n + δI)⁻¹g_k/n; survives overfitting better, one solve per task unless fisher)"})
     self_influence: bool = field(default=False, metadata={"help": "also compute self-influence g_kᵀ(H+δI)^{-1}g_k/n (one iHVP per task)"})
     stationarity_warn: float = field(default=0.05, metadata={"help": "warn when ‖∇F‖ / mean‖g_i‖ exceeds this (docs/method.md §2)"})
+    trak_dim: int = field(default=512, metadata={"help": "trak: rows k of the seeded Gaussian projection of the task gradients (min(k, p) is used; docs/method.md §8)"})
+    rhs_chunk: int = field(default=32, metadata={"help": "pairwise: test-side right-hand sides solved per block, which bounds the solver's memory (docs/method.md §6.2)"})
 
     @property
     def seed(self) -> int:
@@ -93,6 +95,10 @@ class InfluenceSettings:
             raise SettingsError(f"unknown support method {self.support_method!r}; use unrolled or two-stage")
         if not _finite_nonnegative(self.inner_damping):
             raise SettingsError(f"inner_damping must be a finite number ≥ 0, got {self.inner_damping}")
+        for name in ("trak_dim", "rhs_chunk"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise SettingsError(f"{name} must be an integer ≥ 1, got {value!r}")
 
 
 @dataclass
@@ -148,17 +154,10 @@ class InfluenceResult:
 
     @classmethod
     def load(cls, stem: str | Path, pool_fingerprint: str | None = None) -> "InfluenceResult":
-        tensors, info = load_result(stem, what="scores file")
-        if not isinstance(info, dict) or info.get("kind") != "metainfluence.influence":
-            raise CheckpointError(f"{stem} is not a metainfluence scores file; pass the output of `metainfluence influence`")
-        missing = [k for k in ("level", "method", "measurement", "settings", "diagnostics") if k not in info]
-        missing += [k for k in ("scores", "task_ids") if k not in tensors]
-        if missing:
-            raise CheckpointError(f"scores file {stem} lacks {', '.join(missing)}; it is damaged or not a scores file — recompute it")
+        tensors, info = read_scores_file(stem, "metainfluence.influence", "scores file", ("level", "method", "measurement", "settings", "diagnostics"),
+                                         ("scores", "task_ids"), pool_fingerprint)
         if tensors["task_ids"].dim() != 1 or tensors["scores"].shape[:1] != tensors["task_ids"].shape:
             raise CheckpointError(f"scores file {stem}: scores {tuple(tensors['scores'].shape)} and task ids {tuple(tensors['task_ids'].shape)} disagree; recompute it")
-        if pool_fingerprint is not None and info.get("pool_fingerprint") not in (None, pool_fingerprint):
-            raise CheckpointError(f"scores file {stem} was computed on another task pool; recompute the scores for this checkpoint's pool")
         extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
         return cls(
             level=info["level"],
@@ -171,6 +170,21 @@ class InfluenceResult:
             self_influence=tensors.get("self_influence"),
             extra=extra,
         )
+
+
+def read_scores_file(stem: str | Path, kind: str, what: str, info_keys: tuple[str, ...], tensor_keys: tuple[str, ...],
+                     pool_fingerprint: str | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A scores file's tensors and JSON, refused when it is of another kind, damaged (a key missing) or
+    computed on another task pool than ``pool_fingerprint``."""
+    tensors, info = load_result(stem, what=what)
+    if not isinstance(info, dict) or info.get("kind") != kind:
+        raise CheckpointError(f"{stem} is not a metainfluence {what}; pass the output of `metainfluence influence`")
+    missing = [k for k in info_keys if k not in info] + [k for k in tensor_keys if k not in tensors]
+    if missing:
+        raise CheckpointError(f"{what} {stem} lacks {', '.join(missing)}; it is damaged or not a {what} — recompute it")
+    if pool_fingerprint is not None and info.get("pool_fingerprint") not in (None, pool_fingerprint):
+        raise CheckpointError(f"{what} {stem} was computed on another task pool; recompute the scores for this checkpoint's pool")
+    return tensors, info
 
 
 class InfluenceWarning(UserWarning):

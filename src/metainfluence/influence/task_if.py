@@ -16,7 +16,7 @@ import dataclasses
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -146,8 +146,22 @@ def inner_solve_check(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensor
                         f"the implicit-function derivatives assume an inner optimum — raise --inner-steps (now {problem.inner.steps}) or --inner-lr")
 
 
-def _train_pass(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, s: torch.Tensor | None, gradient_fn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One chunked pass: (sᵀg_k per task, ‖g_k‖ per task, Σ_k g_k) without storing all g_k."""
+def trust_checks(problem: MetaProblem, lam: torch.Tensor, train_tasks: TaskTensors, g_sum: torch.Tensor, norms: torch.Tensor,
+                 settings: InfluenceSettings, diag: dict[str, Any]) -> None:
+    """What every total-gradient score rests on: λ stationary (from the pass's Σg_k and ‖g_k‖) and,
+    for the implicit inner solver, θ_i at the inner optimum."""
+    n = problem.collective.total_count(len(train_tasks))
+    diag["stationarity"] = stationarity(g_sum / n + problem.weight_decay * lam, problem.collective.gather_rows(norms), settings.stationarity_warn, diag)
+    inner_solve_check(problem, lam, train_tasks, diag)
+
+
+def _train_pass(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, s: torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None,
+                gradient_fn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One chunked pass: (sᵀg_k per task, ‖g_k‖ per task, Σ_k g_k) without storing all g_k.
+
+    ``s`` may be a (p,) vector, a (p, m) matrix (m dot products per task: pairwise scores) or a
+    function of a chunk's (c, p) gradients (trak's projection), so every pass over the training
+    gradients is this one."""
     dots, norms = [], []
     total = torch.zeros_like(lam)
     chunks = list(problem.chunks(len(tasks)))
@@ -155,7 +169,10 @@ def _train_pass(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, s: 
         G = gradient_fn(problem, lam, tasks.subset(c))
         total += G.sum(0)
         norms.append(G.norm(dim=1))
-        dots.append(G @ s if s is not None else torch.zeros(G.shape[0], dtype=G.dtype, device=G.device))
+        if s is None:
+            dots.append(torch.zeros(G.shape[0], dtype=G.dtype, device=G.device))
+        else:
+            dots.append(s(G) if callable(s) else G @ s)
     return torch.cat(dots), torch.cat(norms), problem.collective.all_sum(total)
 
 
@@ -220,8 +237,7 @@ def task_influence(
         scores = dots / n
         timings["task_gradients"] = time.perf_counter() - t2
         if not direct:
-            diag["stationarity"] = stationarity(g_sum / n + problem.weight_decay * lam, problem.collective.gather_rows(norms), settings.stationarity_warn, diag)
-            inner_solve_check(problem, lam, train_tasks, diag)
+            trust_checks(problem, lam, train_tasks, g_sum, norms, settings, diag)
         self_inf = None
         if settings.self_influence:
             if op is None:
@@ -252,6 +268,18 @@ def task_influence(
         scores, f_value, diag_part, extra = _ekfac_if(problem, lam, train_tasks, val_tasks, settings, n, timings)
         diag.update(diag_part)
         self_inf = None
+    elif method == "trak":
+        from .trak import trak_scores  # trak reuses this module's pass over the training gradients
+
+        grad_f, f_value = measurement_gradient(problem, lam, val_tasks)
+        timings["measurement_gradient"] = time.perf_counter() - t0
+        t2 = time.perf_counter()
+        out = trak_scores(problem, lam, train_tasks, grad_f, settings)
+        timings["trak"] = time.perf_counter() - t2
+        scores, diag["trak"] = out["scores"], out["diag"]
+        self_inf = out["self_influence"] if settings.self_influence else None
+        trust_checks(problem, lam, train_tasks, out["g_sum"], out["norms"], settings, diag)
+        extra = {}
     elif method == "loss":
         f_value = _mean_task_loss(problem, lam, val_tasks)
         with torch.no_grad():

@@ -14,7 +14,7 @@ from ..config import to_dict
 from ..errors import SettingsError
 from ..evaluation.fidelity import CheckSettings, fidelity_check
 from ..influence.results import shortfall
-from ..influence import Removal, edit_model, instance_influence, task_influence
+from ..influence import Removal, edit_model, instance_influence, pairwise_influence, task_influence
 from ..io import write_json
 from ..meta.evaluate import EvalResult, evaluate
 from ..meta.refine import RefineReport, refine
@@ -47,17 +47,22 @@ def refine_stage(ctx: RunContext, lam: torch.Tensor, progress: bool = True, w: t
     return refine(ctx.problem, lam, ctx.tensors["train"], ctx.settings.refine, w=w, progress=progress)
 
 
-def influence_stage(ctx: RunContext, lam: torch.Tensor, settings: Any, level: str = "task"):
+def influence_stage(ctx: RunContext, lam: torch.Tensor, settings: Any, level: str = "task", measurement: str | None = None):
     """Scores of the training pool's tasks (level 'task') or examples ('support' / 'query') against the
-    validation pool's mean query loss (docs/method.md §5), with the pool's stable task ids."""
+    validation pool's mean query loss (docs/method.md §5), with the pool's stable task ids; level
+    'pairwise' scores every training task on every validation task's own ``measurement`` (None:
+    query loss, or 'margin'; docs/method.md §6.2)."""
     dtype = lam.dtype
     train, val = ctx.tensors["train"].to(dtype=dtype), ctx.tensors["val"].to(dtype=dtype)
     ids = torch.as_tensor(ctx.pools["train"].task_ids)
     if level == "task":
         return task_influence(ctx.problem, lam, train, val, settings, task_ids=ids)
+    if level == "pairwise":
+        return pairwise_influence(ctx.problem, lam, train, val, settings, measurement=measurement, train_task_ids=ids,
+                                  test_task_ids=torch.as_tensor(ctx.pools["val"].task_ids))
     if level in ("support", "query"):
         return instance_influence(ctx.problem, lam, train, val, level, settings, task_ids=ids)
-    raise SettingsError(f"unknown influence level {level!r}; use task, support or query")
+    raise SettingsError(f"unknown influence level {level!r}; use task, support, query or pairwise")
 
 
 def edit_stage(ctx: RunContext, lam: torch.Tensor, removal: Any, settings: Any, newton_steps: int = 0, step: str = "reduced"):
@@ -153,14 +158,16 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, split: str = "test", task
 
 def influence_checkpoint(checkpoint: str | os.PathLike, settings: Any, level: str = "task", out: str | os.PathLike | None = None,
                          name: str | None = None, overrides: Callable[[RunSettings], RunSettings] | None = None, log: Log = print,
-                         check: CheckSettings | None = None) -> tuple[Any, Path]:
+                         check: CheckSettings | None = None, measurement: str | None = None) -> tuple[Any, Path]:
     """Score a checkpoint's training tasks or examples (:func:`influence_stage`) and write the scores file
     ``OUT/NAME`` (default: the checkpoint's folder, ``influence_LEVEL_METHOD``). Returns (result, stem)."""
+    if measurement is not None and level != "pairwise":
+        raise SettingsError(f"--measurement applies to --level pairwise only (level {level} measures the validation pool's mean query loss)")
     name = check_name(name or f"influence_{level}_{settings.method}")
     folder = check_writable(out if out else Path(checkpoint).expanduser().parent)
     ctx, ckpt = RunContext.from_checkpoint(checkpoint, splits=("train", "val"), overrides=overrides)
     log(f"train pool: {ctx.pools['train'].summary()}")
-    result = influence_stage(ctx, ckpt.lam.double(), settings, level)
+    result = influence_stage(ctx, ckpt.lam.double(), settings, level, measurement)
     if check is not None and check.removals:
         if level != "task":
             raise SettingsError("--check re-optimises groups of tasks; use it with --level task")
