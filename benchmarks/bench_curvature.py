@@ -4,14 +4,16 @@ Problem: Conv4 (group norm, ``--width`` filters) on Omniglot 5-way 1-shot 5-quer
 ``--data-root`` / $METAINFLUENCE_DATA (required), ``--tasks`` training tasks, 1 inner step,
 μ = 1e-2, meta-trained briefly with Adam. Then, with the floor = one pass of per-task total gradients over the pool (float64):
 
-* ``cg``:        Gauss–Newton + CG to ``--tol`` (the exact tier's reference);
-* ``pcg``:       the same, preconditioned by a rank-``--rank`` Nyström sketch (fit timed separately);
-* ``curvature``: the sketch's inverse applied directly (the fast tier);
-* ``fisher``:    fisher + Woodbury (exact inverse of a different surrogate).
+* ``cg``:          Gauss–Newton + CG to ``--tol`` (the exact tier's reference), and with float32 products;
+* ``pcg nystrom``: the same, preconditioned by a rank-``--rank`` Nyström sketch (fit timed separately),
+                   also with float32 products; ``pcg ekfac``: preconditioned by an EK-FAC;
+* ``fast …``:      the sketch's / EK-FAC's inverse applied directly (the fast tier);
+* ``fisher woodbury``: fisher + Woodbury (exact inverse of a different surrogate); ``trak``, ``tracin``.
 
-For each: time of whole-pool task-IF over the floor, the solver's true relative residual, Spearman
-against ``cg``; self-influence of ``--self-tasks`` tasks (time / floor, Spearman against per-task cg
-solves); instance-IF of one task's query examples (Spearman). Peak resident memory of the process.
+For each: time of whole-pool task-IF over the floor, the solver's true relative residual (products in
+float64), Spearman against ``cg``; self-influence of ``--self-tasks`` tasks (time / floor, Spearman
+against cg's block solve) and, for the fast tiers, of every task; instance-IF of one task's query
+examples from the tier's s (Spearman). Peak resident memory of the process.
 
     python benchmarks/bench_curvature.py --tasks 500 --width 32 --threads 2 --json bench_curvature.json
 """
@@ -30,6 +32,7 @@ import warnings
 
 import torch
 
+from metainfluence.allocator import tune_allocator
 from metainfluence.evaluation.metrics import spearman
 from metainfluence.influence.curvature import fit_curvature
 from metainfluence.influence.instance_if import instance_influence
@@ -56,7 +59,8 @@ def parse_args(argv=None):
     ap.add_argument("--self-tasks", type=int, default=30)
     ap.add_argument("--data-root", default=os.environ.get("METAINFLUENCE_DATA"))
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", default=None, help="write the table here after every tier (a long run keeps what it finished)")
+    ap.add_argument("--max-minutes", type=float, default=float("inf"), help="skip the remaining tiers after this long")
     return ap.parse_args(argv)
 
 
@@ -69,6 +73,7 @@ def timed(fn):
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    tune_allocator()
     warnings.simplefilter("ignore", RefineWarning)
     warnings.simplefilter("ignore", InfluenceWarning)  # residuals are reported in the table instead
     log = lambda s: print(s, file=sys.stderr, flush=True)
@@ -89,54 +94,96 @@ def main(argv=None) -> int:
     (lam32, history, _), t_train = timed(lambda: train_stage(ctx, progress=False))
     lam = lam32.double()
     train, val = train.to(dtype=torch.float64), val.to(dtype=torch.float64)
+    problem.total_gradients(lam, train.subset([0, 1]))  # warm-up, so the floor is not charged for first-call set-up
     _, floor = timed(lambda: problem.total_gradients(lam, train))
     log(f"trained {history.steps_done} steps in {t_train:.0f} s; floor (one pass of per-task total gradients): {floor:.2f} s")
 
     common = dict(hessian="gauss-newton", damping=args.damping, stationarity_warn=1e9, solve=SolverSettings(tol=args.tol, max_iter=args.max_iter))
     ref_s = InfluenceSettings(solver="cg", **common)
-    art, fit_s = timed(lambda: fit_curvature(problem, lam, train, ref_s, rank=args.rank, probes=4))
-    workdir = tempfile.TemporaryDirectory(prefix="bench_curvature_")  # the sketch file lives only as long as the run
-    stem = os.path.join(workdir.name, "curvature")
-    art.save(stem)
-    log(f"Nyström sketch rank {art.sketch.rank}: fit {fit_s:.1f} s = {fit_s / floor:.1f}× the floor; probe operator error {max(art.info['probe_operator_rel_error']):.2g}")
-    tiers = {"cg": ref_s, "pcg": InfluenceSettings(solver="pcg", curvature_file=stem, **common),
-             "curvature": InfluenceSettings(solver="curvature", curvature_file=stem, **common),
-             "fisher": InfluenceSettings(solver="woodbury", **{**common, "hessian": "fisher"})}
+    workdir = tempfile.TemporaryDirectory(prefix="bench_curvature_")  # the curvature files live only as long as the run
+    fits = {}
+    for method in ("nystrom", "ekfac"):
+        art, fit_s = timed(lambda: fit_curvature(problem, lam, train, ref_s, rank=args.rank, probes=4, method=method))
+        stem = os.path.join(workdir.name, method)
+        art.save(stem)
+        fits[method] = {"file": stem, "fit_s": fit_s, "fit_over_floor": fit_s / floor,
+                        "probe_operator_rel_error": max(art.info["probe_operator_rel_error"]),
+                        "probe_solve_residual": max(art.info["probe_solve_residual"])}
+        log(f"{method} curvature: fit {fit_s:.1f} s = {fit_s / floor:.1f}× the floor; probe operator error "
+            f"{fits[method]['probe_operator_rel_error']:.2g}, fast-tier probe residual {fits[method]['probe_solve_residual']:.2g}")
+    f32 = dict(common, products="float32")
+    # cheapest first after the reference, so a --max-minutes budget keeps the most tiers
+    tiers = {
+        "cg": ref_s,
+        "fast nystrom": InfluenceSettings(solver="curvature", curvature_file=fits["nystrom"]["file"], **common),
+        "fast ekfac": InfluenceSettings(solver="curvature", curvature_file=fits["ekfac"]["file"], **common),
+        "fisher woodbury": InfluenceSettings(solver="woodbury", **{**common, "hessian": "fisher"}),
+        "trak": InfluenceSettings(method="trak", **common),
+        "tracin": InfluenceSettings(method="tracin", **common),
+        "pcg nystrom": InfluenceSettings(solver="pcg", curvature_file=fits["nystrom"]["file"], **common),
+        "cg float32": InfluenceSettings(solver="cg", **f32),
+        "pcg nystrom float32": InfluenceSettings(solver="pcg", curvature_file=fits["nystrom"]["file"], **f32),
+        "pcg ekfac": InfluenceSettings(solver="pcg", curvature_file=fits["ekfac"]["file"], **common),
+    }
+    deadline = time.perf_counter() + 60 * args.max_minutes
     rows, results = [], {}
+    record = {"args": vars(args), "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} thread(s)",
+              "params": problem.dim, "train_s": t_train, "floor_s": floor, "fits": fits, "rows": rows}
+
+    def save():
+        record["peak_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        if args.json:
+            write_json(args.json, record)
+
+    sub = train.subset(list(range(min(args.self_tasks, len(train)))))
+    G_sub = problem.total_gradients(lam, sub)
+    one = train.subset([0])
+    self_ref = inst_ref = None
     for name, s in tiers.items():
+        if time.perf_counter() > deadline:
+            log(f"  --max-minutes reached: {name} and later tiers skipped")
+            record["skipped_from"] = name
+            break
         res, t = timed(lambda: task_influence(problem, lam, train, val, s))
         results[name] = res
-        solver = res.diagnostics["solver"]
-        rows.append({"tier": name, "task-IF s": round(t, 2), "÷ floor": round(t / floor, 1), "residual": f"{solver['residual']:.1e}",
-                     "iterations": solver["iterations"], "Spearman vs cg": round(spearman(res.scores, results["cg"].scores), 4)})
-        log(f"  {rows[-1]}")
-    # self-influence of a subsample: one solve per task; the reference is per-task cg
-    sub = train.subset(list(range(min(args.self_tasks, len(train)))))
-    G = problem.total_gradients(lam, sub)
-    self_rows = {}
-    for name, s in tiers.items():
-        op = build_hessian(problem, lam, train, s)
-        res, t = timed(lambda: ihvp(op, G, s))
-        self_rows[name] = ((G * res.x).sum(1), t)
-    for r in rows:
-        vals, t = self_rows[r["tier"]]
-        r.update({"self-inf s": round(t, 2), "self ÷ floor": round(t / floor, 1), "self Spearman": round(spearman(vals, self_rows["cg"][0]), 4)})
-    # instance-IF of one task's query examples, from each tier's s
-    one = train.subset([0])
-    inst_ref = instance_influence(problem, lam, one, val, "query", ref_s, s=results["cg"].extra["s"]).scores.flatten()
-    for r in rows:
-        inst = instance_influence(problem, lam, one, val, "query", ref_s, s=results[r["tier"]].extra["s"]).scores.flatten()
-        r["instance Spearman"] = round(spearman(inst, inst_ref), 4)
-    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    cols = list(rows[0])
+        solver = res.diagnostics.get("solver", {})
+        row = {"tier": name, "task-IF ÷ floor": round(t / floor, 1), "residual": f"{solver['residual']:.1e}" if "residual" in solver else "-",
+               "iterations": solver.get("iterations", "-"), "Spearman vs cg": round(spearman(res.scores, results["cg"].scores), 4)}
+        # self-influence of a subsample (the exact reference is cg's); fast tiers and kernels also on every task
+        vals = t_sub = None
+        if s.solver == "pcg":
+            pass  # pcg's answer is cg's to the same tolerance: its self-influence would only cost time again
+        elif s.method == "task-if":
+            op = build_hessian(problem, lam, train, s)
+            r_sub, t_sub = timed(lambda: ihvp(op, G_sub, s))
+            vals = (G_sub * r_sub.x).sum(1)
+            if s.solver in ("curvature", "woodbury"):
+                _, t_all = timed(lambda: ihvp(op, problem.total_gradients(lam, train), s))
+                row["self-inf all ÷ floor"] = round(t_all / floor, 1)  # includes its own pass of total gradients
+        elif s.method == "trak":  # its self-influence comes from the same projected features
+            r_all, t_all = timed(lambda: task_influence(problem, lam, train, val, dataclasses.replace(s, self_influence=True)))
+            vals = r_all.self_influence[: len(sub)] if r_all.self_influence is not None else None
+            row["self-inf all ÷ floor"] = round(t_all / floor, 1)
+        self_ref = vals if name == "cg" else self_ref
+        if t_sub is not None:
+            row[f"self-inf {len(sub)} ÷ floor"] = round(t_sub / floor, 1)
+        if vals is not None:
+            row["self Spearman"] = round(spearman(vals, self_ref), 4)
+        # instance-IF of one task's query examples, from this tier's s (methods without one are skipped)
+        if "s" in res.extra:
+            inst = instance_influence(problem, lam, one, val, "query", ref_s, s=res.extra["s"]).scores.flatten()
+            inst_ref = inst if name == "cg" else inst_ref
+            row["instance Spearman"] = round(spearman(inst, inst_ref), 4)
+        rows.append(row)
+        log(f"  {row}")
+        save()
+    save()
+    cols = list(dict.fromkeys(c for r in rows for c in r))
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:
-        print("| " + " | ".join(str(r[c]) for c in cols) + " |")
-    print(f"\nfloor {floor:.2f} s; sketch fit {fit_s / floor:.1f}× the floor; peak resident memory {peak_gb:.2f} GB; "
-          f"{platform.machine()}, torch {torch.__version__}, {args.threads} thread(s)")
-    if args.json:
-        write_json(args.json, {"args": vars(args), "floor_s": floor, "fit_s": fit_s, "rows": rows, "peak_gb": peak_gb,
-                               "sketch": {k: art.info[k] for k in ("rank", "probe_operator_rel_error", "probe_solve_residual", "eigenvalue_max", "eigenvalue_min_kept")}})
+        print("| " + " | ".join(str(r.get(c, "-")) for c in cols) + " |")
+    print(f"\nfloor {floor:.2f} s; fits " + ", ".join(f"{k} {v['fit_over_floor']:.1f}× the floor" for k, v in fits.items())
+          + f"; peak resident memory {record['peak_gb']:.2f} GB; {record['machine']}")
     workdir.cleanup()
     return 0
 

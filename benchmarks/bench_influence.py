@@ -44,6 +44,7 @@ import warnings
 
 import torch
 
+from metainfluence.allocator import tune_allocator
 from metainfluence.meta.curvature import TotalHessian
 from metainfluence.influence.results import InfluenceSettings
 from metainfluence.linalg import SolverSettings
@@ -96,6 +97,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    tune_allocator()
     warnings.simplefilter("ignore", RefineWarning)
     t_all = time.perf_counter()
     log = lambda s: print(s, file=sys.stderr, flush=True)

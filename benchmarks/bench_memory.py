@@ -57,6 +57,7 @@ def child(args: argparse.Namespace) -> dict:
 
     import torch
 
+    from metainfluence.allocator import tune_allocator
     from metainfluence.data.digits import load_digits
     from metainfluence.influence.results import InfluenceSettings
     from metainfluence.linalg import SolverSettings
@@ -67,6 +68,7 @@ def child(args: argparse.Namespace) -> dict:
 
     warnings.simplefilter("ignore")  # λ is the untrained init: the stationarity warning is expected
     torch.set_num_threads(args.threads)
+    tune_allocator()
     ds = load_digits()
     train = build_pool(ds, "train", 5, 1, 5, args.n, seed=0).tensors(ds)
     val = build_pool(ds, "val", 5, 1, 5, args.val_tasks, seed=1).tensors(ds)

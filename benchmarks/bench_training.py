@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from metainfluence.allocator import tune_allocator
 from metainfluence.data import load_dataset
 from metainfluence.io import write_json
 from metainfluence.meta import MetaProblem, ModelSettings, TrainSettings, build_model, evaluate, meta_train
@@ -104,6 +105,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    tune_allocator()
 
     machine = {
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,

@@ -11,6 +11,7 @@ import torch
 from helpers import random_tasks, small_problem
 from metainfluence.errors import CheckpointError
 from metainfluence.influence.curvature import CurvatureArtifact, fit_curvature
+from metainfluence.influence.gradients import measurement_gradient
 from metainfluence.influence.results import InfluenceSettings
 from metainfluence.influence.task_if import task_influence
 from metainfluence.linalg import MatrixOperator, SolverSettings, cg_solve, materialize, nystrom_sketch, pcg_solve, sketch_solve
@@ -82,3 +83,34 @@ def test_relative_damping_is_a_multiple_of_the_mean_eigenvalue():
     assert est == pytest.approx(mean_eig, rel=0.35)  # Hutchinson with 16 probes
     absolute = task_influence(problem, lam, train, val, dataclasses.replace(rel, damping=0.5 * est, damping_mode="absolute"))
     torch.testing.assert_close(res.scores, absolute.scores, rtol=1e-9, atol=1e-14)
+
+
+@pytest.mark.parametrize("hessian,damping", [("gauss-newton", 1e-2), ("exact", 1.0)])  # exact: indefinite below δ ≈ 0.2 here
+def test_float32_products_agree_with_working_precision_and_report_the_true_residual(hessian, damping):
+    problem, lam, train, val = _problem()
+    base = InfluenceSettings(hessian=hessian, damping=damping, stationarity_warn=1e9, solve=SolverSettings(tol=1e-5, max_iter=500))
+    ref = task_influence(problem, lam, train, val, base)
+    mixed = task_influence(problem, lam, train, val, dataclasses.replace(base, products="float32"))
+    assert mixed.diagnostics["solver"]["products"] == "float32"
+    assert float((mixed.extra["s"] - ref.extra["s"]).norm() / ref.extra["s"].norm()) < 1e-4
+    torch.testing.assert_close(mixed.scores, ref.scores, rtol=1e-3, atol=1e-6 * float(ref.scores.abs().max()))
+    # the recorded residual is measured with float64 products, not the float32 ones the solve used
+    op = TotalHessian(problem, lam, train, hessian)
+    g, _ = measurement_gradient(problem, lam, val)
+    true = float((op.matvec(mixed.extra["s"]) + damping * mixed.extra["s"] - g).norm() / g.norm())
+    assert mixed.diagnostics["solver"]["residual"] == pytest.approx(true, rel=1e-6)
+
+
+def test_the_fast_tier_checks_a_sample_of_many_right_hand_sides_and_says_which():
+    A, _ = _decaying(p=40)
+    op = MatrixOperator(A)
+    sk = nystrom_sketch(op, 10, seed=1)
+    B = torch.randn(30, 40, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    fast = sketch_solve(op, B, 1e-2, sketch=sk)
+    rows = fast.info["residual_rows"]
+    assert len(rows) == 8 and rows[0] == 0 and rows[-1] == 29 and fast.info["matvecs"] == 8
+    D = A + 1e-2 * torch.eye(40, dtype=torch.float64)
+    true = ((fast.x[rows] @ D - B[rows]).norm(dim=1) / B[rows].norm(dim=1)).tolist()
+    assert fast.info["residuals"] == pytest.approx(true, rel=1e-8) and fast.residual == pytest.approx(max(true), rel=1e-8)
+    few = sketch_solve(op, B[:5], 1e-2, sketch=sk)  # up to 8: every one is checked
+    assert "residual_rows" not in few.info and len(few.info["residuals"]) == 5

@@ -389,6 +389,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_USER_ERROR
         if args.threads < 0:
             raise SettingsError(f"--threads must be ≥ 0, got {args.threads}")
+        from .allocator import tune_allocator
+
+        tune_allocator()  # large per-chunk buffers are reused, not re-mapped (allocator.py)
         if args.threads:
             import torch
 

@@ -15,7 +15,10 @@ from ..tasks.tensors import TaskTensors
 
 
 def build_hessian(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, settings: Any, kind: str | None = None, **weights) -> TotalHessian:
-    return TotalHessian(problem, lam, tasks, kind or settings.hessian, fisher_samples=settings.fisher_samples, seed=settings.seed, **weights)
+    precision = getattr(settings, "products", "working")
+    product_dtype = torch.float32 if precision == "float32" and lam.dtype != torch.float32 else None
+    return TotalHessian(problem, lam, tasks, kind or settings.hessian, fisher_samples=settings.fisher_samples, seed=settings.seed,
+                        product_dtype=product_dtype, **weights)
 
 
 def curvature_fingerprint(op: TotalHessian, ignore_weights: bool = False, **fit: Any) -> str:

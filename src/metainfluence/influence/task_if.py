@@ -32,6 +32,7 @@ from .newton_step import newton_step_scores
 from .results import InfluenceResult, InfluenceSettings, check_solve, settings_dict, shortfall, solver_record
 from ..progress import bar
 from ..linalg import IHVPResult, LowRank, apply_block, lanczos_eigenpairs, solve_ihvp
+from ..linalg.core import DampedProducts, true_residuals
 
 
 def ihvp(op: TotalHessian, b: torch.Tensor, settings: InfluenceSettings) -> IHVPResult:
@@ -46,7 +47,27 @@ def ihvp(op: TotalHessian, b: torch.Tensor, settings: InfluenceSettings) -> IHVP
     if settings.damping_mode == "relative":
         res.info["damping_relative"] = settings.damping
         res.info["mean_eigenvalue"] = op._mean_eigenvalue
+    if getattr(op, "product_dtype", op.dtype) != op.dtype and settings.solver not in ("explicit", "woodbury"):
+        _remeasure_residuals(op, b, res)
     return res
+
+
+def _remeasure_residuals(op: TotalHessian, b: torch.Tensor, res: IHVPResult) -> None:
+    """A solve on float32 products reports a residual measured with those products: re-measure it with
+    working-precision products (one product per right-hand side), so the recorded residual, and any
+    warning drawn from it, is the true one."""
+    twin = getattr(op, "_working_twin", None)
+    if twin is None:
+        twin = op._working_twin = TotalHessian(op.problem, op.lam, op.tasks, op.kind, seed=op.seed, w=op.w, v=op.v, u=op.u,
+                                               column_chunk=op.column_chunk)
+    B, X = b.reshape(-1, op.dim).to(op.lam), res.x.reshape(-1, op.dim).to(op.lam)
+    rows = res.info.get("residual_rows")
+    if rows is not None:  # a fast-tier solve checked a sample of its right-hand sides: re-measure the same ones
+        B, X = B[rows], X[rows]
+    residuals = true_residuals(DampedProducts(twin, res.info["damping"]), X, B)
+    res.info["residuals_product_precision"] = res.info.get("residuals")
+    res.info["residuals"], res.residual = residuals, max(residuals)
+    res.info["products"] = str(op.product_dtype).replace("torch.", "")
 
 
 def effective_damping(op: TotalHessian, settings: InfluenceSettings) -> float:

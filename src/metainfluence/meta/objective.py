@@ -250,12 +250,15 @@ class MetaProblem:
         return torch.cat([out for _, out in self._mapped_chunks(fn, lam, tasks, v, u, extra)])
 
     def sum_over_tasks(self, fn: Callable, lam: torch.Tensor, tasks: TaskTensors, w=None, v=None, u=None, extra: tuple = (),
-                       reduce: bool = True) -> torch.Tensor:
-        """Σ_i w_i fn(task i), over all shards: chunked so that only one chunk's graph is alive at a time."""
+                       reduce: bool = True, accumulate: torch.dtype | None = None) -> torch.Tensor:
+        """Σ_i w_i fn(task i), over all shards: chunked so that only one chunk's graph is alive at a time.
+        ``accumulate``: the dtype the chunks' sums are added in (e.g. float64 over float32 products)."""
         w = torch.ones(len(tasks), dtype=lam.dtype, device=lam.device) if w is None else w.to(lam)
         total = None
         for c, out in self._mapped_chunks(fn, lam, tasks, v, u, extra):
             part = torch.tensordot(w[c], out, dims=1)
+            if accumulate is not None:
+                part = part.to(accumulate)
             total = part if total is None else total + part
         return self.collective.all_sum(total) if reduce else total
 

@@ -1,0 +1,41 @@
+"""Keep large tensor buffers in the C heap instead of returning them to the kernel after every use.
+
+Per-task products vmapped over a chunk of tasks allocate and free buffers of tens of MB many times a
+second. glibc serves such sizes with fresh ``mmap`` calls and unmaps them on free, so every product
+pays the kernel to zero new pages: on Conv4 Omniglot this was 40 % of wall time as system time
+(docs/benchmarks.md). Raising the mmap and trim thresholds lets freed buffers be reused. The effect is
+process-wide, so the CLI and the benchmarks call this; a library user opts in by calling it (or by
+setting MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ before Python starts).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+# mallopt parameter numbers from glibc's malloc.h
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_tuned: bool | None = None
+
+
+def tune_allocator(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 << 30, top_pad: int = 256 << 20) -> bool:
+    """Apply the thresholds once per process on glibc (Linux); returns whether they were applied.
+
+    32 MiB is the largest mmap threshold glibc accepts on 64-bit; elsewhere (macOS, Windows, musl)
+    this does nothing and returns False."""
+    global _tuned
+    if _tuned is not None:
+        return _tuned
+    _tuned = False
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    _tuned = all(mallopt(k, v) == 1 for k, v in ((_M_MMAP_THRESHOLD, mmap_threshold), (_M_TRIM_THRESHOLD, trim_threshold),
+                                               (_M_TOP_PAD, top_pad)))
+    return _tuned
