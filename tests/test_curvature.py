@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from helpers import random_tasks, small_problem
-from metainfluence.errors import CheckpointError
+from metainfluence.errors import CheckpointError, SettingsError
 from metainfluence.influence.curvature import CurvatureArtifact, fit_curvature
 from metainfluence.influence.gradients import measurement_gradient
 from metainfluence.influence.results import InfluenceSettings
 from metainfluence.influence.task_if import task_influence
-from metainfluence.linalg import MatrixOperator, SolverSettings, cg_solve, materialize, nystrom_sketch, pcg_solve, sketch_solve
+from metainfluence.linalg import MatrixOperator, adaptive_nystrom_sketch, SolverSettings, cg_solve, materialize, nystrom_sketch, pcg_solve, sketch_solve
 from metainfluence.meta.curvature import TotalHessian
 
 
@@ -114,3 +114,35 @@ def test_the_fast_tier_checks_a_sample_of_many_right_hand_sides_and_says_which()
     assert fast.info["residuals"] == pytest.approx(true, rel=1e-8) and fast.residual == pytest.approx(max(true), rel=1e-8)
     few = sketch_solve(op, B[:5], 1e-2, sketch=sk)  # up to 8: every one is checked
     assert "residual_rows" not in few.info and len(few.info["residuals"]) == 5
+
+
+def test_adaptive_rank_grows_until_the_spectrum_reaches_the_damped_floor_reusing_its_products():
+    A, vals = _decaying(p=80)  # eigenvalues 1e2 … 1e-4, log-spaced
+    op = MatrixOperator(A)
+    floor = 1e-2
+    sk = adaptive_nystrom_sketch(op, floor, target=10.0, start=5, max_rank=80, oversample=5, seed=3)
+    info = sk.info
+    assert info["stopped_by"] == "spectrum" and float(sk.eigenvalues[-1]) <= 10 * floor
+    # it stopped at the first doubling that got there, and every earlier one had not
+    assert all(h["eigenvalue_min_kept"] > 10 * floor for h in info["history"][:-1])
+    assert [h["rank"] for h in info["history"]] == [5 * 2**k for k in range(len(info["history"]))]
+    assert info["products"] == info["history"][-1]["rank"] + 5  # products reused, never retaken
+    # the true spectrum has about as many eigenvalues above 10·floor as the sketch needed
+    needed = int((vals > 10 * floor).sum())
+    assert needed <= sk.rank <= 2 * needed + 5
+    torch.testing.assert_close(sk.eigenvalues[:10], vals[:10], rtol=1e-2, atol=0)
+    capped = adaptive_nystrom_sketch(op, 1e-6, start=5, max_rank=20, oversample=5, seed=3)
+    assert capped.info["stopped_by"] == "max_rank" and capped.rank == 20
+
+
+def test_fit_curvature_auto_rank_on_a_task_subsample_is_recorded_and_pcg_stays_exact(tmp_path):
+    problem, lam, train, val = _problem()
+    base = InfluenceSettings(hessian="gauss-newton", damping=1e-3, stationarity_warn=1e9, solve=SolverSettings(tol=1e-11, max_iter=2000))
+    art = fit_curvature(problem, lam, train, base, rank="auto", max_tasks=6, probes=2)
+    assert art.info["rank_setting"] == "auto" and art.info["n_tasks_fitted"] == 6 and art.info["sketch"]["adaptive"]
+    art.save(tmp_path / "auto")
+    cg = task_influence(problem, lam, train, val, base)
+    pcg = task_influence(problem, lam, train, val, dataclasses.replace(base, solver="pcg", curvature_file=str(tmp_path / "auto")))
+    torch.testing.assert_close(pcg.scores, cg.scores, rtol=1e-7, atol=1e-14)
+    with pytest.raises(SettingsError, match="auto"):
+        fit_curvature(problem, lam, train, base, rank="many")

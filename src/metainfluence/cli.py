@@ -129,12 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
         "Use it with `influence`/`edit` --curvature-file OUT --solver pcg (exact, preconditioned) or --solver curvature (fast)."))
     cv.add_argument("--checkpoint", required=True, help="refined checkpoint (stem, .json or .safetensors)")
     cv.add_argument("--out", required=True, help="output stem of the curvature file, e.g. runs/x/curvature_gn")
-    cv.add_argument("--rank", type=int, default=50, help="eigenpairs kept (default: 50)")
+    cv.add_argument("--rank", type=_rank, default=50, help="eigenpairs kept, or auto: doubled from 20 until the smallest kept eigenvalue "
+                    "is within 10× of --damping + weight decay, at most --max-rank (default: 50)")
+    cv.add_argument("--max-rank", type=int, default=400, help="ceiling of --rank auto (default: 400)")
     cv.add_argument("--oversample", type=int, default=10, help="extra sketch columns (default: 10)")
     cv.add_argument("--probes", type=int, default=4, help="probe vectors for the quality report (default: 4)")
     cv.add_argument("--method", default="nystrom", choices=("nystrom", "ekfac"), help="nystrom: low-rank sketch of H | ekfac: eigenvalue-corrected "
                     "Kronecker factors of the θ-space Fisher at each task's adapted parameters (default: nystrom)")
-    cv.add_argument("--max-tasks", type=int, default=None, help="ekfac: fit on a seeded subsample of this many tasks (default: all)")
+    cv.add_argument("--max-tasks", type=int, default=None, help="fit on a seeded subsample of this many tasks (an unbiased estimate of H; "
+                    "the probe report is measured on the whole pool) (default: all)")
     cv.add_argument("--data-root", dest="data.data_root", default=argparse.SUPPRESS, help="folder holding the dataset files (else the recorded one, else $METAINFLUENCE_DATA)")
     _common(cv)
     cv.set_defaults(_dests=add_settings_arguments(cv, InfluenceSettings, dest="influence.", title="influence settings (hessian, fisher samples, seed, reference damping)",
@@ -324,6 +327,19 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rank(text: str) -> int | str:
+    """--rank: a positive integer or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--rank must be a positive integer or auto, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--rank must be ≥ 1, got {value}")
+    return value
+
+
 def _cmd_curvature(args: argparse.Namespace) -> int:
     import dataclasses as dc
 
@@ -333,7 +349,8 @@ def _cmd_curvature(args: argparse.Namespace) -> int:
     if not any(k == "influence.hessian" for k in namespace_overrides(args, args._dests)):
         settings = dc.replace(settings, hessian="gauss-newton")  # the sketch needs a PSD kind
     art, stem = curvature_checkpoint(args.checkpoint, settings, args.out, rank=args.rank, oversample=args.oversample, probes=args.probes,
-                                     overrides=_data_only(args), method=args.method, max_tasks=args.max_tasks)
+                                     overrides=_data_only(args), method=args.method, max_tasks=args.max_tasks,
+                                     max_rank=args.max_rank)
     i = art.info
     floor = f"fit {i['fit_over_floor']:.1f}× the floor (one pass of per-task gradients, {i['floor_seconds']:.2f} s)"
     if art.method == "ekfac":
@@ -342,7 +359,9 @@ def _cmd_curvature(args: argparse.Namespace) -> int:
         print(f"smallest eigenvalue {i['eigenvalue_min']:.3g}; probe error of H·x: max {max(i['probe_operator_rel_error']):.2g} "
               "(EK-FAC drops dθ/dλ: a preconditioner for --solver pcg first)")
     else:
-        print(f"{i['hessian']} total Hessian, rank {i['rank']} Nyström sketch ({i['sketch']['products']} products): {floor}")
+        how = f"rank chosen from the spectrum ({i['sketch']['stopped_by']})" if i["sketch"].get("adaptive") else "rank"
+        print(f"{i['hessian']} total Hessian, {how} {i['rank']} Nyström sketch ({i['sketch']['products']} products, "
+              f"{i['n_tasks_fitted']} tasks): {floor}")
         print(f"eigenvalues {i['eigenvalue_max']:.3g} … {i['eigenvalue_min_kept']:.3g}; probe error of H·x: max {max(i['probe_operator_rel_error']):.2g}")
     print(f"fast-tier solve residual at δ = {i['probe_damping']:g}: max {max(i['probe_solve_residual']):.2g}")
     if max(i["probe_solve_residual"]) > 1e-2:

@@ -24,7 +24,7 @@ import torch
 
 from ..errors import CheckpointError, SettingsError
 from ..io import load_result, save_result
-from ..linalg import EKFAC, LowRank, apply_block, nystrom_sketch, sketch_solve
+from ..linalg import EKFAC, LowRank, adaptive_nystrom_sketch, apply_block, nystrom_sketch, sketch_solve
 from ..meta.curvature import TotalHessian
 from ..meta.ekfac import fit_ekfac
 from ..meta.objective import MetaProblem
@@ -89,14 +89,17 @@ class CurvatureArtifact:
 CURVATURE_METHODS = ("nystrom", "ekfac")
 
 
-def fit_curvature(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, settings: Any, rank: int = 50,
+def fit_curvature(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, settings: Any, rank: int | str = 50,
                   oversample: int = 10, probes: int = 4, block: int = 16, method: str = "nystrom",
-                  max_tasks: int | None = None) -> CurvatureArtifact:
+                  max_tasks: int | None = None, max_rank: int = 400) -> CurvatureArtifact:
     """Fit a curvature of the total Hessian of kind ``settings.hessian`` (fisher samples and seed from
     ``settings``) and measure it against that operator; ``settings.damping`` is the reference damping
     of the probe solves.
 
-    ``nystrom``: a rank-``rank`` sketch of H itself (needs a PSD kind). ``ekfac``: EK-FAC of the
+    ``nystrom``: a rank-``rank`` sketch of H itself (needs a PSD kind); ``rank="auto"`` doubles the
+    sketch until its smallest kept eigenvalue is within 10× of δ + μ (at most ``max_rank``); with
+    ``max_tasks`` the products are those of a seeded task subsample, (1/m) Σ_{i∈S} H_i + μI, an
+    unbiased estimate of H (the probe report is measured against the full pool). ``ekfac``: EK-FAC of the
     θ-space Fisher at each task's adapted θ_i(λ) (tasks subsampled to ``max_tasks``); it drops
     dθ/dλ, so its probe error against H is large by design — a preconditioner first."""
     if method not in CURVATURE_METHODS:
@@ -118,10 +121,24 @@ def fit_curvature(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, s
                "n_kronecker_blocks": len(approx_op.blocks), "n_diagonal": int(approx_op.diag_index.numel()),
                "eigenvalue_min": approx_op.min_eigenvalue()}
     else:
-        approx_op = nystrom_sketch(op, min(rank, op.dim), oversample, settings.seed, block)
+        sketch_op = op
+        if max_tasks is not None and max_tasks < len(tasks):
+            pick = torch.randperm(len(tasks), generator=torch.Generator().manual_seed(settings.seed))[:max_tasks].sort().values
+            sketch_op = build_hessian(problem, lam, tasks.subset(pick.tolist()), settings)
+        if rank == "auto":
+            from .task_if import effective_damping  # δ itself, or relative to tr(H)/p
+
+            floor_eig = effective_damping(op, settings) + problem.weight_decay
+            approx_op = adaptive_nystrom_sketch(sketch_op, floor_eig, start=min(20, op.dim), max_rank=min(max_rank, op.dim),
+                                                oversample=oversample, seed=settings.seed, block=block)
+        elif isinstance(rank, int) and not isinstance(rank, bool):
+            approx_op = nystrom_sketch(sketch_op, min(rank, op.dim), oversample, settings.seed, block)
+        else:
+            raise SettingsError(f"rank must be a positive integer or 'auto', got {rank!r}")
         fit_s = time.perf_counter() - t1
         vals = approx_op.eigenvalues
-        fit = {"method": "nystrom", "rank": approx_op.rank, "oversample": oversample, "sketch": approx_op.info,
+        fit = {"method": "nystrom", "rank": approx_op.rank, "rank_setting": rank, "oversample": oversample, "sketch": approx_op.info,
+               "max_tasks": max_tasks, "n_tasks_fitted": min(len(tasks), max_tasks or len(tasks)),
                "eigenvalue_max": float(vals[0]), "eigenvalue_min_kept": float(vals[-1])}
     g = torch.Generator().manual_seed(settings.seed + 1)
     X = torch.randn(op.dim, probes, generator=g, dtype=lam.dtype).to(lam.device)

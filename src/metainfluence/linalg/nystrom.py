@@ -41,14 +41,61 @@ def nystrom_sketch(op: LinearOperator, rank: int, oversample: int = 10, seed: in
     t0 = time.perf_counter()
     g = torch.Generator().manual_seed(seed)
     omega = torch.linalg.qr(torch.randn(p, ell, generator=g, dtype=op.dtype))[0].to(op.device)
-    Y = torch.empty(p, ell, dtype=op.dtype, device=op.device)
+    Y = _products(op, omega, block)
+    vals, U, nu = _nystrom_factor(omega, Y, op.dtype)
+    return LowRank(vals[:rank], U[:, :rank], {"method": "nystrom", "sketch_size": ell, "seed": seed, "products": ell,
+                                             "shift": nu, "seconds": time.perf_counter() - t0})
+
+
+def adaptive_nystrom_sketch(op: LinearOperator, floor: float, target: float = 10.0, start: int = 20, max_rank: int = 400,
+                            oversample: int = 10, seed: int = 0, block: int = 16) -> LowRank:
+    """A Nyström sketch whose rank is chosen from the spectrum it finds (Frangella, Tropp & Udell, §5.4):
+    the sketch is doubled, reusing every product taken so far, until its smallest kept eigenvalue
+    λ_ℓ ≤ ``target`` × ``floor`` — with floor = the damped bottom of the spectrum (δ + μ), the
+    preconditioned system then has a condition number of about ``target`` — or ``max_rank`` is reached."""
+    p = op.dim
+    if not 1 <= start <= p or max_rank < start:
+        raise SettingsError(f"adaptive Nyström needs 1 ≤ start ≤ max_rank and start ≤ {p}, got start {start}, max_rank {max_rank}")
+    if not floor > 0:
+        raise SettingsError(f"adaptive Nyström needs a positive floor (damping + weight decay), got {floor}")
+    t0 = time.perf_counter()
+    g = torch.Generator().manual_seed(seed)
+    omega = torch.empty(p, 0, dtype=op.dtype, device=op.device)
+    Y = torch.empty(p, 0, dtype=op.dtype, device=op.device)
+    rank, history = start, []
+    while True:
+        ell = min(p, rank + max(0, oversample))
+        new = torch.randn(p, ell - omega.shape[1], generator=g, dtype=op.dtype).to(op.device)
+        new = new - omega @ (omega.T @ new)  # orthogonal to the columns already sketched, so their products stay valid
+        new = torch.linalg.qr(new)[0]
+        omega, Y = torch.cat([omega, new], 1), torch.cat([Y, _products(op, new, block)], 1)
+        vals, U, nu = _nystrom_factor(omega, Y, op.dtype)
+        k = min(rank, p)
+        history.append({"rank": k, "eigenvalue_min_kept": float(vals[k - 1])})
+        if float(vals[k - 1]) <= target * floor or k >= min(max_rank, p) or ell >= p:
+            break
+        rank = min(2 * rank, max_rank)
+    stop = "spectrum" if float(vals[k - 1]) <= target * floor else "max_rank"
+    return LowRank(vals[:k], U[:, :k], {"method": "nystrom", "adaptive": True, "sketch_size": omega.shape[1], "seed": seed,
+                                       "products": omega.shape[1], "shift": nu, "floor": floor, "target": target,
+                                       "stopped_by": stop, "history": history, "seconds": time.perf_counter() - t0})
+
+
+def _products(op: LinearOperator, omega: Tensor, block: int) -> Tensor:
+    Y = torch.empty_like(omega)
+    ell = omega.shape[1]
     for start in bar("Nyström sketch", (ell + block - 1) // block, "block", iterable=range(0, ell, block)):
         cols = slice(start, min(ell, start + block))
         Y[:, cols] = apply_block(op, omega[:, cols]).detach()
     if not torch.isfinite(Y).all():
         raise DivergenceError("the Nyström sketch met non-finite products; check the model and loss for NaN")
+    return Y
+
+
+def _nystrom_factor(omega: Tensor, Y: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, float]:
+    """Eigenvalues (descending) and eigenvectors of the Nyström approximation Y (ΩᵀY)⁺ Yᵀ, stably."""
     # a tiny shift keeps the Cholesky factor well defined (removed from the eigenvalues afterwards)
-    nu = torch.finfo(op.dtype).eps ** 0.5 * float(Y.norm())
+    nu = torch.finfo(dtype).eps ** 0.5 * float(Y.norm())
     Y_nu = Y + nu * omega
     core = omega.T @ Y_nu
     factor, info = torch.linalg.cholesky_ex(0.5 * (core + core.T))
@@ -56,9 +103,7 @@ def nystrom_sketch(op: LinearOperator, rank: int, oversample: int = 10, seed: in
         raise DivergenceError("the Nyström core is not positive definite: the operator is not PSD (use hessian=gauss-newton or fisher)")
     Bm = torch.linalg.solve_triangular(factor, Y_nu.T, upper=False).T  # Y_ν C⁻ᵀ
     U, S, _ = torch.linalg.svd(Bm, full_matrices=False)
-    vals = (S ** 2 - nu).clamp_min(0)[:rank]
-    return LowRank(vals, U[:, :rank], {"method": "nystrom", "sketch_size": ell, "seed": seed, "products": ell,
-                                       "shift": nu, "seconds": time.perf_counter() - t0})
+    return (S ** 2 - nu).clamp_min(0), U, nu
 
 
 def nystrom_preconditioner(sketch: LowRank, damping: float) -> Callable[[Tensor], Tensor]:

@@ -220,7 +220,7 @@ def edit_checkpoint(checkpoint: str | os.PathLike, settings: Any, remove_tasks: 
 
 def curvature_checkpoint(checkpoint: str | os.PathLike, settings: Any, out: str | os.PathLike, rank: int = 50, oversample: int = 10,
                          probes: int = 4, overrides: Callable[[RunSettings], RunSettings] | None = None, log: Log = print,
-                         method: str = "nystrom", max_tasks: int | None = None):
+                         method: str = "nystrom", max_tasks: int | None = None, max_rank: int = 400):
     """Fit a curvature (``method``: a Nyström sketch of the checkpoint's total Hessian of kind
     ``settings.hessian``, or an EK-FAC at the adapted parameters measured against it) on its training
     pool and save it to the stem ``out`` (safetensors + JSON). Returns (artifact, stem)."""
@@ -233,7 +233,7 @@ def curvature_checkpoint(checkpoint: str | os.PathLike, settings: Any, out: str 
     log(f"train pool: {ctx.pools['train'].summary()}")
     lam = ckpt.lam.double()
     art = fit_curvature(ctx.problem, lam, ctx.tensors["train"].to(dtype=lam.dtype), settings, rank=rank, oversample=oversample, probes=probes,
-                        method=method, max_tasks=max_tasks)
+                        method=method, max_tasks=max_tasks, max_rank=max_rank)
     with RunLock(stem.parent):
         art.save(stem)
     return art, stem
