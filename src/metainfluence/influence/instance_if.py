@@ -8,7 +8,8 @@ Support example z, ``two-stage`` (the paper's):
   where R is the inner problem's response to a change of the support loss (docs/method.md §7, corrected):
     implicit (inner optimum):  R = (H_in + δ_in I)^{-1}, H_in = ∇²_θ L_S + γI, solved by CG;
     unrolled (K steps of α):   R = α Σ_{j<K} (I − α H_in)^j  (0 at K = 0, → H_in^{-1} as K grows),
-  with exact products (the paper uses EK-FAC for H_in).
+  with exact products, or (``inner_hessian="ekfac"``, as the paper) with H_in replaced by the EK-FAC
+  of the support Gauss–Newton matrix + γI at θ_k, R applied exactly in its eigenbasis.
 with s = (H + δI)^{-1} ∇f(λ*) shared by every item.
 """
 
@@ -21,6 +22,7 @@ from torch.func import jacrev
 
 from ..errors import SettingsError
 from ..linalg import fixed_step_cg
+from ..meta.ekfac import check_factorable, fit_support_ekfac
 from ..meta.objective import MetaProblem, TaskRecord
 from ..tasks.tensors import TaskTensors
 from .gradients import example_scores, measurement_gradient
@@ -38,18 +40,41 @@ def k_step_response(hvp, b: torch.Tensor, alpha: float, steps: int) -> torch.Ten
     return c
 
 
+def k_step_eigen_response(h: torch.Tensor, alpha: float, steps: int) -> torch.Tensor:
+    """α Σ_{j<K} (1 − αh)^j elementwise, the K-step response on an eigenvalue h, in closed form
+    (1 − (1 − αh)^K)/h; near h = 0, where that cancels, the series αK − α²K(K−1)h/2 + α³K(K−1)(K−2)h²/6."""
+    u = alpha * h
+    small = u.abs() < 1e-5  # closed form loses ~eps/|u| relative; the series' error is ~K⁴u³/24
+    safe = torch.where(small, torch.ones_like(h), h)
+    closed = (1 - (1 - alpha * safe) ** steps) / safe
+    series = alpha * (steps - steps * (steps - 1) / 2 * u + steps * (steps - 1) * (steps - 2) / 6 * u ** 2)
+    return torch.where(small, series, closed)
+
+
+def _outer_rhs(problem: MetaProblem, lam: torch.Tensor, task: TaskRecord, s: torch.Tensor):
+    """(θ_k, ∇²_θ L_Q^k(θ_k) J_k s): the adapted parameters and the vector R_k is applied to."""
+    theta = problem.adapt(lam, task).detach()
+    return theta, query_hvp_theta(problem, theta, task, jacobian_vp(problem, lam, task, theta, s))
+
+
+def _support_scores(problem: MetaProblem, theta: torch.Tensor, task: TaskRecord, c: torch.Tensor) -> torch.Tensor:
+    """−v_z ∇_θ ℓ(z; θ_k)ᵀ c / |S_k| for every support example z (without the 1/n)."""
+    per_example_grads = jacrev(lambda th: problem.example_losses(th, task.xs, task.ys))(theta)  # (|S|, p)
+    return -(per_example_grads @ c) * task.v / task.xs.shape[0]
+
+
 def _two_stage_scores(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, s: torch.Tensor, settings: InfluenceSettings):
-    """(n, |S|) two-stage scores (without the 1/n) and the worst relative residual of the inner solves
-    (0 for the unrolled K-step response, which is applied exactly)."""
+    """(n, |S|) two-stage scores (without the 1/n) and what to record: the worst relative residual of
+    the inner solves (0 for the K-step response and for EK-FAC, which are applied exactly)."""
+    if settings.inner_hessian == "ekfac":
+        return _two_stage_scores_ekfac(problem, lam, tasks, s, settings)
     delta_in = settings.inner_damping
     steps = settings.inner_cg_steps
     implicit = problem.inner.kind == "implicit"
     alpha, K = problem.inner.lr, problem.inner.steps
 
     def one(lam, task: TaskRecord):
-        theta = problem.adapt(lam, task).detach()
-        a = jacobian_vp(problem, lam, task, theta, s)
-        b = query_hvp_theta(problem, theta, task, a)
+        theta, b = _outer_rhs(problem, lam, task, s)
         if implicit:
             mv = lambda z: problem.inner_hvp(theta, lam, task, z) + delta_in * z
             c = fixed_step_cg(mv, b, steps)
@@ -57,12 +82,31 @@ def _two_stage_scores(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensor
         else:
             c = k_step_response(lambda z: problem.inner_hvp(theta, lam, task, z), b, alpha, K)
             residual = torch.zeros((), dtype=b.dtype, device=b.device)
-        per_example_grads = jacrev(lambda th: problem.example_losses(th, task.xs, task.ys))(theta)  # (|S|, p)
-        scores = -(per_example_grads @ c) * task.v / task.xs.shape[0]
-        return torch.cat([scores, residual[None]])
+        return torch.cat([_support_scores(problem, theta, task, c), residual[None]])
 
     out = problem.per_task(one, lam.detach(), tasks).detach()
-    return out[:, :-1], float(out[:, -1].max())
+    return out[:, :-1], {"inner_hessian": "exact", "inner_solve_residual": float(out[:, -1].max())}
+
+
+def _two_stage_scores_ekfac(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, s: torch.Tensor, settings: InfluenceSettings):
+    """As :func:`_two_stage_scores` with H_in replaced by the EK-FAC of each task's support
+    Gauss–Newton matrix + γI at θ_k (meta/ekfac.py ``fit_support_ekfac``); R_k is then a function of
+    its eigenvalues, applied exactly in its eigenbasis. The fit runs hooks in eager mode, so it loops
+    over tasks between two vmapped passes (θ_k and the right-hand side; the per-example gradients)."""
+    lam = lam.detach()
+    pairs = problem.per_task(lambda l, t: torch.stack(_outer_rhs(problem, l, t, s)), lam, tasks).detach()  # (n, 2, p)
+    record = problem.records(lam, tasks)
+    if problem.inner.kind == "implicit":
+        respond = lambda op, b: op.solve(b, settings.inner_damping)  # (K̂ + γ + δ_in)⁻¹
+    else:
+        alpha, K = problem.inner.lr, problem.inner.steps
+        respond = lambda op, b: op.apply_function(b, lambda h: k_step_eigen_response(h, alpha, K))
+    t0 = time.perf_counter()
+    c = torch.stack([respond(fit_support_ekfac(problem, pairs[k, 0], record.xs[k], record.ys[k], record.v[k]), pairs[k, 1])
+                     for k in range(len(tasks))])
+    fit_s = time.perf_counter() - t0
+    scores = problem.per_task(lambda l, t, th, ck: _support_scores(problem, th, t, ck), lam, tasks, extra=(pairs[:, 0], c))
+    return scores.detach(), {"inner_hessian": "ekfac", "inner_solve_residual": 0.0, "inner_ekfac_seconds": fit_s}
 
 
 def instance_influence(
@@ -86,6 +130,8 @@ def instance_influence(
     if settings.method != "task-if":
         raise SettingsError("instance-IF uses the total Hessian: method must be task-if (baselines rank whole tasks)")
     check_hessian_kind(problem, settings.hessian)
+    if which == "support" and settings.support_method == "two-stage" and settings.inner_hessian == "ekfac":
+        check_factorable(problem)
     lam = lam.detach()
     n = problem.collective.total_count(len(train_tasks))
     t0 = time.perf_counter()
@@ -115,8 +161,8 @@ def instance_influence(
     inner_solve_check(problem, lam, train_tasks, diag)
     method = which
     if which == "support" and settings.support_method == "two-stage":
-        raw, inner_residual = _two_stage_scores(problem, lam, train_tasks, s, settings)
-        diag["inner_solve_residual"] = inner_residual
+        raw, inner = _two_stage_scores(problem, lam, train_tasks, s, settings)
+        diag.update(inner)
         method = "support/two-stage"
     else:
         raw = example_scores(problem, lam, train_tasks, s, which)

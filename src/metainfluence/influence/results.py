@@ -25,6 +25,7 @@ SIGN_CONVENTION = (
 
 METHODS = ("task-if", "direct-if", "tracin", "trak", "ekfac-if", "loss", "random")
 SUPPORT_METHODS = ("unrolled", "two-stage")
+INNER_HESSIANS = ("exact", "ekfac")
 
 
 def _finite_nonnegative(value: Any) -> bool:
@@ -55,6 +56,10 @@ class InfluenceSettings:
     support_method: str = field(default="unrolled", metadata={"help": "support instance-IF: unrolled (exact mixed derivative) | two-stage (paper)"})
     inner_damping: float = field(default=1e-2, metadata={"help": "damping of the inner Hessian in two-stage instance-IF (implicit inner solver; the unrolled K-step response needs none)"})
     inner_cg_steps: int = field(default=50, metadata={"help": "CG steps for the inner Hessian solve in two-stage instance-IF (implicit inner solver)"})
+    inner_hessian: str = field(default="exact", metadata={
+        "help": "inner Hessian H_in of two-stage instance-IF: exact (products) | ekfac (the paper's: EK-FAC of each task's support "
+                "Gauss-Newton matrix + proximal γ at θ_k, applied in its eigenbasis; Linear/Conv2d layers, no batch norm)",
+        "choices": INNER_HESSIANS})
     removal: str = field(default="first-order", metadata={"help": "task-if removal prediction: first-order (the derivative, (H+δI)⁻¹g_k/n) | newton "
                                                                   "(one Newton step on the pool without the task, (H − H_k/n + δI)⁻¹g_k/n; survives overfitting better, one solve per task unless fisher)"})
     self_influence: bool = field(default=False, metadata={"help": "also compute self-influence g_kᵀ(H+δI)^{-1}g_k/n (one iHVP per task)"})
@@ -96,6 +101,11 @@ class InfluenceSettings:
             raise SettingsError(f"solve must be a SolverSettings, got {type(self.solve).__name__}; pass solve=SolverSettings(...)")
         if self.support_method not in SUPPORT_METHODS:
             raise SettingsError(f"unknown support method {self.support_method!r}; use unrolled or two-stage")
+        if self.inner_hessian not in INNER_HESSIANS:
+            raise SettingsError(f"unknown inner_hessian {self.inner_hessian!r}; use exact or ekfac")
+        if self.inner_hessian == "ekfac" and self.support_method != "two-stage":
+            raise SettingsError("inner_hessian ekfac approximates the inner Hessian of two-stage instance-IF; "
+                                "use support_method=two-stage (--support-method two-stage) or inner_hessian=exact")
         if not _finite_nonnegative(self.inner_damping):
             raise SettingsError(f"inner_damping must be a finite number ≥ 0, got {self.inner_damping}")
         if self.products not in ("working", "float32"):

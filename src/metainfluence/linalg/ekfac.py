@@ -59,8 +59,9 @@ class EKFAC:
         total = sum(float(b.scale.sum()) for b in self.blocks) + float(self.diag.sum())
         return total / self.dim + self.shift
 
-    def _apply(self, V: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
-        """f(K) V for a function f of the eigenvalues (shift included), V of shape (dim,) or (dim, k)."""
+    def apply_function(self, V: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
+        """f(K) V for an elementwise function f of the eigenvalues (shift included), V of shape (dim,)
+        or (dim, k): exact, since K is diagonal in its (blockwise Kronecker) eigenbasis."""
         vec = V.ndim == 1
         V = V.to(dtype=self.dtype, device=self.device)
         V = V[:, None] if vec else V
@@ -76,18 +77,18 @@ class EKFAC:
 
     def matvec(self, v: Tensor) -> Tensor:
         self.n_matvecs += 1
-        return self._apply(v, lambda x: x)
+        return self.apply_function(v, lambda x: x)
 
     def matmat(self, V: Tensor) -> Tensor:
         self.n_matvecs += V.shape[1]
-        return self._apply(V, lambda x: x)
+        return self.apply_function(V, lambda x: x)
 
     def solve(self, B: Tensor, damping: float) -> Tensor:
         """(K + δI)⁻¹ B for B of shape (dim,) or (dim, k) (columns, as ``matmat``)."""
         floor = self.min_eigenvalue() + damping
         if floor <= 0:
             raise DivergenceError(f"EK-FAC + δI is singular (smallest eigenvalue + δ = {floor:.3g}); raise damping")
-        return self._apply(B, lambda x: 1.0 / (x + damping))
+        return self.apply_function(B, lambda x: 1.0 / (x + damping))
 
     # ------------------------------------------------------------------ saving
     def tensors(self) -> dict[str, Tensor]:

@@ -13,6 +13,10 @@ Layer inputs and output gradients are captured with forward hooks on the model t
 ``MetaProblem.forward`` runs it through ``functional_call`` (eager, one task at a time): the hooks
 see the real inputs at θ_i and add a zero tensor to each output whose gradient is s, so no layer
 is re-implemented and norm / pooling layers stay exactly what the model does.
+
+``fit_support_ekfac`` fits the same structure to one task's INNER Hessian (two-stage instance-IF,
+docs/method.md §7.3): the Gauss–Newton matrix of the support loss with the exact expectation over
+labels (the loss's output-Hessian root backpropagated instead of sampled-label gradients), plus γI.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import Iterable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import grad, vmap
+from torch.func import grad, hessian, jacrev, vmap
 
 from ..errors import SettingsError
 from ..linalg.ekfac import EKFAC, KroneckerBlock
@@ -103,12 +107,10 @@ def _statistics(problem: MetaProblem, layers, theta: Tensor, x: Tensor, y: Tenso
             for (name, _), g in zip(layers, grads)]
 
 
-def fit_ekfac_on(problem: MetaProblem, draws: Iterable[tuple[Tensor, Tensor, Tensor]], shift: float = 0.0,
-                 info: dict | None = None) -> EKFAC:
-    """EK-FAC of the mean over all examples of the draws (θ, x, y) — labels already drawn — of the
-    per-example Fisher g gᵀ, g = ∇_θ ℓ(x_j, y_j; θ). ``draws`` is iterated twice (factors, then the
-    eigenvalue correction), so pass a list."""
-    draws = list(draws)
+def _fit(problem: MetaProblem, draws: list[tuple], shift: float, info: dict | None, stats, diag_grads) -> EKFAC:
+    """EK-FAC from per-layer statistics ``stats(layers, *draw)`` → [(ã, s)] and the gradients of the
+    non-layer parameters ``diag_grads(*draw)`` → (rows, |diag|), averaged over the examples x of the
+    draws (draw[1]); a draw may contribute several pseudo-examples (rows) per example."""
     if not draws:
         raise SettingsError("EK-FAC needs at least one task to fit")
     layers = _layers(problem)
@@ -118,29 +120,100 @@ def fit_ekfac_on(problem: MetaProblem, draws: Iterable[tuple[Tensor, Tensor, Ten
     A = [None] * len(layers)
     S = [None] * len(layers)
     count = 0
-    for theta, x, y in draws:  # pass 1: the Kronecker factors
-        for j, (a, s) in enumerate(_statistics(problem, layers, theta, x.to(dtype) if x.is_floating_point() else x, y)):
+    for draw in draws:  # pass 1: the Kronecker factors
+        for j, (a, s) in enumerate(stats(layers, *draw)):
             A_j = torch.einsum("bit,bjt->ij", a, a) / a.shape[2]  # mean over positions (KFC)
             S_j = torch.einsum("bit,bjt->ij", s, s)  # sum over positions: ∇W = Σ_t s_t ã_tᵀ
             A[j] = A_j if A[j] is None else A[j] + A_j
             S[j] = S_j if S[j] is None else S[j] + S_j
-        count += x.shape[0]
+        count += draw[1].shape[0]
     # eigh of the factors; the correction below makes KFC's scale irrelevant (only the bases are used)
     bases = [(torch.linalg.eigh(S_j / count)[1], torch.linalg.eigh(A_j / count)[1]) for A_j, S_j in zip(A, S)]
     scale = [torch.zeros(qs.shape[0], qa.shape[0], dtype=dtype, device=device) for qs, qa in bases]
     diag = torch.zeros(diag_index.numel(), dtype=dtype, device=device)
-    for theta, x, y in draws:  # pass 2: the eigenvalue correction from per-example gradients
-        x = x.to(dtype) if x.is_floating_point() else x
-        for j, (a, s) in enumerate(_statistics(problem, layers, theta, x, y)):
+    for draw in draws:  # pass 2: the eigenvalue correction from per-example gradients
+        for j, (a, s) in enumerate(stats(layers, *draw)):
             qs, qa = bases[j]
             rotated = torch.einsum("bot,bit,op,iq->bpq", s, a, qs, qa)  # Q_Sᵀ ∇W_j Q_A per example
             scale[j] += (rotated ** 2).sum(0)
         if diag_index.numel():
-            one = lambda th, xj, yj: problem.loss_fn(problem.forward(th, xj[None]), yj[None]).sum()
-            g = vmap(grad(one), in_dims=(None, 0, 0))(theta.detach(), x, y)[:, diag_index]
-            diag += (g ** 2).sum(0)
+            diag += (diag_grads(*draw)[:, diag_index] ** 2).sum(0)
     blocks = [KroneckerBlock(idx.to(device), qs, qa, sc / count) for idx, (qs, qa), sc in zip(index, bases, scale)]
     return EKFAC(blocks, diag_index.to(device), diag / count, problem.dim, shift, info)
+
+
+def _cast(x: Tensor, dtype: torch.dtype) -> Tensor:
+    return x.to(dtype) if x.is_floating_point() else x
+
+
+def fit_ekfac_on(problem: MetaProblem, draws: Iterable[tuple[Tensor, Tensor, Tensor]], shift: float = 0.0,
+                 info: dict | None = None) -> EKFAC:
+    """EK-FAC of the mean over all examples of the draws (θ, x, y) — labels already drawn — of the
+    per-example Fisher g gᵀ, g = ∇_θ ℓ(x_j, y_j; θ)."""
+    draws = [(th, _cast(x, th.dtype), y) for th, x, y in draws]
+    one = lambda th, xj, yj: problem.loss_fn(problem.forward(th, xj[None]), yj[None]).sum()
+    per_example = lambda th, x, y: vmap(grad(one), in_dims=(None, 0, 0))(th.detach(), x, y)
+    return _fit(problem, draws, shift, info, lambda layers, th, x, y: _statistics(problem, layers, th, x, y), per_example)
+
+
+def check_factorable(problem: MetaProblem) -> None:
+    """Refuse (SettingsError) a model EK-FAC cannot factor, before any expensive work."""
+    _layers(problem)
+
+
+def _output_hessian_root(problem: MetaProblem, out: Tensor, y: Tensor, v: Tensor) -> Tensor:
+    """(B, m, m): per example j, columns r_jc with Σ_c r_jc r_jcᵀ = v_j ∇²_o ℓ(o_j, y_j), the Hessian
+    of the loss in the (flattened, m) network outputs — PSD for cross-entropy and squared error;
+    rounding negatives are clamped to 0."""
+    shape = out.shape[1:]
+    f = lambda o, yj: problem.loss_fn(o.reshape(1, *shape), yj[None]).sum()
+    H = vmap(hessian(f))(out.detach().flatten(1), y)
+    d, U = torch.linalg.eigh(H)
+    return U * (d.clamp_min(0) * v[:, None]).sqrt()[:, None, :]
+
+
+def _gauss_newton_statistics(problem: MetaProblem, layers, theta: Tensor, x: Tensor, y: Tensor, v: Tensor):
+    """Per layer (ã, s) with m pseudo-examples per example: s is the backpropagation of r_jc (one
+    backward pass per output m), so Σ_{j,c} (s ãᵀ)(s ãᵀ)ᵀ is the exact Gauss–Newton matrix of
+    Σ_j v_j ℓ_j layer by layer — no label sampling."""
+    with _capture(layers) as store:
+        out = problem.forward(theta.detach(), x)
+        R = _output_hessian_root(problem, out, y, v)
+        eps = [store[name][1] for name, _ in layers]
+        flat = out.flatten(1)
+        per_c = [torch.autograd.grad((flat * R[:, :, c]).sum(), eps, retain_graph=c + 1 < R.shape[2]) for c in range(R.shape[2])]
+    m = R.shape[2]
+    stats = []
+    for j, (name, _) in enumerate(layers):
+        s = torch.cat([g[j].reshape(g[j].shape[0], g[j].shape[1], -1) for g in per_c])  # (m·B, out, T), c-major
+        stats.append((store[name][0].repeat(m, 1, 1), s))
+    return stats
+
+
+def _gauss_newton_diag_grads(problem: MetaProblem, theta: Tensor, x: Tensor, y: Tensor, v: Tensor) -> Tensor:
+    """(m·B, p) rows J_jᵀ r_jc, in the c-major order of :func:`_gauss_newton_statistics`."""
+    theta = theta.detach()
+    out_of = lambda th, xj: problem.forward(th, xj[None]).flatten()
+    J = vmap(jacrev(out_of), in_dims=(None, 0))(theta, x)  # (B, m, p)
+    R = _output_hessian_root(problem, problem.forward(theta, x), y, v)
+    return torch.einsum("bmp,bmc->cbp", J, R).reshape(-1, J.shape[2])
+
+
+def fit_support_ekfac(problem: MetaProblem, theta: Tensor, x: Tensor, y: Tensor, v: Tensor | None = None) -> EKFAC:
+    """EK-FAC of the inner Hessian H_in = ∇²_θ L_S + γI at one task's adapted θ (two-stage
+    instance-IF, docs/method.md §7.3): the Gauss–Newton part of L_S = Σ_j v_j ℓ_j / |S| with the
+    exact expectation over labels (the loss's output-Hessian root backpropagated, m = number of
+    outputs passes), the proximal γ of the inner objective as the shift.
+
+    Why not sampled labels or the true labels: a support set has 5–25 examples, so one label draw
+    per example is a noisy Fisher, and the empirical (true-label) Fisher vanishes as the inner loop
+    fits the support set while H_in does not; the exact expectation costs m backward passes on
+    |S| examples — negligible — and makes EK-FAC exact where K-FAC is (one example, one layer)."""
+    v = torch.ones(x.shape[0], dtype=theta.dtype, device=theta.device) if v is None else v.to(theta)
+    draws = [(theta.detach(), _cast(x, theta.dtype), y, v)]
+    stats = lambda layers, th, x, y, v: _gauss_newton_statistics(problem, layers, th, x, y, v)
+    diag_grads = lambda th, x, y, v: _gauss_newton_diag_grads(problem, th, x, y, v)
+    return _fit(problem, draws, problem.inner.proximal, {"method": "ekfac", "curvature": "support gauss-newton"}, stats, diag_grads)
 
 
 def fit_ekfac(problem: MetaProblem, lam: Tensor, tasks: TaskTensors, *, adapt: bool = True, fisher_samples: int = 1,
