@@ -133,3 +133,16 @@ def test_removal_refuses_a_retrain_method_it_does_not_rank(tmp_path):
     cfg.write_text('[removal]\ninstance_levels = ["both"]\n')
     with pytest.raises(SettingsError, match="unknown instance level 'both'"):
         load_experiment_settings("removal", str(cfg), quick=True)
+
+
+def test_detection_with_pcg_fits_one_curvature_at_its_lambda_and_reuses_it(tmp_path):
+    out = tmp_path / "det_pcg"
+    cfg = tmp_path / "pcg.toml"
+    cfg.write_text('[influence]\nsolver = "pcg"\n\n[detection]\nmethods = ["task-if", "random"]\nedit_fractions = [0.25]\nself_influence = false\n')
+    res = run_experiment("detection", str(cfg), True, str(out), log=lambda s: None)
+    assert (out / "curvature.safetensors").exists() and (out / "curvature.json").exists()
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["timings"]["curvature_fit_s"] > 0
+    assert saved["settings"]["influence"]["curvature_file"] == str(out / "curvature")
+    rows = {r["method"]: r for r in res["detection"]}
+    assert rows["task-if"]["auc"] > 0.5 and len(res["edits"]) >= 1

@@ -7,12 +7,14 @@ from __future__ import annotations
 import dataclasses
 import platform
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from .. import SIGN_CONVENTION, InfluenceSettings, task_influence
 from ..config import to_dict
+from ..influence.curvature import fit_curvature
 from ..pipeline import refine_stage, train_stage
 
 EXPERIMENTS = ("detection", "removal", "estimates")
@@ -49,6 +51,22 @@ def _train_and_refine(ctx, log, w_train=None) -> tuple[torch.Tensor, Any, dict]:
     t_refine = time.perf_counter() - t
     log(f"trained {history.steps_done} steps ({t_train:.1f} s), refined ‖∇F‖ {rep.grad_norm_before:.2g} → {rep.grad_norm_after:.2g} ({t_refine:.1f} s)")
     return lam_star, rep, {"train_s": t_train, "refine_s": t_refine}
+
+
+def _with_curvature(problem, lam, train, infl: InfluenceSettings, out: Path, log, timings: dict) -> InfluenceSettings:
+    """Solvers pcg / curvature need a curvature file of this λ*: with none given, fit a Nyström sketch
+    (rank from the spectrum) once here, save it in the output folder and let every score and edit
+    of the experiment reuse it (edits on a reduced pool are preconditioned by it under pcg)."""
+    if infl.solver not in ("pcg", "curvature") or infl.curvature_file:
+        return infl
+    t = time.perf_counter()
+    art = fit_curvature(problem, lam, train, infl, rank="auto")
+    stem = out / "curvature"
+    art.save(stem)
+    timings["curvature_fit_s"] = time.perf_counter() - t
+    log(f"curvature: Nyström rank {art.info['rank']} fitted at λ* in {timings['curvature_fit_s']:.1f} s "
+        f"({art.info['fit_over_floor']:.1f}× the floor), probe error {max(art.info['probe_operator_rel_error']):.2g} → {stem}")
+    return dataclasses.replace(infl, curvature_file=str(stem))
 
 
 def _eval_json(res) -> dict[str, float]:

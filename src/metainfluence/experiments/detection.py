@@ -17,7 +17,7 @@ from ..config import to_dict
 from ..io import save_result, write_json
 from ..pipeline import RunContext
 from . import plots
-from .common import METHODS, _diag_json, _eval_json, _header, _image_tensors, _score_all, _train_and_refine
+from .common import METHODS, _diag_json, _eval_json, _header, _image_tensors, _score_all, _train_and_refine, _with_curvature
 
 
 @dataclass
@@ -78,6 +78,7 @@ def _detection_one(run, infl, sec: DetectionSettings, out: Path, quick: bool, lo
     problem = ctx.problem
     dt = lam_star.dtype
     train, val, test = (ctx.tensors[k].to(dtype=dt) for k in ("train", "val", "test"))
+    infl = _with_curvature(problem, lam_star, train, infl, out, log, timings)
 
     t = time.perf_counter()
     scores = _score_all(problem, lam_star, train, val, infl, sec.methods, sec.direct_damping, log, sec.self_influence)

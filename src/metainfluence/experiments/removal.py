@@ -16,7 +16,7 @@ from .. import Removal, edit_model, evaluate, instance_influence, meta_train, me
 from ..io import save_result
 from ..pipeline import RunContext, stage_settings
 from . import plots
-from .common import METHODS, _diag_json, _eval_json, _header, _image_tensors, _score_all, _train_and_refine
+from .common import METHODS, _diag_json, _eval_json, _header, _image_tensors, _score_all, _train_and_refine, _with_curvature
 
 # The paper's Table 1 (ICLR version, docs/method.md §11): accuracy after removing 40% harmful data, wall time (s).
 PAPER_TABLE1 = [
@@ -96,6 +96,7 @@ def run_removal(run, infl, sec: RemovalSettings, out: Path, quick: bool, log) ->
     problem = ctx.problem
     dt = lam_star.dtype
     train, val, test = (ctx.tensors[k].to(dtype=dt) for k in ("train", "val", "test"))
+    infl = _with_curvature(problem, lam_star, train, infl, out, log, timings)
     n = len(train)
     k_remove = metrics.fraction_to_count(sec.fraction, n)
     base = evaluate(problem, lam_star, test)

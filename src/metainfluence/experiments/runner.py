@@ -65,7 +65,9 @@ def load_experiment_settings(name: str, config: str | None, quick: bool):
         sec = apply_overrides(sec, own, source=src)
         infl = apply_overrides(infl, inf, source=src)
     run.validate()
-    infl.validate()
+    # pcg / curvature without a file: the experiment fits one at its own λ* (experiments/common.py)
+    fitted_here = infl.solver in ("pcg", "curvature") and not infl.curvature_file
+    (dataclasses.replace(infl, curvature_file="fitted at λ*") if fitted_here else infl).validate()
     for m in getattr(sec, "methods", ()):
         if m not in METHODS:
             raise SettingsError(f"unknown method {m!r} in [{name}] methods; use some of {', '.join(METHODS)}")
