@@ -198,3 +198,19 @@ def test_newton_step_with_fisher_downdates_its_factor_exactly():
         reduced = FactorOperator(op.factor[keep], op.shift)
         x = woodbury_solve(reduced, G[k] / 6, 1e-2).x
         assert float(res.scores[k]) == pytest.approx(float(grad_f @ x), rel=1e-8)
+
+
+def test_an_implicit_cg_stopped_short_is_said_and_its_total_hessian_is_not_symmetric():
+    from metainfluence.meta.curvature import TotalHessian
+
+    tasks, val = random_tasks(n=6, seed=1), random_tasks(n=3, seed=2)
+    g = torch.Generator().manual_seed(0)
+    for cg_steps, short in ((5, True), (80, False)):
+        problem, lam = small_problem(kind="implicit", steps=30, lr=0.3, proximal=1.0, hidden=(4,), implicit_cg_steps=cg_steps)
+        u, v = (torch.randn(problem.dim, generator=g, dtype=torch.float64) for _ in range(2))
+        op = TotalHessian(problem, lam, tasks, "gauss-newton")
+        asym = abs(float(u @ op.matvec(v) - v @ op.matvec(u))) / abs(float(u @ op.matvec(v)))
+        res = task_influence(problem, lam, tasks, val, InfluenceSettings(hessian="gauss-newton", solver="explicit", stationarity_warn=1e9))
+        said = any("implicit-function CG" in w for w in res.diagnostics.get("warnings", []))
+        assert said == short and (asym > 1e-4) == short, (cg_steps, asym)
+        assert (res.diagnostics["inner_solve"]["implicit_cg_residual_max"] > 1e-6) == short

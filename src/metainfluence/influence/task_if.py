@@ -165,6 +165,11 @@ def inner_solve_check(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensor
     if rel > warn_ratio:
         shortfall(diag, f"the implicit inner problem is not solved: ‖∇_θ L_in(θ_i)‖ is up to {rel:.2g} of its value at θ = λ; "
                         f"the implicit-function derivatives assume an inner optimum — raise --inner-steps (now {problem.inner.steps}) or --inner-lr")
+    cg_rel = float(problem.implicit_solve_residuals(lam, tasks).max())
+    diag["inner_solve"]["implicit_cg_residual_max"] = cg_rel
+    if cg_rel > 1e-6:
+        shortfall(diag, f"the implicit-function CG stops at a relative residual up to {cg_rel:.2g}: dθ_i/dλ is then inexact and not linear, "
+                        f"so the total Hessian is not symmetric — raise --inner-implicit-cg-steps (now {problem.inner.implicit_cg_steps})")
 
 
 def trust_checks(problem: MetaProblem, lam: torch.Tensor, train_tasks: TaskTensors, g_sum: torch.Tensor, norms: torch.Tensor,

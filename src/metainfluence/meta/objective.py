@@ -316,6 +316,21 @@ class MetaProblem:
             out = self.per_task(one, lam.detach(), tasks, v)
         return out[:, 0], out[:, 1]
 
+    def implicit_solve_residuals(self, lam, tasks: TaskTensors, v=None, u=None) -> torch.Tensor:
+        """Per task, the relative residual ‖A x − b‖/‖b‖ of the fixed-step CG behind dθ_i/dλ (A = ∇²L_S + γI
+        at θ_i, b = the query gradient). CG stopped short is not linear in b, so a large residual makes
+        the total gradients inexact and the total Hessian's products non-symmetric."""
+
+        def one(lam, task: TaskRecord):
+            theta = self.adapt(lam, task).detach()
+            b = grad(self.weighted_loss)(theta, task.xq, task.yq, task.u)
+            mv = lambda z: self.inner_hvp(theta, lam, task, z)
+            x = fixed_step_cg(mv, b, self.inner.implicit_cg_steps)
+            return (mv(x) - b).norm() / b.norm().clamp_min(1e-300)
+
+        with torch.no_grad():
+            return self.per_task(one, lam.detach(), tasks, v, u)
+
     def task_metrics(self, lam, tasks: TaskTensors) -> tuple[torch.Tensor, torch.Tensor]:
         """Query loss and accuracy after adaptation, per task (accuracy is NaN for regression)."""
 
