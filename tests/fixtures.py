@@ -168,3 +168,23 @@ def make_zip(path: Path, members: Mapping[str, bytes]) -> Path:
         for name, data in members.items():
             zf.writestr(zipfile.ZipInfo(name), data)
     return path
+
+
+def pgm_bytes(img: np.ndarray) -> bytes:
+    """Binary (P5) 8-bit PGM of a uint8 (H, W) array, written by hand like the original files."""
+    h, w = img.shape
+    return f"P5\n{w} {h}\n255\n".encode() + np.ascontiguousarray(img, dtype=np.uint8).tobytes()
+
+
+def make_orl(root: Path, subjects: int = 8, photos: int = 3, hw: tuple[int, int] = (14, 12), seed: int = 0) -> np.ndarray:
+    """Write ``root/att_faces/s1..sN/1..P.pgm`` (the real layout, tiny random photos of shape ``hw``)
+    and return them as uint8 (subjects, photos, H, W). Each subject has its own mean brightness."""
+    rng = np.random.default_rng(seed)
+    images = np.empty((subjects, photos, *hw), dtype=np.uint8)
+    for s in range(subjects):
+        sub = Path(root) / "att_faces" / f"s{s + 1}"
+        sub.mkdir(parents=True, exist_ok=True)
+        for y in range(photos):
+            images[s, y] = np.clip(rng.normal(20 + 25 * s, 10, size=hw), 0, 255).astype(np.uint8)
+            (sub / f"{y + 1}.pgm").write_bytes(pgm_bytes(images[s, y]))
+    return images

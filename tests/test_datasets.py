@@ -421,9 +421,9 @@ def test_digits():
 
 
 def test_registry_errors(monkeypatch, tmp_path):
-    assert set(DATASETS) == {"digits", "omniglot", "mnist", "fashion-mnist", "mini-imagenet"}
+    assert set(DATASETS) == {"digits", "omniglot", "mnist", "fashion-mnist", "mini-imagenet", "orl-faces"}
     assert load_dataset("digits").name == "digits"
-    with pytest.raises(DataError, match="unknown dataset 'cifar'.*digits, omniglot, mnist, fashion-mnist, mini-imagenet"):
+    with pytest.raises(DataError, match="unknown dataset 'cifar'.*digits, omniglot, mnist, fashion-mnist, mini-imagenet, orl-faces"):
         load_dataset("cifar")
     monkeypatch.delenv("METAINFLUENCE_DATA", raising=False)
     with pytest.raises(DataError, match="--data-root.*METAINFLUENCE_DATA"):

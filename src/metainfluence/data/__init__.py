@@ -1,5 +1,5 @@
 """Datasets: one :class:`ClassDataset` interface, loaders for digits, Omniglot, MNIST,
-Fashion-MNIST and Mini-ImageNet, and a registry by name. (Sinusoid regression pools are generated,
+Fashion-MNIST, Mini-ImageNet and ORL faces, and a registry by name. (Sinusoid regression pools are generated,
 not loaded: see :mod:`metainfluence.tasks.sinusoid`.)"""
 
 from .base import SPLITS, ClassDataset, default_cache_dir
@@ -7,6 +7,7 @@ from .digits import load_digits
 from .mini_imagenet import load_mini_imagenet, read_split_csvs
 from .mnist import load_mnist, read_idx
 from .omniglot import load_omniglot, read_split_file, resize_ink
+from .orl import load_orl_faces, read_pgm
 from .omniglot_download import download_omniglot, safe_extract_zip
 from .registry import DATASETS, load_dataset
 
@@ -21,7 +22,9 @@ __all__ = [
     "load_mini_imagenet",
     "load_mnist",
     "load_omniglot",
+    "load_orl_faces",
     "read_idx",
+    "read_pgm",
     "read_split_csvs",
     "read_split_file",
     "resize_ink",

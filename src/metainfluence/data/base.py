@@ -5,7 +5,7 @@ A class dataset is a finite set of labelled images. Every example has an integer
 ``'train'``, ``'val'`` and ``'test'`` of one of two kinds:
 
 - ``split_kind='class'``: every *class* belongs to one split (or to none); pools from different
-  splits use disjoint classes (Omniglot, Mini-ImageNet).
+  splits use disjoint classes (Omniglot, Mini-ImageNet, ORL faces).
 - ``split_kind='example'``: every *example* belongs to one split; each split holds all classes, and
   pools from different splits use disjoint examples (the 10-class sets: digits, MNIST,
   Fashion-MNIST, where class-disjoint 5-way splits are impossible).
@@ -84,6 +84,25 @@ def seeded_example_split(
         assign[perm[:n_val]] = 1
         assign[perm[n_val : n_val + n_test]] = 2
         assign[perm[n_val + n_test :]] = 0
+    return assign
+
+
+def seeded_class_split(n: int, sizes: Sequence[int], seed: int, salt: int, what: str = "classes") -> np.ndarray:
+    """Assign ``n`` classes to train/val/test (0/1/2; -1 beyond ``sum(sizes)``) by a seeded shuffle.
+
+    ``salt`` keeps each dataset's stream its own (Omniglot 0x0A11, ORL 0x0A7F), so a seed gives
+    unrelated splits on different datasets and every dataset keeps its recorded split.
+    """
+    sizes = tuple(int(v) for v in sizes)
+    if len(sizes) != 3 or min(sizes) < 0 or sum(sizes) > n:
+        raise DataError(f"split sizes {sizes} do not fit the {n} {what}; give three counts summing to at most {n}")
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(salt)]))
+    perm = rng.permutation(n)
+    a, b, c = sizes
+    assign = np.full(n, UNASSIGNED, dtype=np.int8)
+    assign[perm[:a]] = 0
+    assign[perm[a : a + b]] = 1
+    assign[perm[a + b : a + b + c]] = 2
     return assign
 
 

@@ -35,7 +35,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError, MetaInfluenceError
 from ..io import atomic_write_bytes
-from .base import SPLITS, UNASSIGNED, ClassDataset, default_cache_dir, digest, file_sha256
+from .base import SPLITS, UNASSIGNED, ClassDataset, default_cache_dir, digest, file_sha256, seeded_class_split
 
 SETS = ("images_background", "images_evaluation")
 DEFAULT_SPLIT_SIZES = (1100, 100, 423)
@@ -245,15 +245,8 @@ def _split_characters(char_names: np.ndarray, split_seed: int, split_file, split
             n_val = max(1, int(np.floor(n * 100 / 1623 + 0.5)))
             n_test = max(1, int(np.floor(n * 423 / 1623 + 0.5)))
             split_sizes = (n - n_val - n_test, n_val, n_test)
-    split_sizes = tuple(int(v) for v in split_sizes)
-    if len(split_sizes) != 3 or min(split_sizes) < 0 or sum(split_sizes) > n:
-        raise DataError(f"split sizes {split_sizes} do not fit the {n} characters; give three counts summing to at most {n}")
-    rng = np.random.default_rng(np.random.SeedSequence([int(split_seed), 0x0A11]))
-    perm = rng.permutation(n)
-    a, b, c = split_sizes
-    assign[perm[:a]] = 0
-    assign[perm[a : a + b]] = 1
-    assign[perm[a + b : a + b + c]] = 2
+    assign = seeded_class_split(n, split_sizes, split_seed, salt=0x0A11, what="characters")
+    a, b, c = (int((assign == i).sum()) for i in range(3))
     return assign, f"seeded character shuffle (seed {split_seed}): {a}/{b}/{c} characters (train/val/test)"
 
 

@@ -13,6 +13,7 @@ from .digits import load_digits
 from .mini_imagenet import load_mini_imagenet
 from .mnist import load_mnist
 from .omniglot import load_omniglot
+from .orl import load_orl_faces
 
 # name -> (loader, fixed options); a loader whose first parameter is ``root`` needs a data folder
 _LOADERS: dict[str, tuple[Callable[..., ClassDataset], dict[str, Any]]] = {
@@ -21,6 +22,7 @@ _LOADERS: dict[str, tuple[Callable[..., ClassDataset], dict[str, Any]]] = {
     "mnist": (load_mnist, {"fashion": False}),
     "fashion-mnist": (load_mnist, {"fashion": True}),
     "mini-imagenet": (load_mini_imagenet, {}),
+    "orl-faces": (load_orl_faces, {}),
 }
 DATASETS: tuple[str, ...] = tuple(_LOADERS)
 
@@ -28,9 +30,9 @@ DATASETS: tuple[str, ...] = tuple(_LOADERS)
 def load_dataset(name: str, root: str | os.PathLike | None = None, **options: Any) -> ClassDataset:
     """Load a dataset by name. ``root`` (else $METAINFLUENCE_DATA) is the folder holding the files —
     the dataset's own folder or a parent with ``omniglot/``, ``mnist/``, ``fashion-mnist/``,
-    ``mini-imagenet/`` inside. ``options`` go to the loader (e.g. ``image_size``, ``split_seed``)."""
+    ``mini-imagenet/``, ``orl-faces/`` (or ``att_faces/``) inside. ``options`` go to the loader (e.g. ``image_size``, ``split_seed``)."""
     key = str(name).lower().replace("_", "-")
-    key = {"fashion": "fashion-mnist", "fashionmnist": "fashion-mnist", "miniimagenet": "mini-imagenet"}.get(key, key)
+    key = {"fashion": "fashion-mnist", "fashionmnist": "fashion-mnist", "miniimagenet": "mini-imagenet", "orl": "orl-faces", "att-faces": "orl-faces", "orlfaces": "orl-faces"}.get(key, key)
     if key not in _LOADERS:
         raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
     loader, fixed = _LOADERS[key]
