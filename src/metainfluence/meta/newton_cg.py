@@ -123,8 +123,12 @@ def newton_cg_minimise(evaluate, problem: MetaProblem, tasks: TaskTensors, x: to
             products = DampedProducts(op, delta + shift)
             try:
                 M = precondition(x, delta + shift, it)
-                d, info = block_cg(products.block, -g[:, None], eta, settings.newton_cg_iters, precondition=M)
-            except DivergenceError:  # an indefinite (exact) H + δI: more damping
+                # truncated Newton: CG stops at negative curvature of an indefinite (exact) H + δI and the
+                # iterate so far is still a descent direction — the ρ test judges it, δ grows if it fails
+                d, info = block_cg(products.block, -g[:, None], eta, settings.newton_cg_iters, precondition=M, stop_on_negative=True)
+                if info["negative_curvature"] and not bool(d.abs().sum() > 0):
+                    raise DivergenceError("negative curvature at the first CG step")
+            except DivergenceError:  # NaN, or negative curvature before any progress: more damping
                 cg_used += products.count
                 state.products += products.count
                 delta = max(4 * delta, 1e-6)
