@@ -24,14 +24,16 @@ from .operators import LinearOperator
 
 
 def block_cg(products: Callable[[Tensor], Tensor], B: Tensor, tol: float, max_iter: int,
-             precondition: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, dict]:
+             precondition: Callable[[Tensor], Tensor] | None = None, stop_on_negative: bool = False) -> tuple[Tensor, dict]:
     """Solve A X = B column by column, A symmetric positive definite reached through
     ``products(P) = A P`` on (p, k) blocks. B: (p, m). Returns X (p, m) and diagnostics:
     ``iterations_per_rhs``, ``recursive_residuals`` (‖r‖/‖b‖ when each column stopped) and
     ``converged`` (every column reached ``tol``). Columns with b = 0 get x = 0 without iterating.
     Non-positive curvature pᵀAp ≤ 0 (A indefinite) or NaN raises :class:`DivergenceError`.
     ``precondition(R) ≈ A⁻¹R`` (symmetric positive definite) turns it into preconditioned CG; the
-    stopping rule stays the true recursive residual ‖r‖/‖b‖."""
+    stopping rule stays the true recursive residual ‖r‖/‖b‖. ``stop_on_negative`` (truncated Newton):
+    a column that meets pᵀAp ≤ 0 stops at its current iterate (still a descent direction) instead of
+    raising; ``negative_curvature`` lists those columns."""
     p, m = B.shape
     X = torch.zeros_like(B)
     R = B.clone()
@@ -45,6 +47,7 @@ def block_cg(products: Callable[[Tensor], Tensor], B: Tensor, tol: float, max_it
     damping = getattr(products, "damping", None)
     progress = bar(f"CG ({m} rhs)" if m > 1 else "CG", max_iter, "it")
     advice = f"raise damping (now {damping:g}) or use a gauss-newton/fisher Hessian" if damping is not None else "raise damping"
+    negative: list[int] = []
     it = 0
     while bool(active.any()) and it < max_iter:
         it += 1
@@ -54,6 +57,11 @@ def block_cg(products: Callable[[Tensor], Tensor], B: Tensor, tol: float, max_it
         curvature = (Pa * AP).sum(0)
         if not bool(torch.isfinite(curvature).all()):
             raise DivergenceError(f"conjugate gradient met NaN/inf at iteration {it} (the HVP is not finite); check the model and loss, or raise damping")
+        if bool((curvature <= 0).any()) and stop_on_negative:
+            for j in idx[curvature <= 0].tolist():
+                active[j] = False
+                negative.append(j)
+            continue  # the other columns redo this iteration (their P is unchanged)
         if bool((curvature <= 0).any()):
             raise DivergenceError(
                 f"conjugate gradient met curvature pᵀ(H+δI)p = {float(curvature.min()):.3g} ≤ 0 at iteration {it}: H+δI is indefinite; {advice}"
@@ -77,7 +85,8 @@ def block_cg(products: Callable[[Tensor], Tensor], B: Tensor, tol: float, max_it
         progress.update(1)
         progress.set_postfix({"residual": f"{max(rel_new.tolist()):.1e}", "tol": f"{tol:.0e}"}, refresh=False)
     progress.close()
-    return X, {"converged": not bool(active.any()), "iterations_per_rhs": iterations, "recursive_residuals": rel}
+    return X, {"converged": not bool(active.any()) and not negative, "iterations_per_rhs": iterations, "recursive_residuals": rel,
+               "negative_curvature": negative}
 
 
 def cg_solve(op: LinearOperator, b: Tensor, damping: float, settings: SolverSettings = SolverSettings()) -> IHVPResult:

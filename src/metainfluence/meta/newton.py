@@ -100,7 +100,7 @@ def newton_solver(problem: MetaProblem, tasks: TaskTensors, w=None, v=None, u=No
 
 
 def newton_minimise(evaluate, solve, x: torch.Tensor, tol: float, max_iter: int, shift: float = 1e-8,
-                    show=lambda g: None) -> tuple[torch.Tensor, int, str]:
+                    show=lambda g, **_: None, out_of_time=lambda: False) -> tuple[torch.Tensor, int, str]:
     """Levenberg–Marquardt-damped Newton steps on F until ‖∇F‖ ≤ tol: the shift grows tenfold while
     H + shift·I is indefinite or the step fails, and shrinks after each full step; each step
     backtracks until F decreases (Armijo) or, at F's rounding floor, until ‖∇F‖ does.
@@ -108,7 +108,7 @@ def newton_minimise(evaluate, solve, x: torch.Tensor, tol: float, max_iter: int,
     f, g = evaluate(x)
     floor = shift
     it = 0
-    while it < max_iter and float(g.norm()) > tol:
+    while it < max_iter and float(g.norm()) > tol and not out_of_time():
         it += 1
         accepted = False
         for _ in range(16):
@@ -138,5 +138,5 @@ def newton_minimise(evaluate, solve, x: torch.Tensor, tol: float, max_iter: int,
             return x, it, "could not find a step that decreases F (H may be far from positive definite: try the gauss-newton Hessian)"
         x, f, g = x - t * d, ft, gt
         shift = max(floor, shift / 10) if t == 1.0 else shift
-        show(g)
+        show(g, step=t * float(d.norm()))
     return x, it, ""

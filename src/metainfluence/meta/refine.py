@@ -14,6 +14,13 @@ F(λ; w) = (1/n) Σ_i w_i L_Q^i(λ) + (μ/2)‖λ‖² from the trained λ:
 - ``newton``: Levenberg–Marquardt-damped Newton steps with the exact (or Gauss–Newton) total
   Hessian — materialised below ``newton_dense_max`` parameters, matrix-free Newton–CG above — for
   tight tolerances where L-BFGS stalls.
+- ``newton-cg`` (meta/newton_cg.py): matrix-free Newton–CG on Gauss–Newton products with a
+  Levenberg–Marquardt damping update and forcing tolerance η_k = min(0.5, √(‖∇F‖/‖∇F₀‖)), its CG
+  preconditioned by a curvature artifact (Nyström or EK-FAC) fitted at the start — for large models.
+
+Stopping: ‖∇F‖ ≤ ``tol`` or ‖∇F‖ / ḡ₀ ≤ ``tol_ratio`` (whichever comes first; ḡ₀ = mean per-task
+total-gradient norm, measured once at the start and again at the end for the report), ``max_iter``
+iterations, or ``max_minutes`` of wall time (checked between iterations; λ so far is returned).
 
 The weights ``w`` refine with tasks removed (w_k = 0) while keeping the 1/n normalisation of the
 full pool — the leave-one-out ground truth of docs/method.md §10 is defined this way. The report records
@@ -42,23 +49,32 @@ class RefineWarning(UserWarning):
     """Refine stopped before ‖∇F‖ reached its tolerance; influence estimates will be less reliable."""
 
 
-REFINE_METHODS = ("lbfgs", "gd", "newton")
+REFINE_METHODS = ("lbfgs", "gd", "newton", "newton-cg")
+PRECONDITIONERS = ("none", "nystrom", "ekfac")
 
 
 @dataclass
 class RefineSettings:
     """Settings of the refine stage (deterministic full-pool optimisation of F)."""
 
-    method: str = field(default="lbfgs", metadata={"help": "optimiser: lbfgs (strong-Wolfe line search, falls back to gd on failure) | gd (gradient descent with backtracking) | newton (damped Newton: dense below newton_dense_max parameters, Newton–CG above)", "choices": REFINE_METHODS})
-    tol: float = field(default=1e-6, metadata={"help": "stop when the full-pool meta-gradient norm ‖∇F‖₂ is at most this"})
+    method: str = field(default="lbfgs", metadata={"help": "optimiser: lbfgs (strong-Wolfe line search, falls back to gd on failure) | gd (gradient descent with backtracking) | newton (damped Newton: dense below newton_dense_max parameters, Newton–CG above) | newton-cg (matrix-free Gauss–Newton Newton–CG, preconditioned; for large models)", "choices": REFINE_METHODS})
+    tol: float = field(default=1e-6, metadata={"help": "stop when the full-pool meta-gradient norm ‖∇F‖₂ is at most this (0: off)"})
+    tol_ratio: float = field(default=0.0, metadata={"help": "also stop when ‖∇F‖ / mean_i ‖g_i‖ is at most this (mean per-task gradient norm measured once at the start; 0: off) — the first of tol and tol_ratio met stops"})
     max_iter: int = field(default=1000, metadata={"help": "maximum optimiser iterations (each is one or a few full-pool passes)"})
+    max_minutes: float = field(default=0.0, metadata={"help": "stop after this many minutes of wall time (checked between iterations) and return λ so far, with a warning (0: no limit)"})
     lr: float = field(default=0.1, metadata={"help": "initial step size of gradient descent (method gd, and the L-BFGS fallback)"})
     history_size: int = field(default=20, metadata={"help": "L-BFGS memory (number of curvature pairs)"})
     dtype: str = field(default="float64", metadata={"help": "precision of refine and of the returned λ: float64 (lets ‖∇F‖ go far below float32 round-off) | float32", "choices": ("float32", "float64")})
     fallback: bool = field(default=True, metadata={"help": "fall back to gradient descent when L-BFGS hits NaN/inf or stalls"})
     newton_hessian: str = field(default="auto", metadata={"help": "newton: Hessian of the steps: exact | gauss-newton | auto (exact where the problem has it)", "choices": ("auto", "exact", "gauss-newton")})
     newton_dense_max: int = field(default=3000, metadata={"help": "newton: largest number of parameters whose Hessian is materialised (above it: matrix-free Newton–CG)"})
-    newton_cg_iters: int = field(default=100, metadata={"help": "newton: CG iterations per Newton–CG step (products with the Hessian)"})
+    newton_cg_iters: int = field(default=100, metadata={"help": "newton, newton-cg: most CG iterations per Newton–CG step (products with the Hessian)"})
+    newton_damping: float = field(default=1e-3, metadata={"help": "newton-cg: initial Levenberg–Marquardt damping δ of (H + δI) d = −∇F (adapted every step)"})
+    newton_products: str = field(default="working", metadata={"help": "newton-cg: precision of Hessian products: working | float32 (sums over tasks stay in λ's dtype)", "choices": ("working", "float32")})
+    precondition: str = field(default="nystrom", metadata={"help": "newton-cg: CG preconditioner, a curvature artifact fitted at the start: nystrom (sketch of the Gauss–Newton H, positive definite whatever the step Hessian) | ekfac | none", "choices": PRECONDITIONERS})
+    precondition_rank: int = field(default=0, metadata={"help": "newton-cg: Nyström rank (0: auto, doubled until the sketch reaches the damped bottom of the spectrum)"})
+    precondition_max_tasks: int = field(default=0, metadata={"help": "newton-cg: fit the preconditioner on a seeded subsample of this many tasks (0: all)"})
+    precondition_refit: int = field(default=0, metadata={"help": "newton-cg: refit the preconditioner every this many Newton steps (0: never; a stale one only costs CG iterations)"})
 
     def validate(self) -> None:
         if self.method not in REFINE_METHODS:
@@ -69,6 +85,18 @@ class RefineSettings:
             raise SettingsError("newton_dense_max must be ≥ 0 and newton_cg_iters ≥ 1")
         if not (math.isfinite(self.tol) and self.tol >= 0):
             raise SettingsError(f"refine tol must be ≥ 0, got {self.tol}")
+        if not (math.isfinite(self.tol_ratio) and self.tol_ratio >= 0):
+            raise SettingsError(f"refine tol_ratio must be ≥ 0 (0: off), got {self.tol_ratio}")
+        if not (math.isfinite(self.max_minutes) and self.max_minutes >= 0):
+            raise SettingsError(f"refine max_minutes must be ≥ 0 (0: no limit), got {self.max_minutes}")
+        if not (math.isfinite(self.newton_damping) and self.newton_damping >= 0):
+            raise SettingsError(f"refine newton_damping must be ≥ 0, got {self.newton_damping}")
+        if self.newton_products not in ("working", "float32"):
+            raise SettingsError(f"unknown newton_products {self.newton_products!r}; use working or float32")
+        if self.precondition not in PRECONDITIONERS:
+            raise SettingsError(f"unknown refine precondition {self.precondition!r}; use one of {', '.join(PRECONDITIONERS)}")
+        if min(self.precondition_rank, self.precondition_max_tasks, self.precondition_refit) < 0:
+            raise SettingsError("precondition_rank, precondition_max_tasks and precondition_refit must be ≥ 0 (0: auto / all / never)")
         if self.max_iter < 0:
             raise SettingsError(f"refine max_iter must be ≥ 0, got {self.max_iter}")
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -99,12 +127,19 @@ class RefineReport:
     n_tasks: int
     n_active_tasks: int
     message: str = ""
+    tol_ratio: float = 0.0
+    stopped_by: str = ""  # tol | tol_ratio | max_iter | max_minutes | failure
+    cg_iterations: int = 0  # newton-cg: CG iterations (Hessian products) over all steps
+    preconditioner: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)  # per iteration: ratio, step, cg, seconds, eta_s
 
     def summary(self) -> str:
-        state = "converged" if self.converged else "NOT converged"
+        state = "converged" if self.converged else f"NOT converged: {self.stopped_by or 'stopped'}"
+        cg = f", {self.cg_iterations} CG iterations" if self.cg_iterations else ""
         return (
-            f"refine ({self.method}, {state}, {self.iterations} iterations, {self.evaluations} full-pool passes, {self.wall_time_s:.1f} s): "
-            f"‖∇F‖ {self.grad_norm_before:.3g} → {self.grad_norm_after:.3g} (tol {self.tol:.3g}); "
+            f"refine ({self.method}, {state}, {self.iterations} iterations{cg}, {self.evaluations} full-pool passes, {self.wall_time_s:.1f} s): "
+            f"‖∇F‖ {self.grad_norm_before:.3g} → {self.grad_norm_after:.3g} (tol {self.tol:.3g}"
+            + (f", tol_ratio {self.tol_ratio:.3g}" if self.tol_ratio else "") + "); "
             f"‖∇F‖ / mean‖g_i‖ {self.ratio_before:.3g} → {self.ratio_after:.3g}; F {self.objective_before:.6g} → {self.objective_after:.6g}"
         )
 
@@ -208,54 +243,66 @@ def refine(
     if not _finite(f0, g0):
         raise DivergenceError("refine: F or ∇F is NaN/inf at the starting λ; start from a trained, finite λ (lower the training lr if it diverged)")
     task_norm_before = mean_task_gradient_norm(problem, x0, tasks, w, v, u)
-
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=settings.max_iter, desc=f"refine ({settings.method})", unit="it", file=sys.stderr, dynamic_ncols=True, leave=True)
-
-    def show(g: torch.Tensor) -> None:
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix({"|grad F|": f"{float(g.norm()):.3g}"}, refresh=False)
+    # one absolute threshold for every optimiser: the first of the two rules met stops
+    stop = max(settings.tol, settings.tol_ratio * task_norm_before)
+    monitor = _Monitor(settings, task_norm_before, stop, t0, progress)
 
     x = x0.clone()
     iterations = 0
     method_used = settings.method
     message = ""
+    cg_iterations, precond = 0, {}
     try:
-        if settings.method == "newton" and float(g0.norm()) > settings.tol:
+        if settings.method == "newton" and float(g0.norm()) > stop:
             from .newton import newton_minimise, newton_solver
 
             solve = newton_solver(problem, tasks, w, v, u, hessian=settings.newton_hessian, dense_max=settings.newton_dense_max,
                                   cg_iters=settings.newton_cg_iters)
             method_used = f"newton ({solve.hessian}, {'dense' if x.numel() <= settings.newton_dense_max else 'CG'})"
             step_solver = solve if proximal is None else (lambda x_, g_, shift, _s=solve: _s(x_, g_, shift + proximal[0]))
-            x, iterations, failure = newton_minimise(ev, step_solver, x, settings.tol, settings.max_iter, show=show)
+            x, iterations, failure = newton_minimise(ev, step_solver, x, stop, settings.max_iter, show=monitor.update,
+                                                     out_of_time=monitor.out_of_time)
             if failure:
                 message = f"Newton {failure} after {iterations} iterations"
-        if settings.method == "lbfgs" and float(g0.norm()) > settings.tol and settings.max_iter > 0:
-            x, iterations, failure = _run_lbfgs(ev, x, settings, show)
+        if settings.method == "newton-cg" and float(g0.norm()) > stop:
+            from .newton_cg import newton_cg_minimise, resolve_hessian
+
+            method_used = f"newton-cg ({resolve_hessian(problem, settings.newton_hessian)}, precondition {settings.precondition})"
+            x, iterations, failure, state = newton_cg_minimise(ev, problem, tasks, x, stop, settings, w, v, u,
+                                                               shift=0.0 if proximal is None else proximal[0], monitor=monitor)
+            cg_iterations, precond = state.cg_iterations, {**state.preconditioner, "final_damping": state.damping, "rejected_steps": state.rejected}
+            if failure:
+                message = f"Newton–CG {failure} after {iterations} iterations"
+        if settings.method == "lbfgs" and float(g0.norm()) > stop and settings.max_iter > 0:
+            x, iterations, failure = _run_lbfgs(ev, x, settings, stop, monitor)
             if failure:
                 message = f"L-BFGS {failure} after {iterations} iterations"
                 if settings.fallback:
                     method_used = "lbfgs+gd"
                     message += "; continued with gradient descent"
         if (settings.method == "gd" or method_used == "lbfgs+gd") and iterations < settings.max_iter:
-            x, done, failure = _run_gd(ev, x, settings, settings.max_iter - iterations, show)
+            x, done, failure = _run_gd(ev, x, settings, settings.max_iter - iterations, stop, monitor)
             iterations += done
             if failure:
                 message = (message + "; " if message else "") + f"gradient descent {failure}"
     finally:
-        if bar is not None:
-            bar.close()
+        monitor.close()
 
     f1, g1 = ev(x)
     gn0, gn1 = float(g0.norm()), float(g1.norm())
-    converged = gn1 <= settings.tol
+    converged = gn1 <= stop
     task_norm_after = mean_task_gradient_norm(problem, x, tasks, w, v, u)
-    if not converged and not message:
+    ratio_after = gn1 / task_norm_after if task_norm_after > 0 else float("nan")
+    if converged:
+        stopped_by = "tol" if gn1 <= settings.tol else "tol_ratio"
+    elif monitor.out_of_time():
+        stopped_by = "max_minutes"
+        message = (message + "; " if message else "") + (
+            f"stopped by time: max_minutes={settings.max_minutes:g} reached after {iterations} iterations with ‖∇F‖ / mean‖g_i‖ = {ratio_after:.3g} remaining")
+    elif message:
+        stopped_by = "failure"
+    else:
+        stopped_by = "max_iter"
         message = f"reached max_iter={settings.max_iter}"
     report = RefineReport(
         method=method_used,
@@ -268,32 +315,119 @@ def refine(
         task_grad_norm_before=task_norm_before,
         task_grad_norm_after=task_norm_after,
         ratio_before=gn0 / task_norm_before if task_norm_before > 0 else float("nan"),
-        ratio_after=gn1 / task_norm_after if task_norm_after > 0 else float("nan"),
+        ratio_after=ratio_after,
         objective_before=float(f0),
         objective_after=float(f1),
         wall_time_s=time.perf_counter() - t0,
         n_tasks=len(tasks),
         n_active_tasks=len(tasks) if w is None else int((w != 0).sum()),
         message=message,
+        tol_ratio=settings.tol_ratio,
+        stopped_by=stopped_by,
+        cg_iterations=cg_iterations,
+        preconditioner=precond,
+        history=monitor.history,
     )
     if not converged:
+        target = f"‖∇F‖ ≤ {settings.tol:g}" + (f" or ‖∇F‖ / mean‖g_i‖ ≤ {settings.tol_ratio:g}" if settings.tol_ratio else "")
+        if stopped_by == "max_minutes":
+            advice = (f"raise --refine-max-minutes, or continue from where it stopped by refining the written checkpoint again "
+                      f"(`metainfluence refine --checkpoint OUT/refined`); {refine_advice(settings)}")
+        else:
+            advice = refine_advice(settings)
         warnings.warn(
-            f"refine did not reach ‖∇F‖ ≤ {settings.tol:g} (‖∇F‖ = {gn1:.3g}, {message}); {refine_advice(settings)} — influence estimates assume stationarity (docs/method.md §2)",
+            f"refine did not reach {target} (‖∇F‖ = {gn1:.3g}, ratio {ratio_after:.3g}; {message}); {advice} — influence estimates assume stationarity (docs/method.md §2)",
             RefineWarning,
             stacklevel=2,
         )
     return x, report
 
 
+class _Monitor:
+    """Per-iteration record and progress bar: ratio ‖∇F‖/ḡ₀, step length, CG iterations, seconds per
+    iteration and an ETA to the tolerance extrapolated from the log-linear decrease of the ratio over
+    the last few iterations (a Newton method that speeds up finishes sooner than that); also the
+    ``max_minutes`` clock."""
+
+    WINDOW = 5
+
+    def __init__(self, settings: RefineSettings, task_norm: float, stop: float, t0: float, progress: bool):
+        self.task_norm = task_norm if task_norm > 0 else float("nan")
+        self.target = stop / self.task_norm if stop > 0 else float("nan")
+        self.deadline = t0 + 60 * settings.max_minutes if settings.max_minutes > 0 else math.inf
+        self.history: list[dict] = []
+        self.points: list[tuple[float, float]] = []  # (time, log ratio)
+        self.last = t0
+        self.bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            # no total: tqdm's own ETA would extrapolate max_iter, not the tolerance
+            self.bar = tqdm(total=None, desc=f"refine ({settings.method})", unit="it", file=sys.stderr, dynamic_ncols=True, leave=True)
+
+    def out_of_time(self) -> bool:
+        return time.perf_counter() >= self.deadline
+
+    def eta(self) -> float:
+        """Seconds until the ratio reaches its target at the recent log-linear rate (nan: no estimate)."""
+        pts = self.points[-(self.WINDOW + 1):]
+        if len(pts) < 2 or not math.isfinite(self.target) or self.target <= 0:
+            return float("nan")
+        tm = sum(t for t, _ in pts) / len(pts)
+        ym = sum(y for _, y in pts) / len(pts)
+        var = sum((t - tm) ** 2 for t, _ in pts)
+        slope = sum((t - tm) * (y - ym) for t, y in pts) / var if var > 0 else 0.0  # least squares: log ratio per second
+        gap = pts[-1][1] - math.log(self.target)
+        if gap <= 0:
+            return 0.0
+        return gap / -slope if slope < 0 else float("nan")
+
+    def update(self, g: torch.Tensor, step: float | None = None, cg: int | None = None, damping: float | None = None) -> None:
+        now = time.perf_counter()
+        ratio = float(g.norm()) / self.task_norm
+        if ratio > 0 and math.isfinite(ratio):
+            self.points.append((now, math.log(ratio)))
+        eta = self.eta()
+        row = {"ratio": ratio, "step": step, "cg": cg, "seconds": now - self.last, "eta_s": eta}
+        if damping is not None:
+            row["damping"] = damping
+        self.history.append(row)
+        self.last = now
+        if self.bar is not None:
+            post = {"ratio": f"{ratio:.3g}"}
+            if step is not None:
+                post["step"] = f"{step:.2g}"
+            if cg is not None:
+                post["cg"] = cg
+            post["s/it"] = f"{row['seconds']:.2g}"
+            post["eta"] = _clock(eta)
+            self.bar.update(1)
+            self.bar.set_postfix(post, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _clock(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
 def refine_advice(settings: RefineSettings | None = None) -> str:
     """What helps a refine that stopped above its tolerance."""
     if settings is not None and settings.method == "newton":
         return ("raise --refine-max-iter, or try --refine-newton-hessian gauss-newton (PSD) if the exact Hessian is indefinite here")
+    if settings is not None and settings.method == "newton-cg":
+        return ("raise --refine-max-iter or --refine-newton-cg-iters; where Gauss–Newton steps converge slowly (large residuals) "
+                "finish with --refine-method newton (exact Hessian)")
     return ("refine with the Newton refiner (--refine-method newton: a few exact or Gauss–Newton steps reach tight tolerances "
             "where L-BFGS stalls), or raise --refine-max-iter")
 
 
-def _run_lbfgs(ev: _Evaluator, x0: torch.Tensor, settings: RefineSettings, show) -> tuple[torch.Tensor, int, str]:
+def _run_lbfgs(ev: _Evaluator, x0: torch.Tensor, settings: RefineSettings, stop: float, monitor: _Monitor) -> tuple[torch.Tensor, int, str]:
     """L-BFGS one iteration per ``step`` call; returns (x, iterations, failure reason or '')."""
     x = x0.clone()
     max_ls = 25
@@ -310,7 +444,7 @@ def _run_lbfgs(ev: _Evaluator, x0: torch.Tensor, settings: RefineSettings, show)
         return f
 
     iterations = 0
-    while iterations < settings.max_iter:
+    while iterations < settings.max_iter and not monitor.out_of_time():
         before = x.detach().clone()
         try:
             opt.step(closure)
@@ -320,35 +454,37 @@ def _run_lbfgs(ev: _Evaluator, x0: torch.Tensor, settings: RefineSettings, show)
             return x.detach(), iterations, "met NaN/inf"
         iterations += 1
         f, g = ev(x)
-        show(g)
+        monitor.update(g, step=float((x.detach() - before).norm()))
         if not _finite(f, g):
             with torch.no_grad():
                 x.copy_(before)
             return x.detach(), iterations, "met NaN/inf"
-        if float(g.norm()) <= settings.tol:
+        if float(g.norm()) <= stop:
             return x.detach(), iterations, ""
         if torch.equal(x.detach(), before):
             return x.detach(), iterations, "stalled (no step along its direction decreased F)"
     return x.detach(), iterations, ""
 
 
-def _run_gd(ev: _Evaluator, x: torch.Tensor, settings: RefineSettings, budget: int, show) -> tuple[torch.Tensor, int, str]:
+def _run_gd(ev: _Evaluator, x: torch.Tensor, settings: RefineSettings, budget: int, stop: float, monitor: _Monitor) -> tuple[torch.Tensor, int, str]:
     """Gradient descent with Armijo backtracking; returns (x, iterations, failure reason or '')."""
     x = x.detach().clone()
     f, g = ev(x)
     step = settings.lr
     done = 0
-    while done < budget and float(g.norm()) > settings.tol:
+    while done < budget and float(g.norm()) > stop and not monitor.out_of_time():
         done += 1
         gg = float((g * g).sum())
         trial = x - step * g
         ft, gt = ev(trial)
+        taken = 0.0
         if _finite(ft, gt) and float(ft) <= float(f) - 1e-4 * step * gg:
             x, f, g = trial, ft, gt
+            taken = step * gg ** 0.5
             step *= 1.2
         else:
             step *= 0.5
             if step < 1e-30:
                 return x, done, "could not find a decreasing step"
-        show(g)
+        monitor.update(g, step=taken)
     return x, done, ""
