@@ -1,5 +1,5 @@
-"""Mislabeled-task detection (docs/method.md §10): corrupt a fraction of the training tasks, rank them by each
-method, measure recall and AUC, and the meta-test accuracy after removing the top-ranked tasks by
+"""Mislabeled- and harmful-task detection (docs/method.md §10): corrupt a fraction of the training tasks
+(label flips, near-duplicate tasks or off-distribution inputs, ``kind``), rank them by each method, measure recall and AUC, and the meta-test accuracy after removing the top-ranked tasks by
 closed-form edit; optionally swept over ρ_task."""
 
 from __future__ import annotations
@@ -12,26 +12,43 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import Removal, corrupt_labels, edit_model, evaluate, metrics
+from .. import Removal, edit_model, evaluate, metrics
 from ..config import to_dict
 from ..io import save_result, write_json
 from ..pipeline import RunContext
+from ..tasks import corrupt_tasks
 from . import plots
 from .common import METHODS, _diag_json, _eval_json, _header, _image_tensors, _score_all, _train_and_refine, _with_curvature
 
 
 @dataclass
 class DetectionSettings:
+    kind: str = field(default="labels", metadata={"help": "what makes the corrupted tasks harmful: labels (flipped labels) | duplicate (near-copies of "
+                                                         "a few other tasks, labels correct) | off-distribution (inputs moved off the data distribution, labels correct)"})
     rho_task: float = field(default=0.2, metadata={"help": "fraction of training tasks corrupted"})
     rho_tasks: tuple[float, ...] = field(default=(), metadata={"help": "sweep: one full run per value (sub-folders rho_<value>), replaces rho_task"})
-    rho_label: float = field(default=0.8, metadata={"help": "fraction of labels flipped inside a corrupted task"})
-    where: str = field(default="both", metadata={"help": "both | support | query"})
+    rho_label: float = field(default=0.8, metadata={"help": "fraction of labels flipped inside a corrupted task (kind = labels only)"})
+    where: str = field(default="both", metadata={"help": "which labels are flipped: both | support | query (kind = labels only)"})
+    duplicate_sources: int = field(default=1, metadata={"help": "number of tasks the duplicates copy (kind = duplicate only)"})
+    duplicate_noise: float = field(default=0.05, metadata={"help": "sd of the input noise that makes each copy a near-copy, [0, 1] pixel scale (kind = duplicate only)"})
+    offdist_transform: str = field(default="invert", metadata={"help": "invert (contrast x → 1 − x) | noise (strong Gaussian noise) (kind = off-distribution only)"})
+    offdist_noise: float = field(default=0.5, metadata={"help": "sd of the noise of offdist_transform = noise, [0, 1] pixel scale (kind = off-distribution only)"})
     corruption_seed: int = field(default=0, metadata={"help": "seed of the corruption"})
     methods: tuple[str, ...] = field(default=METHODS, metadata={"help": "ranking methods"})
     self_influence: bool = field(default=True, metadata={"help": "also rank by task-IF self-influence (one iHVP per task)"})
     edit_fractions: tuple[float, ...] = field(default=(0.1, 0.25, 0.4), metadata={"help": "fractions removed by closed-form edit (0 = the unedited model is added)"})
     direct_damping: float = field(default=1.0, metadata={"help": "damping of direct-IF's (indefinite) θ-space Hessian"})
     edit_max_iter: int = field(default=0, metadata={"help": "solver iterations of each edit (0 = [influence] max_iter)"})
+
+
+def describe_kind(sec: DetectionSettings) -> str:
+    """One line on what the corrupted tasks are, for the log and the report."""
+    if sec.kind == "duplicate":
+        return f"near-copies of {sec.duplicate_sources} other training task(s), input noise sd {sec.duplicate_noise}, labels correct"
+    if sec.kind == "off-distribution":
+        how = "contrast inverted" if sec.offdist_transform == "invert" else f"Gaussian noise sd {sec.offdist_noise}"
+        return f"inputs {how}, labels correct"
+    return f"{sec.rho_label:.0%} of their labels ({sec.where}) flipped to another class of the task"
 
 
 # --------------------------------------------------------------------------- detection
@@ -65,13 +82,15 @@ def _detection_one(run, infl, sec: DetectionSettings, out: Path, quick: bool, lo
     t = time.perf_counter()
     ctx = RunContext.prepare(run, out, log=log)
     pools = dict(ctx.pools)
-    pools["train"] = corrupt_labels(pools["train"], sec.rho_task, sec.rho_label, sec.where, seed=sec.corruption_seed)
+    pools["train"] = corrupt_tasks(pools["train"], sec.kind, sec.rho_task, seed=sec.corruption_seed, rho_label=sec.rho_label, where=sec.where,
+                                   n_sources=sec.duplicate_sources, duplicate_noise=sec.duplicate_noise,
+                                   transform=sec.offdist_transform, offdist_noise=sec.offdist_noise)
     ctx = ctx.with_pools(pools)
     ctx.save_pools(("train",))  # the corrupted pool, with its recorded truth
     flags = pools["train"].corrupted_tasks.bool()
     n = len(flags)
     timings["data_s"] = time.perf_counter() - t
-    log(f"detection: {int(flags.sum())} of {n} training tasks corrupted (ρ_label {sec.rho_label}, {sec.where})")
+    log(f"detection: {int(flags.sum())} of {n} training tasks corrupted, kind {sec.kind} ({describe_kind(sec)})")
 
     lam_star, rep, tt = _train_and_refine(ctx, log)
     timings.update(tt)
@@ -131,14 +150,14 @@ def _detection_one(run, infl, sec: DetectionSettings, out: Path, quick: bool, lo
     # figures
     figs = {}
     figs["recall"] = plots.recall_curves({m: c for m, c in curves.items()}, out / "recall_curves.png", corrupted_fraction=sec.rho_task,
-                                         title=f"Mislabeled-task detection ({run.data.dataset}, ρ_task={sec.rho_task}, ρ_label={sec.rho_label})").name
+                                         title=f"Harmful-task detection ({run.data.dataset}, {sec.kind}, ρ_task={sec.rho_task})").name
     figs["accuracy"] = plots.accuracy_vs_removed(acc_curves, out / "accuracy_vs_removed.png",
                                                  title="Meta-test accuracy after removing the top-ranked tasks (closed-form edit)").name
     if "task-if" in rankings and ctx.dataset is not None:
         top = rankings["task-if"][:4].tolist()
         x, given, true, ns, ids = _image_tensors(pools["train"], ctx.dataset, top)
         figs["harmful_tasks"] = plots.task_image_grid(x, out / "harmful_tasks.png", given_labels=given, true_labels=true, n_support=ns, task_ids=ids,
-                                                      title="Most harmful training tasks by task-IF (red = flipped label)").name
+                                                      title="Most harmful training tasks by task-IF" + (" (red = flipped label)" if sec.kind == "labels" else "")).name
 
     tensors = {"corrupted": flags.to(torch.uint8), **{f"suspicion.{m}": s for m, s in suspicion.items()},
                **{f"recall.{m}": torch.from_numpy(c[1]) for m, c in curves.items()}, "fractions": torch.from_numpy(fractions)}
@@ -146,6 +165,7 @@ def _detection_one(run, infl, sec: DetectionSettings, out: Path, quick: bool, lo
     save_result(out / "results", tensors, {**header, "note": "suspicion = −score (high = inspect first); for 'task-if (self)' the self-influence"})
     return {
         **header,
+        "corruption_kind": sec.kind, "kind_description": describe_kind(sec), "corruption": pools["train"].corruption,
         "n_tasks": n, "n_corrupted": int(flags.sum()), "corrupted_task_ids": [int(i) for i in pools["train"].task_ids[flags]],
         "refine": rep.to_json(), "unedited_test": _eval_json(base),
         "detection": rows, "recall_curves": {m: {"fractions": c[0].tolist(), "recall": c[1].tolist()} for m, c in curves.items()},

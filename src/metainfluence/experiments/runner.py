@@ -71,6 +71,8 @@ def load_experiment_settings(name: str, config: str | None, quick: bool):
     for m in getattr(sec, "methods", ()):
         if m not in METHODS:
             raise SettingsError(f"unknown method {m!r} in [{name}] methods; use some of {', '.join(METHODS)}")
+    if name == "detection":
+        _check_detection(sec)
     if name == "removal":
         bad = [lv for lv in sec.instance_levels if lv not in ("support", "query")]
         if bad:
@@ -81,6 +83,20 @@ def load_experiment_settings(name: str, config: str | None, quick: bool):
             if bad:
                 raise SettingsError(f"[removal] {key} names {bad[0]!r}, which is not ranked in this run; use some of {', '.join(sorted(known))}")
     return run, infl, sec
+
+
+def _check_detection(sec) -> None:
+    """Refuse a bad corruption setting before any training (the pool code would, but only after the data)."""
+    from ..tasks.harmful import KINDS, OFFDIST_TRANSFORMS, WHERE
+
+    if sec.kind not in KINDS:
+        raise SettingsError(f"[detection] kind = {sec.kind!r} is unknown; use one of {', '.join(KINDS)}")
+    if sec.where not in WHERE:
+        raise SettingsError(f"[detection] where = {sec.where!r} is unknown; use one of {', '.join(WHERE)}")
+    if sec.offdist_transform not in OFFDIST_TRANSFORMS:
+        raise SettingsError(f"[detection] offdist_transform = {sec.offdist_transform!r} is unknown; use one of {', '.join(OFFDIST_TRANSFORMS)}")
+    if not (sec.duplicate_noise > 0 and sec.offdist_noise > 0) or sec.duplicate_sources < 1:
+        raise SettingsError("[detection] duplicate_noise and offdist_noise must be > 0 and duplicate_sources >= 1")
 
 
 def run_experiment(name: str, config: str | None = None, quick: bool = False, out: str = "runs/experiment",
@@ -128,7 +144,8 @@ def report_run(run_dir) -> Path:
         data = res["settings"]["run"]["data"]
         secs.append({"heading": "Setup", "paragraphs": [
             f"{data['dataset']} {data['n_way']}-way {data['k_shot']}-shot, {res['n_tasks']} training tasks of which {res['n_corrupted']} "
-            f"(ρ_task = {s['rho_task']}) have {s['rho_label']:.0%} of their labels ({s['where']}) flipped to another class of the task. "
+            f"(ρ_task = {s['rho_task']}, kind {s.get('kind', 'labels')}) are corrupted: "
+            f"{res.get('kind_description') or format(s['rho_label'], '.0%') + ' of their labels (' + s['where'] + ') flipped to another class of the task'}. "
             f"Refine: ‖∇F‖ {res['refine']['grad_norm_before']:.3g} → {res['refine']['grad_norm_after']:.3g}. "
             f"Unedited meta-test accuracy {res['unedited_test']['accuracy']:.4f} ± {res['unedited_test']['accuracy_ci95']:.4f} ({res['unedited_test']['n_tasks']} tasks).",
             "Suspicion = −score (harmful first); `task-if (self, fisher)` ranks by self-influence g_kᵀ(H+δI)⁻¹g_k/n instead, with the fisher surrogate of H solved exactly by Woodbury (CG per task was ≈ 30× slower).", settings_p]})

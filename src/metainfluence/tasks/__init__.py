@@ -2,9 +2,10 @@
 from a dataset, and generated sinusoid regression pools)."""
 
 from .corruption import corrupt_labels
+from .harmful import corrupt_tasks, duplicate_tasks, off_distribution_tasks
 from .loading import load_pool
 from .pool import TaskPool, build_pool
 from .sinusoid import SinusoidPool, sinusoid_pool
 from .tensors import TaskTensors
 
-__all__ = ["SinusoidPool", "TaskPool", "TaskTensors", "build_pool", "corrupt_labels", "load_pool", "sinusoid_pool"]
+__all__ = ["SinusoidPool", "TaskPool", "TaskTensors", "build_pool", "corrupt_labels", "corrupt_tasks", "duplicate_tasks", "load_pool", "off_distribution_tasks", "sinusoid_pool"]

@@ -17,6 +17,13 @@ disjoint examples (all classes) for ``split_kind='example'`` datasets; every sav
 Saved form: ``STEM.json`` (human-readable definition and corruption record, written last) and
 ``STEM.safetensors`` (index and label arrays). The JSON carries a checksum over the definition
 and the arrays, so an edited or mixed-up file is refused on load.
+
+Input corruption (duplicate and off-distribution tasks, :mod:`.harmful`): a pool holds example ids,
+not pixels, so a changed input is stored as a per-task recipe applied by :meth:`TaskPool.tensors`:
+``input_transform`` (0 none, 1 inverted contrast), ``input_noise`` (sd of added Gaussian noise on
+the [0, 1] pixel scale) and ``input_seed`` (the noise's seed), plus ``duplicate_of`` (source task id
+or −1). These four arrays exist only in input-corrupted pools (None otherwise), so clean and
+label-corrupted pools keep their files and fingerprints.
 """
 
 from __future__ import annotations
@@ -52,6 +59,9 @@ _ARRAYS = (
     "query_corrupted",
     "corrupted_tasks",
 )
+# present only in input-corrupted pools (all four or none), see the module docstring
+_INPUT_ARRAYS = ("input_transform", "input_noise", "input_seed", "duplicate_of")
+INPUT_TRANSFORMS = ("none", "invert")
 _DEFINITION_KEYS = ("kind", "dataset", "fingerprint", "split", "split_kind", "n_way", "k_shot", "q_query", "n_tasks_built", "seed", "corruption")
 
 
@@ -65,7 +75,8 @@ class TaskPool:
     ``query_ids`` (n, Q') example ids; ``support_y``/``query_y`` the labels used for training
     (possibly corrupted); ``support_true_y``/``query_true_y`` the true labels;
     ``support_corrupted``/``query_corrupted`` bool masks of changed labels; ``corrupted_tasks`` (n,)
-    bool.
+    bool. Input-corrupted pools also hold the per-task input recipe ``input_transform``,
+    ``input_noise``, ``input_seed`` and ``duplicate_of`` (n,) (see the module docstring).
     """
 
     dataset: str
@@ -90,6 +101,10 @@ class TaskPool:
     corrupted_tasks: torch.Tensor
     corruption: dict | None = None
     dataset_split: str = ""
+    input_transform: torch.Tensor | None = None
+    input_noise: torch.Tensor | None = None
+    input_seed: torch.Tensor | None = None
+    duplicate_of: torch.Tensor | None = None
 
     # ---------------------------------------------------------------- basics
     def __len__(self) -> int:
@@ -109,11 +124,22 @@ class TaskPool:
     def is_corrupted(self) -> bool:
         return self.corruption is not None
 
+    @property
+    def corruption_kind(self) -> str | None:
+        """'labels', 'duplicate' or 'off-distribution' (None for a clean pool); a label-corruption
+        record carries no kind (files written before other kinds existed)."""
+        return None if self.corruption is None else str(self.corruption.get("kind", "labels"))
+
+    @property
+    def has_input_changes(self) -> bool:
+        return self.input_transform is not None
+
     def classes_used(self) -> list[int]:
         return sorted(int(c) for c in torch.unique(self.classes))
 
     def _arrays(self) -> dict[str, torch.Tensor]:
-        return {k: getattr(self, k) for k in _ARRAYS}
+        extra = _INPUT_ARRAYS if self.has_input_changes else ()
+        return {k: getattr(self, k) for k in (*_ARRAYS, *extra)}
 
     def definition(self) -> dict[str, Any]:
         return {
@@ -148,7 +174,7 @@ class TaskPool:
         pos = self._positions(task_ids)
         if len(pos) == 0:
             raise PoolError("subset() got no task ids; a pool needs at least one task")
-        return dataclasses.replace(self, **{k: getattr(self, k)[pos].clone() for k in _ARRAYS})
+        return dataclasses.replace(self, **{k: v[pos].clone() for k, v in self._arrays().items()})
 
     def without(self, task_ids: Sequence[int] | torch.Tensor) -> "TaskPool":
         """The pool minus the given stable task ids (the others in their current order)."""
@@ -158,9 +184,15 @@ class TaskPool:
 
     def summary(self) -> str:
         n_corr = int(self.corrupted_tasks.sum())
-        corr = f"{n_corr} corrupted" if self.corruption is None else (
-            f"{n_corr} corrupted (rho_task={self.corruption['rho_task']}, rho_label={self.corruption['rho_label']}, {self.corruption['where']})"
-        )
+        c = self.corruption
+        if c is None:
+            corr = f"{n_corr} corrupted"
+        elif self.corruption_kind == "labels":
+            corr = f"{n_corr} corrupted (rho_task={c['rho_task']}, rho_label={c['rho_label']}, {c['where']})"
+        elif self.corruption_kind == "duplicate":
+            corr = f"{n_corr} corrupted (duplicate: rho_task={c['rho_task']}, near-copies of task(s) {c['sources']}, noise {c['noise']})"
+        else:
+            corr = f"{n_corr} corrupted ({c['kind']}: rho_task={c['rho_task']}, {c['transform']})"
         return (
             f"{self.dataset} [{self.fingerprint}] split={self.split} ({self.split_kind}-disjoint): "
             f"{self.n_way}-way {self.k_shot}-shot {self.q_query}-query, {len(self)} tasks (seed {self.seed}), "
@@ -216,7 +248,26 @@ class TaskPool:
         images = dataset.load(uniq)  # each distinct example loaded once
         sx = torch.index_select(images, 0, inverse[: n * s]).reshape(n, s, *dataset.image_shape)
         qx = torch.index_select(images, 0, inverse[n * s :]).reshape(n, q, *dataset.image_shape)
+        if self.has_input_changes:
+            sx, qx = self._apply_input_changes(sx, qx)
         return TaskTensors(sx, self.support_y.clone(), qx, self.query_y.clone())
+
+    def _apply_input_changes(self, sx: torch.Tensor, qx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The recorded per-task input recipe: invert contrast (x → 1 − x, pixels are in [0, 1]),
+        then add Gaussian noise from the task's own seed and clip to [0, 1]. The noise depends only
+        on (seed, task shape), so a task's inputs are the same in every subset of the pool."""
+        sx, qx = sx.clone(), qx.clone()
+        s = sx.shape[1]
+        for i in torch.nonzero((self.input_transform != 0) | (self.input_noise > 0)).flatten().tolist():
+            x = torch.cat([sx[i], qx[i]])
+            if int(self.input_transform[i]) == 1:
+                x = 1.0 - x
+            sd = float(self.input_noise[i])
+            if sd > 0:
+                g = torch.Generator().manual_seed(int(self.input_seed[i]))
+                x = (x + sd * torch.randn(x.shape, generator=g, dtype=torch.float32).to(x.dtype)).clamp(0.0, 1.0)
+            sx[i], qx[i] = x[:s], x[s:]
+        return sx, qx
 
     # ---------------------------------------------------------------- files
     def save(self, path_stem: str | os.PathLike) -> Path:
@@ -244,6 +295,9 @@ class TaskPool:
         missing = [k for k in _ARRAYS if k not in arrays]
         if missing:
             raise PoolError(f"pool tensor file lacks array(s) {', '.join(missing)}; rebuild and save the pool again")
+        unknown = [k for k in arrays if k not in _ARRAYS and k not in _INPUT_ARRAYS]
+        if unknown:
+            raise PoolError(f"pool tensor file holds unknown array(s) {', '.join(unknown)}; rebuild and save the pool again")
         try:
             pool = cls(
                 dataset=str(doc["dataset"]),
@@ -293,6 +347,30 @@ class TaskPool:
             raise PoolError("pool task ids repeat or fall outside the built range; rebuild the pool")
         if not torch.equal(self.support_y != self.support_true_y, self.support_corrupted) or not torch.equal(self.query_y != self.query_true_y, self.query_corrupted):
             raise PoolError("pool labels and true labels disagree with the recorded corruption masks; rebuild the pool")
+        kind = self.corruption_kind
+        present = [k for k in _INPUT_ARRAYS if getattr(self, k) is not None]
+        if present and len(present) != len(_INPUT_ARRAYS):
+            raise PoolError(f"pool holds only part of the input recipe ({', '.join(present)}); rebuild the pool")
+        if kind is not None and kind not in ("labels", "duplicate", "off-distribution"):
+            raise PoolError(f"pool corruption record names an unknown kind {kind!r}; rebuild the pool")
+        # input kinds need the recipe; a clean or label-corrupted pool must not carry one
+        if (kind in ("duplicate", "off-distribution")) != bool(present):
+            raise PoolError(f"pool corruption kind {kind!r} does not match its input recipe arrays (present: {bool(present)}); rebuild the pool")
+        if present:
+            for k in _INPUT_ARRAYS:
+                if tuple(getattr(self, k).shape) != (n,):
+                    raise PoolError(f"pool array {k} has shape {tuple(getattr(self, k).shape)}, expected ({n},); rebuild the pool")
+            if self.support_corrupted.any() or self.query_corrupted.any():
+                raise PoolError(f"a {kind} pool has flipped labels; rebuild the pool")
+            changed = (self.input_transform != 0) | (self.input_noise > 0) | (self.duplicate_of >= 0)
+            flags = self.duplicate_of >= 0 if kind == "duplicate" else changed
+            if kind == "duplicate" and bool((self.input_transform != 0).any()):
+                raise PoolError("a duplicate pool has contrast-inverted tasks; rebuild the pool")
+            if not torch.equal(self.corrupted_tasks, flags) or not torch.equal(changed, flags):
+                raise PoolError("pool's corrupted-task flags disagree with its input recipe; rebuild the pool")
+            if self.input_transform.min() < 0 or self.input_transform.max() >= len(INPUT_TRANSFORMS) or not torch.isfinite(self.input_noise).all() or (self.input_noise < 0).any():
+                raise PoolError("pool input recipe holds an unknown transform or a negative noise level; rebuild the pool")
+            return
         if not torch.equal(self.corrupted_tasks, self.support_corrupted.any(1) | self.query_corrupted.any(1)):
             raise PoolError("pool's corrupted-task flags disagree with its corrupted-label masks; rebuild the pool")
         if self.corruption is None and bool(self.corrupted_tasks.any()):
