@@ -19,7 +19,8 @@ harmful is what they do to the meta-learned model, which is what influence measu
     it and its loss is only moderately raised, while its meta-gradient pulls the shared
     initialisation towards features of a distribution no test task has. Strong noise destroys the
     structure, so those tasks get a high loss and the loss ranking finds them — kept as the easy
-    contrast.
+    contrast. (A design argument, not a measurement: in the digits quick regime removing the
+    inverted tasks did not change test accuracy; see docs/experiments.md.)
 
 Representation: pools store example ids into a dataset, not pixels, so an input change is stored
 as a per-task recipe (``input_transform``, ``input_noise``, ``input_seed``, ``duplicate_of``; see

@@ -370,6 +370,8 @@ class TaskPool:
                 raise PoolError("pool's corrupted-task flags disagree with its input recipe; rebuild the pool")
             if self.input_transform.min() < 0 or self.input_transform.max() >= len(INPUT_TRANSFORMS) or not torch.isfinite(self.input_noise).all() or (self.input_noise < 0).any():
                 raise PoolError("pool input recipe holds an unknown transform or a negative noise level; rebuild the pool")
+            if self.duplicate_of.min() < -1 or self.duplicate_of.max() >= self.n_tasks_built:
+                raise PoolError("pool duplicate_of names task ids outside the built range; rebuild the pool")
             return
         if not torch.equal(self.corrupted_tasks, self.support_corrupted.any(1) | self.query_corrupted.any(1)):
             raise PoolError("pool's corrupted-task flags disagree with its corrupted-label masks; rebuild the pool")
