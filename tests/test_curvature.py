@@ -114,6 +114,8 @@ def test_the_fast_tier_checks_a_sample_of_many_right_hand_sides_and_says_which()
     assert fast.info["residuals"] == pytest.approx(true, rel=1e-8) and fast.residual == pytest.approx(max(true), rel=1e-8)
     few = sketch_solve(op, B[:5], 1e-2, sketch=sk)  # up to 8: every one is checked
     assert "residual_rows" not in few.info and len(few.info["residuals"]) == 5
+    two = sketch_solve(op, B, 1e-2, SolverSettings(residual_checks=2), sketch=sk)
+    assert two.info["residual_rows"] == [0, 29] and two.info["matvecs"] == 2
 
 
 def test_adaptive_rank_grows_until_the_spectrum_reaches_the_damped_floor_reusing_its_products():

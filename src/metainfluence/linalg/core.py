@@ -64,6 +64,9 @@ class SolverSettings:
         default=30,
         metadata=_help("neumann/lissa: declare divergence after the update norm grew this many consecutive steps."),
     )
+    residual_checks: int = field(default=8, metadata=_help(
+        "curvature (fast tier): right-hand sides whose true residual is measured, evenly spaced; each costs one "
+        "product, so they dominate the fast tier's cost for many right-hand sides (≥ 1)."))
     explicit_max_dim: int = field(
         default=20000, metadata=_help("explicit: largest p for which the p × p matrix may be materialised.")
     )
@@ -74,7 +77,7 @@ class SolverSettings:
                 raise SettingsError(msg)
 
         check(math.isfinite(self.tol) and self.tol > 0, f"tol must be a positive number, got {self.tol}; use e.g. 1e-6")
-        for name in ("max_iter", "cg_block", "neumann_depth", "power_iters", "lissa_repeats", "lowrank_rank", "explicit_max_dim"):
+        for name in ("max_iter", "cg_block", "neumann_depth", "power_iters", "lissa_repeats", "lowrank_rank", "explicit_max_dim", "residual_checks"):
             value = getattr(self, name)
             check(isinstance(value, int) and value >= 1, f"{name} must be an integer ≥ 1, got {value!r}")
         check(

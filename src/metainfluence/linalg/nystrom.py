@@ -146,11 +146,6 @@ def pcg_solve(op: LinearOperator, b: Tensor, damping: float, settings: SolverSet
     return finish("pcg", X, B, b, products, max(info["iterations_per_rhs"]), info, t0)
 
 
-# the fast tier checks at most this many right-hand sides (evenly spaced; recorded as residual_rows),
-# so self-influence of every task costs one pass, not one product per task
-FAST_CHECKS = 8
-
-
 def sketch_solve(op: LinearOperator, b: Tensor, damping: float, settings: SolverSettings = SolverSettings(), *,
                  sketch: LowRank | EKFAC) -> IHVPResult:
     """The fast tier: the sketch's (or EK-FAC's) approximate inverse applied directly (no products but
@@ -162,14 +157,14 @@ def sketch_solve(op: LinearOperator, b: Tensor, damping: float, settings: Solver
     if isinstance(sk, EKFAC):
         X = sk.solve(B.T, damping).T
         return finish("curvature", X, B, b, DampedProducts(op, damping), 0, {"converged": True, "approximation": "ekfac",
-                                                                             "min_eigenvalue": sk.min_eigenvalue()}, t0, FAST_CHECKS)
+                                                                             "min_eigenvalue": sk.min_eigenvalue()}, t0, settings.residual_checks)
     floor = float(sk.eigenvalues[-1]) + damping
     if floor <= 0:
         raise DivergenceError("the sketch's inverse needs λ_ℓ + δ > 0; raise damping")
     C = B @ sk.eigenvectors
     X = (C / (sk.eigenvalues + damping)) @ sk.eigenvectors.T + (B - C @ sk.eigenvectors.T) / floor
     return finish("curvature", X, B, b, DampedProducts(op, damping), 0, {"converged": True, "rank": sk.rank, "tail_eigenvalue": floor - damping},
-                  t0, FAST_CHECKS)
+                  t0, settings.residual_checks)
 
 
 def _check(sketch: LowRank | EKFAC, op: LinearOperator) -> None:
