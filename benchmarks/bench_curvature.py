@@ -62,6 +62,7 @@ def parse_args(argv=None):
     ap.add_argument("--data-root", default=os.environ.get("METAINFLUENCE_DATA"))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None, help="write the table here after every tier (a long run keeps what it finished)")
+    ap.add_argument("--tiers", default="", help="comma-separated subset of solver tiers, e.g. 'pcg fisher,fast fisher' (cg is always run)")
     ap.add_argument("--max-minutes", type=float, default=float("inf"), help="skip the remaining tiers after this long")
     return ap.parse_args(argv)
 
@@ -104,7 +105,9 @@ def main(argv=None) -> int:
     ref_s = InfluenceSettings(solver="cg", **common)
     workdir = tempfile.TemporaryDirectory(prefix="bench_curvature_")  # the curvature files live only as long as the run
     fits = {}
-    for method in ("nystrom", "ekfac"):
+    wanted = set(args.tiers.split(",")) if args.tiers else None
+    methods = [m for m in ("nystrom", "ekfac", "fisher") if wanted is None or any(m in t for t in wanted)]
+    for method in methods:
         # the fit is an approximation anyway: its products are taken in float32 (the probe report is too)
         fit_settings = dataclasses.replace(ref_s, products="float32")
         art, fit_s = timed(lambda: fit_curvature(problem, lam, train, fit_settings, rank=args.rank, probes=4, method=method,
@@ -119,7 +122,7 @@ def main(argv=None) -> int:
             f"{fits[method]['probe_operator_rel_error']:.2g}, fast-tier probe residual {fits[method]['probe_solve_residual']:.2g}")
     f32 = dict(common, products="float32")
     # cheapest first after the reference, so a --max-minutes budget keeps the most tiers
-    tiers = {
+    tiers: dict[str, InfluenceSettings] = {
         "cg": ref_s,
         "pcg nystrom": InfluenceSettings(solver="pcg", curvature_file=fits["nystrom"]["file"], **common),
         "fast nystrom": InfluenceSettings(solver="curvature", curvature_file=fits["nystrom"]["file"], **common),
@@ -130,7 +133,15 @@ def main(argv=None) -> int:
         "cg float32": InfluenceSettings(solver="cg", **f32),
         "pcg nystrom float32": InfluenceSettings(solver="pcg", curvature_file=fits["nystrom"]["file"], **f32),
         "pcg ekfac": InfluenceSettings(solver="pcg", curvature_file=fits["ekfac"]["file"], **common),
-    }
+        "pcg fisher": InfluenceSettings(solver="pcg", curvature_file=fits["fisher"]["file"], **common),
+        "fast fisher": InfluenceSettings(solver="curvature", curvature_file=fits["fisher"]["file"], **common),
+    } if wanted is None else {}
+    if wanted is not None:  # only the tiers asked for (cg, the reference, always first)
+        for name in ["cg", *[t for t in args.tiers.split(",") if t != "cg"]]:
+            method = next((m for m in ("nystrom", "ekfac", "fisher") if m in name), None)
+            f = {"curvature_file": fits[method]["file"]} if method else {}
+            solver = "pcg" if name.startswith("pcg") else "curvature" if name.startswith("fast") else "cg"
+            tiers[name] = InfluenceSettings(solver=solver, **f, **(f32 if "float32" in name else common))
     deadline = time.perf_counter() + 60 * args.max_minutes
     rows, results = [], {}
     record = {"args": vars(args), "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} thread(s)",

@@ -148,3 +148,28 @@ def test_fit_curvature_auto_rank_on_a_task_subsample_is_recorded_and_pcg_stays_e
     torch.testing.assert_close(pcg.scores, cg.scores, rtol=1e-7, atol=1e-14)
     with pytest.raises(SettingsError, match="auto"):
         fit_curvature(problem, lam, train, base, rank="many")
+
+
+def test_fisher_curvature_file_inverts_exactly_preconditions_pcg_to_cg_and_round_trips(tmp_path):
+    problem, lam, train, val = _problem()
+    base = InfluenceSettings(hessian="gauss-newton", damping=1e-3, fisher_samples=8, stationarity_warn=1e9,
+                             solve=SolverSettings(tol=1e-10, max_iter=2000))
+    art = fit_curvature(problem, lam, train, base, method="fisher", probes=2)
+    assert art.method == "fisher" and art.info["factor_rows"] == 8 * len(train)
+    K = art.sketch.factor.T @ art.sketch.factor + problem.weight_decay * torch.eye(problem.dim, dtype=torch.float64)
+    B = torch.randn(problem.dim, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    torch.testing.assert_close(art.sketch.solve(B, 1e-3), torch.linalg.solve(K + 1e-3 * torch.eye(problem.dim, dtype=torch.float64), B),
+                               rtol=1e-9, atol=1e-12)
+    few = fit_curvature(problem, lam, train, dataclasses.replace(base, fisher_samples=1), method="fisher", probes=1)
+    G = few.sketch.factor  # 12 rows < p: the Woodbury side
+    assert G.shape[0] < problem.dim
+    K1 = G.T @ G + (problem.weight_decay + 1e-3) * torch.eye(problem.dim, dtype=torch.float64)
+    torch.testing.assert_close(few.sketch.solve(B, 1e-3), torch.linalg.solve(K1, B), rtol=1e-8, atol=1e-11)
+    art.save(tmp_path / "fi")
+    again = CurvatureArtifact.load(tmp_path / "fi")
+    assert again.method == "fisher" and torch.equal(again.sketch.factor, art.sketch.factor)
+    cg = task_influence(problem, lam, train, val, base)
+    pcg = task_influence(problem, lam, train, val, dataclasses.replace(base, solver="pcg", curvature_file=str(tmp_path / "fi")))
+    torch.testing.assert_close(pcg.scores, cg.scores, rtol=1e-7, atol=1e-14)
+    assert pcg.diagnostics["solver"]["preconditioner"] == "fisher"
+    assert pcg.diagnostics["solver"]["iterations"] < cg.diagnostics["solver"]["iterations"], (pcg.diagnostics["solver"]["iterations"], cg.diagnostics["solver"]["iterations"])

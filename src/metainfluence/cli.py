@@ -134,8 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--max-rank", type=int, default=400, help="ceiling of --rank auto (default: 400)")
     cv.add_argument("--oversample", type=int, default=10, help="extra sketch columns (default: 10)")
     cv.add_argument("--probes", type=int, default=4, help="probe vectors for the quality report (default: 4)")
-    cv.add_argument("--method", default="nystrom", choices=("nystrom", "ekfac"), help="nystrom: low-rank sketch of H | ekfac: eigenvalue-corrected "
-                    "Kronecker factors of the θ-space Fisher at each task's adapted parameters (default: nystrom)")
+    cv.add_argument("--method", default="nystrom", choices=("nystrom", "ekfac", "fisher"), help="nystrom: low-rank sketch of H | ekfac: eigenvalue-corrected "
+                    "Kronecker factors of the θ-space Fisher at each task's adapted parameters | fisher: the factor of sampled-label "
+                    "total gradients (E = the total Gauss–Newton matrix), inverted exactly by Woodbury (default: nystrom)")
     cv.add_argument("--max-tasks", type=int, default=None, help="fit on a seeded subsample of this many tasks (an unbiased estimate of H; "
                     "the probe report is measured on the whole pool) (default: all)")
     cv.add_argument("--data-root", dest="data.data_root", default=argparse.SUPPRESS, help="folder holding the dataset files (else the recorded one, else $METAINFLUENCE_DATA)")
@@ -353,7 +354,11 @@ def _cmd_curvature(args: argparse.Namespace) -> int:
                                      max_rank=args.max_rank)
     i = art.info
     floor = f"fit {i['fit_over_floor']:.1f}× the floor (one pass of per-task gradients, {i['floor_seconds']:.2f} s)"
-    if art.method == "ekfac":
+    if art.method == "fisher":
+        print(f"fisher factor of the total Hessian ({i['factor_rows']} rows of sampled-label total gradients, {i['fisher_samples']} "
+              f"per task), measured against the {i['hessian']} total Hessian: {floor}")
+        print(f"probe error of H·x: max {max(i['probe_operator_rel_error']):.2g}")
+    elif art.method == "ekfac":
         print(f"EK-FAC of the θ-space Fisher at the adapted parameters ({i['n_kronecker_blocks']} Kronecker blocks, {i['n_diagonal']} diagonal "
               f"parameters, {i['n_tasks_fitted']} tasks), measured against the {i['hessian']} total Hessian: {floor}")
         print(f"smallest eigenvalue {i['eigenvalue_min']:.3g}; probe error of H·x: max {max(i['probe_operator_rel_error']):.2g} "

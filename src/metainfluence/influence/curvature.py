@@ -24,8 +24,9 @@ import torch
 
 from ..errors import CheckpointError, SettingsError
 from ..io import load_result, save_result
-from ..linalg import EKFAC, LowRank, adaptive_nystrom_sketch, apply_block, nystrom_sketch, sketch_solve
+from ..linalg import EKFAC, FactorCurvature, LowRank, adaptive_nystrom_sketch, apply_block, nystrom_sketch, sketch_solve
 from ..meta.curvature import TotalHessian
+from ..meta.curvature import fisher_factor
 from ..meta.ekfac import fit_ekfac
 from ..meta.objective import MetaProblem
 from ..tasks.tensors import TaskTensors
@@ -44,7 +45,7 @@ class CurvatureArtifact:
 
     @property
     def method(self) -> str:
-        return "ekfac" if isinstance(self.sketch, EKFAC) else "nystrom"
+        return getattr(self.sketch, "method_name", "nystrom")
 
     @property
     def fingerprint(self) -> str | None:
@@ -55,8 +56,8 @@ class CurvatureArtifact:
         return self.info.get("full_pool_fingerprint")
 
     def save(self, stem: str | Path) -> tuple[Path, Path]:
-        if isinstance(self.sketch, EKFAC):
-            meta = {"kind": KIND, "method": "ekfac", "dim": self.sketch.dim, "ekfac": self.sketch.meta(), "info": self.info}
+        if self.method in _FACTORED:  # EK-FAC or fisher factor: their own tensors and JSON
+            meta = {"kind": KIND, "method": self.method, "dim": self.sketch.dim, self.method: self.sketch.meta(), "info": self.info}
             return save_result(stem, self.sketch.tensors(), meta)
         meta = {"kind": KIND, "dim": self.sketch.dim, "rank": self.sketch.rank, "info": self.info}
         return save_result(stem, {"eigenvalues": self.sketch.eigenvalues, "eigenvectors": self.sketch.eigenvectors}, meta)
@@ -67,8 +68,8 @@ class CurvatureArtifact:
         if meta.get("kind") != KIND:
             raise CheckpointError(f"{stem} is not a curvature file; fit one with `metainfluence curvature`")
         info = meta.get("info", {})
-        if meta.get("method") == "ekfac":
-            return cls(EKFAC.from_tensors(tensors, meta.get("ekfac", {}), info), info)
+        if meta.get("method") in _FACTORED:
+            return cls(_FACTORED[meta["method"]].from_tensors(tensors, meta.get(meta["method"], {}), info), info)
         if set(tensors) != {"eigenvalues", "eigenvectors"}:
             raise CheckpointError(f"{stem} is not a curvature file; fit one with `metainfluence curvature`")
         vals, vecs = tensors["eigenvalues"], tensors["eigenvectors"]
@@ -86,7 +87,8 @@ class CurvatureArtifact:
                               "`metainfluence curvature` for this checkpoint (and --hessian)")
 
 
-CURVATURE_METHODS = ("nystrom", "ekfac")
+CURVATURE_METHODS = ("nystrom", "ekfac", "fisher")
+_FACTORED = {"ekfac": EKFAC, "fisher": FactorCurvature}
 
 
 def fit_curvature(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, settings: Any, rank: int | str = 50,
@@ -120,6 +122,14 @@ def fit_curvature(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, s
         fit = {"method": "ekfac", "max_tasks": max_tasks, "n_tasks_fitted": approx_op.info["n_tasks_fitted"],
                "n_kronecker_blocks": len(approx_op.blocks), "n_diagonal": int(approx_op.diag_index.numel()),
                "eigenvalue_min": approx_op.min_eigenvalue()}
+    elif method == "fisher":
+        # the total-gradient factor of sampled-label query losses: E[GᵀG] is the total Gauss–Newton
+        # matrix, so unlike EK-FAC it keeps dθ/dλ; its inverse is exact by Woodbury
+        rows = fisher_factor(problem, lam, tasks, settings.fisher_samples, settings.seed)
+        approx_op = FactorCurvature(rows, problem.weight_decay)
+        fit_s = time.perf_counter() - t1
+        fit = {"method": "fisher", "fisher_samples": settings.fisher_samples, "factor_rows": rows.shape[0],
+               "eigenvalue_min": approx_op.min_eigenvalue()}
     else:
         sketch_op = op
         if max_tasks is not None and max_tasks < len(tasks):
@@ -144,7 +154,7 @@ def fit_curvature(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, s
     X = torch.randn(op.dim, probes, generator=g, dtype=lam.dtype).to(lam.device)
     X = X / X.norm(dim=0)
     HX = apply_block(op, X)
-    approx = approx_op.matmat(X) if method == "ekfac" else _lowrank_product(approx_op, X)
+    approx = approx_op.matmat(X) if method in _FACTORED else _lowrank_product(approx_op, X)
     op_err = ((approx - HX).norm(dim=0) / HX.norm(dim=0)).tolist()
     fast = sketch_solve(op, X.T.contiguous(), settings.damping, sketch=approx_op)
     info = {
@@ -154,7 +164,7 @@ def fit_curvature(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, s
         "floor_seconds": floor, "fit_seconds": fit_s, "fit_over_floor": fit_s / max(floor, 1e-12),
         "n_tasks": len(tasks), "n_params": op.dim,
     }
-    if method == "ekfac":
+    if method in _FACTORED:
         approx_op.info.update(info)
     return CurvatureArtifact(approx_op, info)
 

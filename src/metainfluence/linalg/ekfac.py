@@ -46,6 +46,8 @@ class EKFAC:
             raise SettingsError("the EK-FAC blocks must cover every parameter exactly once; fit it for this model")
         self.n_matvecs = 0
 
+    method_name = "ekfac"
+
     @property
     def rank(self) -> int:  # the "rank" of a curvature file: EK-FAC is full rank
         return self.dim

@@ -129,8 +129,8 @@ def pcg_solve(op: LinearOperator, b: Tensor, damping: float, settings: SolverSet
     _check(sketch, op)
     products = DampedProducts(op, damping)
     sk = _on(sketch, op)
-    if isinstance(sk, EKFAC):
-        # PCG only needs an SPD M ≈ (H + δI)⁻¹: EK-FAC's own damped inverse
+    if not isinstance(sk, LowRank):
+        # PCG only needs an SPD M ≈ (H + δI)⁻¹: the EK-FAC's (or fisher factor's) own damped inverse
         M = lambda R: sk.solve(R, damping)
     else:
         M = nystrom_preconditioner(sk, damping)
@@ -154,9 +154,9 @@ def sketch_solve(op: LinearOperator, b: Tensor, damping: float, settings: Solver
     B = prepare_rhs(op, b, damping)
     _check(sketch, op)
     sk = _on(sketch, op)
-    if isinstance(sk, EKFAC):
+    if not isinstance(sk, LowRank):
         X = sk.solve(B.T, damping).T
-        return finish("curvature", X, B, b, DampedProducts(op, damping), 0, {"converged": True, "approximation": "ekfac",
+        return finish("curvature", X, B, b, DampedProducts(op, damping), 0, {"converged": True, "approximation": _method(sk),
                                                                              "min_eigenvalue": sk.min_eigenvalue()}, t0, settings.residual_checks)
     floor = float(sk.eigenvalues[-1]) + damping
     if floor <= 0:
@@ -172,11 +172,11 @@ def _check(sketch: LowRank | EKFAC, op: LinearOperator) -> None:
         raise SettingsError(f"the curvature sketch has dimension {sketch.dim} but the operator {op.dim}; fit it for this model")
 
 
-def _method(sketch: LowRank | EKFAC) -> str:
-    return "ekfac" if isinstance(sketch, EKFAC) else "nystrom"
+def _method(sketch) -> str:
+    return getattr(sketch, "method_name", "nystrom")
 
 
-def _on(sketch: LowRank | EKFAC, op: LinearOperator) -> LowRank | EKFAC:
-    if isinstance(sketch, EKFAC):
+def _on(sketch, op: LinearOperator):
+    if not isinstance(sketch, LowRank):  # an EK-FAC or a fisher factor: its own cast
         return sketch.to(op.dtype, op.device)
     return LowRank(sketch.eigenvalues.to(device=op.device, dtype=op.dtype), sketch.eigenvectors.to(device=op.device, dtype=op.dtype), sketch.info)
