@@ -17,6 +17,7 @@ change; checkpoints are written atomically every ``checkpoint_every`` steps and 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import sys
@@ -54,6 +55,7 @@ class TrainSettings:
     checkpoint_every: int = field(default=200, metadata={"help": "steps between checkpoints (0 = only at the end)"})
     dtype: str = field(default="float32", metadata={"help": "precision of training: float32 | float64", "choices": ("float32", "float64")})
     log_every: int = field(default=10, metadata={"help": "steps between accuracy measurements on the meta-batch (progress bar and history)"})
+    first_order_steps: int = field(default=0, metadata={"help": "take the first N steps first-order (FOMAML: no gradient through the inner gradients; cheaper), then the inner solver's own order (a warm-up; 0 = never)"})
     max_minutes: float = field(default=0.0, metadata={"help": "stop after this many minutes of training (0 = no limit; a time limit makes the step count machine-dependent)"})
 
     def validate(self) -> None:
@@ -65,6 +67,8 @@ class TrainSettings:
             raise SettingsError(f"outer lr must be a positive number, got {self.lr}")
         if self.chunk_size < 0 or self.checkpoint_every < 0 or self.log_every < 1:
             raise SettingsError("chunk_size and checkpoint_every must be ≥ 0 and log_every ≥ 1")
+        if self.first_order_steps < 0:
+            raise SettingsError(f"first_order_steps must be ≥ 0, got {self.first_order_steps}")
         if not (math.isfinite(self.max_minutes) and self.max_minutes >= 0):
             raise SettingsError(f"max_minutes must be ≥ 0, got {self.max_minutes}")
         parse_dtype(self.dtype)
@@ -166,6 +170,11 @@ def meta_train(
         problem = copy.copy(problem)
         problem.chunk_size = settings.chunk_size
     mu = problem.weight_decay
+    # the warm-up's problem: the same one with first-order inner steps (a shallow copy shares the model)
+    warmup = problem
+    if settings.first_order_steps and problem.inner.kind == "unrolled" and not problem.inner.first_order:
+        warmup = copy.copy(problem)
+        warmup.inner = dataclasses.replace(problem.inner, first_order=True)
 
     lam = lam0.detach().to(dtype=dtype).clone()
     if _not_finite(lam):
@@ -250,10 +259,11 @@ def meta_train(
         while step < settings.steps:
             idx = sample_batch(generator, n, settings.meta_batch)
             batch = tasks.subset(idx)
+            current = warmup if step < settings.first_order_steps else problem
             if v_all is None:
-                value, gradient = problem.value_and_gradient(lam, batch)
+                value, gradient = current.value_and_gradient(lam, batch)
             else:
-                value, gradient = problem.value_and_gradient(lam, batch, v=v_all[idx], u=u_all[idx])
+                value, gradient = current.value_and_gradient(lam, batch, v=v_all[idx], u=u_all[idx])
             query_loss = float(value) - (0.5 * mu * float((lam * lam).sum()) if mu else 0.0)
             if not math.isfinite(float(value)):
                 raise diverged(step + 1, "the meta-batch loss")
