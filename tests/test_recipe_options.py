@@ -96,3 +96,15 @@ def test_shipped_training_config_loads_into_valid_settings(name):
     assert settings.model.kind == "conv4" and settings.model.pool == "stride"
     assert settings.train.max_minutes <= 30
     assert settings.inner.eval_steps >= settings.inner.steps
+
+
+def test_validate_every_records_the_validation_curve_without_changing_training():
+    problem, lam0 = small_problem(steps=1, lr=0.5)
+    tasks, val = random_tasks(n=6, seed=7), random_tasks(n=4, seed=8)
+    settings = TrainSettings(meta_batch=3, steps=7, lr=0.05, dtype="float64", checkpoint_every=0, validate_every=3)
+    lam, history = meta_train(problem, lam0, tasks, settings, progress=False, validation=val)
+    plain, _ = meta_train(problem, lam0, tasks, dataclasses.replace(settings, validate_every=0), progress=False, validation=val)
+    assert torch.equal(lam, plain)
+    assert history.val_step == [3, 6] and len(history.val_time_s) == 2
+    lam3, _ = meta_train(problem, lam0, tasks, dataclasses.replace(settings, steps=3), progress=False)
+    assert history.val_accuracy[0] == evaluate(problem, lam3, val).accuracy

@@ -32,6 +32,7 @@ from ..config import to_dict
 from ..errors import CheckpointError, DivergenceError, SettingsError
 from ..tasks.tensors import TaskTensors
 from .checkpoint import Checkpoint, load_checkpoint, pool_record, save_checkpoint
+from .evaluate import evaluate
 from .objective import MetaProblem
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
@@ -55,6 +56,7 @@ class TrainSettings:
     checkpoint_every: int = field(default=200, metadata={"help": "steps between checkpoints (0 = only at the end)"})
     dtype: str = field(default="float32", metadata={"help": "precision of training: float32 | float64", "choices": ("float32", "float64")})
     log_every: int = field(default=10, metadata={"help": "steps between accuracy measurements on the meta-batch (progress bar and history)"})
+    validate_every: int = field(default=0, metadata={"help": "steps between evaluations on the validation pool (recorded in the history with their wall time, to pick a step count on validation tasks; 0 = never)"})
     first_order_steps: int = field(default=0, metadata={"help": "take the first N steps first-order (FOMAML: no gradient through the inner gradients; cheaper), then the inner solver's own order (a warm-up; 0 = never)"})
     max_minutes: float = field(default=0.0, metadata={"help": "stop after this many minutes of training (0 = no limit; a time limit makes the step count machine-dependent)"})
 
@@ -67,8 +69,8 @@ class TrainSettings:
             raise SettingsError(f"outer lr must be a positive number, got {self.lr}")
         if self.chunk_size < 0 or self.checkpoint_every < 0 or self.log_every < 1:
             raise SettingsError("chunk_size and checkpoint_every must be ≥ 0 and log_every ≥ 1")
-        if self.first_order_steps < 0:
-            raise SettingsError(f"first_order_steps must be ≥ 0, got {self.first_order_steps}")
+        if self.first_order_steps < 0 or self.validate_every < 0:
+            raise SettingsError(f"first_order_steps and validate_every must be ≥ 0, got {self.first_order_steps} and {self.validate_every}")
         if not (math.isfinite(self.max_minutes) and self.max_minutes >= 0):
             raise SettingsError(f"max_minutes must be ≥ 0, got {self.max_minutes}")
         parse_dtype(self.dtype)
@@ -87,6 +89,10 @@ class TrainHistory:
     grad_norm: list[float] = field(default_factory=list)
     accuracy_step: list[int] = field(default_factory=list)
     accuracy: list[float] = field(default_factory=list)
+    # validation-pool accuracy (mean over tasks) after val_step steps, at val_time_s seconds of training
+    val_step: list[int] = field(default_factory=list)
+    val_accuracy: list[float] = field(default_factory=list)
+    val_time_s: list[float] = field(default_factory=list)
     wall_time_s: float = 0.0
     tasks_seen: int = 0
     stopped: str = "completed"
@@ -148,6 +154,7 @@ def meta_train(
     run_settings: Mapping[str, Any] | None = None,
     resume: str | os.PathLike | Checkpoint | None = None,
     example_weights: tuple[torch.Tensor, torch.Tensor] | None = None,
+    validation: TaskTensors | None = None,
 ) -> tuple[torch.Tensor, TrainHistory]:
     """Meta-train λ from ``lam0`` on ``pool_tensors``; returns (λ, history).
 
@@ -158,6 +165,8 @@ def meta_train(
     (model, inner, data, ...). ``resume``: a checkpoint written by this function to continue from.
     ``example_weights``: (v, u) of shapes (n, |S|), (n, |Q|) — per-example weights of the support and
     query losses (docs/method.md §1; 0 removes an example), e.g. to retrain without some examples.
+    ``validation``: tasks evaluated every ``settings.validate_every`` steps (time spent there is not
+    counted as training time).
     """
     settings = settings or TrainSettings()
     settings.validate()
@@ -294,6 +303,22 @@ def meta_train(
                     bar.set_postfix(post, refresh=False)
             if settings.checkpoint_every and step % settings.checkpoint_every == 0 and step < settings.steps:
                 save(step, "in-progress")
+            if validation is not None and settings.validate_every and step % settings.validate_every == 0:
+                t_val = time.perf_counter()
+                result = evaluate(problem, lam.detach(), validation)
+                history.val_step.append(step)
+                history.val_accuracy.append(result.accuracy)
+                history.val_time_s.append(history.wall_time_s)
+                if bar is None:  # without a progress bar, one line per evaluation shows the curve
+                    print(f"step {step}: val accuracy {100 * result.accuracy:.2f}% ± {100 * result.accuracy_ci95:.2f}% "
+                          f"after {history.wall_time_s / 60:.2f} min", file=sys.stderr, flush=True)
+                else:
+                    bar.set_postfix({"val": f"{result.accuracy:.3f}"}, refresh=False)
+                # evaluation is not training time, for the time limit either
+                paused = time.perf_counter() - t_val
+                t0 += paused
+                if deadline is not None:
+                    deadline += paused
             if deadline is not None and time.perf_counter() >= deadline:
                 history.stopped = f"time limit ({settings.max_minutes:g} min) after {step} steps"
                 break
