@@ -108,3 +108,22 @@ def test_validate_every_records_the_validation_curve_without_changing_training()
     assert history.val_step == [3, 6] and len(history.val_time_s) == 2
     lam3, _ = meta_train(problem, lam0, tasks, dataclasses.replace(settings, steps=3), progress=False)
     assert history.val_accuracy[0] == evaluate(problem, lam3, val).accuracy
+
+
+def test_cosine_schedule_matches_adam_with_the_lr_set_per_step():
+    problem, lam0 = small_problem(steps=1, lr=0.5)
+    tasks = random_tasks(n=5, seed=9)
+    settings = TrainSettings(meta_batch=5, steps=4, lr=0.05, dtype="float64", checkpoint_every=0, lr_schedule="cosine")
+    lam, _ = meta_train(problem, lam0, tasks, settings, progress=False)
+    ref = lam0.clone()
+    opt = torch.optim.Adam([ref], lr=0.05)
+    for step, lr in enumerate([0.05, 0.05 * (1 + 0.5 ** 0.5) / 2, 0.025, 0.05 * (1 - 0.5 ** 0.5) / 2]):
+        assert settings.lr_at(step) == pytest.approx(lr, rel=1e-12)
+        opt.param_groups[0]["lr"] = lr
+        ref.grad = problem.meta_gradient(ref.detach(), tasks)
+        opt.step()
+    assert torch.allclose(lam, ref, rtol=0, atol=1e-14)
+    constant, _ = meta_train(problem, lam0, tasks, dataclasses.replace(settings, lr_schedule="constant"), progress=False)
+    assert not torch.allclose(lam, constant, rtol=0, atol=1e-6)
+    with pytest.raises(SettingsError, match="lr_schedule"):
+        TrainSettings(lr_schedule="linear").validate()

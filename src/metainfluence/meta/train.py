@@ -51,6 +51,7 @@ class TrainSettings:
     meta_batch: int = field(default=32, metadata={"help": "tasks per meta-batch, drawn without replacement from the pool each step (the whole pool if it is smaller)"})
     steps: int = field(default=1000, metadata={"help": "number of Adam steps on λ"})
     lr: float = field(default=1e-3, metadata={"help": "outer (Adam) learning rate on λ"})
+    lr_schedule: str = field(default="constant", metadata={"help": "outer lr over the steps: constant | cosine (lr·(1+cos(π·step/steps))/2, decaying to 0 at steps; a function of the step, so resuming is exact)", "choices": ("constant", "cosine")})
     seed: int = field(default=0, metadata={"help": "seed of the model initialisation and of the meta-batch sampler"})
     chunk_size: int = field(default=0, metadata={"help": "tasks per vmapped chunk inside a meta-batch (0 = the whole batch at once); lower it to save memory"})
     checkpoint_every: int = field(default=200, metadata={"help": "steps between checkpoints (0 = only at the end)"})
@@ -67,6 +68,8 @@ class TrainSettings:
             raise SettingsError(f"steps must be ≥ 0, got {self.steps}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise SettingsError(f"outer lr must be a positive number, got {self.lr}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise SettingsError(f"unknown lr_schedule {self.lr_schedule!r}; use constant or cosine")
         if self.chunk_size < 0 or self.checkpoint_every < 0 or self.log_every < 1:
             raise SettingsError("chunk_size and checkpoint_every must be ≥ 0 and log_every ≥ 1")
         if self.first_order_steps < 0 or self.validate_every < 0:
@@ -78,6 +81,12 @@ class TrainSettings:
     @property
     def torch_dtype(self) -> torch.dtype:
         return parse_dtype(self.dtype)
+
+    def lr_at(self, step: int) -> float:
+        """Outer lr of the step that starts after ``step`` steps (0-based)."""
+        if self.lr_schedule == "cosine" and self.steps > 0:
+            return self.lr * 0.5 * (1.0 + math.cos(math.pi * min(step, self.steps) / self.steps))
+        return self.lr
 
 
 @dataclass
@@ -212,7 +221,9 @@ def meta_train(
         if not needed <= set(ckpt.state):
             raise CheckpointError(f"checkpoint {ckpt.path} holds no optimiser state to resume from; resume from a checkpoint written by meta_train")
         saved = (ckpt.settings or {}).get("train", {})
-        for key in ("meta_batch", "lr", "seed", "dtype"):
+        # a cosine schedule is a function of the step and of its length, so the length must match too
+        keys = ("meta_batch", "lr", "lr_schedule", "seed", "dtype") + (("steps",) if settings.lr_schedule == "cosine" else ())
+        for key in keys:
             if key in saved and saved[key] != getattr(settings, key):
                 raise CheckpointError(f"cannot resume: the checkpoint was trained with {key}={saved[key]!r}, not {getattr(settings, key)!r}; use the same training settings")
         with torch.no_grad():
@@ -283,6 +294,8 @@ def meta_train(
                 history.accuracy_step.append(step + 1)
                 history.accuracy.append(float(acc.mean()))
             lam.grad = gradient.to(dtype)
+            for group in optimizer.param_groups:
+                group["lr"] = settings.lr_at(step)
             optimizer.step()
             lam.grad = None
             if _not_finite(lam):
