@@ -1,7 +1,8 @@
 """Models used functionally: their parameters live in a flat λ, the module is only a template.
 
 Normalisation matters for influence (docs/method.md §1.4): batch statistics make one example's loss depend on
-the whole batch, so ``norm='group'`` or ``'none'`` is preferred for influence runs.
+the whole batch, so ``norm='group'`` or ``'none'`` is preferred for instance-level influence runs (batch statistics are
+per task, so task-level removal stays exact).
 """
 
 from __future__ import annotations
