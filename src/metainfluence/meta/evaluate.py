@@ -7,6 +7,7 @@ MAML literature's "98.7 ± 0.4%". docs/method.md §10 asks for at least 600 held
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 
@@ -101,8 +102,13 @@ def evaluate(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors) -> Eva
     """Adapt λ to each task's support set (``problem.inner``), measure query loss and accuracy.
 
     The tasks' floating inputs are cast to λ's dtype; the work is vmapped over tasks in chunks of
-    ``problem.chunk_size``.
+    ``problem.chunk_size``. Adaptation takes ``problem.inner.eval_steps`` steps where that is set.
     """
+    inner = problem.inner.for_evaluation()
+    if inner is not problem.inner:
+        # a shallow copy shares the model template and only swaps the inner settings
+        problem = copy.copy(problem)
+        problem.inner = inner
     lam = lam.detach()
     tasks = tasks.to(device=lam.device, dtype=lam.dtype)
     losses, accs = problem.task_metrics(lam, tasks)

@@ -1,7 +1,8 @@
 """Models used functionally: their parameters live in a flat λ, the module is only a template.
 
 Normalisation matters for influence (docs/method.md §1.4): batch statistics make one example's loss depend on
-the whole batch, so ``norm='group'`` or ``'none'`` is preferred for influence runs.
+the whole batch, so ``norm='group'`` or ``'none'`` is preferred for instance-level influence runs (batch statistics are
+per task, so task-level removal stays exact).
 """
 
 from __future__ import annotations
@@ -21,7 +22,19 @@ class ModelSettings:
     width: int = field(default=32, metadata={"help": "Conv4 filters per block"})
     norm: str = field(default="none", metadata={"help": "Conv4 normalisation: none | group | batch (batch statistics)"})
     groups: int = field(default=4, metadata={"help": "groups for norm=group"})
+    pool: str = field(default="max", metadata={"help": "Conv4 downsampling: max (conv stride 1 + 2×2 max-pool) | stride (stride-2 convs, no pooling, as Finn et al.'s Omniglot model: about 4× fewer conv operations)", "choices": ("max", "stride")})
     activation: str = field(default="relu", metadata={"help": "MLP activation: relu | tanh (smooth: exact finite-difference checks)"})
+
+    def validate(self) -> None:
+        """Refuse unknown choices before any data is loaded (the model itself is built later)."""
+        if self.kind not in ("mlp", "conv4"):
+            raise SettingsError(f"unknown model kind {self.kind!r}; use mlp or conv4")
+        if self.norm not in ("none", "group", "batch"):
+            raise SettingsError(f"unknown norm {self.norm!r}; use none, group or batch")
+        if self.pool not in ("max", "stride"):
+            raise SettingsError(f"unknown Conv4 pool {self.pool!r}; use max or stride")
+        if self.width < 1 or self.groups < 1:
+            raise SettingsError(f"width and groups must be ≥ 1, got {self.width} and {self.groups}")
 
 
 class MLP(nn.Module):
@@ -55,17 +68,30 @@ def _norm(kind: str, width: int, groups: int) -> nn.Module:
 
 
 class Conv4(nn.Module):
-    """The standard four-block few-shot CNN: [conv3×3 → norm → ReLU → max-pool 2] × 4 → linear."""
+    """The standard four-block few-shot CNN: [conv3×3 → norm → ReLU → max-pool 2] × 4 → linear.
 
-    def __init__(self, in_channels: int, image_size: int, out_features: int, width: int = 64, norm: str = "none", groups: int = 4):
+    ``pool='stride'`` replaces each conv + max-pool by a stride-2 conv (padding 1), as in Finn et al.'s
+    Omniglot model: the side shrinks s → ⌈s/2⌉ (28 → 14 → 7 → 4 → 2) instead of ⌊s/2⌋ (28 → 1), and each
+    conv is evaluated at the output resolution only, so the same parameters cost about 4× fewer operations.
+    """
+
+    def __init__(self, in_channels: int, image_size: int, out_features: int, width: int = 64, norm: str = "none", groups: int = 4,
+                 pool: str = "max"):
         super().__init__()
+        if pool not in ("max", "stride"):
+            raise SettingsError(f"unknown Conv4 pool {pool!r}; use max or stride")
         blocks: list[nn.Module] = []
         c, s = in_channels, image_size
         for _ in range(4):
-            if s < 2:
+            if pool == "max" and s < 2:  # a stride-2 conv maps any side ≥ 1 to ⌈s/2⌉ ≥ 1
                 raise SettingsError(f"images of {image_size}px are too small for Conv4 (four 2× poolings); use the mlp model")
-            blocks += [nn.Conv2d(c, width, 3, padding=1), _norm(norm, width, groups), nn.ReLU(), nn.MaxPool2d(2)]
-            c, s = width, s // 2
+            if pool == "max":
+                blocks += [nn.Conv2d(c, width, 3, padding=1), _norm(norm, width, groups), nn.ReLU(), nn.MaxPool2d(2)]
+                s = s // 2
+            else:
+                blocks += [nn.Conv2d(c, width, 3, stride=2, padding=1), _norm(norm, width, groups), nn.ReLU()]
+                s = (s + 1) // 2
+            c = width
         self.features = nn.Sequential(*blocks)
         self.head = nn.Linear(width * s * s, out_features)
 
@@ -83,5 +109,5 @@ def build_model(settings: ModelSettings, input_shape: tuple[int, ...], out_featu
     if settings.kind == "conv4":
         if len(input_shape) != 3:
             raise SettingsError(f"conv4 needs image inputs (C, H, W), got shape {tuple(input_shape)}; use the mlp model")
-        return Conv4(input_shape[0], input_shape[-1], out_features, settings.width, settings.norm, settings.groups)
+        return Conv4(input_shape[0], input_shape[-1], out_features, settings.width, settings.norm, settings.groups, settings.pool)
     raise SettingsError(f"unknown model kind {settings.kind!r}; use mlp or conv4")

@@ -17,7 +17,7 @@ the same numbers (see :mod:`metainfluence.distributed`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator, NamedTuple
 
 import torch
@@ -40,10 +40,19 @@ class InnerSettings:
     first_order: bool = field(default=False, metadata={"help": "first-order MAML (stop gradients through inner gradients); unrolled only"})
     proximal: float = field(default=0.0, metadata={"help": "proximal strength γ of (γ/2)‖θ−λ‖² in the inner objective; implicit needs γ > 0"})
     implicit_cg_steps: int = field(default=30, metadata={"help": "CG iterations for the implicit-function-theorem solve (implicit only)"})
+    eval_steps: int = field(default=0, metadata={"help": "inner steps when evaluating (meta-test accuracy) only; 0 = steps. Training, refine and influence always use steps (e.g. 1 in training, 3 at test, as Finn et al.)"})
+
+    def for_evaluation(self) -> "InnerSettings":
+        """These settings with ``steps`` replaced by ``eval_steps`` (themselves when it is 0)."""
+        if not self.eval_steps or self.eval_steps == self.steps:
+            return self
+        return replace(self, steps=self.eval_steps)
 
     def validate(self) -> None:
         if self.kind not in ("unrolled", "implicit"):
             raise SettingsError(f"unknown inner solver {self.kind!r}; use unrolled or implicit")
+        if self.eval_steps < 0:
+            raise SettingsError(f"eval_steps must be ≥ 0 (0 = steps), got {self.eval_steps}")
         if self.steps < 0 or (self.kind == "implicit" and self.steps < 1):
             raise SettingsError(f"inner steps must be ≥ 0 (≥ 1 for implicit), got {self.steps}")
         if self.lr <= 0:

@@ -17,6 +17,7 @@ change; checkpoints are written atomically every ``checkpoint_every`` steps and 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import sys
@@ -31,6 +32,7 @@ from ..config import to_dict
 from ..errors import CheckpointError, DivergenceError, SettingsError
 from ..tasks.tensors import TaskTensors
 from .checkpoint import Checkpoint, load_checkpoint, pool_record, save_checkpoint
+from .evaluate import evaluate
 from .objective import MetaProblem
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
@@ -49,11 +51,14 @@ class TrainSettings:
     meta_batch: int = field(default=32, metadata={"help": "tasks per meta-batch, drawn without replacement from the pool each step (the whole pool if it is smaller)"})
     steps: int = field(default=1000, metadata={"help": "number of Adam steps on λ"})
     lr: float = field(default=1e-3, metadata={"help": "outer (Adam) learning rate on λ"})
+    lr_schedule: str = field(default="constant", metadata={"help": "outer lr over the steps: constant | cosine (lr·(1+cos(π·step/steps))/2, decaying to 0 at steps; a function of the step, so resuming is exact)", "choices": ("constant", "cosine")})
     seed: int = field(default=0, metadata={"help": "seed of the model initialisation and of the meta-batch sampler"})
     chunk_size: int = field(default=0, metadata={"help": "tasks per vmapped chunk inside a meta-batch (0 = the whole batch at once); lower it to save memory"})
     checkpoint_every: int = field(default=200, metadata={"help": "steps between checkpoints (0 = only at the end)"})
     dtype: str = field(default="float32", metadata={"help": "precision of training: float32 | float64", "choices": ("float32", "float64")})
     log_every: int = field(default=10, metadata={"help": "steps between accuracy measurements on the meta-batch (progress bar and history)"})
+    validate_every: int = field(default=0, metadata={"help": "steps between evaluations on the validation pool (recorded in the history with their wall time, to pick a step count on validation tasks; 0 = never)"})
+    first_order_steps: int = field(default=0, metadata={"help": "take the first N steps first-order (FOMAML: no gradient through the inner gradients; cheaper), then the inner solver's own order (a warm-up; 0 = never)"})
     max_minutes: float = field(default=0.0, metadata={"help": "stop after this many minutes of training (0 = no limit; a time limit makes the step count machine-dependent)"})
 
     def validate(self) -> None:
@@ -63,8 +68,12 @@ class TrainSettings:
             raise SettingsError(f"steps must be ≥ 0, got {self.steps}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise SettingsError(f"outer lr must be a positive number, got {self.lr}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise SettingsError(f"unknown lr_schedule {self.lr_schedule!r}; use constant or cosine")
         if self.chunk_size < 0 or self.checkpoint_every < 0 or self.log_every < 1:
             raise SettingsError("chunk_size and checkpoint_every must be ≥ 0 and log_every ≥ 1")
+        if self.first_order_steps < 0 or self.validate_every < 0:
+            raise SettingsError(f"first_order_steps and validate_every must be ≥ 0, got {self.first_order_steps} and {self.validate_every}")
         if not (math.isfinite(self.max_minutes) and self.max_minutes >= 0):
             raise SettingsError(f"max_minutes must be ≥ 0, got {self.max_minutes}")
         parse_dtype(self.dtype)
@@ -72,6 +81,12 @@ class TrainSettings:
     @property
     def torch_dtype(self) -> torch.dtype:
         return parse_dtype(self.dtype)
+
+    def lr_at(self, step: int) -> float:
+        """Outer lr of the step that starts after ``step`` steps (0-based)."""
+        if self.lr_schedule == "cosine" and self.steps > 0:
+            return self.lr * 0.5 * (1.0 + math.cos(math.pi * min(step, self.steps) / self.steps))
+        return self.lr
 
 
 @dataclass
@@ -83,6 +98,10 @@ class TrainHistory:
     grad_norm: list[float] = field(default_factory=list)
     accuracy_step: list[int] = field(default_factory=list)
     accuracy: list[float] = field(default_factory=list)
+    # validation-pool accuracy (mean over tasks) after val_step steps, at val_time_s seconds of training
+    val_step: list[int] = field(default_factory=list)
+    val_accuracy: list[float] = field(default_factory=list)
+    val_time_s: list[float] = field(default_factory=list)
     wall_time_s: float = 0.0
     tasks_seen: int = 0
     stopped: str = "completed"
@@ -144,6 +163,7 @@ def meta_train(
     run_settings: Mapping[str, Any] | None = None,
     resume: str | os.PathLike | Checkpoint | None = None,
     example_weights: tuple[torch.Tensor, torch.Tensor] | None = None,
+    validation: TaskTensors | None = None,
 ) -> tuple[torch.Tensor, TrainHistory]:
     """Meta-train λ from ``lam0`` on ``pool_tensors``; returns (λ, history).
 
@@ -154,6 +174,8 @@ def meta_train(
     (model, inner, data, ...). ``resume``: a checkpoint written by this function to continue from.
     ``example_weights``: (v, u) of shapes (n, |S|), (n, |Q|) — per-example weights of the support and
     query losses (docs/method.md §1; 0 removes an example), e.g. to retrain without some examples.
+    ``validation``: tasks evaluated every ``settings.validate_every`` steps (time spent there is not
+    counted as training time).
     """
     settings = settings or TrainSettings()
     settings.validate()
@@ -166,6 +188,11 @@ def meta_train(
         problem = copy.copy(problem)
         problem.chunk_size = settings.chunk_size
     mu = problem.weight_decay
+    # the warm-up's problem: the same one with first-order inner steps (a shallow copy shares the model)
+    warmup = problem
+    if settings.first_order_steps and problem.inner.kind == "unrolled" and not problem.inner.first_order:
+        warmup = copy.copy(problem)
+        warmup.inner = dataclasses.replace(problem.inner, first_order=True)
 
     lam = lam0.detach().to(dtype=dtype).clone()
     if _not_finite(lam):
@@ -194,7 +221,9 @@ def meta_train(
         if not needed <= set(ckpt.state):
             raise CheckpointError(f"checkpoint {ckpt.path} holds no optimiser state to resume from; resume from a checkpoint written by meta_train")
         saved = (ckpt.settings or {}).get("train", {})
-        for key in ("meta_batch", "lr", "seed", "dtype"):
+        # a cosine schedule is a function of the step and of its length, so the length must match too
+        keys = ("meta_batch", "lr", "lr_schedule", "seed", "dtype") + (("steps",) if settings.lr_schedule == "cosine" else ())
+        for key in keys:
             if key in saved and saved[key] != getattr(settings, key):
                 raise CheckpointError(f"cannot resume: the checkpoint was trained with {key}={saved[key]!r}, not {getattr(settings, key)!r}; use the same training settings")
         with torch.no_grad():
@@ -250,10 +279,11 @@ def meta_train(
         while step < settings.steps:
             idx = sample_batch(generator, n, settings.meta_batch)
             batch = tasks.subset(idx)
+            current = warmup if step < settings.first_order_steps else problem
             if v_all is None:
-                value, gradient = problem.value_and_gradient(lam, batch)
+                value, gradient = current.value_and_gradient(lam, batch)
             else:
-                value, gradient = problem.value_and_gradient(lam, batch, v=v_all[idx], u=u_all[idx])
+                value, gradient = current.value_and_gradient(lam, batch, v=v_all[idx], u=u_all[idx])
             query_loss = float(value) - (0.5 * mu * float((lam * lam).sum()) if mu else 0.0)
             if not math.isfinite(float(value)):
                 raise diverged(step + 1, "the meta-batch loss")
@@ -264,6 +294,8 @@ def meta_train(
                 history.accuracy_step.append(step + 1)
                 history.accuracy.append(float(acc.mean()))
             lam.grad = gradient.to(dtype)
+            for group in optimizer.param_groups:
+                group["lr"] = settings.lr_at(step)
             optimizer.step()
             lam.grad = None
             if _not_finite(lam):
@@ -284,6 +316,22 @@ def meta_train(
                     bar.set_postfix(post, refresh=False)
             if settings.checkpoint_every and step % settings.checkpoint_every == 0 and step < settings.steps:
                 save(step, "in-progress")
+            if validation is not None and settings.validate_every and step % settings.validate_every == 0:
+                t_val = time.perf_counter()
+                result = evaluate(problem, lam.detach(), validation)
+                history.val_step.append(step)
+                history.val_accuracy.append(result.accuracy)
+                history.val_time_s.append(history.wall_time_s)
+                if bar is None:  # without a progress bar, one line per evaluation shows the curve
+                    print(f"step {step}: val accuracy {100 * result.accuracy:.2f}% ± {100 * result.accuracy_ci95:.2f}% "
+                          f"after {history.wall_time_s / 60:.2f} min", file=sys.stderr, flush=True)
+                else:
+                    bar.set_postfix({"val": f"{result.accuracy:.3f}"}, refresh=False)
+                # evaluation is not training time, for the time limit either
+                paused = time.perf_counter() - t_val
+                t0 += paused
+                if deadline is not None:
+                    deadline += paused
             if deadline is not None and time.perf_counter() >= deadline:
                 history.stopped = f"time limit ({settings.max_minutes:g} min) after {step} steps"
                 break

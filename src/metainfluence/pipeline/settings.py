@@ -112,6 +112,7 @@ class RunSettings:
 
     def validate(self) -> None:
         self.data.validate()
+        self.model.validate()
         self.inner.validate()
         self.train.validate()
         self.refine.validate()

@@ -34,7 +34,7 @@ def train_stage(ctx: RunContext, progress: bool = True, resume: str | os.PathLik
     ckpt = ctx.out / "trained" if ctx.out is not None else None
     lam, history = meta_train(
         ctx.problem, lam0, ctx.tensors["train"], s.train, checkpoint_path=ckpt, progress=progress,
-        pools=ctx.pool_records(), run_settings=stage_settings(s), resume=resume,
+        pools=ctx.pool_records(), run_settings=stage_settings(s), resume=resume, validation=ctx.tensors.get("val"),
     )
     return lam, history, (ckpt.with_suffix(".safetensors") if ckpt is not None else None)
 
