@@ -114,7 +114,10 @@ def test_every_shipped_config_loads_and_names_known_methods():
 
     from metainfluence.experiments import load_experiment_settings
 
-    configs = sorted((Path(__file__).parent.parent / "configs").glob("*.toml"))
+    from metainfluence.experiments.runner import EXPERIMENTS
+
+    # run configs (e.g. omniglot_conv4.toml, for `metainfluence train`) are checked in test_recipe_options.py
+    configs = [p for p in sorted((Path(__file__).parent.parent / "configs").glob("*.toml")) if p.stem.split("_")[0] in EXPERIMENTS]
     assert len(configs) >= 7
     for path in configs:
         name = path.stem.split("_")[0]
