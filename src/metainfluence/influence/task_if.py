@@ -42,14 +42,49 @@ def ihvp(op: TotalHessian, b: torch.Tensor, settings: InfluenceSettings) -> IHVP
         lowrank = _lowrank(op, settings)
     if settings.solver in ("pcg", "curvature"):
         sketch = _sketch(op, settings)
-    res = solve_ihvp(op, b, solver=settings.solver, damping=effective_damping(op, settings), settings=settings.solve,
-                     lowrank=lowrank, sketch=sketch)
+    damping = effective_damping(op, settings)
+    mixed = getattr(op, "product_dtype", op.dtype) != op.dtype and settings.solver not in ("explicit", "woodbury")
+    solve = settings.solve
+    if mixed and settings.solver in ("cg", "pcg"):
+        # float32 products cannot drive a residual far below ~1e-5: stop there, then refine (below)
+        solve = dataclasses.replace(solve, tol=max(solve.tol, _FLOAT32_TOL))
+    res = solve_ihvp(op, b, solver=settings.solver, damping=damping, settings=solve, lowrank=lowrank, sketch=sketch)
     if settings.damping_mode == "relative":
         res.info["damping_relative"] = settings.damping
         res.info["mean_eigenvalue"] = op._mean_eigenvalue
-    if getattr(op, "product_dtype", op.dtype) != op.dtype and settings.solver not in ("explicit", "woodbury"):
+    if mixed:
         _remeasure_residuals(op, b, res)
+        if settings.solver in ("cg", "pcg"):
+            _refine_mixed(op, b, res, settings, damping, lowrank, sketch)
     return res
+
+
+_FLOAT32_TOL = 1e-4  # what a float32-product Krylov solve reliably reaches before the rounding floor
+
+
+def _refine_mixed(op: TotalHessian, b: torch.Tensor, res: IHVPResult, settings: InfluenceSettings, damping: float,
+                  lowrank, sketch, rounds: int = 3) -> None:
+    """Mixed-precision iterative refinement: r = b − (H + δI)x with working-precision products, a
+    float32-product solve of (H + δI)c = r only as accurate as the remaining gap needs, x += c — until
+    the true residual meets the tolerance (each round gains the inner solve's accuracy, ~1e-4)."""
+    tol = settings.solve.tol
+    B = b.reshape(-1, op.dim).to(op.lam)
+    X = res.x.reshape(-1, op.dim).to(op.lam).clone()
+    products = DampedProducts(op._working_twin, damping)
+    done, spent = 0, 0
+    while res.residual > tol and done < rounds:
+        R = B - products.block(X.T.contiguous()).T
+        inner = dataclasses.replace(settings.solve, tol=min(0.5, max(_FLOAT32_TOL, 0.5 * tol / res.residual)))
+        corr = solve_ihvp(op, R.reshape(b.shape), solver=settings.solver, damping=damping, settings=inner, lowrank=lowrank, sketch=sketch)
+        X += corr.x.reshape(-1, op.dim).to(X)
+        spent += corr.iterations
+        done += 1
+        res.info["residuals"] = true_residuals(products, X, B)
+        res.residual = max(res.info["residuals"])
+    res.x = X.reshape(b.shape)
+    res.info["refinement"] = {"rounds": done, "iterations": spent, "working_precision_products": products.count}
+    res.iterations += spent
+    res.info["converged"] = res.residual <= tol
 
 
 def _remeasure_residuals(op: TotalHessian, b: torch.Tensor, res: IHVPResult) -> None:
