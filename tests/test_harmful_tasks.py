@@ -11,7 +11,7 @@ import torch
 
 import metainfluence.tasks.pool as pool_mod
 from metainfluence.data import load_digits
-from metainfluence.errors import CheckpointError, PoolError, SettingsError
+from metainfluence.errors import PoolError, SettingsError
 from metainfluence.meta.checkpoint import pool_fingerprint
 from metainfluence.tasks import TaskPool, build_pool, corrupt_labels, corrupt_tasks, duplicate_tasks, off_distribution_tasks
 
