@@ -62,6 +62,7 @@ def parse_args(argv=None):
     ap.add_argument("--data-root", default=os.environ.get("METAINFLUENCE_DATA"))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None, help="write the table here after every tier (a long run keeps what it finished)")
+    ap.add_argument("--fisher-samples", type=int, default=4, help="label draws per task of the fisher factor (fisher tiers)")
     ap.add_argument("--tiers", default="", help="comma-separated subset of solver tiers, e.g. 'pcg fisher,fast fisher' (cg is always run)")
     ap.add_argument("--max-minutes", type=float, default=float("inf"), help="skip the remaining tiers after this long")
     return ap.parse_args(argv)
@@ -101,7 +102,7 @@ def main(argv=None) -> int:
     _, floor = timed(lambda: problem.total_gradients(lam, train))
     log(f"trained {history.steps_done} steps in {t_train:.0f} s; floor (one pass of per-task total gradients): {floor:.2f} s")
 
-    common = dict(hessian="gauss-newton", damping=args.damping, stationarity_warn=1e9, solve=SolverSettings(tol=args.tol, max_iter=args.max_iter))
+    common = dict(hessian="gauss-newton", damping=args.damping, fisher_samples=args.fisher_samples, stationarity_warn=1e9, solve=SolverSettings(tol=args.tol, max_iter=args.max_iter))
     ref_s = InfluenceSettings(solver="cg", **common)
     workdir = tempfile.TemporaryDirectory(prefix="bench_curvature_")  # the curvature files live only as long as the run
     fits = {}
