@@ -47,3 +47,9 @@ def directional_derivatives(fn, x: torch.Tensor, n_directions: int = 3, eps: flo
     d = d / d.norm(dim=1, keepdim=True)
     vals = torch.stack([(fn(x + eps * di) - fn(x - eps * di)) / (2 * eps) for di in d])
     return d, vals
+
+
+def curvature_problem():
+    """(problem, λ, train, val) of the curvature tests: a 1-step tanh MLP, 12 training and 4 validation tasks."""
+    problem, lam = small_problem(steps=1, lr=0.3, hidden=(6,), weight_decay=1e-2)
+    return problem, lam, random_tasks(n=12, seed=3), random_tasks(n=4, seed=4)

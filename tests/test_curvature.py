@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 
-from helpers import random_tasks, small_problem
+from helpers import curvature_problem
 from metainfluence.errors import CheckpointError, SettingsError
 from metainfluence.influence.curvature import CurvatureArtifact, fit_curvature
 from metainfluence.influence.gradients import measurement_gradient
@@ -44,13 +44,8 @@ def test_nystrom_recovers_the_top_of_a_decaying_spectrum_and_preconditions_cg():
     assert fast.residual == pytest.approx(true, rel=1e-8)
 
 
-def _problem():
-    problem, lam = small_problem(steps=1, lr=0.3, hidden=(6,), weight_decay=1e-2)
-    return problem, lam, random_tasks(n=12, seed=3), random_tasks(n=4, seed=4)
-
-
 def test_pcg_with_a_saved_sketch_equals_cg_and_a_sketch_of_another_lambda_is_refused(tmp_path):
-    problem, lam, train, val = _problem()
+    problem, lam, train, val = curvature_problem()
     base = InfluenceSettings(hessian="gauss-newton", damping=1e-3, stationarity_warn=1e9, solve=SolverSettings(tol=1e-11, max_iter=2000))
     art = fit_curvature(problem, lam, train, base, rank=20, probes=3)
     assert art.info["fit_over_floor"] > 0 and len(art.info["probe_operator_rel_error"]) == 3
@@ -74,7 +69,7 @@ def test_pcg_with_a_saved_sketch_equals_cg_and_a_sketch_of_another_lambda_is_ref
 
 
 def test_relative_damping_is_a_multiple_of_the_mean_eigenvalue():
-    problem, lam, train, val = _problem()
+    problem, lam, train, val = curvature_problem()
     H = materialize(TotalHessian(problem, lam, train, "gauss-newton"))
     mean_eig = float(torch.trace(H)) / H.shape[0]
     rel = InfluenceSettings(hessian="gauss-newton", damping=0.5, damping_mode="relative", stationarity_warn=1e9, solve=SolverSettings(tol=1e-12))
@@ -87,7 +82,7 @@ def test_relative_damping_is_a_multiple_of_the_mean_eigenvalue():
 
 @pytest.mark.parametrize("hessian,damping", [("gauss-newton", 1e-2), ("exact", 1.0)])  # exact: indefinite below δ ≈ 0.2 here
 def test_float32_products_agree_with_working_precision_and_report_the_true_residual(hessian, damping):
-    problem, lam, train, val = _problem()
+    problem, lam, train, val = curvature_problem()
     base = InfluenceSettings(hessian=hessian, damping=damping, stationarity_warn=1e9, solve=SolverSettings(tol=1e-5, max_iter=500))
     ref = task_influence(problem, lam, train, val, base)
     mixed = task_influence(problem, lam, train, val, dataclasses.replace(base, products="float32"))
@@ -138,7 +133,7 @@ def test_adaptive_rank_grows_until_the_spectrum_reaches_the_damped_floor_reusing
 
 
 def test_fit_curvature_auto_rank_on_a_task_subsample_is_recorded_and_pcg_stays_exact(tmp_path):
-    problem, lam, train, val = _problem()
+    problem, lam, train, val = curvature_problem()
     base = InfluenceSettings(hessian="gauss-newton", damping=1e-3, stationarity_warn=1e9, solve=SolverSettings(tol=1e-11, max_iter=2000))
     art = fit_curvature(problem, lam, train, base, rank="auto", max_tasks=6, probes=2)
     assert art.info["rank_setting"] == "auto" and art.info["n_tasks_fitted"] == 6 and art.info["sketch"]["adaptive"]
@@ -151,7 +146,7 @@ def test_fit_curvature_auto_rank_on_a_task_subsample_is_recorded_and_pcg_stays_e
 
 
 def test_fisher_curvature_file_inverts_exactly_preconditions_pcg_to_cg_and_round_trips(tmp_path):
-    problem, lam, train, val = _problem()
+    problem, lam, train, val = curvature_problem()
     base = InfluenceSettings(hessian="gauss-newton", damping=1e-3, fisher_samples=8, stationarity_warn=1e9,
                              solve=SolverSettings(tol=1e-10, max_iter=2000))
     art = fit_curvature(problem, lam, train, base, method="fisher", probes=2)
@@ -177,7 +172,7 @@ def test_fisher_curvature_file_inverts_exactly_preconditions_pcg_to_cg_and_round
 
 @pytest.mark.parametrize("solver", ["cg", "pcg"])
 def test_float32_products_with_refinement_reach_a_float64_tolerance(solver, tmp_path):
-    problem, lam, train, val = _problem()
+    problem, lam, train, val = curvature_problem()
     base = InfluenceSettings(hessian="gauss-newton", damping=1e-3, stationarity_warn=1e9, solve=SolverSettings(tol=1e-9, max_iter=2000))
     if solver == "pcg":
         fit_curvature(problem, lam, train, base, method="fisher", probes=1).save(tmp_path / "fi")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.func import grad, vmap
 
-from helpers import random_tasks, small_problem
+from helpers import curvature_problem, random_tasks, small_problem
 from metainfluence.errors import CheckpointError
 from metainfluence.influence.curvature import CurvatureArtifact, fit_curvature
 from metainfluence.influence.gradients import direct_gradients, direct_measurement_gradient
@@ -93,13 +93,8 @@ def test_solve_inverts_the_damped_operator_for_vectors_and_blocks():
     torch.testing.assert_close(materialize(again), dense)
 
 
-def _problem():
-    problem, lam = small_problem(steps=1, lr=0.3, hidden=(6,), weight_decay=1e-2)
-    return problem, lam, random_tasks(n=12, seed=3), random_tasks(n=4, seed=4)
-
-
 def test_ekfac_curvature_file_preconditions_pcg_to_the_cg_answer_and_is_refused_elsewhere(tmp_path):
-    problem, lam, train, val = _problem()
+    problem, lam, train, val = curvature_problem()
     base = InfluenceSettings(hessian="gauss-newton", damping=1e-3, stationarity_warn=1e9, solve=SolverSettings(tol=1e-11, max_iter=2000))
     art = fit_curvature(problem, lam, train, base, probes=3, method="ekfac")
     i = art.info
@@ -127,7 +122,7 @@ def test_ekfac_curvature_file_preconditions_pcg_to_the_cg_answer_and_is_refused_
 
 
 def test_ekfac_if_matches_an_explicit_solve_with_the_materialised_ekfac():
-    problem, lam, train, val = _problem()
+    problem, lam, train, val = curvature_problem()
     settings = InfluenceSettings(method="ekfac-if", damping=0.05, fisher_samples=2, stationarity_warn=1e9)
     res = task_influence(problem, lam, train, val, settings)
     K = materialize(fit_ekfac(problem, lam, train, adapt=False, fisher_samples=2, seed=settings.seed))

@@ -2,8 +2,8 @@
 
 Per-task products vmapped over a chunk of tasks allocate and free buffers of tens of MB many times a
 second. glibc serves such sizes with fresh ``mmap`` calls and unmaps them on free, so every product
-pays the kernel to zero new pages: on Conv4 Omniglot this was 40 % of wall time as system time
-(docs/benchmarks.md). Raising the mmap and trim thresholds lets freed buffers be reused. The effect is
+pays the kernel to zero new pages (on Conv4 Omniglot a large share of wall time was system time).
+Raising the mmap and trim thresholds lets freed buffers be reused. The effect is
 process-wide, so the CLI and the benchmarks call this; a library user opts in by calling it (or by
 setting MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ before Python starts).
 """

@@ -25,12 +25,11 @@ import torch
 from ..errors import CheckpointError, SettingsError
 from ..io import load_result, save_result
 from ..linalg import EKFAC, FactorCurvature, LowRank, adaptive_nystrom_sketch, apply_block, nystrom_sketch, sketch_solve
-from ..meta.curvature import TotalHessian
-from ..meta.curvature import fisher_factor
+from ..meta.curvature import TotalHessian, fisher_factor
 from ..meta.ekfac import fit_ekfac
 from ..meta.objective import MetaProblem
 from ..tasks.tensors import TaskTensors
-from .hessian_of import build_hessian, curvature_fingerprint
+from .hessian_of import build_hessian, curvature_fingerprint, effective_damping
 
 KIND = "metainfluence.curvature"
 
@@ -136,8 +135,6 @@ def fit_curvature(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, s
             pick = torch.randperm(len(tasks), generator=torch.Generator().manual_seed(settings.seed))[:max_tasks].sort().values
             sketch_op = build_hessian(problem, lam, tasks.subset(pick.tolist()), settings)
         if rank == "auto":
-            from .task_if import effective_damping  # δ itself, or relative to tr(H)/p
-
             floor_eig = effective_damping(op, settings) + problem.weight_decay
             approx_op = adaptive_nystrom_sketch(sketch_op, floor_eig, start=min(20, op.dim), max_rank=min(max_rank, op.dim),
                                                 oversample=oversample, seed=settings.seed, block=block)

@@ -14,7 +14,10 @@ from __future__ import annotations
 import torch
 from torch.func import grad, jacfwd, jacrev, jvp
 
+from typing import Callable
+
 from ..errors import SettingsError
+from ..progress import bar
 from ..meta.objective import MetaProblem, TaskRecord
 from ..tasks.tensors import TaskTensors
 
@@ -97,3 +100,28 @@ def removed_examples_gradient(problem: MetaProblem, lam: torch.Tensor, tasks: Ta
         return jvp(along, (getattr(task, field),), (m,))[1]
 
     return problem.sum_over_tasks(one, lam.detach(), tasks, extra=(mask,)).detach()
+
+
+def _train_pass(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, s: torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None,
+                gradient_fn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One chunked pass: (sᵀg_k per task, ‖g_k‖ per task, Σ_k g_k) without storing all g_k.
+
+    ``s`` may be a (p,) vector, a (p, m) matrix (m dot products per task: pairwise scores) or a
+    function of a chunk's (c, p) gradients (trak's projection), so every pass over the training
+    gradients is this one."""
+    dots, norms = [], []
+    total = torch.zeros_like(lam)
+    chunks = list(problem.chunks(len(tasks)))
+    for c in bar("task gradients", len(chunks), "chunk", iterable=chunks):
+        G = gradient_fn(problem, lam, tasks.subset(c))
+        total += G.sum(0)
+        norms.append(G.norm(dim=1))
+        if s is None:
+            dots.append(torch.zeros(G.shape[0], dtype=G.dtype, device=G.device))
+        else:
+            dots.append(s(G) if callable(s) else G @ s)
+    return torch.cat(dots), torch.cat(norms), problem.collective.all_sum(total)
+
+
+def _total_gradients(problem, lam, tasks):
+    return problem.total_gradients(lam, tasks)

@@ -7,7 +7,9 @@ from typing import Any
 
 import torch
 
+from ..errors import SettingsError
 from ..io import fingerprint
+from ..linalg import apply_block
 from ..meta.checkpoint import tensors_fingerprint
 from ..meta.curvature import TotalHessian
 from ..meta.objective import MetaProblem
@@ -28,3 +30,17 @@ def curvature_fingerprint(op: TotalHessian, ignore_weights: bool = False, **fit:
     fisher = {"fisher_samples": op.fisher_samples, "seed": op.seed} if op.kind == "fisher" else {}
     return fingerprint({"lam": op.lam, "pool": tensors_fingerprint(op.tasks), "weights": weights, "kind": op.kind,
                         "problem": op.problem.settings_json(), **fisher, "fit": fit}, 32)
+
+
+def effective_damping(op: TotalHessian, settings: Any) -> float:
+    """δ itself, or δ × the mean eigenvalue tr(H)/p (Hutchinson, 16 Rademacher probes, cached on the
+    operator) so that one damping setting means the same for every Hessian kind and model."""
+    if settings.damping_mode == "absolute":
+        return settings.damping
+    if getattr(op, "_mean_eigenvalue", None) is None:
+        g = torch.Generator().manual_seed(settings.seed + 7)
+        Z = (torch.randint(0, 2, (op.dim, 16), generator=g) * 2 - 1).to(dtype=op.dtype, device=op.device)
+        op._mean_eigenvalue = float((Z * apply_block(op, Z)).sum(0).mean()) / op.dim
+    if op._mean_eigenvalue <= 0:
+        raise SettingsError(f"relative damping needs a positive mean eigenvalue; this {op.kind} Hessian has trace/p = {op._mean_eigenvalue:.3g} — use absolute damping")
+    return settings.damping * op._mean_eigenvalue

@@ -28,7 +28,8 @@ from ..tasks.tensors import TaskTensors
 from .gradients import example_scores, measurement_gradient
 from ..meta.curvature import check_hessian_kind, jacobian_vp, query_hvp_theta
 from .results import InfluenceResult, InfluenceSettings, check_solve, settings_dict, solver_record
-from .task_if import _train_pass, build_hessian, ihvp, inner_solve_check, stationarity
+from .gradients import _train_pass
+from .task_if import build_hessian, ihvp, inner_solve_check, stationarity
 
 
 def k_step_response(hvp, b: torch.Tensor, alpha: float, steps: int) -> torch.Tensor:

@@ -28,7 +28,8 @@ from ..meta.objective import MetaProblem, TaskRecord
 from ..tasks.tensors import TaskTensors
 from .hessian_of import build_hessian
 from .results import InfluenceSettings, check_solve, read_scores_file, settings_dict, solver_record
-from .task_if import _total_gradients, _train_pass, ihvp, trust_checks
+from .gradients import _total_gradients, _train_pass
+from .task_if import ihvp, trust_checks
 
 Measurement = Callable[[torch.Tensor], torch.Tensor]
 

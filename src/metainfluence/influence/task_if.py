@@ -16,7 +16,7 @@ import dataclasses
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -27,11 +27,11 @@ from .gradients import direct_gradients, direct_measurement_gradient, measuremen
 from ..meta.curvature import TotalHessian, check_hessian_kind
 from ..meta.ekfac import fit_ekfac
 from ..meta.refine import refine_advice
-from .hessian_of import build_hessian, curvature_fingerprint
+from .gradients import _total_gradients, _train_pass
+from .hessian_of import build_hessian, curvature_fingerprint, effective_damping
 from .newton_step import newton_step_scores
 from .results import InfluenceResult, InfluenceSettings, check_solve, settings_dict, shortfall, solver_record
-from ..progress import bar
-from ..linalg import IHVPResult, LowRank, apply_block, lanczos_eigenpairs, solve_ihvp
+from ..linalg import IHVPResult, LowRank, lanczos_eigenpairs, solve_ihvp
 from ..linalg.core import DampedProducts, true_residuals
 
 
@@ -103,20 +103,6 @@ def _remeasure_residuals(op: TotalHessian, b: torch.Tensor, res: IHVPResult) -> 
     res.info["residuals_product_precision"] = res.info.get("residuals")
     res.info["residuals"], res.residual = residuals, max(residuals)
     res.info["products"] = str(op.product_dtype).replace("torch.", "")
-
-
-def effective_damping(op: TotalHessian, settings: InfluenceSettings) -> float:
-    """δ itself, or δ × the mean eigenvalue tr(H)/p (Hutchinson, 16 Rademacher probes, cached on the
-    operator) so that one damping setting means the same for every Hessian kind and model."""
-    if settings.damping_mode == "absolute":
-        return settings.damping
-    if getattr(op, "_mean_eigenvalue", None) is None:
-        g = torch.Generator().manual_seed(settings.seed + 7)
-        Z = (torch.randint(0, 2, (op.dim, 16), generator=g) * 2 - 1).to(dtype=op.dtype, device=op.device)
-        op._mean_eigenvalue = float((Z * apply_block(op, Z)).sum(0).mean()) / op.dim
-    if op._mean_eigenvalue <= 0:
-        raise SettingsError(f"relative damping needs a positive mean eigenvalue; this {op.kind} Hessian has trace/p = {op._mean_eigenvalue:.3g} — use absolute damping")
-    return settings.damping * op._mean_eigenvalue
 
 
 def _sketch(op: TotalHessian, settings: InfluenceSettings):
@@ -214,31 +200,6 @@ def trust_checks(problem: MetaProblem, lam: torch.Tensor, train_tasks: TaskTenso
     n = problem.collective.total_count(len(train_tasks))
     diag["stationarity"] = stationarity(g_sum / n + problem.weight_decay * lam, problem.collective.gather_rows(norms), settings.stationarity_warn, diag)
     inner_solve_check(problem, lam, train_tasks, diag)
-
-
-def _train_pass(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, s: torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None,
-                gradient_fn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One chunked pass: (sᵀg_k per task, ‖g_k‖ per task, Σ_k g_k) without storing all g_k.
-
-    ``s`` may be a (p,) vector, a (p, m) matrix (m dot products per task: pairwise scores) or a
-    function of a chunk's (c, p) gradients (trak's projection), so every pass over the training
-    gradients is this one."""
-    dots, norms = [], []
-    total = torch.zeros_like(lam)
-    chunks = list(problem.chunks(len(tasks)))
-    for c in bar("task gradients", len(chunks), "chunk", iterable=chunks):
-        G = gradient_fn(problem, lam, tasks.subset(c))
-        total += G.sum(0)
-        norms.append(G.norm(dim=1))
-        if s is None:
-            dots.append(torch.zeros(G.shape[0], dtype=G.dtype, device=G.device))
-        else:
-            dots.append(s(G) if callable(s) else G @ s)
-    return torch.cat(dots), torch.cat(norms), problem.collective.all_sum(total)
-
-
-def _total_gradients(problem, lam, tasks):
-    return problem.total_gradients(lam, tasks)
 
 
 def _mean_task_loss(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors) -> float:

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import torch
 
+from .gradients import _total_gradients, _train_pass
 from ..errors import DivergenceError
 from ..meta.objective import MetaProblem
 from ..tasks.tensors import TaskTensors
@@ -55,7 +56,6 @@ def trak_scores(problem: MetaProblem, lam: torch.Tensor, train_tasks: TaskTensor
 
     Returns ``scores``, ``self_influence`` (φ_kᵀ(K + δI)⁻¹φ_k/n, free once K is factored), ``diag``
     and the pass's ``g_sum`` and ``norms`` for the stationarity check."""
-    from .task_if import _total_gradients, _train_pass  # task_if imports this module lazily
 
     n = problem.collective.total_count(len(train_tasks))
     if projection is None:

@@ -25,10 +25,11 @@ from typing import Any, Callable
 import torch
 
 from ..errors import DivergenceError
-from ..linalg import block_cg, nystrom_preconditioner
+from ..linalg import adaptive_nystrom_sketch, block_cg, nystrom_preconditioner, nystrom_sketch
 from ..linalg.core import DampedProducts
 from ..tasks.tensors import TaskTensors
 from .curvature import TotalHessian
+from .ekfac import fit_ekfac
 from .objective import MetaProblem
 
 DAMPING_FLOOR = 1e-10  # below this δ is set to 0 (μI already makes the Gauss–Newton matrix positive definite)
@@ -69,19 +70,28 @@ class _Preconditioner:
         self.fitted_at = -1
 
     def _fit(self, x: torch.Tensor, damping: float, step: int) -> None:
-        from ..influence.curvature import fit_curvature
-        from ..influence.results import InfluenceSettings
-
+        # fitted here from linalg and meta pieces (no probe report: PCG's answer does not depend on it),
+        # so refine stays below the influence stage that saves curvature files
         s = self.settings
-        ref = InfluenceSettings(hessian=self.kind, damping=max(damping, DAMPING_FLOOR), damping_mode="absolute", products=s.newton_products)
-        rank = "auto" if s.precondition_rank == 0 else s.precondition_rank
         t0 = time.perf_counter()
-        art = fit_curvature(self.problem, x, self.tasks, ref, rank=rank, method=s.precondition, probes=1,
-                            max_tasks=s.precondition_max_tasks or None)
-        self.sketch = art.sketch
+        tasks = self.tasks
+        if s.precondition_max_tasks and s.precondition_max_tasks < len(tasks):
+            pick = torch.randperm(len(tasks), generator=torch.Generator().manual_seed(0))[:s.precondition_max_tasks].sort().values
+            tasks = tasks.subset(pick.tolist())
+        if s.precondition == "ekfac":
+            self.sketch = fit_ekfac(self.problem, x, tasks, adapt=True, fisher_samples=4)
+            rank = self.sketch.rank
+        else:
+            product_dtype = torch.float32 if s.newton_products == "float32" and x.dtype != torch.float32 else None
+            op = TotalHessian(self.problem, x, tasks, self.kind, product_dtype=product_dtype)
+            if s.precondition_rank == 0:
+                floor = max(damping, DAMPING_FLOOR) + self.problem.weight_decay
+                self.sketch = adaptive_nystrom_sketch(op, floor, start=min(20, op.dim), max_rank=min(400, op.dim))
+            else:
+                self.sketch = nystrom_sketch(op, min(s.precondition_rank, op.dim))
+            rank = self.sketch.rank
         self.fitted_at = step
-        self.fits.append({"step": step, "seconds": time.perf_counter() - t0, "rank": art.info.get("rank"),
-                          "n_tasks_fitted": art.info.get("n_tasks_fitted")})
+        self.fits.append({"step": step, "seconds": time.perf_counter() - t0, "rank": rank, "n_tasks_fitted": len(tasks)})
 
     def __call__(self, x: torch.Tensor, damping: float, step: int) -> Callable | None:
         s = self.settings

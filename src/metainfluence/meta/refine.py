@@ -1,5 +1,8 @@
 """The refine stage (docs/method.md §2): drive the full-pool meta-gradient ‖∇F(λ; w)‖ below a tolerance.
 
+(Over 450 lines for now: settings, the L-BFGS/gd/Newton drivers and the shared progress and stopping
+monitor; the monitor is the next piece to move out, beside meta/newton_cg.py.)
+
 Influence functions assume ∇_λ F(λ*) = 0, which Adam on random meta-batches does not deliver.
 :func:`refine` minimises the deterministic full-pool objective
 F(λ; w) = (1/n) Σ_i w_i L_Q^i(λ) + (μ/2)‖λ‖² from the trained λ:

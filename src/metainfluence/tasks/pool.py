@@ -1,5 +1,8 @@
 """Task pools: fixed, finite lists of N-way K-shot tasks with stable integer ids.
 
+(460 lines, kept whole: TaskPool, its saved form and its consistency checks are one record — the
+input recipes of harmful tasks must be validated where the pool is — and splitting would scatter it.)
+
 A :class:`TaskPool` stores, for every task, its N dataset classes, the example ids of its support
 set (N·K) and query set (N·Q), and their labels 0..N-1. Order inside a task is class-major:
 support = K examples of ``classes[t, 0]`` (label 0), then K of ``classes[t, 1]`` (label 1), ...;
