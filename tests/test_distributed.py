@@ -62,13 +62,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
-@pytest.fixture(scope="module")
-def two_processes(tmp_path_factory):
-    """Run the 2-process job once; return (rank-0 tensors, output folder)."""
-    reason = _gloo_missing()
-    if reason:
-        pytest.skip(f"distributed test skipped: {reason}")
-    out = tmp_path_factory.mktemp("dist")
+def _launch(out: Path) -> tuple[int, str]:
+    """torchrun with 2 gloo workers writing to ``out``; (return code, log)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
@@ -86,9 +81,38 @@ def two_processes(tmp_path_factory):
         os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its two workers: the session this test started
         log, _ = proc.communicate()
         pytest.fail(f"the 2-process run did not finish in 120 s:\n{log[-4000:]}")
-    if proc.returncode != 0 and ("gloo" in log.lower() and "connect" in log.lower()):
-        pytest.skip(f"gloo could not connect the processes on this machine:\n{log[-2000:]}")
-    assert proc.returncode == 0, f"torchrun failed (rc {proc.returncode}):\n{log[-6000:]}"
+    return proc.returncode, log
+
+
+def _finished(out: Path) -> bool:
+    """Both ranks passed the last barrier and rank 0 wrote its results."""
+    return (out / "results.safetensors").exists() and all((out / f"done.rank{r}").exists() for r in (0, 1))
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    """Run the 2-process job once; return (rank-0 tensors, output folder).
+
+    A worker killed by SIGABRT inside gloo (seen once on CI: "terminate called without an active
+    exception", no Python traceback) is retried once on a fresh port; a crash after both ranks
+    passed the last barrier is gloo's teardown and is reported as a warning, since every number
+    the test compares was already written.
+    """
+    reason = _gloo_missing()
+    if reason:
+        pytest.skip(f"distributed test skipped: {reason}")
+    for attempt in (1, 2):
+        out = tmp_path_factory.mktemp(f"dist{attempt}")
+        rc, log = _launch(out)
+        if rc == 0:
+            break
+        if "gloo" in log.lower() and "connect" in log.lower() and not _finished(out):
+            pytest.skip(f"gloo could not connect the processes on this machine:\n{log[-2000:]}")
+        if _finished(out):
+            warnings.warn(f"torchrun exited {rc} after both ranks finished (gloo teardown):\n{log[-1500:]}")
+            break
+        aborted = "SIGABRT" in log or "terminate called" in log
+        assert aborted and attempt == 1, f"torchrun failed (rc {rc}):\n{log[-6000:]}"
     return read_tensors(out / "results.safetensors"), out
 
 
