@@ -12,8 +12,8 @@ Problem: Conv4 (group norm, ``--width`` filters) on Omniglot 5-way 1-shot ``--qu
 
 For each: time of whole-pool task-IF over the floor, the solver's true relative residual (products in
 float64), Spearman against ``cg``; self-influence of ``--self-tasks`` tasks (time / floor, Spearman
-against cg's block solve) and, for the fast tiers, of every task; instance-IF of one task's query
-examples from the tier's s (Spearman). Peak resident memory of the process.
+against the exact tier's block solve) and, for the fast tiers, of every task; instance-IF of the support
+and query examples of ``--instance-tasks`` tasks from the tier's s (Spearman). Peak resident memory of the process.
 
     python benchmarks/bench_curvature.py --tasks 500 --width 32 --threads 2 --json bench_curvature.json
 """
@@ -59,6 +59,7 @@ def parse_args(argv=None):
     ap.add_argument("--max-iter", type=int, default=300)
     ap.add_argument("--damping", type=float, default=1e-3)
     ap.add_argument("--self-tasks", type=int, default=30)
+    ap.add_argument("--instance-tasks", type=int, default=10, help="tasks whose support and query examples are scored by instance-IF")
     ap.add_argument("--data-root", default=os.environ.get("METAINFLUENCE_DATA"))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None, help="write the table here after every tier (a long run keeps what it finished)")
@@ -153,7 +154,8 @@ def main(argv=None) -> int:
         if args.json:
             write_json(args.json, record)
 
-    one = train.subset([0])
+    # instance-IF of the query and support examples of --instance-tasks tasks, from each tier's s
+    one = train.subset(list(range(min(args.instance_tasks, len(train)))))
     inst_ref = None
     self_vals: dict[str, torch.Tensor] = {}
     for name, s in tiers.items():
@@ -171,32 +173,41 @@ def main(argv=None) -> int:
         # self-influence of EVERY task where a tier makes it cheap (fast tiers, Woodbury, TRAK); the exact
         # reference (cg on the first --self-tasks tasks) is taken after all tiers, time permitting
         if s.method == "task-if" and s.solver in ("curvature", "woodbury"):
-            op = build_hessian(problem, lam, train, s)
+            # the fast tier's sampled residual checks (--residual-checks) are its only products: float32 ones
+            # measure a residual of 1e-2 as well as float64 (influence/task_if.py, _FLOAT32_TRUSTED) at half the cost
+            s_self = dataclasses.replace(s, products="float32") if s.solver == "curvature" else s
+            op = build_hessian(problem, lam, train, s_self)
             G_all = problem.total_gradients(lam, train)
-            r_all, t_all = timed(lambda: ihvp(op, G_all, s))
+            r_all, t_all = timed(lambda: ihvp(op, G_all, s_self))
             self_vals[name] = (G_all * r_all.x).sum(1)
             row["self-inf all ÷ floor"] = round(t_all / floor + 1, 1)  # + the pass of total gradients it needs
         elif s.method == "trak":  # its self-influence comes from the same projected features
             r_all, t_all = timed(lambda: task_influence(problem, lam, train, val, dataclasses.replace(s, self_influence=True)))
             self_vals[name] = r_all.self_influence
             row["self-inf all ÷ floor"] = round(t_all / floor, 1)
-        # instance-IF of one task's query examples, from this tier's s (methods without one are skipped)
+        # instance-IF of the examples of --instance-tasks tasks, from this tier's s (methods without one are skipped)
         if "s" in res.extra:
-            inst = instance_influence(problem, lam, one, val, "query", ref_s, s=res.extra["s"]).scores.flatten()
+            inst = torch.cat([instance_influence(problem, lam, one, val, which, ref_s, s=res.extra["s"]).scores.flatten()
+                              for which in ("query", "support")])
             inst_ref = inst if name == "cg" else inst_ref
             row["instance Spearman"] = round(spearman(inst, inst_ref), 4)
         rows.append(row)
         log(f"  {row}")
         save()
-    # the exact self-influence reference: one block cg solve over the first --self-tasks tasks
+    # the exact self-influence reference: one block solve over the first --self-tasks tasks, by the exact
+    # tier (fisher-preconditioned pcg, float32 products refined to --tol in float64) where a fisher file
+    # was fitted, else cg: either stops at the same true residual, so either is the exact answer
     k = min(args.self_tasks, len(train))
     if k and self_vals and time.perf_counter() < deadline:
         G_sub = problem.total_gradients(lam, train.subset(list(range(k))))
         _, floor = timed(lambda: problem.total_gradients(lam, train))
-        r_ref, t_ref = timed(lambda: ihvp(build_hessian(problem, lam, train, ref_s), G_sub, ref_s))
+        self_ref_s = (InfluenceSettings(solver="pcg", curvature_file=fits["fisher"]["file"], **f32) if "fisher" in fits else ref_s)
+        r_ref, t_ref = timed(lambda: ihvp(build_hessian(problem, lam, train, self_ref_s), G_sub, self_ref_s))
         ref = (G_sub * r_ref.x).sum(1)
-        record["self_reference"] = {"tasks": k, "seconds_over_floor": t_ref / floor, "residual": r_ref.residual, "iterations": r_ref.iterations}
-        log(f"self-influence reference: cg on {k} tasks, {t_ref / floor:.1f}× the floor, residual {r_ref.residual:.1e}")
+        record["self_reference"] = {"tasks": k, "solver": r_ref.solver, "products": self_ref_s.products, "seconds_over_floor": t_ref / floor,
+                                    "residual": r_ref.residual, "iterations": r_ref.iterations}
+        log(f"self-influence reference: {r_ref.solver} ({self_ref_s.products} products) on {k} tasks, {t_ref / floor:.1f}× the floor, "
+            f"residual {r_ref.residual:.1e}")
         for r in rows:
             if r["tier"] in self_vals:
                 r[f"self Spearman ({k} tasks)"] = round(spearman(self_vals[r["tier"]][:k], ref), 4)

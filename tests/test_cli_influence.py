@@ -146,3 +146,30 @@ def test_influence_pairwise_writes_the_train_by_val_matrix(demo_run, capsys):
     assert len(info["diagnostics"]["solver"]["residuals"]) == 30
     assert main(["influence", "--checkpoint", str(demo_run / "refined"), "--measurement", "margin"]) == 2
     assert "pairwise only" in capsys.readouterr().err
+
+
+def test_influence_time_budget_says_so_and_resume_continues_to_the_full_answer(demo_run, capsys):
+    base = ["influence", "--checkpoint", str(demo_run / "refined"), "--hessian", "gauss-newton", "--threads", "1", "--tol", "1e-9"]
+    assert main([*base, "--name", "full"]) == 0
+    full = InfluenceResult.load(demo_run / "full")
+    # a budget that runs out at once: unconverged, said aloud (one line on stderr) with the way to continue
+    capsys.readouterr()
+    assert main([*base, "--max-minutes", "1e-9", "--name", "cut"]) == 0
+    err = capsys.readouterr().err
+    assert "warning:" in err and "--max-minutes budget" in err and "--resume" in err
+    cut = json.loads((demo_run / "cut.json").read_text())["diagnostics"]
+    assert cut["solver"]["stopped_by"] == "time" and not cut["solver"]["converged"] and "--resume" in " ".join(cut["warnings"])
+    # three iterations, then continued from that iterate: the full answer, in fewer new iterations
+    assert main([*base, "--max-iter", "3", "--name", "part"]) == 0
+    assert main([*base, "--resume", str(demo_run / "part"), "--name", "resumed"]) == 0
+    resumed = InfluenceResult.load(demo_run / "resumed")
+    solver = resumed.diagnostics["solver"]
+    assert solver["converged"] and solver["residual"] <= 1e-8
+    assert solver["warm_start"]["residual_before"] < 1.0
+    assert solver["iterations"] < full.diagnostics["solver"]["iterations"]
+    assert resumed.diagnostics["resumed_from"] == str(demo_run / "part")
+    torch.testing.assert_close(resumed.scores, full.scores, rtol=1e-6, atol=1e-9 * float(full.scores.abs().max()))
+    # a resume of another level or method is refused
+    capsys.readouterr()
+    assert main([*base, "--resume", str(demo_run / "part"), "--method", "tracin", "--name", "x"]) == 2
+    assert "--resume" in capsys.readouterr().err

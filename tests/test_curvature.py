@@ -183,3 +183,45 @@ def test_float32_products_with_refinement_reach_a_float64_tolerance(solver, tmp_
     # the recorded residual is the float64 one, and refinement drove it below the float64 tolerance
     assert solve["residual"] <= 1e-9 and solve["converged"] and solve["refinement"]["rounds"] >= 1
     torch.testing.assert_close(mixed.scores, ref.scores, rtol=1e-7, atol=1e-12 * float(ref.scores.abs().max()))
+
+
+def test_fast_tier_checks_with_float32_products_stay_in_float32_only_where_that_measures_the_residual(tmp_path):
+    """A fast-tier residual far above float32 rounding is measured with the float32 products (no float64
+    re-measure, half the checks' cost); one near rounding is re-measured in float64."""
+    problem, lam, train, val = curvature_problem()
+    base = InfluenceSettings(hessian="gauss-newton", damping=1e-3, stationarity_warn=1e9, products="float32")
+    op = TotalHessian(problem, lam, train, "gauss-newton")
+    g, _ = measurement_gradient(problem, lam, val)
+
+    def true_residual(s):
+        return float((op.matvec(s) + 1e-3 * s - g).norm() / g.norm())
+
+    fit_curvature(problem, lam, train, base, rank=4, probes=1).save(tmp_path / "low")
+    with pytest.warns(Warning):
+        low = task_influence(problem, lam, train, val, dataclasses.replace(base, solver="curvature", curvature_file=str(tmp_path / "low")))
+    solve = low.diagnostics["solver"]
+    assert solve["residual"] > 1e-3 and "float32" in solve["residuals_measured_in"]
+    assert solve["residual"] == pytest.approx(true_residual(low.extra["s"]), rel=1e-3)
+    # a sketch of full rank inverts H: its residual is near rounding, so it is re-measured in float64
+    fit_curvature(problem, lam, train, base, rank=problem.dim, probes=1).save(tmp_path / "full")
+    full = task_influence(problem, lam, train, val, dataclasses.replace(base, solver="curvature", curvature_file=str(tmp_path / "full")))
+    solve = full.diagnostics["solver"]
+    assert "residuals_measured_in" not in solve and solve["residual"] < 1e-3
+    assert solve["residual"] == pytest.approx(true_residual(full.extra["s"]), rel=1e-6, abs=1e-12)
+
+
+def test_a_pcg_float32_solve_continued_from_an_early_iterate_reaches_the_answer_of_one_solve(tmp_path):
+    problem, lam, train, val = curvature_problem()
+    base = InfluenceSettings(hessian="gauss-newton", damping=1e-3, stationarity_warn=1e9, solve=SolverSettings(tol=1e-9, max_iter=2000))
+    fit_curvature(problem, lam, train, base, method="fisher", probes=1).save(tmp_path / "fi")
+    pcg = dataclasses.replace(base, solver="pcg", curvature_file=str(tmp_path / "fi"), products="float32")
+    ref = task_influence(problem, lam, train, val, base)
+    with pytest.warns(Warning, match="--resume"):
+        early = task_influence(problem, lam, train, val, dataclasses.replace(pcg, solve=dataclasses.replace(pcg.solve, max_iter=1)))
+    assert not early.diagnostics["solver"]["converged"]
+    resumed = task_influence(problem, lam, train, val, pcg, s0=early.extra["s"])
+    solve = resumed.diagnostics["solver"]
+    assert solve["residual"] <= 1e-9 and 0 < solve["warm_start"]["residual_before"] < 1
+    torch.testing.assert_close(resumed.scores, ref.scores, rtol=1e-7, atol=1e-12 * float(ref.scores.abs().max()))
+    with pytest.raises(SettingsError, match="cg or pcg"):
+        task_influence(problem, lam, train, val, dataclasses.replace(pcg, solver="curvature"), s0=early.extra["s"])

@@ -149,3 +149,40 @@ def test_detection_with_pcg_fits_one_curvature_at_its_lambda_and_reuses_it(tmp_p
     assert saved["settings"]["influence"]["curvature_file"] == str(out / "curvature")
     rows = {r["method"]: r for r in res["detection"]}
     assert rows["task-if"]["auc"] > 0.5 and len(res["edits"]) >= 1
+
+
+def test_detection_ranks_by_exact_and_fast_tiers_of_one_fisher_curvature(tmp_path):
+    """curvature_fit = fisher: one fisher-factor file at λ*; task-if is its preconditioned exact tier,
+    task-if-fast its inverse applied directly, direct-if falls back to plain CG (the file is of the total H)."""
+    out = tmp_path / "det_fast"
+    cfg = tmp_path / "fast.toml"
+    cfg.write_text('[influence]\nsolver = "pcg"\ncurvature_fit = "fisher"\nfisher_samples = 8\nproducts = "float32"\n\n'
+                   '[detection]\nmethods = ["task-if", "task-if-fast", "direct-if", "random"]\nedit_fractions = [0.25]\n')
+    res = run_experiment("detection", str(cfg), True, str(out), log=lambda s: None)
+    assert json.loads((out / "curvature.json").read_text())["method"] == "fisher"
+    diag = res["influence_diagnostics"]
+    assert diag["task-if"]["solver"]["name"] == "pcg" and diag["task-if"]["solver"]["residual"] <= 1e-6
+    assert diag["task-if-fast"]["solver"]["name"] == "curvature" and diag["direct-if"]["solver"]["name"] == "cg"
+    rows = {r["method"]: r for r in res["detection"]}
+    assert {"task-if", "task-if-fast", "task-if (self, fisher)"} <= set(rows)
+    assert rows["task-if-fast"]["auc"] > 0.5 and abs(rows["task-if-fast"]["auc"] - rows["task-if"]["auc"]) < 0.15
+
+
+def test_detection_resumes_from_the_stages_it_left_and_refuses_other_settings(tmp_path):
+    from metainfluence.errors import SettingsError
+
+    out = tmp_path / "det_resume"
+    cfg = tmp_path / "r.toml"
+    cfg.write_text('[detection]\nmethods = ["task-if", "tracin"]\nedit_fractions = [0.25]\nself_influence = false\n')
+    first = run_experiment("detection", str(cfg), True, str(out), log=lambda s: None)
+    assert (out / "refined.safetensors").is_file() and (out / "scores" / "task-if.safetensors").is_file()
+    lines = []
+    again = run_experiment("detection", str(cfg), True, str(out), log=lines.append, resume=True)
+    assert any("resumed: refined" in line for line in lines) and any("scores resumed" in line for line in lines)
+    assert again["timings"]["reused"] == ["train", "refine"]
+    # the same λ* and scores: the tables agree exactly
+    assert [r["auc"] for r in again["detection"]] == [r["auc"] for r in first["detection"]]
+    assert again["unedited_test"] == first["unedited_test"]
+    cfg.write_text('[detection]\nmethods = ["task-if", "tracin"]\nedit_fractions = [0.25]\nself_influence = false\nrho_task = 0.3\n')
+    with pytest.raises(SettingsError, match="other settings"):
+        run_experiment("detection", str(cfg), True, str(out), log=lambda s: None, resume=True)

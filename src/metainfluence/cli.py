@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--check", type=int, default=0, metavar="K", help="fidelity check: re-optimise K random groups of tasks removed from λ* and record the Spearman and relative error of the predicted change (default: 0, no check)")
     inf.add_argument("--check-fraction", type=float, default=0.1, help="fraction of the training tasks in each removed group (default: 0.1)")
     inf.add_argument("--check-minutes", type=float, default=10.0, help="time budget of the fidelity check (default: 10)")
+    inf.add_argument("--resume", default=None, metavar="SCORES", help="continue the cg/pcg solve of an earlier task-level scores file of this "
+                     "checkpoint's pool (one stopped by --max-minutes or --max-iter) from its iterate; the new file is complete on its own")
     inf.add_argument("--data-root", dest="data.data_root", default=argparse.SUPPRESS, help="folder holding the dataset files (else the recorded one, else $METAINFLUENCE_DATA)")
     _common(inf)
     inf.set_defaults(_dests=add_settings_arguments(inf, InfluenceSettings, dest="influence.", title="influence settings") + ["data.data_root"])
@@ -151,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--config", default=None, metavar="FILE", help="experiment config (TOML/YAML/JSON), e.g. configs/detection_mnist.toml")
     ex.add_argument("--quick", action="store_true", help="small variant (about a minute on 2 CPU cores)")
     ex.add_argument("--out", default=None, help="output folder (default: runs/experiment-NAME)")
+    ex.add_argument("--resume", action="store_true", help="reuse what an interrupted run of the same config left in --out (training, refined λ*, "
+                    "curvature, each method's scores); other settings are refused. Edits, retraining and tables are recomputed")
     ex.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     ex.add_argument("--threads", type=int, default=1, metavar="N", help="torch CPU threads (default: 1)")
     ex.set_defaults(_dests=[])
@@ -296,7 +300,7 @@ def _cmd_influence(args: argparse.Namespace) -> int:
     check = CheckSettings(removals=args.check, fraction=args.check_fraction, max_minutes=args.check_minutes)
     measurement = "margin" if args.measurement == "margin" else None
     result, stem = influence_checkpoint(args.checkpoint, _influence_settings(args), level=args.level, out=args.out, name=args.name,
-                                        overrides=_data_only(args), check=check, measurement=measurement)
+                                        overrides=_data_only(args), check=check, measurement=measurement, resume=args.resume)
     diag = result.diagnostics
     if "solver" in diag:
         print(f"solver {diag['solver']['name']}: residual {diag['solver']['residual']:.2e}, {diag['solver']['iterations']} iterations")
@@ -382,7 +386,7 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     if args.name not in EXPERIMENTS:
         raise SettingsError(f"unknown experiment {args.name!r}; use one of {', '.join(EXPERIMENTS)}")
     out = args.out or f"runs/experiment-{args.name}"
-    run_experiment(args.name, args.config, args.quick, out)
+    run_experiment(args.name, args.config, args.quick, out, resume=args.resume)
     print(f"results in {out}/; render them with: metainfluence report {out}")
     return 0
 

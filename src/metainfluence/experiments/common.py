@@ -5,6 +5,7 @@ self-influence."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import platform
 import time
 from pathlib import Path
@@ -14,11 +15,18 @@ import torch
 
 from .. import SIGN_CONVENTION, InfluenceSettings, task_influence
 from ..config import to_dict
+from ..errors import SettingsError
 from ..influence.curvature import fit_curvature
+from ..influence.results import InfluenceResult
+from ..io import read_json, write_json
+from ..meta.checkpoint import load_checkpoint
+from ..meta.refine import RefineReport
 from ..pipeline import refine_stage, train_stage
 
 EXPERIMENTS = ("detection", "removal", "estimates")
 METHODS = ("task-if", "direct-if", "tracin", "trak", "ekfac-if", "loss", "random")
+# asked for by name only: task-IF by the fast tier (the curvature's inverse applied directly), beside the exact tier
+OPTIONAL_METHODS = ("task-if-fast",)
 
 
 def _machine() -> dict[str, Any]:
@@ -41,30 +49,71 @@ def _header(name: str, run, infl, sec, quick: bool) -> dict[str, Any]:
     }
 
 
-# --------------------------------------------------------------------------- shared pieces
-def _train_and_refine(ctx, log, w_train=None) -> tuple[torch.Tensor, Any, dict]:
+# --------------------------------------------------------------------------- resuming in pieces
+class StageCache:
+    """The stages an experiment keeps in its folder, so that a run stopped part-way (or cut into pieces
+    on a laptop) continues with ``resume``: training (``trained``, continued by meta_train itself), the
+    refined λ* (``refined``), the curvature file and each method's scores (``scores/METHOD``). The
+    folder's settings are recorded in ``stages.json``; resuming under other settings is refused, and
+    edits, retraining and the tables are always recomputed."""
+
+    def __init__(self, out: Path, settings: dict[str, Any], resume: bool) -> None:
+        self.out, self.resume = Path(out), resume
+        record = self.out / "stages.json"
+        now = json.loads(json.dumps(settings, default=str))  # tuples → lists, as the file holds them
+        if resume and record.is_file():
+            before = read_json(record, what="experiment stage record")
+            if before != now:
+                changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+                raise SettingsError(f"{self.out} holds stages of other settings ({', '.join(changed)} differ); "
+                                    "resume with the same config, or use another --out")
+        write_json(record, now)
+
+    def has(self, stem: str) -> bool:
+        return self.resume and (self.out / f"{stem}.safetensors").is_file()
+
+
+def _train_and_refine(ctx, log, w_train=None, cache: StageCache | None = None) -> tuple[torch.Tensor, Any, dict]:
+    if cache is not None and cache.has("refined"):
+        ckpt = load_checkpoint(ctx.out / "refined", expected_problem=ctx.problem)
+        rep = RefineReport.from_json(ckpt.info["refine_report"])
+        times = {k: float(v) for k, v in ckpt.info.get("metrics", {}).get("timings", {}).items()}
+        log(f"resumed: refined λ* of {ctx.out / 'refined'} (‖∇F‖ {rep.grad_norm_after:.2g}, ratio {rep.ratio_after:.2g})")
+        return ckpt.lam, rep, {**times, "reused": ["train", "refine"]}
     t = time.perf_counter()
-    lam, history, _ = train_stage(ctx, progress=False)
+    resume = ctx.out / "trained" if cache is not None and cache.has("trained") else None
+    lam, history, _ = train_stage(ctx, progress=False, resume=resume)
     t_train = time.perf_counter() - t
     t = time.perf_counter()
     lam_star, rep = refine_stage(ctx, lam, progress=False)
     t_refine = time.perf_counter() - t
     log(f"trained {history.steps_done} steps ({t_train:.1f} s), refined ‖∇F‖ {rep.grad_norm_before:.2g} → {rep.grad_norm_after:.2g} ({t_refine:.1f} s)")
-    return lam_star, rep, {"train_s": t_train, "refine_s": t_refine}
+    times = {"train_s": t_train, "refine_s": t_refine}
+    if cache is not None:
+        ctx.save_checkpoint("refined", lam_star, "refined", {"timings": times}, refine_report=rep)
+    return lam_star, rep, times
 
 
-def _with_curvature(problem, lam, train, infl: InfluenceSettings, out: Path, log, timings: dict) -> InfluenceSettings:
-    """Solvers pcg / curvature need a curvature file of this λ*: with none given, fit a Nyström sketch
-    (rank from the spectrum) once here, save it in the output folder and let every score and edit
-    of the experiment reuse it (edits on a reduced pool are preconditioned by it under pcg)."""
-    if infl.solver not in ("pcg", "curvature") or infl.curvature_file:
+def _with_curvature(problem, lam, train, infl: InfluenceSettings, out: Path, log, timings: dict, methods=(),
+                    cache: StageCache | None = None) -> InfluenceSettings:
+    """Solvers pcg / curvature (and the method task-if-fast) need a curvature file of this λ*: with
+    none given, fit one (kind ``infl.curvature_fit``; Nyström with its rank from the spectrum, or the
+    fisher factor) once here, save it in the output folder and let every score and edit of the
+    experiment reuse it (edits on a reduced pool are preconditioned by it under pcg)."""
+    needed = infl.solver in ("pcg", "curvature") or "task-if-fast" in methods
+    if not needed or infl.curvature_file:
         return infl
-    t = time.perf_counter()
-    art = fit_curvature(problem, lam, train, infl, rank="auto")
     stem = out / "curvature"
+    if cache is not None and cache.has("curvature"):  # its fingerprint is checked against λ* on every use
+        timings["curvature_fit_s"] = float(read_json(stem.with_suffix(".json"), what="curvature file").get("info", {}).get("fit_seconds", 0.0))
+        log(f"resumed: curvature {stem}")
+        return dataclasses.replace(infl, curvature_file=str(stem))
+    t = time.perf_counter()
+    art = fit_curvature(problem, lam, train, infl, rank="auto", method=infl.curvature_fit)
     art.save(stem)
     timings["curvature_fit_s"] = time.perf_counter() - t
-    log(f"curvature: Nyström rank {art.info['rank']} fitted at λ* in {timings['curvature_fit_s']:.1f} s "
+    what = f"Nyström rank {art.info['rank']}" if art.method == "nystrom" else art.method
+    log(f"curvature: {what} fitted at λ* in {timings['curvature_fit_s']:.1f} s "
         f"({art.info['fit_over_floor']:.1f}× the floor), probe error {max(art.info['probe_operator_rel_error']):.2g} → {stem}")
     return dataclasses.replace(infl, curvature_file=str(stem))
 
@@ -74,15 +123,25 @@ def _eval_json(res) -> dict[str, float]:
 
 
 def _method_settings(infl: InfluenceSettings, method: str, direct_damping: float, **kw) -> InfluenceSettings:
+    if method == "task-if-fast":  # the same curvature file, its inverse applied directly
+        return dataclasses.replace(infl, method="task-if", solver="curvature", **kw)
     s = dataclasses.replace(infl, method=method, **kw)
     if method == "direct-if":
-        s = dataclasses.replace(s, damping=direct_damping)
+        # the curvature file approximates the total Hessian, not direct-IF's θ-space one: plain CG there
+        solver = "cg" if s.solver in ("pcg", "curvature") else s.solver
+        s = dataclasses.replace(s, damping=direct_damping, solver=solver)
     return s
 
 
-def _score_all(problem, lam, train, val, infl, methods, direct_damping, log, self_influence=False) -> dict[str, Any]:
+def _score_all(problem, lam, train, val, infl, methods, direct_damping, log, self_influence=False,
+               cache: StageCache | None = None) -> dict[str, Any]:
     out = {}
     for m in methods:
+        stem = f"scores/{m}"
+        if cache is not None and cache.has(stem):
+            out[m] = InfluenceResult.load(cache.out / stem)
+            log(f"  {m:<9} scores resumed from {cache.out / stem}")
+            continue
         t = time.perf_counter()
         s = _method_settings(infl, m, direct_damping)
         res = task_influence(problem, lam, train, val, s)
@@ -90,12 +149,14 @@ def _score_all(problem, lam, train, val, infl, methods, direct_damping, log, sel
             # self-influence needs one iHVP per task: with CG (≈ 80 GN products per task) that is
             # ~100 s for 60 tasks here, so it uses the fisher surrogate solved exactly by Woodbury
             ts = time.perf_counter()
-            si = task_influence(problem, lam, train, val, dataclasses.replace(s, hessian="fisher", solver="woodbury", self_influence=True))
+            si = task_influence(problem, lam, train, val, dataclasses.replace(s, hessian="fisher", solver="woodbury", products="working", self_influence=True))
             res.self_influence = si.self_influence
             res.diagnostics["self_influence"] = {"hessian": "fisher", "solver": "woodbury", "seconds": time.perf_counter() - ts,
                                                  "residual": si.diagnostics.get("self_influence_residual")}
         res.diagnostics["seconds"] = time.perf_counter() - t
         out[m] = res
+        if cache is not None:
+            res.save(cache.out / stem)
         log(f"  {m:<9} scores in {res.diagnostics['seconds']:.2f} s")
     return out
 

@@ -18,7 +18,7 @@ from ..io import save_result, write_json
 from ..pipeline import RunContext
 from ..tasks import corrupt_tasks
 from . import plots
-from .common import METHODS, _diag_json, _eval_json, _header, _image_tensors, _score_all, _train_and_refine, _with_curvature
+from .common import METHODS, StageCache, _diag_json, _eval_json, _header, _image_tensors, _score_all, _train_and_refine, _with_curvature
 
 
 @dataclass
@@ -52,18 +52,18 @@ def describe_kind(sec: DetectionSettings) -> str:
 
 
 # --------------------------------------------------------------------------- detection
-def run_detection(run, infl, sec: DetectionSettings, out: Path, quick: bool, log) -> dict:
+def run_detection(run, infl, sec: DetectionSettings, out: Path, quick: bool, log, resume: bool = False) -> dict:
     """One run at ``rho_task``, or with ``rho_tasks`` one run per value in ``out/rho_<value>``: the
     first value's result is the main one (its figures are referenced from the sub-folder) and a
     summary row per method × ρ_task is added."""
     if not sec.rho_tasks:
-        return _detection_one(run, infl, sec, out, quick, log)
+        return _detection_one(run, infl, sec, out, quick, log, resume)
     results = []
     for rho in sec.rho_tasks:
         sub = out / f"rho_{rho:g}"
         sub.mkdir(parents=True, exist_ok=True)
         log(f"detection sweep: ρ_task = {rho:g} → {sub}")
-        r = _detection_one(run, infl, dataclasses.replace(sec, rho_task=float(rho), rho_tasks=()), sub, quick, log)
+        r = _detection_one(run, infl, dataclasses.replace(sec, rho_task=float(rho), rho_tasks=()), sub, quick, log, resume)
         r["timings"]["total_s"] = sum(v for k, v in r["timings"].items() if k != "total_s")
         write_json(sub / "results.json", r)
         results.append(r)
@@ -77,8 +77,9 @@ def run_detection(run, infl, sec: DetectionSettings, out: Path, quick: bool, log
     return main
 
 
-def _detection_one(run, infl, sec: DetectionSettings, out: Path, quick: bool, log) -> dict:
+def _detection_one(run, infl, sec: DetectionSettings, out: Path, quick: bool, log, resume: bool = False) -> dict:
     timings: dict[str, float] = {}
+    cache = StageCache(out, _header("detection", run, infl, sec, quick)["settings"], resume)
     t = time.perf_counter()
     ctx = RunContext.prepare(run, out, log=log)
     pools = dict(ctx.pools)
@@ -92,15 +93,15 @@ def _detection_one(run, infl, sec: DetectionSettings, out: Path, quick: bool, lo
     timings["data_s"] = time.perf_counter() - t
     log(f"detection: {int(flags.sum())} of {n} training tasks corrupted, kind {sec.kind} ({describe_kind(sec)})")
 
-    lam_star, rep, tt = _train_and_refine(ctx, log)
+    lam_star, rep, tt = _train_and_refine(ctx, log, cache=cache)
     timings.update(tt)
     problem = ctx.problem
     dt = lam_star.dtype
     train, val, test = (ctx.tensors[k].to(dtype=dt) for k in ("train", "val", "test"))
-    infl = _with_curvature(problem, lam_star, train, infl, out, log, timings)
+    infl = _with_curvature(problem, lam_star, train, infl, out, log, timings, sec.methods, cache)
 
     t = time.perf_counter()
-    scores = _score_all(problem, lam_star, train, val, infl, sec.methods, sec.direct_damping, log, sec.self_influence)
+    scores = _score_all(problem, lam_star, train, val, infl, sec.methods, sec.direct_damping, log, sec.self_influence, cache)
     timings["scoring_s"] = time.perf_counter() - t
 
     # suspicion (high = inspect first) and rankings

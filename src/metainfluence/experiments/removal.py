@@ -16,7 +16,7 @@ from .. import Removal, edit_model, evaluate, instance_influence, meta_train, me
 from ..io import save_result
 from ..pipeline import RunContext, stage_settings
 from . import plots
-from .common import METHODS, _diag_json, _eval_json, _header, _image_tensors, _score_all, _train_and_refine, _with_curvature
+from .common import METHODS, StageCache, _diag_json, _eval_json, _header, _image_tensors, _score_all, _train_and_refine, _with_curvature
 
 # The paper's Table 1 (ICLR version, docs/method.md §11): accuracy after removing 40% harmful data, wall time (s).
 PAPER_TABLE1 = [
@@ -85,25 +85,26 @@ def _retrain(problem, run, pool, removal: Removal, refine_too: bool):
     return lam
 
 
-def run_removal(run, infl, sec: RemovalSettings, out: Path, quick: bool, log) -> dict:
+def run_removal(run, infl, sec: RemovalSettings, out: Path, quick: bool, log, resume: bool = False) -> dict:
     timings: dict[str, float] = {}
+    cache = StageCache(out, _header("removal", run, infl, sec, quick)["settings"], resume)
     t = time.perf_counter()
     ctx = RunContext.prepare(run, out, log=log)
     timings["data_s"] = time.perf_counter() - t
-    lam_star, rep, tt = _train_and_refine(ctx, log)
+    lam_star, rep, tt = _train_and_refine(ctx, log, cache=cache)
     timings.update(tt)
-    full_train_s = tt["train_s"] + tt["refine_s"]
+    full_train_s = tt.get("train_s", 0.0) + tt.get("refine_s", 0.0)
     problem = ctx.problem
     dt = lam_star.dtype
     train, val, test = (ctx.tensors[k].to(dtype=dt) for k in ("train", "val", "test"))
-    infl = _with_curvature(problem, lam_star, train, infl, out, log, timings)
+    infl = _with_curvature(problem, lam_star, train, infl, out, log, timings, sec.methods, cache)
     n = len(train)
     k_remove = metrics.fraction_to_count(sec.fraction, n)
     base = evaluate(problem, lam_star, test)
     log(f"removal: full model test accuracy {base.accuracy:.4f} ± {base.accuracy_ci95:.4f}; removing {k_remove} of {n} tasks per method")
 
     t = time.perf_counter()
-    scores = _score_all(problem, lam_star, train, val, infl, sec.methods, sec.direct_damping, log)
+    scores = _score_all(problem, lam_star, train, val, infl, sec.methods, sec.direct_damping, log, cache=cache)
     plans = [(m, r.diagnostics["seconds"], Removal(tasks=r.ranking(harmful_first=True)[:k_remove].tolist())) for m, r in scores.items()]
     plans += _instance_removals(problem, lam_star, train, val, infl, sec.instance_levels, sec.fraction, log, task_if=scores.get("task-if"))
     timings["scoring_s"] = time.perf_counter() - t

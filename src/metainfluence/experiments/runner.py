@@ -14,7 +14,7 @@ from ..errors import SettingsError
 from ..io import read_json, write_json
 from ..meta.models import ModelSettings
 from ..pipeline import DataSettings, ObjectiveSettings, RunSettings
-from .common import EXPERIMENTS, METHODS
+from .common import EXPERIMENTS, METHODS, OPTIONAL_METHODS
 from .detection import DetectionSettings, run_detection
 from .estimates import EstimatesSettings, run_estimates
 from .removal import RemovalSettings, run_removal
@@ -69,8 +69,8 @@ def load_experiment_settings(name: str, config: str | None, quick: bool):
     fitted_here = infl.solver in ("pcg", "curvature") and not infl.curvature_file
     (dataclasses.replace(infl, curvature_file="fitted at λ*") if fitted_here else infl).validate()
     for m in getattr(sec, "methods", ()):
-        if m not in METHODS:
-            raise SettingsError(f"unknown method {m!r} in [{name}] methods; use some of {', '.join(METHODS)}")
+        if m not in METHODS + OPTIONAL_METHODS:
+            raise SettingsError(f"unknown method {m!r} in [{name}] methods; use some of {', '.join(METHODS + OPTIONAL_METHODS)}")
     if name == "detection":
         _check_detection(sec)
     if name == "removal":
@@ -100,16 +100,21 @@ def _check_detection(sec) -> None:
 
 
 def run_experiment(name: str, config: str | None = None, quick: bool = False, out: str = "runs/experiment",
-                   log: Callable[[str], None] = print) -> dict:
+                   log: Callable[[str], None] = print, resume: bool = False) -> dict:
     """Run experiment ``name`` (detection | removal | estimates); results go to ``out``.
 
-    Returns the results dict that is also written to ``out/results.json``."""
+    ``resume``: reuse the stages an earlier run of the same settings left in ``out`` (training,
+    refined λ*, curvature, each method's scores: :class:`~.common.StageCache`; estimates' ground-truth
+    units are always resumed). Returns the results dict that is also written to ``out/results.json``."""
     run, infl, sec = load_experiment_settings(name, config, quick)
     out_p = Path(out)
     out_p.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    fn = {"detection": run_detection, "removal": run_removal, "estimates": run_estimates}[name]
-    result = fn(run, infl, sec, out_p, quick, log)
+    if name == "estimates":
+        result = run_estimates(run, infl, sec, out_p, quick, log)
+    else:
+        fn = {"detection": run_detection, "removal": run_removal}[name]
+        result = fn(run, infl, sec, out_p, quick, log, resume=resume)
     result["timings"]["total_s"] = time.perf_counter() - t0
     write_json(out_p / "results.json", result)
     log(f"{name}: finished in {result['timings']['total_s']:.1f} s; results in {out_p}/results.json")

@@ -30,6 +30,7 @@ from ..meta.ekfac import fit_ekfac
 from ..meta.objective import MetaProblem
 from ..tasks.tensors import TaskTensors
 from .hessian_of import build_hessian, curvature_fingerprint, effective_damping
+from .results import CURVATURE_METHODS
 
 KIND = "metainfluence.curvature"
 
@@ -86,7 +87,6 @@ class CurvatureArtifact:
                               "`metainfluence curvature` for this checkpoint (and --hessian)")
 
 
-CURVATURE_METHODS = ("nystrom", "ekfac", "fisher")
 _FACTORED = {"ekfac": EKFAC, "fisher": FactorCurvature}
 
 

@@ -25,6 +25,7 @@ SIGN_CONVENTION = (
 
 METHODS = ("task-if", "direct-if", "tracin", "trak", "ekfac-if", "loss", "random")
 SUPPORT_METHODS = ("unrolled", "two-stage")
+CURVATURE_METHODS = ("nystrom", "ekfac", "fisher")  # kinds of a fitted curvature file (influence/curvature.py)
 INNER_HESSIANS = ("exact", "ekfac")
 
 
@@ -48,6 +49,7 @@ class InfluenceSettings:
     damping: float = field(default=1e-3, metadata={"help": "damping δ added to every Hessian: solves use H + δI"})
     damping_mode: str = field(default="absolute", metadata={"help": "absolute: δ as given | relative: δ × the Hessian's mean eigenvalue tr(H)/p (Hutchinson), the same meaning for every kind"})
     curvature_file: str = field(default="", metadata={"help": "a fitted curvature sketch (`metainfluence curvature`) for --solver pcg (exact, preconditioned) or curvature (fast tier)"})
+    curvature_fit: str = field(default="nystrom", metadata={"help": "experiments: the curvature kind fitted at λ* when solver pcg/curvature (or method task-if-fast) has no file: nystrom | fisher | ekfac (`metainfluence curvature --method`)"})
     solve: SolverSettings = field(default_factory=SolverSettings, metadata={
         "help": "settings of the iHVP solvers (tolerance, iteration limits, Neumann/LiSSA/Lanczos options, seed of random, fisher and lissa)",
         "flag_prefix": ""})
@@ -93,6 +95,8 @@ class InfluenceSettings:
             raise SettingsError(f"the woodbury solver inverts the fisher Hessian only, not {self.hessian!r}; use hessian=fisher or another solver")
         if self.damping_mode not in ("absolute", "relative"):
             raise SettingsError(f"unknown damping_mode {self.damping_mode!r}; use absolute or relative")
+        if self.curvature_fit not in CURVATURE_METHODS:
+            raise SettingsError(f"unknown curvature_fit {self.curvature_fit!r}; use one of {', '.join(CURVATURE_METHODS)}")
         if self.solver in ("pcg", "curvature") and not self.curvature_file:
             raise SettingsError(f"solver {self.solver} needs a curvature file: fit one with `metainfluence curvature --checkpoint RUN/refined --out FILE` and pass --curvature-file FILE")
         if not _finite_nonnegative(self.damping):
@@ -235,13 +239,16 @@ def check_solve(diag: dict[str, Any], res: Any, settings: "InfluenceSettings", w
     if converged and res.residual <= RESIDUAL_WARN:
         return
     remedy = {
-        "cg": f"raise --max-iter (now {settings.solve.max_iter}) or --damping (now {settings.damping:g})",
+        "cg": f"raise --max-iter (now {settings.solve.max_iter}) or --damping (now {settings.damping:g}), or continue from this iterate with --resume SCORES",
         "neumann": f"raise --neumann-depth (now {settings.solve.neumann_depth}) or --damping (now {settings.damping:g}), or use --solver cg",
         "lissa": f"raise --neumann-depth (now {settings.solve.neumann_depth}), --lissa-batch or --lissa-repeats, or use --solver cg",
         "lowrank": f"raise --lowrank-rank (now {settings.solve.lowrank_rank}) or use --solver cg (the spectrum is not low-rank enough)",
         "curvature": "use --solver pcg with the same --curvature-file (exact, preconditioned), or fit a larger --rank",
-        "pcg": f"raise --max-iter (now {settings.solve.max_iter}) or --damping (now {settings.damping:g})",
+        "pcg": f"raise --max-iter (now {settings.solve.max_iter}) or --damping (now {settings.damping:g}), or continue from this iterate with --resume SCORES",
     }.get(res.solver, "use --solver cg with a tighter --tol")
+    if res.info.get("stopped_by") == "time":
+        remedy = (f"its --max-minutes budget ({settings.solve.max_minutes:g}) ran out: continue from this iterate with "
+                  "`metainfluence influence ... --resume SCORES` (SCORES: this result's file), or raise --max-minutes")
     state = "stopped before its tolerance" if not converged else "left a large residual"
     shortfall(diag, f"the {what} solve ({res.solver}) {state}: relative residual {res.residual:.2g} "
                     f"(tol {settings.solve.tol:g}) after {res.iterations} iterations, so the scores are approximate; {remedy}")

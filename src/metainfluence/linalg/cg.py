@@ -24,7 +24,8 @@ from .operators import LinearOperator
 
 
 def block_cg(products: Callable[[Tensor], Tensor], B: Tensor, tol: float, max_iter: int,
-             precondition: Callable[[Tensor], Tensor] | None = None, stop_on_negative: bool = False) -> tuple[Tensor, dict]:
+             precondition: Callable[[Tensor], Tensor] | None = None, stop_on_negative: bool = False,
+             deadline: float | None = None) -> tuple[Tensor, dict]:
     """Solve A X = B column by column, A symmetric positive definite reached through
     ``products(P) = A P`` on (p, k) blocks. B: (p, m). Returns X (p, m) and diagnostics:
     ``iterations_per_rhs``, ``recursive_residuals`` (‖r‖/‖b‖ when each column stopped) and
@@ -33,7 +34,8 @@ def block_cg(products: Callable[[Tensor], Tensor], B: Tensor, tol: float, max_it
     ``precondition(R) ≈ A⁻¹R`` (symmetric positive definite) turns it into preconditioned CG; the
     stopping rule stays the true recursive residual ‖r‖/‖b‖. ``stop_on_negative`` (truncated Newton):
     a column that meets pᵀAp ≤ 0 stops at its current iterate (still a descent direction) instead of
-    raising; ``negative_curvature`` lists those columns."""
+    raising; ``negative_curvature`` lists those columns. ``deadline`` (a ``time.perf_counter()`` value):
+    stop between iterations once it has passed (``stopped_by`` = "time"; the iterate so far is returned)."""
     p, m = B.shape
     X = torch.zeros_like(B)
     R = B.clone()
@@ -49,7 +51,11 @@ def block_cg(products: Callable[[Tensor], Tensor], B: Tensor, tol: float, max_it
     advice = f"raise damping (now {damping:g}) or use a gauss-newton/fisher Hessian" if damping is not None else "raise damping"
     negative: list[int] = []
     it = 0
+    stopped_by = None
     while bool(active.any()) and it < max_iter:
+        if deadline is not None and time.perf_counter() > deadline:
+            stopped_by = "time"
+            break
         it += 1
         idx = torch.nonzero(active).flatten()
         Pa = P[:, idx]
@@ -85,8 +91,11 @@ def block_cg(products: Callable[[Tensor], Tensor], B: Tensor, tol: float, max_it
         progress.update(1)
         progress.set_postfix({"residual": f"{max(rel_new.tolist()):.1e}", "tol": f"{tol:.0e}"}, refresh=False)
     progress.close()
-    return X, {"converged": not bool(active.any()) and not negative, "iterations_per_rhs": iterations, "recursive_residuals": rel,
-               "negative_curvature": negative}
+    out = {"converged": not bool(active.any()) and not negative, "iterations_per_rhs": iterations, "recursive_residuals": rel,
+           "negative_curvature": negative}
+    if stopped_by:
+        out["stopped_by"] = stopped_by
+    return X, out
 
 
 def cg_solve(op: LinearOperator, b: Tensor, damping: float, settings: SolverSettings = SolverSettings()) -> IHVPResult:
@@ -106,9 +115,11 @@ def cg_solve(op: LinearOperator, b: Tensor, damping: float, settings: SolverSett
         if outer is not None:
             outer.update(1)
         rows = slice(start, start + settings.cg_block)
-        Xb, part = block_cg(products.block, B[rows].T.contiguous(), settings.tol, settings.max_iter)
+        Xb, part = block_cg(products.block, B[rows].T.contiguous(), settings.tol, settings.max_iter, deadline=settings.deadline(t0))
         X[rows] = Xb.T
         info["converged"] = info["converged"] and part["converged"]
+        if "stopped_by" in part:
+            info["stopped_by"] = part["stopped_by"]
         info["iterations_per_rhs"] += part["iterations_per_rhs"]
         info["recursive_residuals"] += part["recursive_residuals"]
     if outer is not None:

@@ -70,6 +70,13 @@ class SolverSettings:
     explicit_max_dim: int = field(
         default=20000, metadata=_help("explicit: largest p for which the p × p matrix may be materialised.")
     )
+    max_minutes: float = field(default=0.0, metadata=_help(
+        "cg, pcg: stop the solve after this many minutes (0: no limit); the answer is then unconverged, said so, and "
+        "a later run can continue from it (`metainfluence influence --resume SCORES`)."))
+
+    def deadline(self, t0: float) -> float | None:
+        """The ``time.perf_counter()`` value at which a solve started at ``t0`` stops (None: no limit)."""
+        return t0 + 60.0 * self.max_minutes if self.max_minutes > 0 else None
 
     def __post_init__(self) -> None:
         def check(ok: bool, msg: str) -> None:
@@ -77,6 +84,7 @@ class SolverSettings:
                 raise SettingsError(msg)
 
         check(math.isfinite(self.tol) and self.tol > 0, f"tol must be a positive number, got {self.tol}; use e.g. 1e-6")
+        check(math.isfinite(self.max_minutes) and self.max_minutes >= 0, f"max_minutes must be ≥ 0 (0: no limit), got {self.max_minutes}")
         for name in ("max_iter", "cg_block", "neumann_depth", "power_iters", "lissa_repeats", "lowrank_rank", "explicit_max_dim", "residual_checks"):
             value = getattr(self, name)
             check(isinstance(value, int) and value >= 1, f"{name} must be an integer ≥ 1, got {value!r}")

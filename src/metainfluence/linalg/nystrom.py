@@ -138,9 +138,11 @@ def pcg_solve(op: LinearOperator, b: Tensor, damping: float, settings: SolverSet
     info: dict = {"converged": True, "iterations_per_rhs": [], "recursive_residuals": [], "preconditioner": _method(sketch), "rank": sketch.rank}
     for start in range(0, B.shape[0], settings.cg_block):
         rows = slice(start, start + settings.cg_block)
-        Xb, part = block_cg(products.block, B[rows].T.contiguous(), settings.tol, settings.max_iter, precondition=M)
+        Xb, part = block_cg(products.block, B[rows].T.contiguous(), settings.tol, settings.max_iter, precondition=M, deadline=settings.deadline(t0))
         X[rows] = Xb.T
         info["converged"] = info["converged"] and part["converged"]
+        if "stopped_by" in part:
+            info["stopped_by"] = part["stopped_by"]
         info["iterations_per_rhs"] += part["iterations_per_rhs"]
         info["recursive_residuals"] += part["recursive_residuals"]
     return finish("pcg", X, B, b, products, max(info["iterations_per_rhs"]), info, t0)

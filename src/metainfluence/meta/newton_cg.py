@@ -25,14 +25,15 @@ from typing import Any, Callable
 import torch
 
 from ..errors import DivergenceError
-from ..linalg import adaptive_nystrom_sketch, block_cg, nystrom_preconditioner, nystrom_sketch
+from ..linalg import FactorCurvature, adaptive_nystrom_sketch, block_cg, nystrom_preconditioner, nystrom_sketch
 from ..linalg.core import DampedProducts
 from ..tasks.tensors import TaskTensors
-from .curvature import TotalHessian
+from .curvature import TotalHessian, fisher_factor
 from .ekfac import fit_ekfac
 from .objective import MetaProblem
 
 DAMPING_FLOOR = 1e-10  # below this δ is set to 0 (μI already makes the Gauss–Newton matrix positive definite)
+FISHER_DRAWS = 8  # label draws per task of the fisher preconditioner (8: 17 pcg iterations on Conv4 vs 79 for cg, docs/benchmarks.md)
 
 
 @dataclass
@@ -81,6 +82,12 @@ class _Preconditioner:
         if s.precondition == "ekfac":
             self.sketch = fit_ekfac(self.problem, x, tasks, adapt=True, fisher_samples=4)
             rank = self.sketch.rank
+        elif s.precondition == "fisher":
+            # sampled-label total gradients: E[GᵀG] is the total Gauss–Newton H (it keeps dθ/dλ), and the
+            # damped inverse is exact by Woodbury — the best preconditioner measured on Conv4 (docs/benchmarks.md)
+            rows = fisher_factor(self.problem, x, tasks, FISHER_DRAWS, seed=len(self.fits))  # a subsample's mean is unbiased
+            self.sketch = FactorCurvature(rows, self.problem.weight_decay)
+            rank = self.sketch.rank
         else:
             product_dtype = torch.float32 if s.newton_products == "float32" and x.dtype != torch.float32 else None
             op = TotalHessian(self.problem, x, tasks, self.kind, product_dtype=product_dtype)
@@ -99,7 +106,7 @@ class _Preconditioner:
             return None
         if self.sketch is None or (s.precondition_refit > 0 and step - self.fitted_at >= s.precondition_refit):
             self._fit(x, damping, step)
-        if s.precondition == "ekfac":
+        if s.precondition in ("ekfac", "fisher"):
             sk = self.sketch.to(x.dtype, x.device)
             return lambda R: sk.solve(R, damping)
         # μI is part of H, so λ_ℓ > 0 even at δ = 0 whenever μ > 0; the floor covers μ = δ = 0

@@ -38,7 +38,7 @@ import math
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
@@ -53,7 +53,7 @@ class RefineWarning(UserWarning):
 
 
 REFINE_METHODS = ("lbfgs", "gd", "newton", "newton-cg")
-PRECONDITIONERS = ("none", "nystrom", "ekfac")
+PRECONDITIONERS = ("none", "nystrom", "ekfac", "fisher")
 
 
 @dataclass
@@ -74,7 +74,7 @@ class RefineSettings:
     newton_cg_iters: int = field(default=100, metadata={"help": "newton, newton-cg: most CG iterations per Newton–CG step (products with the Hessian)"})
     newton_damping: float = field(default=1e-3, metadata={"help": "newton-cg: initial Levenberg–Marquardt damping δ of (H + δI) d = −∇F (adapted every step)"})
     newton_products: str = field(default="working", metadata={"help": "newton-cg: precision of Hessian products: working | float32 (sums over tasks stay in λ's dtype)", "choices": ("working", "float32")})
-    precondition: str = field(default="nystrom", metadata={"help": "newton-cg: CG preconditioner, a curvature artifact fitted at the start: nystrom (sketch of the Gauss–Newton H, positive definite whatever the step Hessian) | ekfac | none", "choices": PRECONDITIONERS})
+    precondition: str = field(default="nystrom", metadata={"help": "newton-cg: CG preconditioner, a curvature artifact fitted at the start: nystrom (sketch of the Gauss–Newton H, positive definite whatever the step Hessian) | fisher (sampled-label factor of the total Gauss–Newton H, inverted exactly; 8 draws per task) | ekfac | none", "choices": PRECONDITIONERS})
     precondition_rank: int = field(default=0, metadata={"help": "newton-cg: Nyström rank (0: auto, doubled until the sketch reaches the damped bottom of the spectrum)"})
     precondition_max_tasks: int = field(default=0, metadata={"help": "newton-cg: fit the preconditioner on a seeded subsample of this many tasks (0: all)"})
     precondition_refit: int = field(default=0, metadata={"help": "newton-cg: refit the preconditioner every this many Newton steps (0: never; a stale one only costs CG iterations)"})
@@ -150,6 +150,11 @@ class RefineReport:
         out = asdict(self)
         out["ratio_meaning"] = "‖∇F‖ / mean over tasks with w_k ≠ 0 of ‖g_k‖ (per-task total gradients)"
         return out
+
+    @classmethod
+    def from_json(cls, data: dict) -> "RefineReport":
+        """The report a checkpoint recorded (``to_json``'s explanatory keys dropped)."""
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
 
 class _NonFinite(Exception):

@@ -47,16 +47,19 @@ def refine_stage(ctx: RunContext, lam: torch.Tensor, progress: bool = True, w: t
     return refine(ctx.problem, lam, ctx.tensors["train"], ctx.settings.refine, w=w, progress=progress)
 
 
-def influence_stage(ctx: RunContext, lam: torch.Tensor, settings: Any, level: str = "task", measurement: str | None = None):
+def influence_stage(ctx: RunContext, lam: torch.Tensor, settings: Any, level: str = "task", measurement: str | None = None,
+                    s0: torch.Tensor | None = None):
     """Scores of the training pool's tasks (level 'task') or examples ('support' / 'query') against the
     validation pool's mean query loss (docs/method.md §5), with the pool's stable task ids; level
     'pairwise' scores every training task on every validation task's own ``measurement`` (None:
-    query loss, or 'margin'; docs/method.md §6.2)."""
+    query loss, or 'margin'; docs/method.md §6.2). ``s0``: continue task-IF's solve from this iterate."""
+    if s0 is not None and level != "task":
+        raise SettingsError(f"--resume continues a task-level solve; level {level} has none to continue")
     dtype = lam.dtype
     train, val = ctx.tensors["train"].to(dtype=dtype), ctx.tensors["val"].to(dtype=dtype)
     ids = torch.as_tensor(ctx.pools["train"].task_ids)
     if level == "task":
-        return task_influence(ctx.problem, lam, train, val, settings, task_ids=ids)
+        return task_influence(ctx.problem, lam, train, val, settings, task_ids=ids, s0=s0)
     if level == "pairwise":
         return pairwise_influence(ctx.problem, lam, train, val, settings, measurement=measurement, train_task_ids=ids,
                                   test_task_ids=torch.as_tensor(ctx.pools["val"].task_ids))
@@ -158,16 +161,22 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, split: str = "test", task
 
 def influence_checkpoint(checkpoint: str | os.PathLike, settings: Any, level: str = "task", out: str | os.PathLike | None = None,
                          name: str | None = None, overrides: Callable[[RunSettings], RunSettings] | None = None, log: Log = print,
-                         check: CheckSettings | None = None, measurement: str | None = None) -> tuple[Any, Path]:
+                         check: CheckSettings | None = None, measurement: str | None = None,
+                         resume: str | os.PathLike | None = None) -> tuple[Any, Path]:
     """Score a checkpoint's training tasks or examples (:func:`influence_stage`) and write the scores file
-    ``OUT/NAME`` (default: the checkpoint's folder, ``influence_LEVEL_METHOD``). Returns (result, stem)."""
+    ``OUT/NAME`` (default: the checkpoint's folder, ``influence_LEVEL_METHOD``). Returns (result, stem).
+    ``resume``: a task-level scores file of this pool whose solve stopped early (``max_minutes``): its
+    iterate s is where this solve starts."""
     if measurement is not None and level != "pairwise":
         raise SettingsError(f"--measurement applies to --level pairwise only (level {level} measures the validation pool's mean query loss)")
     name = check_name(name or f"influence_{level}_{settings.method}")
     folder = check_writable(out if out else Path(checkpoint).expanduser().parent)
     ctx, ckpt = RunContext.from_checkpoint(checkpoint, splits=("train", "val"), overrides=overrides)
     log(f"train pool: {ctx.pools['train'].summary()}")
-    result = influence_stage(ctx, ckpt.lam.double(), settings, level, measurement)
+    s0 = _resume_iterate(ctx, resume, settings, level, log) if resume is not None else None
+    result = influence_stage(ctx, ckpt.lam.double(), settings, level, measurement, s0=s0)
+    if resume is not None:
+        result.diagnostics["resumed_from"] = str(resume)
     if check is not None and check.removals:
         if level != "task":
             raise SettingsError("--check re-optimises groups of tasks; use it with --level task")
@@ -183,6 +192,19 @@ def influence_checkpoint(checkpoint: str | os.PathLike, settings: Any, level: st
     with RunLock(folder):
         stem = ctx.save_scores(result, name, folder=folder)
     return result, stem
+
+
+def _resume_iterate(ctx: RunContext, resume: str | os.PathLike, settings: Any, level: str, log: Log) -> torch.Tensor:
+    """The iterate s of an earlier task-level result of this pool and method (refused otherwise)."""
+    prior = ctx.load_scores(resume)  # refuses a file of another pool
+    if prior.level != "task" or level != "task" or "s" not in prior.extra:
+        raise SettingsError(f"--resume {resume}: only a task-level task-if/direct-if result holds a solve to continue (it has level "
+                            f"{prior.level!r}, method {prior.method!r}); drop --resume")
+    if prior.method != settings.method:
+        raise SettingsError(f"--resume {resume} is a {prior.method} result but --method is {settings.method}; use the same method or drop --resume")
+    solver = prior.diagnostics.get("solver", {})
+    log(f"continuing the solve of {resume} (its residual {solver.get('residual', float('nan')):.2g} after {solver.get('iterations', '?')} iterations)")
+    return prior.extra["s"].double()
 
 
 def edit_checkpoint(checkpoint: str | os.PathLike, settings: Any, remove_tasks: str | None = None, scores: str | os.PathLike | None = None,
