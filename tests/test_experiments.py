@@ -186,3 +186,19 @@ def test_detection_resumes_from_the_stages_it_left_and_refuses_other_settings(tm
     cfg.write_text('[detection]\nmethods = ["task-if", "tracin"]\nedit_fractions = [0.25]\nself_influence = false\nrho_task = 0.3\n')
     with pytest.raises(SettingsError, match="other settings"):
         run_experiment("detection", str(cfg), True, str(out), log=lambda s: None, resume=True)
+
+
+def test_removal_retrains_over_seeds_and_places_the_edit_in_their_spread(tmp_path):
+    out = tmp_path / "rem_seeds"
+    cfg = tmp_path / "s.toml"
+    cfg.write_text('[removal]\nmethods = ["task-if", "random"]\ninstance_levels = []\nretrain_methods = ["task-if"]\n'
+                   'reoptimise_methods = []\nretrain_seeds = [0, 1]\n')
+    res = run_experiment("removal", str(cfg), True, str(out), log=lambda s: None)
+    edit = next(r for r in res["table"] if r["method"] == "task-if" and r["path"] == "edit")
+    retrain = next(r for r in res["table"] if r["method"] == "task-if" and r["path"] == "retrain")
+    accs = retrain["seed_accuracies"]
+    assert retrain["seeds"] == [0, 1] and len(accs) == 2 and len(retrain["seed_seconds"]) == 2
+    assert retrain["test_acc"][0] == pytest.approx(sum(accs) / 2)
+    assert retrain["edit_within_spread"] == (min(accs) <= edit["test_acc"][0] <= max(accs))
+    assert retrain["edit_below_mean_points"] == pytest.approx(100 * (sum(accs) / 2 - edit["test_acc"][0]))
+    assert accs[0] != accs[1]  # another seed draws other meta-batches: another training path

@@ -341,3 +341,20 @@ def test_zero_rhs_gives_zero_solution(problem):
     for solver in ("cg", "neumann", "explicit"):
         res = solve_ihvp(MatrixOperator(A), torch.zeros(P, dtype=F64), solver=solver, damping=damping)
         assert torch.equal(res.x, torch.zeros(P, dtype=F64)) and res.residual == 0.0
+
+
+def test_solves_run_with_tf32_off_and_restore_the_flags():
+    """cuDNN convolutions use TF32 by default on NVIDIA GPUs (10-bit mantissa): the exact tier turns it
+    off while it solves and puts the user's setting back."""
+    import torch
+
+    from metainfluence.influence.task_if import full_float32
+
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        with full_float32():
+            assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .. import Removal, edit_model, evaluate, instance_influence, meta_train, metrics, refine
@@ -39,6 +40,8 @@ class RemovalSettings:
     instance_levels: tuple[str, ...] = field(default=("support", "query"), metadata={"help": "also remove the top fraction of examples of these levels by instance-IF"})
     retrain_methods: tuple[str, ...] = field(default=METHODS + ("instance-if (support)", "instance-if (query)"), metadata={"help": "methods whose removal is also retrained from scratch (the paper's 'retrain' row uses task-IF's ranking)"})
     retrain_refine: bool = field(default=True, metadata={"help": "retraining includes the refine stage (as the full model did)"})
+    retrain_seeds: tuple[int, ...] = field(default=(), metadata={"help": "retrain once per training seed (same recipe and budget, the same paired test tasks) "
+                                                                          "and report their mean and spread beside the edit; () = the run's own seed only"})
     reoptimise_methods: tuple[str, ...] = field(default=("task-if",), metadata={"help": "methods whose removal is also re-optimised from λ* (refine on the kept items: the optimum the edit approximates, without retraining's path noise)"})
     direct_damping: float = field(default=1.0, metadata={"help": "damping of direct-IF's θ-space Hessian"})
     edit_hessian: str = field(default="", metadata={"help": "Hessian of the closed-form edit ('' = [influence] hessian)"})
@@ -67,8 +70,10 @@ def _instance_removals(problem, lam, train, val, infl, levels, fraction, log, ta
     return out
 
 
-def _retrain(problem, run, pool, removal: Removal, refine_too: bool):
-    """Meta-train from the same initialisation, seed and schedule without the removed items (then refine)."""
+def _retrain(problem, run, pool, removal: Removal, refine_too: bool, seed: int | None = None):
+    """Meta-train from the same initialisation, seed (or ``seed``) and schedule without the removed items (then refine)."""
+    if seed is not None:
+        run = dataclasses.replace(run, train=dataclasses.replace(run.train, seed=int(seed)))
     keep = torch.ones(len(pool), dtype=torch.bool)
     keep[list(removal.tasks)] = False
     rows = torch.nonzero(keep).flatten()
@@ -146,13 +151,26 @@ def run_removal(run, infl, sec: RemovalSettings, out: Path, quick: bool, log, re
             log(f"  {m:<9} re-optimise from λ*: acc {ev_o.accuracy:.4f} ± {ev_o.accuracy_ci95:.4f} ({reopt_s:.2f} s); reduced ‖∇F‖ λ* {g_star:.3g}, "
                 f"edit {g_edit:.3g}; cos(edit Δλ, re-optimised Δλ) {rows[-1]['edit_cosine_to_reoptimised']:.3f}")
         if sec.retrain and m in sec.retrain_methods:
-            tr = time.perf_counter()
-            lam_r = _retrain(problem, run, ctx.tensors["train"], removal, sec.retrain_refine)
-            retrain_s = time.perf_counter() - tr
-            ev_r = evaluate(problem, lam_r, test)
-            rows.append({"method": m, "path": "retrain", "removed": size, "unit": unit, "test_acc": (ev_r.accuracy, ev_r.accuracy_ci95), "test_loss": ev_r.loss,
-                         "score_s": score_s, "path_s": retrain_s, "total_s": score_s + retrain_s})
-            log(f"  {m:<9} retrain: acc {ev_r.accuracy:.4f} ± {ev_r.accuracy_ci95:.4f}  ({retrain_s:.2f} s)")
+            per_seed = []
+            for seed in sec.retrain_seeds or (None,):
+                tr = time.perf_counter()
+                lam_r = _retrain(problem, run, ctx.tensors["train"], removal, sec.retrain_refine, seed)
+                retrain_s = time.perf_counter() - tr
+                ev_r = evaluate(problem, lam_r, test)
+                per_seed.append((seed, ev_r, retrain_s))
+                log(f"  {m:<9} retrain{'' if seed is None else f' (seed {seed})'}: acc {ev_r.accuracy:.4f} ± {ev_r.accuracy_ci95:.4f}  ({retrain_s:.2f} s)")
+            accs = [e.accuracy for _, e, _ in per_seed]
+            mean_acc, mean_s = float(np.mean(accs)), float(np.mean([t for _, _, t in per_seed]))
+            row = {"method": m, "path": "retrain", "removed": size, "unit": unit, "test_acc": (mean_acc, per_seed[0][1].accuracy_ci95 if len(per_seed) == 1 else
+                                                                                               float(np.std(accs, ddof=1)) * 1.96 / len(accs) ** 0.5),
+                   "test_loss": float(np.mean([e.loss for _, e, _ in per_seed])), "score_s": score_s, "path_s": mean_s, "total_s": score_s + mean_s}
+            if sec.retrain_seeds:
+                # the edit against the retraining seeds' spread: within [min, max] and how far below their mean
+                edit_acc = rows[next(i for i in range(len(rows) - 1, -1, -1) if rows[i]["method"] == m and rows[i]["path"] == "edit")]["test_acc"][0]
+                row.update({"seeds": [int(sd) for sd, _, _ in per_seed], "seed_accuracies": accs, "seed_seconds": [t for _, _, t in per_seed],
+                            "seed_spread": (min(accs), max(accs)), "edit_within_spread": min(accs) <= edit_acc <= max(accs),
+                            "edit_below_mean_points": 100 * (mean_acc - edit_acc)})
+            rows.append(row)
     timings["paths_s"] = time.perf_counter() - t - timings["scoring_s"]
     # the paper's headline ratio: retraining time over closed-form edit time (scoring + edit), per method
     # (and the re-optimisation from λ*, the optimum the edit approximates)

@@ -12,6 +12,7 @@ so memory is flat in the pool size (unless self-influence is asked for).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 import warnings
@@ -37,9 +38,15 @@ from ..linalg.core import DampedProducts, true_residuals
 
 def ihvp(op: TotalHessian, b: torch.Tensor, settings: InfluenceSettings, x0: torch.Tensor | None = None) -> IHVPResult:
     """x ≈ (H + δI)^{-1} b with the configured solver (δ absolute, or relative to H's mean eigenvalue);
-    ``x0``: continue from this iterate (cg / pcg; e.g. an earlier solve stopped by ``max_minutes``)."""
-    if x0 is not None:
-        return _warm_start(op, b, settings, x0)
+    ``x0``: continue from this iterate (cg / pcg; e.g. an earlier solve stopped by ``max_minutes``).
+    TF32 is off throughout (:func:`full_float32`)."""
+    with full_float32():
+        if x0 is not None:
+            return _warm_start(op, b, settings, x0)
+        return _ihvp(op, b, settings)
+
+
+def _ihvp(op: TotalHessian, b: torch.Tensor, settings: InfluenceSettings) -> IHVPResult:
     lowrank = sketch = None
     if settings.solver == "lowrank":
         lowrank = _lowrank(op, settings)
@@ -64,6 +71,18 @@ def ihvp(op: TotalHessian, b: torch.Tensor, settings: InfluenceSettings, x0: tor
         if settings.solver in ("cg", "pcg"):
             _refine_mixed(op, b, res, settings, damping, lowrank, sketch)
     return res
+
+
+@contextlib.contextmanager
+def full_float32():
+    """TF32 off for the duration: on NVIDIA GPUs cuDNN convolutions use it by default and round float32
+    products to a 10-bit mantissa (~1e-3 relative), which no residual tolerance of the exact tier survives."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 _FLOAT32_TOL = 1e-4  # what a float32-product Krylov solve reliably reaches before the rounding floor
