@@ -8,7 +8,8 @@ Problem: Conv4 (group norm, ``--width`` filters) on Omniglot 5-way 1-shot ``--qu
 * ``pcg nystrom``: the same, preconditioned by a rank-``--rank`` Nyström sketch (fit timed separately),
                    also with float32 products; ``pcg ekfac``: preconditioned by an EK-FAC;
 * ``fast …``:      the sketch's / EK-FAC's inverse applied directly (the fast tier);
-* ``fisher woodbury``: fisher + Woodbury (exact inverse of a different surrogate); ``trak``, ``tracin``.
+* ``fisher woodbury``: fisher + Woodbury (exact inverse of a different surrogate); ``trak``, ``tracin``;
+* ``… gn-factor``: the total Gauss–Newton matrix itself as a factor (``--tiers 'fast gn-factor,pcg gn-factor'``).
 
 For each: time of whole-pool task-IF over the floor, the solver's true relative residual (products in
 float64), Spearman against ``cg``; self-influence of ``--self-tasks`` tasks (time / floor, Spearman
@@ -108,7 +109,7 @@ def main(argv=None) -> int:
     workdir = tempfile.TemporaryDirectory(prefix="bench_curvature_")  # the curvature files live only as long as the run
     fits = {}
     wanted = set(args.tiers.split(",")) if args.tiers else None
-    methods = [m for m in ("nystrom", "ekfac", "fisher") if wanted is None or any(m in t for t in wanted)]
+    methods = [m for m in ("nystrom", "ekfac", "fisher", "gn-factor") if wanted is None or any(m in t for t in wanted)]
     for method in methods:
         # the fit is an approximation anyway: its products are taken in float32 (the probe report is too)
         fit_settings = dataclasses.replace(ref_s, products="float32")
@@ -140,7 +141,7 @@ def main(argv=None) -> int:
     } if wanted is None else {}
     if wanted is not None:  # only the tiers asked for (cg, the reference, always first)
         for name in ["cg", *[t for t in args.tiers.split(",") if t != "cg"]]:
-            method = next((m for m in ("nystrom", "ekfac", "fisher") if m in name), None)
+            method = next((m for m in ("nystrom", "ekfac", "fisher", "gn-factor") if m in name), None)
             f = {"curvature_file": fits[method]["file"]} if method else {}
             solver = "pcg" if name.startswith("pcg") else "curvature" if name.startswith("fast") else "cg"
             tiers[name] = InfluenceSettings(solver=solver, **f, **(f32 if "float32" in name else common))
@@ -195,13 +196,14 @@ def main(argv=None) -> int:
         log(f"  {row}")
         save()
     # the exact self-influence reference: one block solve over the first --self-tasks tasks, by the exact
-    # tier (fisher-preconditioned pcg, float32 products refined to --tol in float64) where a fisher file
-    # was fitted, else cg: either stops at the same true residual, so either is the exact answer
+    # tier (pcg preconditioned by the gn-factor or fisher file, float32 products refined to --tol in
+    # float64) where one was fitted, else cg: each stops at the same true residual, so each is the exact answer
     k = min(args.self_tasks, len(train))
     if k and self_vals and time.perf_counter() < deadline:
         G_sub = problem.total_gradients(lam, train.subset(list(range(k))))
         _, floor = timed(lambda: problem.total_gradients(lam, train))
-        self_ref_s = (InfluenceSettings(solver="pcg", curvature_file=fits["fisher"]["file"], **f32) if "fisher" in fits else ref_s)
+        pre = next((m for m in ("gn-factor", "fisher") if m in fits), None)  # the best preconditioner fitted
+        self_ref_s = InfluenceSettings(solver="pcg", curvature_file=fits[pre]["file"], **f32) if pre else ref_s
         r_ref, t_ref = timed(lambda: ihvp(build_hessian(problem, lam, train, self_ref_s), G_sub, self_ref_s))
         ref = (G_sub * r_ref.x).sum(1)
         record["self_reference"] = {"tasks": k, "solver": r_ref.solver, "products": self_ref_s.products, "seconds_over_floor": t_ref / floor,

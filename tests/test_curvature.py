@@ -225,3 +225,40 @@ def test_a_pcg_float32_solve_continued_from_an_early_iterate_reaches_the_answer_
     torch.testing.assert_close(resumed.scores, ref.scores, rtol=1e-7, atol=1e-12 * float(ref.scores.abs().max()))
     with pytest.raises(SettingsError, match="cg or pcg"):
         task_influence(problem, lam, train, val, dataclasses.replace(pcg, solver="curvature"), s0=early.extra["s"])
+
+
+def test_gn_factor_is_the_gauss_newton_matrix_so_its_fast_tier_is_the_exact_answer(tmp_path):
+    """One row per query example and class, weighted by √p: GᵀG + μI equals the materialised total
+    Gauss–Newton matrix, the fast tier then gives cg's scores and pcg needs one or two iterations."""
+    problem, lam, train, val = curvature_problem()
+    base = InfluenceSettings(hessian="gauss-newton", damping=1e-3, stationarity_warn=1e9, solve=SolverSettings(tol=1e-10, max_iter=2000))
+    art = fit_curvature(problem, lam, train, base, method="gn-factor", probes=2)
+    H = materialize(TotalHessian(problem, lam, train, "gauss-newton"))
+    K = art.sketch.factor.T @ art.sketch.factor + problem.weight_decay * torch.eye(problem.dim, dtype=torch.float64)
+    torch.testing.assert_close(K, H, rtol=1e-9, atol=1e-12 * float(H.abs().max()))
+    assert max(art.info["probe_operator_rel_error"]) < 1e-9
+    art.save(tmp_path / "gn")
+    assert CurvatureArtifact.load(tmp_path / "gn").method == "gn-factor"
+    cg = task_influence(problem, lam, train, val, base)
+    fast = task_influence(problem, lam, train, val, dataclasses.replace(base, solver="curvature", curvature_file=str(tmp_path / "gn")))
+    torch.testing.assert_close(fast.scores, cg.scores, rtol=1e-7, atol=1e-12 * float(cg.scores.abs().max()))
+    pcg = task_influence(problem, lam, train, val, dataclasses.replace(base, solver="pcg", curvature_file=str(tmp_path / "gn")))
+    assert pcg.diagnostics["solver"]["iterations"] <= 2
+    with pytest.raises(SettingsError, match="Gauss–Newton"):
+        fit_curvature(problem, lam, train, dataclasses.replace(base, hessian="exact"), method="gn-factor")
+
+
+def test_a_curvature_file_is_loaded_once_per_process_while_unchanged(tmp_path):
+    from metainfluence.influence.curvature import load_curvature
+
+    problem, lam, train, val = curvature_problem()
+    base = InfluenceSettings(hessian="gauss-newton", damping=1e-3, stationarity_warn=1e9)
+    fit_curvature(problem, lam, train, base, method="fisher", probes=1).save(tmp_path / "fi")
+    first = load_curvature(tmp_path / "fi")
+    first.sketch.solve(torch.ones(problem.dim, dtype=torch.float64), 1e-3)  # builds the Cholesky for δ = 1e-3
+    again = load_curvature(tmp_path / "fi")
+    assert again is first and 1e-3 + problem.weight_decay in again.sketch._chol
+    # a refitted file (other contents) is read afresh
+    fit_curvature(problem, lam, train, dataclasses.replace(base, fisher_samples=2), method="fisher", probes=1).save(tmp_path / "fi")
+    fresh = load_curvature(tmp_path / "fi")
+    assert fresh is not first and 2 * fresh.sketch.factor.shape[0] == first.sketch.factor.shape[0]

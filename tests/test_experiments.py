@@ -157,7 +157,8 @@ def test_detection_ranks_by_exact_and_fast_tiers_of_one_fisher_curvature(tmp_pat
     out = tmp_path / "det_fast"
     cfg = tmp_path / "fast.toml"
     cfg.write_text('[influence]\nsolver = "pcg"\ncurvature_fit = "fisher"\nfisher_samples = 8\nproducts = "float32"\n\n'
-                   '[detection]\nmethods = ["task-if", "task-if-fast", "direct-if", "random"]\nedit_fractions = [0.25]\n')
+                   '[detection]\nmethods = ["task-if", "task-if-fast", "direct-if", "random"]\nedit_fractions = [0.25]\n'
+                   'edit_methods = ["task-if"]\n')
     res = run_experiment("detection", str(cfg), True, str(out), log=lambda s: None)
     assert json.loads((out / "curvature.json").read_text())["method"] == "fisher"
     diag = res["influence_diagnostics"]
@@ -166,6 +167,7 @@ def test_detection_ranks_by_exact_and_fast_tiers_of_one_fisher_curvature(tmp_pat
     rows = {r["method"]: r for r in res["detection"]}
     assert {"task-if", "task-if-fast", "task-if (self, fisher)"} <= set(rows)
     assert rows["task-if-fast"]["auc"] > 0.5 and abs(rows["task-if-fast"]["auc"] - rows["task-if"]["auc"]) < 0.15
+    assert sorted({r["method"] for r in res["edits"]}) == ["oracle (true corrupted)", "task-if"]  # edit_methods: only these edited
 
 
 def test_detection_resumes_from_the_stages_it_left_and_refuses_other_settings(tmp_path):
@@ -183,6 +185,13 @@ def test_detection_resumes_from_the_stages_it_left_and_refuses_other_settings(tm
     # the same λ* and scores: the tables agree exactly
     assert [r["auc"] for r in again["detection"]] == [r["auc"] for r in first["detection"]]
     assert again["unedited_test"] == first["unedited_test"]
+    # other influence settings: the model stages are reused, the scores recomputed
+    cfg.write_text('[influence]\ndamping = 1e-2\n[detection]\nmethods = ["task-if", "tracin"]\nedit_fractions = [0.25]\nself_influence = false\n')
+    lines.clear()
+    third = run_experiment("detection", str(cfg), True, str(out), log=lines.append, resume=True)
+    assert any("resumed: refined" in line for line in lines) and not any("scores resumed" in line for line in lines)
+    assert third["influence_diagnostics"]["task-if"]["solver"]["damping"] == 1e-2
+    # another pool (ρ_task) is another experiment: refused
     cfg.write_text('[detection]\nmethods = ["task-if", "tracin"]\nedit_fractions = [0.25]\nself_influence = false\nrho_task = 0.3\n')
     with pytest.raises(SettingsError, match="other settings"):
         run_experiment("detection", str(cfg), True, str(out), log=lambda s: None, resume=True)

@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(ev)
     ev.set_defaults(_dests=["data.data_root"])
 
-    from .influence.results import InfluenceSettings
+    from .influence.results import CURVATURE_METHODS, InfluenceSettings
 
     inf = sub.add_parser("influence", help="score training tasks or examples: predicted change of the validation loss if removed", description=(
         "Compute task-IF (or instance-IF, or a baseline) for a checkpoint's training pool against the mean query loss of "
@@ -136,9 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--max-rank", type=int, default=400, help="ceiling of --rank auto (default: 400)")
     cv.add_argument("--oversample", type=int, default=10, help="extra sketch columns (default: 10)")
     cv.add_argument("--probes", type=int, default=4, help="probe vectors for the quality report (default: 4)")
-    cv.add_argument("--method", default="nystrom", choices=("nystrom", "ekfac", "fisher"), help="nystrom: low-rank sketch of H | ekfac: eigenvalue-corrected "
+    cv.add_argument("--method", default="nystrom", choices=CURVATURE_METHODS, help="nystrom: low-rank sketch of H | ekfac: eigenvalue-corrected "
                     "Kronecker factors of the θ-space Fisher at each task's adapted parameters | fisher: the factor of sampled-label "
-                    "total gradients (E = the total Gauss–Newton matrix), inverted exactly by Woodbury (default: nystrom)")
+                    "total gradients (E = the total Gauss–Newton matrix), inverted exactly by Woodbury | gn-factor: the total Gauss–Newton "
+                    "matrix itself as a factor (one row per query example and class; exact, softmax cross-entropy only) (default: nystrom)")
     cv.add_argument("--max-tasks", type=int, default=None, help="fit on a seeded subsample of this many tasks (an unbiased estimate of H; "
                     "the probe report is measured on the whole pool) (default: all)")
     cv.add_argument("--data-root", dest="data.data_root", default=argparse.SUPPRESS, help="folder holding the dataset files (else the recorded one, else $METAINFLUENCE_DATA)")

@@ -17,7 +17,7 @@ from .. import SIGN_CONVENTION, InfluenceSettings, task_influence
 from ..config import to_dict
 from ..errors import SettingsError
 from ..influence.curvature import fit_curvature
-from ..influence.results import InfluenceResult
+from ..influence.results import InfluenceResult, settings_dict
 from ..io import read_json, write_json
 from ..meta.checkpoint import load_checkpoint
 from ..meta.refine import RefineReport
@@ -54,23 +54,30 @@ class StageCache:
     """The stages an experiment keeps in its folder, so that a run stopped part-way (or cut into pieces
     on a laptop) continues with ``resume``: training (``trained``, continued by meta_train itself), the
     refined λ* (``refined``), the curvature file and each method's scores (``scores/METHOD``). The
-    folder's settings are recorded in ``stages.json``; resuming under other settings is refused, and
-    edits, retraining and the tables are always recomputed."""
+    settings that define the pool and λ* (the run sections and the experiment's ``pool_keys``) are
+    recorded in ``stages.json``, and resuming under others is refused; a curvature file or a method's
+    scores are reused only when their own recorded settings equal the current ones (else recomputed).
+    Edits, retraining and the tables are always recomputed."""
 
-    def __init__(self, out: Path, settings: dict[str, Any], resume: bool) -> None:
+    def __init__(self, out: Path, settings: dict[str, Any], resume: bool, pool_keys: tuple[str, ...] = (), log=lambda s: None) -> None:
         self.out, self.resume = Path(out), resume
+        run, section = settings.get("run"), next((v for k, v in settings.items() if k not in ("run", "influence")), {}) or {}
+        now = _jsonable({"run": run, **{k: section.get(k) for k in pool_keys}})
         record = self.out / "stages.json"
-        now = json.loads(json.dumps(settings, default=str))  # tuples → lists, as the file holds them
         if resume and record.is_file():
             before = read_json(record, what="experiment stage record")
-            if before != now:
-                changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
-                raise SettingsError(f"{self.out} holds stages of other settings ({', '.join(changed)} differ); "
-                                    "resume with the same config, or use another --out")
+            changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+            if changed:
+                raise SettingsError(f"{self.out} holds a pool or model of other settings ({', '.join(changed)} differ); "
+                                    "resume with the same run and pool settings, or use another --out")
         write_json(record, now)
 
     def has(self, stem: str) -> bool:
         return self.resume and (self.out / f"{stem}.safetensors").is_file()
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))  # tuples → lists, as the files hold them
 
 
 def _train_and_refine(ctx, log, w_train=None, cache: StageCache | None = None) -> tuple[torch.Tensor, Any, dict]:
@@ -104,10 +111,13 @@ def _with_curvature(problem, lam, train, infl: InfluenceSettings, out: Path, log
     if not needed or infl.curvature_file:
         return infl
     stem = out / "curvature"
-    if cache is not None and cache.has("curvature"):  # its fingerprint is checked against λ* on every use
-        timings["curvature_fit_s"] = float(read_json(stem.with_suffix(".json"), what="curvature file").get("info", {}).get("fit_seconds", 0.0))
-        log(f"resumed: curvature {stem}")
-        return dataclasses.replace(infl, curvature_file=str(stem))
+    if cache is not None and cache.has("curvature"):  # its fingerprint (λ*, pool, Hessian kind) is checked on every use
+        info = read_json(stem.with_suffix(".json"), what="curvature file").get("info", {})
+        if info.get("method") == infl.curvature_fit and info.get("hessian") == infl.hessian and \
+                (infl.curvature_fit != "fisher" or info.get("fisher_samples") == infl.fisher_samples):
+            timings["curvature_fit_s"] = float(info.get("fit_seconds", 0.0))
+            log(f"resumed: curvature {stem}")
+            return dataclasses.replace(infl, curvature_file=str(stem))
     t = time.perf_counter()
     art = fit_curvature(problem, lam, train, infl, rank="auto", method=infl.curvature_fit)
     art.save(stem)
@@ -138,12 +148,15 @@ def _score_all(problem, lam, train, val, infl, methods, direct_damping, log, sel
     out = {}
     for m in methods:
         stem = f"scores/{m}"
-        if cache is not None and cache.has(stem):
-            out[m] = InfluenceResult.load(cache.out / stem)
-            log(f"  {m:<9} scores resumed from {cache.out / stem}")
-            continue
-        t = time.perf_counter()
         s = _method_settings(infl, m, direct_damping)
+        if cache is not None and cache.has(stem):
+            kept = InfluenceResult.load(cache.out / stem)
+            same = kept.settings.get("influence") == _jsonable(settings_dict(s))
+            if same and (kept.self_influence is not None or not (self_influence and m == "task-if")):
+                out[m] = kept
+                log(f"  {m:<9} scores resumed from {cache.out / stem}")
+                continue
+        t = time.perf_counter()
         res = task_influence(problem, lam, train, val, s)
         if self_influence and m == "task-if":
             # self-influence needs one iHVP per task: with CG (≈ 80 GN products per task) that is

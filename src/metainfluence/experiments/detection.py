@@ -39,6 +39,13 @@ class DetectionSettings:
     edit_fractions: tuple[float, ...] = field(default=(0.1, 0.25, 0.4), metadata={"help": "fractions removed by closed-form edit (0 = the unedited model is added)"})
     direct_damping: float = field(default=1.0, metadata={"help": "damping of direct-IF's (indefinite) θ-space Hessian"})
     edit_max_iter: int = field(default=0, metadata={"help": "solver iterations of each edit (0 = [influence] max_iter)"})
+    edit_methods: tuple[str, ...] = field(default=(), metadata={"help": "rankings whose top fractions are removed by edit (() = every ranking; "
+                                                                         "the oracle edit is always made)"})
+
+
+# the [detection] keys that define the corrupted pool (and so λ*): a resumed run must keep them
+POOL_KEYS = ("kind", "rho_task", "rho_label", "where", "duplicate_sources", "duplicate_noise", "offdist_transform", "offdist_noise",
+             "corruption_seed")
 
 
 def describe_kind(sec: DetectionSettings) -> str:
@@ -79,7 +86,7 @@ def run_detection(run, infl, sec: DetectionSettings, out: Path, quick: bool, log
 
 def _detection_one(run, infl, sec: DetectionSettings, out: Path, quick: bool, log, resume: bool = False) -> dict:
     timings: dict[str, float] = {}
-    cache = StageCache(out, _header("detection", run, infl, sec, quick)["settings"], resume)
+    cache = StageCache(out, _header("detection", run, infl, sec, quick)["settings"], resume, POOL_KEYS, log)
     t = time.perf_counter()
     ctx = RunContext.prepare(run, out, log=log)
     pools = dict(ctx.pools)
@@ -132,7 +139,8 @@ def _detection_one(run, infl, sec: DetectionSettings, out: Path, quick: bool, lo
     edit_infl = dataclasses.replace(infl, method="task-if", self_influence=False,
                                     **({"solve": dataclasses.replace(infl.solve, max_iter=sec.edit_max_iter)} if sec.edit_max_iter else {}))
     oracle_ids = torch.nonzero(flags).flatten().tolist()
-    plan = [(m, f) for m in suspicion for f in sec.edit_fractions if f > 0] + [("oracle (true corrupted)", sec.rho_task)]
+    edited = [m for m in suspicion if not sec.edit_methods or m in sec.edit_methods]
+    plan = [(m, f) for m in edited for f in sec.edit_fractions if f > 0] + [("oracle (true corrupted)", sec.rho_task)]
     for m, f in plan:
         ids = oracle_ids if m.startswith("oracle") else rankings[m][: metrics.fraction_to_count(f, n)].tolist()
         te = time.perf_counter()

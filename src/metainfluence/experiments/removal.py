@@ -92,7 +92,7 @@ def _retrain(problem, run, pool, removal: Removal, refine_too: bool, seed: int |
 
 def run_removal(run, infl, sec: RemovalSettings, out: Path, quick: bool, log, resume: bool = False) -> dict:
     timings: dict[str, float] = {}
-    cache = StageCache(out, _header("removal", run, infl, sec, quick)["settings"], resume)
+    cache = StageCache(out, _header("removal", run, infl, sec, quick)["settings"], resume, log=log)
     t = time.perf_counter()
     ctx = RunContext.prepare(run, out, log=log)
     timings["data_s"] = time.perf_counter() - t

@@ -91,6 +91,10 @@ def _check_detection(sec) -> None:
 
     if sec.kind not in KINDS:
         raise SettingsError(f"[detection] kind = {sec.kind!r} is unknown; use one of {', '.join(KINDS)}")
+    rankings = set(sec.methods) | ({"task-if (self, fisher)"} if sec.self_influence else set())
+    bad = [m for m in sec.edit_methods if m not in rankings]
+    if bad:
+        raise SettingsError(f"[detection] edit_methods names {bad[0]!r}, which is not ranked in this run; use some of {', '.join(sorted(rankings))}")
     if sec.where not in WHERE:
         raise SettingsError(f"[detection] where = {sec.where!r} is unknown; use one of {', '.join(WHERE)}")
     if sec.offdist_transform not in OFFDIST_TRANSFORMS:

@@ -25,7 +25,7 @@ SIGN_CONVENTION = (
 
 METHODS = ("task-if", "direct-if", "tracin", "trak", "ekfac-if", "loss", "random")
 SUPPORT_METHODS = ("unrolled", "two-stage")
-CURVATURE_METHODS = ("nystrom", "ekfac", "fisher")  # kinds of a fitted curvature file (influence/curvature.py)
+CURVATURE_METHODS = ("nystrom", "ekfac", "fisher", "gn-factor")  # kinds of a fitted curvature file (influence/curvature.py)
 INNER_HESSIANS = ("exact", "ekfac")
 
 
@@ -49,7 +49,7 @@ class InfluenceSettings:
     damping: float = field(default=1e-3, metadata={"help": "damping δ added to every Hessian: solves use H + δI"})
     damping_mode: str = field(default="absolute", metadata={"help": "absolute: δ as given | relative: δ × the Hessian's mean eigenvalue tr(H)/p (Hutchinson), the same meaning for every kind"})
     curvature_file: str = field(default="", metadata={"help": "a fitted curvature sketch (`metainfluence curvature`) for --solver pcg (exact, preconditioned) or curvature (fast tier)"})
-    curvature_fit: str = field(default="nystrom", metadata={"help": "experiments: the curvature kind fitted at λ* when solver pcg/curvature (or method task-if-fast) has no file: nystrom | fisher | ekfac (`metainfluence curvature --method`)"})
+    curvature_fit: str = field(default="nystrom", metadata={"help": "experiments: the curvature kind fitted at λ* when solver pcg/curvature (or method task-if-fast) has no file: nystrom | fisher | gn-factor | ekfac (`metainfluence curvature --method`)"})
     solve: SolverSettings = field(default_factory=SolverSettings, metadata={
         "help": "settings of the iHVP solvers (tolerance, iteration limits, Neumann/LiSSA/Lanczos options, seed of random, fisher and lissa)",
         "flag_prefix": ""})

@@ -173,11 +173,11 @@ def _remeasure_residuals(op: TotalHessian, b: torch.Tensor, res: IHVPResult) -> 
 
 
 def _sketch(op: TotalHessian, settings: InfluenceSettings):
-    from .curvature import CurvatureArtifact
+    from .curvature import load_curvature
 
     if not settings.curvature_file:
         raise SettingsError(f"solver {settings.solver!r} needs --curvature FILE (fit one with `metainfluence curvature`)")
-    art = CurvatureArtifact.load(settings.curvature_file)
+    art = load_curvature(settings.curvature_file)
     # pcg is exact whatever its preconditioner: a full-pool sketch may serve a reduced-pool H
     art.check(op, allow_reduced=settings.solver == "pcg")
     op._curvature_info = art.info

@@ -22,12 +22,12 @@ from .neumann import lissa_solve, neumann_solve, power_iteration
 from .nystrom import adaptive_nystrom_sketch, nystrom_preconditioner, nystrom_sketch, pcg_solve, sketch_solve
 from .operators import FunctionOperator, LinearOperator, MatrixOperator, SubsetOperator, apply_block, materialize
 from .solve import SOLVER_NAMES, SOLVERS, STRUCTURED_SOLVERS, solve_ihvp
-from .woodbury import FactorCurvature, FactorOperator, woodbury_solve
+from .woodbury import FactorCurvature, FactorOperator, GaussNewtonFactor, woodbury_solve
 
 __all__ = [
     "LinearOperator", "SubsetOperator", "MatrixOperator", "FunctionOperator", "FactorOperator", "apply_block", "materialize",
     "SolverSettings", "IHVPResult", "block_cg", "cg_solve", "fixed_step_cg", "neumann_solve", "lissa_solve",
-    "power_iteration", "LowRank", "lanczos_eigenpairs", "lowrank_solve", "explicit_solve", "woodbury_solve", "FactorCurvature",
+    "power_iteration", "LowRank", "lanczos_eigenpairs", "lowrank_solve", "explicit_solve", "woodbury_solve", "FactorCurvature", "GaussNewtonFactor",
     "SOLVERS", "STRUCTURED_SOLVERS", "SOLVER_NAMES", "solve_ihvp", "nystrom_sketch", "adaptive_nystrom_sketch", "nystrom_preconditioner", "pcg_solve", "sketch_solve",
     "EKFAC", "KroneckerBlock",
 ]

@@ -89,7 +89,15 @@ class FactorCurvature(FactorOperator):
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "FactorCurvature":
         if (dtype in (None, self.dtype)) and (device is None or torch.device(device) == self.device):
             return self  # keeps the cached factorisations
-        return FactorCurvature(self.factor.to(dtype=dtype, device=device), self.shift, self.info)
+        return type(self)(self.factor.to(dtype=dtype, device=device), self.shift, self.info)
+
+
+class GaussNewtonFactor(FactorCurvature):
+    """The total Gauss–Newton matrix itself as a factor (one row per query example and class,
+    meta/curvature.py ``gauss_newton_factor``): K = GᵀG + μI is H_GN exactly, so its inverse is the
+    exact tier's answer and a preconditioner that leaves CG one iteration."""
+
+    method_name = "gn-factor"
 
 
 def woodbury_solve(op, b: Tensor, damping: float, settings: SolverSettings = SolverSettings()) -> IHVPResult:

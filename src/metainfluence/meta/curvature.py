@@ -228,6 +228,42 @@ def fisher_factor(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, s
     return G
 
 
+def gauss_newton_factor(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, max_gb: float = 8.0) -> torch.Tensor:
+    """Rows √(p_{iqc} |Q_i| / n) g_{iqc}, one per task i, query example q and class c, where g_{iqc} is
+    the total gradient of task i's query loss with only example q weighted and labelled c: for
+    softmax cross-entropy Σ_c p_c (p − e_c)(p − e_c)ᵀ = diag(p) − ppᵀ is the loss's Hessian in the
+    logits, so GᵀG is the total Gauss–Newton matrix (1/n) Σ_i (1/|Q_i|) Σ_q J_qᵀ(diag p − ppᵀ)J_q
+    exactly — the expectation the fisher factor samples. n·|Q|·C total-gradient passes' worth of
+    rows, refused above ``max_gb`` of memory."""
+    if problem.loss_name != "cross_entropy":
+        raise SettingsError(f"the exact Gauss–Newton factor enumerates the classes of a softmax cross-entropy; loss {problem.loss_name!r} "
+                            "is not one — use --method fisher or nystrom")
+
+    def outputs(lam, task):
+        return problem.forward(problem.adapt(lam, task), task.xq)
+
+    with torch.no_grad():
+        probs = torch.softmax(problem.per_task(outputs, lam, tasks).double(), -1)  # (n_local, |Q|, C)
+    n_local, n_q, n_c = probs.shape
+    n = problem.collective.total_count(n_local)
+    need = n * n_q * n_c * lam.numel() * lam.element_size() / 2**30
+    if need > max_gb:
+        raise SettingsError(f"the exact Gauss–Newton factor would hold {n * n_q * n_c} rows × {lam.numel()} parameters = {need:.1f} GB; "
+                            "use --method fisher (sampled rows) or nystrom, or fewer tasks (--max-tasks)")
+    rows = []
+    for q in range(n_q):
+        u = torch.zeros(n_local, n_q, dtype=lam.dtype, device=lam.device)
+        u[:, q] = 1.0
+        for c in range(n_c):
+            yq = tasks.query_y.clone()
+            yq[:, q] = c
+            labelled = TaskTensors(tasks.support_x, tasks.support_y, tasks.query_x, yq)
+            g = problem.total_gradients(lam, labelled, None, u)  # (1/|Q|) J_qᵀ(p_q − e_c): weighted_loss divides by |Q|
+            scale = (probs[:, q, c] * n_q / n).sqrt().to(g)  # √(p/(n|Q|)) J_qᵀ(p_q − e_c) = √(p|Q|/n) g
+            rows.append(problem.collective.gather_rows(g * scale[:, None]))
+    return torch.cat(rows)
+
+
 def sample_labels(problem: MetaProblem, out: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Labels drawn from the model's predictive distribution at outputs ``out`` (any leading shape):
     a class from softmax(out) for cross-entropy, out + N(0, 1/2) for MSE (the Gaussian whose negative
