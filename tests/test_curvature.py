@@ -262,3 +262,27 @@ def test_a_curvature_file_is_loaded_once_per_process_while_unchanged(tmp_path):
     fit_curvature(problem, lam, train, dataclasses.replace(base, fisher_samples=2), method="fisher", probes=1).save(tmp_path / "fi")
     fresh = load_curvature(tmp_path / "fi")
     assert fresh is not first and 2 * fresh.sketch.factor.shape[0] == first.sketch.factor.shape[0]
+
+
+def test_float32_products_too_inexact_to_refine_against_finish_in_working_precision():
+    """Where the float32 operator is far from the working-precision one (seen on a confident MNIST
+    Conv4: probe error 0.04, the float32 solve's float64 residual 3.8e3), refinement stops contracting;
+    the solve then finishes with working-precision products and still meets the tolerance."""
+    from metainfluence.influence.task_if import build_hessian, ihvp
+
+    problem, lam, train, val = curvature_problem()
+    base = InfluenceSettings(hessian="gauss-newton", damping=1e-3, stationarity_warn=1e9, products="float32",
+                             solve=SolverSettings(tol=1e-9, max_iter=2000))
+    op = build_hessian(problem, lam, train, base)
+    P = 0.3 * torch.randn(problem.dim, problem.dim, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    P = P @ P.T / problem.dim  # a PSD error far above float32 rounding: the "float32" operator is another matrix
+    true_matvec, true_matmat = op.matvec, op.matmat
+    op.matvec = lambda v: true_matvec(v) + P @ v
+    op.matmat = lambda V: true_matmat(V) + P @ V
+    g, _ = measurement_gradient(problem, lam, val)
+    res = ihvp(op, g, base)
+    H = materialize(TotalHessian(problem, lam, train, "gauss-newton")) + 1e-3 * torch.eye(problem.dim, dtype=torch.float64)
+    exact = torch.linalg.solve(H, g)
+    assert res.residual <= 1e-9 and res.info["converged"]
+    assert "finished_in_working_precision" in res.info["refinement"]
+    torch.testing.assert_close(res.x, exact, rtol=1e-7, atol=1e-9 * float(exact.abs().max()))

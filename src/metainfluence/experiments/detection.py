@@ -150,6 +150,8 @@ def _detection_one(run, infl, sec: DetectionSettings, out: Path, quick: bool, lo
         edit_rows.append({"method": m, "fraction_removed": f, "removed": len(ids), "corrupted_removed": int(flags[ids].sum()) if ids else 0,
                           "test_acc": (ev.accuracy, ev.accuracy_ci95), "test_loss": ev.loss, "edit_s": secs,
                           "solver_residual": ed.diagnostics["solver_residual"]})
+        log(f"  edit {m}, {len(ids)} tasks removed ({edit_rows[-1]['corrupted_removed']} corrupted): test accuracy {ev.accuracy:.3f} ± "
+            f"{ev.accuracy_ci95:.3f} ({secs:.1f} s, solver residual {ed.diagnostics['solver_residual']:.1e})")
         if not m.startswith("oracle"):
             c = acc_curves.setdefault(m, ([0.0], [base.accuracy], [base.accuracy_ci95]))
             c[0].append(f); c[1].append(ev.accuracy); c[2].append(ev.accuracy_ci95)

@@ -100,18 +100,40 @@ def _refine_mixed(op: TotalHessian, b: torch.Tensor, res: IHVPResult, settings: 
     B = b.reshape(-1, op.dim).to(op.lam)
     X = res.x.reshape(-1, op.dim).to(op.lam).clone()
     products = DampedProducts(op._working_twin, damping)
-    done, spent = 0, 0
-    while res.residual > tol and done < rounds:
+    if not res.residual < 1.0:  # worse than x = 0: the float32 solve went astray; start refinement from 0
+        X.zero_()
+        res.info["residuals"], res.residual = [1.0] * B.shape[0], 1.0
+    done, spent, stalled = 0, 0, False
+    while res.residual > tol and done < rounds and not stalled:
+        before = res.residual
         R = B - products.block(X.T.contiguous()).T
         inner = dataclasses.replace(settings.solve, tol=min(0.5, max(_FLOAT32_TOL, 0.5 * tol / res.residual)))
         corr = solve_ihvp(op, R.reshape(b.shape), solver=settings.solver, damping=damping, settings=inner, lowrank=lowrank, sketch=sketch)
-        X += corr.x.reshape(-1, op.dim).to(X)
+        trial = X + corr.x.reshape(-1, op.dim).to(X)
         spent += corr.iterations
         done += 1
+        residuals = true_residuals(products, trial, B)
+        # a round that does not halve the float64 residual: the float32 products are too far from the
+        # working-precision ones (e.g. saturated softmax probabilities) for refinement to contract
+        stalled = max(residuals) > 0.5 * before
+        if max(residuals) < before:
+            X, res.info["residuals"], res.residual = trial, residuals, max(residuals)
+    refinement: dict[str, Any] = {"rounds": done, "iterations": spent}
+    if res.residual > tol:
+        # finish in working precision from the best iterate: slower, but exact to the tolerance
+        R = B - products.block(X.T.contiguous()).T
+        inner = dataclasses.replace(settings.solve, tol=min(0.5, tol / res.residual))
+        corr = solve_ihvp(op._working_twin, R.reshape(b.shape), solver=settings.solver, damping=damping, settings=inner,
+                          lowrank=lowrank, sketch=sketch)
+        X = X + corr.x.reshape(-1, op.dim).to(X)
+        spent += corr.iterations
         res.info["residuals"] = true_residuals(products, X, B)
         res.residual = max(res.info["residuals"])
+        refinement["finished_in_working_precision"] = {"iterations": corr.iterations,
+                                                       "why": "float32-product refinement stopped contracting" if stalled else "refinement rounds used up"}
     res.x = X.reshape(b.shape)
-    res.info["refinement"] = {"rounds": done, "iterations": spent, "working_precision_products": products.count}
+    refinement["working_precision_products"] = products.count
+    res.info["refinement"] = refinement
     res.iterations += spent
     res.info["converged"] = res.residual <= tol
 
