@@ -175,7 +175,7 @@ def main(argv=None) -> int:
         # reference (cg on the first --self-tasks tasks) is taken after all tiers, time permitting
         if s.method == "task-if" and s.solver in ("curvature", "woodbury"):
             # the fast tier's sampled residual checks (--residual-checks) are its only products: float32 ones
-            # measure a residual of 1e-2 as well as float64 (influence/task_if.py, _FLOAT32_TRUSTED) at half the cost
+            # measure a residual to float32's own rounding (influence/task_if.py) at half the cost of float64 ones
             s_self = dataclasses.replace(s, products="float32") if s.solver == "curvature" else s
             op = build_hessian(problem, lam, train, s_self)
             G_all = problem.total_gradients(lam, train)

@@ -185,9 +185,9 @@ def test_float32_products_with_refinement_reach_a_float64_tolerance(solver, tmp_
     torch.testing.assert_close(mixed.scores, ref.scores, rtol=1e-7, atol=1e-12 * float(ref.scores.abs().max()))
 
 
-def test_fast_tier_checks_with_float32_products_stay_in_float32_only_where_that_measures_the_residual(tmp_path):
-    """A fast-tier residual far above float32 rounding is measured with the float32 products (no float64
-    re-measure, half the checks' cost); one near rounding is re-measured in float64."""
+def test_fast_tier_checks_with_float32_products_stay_in_float32_and_say_so(tmp_path):
+    """The fast tier's sampled residual checks only report, so with float32 products they stay in float32
+    (no float64 re-measure, half their cost): accurate far above float32 rounding, at its floor below."""
     problem, lam, train, val = curvature_problem()
     base = InfluenceSettings(hessian="gauss-newton", damping=1e-3, stationarity_warn=1e9, products="float32")
     op = TotalHessian(problem, lam, train, "gauss-newton")
@@ -202,12 +202,12 @@ def test_fast_tier_checks_with_float32_products_stay_in_float32_only_where_that_
     solve = low.diagnostics["solver"]
     assert solve["residual"] > 1e-3 and "float32" in solve["residuals_measured_in"]
     assert solve["residual"] == pytest.approx(true_residual(low.extra["s"]), rel=1e-3)
-    # a sketch of full rank inverts H: its residual is near rounding, so it is re-measured in float64
+    # a sketch of full rank inverts H: its float32-measured residual sits at float32's rounding floor
     fit_curvature(problem, lam, train, base, rank=problem.dim, probes=1).save(tmp_path / "full")
     full = task_influence(problem, lam, train, val, dataclasses.replace(base, solver="curvature", curvature_file=str(tmp_path / "full")))
     solve = full.diagnostics["solver"]
-    assert "residuals_measured_in" not in solve and solve["residual"] < 1e-3
-    assert solve["residual"] == pytest.approx(true_residual(full.extra["s"]), rel=1e-6, abs=1e-12)
+    assert "float32" in solve["residuals_measured_in"] and true_residual(full.extra["s"]) < 1e-5
+    assert solve["residual"] < 1e-4  # at the rounding floor of float32 products
 
 
 def test_a_pcg_float32_solve_continued_from_an_early_iterate_reaches_the_answer_of_one_solve(tmp_path):
