@@ -63,12 +63,12 @@ def _ihvp(op: TotalHessian, b: torch.Tensor, settings: InfluenceSettings) -> IHV
         res.info["damping_relative"] = settings.damping
         res.info["mean_eigenvalue"] = op._mean_eigenvalue
     if mixed:
-        if settings.solver in ("cg", "pcg"):
-            _remeasure_residuals(op, b, res)  # refinement below needs the true residual
-        else:  # the fast tier's checks only report: float32 products measure them to their own rounding
+        if settings.solver == "curvature":  # the fast tier's checks only report: float32 measures them to its own rounding
             res.info["products"] = "float32"
             res.info["residuals_measured_in"] = ("float32 (a residual near or below ~1e-5 is at float32's rounding floor; "
                                                  "where softmax outputs saturate the products' error can reach a few percent)")
+        else:
+            _remeasure_residuals(op, b, res)  # the true residual: what refinement and the warnings rest on
         if settings.solver in ("cg", "pcg"):
             _refine_mixed(op, b, res, settings, damping, lowrank, sketch)
     return res

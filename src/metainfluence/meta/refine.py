@@ -1,8 +1,5 @@
 """The refine stage (docs/method.md §2): drive the full-pool meta-gradient ‖∇F(λ; w)‖ below a tolerance.
 
-(Over 450 lines for now: settings, the L-BFGS/gd/Newton drivers and the shared progress and stopping
-monitor; the monitor is the next piece to move out, beside meta/newton_cg.py.)
-
 Influence functions assume ∇_λ F(λ*) = 0, which Adam on random meta-batches does not deliver.
 :func:`refine` minimises the deterministic full-pool objective
 F(λ; w) = (1/n) Σ_i w_i L_Q^i(λ) + (μ/2)‖λ‖² from the trained λ:
@@ -19,7 +16,7 @@ F(λ; w) = (1/n) Σ_i w_i L_Q^i(λ) + (μ/2)‖λ‖² from the trained λ:
   tight tolerances where L-BFGS stalls.
 - ``newton-cg`` (meta/newton_cg.py): matrix-free Newton–CG on Gauss–Newton products with a
   Levenberg–Marquardt damping update and forcing tolerance η_k = min(0.5, √(‖∇F‖/‖∇F₀‖)), its CG
-  preconditioned by a curvature artifact (Nyström or EK-FAC) fitted at the start — for large models.
+  preconditioned by a curvature (Nyström, fisher factor or EK-FAC) fitted at the start — for large models.
 
 Stopping: ‖∇F‖ ≤ ``tol`` or ‖∇F‖ / ḡ₀ ≤ ``tol_ratio`` (whichever comes first; ḡ₀ = mean per-task
 total-gradient norm, measured once at the start and again at the end for the report), ``max_iter``
@@ -35,7 +32,6 @@ result carries).
 from __future__ import annotations
 
 import math
-import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields
@@ -45,6 +41,7 @@ import torch
 from ..errors import DivergenceError, SettingsError
 from ..tasks.tensors import TaskTensors
 from .objective import MetaProblem
+from .refine_monitor import RefineMonitor
 from .train import parse_dtype
 
 
@@ -253,7 +250,7 @@ def refine(
     task_norm_before = mean_task_gradient_norm(problem, x0, tasks, w, v, u)
     # one absolute threshold for every optimiser: the first of the two rules met stops
     stop = max(settings.tol, settings.tol_ratio * task_norm_before)
-    monitor = _Monitor(settings, task_norm_before, stop, t0, progress)
+    monitor = RefineMonitor(settings, task_norm_before, stop, t0, progress)
 
     x = x0.clone()
     iterations = 0
@@ -351,79 +348,6 @@ def refine(
     return x, report
 
 
-class _Monitor:
-    """Per-iteration record and progress bar: ratio ‖∇F‖/ḡ₀, step length, CG iterations, seconds per
-    iteration and an ETA to the tolerance extrapolated from the log-linear decrease of the ratio over
-    the last few iterations (a Newton method that speeds up finishes sooner than that); also the
-    ``max_minutes`` clock."""
-
-    WINDOW = 5
-
-    def __init__(self, settings: RefineSettings, task_norm: float, stop: float, t0: float, progress: bool):
-        self.task_norm = task_norm if task_norm > 0 else float("nan")
-        self.target = stop / self.task_norm if stop > 0 else float("nan")
-        self.deadline = t0 + 60 * settings.max_minutes if settings.max_minutes > 0 else math.inf
-        self.history: list[dict] = []
-        self.points: list[tuple[float, float]] = []  # (time, log ratio)
-        self.last = t0
-        self.bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            # no total: tqdm's own ETA would extrapolate max_iter, not the tolerance
-            self.bar = tqdm(total=None, desc=f"refine ({settings.method})", unit="it", file=sys.stderr, dynamic_ncols=True, leave=True)
-
-    def out_of_time(self) -> bool:
-        return time.perf_counter() >= self.deadline
-
-    def eta(self) -> float:
-        """Seconds until the ratio reaches its target at the recent log-linear rate (nan: no estimate)."""
-        pts = self.points[-(self.WINDOW + 1):]
-        if len(pts) < 2 or not math.isfinite(self.target) or self.target <= 0:
-            return float("nan")
-        tm = sum(t for t, _ in pts) / len(pts)
-        ym = sum(y for _, y in pts) / len(pts)
-        var = sum((t - tm) ** 2 for t, _ in pts)
-        slope = sum((t - tm) * (y - ym) for t, y in pts) / var if var > 0 else 0.0  # least squares: log ratio per second
-        gap = pts[-1][1] - math.log(self.target)
-        if gap <= 0:
-            return 0.0
-        return gap / -slope if slope < 0 else float("nan")
-
-    def update(self, g: torch.Tensor, step: float | None = None, cg: int | None = None, damping: float | None = None) -> None:
-        now = time.perf_counter()
-        ratio = float(g.norm()) / self.task_norm
-        if ratio > 0 and math.isfinite(ratio):
-            self.points.append((now, math.log(ratio)))
-        eta = self.eta()
-        row = {"ratio": ratio, "step": step, "cg": cg, "seconds": now - self.last, "eta_s": eta}
-        if damping is not None:
-            row["damping"] = damping
-        self.history.append(row)
-        self.last = now
-        if self.bar is not None:
-            post = {"ratio": f"{ratio:.3g}"}
-            if step is not None:
-                post["step"] = f"{step:.2g}"
-            if cg is not None:
-                post["cg"] = cg
-            post["s/it"] = f"{row['seconds']:.2g}"
-            post["eta"] = _clock(eta)
-            self.bar.update(1)
-            self.bar.set_postfix(post, refresh=False)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _clock(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    s = int(round(seconds))
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
-
-
 def refine_advice(settings: RefineSettings | None = None) -> str:
     """What helps a refine that stopped above its tolerance."""
     if settings is not None and settings.method == "newton":
@@ -435,7 +359,7 @@ def refine_advice(settings: RefineSettings | None = None) -> str:
             "where L-BFGS stalls), or raise --refine-max-iter")
 
 
-def _run_lbfgs(ev: _Evaluator, x0: torch.Tensor, settings: RefineSettings, stop: float, monitor: _Monitor) -> tuple[torch.Tensor, int, str]:
+def _run_lbfgs(ev: _Evaluator, x0: torch.Tensor, settings: RefineSettings, stop: float, monitor: RefineMonitor) -> tuple[torch.Tensor, int, str]:
     """L-BFGS one iteration per ``step`` call; returns (x, iterations, failure reason or '')."""
     x = x0.clone()
     max_ls = 25
@@ -474,7 +398,7 @@ def _run_lbfgs(ev: _Evaluator, x0: torch.Tensor, settings: RefineSettings, stop:
     return x.detach(), iterations, ""
 
 
-def _run_gd(ev: _Evaluator, x: torch.Tensor, settings: RefineSettings, budget: int, stop: float, monitor: _Monitor) -> tuple[torch.Tensor, int, str]:
+def _run_gd(ev: _Evaluator, x: torch.Tensor, settings: RefineSettings, budget: int, stop: float, monitor: RefineMonitor) -> tuple[torch.Tensor, int, str]:
     """Gradient descent with Armijo backtracking; returns (x, iterations, failure reason or '')."""
     x = x.detach().clone()
     f, g = ev(x)

@@ -1,6 +1,6 @@
 """Task pools: fixed, finite lists of N-way K-shot tasks with stable integer ids.
 
-(460 lines, kept whole: TaskPool, its saved form and its consistency checks are one record — the
+(Over 450 lines, kept whole: TaskPool, its saved form and its consistency checks are one record — the
 input recipes of harmful tasks must be validated where the pool is — and splitting would scatter it.)
 
 A :class:`TaskPool` stores, for every task, its N dataset classes, the example ids of its support

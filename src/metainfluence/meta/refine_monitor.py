@@ -1,0 +1,85 @@
+"""The progress and stopping record shared by refine's drivers (meta/refine.py, meta/newton_cg.py):
+per-iteration ratio ‖∇F‖/ḡ₀, step, CG iterations and seconds, an ETA to the tolerance, and the
+``max_minutes`` clock."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import Any
+
+import torch
+
+
+class RefineMonitor:
+    """Per-iteration record and progress bar: ratio ‖∇F‖/ḡ₀, step length, CG iterations, seconds per
+    iteration and an ETA to the tolerance extrapolated from the log-linear decrease of the ratio over
+    the last few iterations (a Newton method that speeds up finishes sooner than that); also the
+    ``max_minutes`` clock."""
+
+    WINDOW = 5
+
+    def __init__(self, settings: Any, task_norm: float, stop: float, t0: float, progress: bool):
+        self.task_norm = task_norm if task_norm > 0 else float("nan")
+        self.target = stop / self.task_norm if stop > 0 else float("nan")
+        self.deadline = t0 + 60 * settings.max_minutes if settings.max_minutes > 0 else math.inf
+        self.history: list[dict] = []
+        self.points: list[tuple[float, float]] = []  # (time, log ratio)
+        self.last = t0
+        self.bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            # no total: tqdm's own ETA would extrapolate max_iter, not the tolerance
+            self.bar = tqdm(total=None, desc=f"refine ({settings.method})", unit="it", file=sys.stderr, dynamic_ncols=True, leave=True)
+
+    def out_of_time(self) -> bool:
+        return time.perf_counter() >= self.deadline
+
+    def eta(self) -> float:
+        """Seconds until the ratio reaches its target at the recent log-linear rate (nan: no estimate)."""
+        pts = self.points[-(self.WINDOW + 1):]
+        if len(pts) < 2 or not math.isfinite(self.target) or self.target <= 0:
+            return float("nan")
+        tm = sum(t for t, _ in pts) / len(pts)
+        ym = sum(y for _, y in pts) / len(pts)
+        var = sum((t - tm) ** 2 for t, _ in pts)
+        slope = sum((t - tm) * (y - ym) for t, y in pts) / var if var > 0 else 0.0  # least squares: log ratio per second
+        gap = pts[-1][1] - math.log(self.target)
+        if gap <= 0:
+            return 0.0
+        return gap / -slope if slope < 0 else float("nan")
+
+    def update(self, g: torch.Tensor, step: float | None = None, cg: int | None = None, damping: float | None = None) -> None:
+        now = time.perf_counter()
+        ratio = float(g.norm()) / self.task_norm
+        if ratio > 0 and math.isfinite(ratio):
+            self.points.append((now, math.log(ratio)))
+        eta = self.eta()
+        row = {"ratio": ratio, "step": step, "cg": cg, "seconds": now - self.last, "eta_s": eta}
+        if damping is not None:
+            row["damping"] = damping
+        self.history.append(row)
+        self.last = now
+        if self.bar is not None:
+            post = {"ratio": f"{ratio:.3g}"}
+            if step is not None:
+                post["step"] = f"{step:.2g}"
+            if cg is not None:
+                post["cg"] = cg
+            post["s/it"] = f"{row['seconds']:.2g}"
+            post["eta"] = _clock(eta)
+            self.bar.update(1)
+            self.bar.set_postfix(post, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _clock(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
