@@ -197,6 +197,35 @@ def test_detection_resumes_from_the_stages_it_left_and_refuses_other_settings(tm
         run_experiment("detection", str(cfg), True, str(out), log=lambda s: None, resume=True)
 
 
+def test_max_minutes_stops_between_saved_stages_and_resume_finishes(tmp_path, capsys):
+    """--max-minutes: the budget is checked after each saved stage; the CLI says `stopped:` with status 3,
+    and --resume continues from the next stage, recomputing none of the finished ones."""
+    from metainfluence.cli import main
+    from metainfluence.errors import BudgetStop, SettingsError
+
+    out = tmp_path / "det_budget"
+    cfg = tmp_path / "b.toml"
+    # edit_fractions = []: only the oracle is edited, so the run has no accuracy curve to draw
+    cfg.write_text('[detection]\nmethods = ["task-if", "tracin"]\nedit_fractions = []\nself_influence = false\n')
+    rc = main(["experiment", "detection", "--config", str(cfg), "--quick", "--out", str(out), "--max-minutes", "1e-9", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 3 and "stopped: experiment stopped by --max-minutes after training and refine" in err and "--resume" in err
+    assert (out / "refined.safetensors").is_file() and not (out / "scores").exists() and not (out / "results.json").exists()
+    lines = []
+    with pytest.raises(BudgetStop, match="after the task-if scores"):
+        run_experiment("detection", str(cfg), True, str(out), log=lines.append, resume=True, max_minutes=1e-9)
+    assert any("resumed: refined" in line for line in lines) and (out / "scores" / "task-if.safetensors").is_file()
+    assert not (out / "scores" / "tracin.safetensors").exists()
+    lines.clear()
+    res = run_experiment("detection", str(cfg), True, str(out), log=lines.append, resume=True)
+    assert any("task-if   scores resumed" in line for line in lines) and not any("tracin    scores resumed" in line for line in lines)
+    assert {r["method"] for r in res["detection"]} == {"task-if", "tracin"} and (out / "results.json").is_file()
+    assert [r["method"] for r in res["edits"]] == ["oracle (true corrupted)"] and "accuracy" not in res["figures"]
+    assert report_run(out).is_file()
+    with pytest.raises(SettingsError, match="detection and removal"):
+        run_experiment("estimates", None, True, str(tmp_path / "est"), log=lambda s: None, max_minutes=1.0)
+
+
 def test_removal_retrains_over_seeds_and_places_the_edit_in_their_spread(tmp_path):
     out = tmp_path / "rem_seeds"
     cfg = tmp_path / "s.toml"

@@ -5,8 +5,7 @@ A thin layer (argument parsing and printing) over :mod:`metainfluence.pipeline` 
 is a flag (``--help`` lists them with their help texts and defaults) and a key of the ``--config``
 file (TOML, YAML or JSON; sections ``[data]``, ``[model]``, ``[inner]``, ``[objective]``, ``[train]``,
 ``[refine]``). Precedence: defaults < config file < flags. A user mistake prints ``error: <one line>``
-on stderr and exits with status 2, never a traceback.
-"""
+on stderr and exits with status 2, never a traceback; a spent ``--max-minutes`` prints ``stopped: …`` (status 3)."""
 
 from __future__ import annotations
 
@@ -17,9 +16,10 @@ import warnings
 from typing import Sequence
 
 from .config import add_settings_arguments, config_sections, load_settings, namespace_overrides
-from .errors import MetaInfluenceError, SettingsError
+from .errors import BudgetStop, MetaInfluenceError, SettingsError
 
 EXIT_USER_ERROR = 2
+EXIT_BUDGET_STOP = 3  # --max-minutes ran out between stages; --resume continues
 
 
 class _Parser(argparse.ArgumentParser):
@@ -156,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", default=None, help="output folder (default: runs/experiment-NAME)")
     ex.add_argument("--resume", action="store_true", help="reuse what an interrupted run of the same config left in --out (training, refined λ*, "
                     "curvature, each method's scores); other settings are refused. Edits, retraining and tables are recomputed")
+    ex.add_argument("--max-minutes", type=float, default=0.0, metavar="M", help="detection, removal: stop once a saved stage (training + refine, curvature, a method's scores) "
+                    "ends past M minutes: `stopped: …`, status 3; --resume continues. A stage in progress finishes (default: 0, no budget)")
     ex.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     ex.add_argument("--threads", type=int, default=1, metavar="N", help="torch CPU threads (default: 1)")
     ex.set_defaults(_dests=[])
@@ -387,7 +389,7 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     if args.name not in EXPERIMENTS:
         raise SettingsError(f"unknown experiment {args.name!r}; use one of {', '.join(EXPERIMENTS)}")
     out = args.out or f"runs/experiment-{args.name}"
-    run_experiment(args.name, args.config, args.quick, out, resume=args.resume)
+    run_experiment(args.name, args.config, args.quick, out, resume=args.resume, max_minutes=args.max_minutes)
     print(f"results in {out}/; render them with: metainfluence report {out}")
     return 0
 
@@ -433,6 +435,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             warnings.filterwarnings("ignore", category=FutureWarning)
             return COMMANDS[args.command](args)
+    except BudgetStop as exc:  # not an error: the work so far is kept and the message says how to continue
+        print(f"stopped: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_BUDGET_STOP
     except MetaInfluenceError as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -32,6 +32,11 @@ class DivergenceError(MetaInfluenceError):
     """A numerical procedure diverged (NaN, inf, growing residual); the message says what to change."""
 
 
+class BudgetStop(MetaInfluenceError):
+    """A run stopped at its ``--max-minutes`` budget between stages; what it finished is kept on disk and
+    the message names the command that continues it. The CLI prints it as ``stopped: …`` (status 3)."""
+
+
 def require(condition: bool, message: str, kind: type[MetaInfluenceError] = SettingsError) -> None:
     """Raise ``kind(message)`` unless ``condition`` holds."""
     if not condition:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import platform
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 
 from .. import SIGN_CONVENTION, InfluenceSettings, task_influence
 from ..config import to_dict
-from ..errors import SettingsError
+from ..errors import BudgetStop, SettingsError
 from ..influence.curvature import fit_curvature
 from ..influence.results import InfluenceResult, settings_dict
 from ..io import read_json, write_json
@@ -59,8 +60,9 @@ class StageCache:
     scores are reused only when their own recorded settings equal the current ones (else recomputed).
     Edits, retraining and the tables are always recomputed."""
 
-    def __init__(self, out: Path, settings: dict[str, Any], resume: bool, pool_keys: tuple[str, ...] = (), log=lambda s: None) -> None:
-        self.out, self.resume = Path(out), resume
+    def __init__(self, out: Path, settings: dict[str, Any], resume: bool, pool_keys: tuple[str, ...] = (), log=lambda s: None,
+                 deadline: float = math.inf) -> None:
+        self.out, self.resume, self.deadline = Path(out), resume, deadline
         run, section = settings.get("run"), next((v for k, v in settings.items() if k not in ("run", "influence")), {}) or {}
         now = _jsonable({"run": run, **{k: section.get(k) for k in pool_keys}})
         record = self.out / "stages.json"
@@ -74,6 +76,13 @@ class StageCache:
 
     def has(self, stem: str) -> bool:
         return self.resume and (self.out / f"{stem}.safetensors").is_file()
+
+    def done(self, stage: str) -> None:
+        """Called after each saved stage: past the experiment's ``--max-minutes`` deadline (time.monotonic()),
+        stop here — every finished stage is on disk and ``--resume`` continues from the next one."""
+        if time.monotonic() >= self.deadline:
+            raise BudgetStop(f"experiment stopped by --max-minutes after {stage}; the finished stages are kept in {self.out}: "
+                             "run the same command with --resume to continue")
 
 
 def _jsonable(obj: Any) -> Any:
@@ -92,12 +101,13 @@ def _train_and_refine(ctx, log, w_train=None, cache: StageCache | None = None) -
     lam, history, _ = train_stage(ctx, progress=False, resume=resume)
     t_train = time.perf_counter() - t
     t = time.perf_counter()
-    lam_star, rep = refine_stage(ctx, lam, progress=False)
+    lam_star, rep = refine_stage(ctx, lam, progress=False, log=log)
     t_refine = time.perf_counter() - t
     log(f"trained {history.steps_done} steps ({t_train:.1f} s), refined ‖∇F‖ {rep.grad_norm_before:.2g} → {rep.grad_norm_after:.2g} ({t_refine:.1f} s)")
     times = {"train_s": t_train, "refine_s": t_refine}
     if cache is not None:
         ctx.save_checkpoint("refined", lam_star, "refined", {"timings": times}, refine_report=rep)
+        cache.done("training and refine")
     return lam_star, rep, times
 
 
@@ -125,6 +135,8 @@ def _with_curvature(problem, lam, train, infl: InfluenceSettings, out: Path, log
     what = f"Nyström rank {art.info['rank']}" if art.method == "nystrom" else art.method
     log(f"curvature: {what} fitted at λ* in {timings['curvature_fit_s']:.1f} s "
         f"({art.info['fit_over_floor']:.1f}× the floor), probe error {max(art.info['probe_operator_rel_error']):.2g} → {stem}")
+    if cache is not None:
+        cache.done("the curvature fit")
     return dataclasses.replace(infl, curvature_file=str(stem))
 
 
@@ -168,9 +180,10 @@ def _score_all(problem, lam, train, val, infl, methods, direct_damping, log, sel
                                                  "residual": si.diagnostics.get("self_influence_residual")}
         res.diagnostics["seconds"] = time.perf_counter() - t
         out[m] = res
+        log(f"  {m:<9} scores in {res.diagnostics['seconds']:.2f} s")
         if cache is not None:
             res.save(cache.out / stem)
-        log(f"  {m:<9} scores in {res.diagnostics['seconds']:.2f} s")
+            cache.done(f"the {m} scores")
     return out
 
 

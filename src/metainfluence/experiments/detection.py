@@ -5,6 +5,7 @@ closed-form edit; optionally swept over ρ_task."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,18 +60,18 @@ def describe_kind(sec: DetectionSettings) -> str:
 
 
 # --------------------------------------------------------------------------- detection
-def run_detection(run, infl, sec: DetectionSettings, out: Path, quick: bool, log, resume: bool = False) -> dict:
+def run_detection(run, infl, sec: DetectionSettings, out: Path, quick: bool, log, resume: bool = False, deadline: float = math.inf) -> dict:
     """One run at ``rho_task``, or with ``rho_tasks`` one run per value in ``out/rho_<value>``: the
     first value's result is the main one (its figures are referenced from the sub-folder) and a
     summary row per method × ρ_task is added."""
     if not sec.rho_tasks:
-        return _detection_one(run, infl, sec, out, quick, log, resume)
+        return _detection_one(run, infl, sec, out, quick, log, resume, deadline)
     results = []
     for rho in sec.rho_tasks:
         sub = out / f"rho_{rho:g}"
         sub.mkdir(parents=True, exist_ok=True)
         log(f"detection sweep: ρ_task = {rho:g} → {sub}")
-        r = _detection_one(run, infl, dataclasses.replace(sec, rho_task=float(rho), rho_tasks=()), sub, quick, log, resume)
+        r = _detection_one(run, infl, dataclasses.replace(sec, rho_task=float(rho), rho_tasks=()), sub, quick, log, resume, deadline)
         r["timings"]["total_s"] = sum(v for k, v in r["timings"].items() if k != "total_s")
         write_json(sub / "results.json", r)
         results.append(r)
@@ -84,9 +85,9 @@ def run_detection(run, infl, sec: DetectionSettings, out: Path, quick: bool, log
     return main
 
 
-def _detection_one(run, infl, sec: DetectionSettings, out: Path, quick: bool, log, resume: bool = False) -> dict:
+def _detection_one(run, infl, sec: DetectionSettings, out: Path, quick: bool, log, resume: bool = False, deadline: float = math.inf) -> dict:
     timings: dict[str, float] = {}
-    cache = StageCache(out, _header("detection", run, infl, sec, quick)["settings"], resume, POOL_KEYS, log)
+    cache = StageCache(out, _header("detection", run, infl, sec, quick)["settings"], resume, POOL_KEYS, log, deadline)
     t = time.perf_counter()
     ctx = RunContext.prepare(run, out, log=log)
     pools = dict(ctx.pools)
@@ -162,8 +163,9 @@ def _detection_one(run, infl, sec: DetectionSettings, out: Path, quick: bool, lo
     figs = {}
     figs["recall"] = plots.recall_curves({m: c for m, c in curves.items()}, out / "recall_curves.png", corrupted_fraction=sec.rho_task,
                                          title=f"Harmful-task detection ({run.data.dataset}, {sec.kind}, ρ_task={sec.rho_task})").name
-    figs["accuracy"] = plots.accuracy_vs_removed(acc_curves, out / "accuracy_vs_removed.png",
-                                                 title="Meta-test accuracy after removing the top-ranked tasks (closed-form edit)").name
+    if acc_curves:  # edit_fractions = [] edits only the oracle: no curve to draw
+        figs["accuracy"] = plots.accuracy_vs_removed(acc_curves, out / "accuracy_vs_removed.png",
+                                                     title="Meta-test accuracy after removing the top-ranked tasks (closed-form edit)").name
     if "task-if" in rankings and ctx.dataset is not None:
         top = rankings["task-if"][:4].tolist()
         x, given, true, ns, ids = _image_tensors(pools["train"], ctx.dataset, top)

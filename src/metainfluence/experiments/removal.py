@@ -5,6 +5,7 @@ and time; with the paper's Table 1 for reference."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,9 +91,9 @@ def _retrain(problem, run, pool, removal: Removal, refine_too: bool, seed: int |
     return lam
 
 
-def run_removal(run, infl, sec: RemovalSettings, out: Path, quick: bool, log, resume: bool = False) -> dict:
+def run_removal(run, infl, sec: RemovalSettings, out: Path, quick: bool, log, resume: bool = False, deadline: float = math.inf) -> dict:
     timings: dict[str, float] = {}
-    cache = StageCache(out, _header("removal", run, infl, sec, quick)["settings"], resume, log=log)
+    cache = StageCache(out, _header("removal", run, infl, sec, quick)["settings"], resume, log=log, deadline=deadline)
     t = time.perf_counter()
     ctx = RunContext.prepare(run, out, log=log)
     timings["data_s"] = time.perf_counter() - t

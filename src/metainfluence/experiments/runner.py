@@ -4,6 +4,7 @@ rendering the folder's results as a report."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -104,12 +105,22 @@ def _check_detection(sec) -> None:
 
 
 def run_experiment(name: str, config: str | None = None, quick: bool = False, out: str = "runs/experiment",
-                   log: Callable[[str], None] = print, resume: bool = False) -> dict:
+                   log: Callable[[str], None] = print, resume: bool = False, max_minutes: float = 0.0) -> dict:
     """Run experiment ``name`` (detection | removal | estimates); results go to ``out``.
 
     ``resume``: reuse the stages an earlier run of the same settings left in ``out`` (training,
     refined λ*, curvature, each method's scores: :class:`~.common.StageCache`; estimates' ground-truth
-    units are always resumed). Returns the results dict that is also written to ``out/results.json``."""
+    units are always resumed). ``max_minutes`` (detection, removal; 0: none): after a stage finishes past
+    this budget, stop with :class:`~metainfluence.errors.BudgetStop` — checked between saved stages
+    (training + refine, curvature, each method's scores), so bound a long stage by its own budget
+    (``[train]``/``[refine]`` ``max_minutes``); edits and retraining are not cached and run to the end.
+    Returns the results dict that is also written to ``out/results.json``."""
+    if not (math.isfinite(max_minutes) and max_minutes >= 0):
+        raise SettingsError(f"--max-minutes must be ≥ 0 (0: no budget), got {max_minutes}")
+    if max_minutes and name == "estimates":
+        raise SettingsError("--max-minutes applies to the detection and removal experiments; estimates resumes its ground truth unit by unit "
+                            "without it (stop it at any time and run the same command again)")
+    deadline = time.monotonic() + 60 * max_minutes if max_minutes else math.inf
     run, infl, sec = load_experiment_settings(name, config, quick)
     out_p = Path(out)
     out_p.mkdir(parents=True, exist_ok=True)
@@ -118,7 +129,7 @@ def run_experiment(name: str, config: str | None = None, quick: bool = False, ou
         result = run_estimates(run, infl, sec, out_p, quick, log)
     else:
         fn = {"detection": run_detection, "removal": run_removal}[name]
-        result = fn(run, infl, sec, out_p, quick, log, resume=resume)
+        result = fn(run, infl, sec, out_p, quick, log, resume=resume, deadline=deadline)
     result["timings"]["total_s"] = time.perf_counter() - t0
     write_json(out_p / "results.json", result)
     log(f"{name}: finished in {result['timings']['total_s']:.1f} s; results in {out_p}/results.json")
@@ -145,7 +156,9 @@ def report_run(run_dir) -> Path:
     figs = res.get("figures", {})
     img = lambda key, cap: [(figs[key], cap)] if key in figs and (d / figs[key]).is_file() else []
     tm = res.get("timings", {})
-    timing_p = "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in tm.items()) + f". Machine: {res['machine']['platform']}, {res['machine']['cpu_count']} CPUs, torch {res['machine']['torch']} ({res['machine']['torch_threads']} threads)."
+    # a resumed run also lists the stages it reused (timings["reused"])
+    timing_p = "Timings (s): " + ", ".join(f"{k} {v:.1f}" if isinstance(v, (int, float)) else f"{k}: {', '.join(map(str, v))}"
+                                           for k, v in tm.items()) + f". Machine: {res['machine']['platform']}, {res['machine']['cpu_count']} CPUs, torch {res['machine']['torch']} ({res['machine']['torch_threads']} threads)."
     settings_p = f"Settings and seeds are in `results.json` (seeds: {res.get('seeds')}). Quick run: {res.get('quick')}."
     secs: list[dict] = []
     if name == "detection":

@@ -39,7 +39,9 @@ class FactorCurvature(FactorOperator):
     """A saved curvature K = GᵀG + shift·I (the fisher factor of sampled-label total gradients), used
     like an EK-FAC: its exact damped inverse preconditions CG on the real H (``pcg``) or stands in
     for it (the fast tier). The inverse takes the cheaper side: an r × r system (Woodbury) when
-    r < p, else the p × p one; its Cholesky factor is cached per damping."""
+    r < p, else the p × p one; the Gram matrix is formed once and its Cholesky factor cached per damping
+    (refine's Levenberg–Marquardt damping changes every step: re-forming GᵀG each time would cost a minute
+    per step on a 12,500-row Conv4 factor)."""
 
     method_name = "fisher"
 
@@ -47,6 +49,7 @@ class FactorCurvature(FactorOperator):
         super().__init__(factor, shift)
         self.info = dict(info or {})
         self._chol: dict[float, Tensor] = {}
+        self._gram: Tensor | None = None
 
     @property
     def rank(self) -> int:
@@ -67,7 +70,11 @@ class FactorCurvature(FactorOperator):
         B = (B[:, None] if vec else B).to(G)
         r = G.shape[0]
         if c not in self._chol:
-            small = G @ G.T if r < self.dim else G.T @ G
+            if self._gram is None:
+                self._gram = G @ G.T if r < self.dim else G.T @ G
+            if len(self._chol) >= 4:  # a few dampings at a time (refine walks through many)
+                self._chol.pop(next(iter(self._chol)))
+            small = self._gram
             self._chol[c] = torch.linalg.cholesky(small + c * torch.eye(small.shape[0], dtype=G.dtype, device=G.device))
         L = self._chol[c]
         X = (B - G.T @ torch.cholesky_solve(G @ B, L)) / c if r < self.dim else torch.cholesky_solve(B, L)

@@ -15,6 +15,18 @@ from torch import nn
 from ..errors import SettingsError
 
 
+# relu is piecewise linear: its derivative jumps, so θ(λ) = λ − α∇L_S(λ) and the second-order meta-objective
+# jump where a pre-activation crosses 0 (measured on Conv4: F along −∇F changes 8× the linear prediction at a
+# step of 1e-4); the others are smooth, so F is twice differentiable and Newton steps converge
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "softplus": nn.Softplus, "silu": nn.SiLU, "gelu": nn.GELU}
+
+
+def _activation(name: str) -> nn.Module:
+    if name not in ACTIVATIONS:
+        raise SettingsError(f"unknown activation {name!r}; use one of {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]()
+
+
 @dataclass
 class ModelSettings:
     kind: str = field(default="mlp", metadata={"help": "model family: mlp | conv4"})
@@ -23,7 +35,8 @@ class ModelSettings:
     norm: str = field(default="none", metadata={"help": "Conv4 normalisation: none | group | batch (batch statistics)"})
     groups: int = field(default=4, metadata={"help": "groups for norm=group"})
     pool: str = field(default="max", metadata={"help": "Conv4 downsampling: max (conv stride 1 + 2×2 max-pool) | stride (stride-2 convs, no pooling, as Finn et al.'s Omniglot model: about 4× fewer conv operations)", "choices": ("max", "stride")})
-    activation: str = field(default="relu", metadata={"help": "MLP activation: relu | tanh (smooth: exact finite-difference checks)"})
+    activation: str = field(default="relu", metadata={"help": "MLP activation: relu | tanh | softplus | silu | gelu (the smooth ones: exact finite-difference checks)", "choices": tuple(ACTIVATIONS)})
+    conv_activation: str = field(default="relu", metadata={"help": "Conv4 activation: relu | silu | gelu | softplus | tanh. With relu the second-order meta-objective is discontinuous (the inner step's gradient jumps where a pre-activation crosses 0), so refine cannot reach a tight ‖∇F‖; a smooth one makes F twice differentiable (docs/training.md)", "choices": tuple(ACTIVATIONS)})
 
     def validate(self) -> None:
         """Refuse unknown choices before any data is loaded (the model itself is built later)."""
@@ -33,22 +46,22 @@ class ModelSettings:
             raise SettingsError(f"unknown norm {self.norm!r}; use none, group or batch")
         if self.pool not in ("max", "stride"):
             raise SettingsError(f"unknown Conv4 pool {self.pool!r}; use max or stride")
+        for name in (self.activation, self.conv_activation):
+            if name not in ACTIVATIONS:
+                raise SettingsError(f"unknown activation {name!r}; use one of {', '.join(ACTIVATIONS)}")
         if self.width < 1 or self.groups < 1:
             raise SettingsError(f"width and groups must be ≥ 1, got {self.width} and {self.groups}")
 
 
 class MLP(nn.Module):
-    """Fully connected ReLU network; flattens its input."""
+    """Fully connected network (ReLU by default); flattens its input."""
 
     def __init__(self, in_features: int, out_features: int, hidden: tuple[int, ...] = (40, 40), activation: str = "relu"):
         super().__init__()
-        acts = {"relu": nn.ReLU, "tanh": nn.Tanh}
-        if activation not in acts:
-            raise SettingsError(f"unknown activation {activation!r}; use relu or tanh")
         dims = (in_features, *hidden)
         layers: list[nn.Module] = []
         for a, b in zip(dims[:-1], dims[1:]):
-            layers += [nn.Linear(a, b), acts[activation]()]
+            layers += [nn.Linear(a, b), _activation(activation)]
         layers.append(nn.Linear(dims[-1], out_features))
         self.net = nn.Sequential(*layers)
 
@@ -68,7 +81,8 @@ def _norm(kind: str, width: int, groups: int) -> nn.Module:
 
 
 class Conv4(nn.Module):
-    """The standard four-block few-shot CNN: [conv3×3 → norm → ReLU → max-pool 2] × 4 → linear.
+    """The standard four-block few-shot CNN: [conv3×3 → norm → ReLU → max-pool 2] × 4 → linear
+    (``activation`` replaces the ReLU; a smooth one makes the second-order meta-objective twice differentiable).
 
     ``pool='stride'`` replaces each conv + max-pool by a stride-2 conv (padding 1), as in Finn et al.'s
     Omniglot model: the side shrinks s → ⌈s/2⌉ (28 → 14 → 7 → 4 → 2) instead of ⌊s/2⌋ (28 → 1), and each
@@ -76,7 +90,7 @@ class Conv4(nn.Module):
     """
 
     def __init__(self, in_channels: int, image_size: int, out_features: int, width: int = 64, norm: str = "none", groups: int = 4,
-                 pool: str = "max"):
+                 pool: str = "max", activation: str = "relu"):
         super().__init__()
         if pool not in ("max", "stride"):
             raise SettingsError(f"unknown Conv4 pool {pool!r}; use max or stride")
@@ -86,10 +100,10 @@ class Conv4(nn.Module):
             if pool == "max" and s < 2:  # a stride-2 conv maps any side ≥ 1 to ⌈s/2⌉ ≥ 1
                 raise SettingsError(f"images of {image_size}px are too small for Conv4 (four 2× poolings); use the mlp model")
             if pool == "max":
-                blocks += [nn.Conv2d(c, width, 3, padding=1), _norm(norm, width, groups), nn.ReLU(), nn.MaxPool2d(2)]
+                blocks += [nn.Conv2d(c, width, 3, padding=1), _norm(norm, width, groups), _activation(activation), nn.MaxPool2d(2)]
                 s = s // 2
             else:
-                blocks += [nn.Conv2d(c, width, 3, stride=2, padding=1), _norm(norm, width, groups), nn.ReLU()]
+                blocks += [nn.Conv2d(c, width, 3, stride=2, padding=1), _norm(norm, width, groups), _activation(activation)]
                 s = (s + 1) // 2
             c = width
         self.features = nn.Sequential(*blocks)
@@ -109,5 +123,6 @@ def build_model(settings: ModelSettings, input_shape: tuple[int, ...], out_featu
     if settings.kind == "conv4":
         if len(input_shape) != 3:
             raise SettingsError(f"conv4 needs image inputs (C, H, W), got shape {tuple(input_shape)}; use the mlp model")
-        return Conv4(input_shape[0], input_shape[-1], out_features, settings.width, settings.norm, settings.groups, settings.pool)
+        return Conv4(input_shape[0], input_shape[-1], out_features, settings.width, settings.norm, settings.groups, settings.pool,
+                     settings.conv_activation)
     raise SettingsError(f"unknown model kind {settings.kind!r}; use mlp or conv4")

@@ -28,7 +28,7 @@ from ..errors import DivergenceError
 from ..linalg import FactorCurvature, adaptive_nystrom_sketch, block_cg, nystrom_preconditioner, nystrom_sketch
 from ..linalg.core import DampedProducts
 from ..tasks.tensors import TaskTensors
-from .curvature import TotalHessian, fisher_factor
+from .curvature import TotalHessian, fisher_factor, gauss_newton_factor
 from .ekfac import fit_ekfac
 from .objective import MetaProblem
 
@@ -88,6 +88,16 @@ class _Preconditioner:
             rows = fisher_factor(self.problem, x, tasks, FISHER_DRAWS, seed=len(self.fits))  # a subsample's mean is unbiased
             self.sketch = FactorCurvature(rows, self.problem.weight_decay)
             rank = self.sketch.rank
+        elif s.precondition == "gn-factor":
+            # the Gauss–Newton H at x exactly (rows for every query example and class): its damped inverse
+            # is the Gauss–Newton step itself, so PCG on Gauss–Newton products stops after 1–2 iterations
+            # until λ has moved far enough from x that a refit pays (precondition_refit)
+            # with float32 products the rows are fitted in float32 too (about half the time; PCG's answer
+            # does not depend on the preconditioner's precision, only its iteration count)
+            fit_x = x.float() if s.newton_products == "float32" and x.dtype != torch.float32 else x
+            self.sketch = FactorCurvature(gauss_newton_factor(self.problem, fit_x, tasks.to(dtype=fit_x.dtype)).to(x.dtype),
+                                          self.problem.weight_decay)
+            rank = self.sketch.rank
         else:
             product_dtype = torch.float32 if s.newton_products == "float32" and x.dtype != torch.float32 else None
             op = TotalHessian(self.problem, x, tasks, self.kind, product_dtype=product_dtype)
@@ -106,7 +116,7 @@ class _Preconditioner:
             return None
         if self.sketch is None or (s.precondition_refit > 0 and step - self.fitted_at >= s.precondition_refit):
             self._fit(x, damping, step)
-        if s.precondition in ("ekfac", "fisher"):
+        if s.precondition in ("ekfac", "fisher", "gn-factor"):
             sk = self.sketch.to(x.dtype, x.device)
             return lambda R: sk.solve(R, damping)
         # μI is part of H, so λ_ℓ > 0 even at δ = 0 whenever μ > 0; the floor covers μ = δ = 0

@@ -50,7 +50,7 @@ class RefineWarning(UserWarning):
 
 
 REFINE_METHODS = ("lbfgs", "gd", "newton", "newton-cg")
-PRECONDITIONERS = ("none", "nystrom", "ekfac", "fisher")
+PRECONDITIONERS = ("none", "nystrom", "ekfac", "fisher", "gn-factor")
 
 
 @dataclass
@@ -71,7 +71,7 @@ class RefineSettings:
     newton_cg_iters: int = field(default=100, metadata={"help": "newton, newton-cg: most CG iterations per Newton–CG step (products with the Hessian)"})
     newton_damping: float = field(default=1e-3, metadata={"help": "newton-cg: initial Levenberg–Marquardt damping δ of (H + δI) d = −∇F (adapted every step)"})
     newton_products: str = field(default="working", metadata={"help": "newton-cg: precision of Hessian products: working | float32 (sums over tasks stay in λ's dtype)", "choices": ("working", "float32")})
-    precondition: str = field(default="nystrom", metadata={"help": "newton-cg: CG preconditioner, a curvature artifact fitted at the start: nystrom (sketch of the Gauss–Newton H, positive definite whatever the step Hessian) | fisher (sampled-label factor of the total Gauss–Newton H, inverted exactly; 8 draws per task) | ekfac | none", "choices": PRECONDITIONERS})
+    precondition: str = field(default="nystrom", metadata={"help": "newton-cg: CG preconditioner, a curvature artifact fitted at the start: nystrom (sketch of the Gauss–Newton H, positive definite whatever the step Hessian) | fisher (sampled-label factor of the total Gauss–Newton H, inverted exactly; 8 draws per task) | gn-factor (the total Gauss–Newton H itself as a factor, one row per task, query example and class: Gauss–Newton steps then need 1–2 CG iterations; softmax cross-entropy only; refit it with precondition_refit) | ekfac | none", "choices": PRECONDITIONERS})
     precondition_rank: int = field(default=0, metadata={"help": "newton-cg: Nyström rank (0: auto, doubled until the sketch reaches the damped bottom of the spectrum)"})
     precondition_max_tasks: int = field(default=0, metadata={"help": "newton-cg: fit the preconditioner on a seeded subsample of this many tasks (0: all)"})
     precondition_refit: int = field(default=0, metadata={"help": "newton-cg: refit the preconditioner every this many Newton steps (0: never; a stale one only costs CG iterations)"})
@@ -219,12 +219,14 @@ def refine(
     progress: bool = False,
     example_weights: tuple[torch.Tensor, torch.Tensor] | None = None,
     proximal: tuple[float, torch.Tensor] | None = None,
+    log=None,
 ) -> tuple[torch.Tensor, RefineReport]:
     """Minimise F(λ; w, v, u) over the full pool from ``lam`` until ‖∇F‖ ≤ ``settings.tol``.
 
     ``example_weights``: (v, u), per-example weights (n, |S|), (n, |Q|) of the support and query losses.
     ``proximal``: (γ, λ₀) adds (γ/2)‖λ − λ₀‖² to F — the proximal response of Bae et al. (2022), what
     a damped influence function estimates in a non-convex model.
+    ``log``: called with one line per iteration when ``progress`` is off (e.g. ``print`` in a batch job).
 
     Returns (λ in ``settings.dtype``, :class:`RefineReport`). Deterministic: no sampling anywhere.
     Emits a :class:`RefineWarning` (and ``report.converged = False``) when the tolerance is not met;
@@ -250,7 +252,7 @@ def refine(
     task_norm_before = mean_task_gradient_norm(problem, x0, tasks, w, v, u)
     # one absolute threshold for every optimiser: the first of the two rules met stops
     stop = max(settings.tol, settings.tol_ratio * task_norm_before)
-    monitor = RefineMonitor(settings, task_norm_before, stop, t0, progress)
+    monitor = RefineMonitor(settings, task_norm_before, stop, t0, progress, log)
 
     x = x0.clone()
     iterations = 0

@@ -20,7 +20,7 @@ class RefineMonitor:
 
     WINDOW = 5
 
-    def __init__(self, settings: Any, task_norm: float, stop: float, t0: float, progress: bool):
+    def __init__(self, settings: Any, task_norm: float, stop: float, t0: float, progress: bool, log=None):
         self.task_norm = task_norm if task_norm > 0 else float("nan")
         self.target = stop / self.task_norm if stop > 0 else float("nan")
         self.deadline = t0 + 60 * settings.max_minutes if settings.max_minutes > 0 else math.inf
@@ -28,6 +28,7 @@ class RefineMonitor:
         self.points: list[tuple[float, float]] = []  # (time, log ratio)
         self.last = t0
         self.bar = None
+        self.log = None if progress else log  # without a bar, one line per iteration (long refines in a log file)
         if progress:
             from tqdm.auto import tqdm
 
@@ -72,6 +73,15 @@ class RefineMonitor:
             post["eta"] = _clock(eta)
             self.bar.update(1)
             self.bar.set_postfix(post, refresh=False)
+        elif self.log is not None:
+            parts = [f"refine iteration {len(self.history)}: ratio {ratio:.3g}"]
+            if step is not None:
+                parts.append(f"step {step:.2g}")
+            if cg is not None:
+                parts.append(f"cg {cg}")
+            parts.append(f"{row['seconds']:.1f} s")
+            parts.append(f"eta {_clock(eta)}")
+            self.log(", ".join(parts))
 
     def close(self) -> None:
         if self.bar is not None:

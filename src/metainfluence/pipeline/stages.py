@@ -43,8 +43,9 @@ def evaluate_stage(ctx: RunContext, lam: torch.Tensor, splits: tuple[str, ...] =
     return {split: evaluate(ctx.problem, lam, ctx.tensors[split]) for split in splits if split in ctx.tensors}
 
 
-def refine_stage(ctx: RunContext, lam: torch.Tensor, progress: bool = True, w: torch.Tensor | None = None) -> tuple[torch.Tensor, RefineReport]:
-    return refine(ctx.problem, lam, ctx.tensors["train"], ctx.settings.refine, w=w, progress=progress)
+def refine_stage(ctx: RunContext, lam: torch.Tensor, progress: bool = True, w: torch.Tensor | None = None,
+                 log: Log | None = None) -> tuple[torch.Tensor, RefineReport]:
+    return refine(ctx.problem, lam, ctx.tensors["train"], ctx.settings.refine, w=w, progress=progress, log=log)
 
 
 def influence_stage(ctx: RunContext, lam: torch.Tensor, settings: Any, level: str = "task", measurement: str | None = None,
@@ -136,7 +137,7 @@ def refine_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | No
     ctx.out = folder
     log(f"train pool: {ctx.pools['train'].summary()}")
     with RunLock(folder):
-        lam, report = refine(ctx.problem, ckpt.lam, ctx.tensors["train"], ctx.settings.refine, progress=progress)
+        lam, report = refine(ctx.problem, ckpt.lam, ctx.tensors["train"], ctx.settings.refine, progress=progress, log=log)
         before = evaluate(ctx.problem, ckpt.lam, ctx.tensors["test"])
         after = evaluate(ctx.problem, lam, ctx.tensors["test"])
         path = ctx.save_checkpoint(name, lam, "refined", {"eval": {"test": after.to_json()}, "eval_before_refine": {"test": before.to_json()}}, refine_report=report, step=ckpt.step)
