@@ -85,7 +85,7 @@ def test_eval_steps_change_evaluation_only():
 
 
 # --------------------------------------------------------------------------- shipped configs
-@pytest.mark.parametrize("name", ["omniglot_conv4.toml", "mnist_conv4.toml"])
+@pytest.mark.parametrize("name", ["omniglot_conv4.toml", "mnist_conv4.toml", "fashion_mnist_conv4.toml"])
 def test_shipped_training_config_loads_into_valid_settings(name):
     path = ROOT / "configs" / name
     if not path.is_file():
