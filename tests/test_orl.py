@@ -64,7 +64,7 @@ def test_orl_split_is_seeded_disjoint_and_complete(orl):
 
 
 def test_orl_registry_and_pool(orl, monkeypatch):
-    from metainfluence.tasks.pool import build_pool
+    from metainfluence.tasks import build_pool
 
     root, _ = orl
     assert "orl-faces" in DATASETS

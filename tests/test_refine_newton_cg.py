@@ -79,6 +79,15 @@ def test_preconditioned_newton_cg_reaches_the_same_lambda():
     assert runs["fisher"][1].cg_iterations <= 0.75 * rep0.cg_iterations
 
 
+def test_without_a_bar_refine_logs_one_line_per_iteration_with_the_recorded_ratio():
+    problem, tasks, lam = warm()
+    lines = []
+    _, rep = refine(problem, lam, tasks, RefineSettings(method="newton-cg", tol=0, tol_ratio=1e-6, max_iter=50, precondition="none"), log=lines.append)
+    assert rep.converged and len(lines) == rep.iterations == len(rep.history)
+    for i, (line, h) in enumerate(zip(lines, rep.history), 1):
+        assert line.startswith(f"refine iteration {i}: ratio {h['ratio']:.3g}, ") and f"cg {h['cg']}," in line
+
+
 def test_max_minutes_stops_cleanly_with_the_documented_warning():
     problem, tasks, lam = warm()
     with pytest.warns(RefineWarning, match=r"stopped by time.*--refine-max-minutes"):

@@ -10,13 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import directional_derivatives, small_problem
+from helpers import directional_derivatives
 from metainfluence.errors import SettingsError
 from metainfluence.meta import RefineSettings, refine
 from metainfluence.meta.models import Conv4, ModelSettings, build_model
 from metainfluence.meta.objective import InnerSettings, MetaProblem
 from metainfluence.tasks.tensors import TaskTensors
-from test_refine_newton_cg import teacher_tasks
+from test_refine_newton_cg import warm
 
 
 def image_tasks(n=4, n_way=3, shot=2, size=16, seed=0) -> TaskTensors:
@@ -56,9 +56,7 @@ def test_conv_activation_is_built_and_validated():
 
 
 def test_gn_factor_preconditioner_leaves_gauss_newton_steps_one_or_two_cg_iterations():
-    problem, lam0 = small_problem(steps=1, lr=0.3, hidden=(6,), weight_decay=1e-2)
-    tasks = teacher_tasks()
-    lam, _ = refine(problem, lam0, tasks, RefineSettings(tol=0, tol_ratio=1e-3, max_iter=500))
+    problem, tasks, lam = warm()  # the Newton–CG tests' warm start: L-BFGS to ratio 1e-3 on teacher tasks
     common = dict(method="newton-cg", newton_hessian="gauss-newton", tol=0, tol_ratio=1e-5, max_iter=200, newton_cg_iters=200)
     x0, rep0 = refine(problem, lam, tasks, RefineSettings(**common, precondition="none"))
     x1, rep1 = refine(problem, lam, tasks, RefineSettings(**common, precondition="gn-factor", precondition_refit=1))

@@ -251,7 +251,7 @@ def gauss_newton_factor(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTens
         raise SettingsError(f"the exact Gauss–Newton factor would hold {n * n_q * n_c} rows × {lam.numel()} parameters = {need:.1f} GB; "
                             "use --method fisher (sampled rows) or nystrom, or fewer tasks (--max-tasks)")
     # one total-gradient pass per (query example, class); one forward with |Q|·C vmapped pullbacks gives the
-    # same rows but was measured 2× slower on CPU (Conv4-16, 100 tasks: 21.4 s against 10.9 s in float32)
+    # same rows but was 2× slower on CPU in a one-off timing (Conv4-16, 100 tasks, float32; script not kept)
     rows = []
     for q in range(n_q):
         u = torch.zeros(n_local, n_q, dtype=lam.dtype, device=lam.device)

@@ -63,25 +63,18 @@ class RefineMonitor:
             row["damping"] = damping
         self.history.append(row)
         self.last = now
+        post = {"ratio": f"{ratio:.3g}"}
+        if step is not None:
+            post["step"] = f"{step:.2g}"
+        if cg is not None:
+            post["cg"] = cg
+        post["s/it"] = f"{row['seconds']:.2g}"
+        post["eta"] = _clock(eta)
         if self.bar is not None:
-            post = {"ratio": f"{ratio:.3g}"}
-            if step is not None:
-                post["step"] = f"{step:.2g}"
-            if cg is not None:
-                post["cg"] = cg
-            post["s/it"] = f"{row['seconds']:.2g}"
-            post["eta"] = _clock(eta)
             self.bar.update(1)
             self.bar.set_postfix(post, refresh=False)
-        elif self.log is not None:
-            parts = [f"refine iteration {len(self.history)}: ratio {ratio:.3g}"]
-            if step is not None:
-                parts.append(f"step {step:.2g}")
-            if cg is not None:
-                parts.append(f"cg {cg}")
-            parts.append(f"{row['seconds']:.1f} s")
-            parts.append(f"eta {_clock(eta)}")
-            self.log(", ".join(parts))
+        elif self.log is not None:  # the bar's fields as one line
+            self.log(f"refine iteration {len(self.history)}: " + ", ".join(f"{k} {v}" for k, v in post.items()))
 
     def close(self) -> None:
         if self.bar is not None:

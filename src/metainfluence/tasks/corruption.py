@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from ..errors import PoolError
-from .pool import TaskPool, _hash_entropy
+from .pool import TaskPool
+from .storage import _hash_entropy
 
 WHERE = ("both", "support", "query")
 

@@ -42,7 +42,8 @@ import torch
 
 from ..errors import PoolError
 from .corruption import WHERE, _check_rho, _round_half_up, corrupt_labels
-from .pool import INPUT_TRANSFORMS, TaskPool, _hash_entropy
+from .pool import INPUT_TRANSFORMS, TaskPool
+from .storage import _hash_entropy
 
 KINDS = ("labels", "duplicate", "off-distribution")
 OFFDIST_TRANSFORMS = ("invert", "noise")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import PoolError
-from .pool import _positive_int
+from .building import _positive_int
 from .storage import _hash_entropy, load_pair, save_pair
 from .tensors import TaskTensors
 

@@ -1,0 +1,96 @@
+"""Drawing a classification task pool from a dataset (:func:`build_pool`); the pool itself, its saved
+form and its checks are :mod:`.pool`."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from ..errors import PoolError
+from .pool import KIND, SPLITS, TaskPool
+from .storage import _hash_entropy
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..data.base import ClassDataset
+
+
+def _positive_int(value: Any, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise PoolError(f"{name}={value!r} is invalid; use an integer of at least {minimum}")
+    return int(value)
+
+
+def build_pool(
+    dataset: "ClassDataset",
+    split: str,
+    n_way: int,
+    k_shot: int,
+    q_query: int,
+    n_tasks: int,
+    seed: int = 0,
+) -> TaskPool:
+    """Draw ``n_tasks`` N-way K-shot Q-query tasks from ``split`` of ``dataset``.
+
+    Each task: N distinct classes of the split (random order = label order), then for each class
+    K + Q distinct examples of that split (first K support, last Q query). Deterministic in
+    (dataset fingerprint, split, N, K, Q, seed) and the task id (see the module docstring).
+    """
+    if split not in SPLITS:
+        raise PoolError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    n_tasks = _positive_int(n_tasks, "n_tasks")
+    n_way = _positive_int(n_way, "n_way", 2)
+    k_shot = _positive_int(k_shot, "k_shot")
+    q_query = _positive_int(q_query, "q_query")
+    seed = int(seed)
+    classes = np.asarray(dataset.classes(split), dtype=np.int64)
+    if n_way > len(classes):
+        raise PoolError(f"n_way={n_way} is larger than the {len(classes)} classes in the {split!r} split of {dataset.name}; lower n_way")
+    per_class = [dataset.examples_of(int(c), split).numpy() for c in classes]
+    smallest = min(len(e) for e in per_class)
+    if k_shot + q_query > smallest:
+        raise PoolError(
+            f"k_shot + q_query = {k_shot + q_query} is larger than the {smallest} examples of the smallest class in the {split!r} split of {dataset.name}; lower k_shot or q_query"
+        )
+    entropy = _hash_entropy(KIND, dataset.fingerprint, split, n_way, k_shot, q_query, seed)
+    m = k_shot + q_query
+    cls_out = np.empty((n_tasks, n_way), dtype=np.int64)
+    sup = np.empty((n_tasks, n_way, k_shot), dtype=np.int64)
+    qry = np.empty((n_tasks, n_way, q_query), dtype=np.int64)
+    for t in range(n_tasks):
+        rng = np.random.default_rng(np.random.SeedSequence(entropy, spawn_key=(t,)))
+        chosen = rng.choice(len(classes), size=n_way, replace=False)
+        cls_out[t] = classes[chosen]
+        for j, ci in enumerate(chosen):
+            ex = per_class[ci]
+            pick = ex[rng.choice(len(ex), size=m, replace=False)]
+            sup[t, j] = pick[:k_shot]
+            qry[t, j] = pick[k_shot:]
+    sy = np.repeat(np.arange(n_way), k_shot)[None].repeat(n_tasks, 0)
+    qy = np.repeat(np.arange(n_way), q_query)[None].repeat(n_tasks, 0)
+    sy_t, qy_t = torch.from_numpy(sy), torch.from_numpy(qy)
+    return TaskPool(
+        dataset=dataset.name,
+        fingerprint=dataset.fingerprint,
+        split=split,
+        split_kind=dataset.split_kind,
+        n_way=n_way,
+        k_shot=k_shot,
+        q_query=q_query,
+        seed=seed,
+        n_tasks_built=n_tasks,
+        task_ids=torch.arange(n_tasks, dtype=torch.long),
+        classes=torch.from_numpy(cls_out),
+        support_ids=torch.from_numpy(sup.reshape(n_tasks, -1)),
+        support_y=sy_t.clone(),
+        query_ids=torch.from_numpy(qry.reshape(n_tasks, -1)),
+        query_y=qy_t.clone(),
+        support_true_y=sy_t.clone(),
+        query_true_y=qy_t.clone(),
+        support_corrupted=torch.zeros(sy.shape, dtype=torch.bool),
+        query_corrupted=torch.zeros(qy.shape, dtype=torch.bool),
+        corrupted_tasks=torch.zeros(n_tasks, dtype=torch.bool),
+        corruption=None,
+        dataset_split=dataset.split_description,
+    )
