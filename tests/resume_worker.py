@@ -49,10 +49,10 @@ def install_hooks() -> None:
 
     real_reoptimise = gt.reoptimise
 
-    def reoptimise(problem, lam, tasks, settings, refine_settings, w=None):
+    def reoptimise(problem, lam, tasks, settings, refine_settings, w=None, anchor=None):
         name = "control" if w is None else f"loo_{int(torch.argmin(w))}"
         say(f"UNIT {name}")
-        out = real_reoptimise(problem, lam, tasks, settings, refine_settings, w)
+        out = real_reoptimise(problem, lam, tasks, settings, refine_settings, w, anchor=anchor)
         if unit_sleep:
             time.sleep(unit_sleep)
         return out

@@ -147,16 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
     cv.set_defaults(_dests=add_settings_arguments(cv, InfluenceSettings, dest="influence.", title="influence settings (hessian, fisher samples, seed, reference damping)",
                                                   defaults=InfluenceSettings(hessian="gauss-newton"), exclude=("method",)) + ["data.data_root"])
 
-    ex = sub.add_parser("experiment", help="run one of the evidence experiments (docs/method.md §10): detection | removal | estimates", description=(
+    ex = sub.add_parser("experiment", help="run one of the evidence experiments (docs/method.md §10): detection | removal | estimates | fidelity", description=(
         "Run an experiment of docs/method.md §10 with a config file (configs/*.toml), writing its tables, plots, seeds and timings to --out; "
         "--quick runs a small variant on the embedded digits / sinusoid data. `metainfluence report OUT` renders the results."))
-    ex.add_argument("name", help="detection | removal | estimates")
+    ex.add_argument("name", help="detection | removal | estimates | fidelity")
     ex.add_argument("--config", default=None, metavar="FILE", help="experiment config (TOML/YAML/JSON), e.g. configs/detection_mnist.toml")
     ex.add_argument("--quick", action="store_true", help="small variant (about a minute on 2 CPU cores)")
     ex.add_argument("--out", default=None, help="output folder (default: runs/experiment-NAME)")
     ex.add_argument("--resume", action="store_true", help="reuse what an interrupted run of the same config left in --out (training, refined λ*, "
                     "curvature, each method's scores); other settings are refused. Edits, retraining and tables are recomputed")
-    ex.add_argument("--max-minutes", type=float, default=0.0, metavar="M", help="detection, removal: stop once a saved stage (training + refine, curvature, a method's scores) "
+    ex.add_argument("--max-minutes", type=float, default=0.0, metavar="M", help="detection, removal, fidelity: stop once a saved stage (training + refine, curvature, a method's scores) "
                     "ends past M minutes: `stopped: …`, status 3; --resume continues. A stage in progress finishes (default: 0, no budget)")
     ex.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     ex.add_argument("--threads", type=int, default=1, metavar="N", help="torch CPU threads (default: 1)")

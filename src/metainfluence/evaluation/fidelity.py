@@ -39,9 +39,10 @@ class CheckSettings:
 
 
 def fidelity_check(problem: MetaProblem, lam: torch.Tensor, train: TaskTensors, val: TaskTensors, scores: torch.Tensor,
-                   settings: CheckSettings, refine_settings: RefineSettings) -> dict[str, Any]:
+                   settings: CheckSettings, refine_settings: RefineSettings, proximal: tuple[float, torch.Tensor] | None = None) -> dict[str, Any]:
     """Spearman and relative error between predicted (Σ scores of the group) and actual Δf of
-    ``settings.removals`` group removals, each re-optimised from λ* with ``refine_settings``."""
+    ``settings.removals`` group removals, each re-optimised from λ* with ``refine_settings``
+    (``proximal``: (γ, λ₀) of a proximally refined λ*: every re-optimisation keeps that term and anchor)."""
     n = len(train)
     settings.validate(n)
     t0 = time.perf_counter()
@@ -51,7 +52,7 @@ def fidelity_check(problem: MetaProblem, lam: torch.Tensor, train: TaskTensors, 
     train, val = train.to(dtype=torch.float64), val.to(dtype=torch.float64)
     with warnings.catch_warnings():  # unconverged re-optimisations are summarised once, below
         warnings.simplefilter("ignore", RefineWarning)
-        control, rep0 = refine(problem, lam, train, refine_settings)
+        control, rep0 = refine(problem, lam, train, refine_settings, proximal=proximal)
     f_control = validation_loss(problem, control, val)
     predicted, actual, grad_norms, groups = [], [], [rep0.grad_norm_after], []
     for _ in bar("fidelity check", settings.removals, "removal", iterable=range(settings.removals)):
@@ -60,7 +61,7 @@ def fidelity_check(problem: MetaProblem, lam: torch.Tensor, train: TaskTensors, 
         w[group] = 0
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RefineWarning)
-            lam_m, rep = refine(problem, lam, train, refine_settings, w=w)
+            lam_m, rep = refine(problem, lam, train, refine_settings, w=w, proximal=proximal)
         groups.append(sorted(group.tolist()))
         actual.append(validation_loss(problem, lam_m, val) - f_control)
         predicted.append(float(scores.double()[group].sum()))

@@ -50,14 +50,18 @@ class GroundTruthSettings:
 
 
 def reoptimise(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, settings: GroundTruthSettings,
-               refine_settings: RefineSettings, w: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
-    """Re-optimise F(λ; w) from ``lam`` with the configured method; returns (λ, final ‖∇F‖)."""
+               refine_settings: RefineSettings, w: torch.Tensor | None = None, anchor: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+    """Re-optimise F(λ; w) from ``lam`` with the configured method; returns (λ, final ‖∇F‖).
+    With ``settings.proximal`` = γ > 0 the objective is F + (γ/2)‖λ − anchor‖² (anchor: ``lam`` by default)."""
+    centre = lam if anchor is None else anchor
     if settings.method == "newton":
         from ..meta.newton import newton_refine
 
+        if anchor is not None and settings.proximal:
+            raise SettingsError("the newton ground truth centres its proximal term on its starting point; use method lbfgs with an anchor")
         out, rep = newton_refine(problem, lam, tasks, w, tol=refine_settings.tol, max_iter=settings.newton_max_iter, proximal=settings.proximal)
         return out, rep["grad_norm"]
-    out, rep = refine(problem, lam, tasks, refine_settings, w=w, proximal=(settings.proximal, lam) if settings.proximal else None)
+    out, rep = refine(problem, lam, tasks, refine_settings, w=w, proximal=(settings.proximal, centre) if settings.proximal else None)
     return out, rep.grad_norm_after
 
 
@@ -105,12 +109,18 @@ class _Store:
         write_json(self.dir / f"{name}.json", info)  # written last: marks the unit complete
 
 
+def _sha(x: torch.Tensor) -> str:
+    return hashlib.sha256(x.detach().double().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
 def _open_store(kind: str, out_dir, problem: MetaProblem, lam_star: torch.Tensor, n: int,
-                settings: GroundTruthSettings, refine_settings: RefineSettings) -> _Store:
+                settings: GroundTruthSettings, refine_settings: RefineSettings, anchor: torch.Tensor | None = None) -> _Store:
     """The resumable store of one ground-truth run, keyed by everything that determines its numbers."""
-    lam_hash = hashlib.sha256(lam_star.detach().double().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
-    return _Store(out_dir, {"kind": kind, "n": n, "gt": asdict(settings), "refine": asdict(refine_settings),
-                            "lam_sha256": lam_hash, "problem": problem.settings_json()})
+    key = {"kind": kind, "n": n, "gt": asdict(settings), "refine": asdict(refine_settings), "lam_sha256": _sha(lam_star),
+           "problem": problem.settings_json()}
+    if anchor is not None:
+        key["anchor_sha256"] = _sha(anchor)
+    return _Store(out_dir, key)
 
 
 def leave_one_out(
@@ -122,18 +132,23 @@ def leave_one_out(
     refine_settings: RefineSettings | None = None,
     out_dir: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
+    anchor: torch.Tensor | None = None,
 ) -> dict[str, Any]:
-    """True Δf_k and Δλ_k for a seeded sample of tasks, by refining with w_k = 0 (docs/method.md §10)."""
+    """True Δf_k and Δλ_k for a seeded sample of tasks, by refining with w_k = 0 (docs/method.md §10).
+
+    ``anchor``: centre of the proximal term when ``settings.proximal`` > 0 (default ``lam_star``). Anchored at
+    the trained λ with λ* the minimiser of F + (γ/2)‖λ − anchor‖², the control stays at λ* and the
+    ground truth is the response of that proximal objective (docs/method.md §10)."""
     n = len(tasks)
     settings.validate(n)
     refine_settings = refine_settings or RefineSettings(tol=1e-8, max_iter=500)
     gen = torch.Generator().manual_seed(settings.seed)
     sample = torch.randperm(n, generator=gen)[: settings.n_loo].sort().values
-    store = _open_store("loo", out_dir, problem, lam_star, n, settings, refine_settings)
+    store = _open_store("loo", out_dir, problem, lam_star, n, settings, refine_settings, anchor)
     t0 = time.perf_counter()
     done = store.get("control")
     if done is None:
-        lam_ctrl, gn = reoptimise(problem, lam_star, tasks, settings, refine_settings)
+        lam_ctrl, gn = reoptimise(problem, lam_star, tasks, settings, refine_settings, anchor=anchor)
         f_ctrl = validation_loss(problem, lam_ctrl, val_tasks.to(dtype=lam_ctrl.dtype))
         store.put("control", {"f": f_ctrl, "grad_norm": gn}, {"lam": lam_ctrl})
     else:
@@ -144,7 +159,7 @@ def leave_one_out(
         if unit is None:
             w = torch.ones(n, dtype=torch.float64)
             w[k] = 0
-            lam_k, gn = reoptimise(problem, lam_star, tasks, settings, refine_settings, w)
+            lam_k, gn = reoptimise(problem, lam_star, tasks, settings, refine_settings, w, anchor=anchor)
             f_k = validation_loss(problem, lam_k, val_tasks.to(dtype=lam_k.dtype))
             info = {"task": k, "f": f_k, "grad_norm": gn}
             store.put(f"loo_{k}", info, {"delta_lam": lam_k - lam_ctrl})
@@ -175,6 +190,7 @@ def lds_ground_truth(
     refine_settings: RefineSettings | None = None,
     out_dir: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
+    anchor: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """f after refining on M random subsets keeping a fraction α of the tasks (docs/method.md §10)."""
     n = len(tasks)
@@ -185,12 +201,12 @@ def lds_ground_truth(
     masks = torch.zeros(settings.n_subsets, n, dtype=torch.bool)
     for m in range(settings.n_subsets):
         masks[m, torch.randperm(n, generator=gen)[:keep]] = True
-    store = _open_store("lds", out_dir, problem, lam_star, n, settings, refine_settings)
+    store = _open_store("lds", out_dir, problem, lam_star, n, settings, refine_settings, anchor)
     values = []
     for m in bar("LDS subsets", settings.n_subsets, "subset", iterable=range(settings.n_subsets)):
         unit = store.get(f"subset_{m}")
         if unit is None:
-            lam_m, gn = reoptimise(problem, lam_star, tasks, settings, refine_settings, masks[m].double())
+            lam_m, gn = reoptimise(problem, lam_star, tasks, settings, refine_settings, masks[m].double(), anchor=anchor)
             info = {"f": validation_loss(problem, lam_m, val_tasks.to(dtype=lam_m.dtype)), "grad_norm": gn}
             store.put(f"subset_{m}", info)
         else:

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import platform
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,9 @@ from ..io import read_json, write_json
 from ..meta.checkpoint import load_checkpoint
 from ..meta.refine import RefineReport
 from ..pipeline import refine_stage, train_stage
+from ..pipeline.proximal import ANCHOR, proximal_settings
 
-EXPERIMENTS = ("detection", "removal", "estimates")
+EXPERIMENTS = ("detection", "removal", "estimates", "fidelity")
 METHODS = ("task-if", "direct-if", "tracin", "trak", "ekfac-if", "loss", "random")
 # asked for by name only: task-IF by the fast tier (the curvature's inverse applied directly), beside the exact tier
 OPTIONAL_METHODS = ("task-if-fast",)
@@ -105,10 +107,20 @@ def _train_and_refine(ctx, log, w_train=None, cache: StageCache | None = None) -
     t_refine = time.perf_counter() - t
     log(f"trained {history.steps_done} steps ({t_train:.1f} s), refined ‖∇F‖ {rep.grad_norm_before:.2g} → {rep.grad_norm_after:.2g} ({t_refine:.1f} s)")
     times = {"train_s": t_train, "refine_s": t_refine}
-    if cache is not None:
-        ctx.save_checkpoint("refined", lam_star, "refined", {"timings": times}, refine_report=rep)
+    if cache is not None:  # a proximal refine ([refine] proximal) keeps its anchor, the trained λ
+        ctx.save_checkpoint("refined", lam_star, "refined", {"timings": times}, refine_report=rep,
+                            state={ANCHOR: lam.to(lam_star.dtype)} if rep.proximal else None)
         cache.done("training and refine")
     return lam_star, rep, times
+
+
+def _proximal_infl(infl: InfluenceSettings, rep: RefineReport, log) -> InfluenceSettings:
+    """λ* of a proximal refine is stationary for F + (γ/2)‖λ − λ_t‖², whose Hessian is H + γI: its scores
+    and edits add γ to the damping (docs/method.md §2.4)."""
+    if not rep.proximal:
+        return infl
+    log(f"proximal refine: γ = {rep.proximal:g} added to the influence damping")
+    return proximal_settings(infl, rep.proximal)
 
 
 def _with_curvature(problem, lam, train, infl: InfluenceSettings, out: Path, log, timings: dict, methods=(),
@@ -157,34 +169,37 @@ def _method_settings(infl: InfluenceSettings, method: str, direct_damping: float
 
 def _score_all(problem, lam, train, val, infl, methods, direct_damping, log, self_influence=False,
                cache: StageCache | None = None) -> dict[str, Any]:
-    out = {}
-    for m in methods:
-        stem = f"scores/{m}"
-        s = _method_settings(infl, m, direct_damping)
-        if cache is not None and cache.has(stem):
-            kept = InfluenceResult.load(cache.out / stem)
-            same = kept.settings.get("influence") == _jsonable(settings_dict(s))
-            if same and (kept.self_influence is not None or not (self_influence and m == "task-if")):
-                out[m] = kept
-                log(f"  {m:<9} scores resumed from {cache.out / stem}")
-                continue
-        t = time.perf_counter()
-        res = task_influence(problem, lam, train, val, s)
-        if self_influence and m == "task-if":
-            # self-influence needs one iHVP per task: with CG (≈ 80 GN products per task) that is
-            # ~100 s for 60 tasks here, so it uses the fisher surrogate solved exactly by Woodbury
-            ts = time.perf_counter()
-            si = task_influence(problem, lam, train, val, dataclasses.replace(s, hessian="fisher", solver="woodbury", products="working", self_influence=True))
-            res.self_influence = si.self_influence
-            res.diagnostics["self_influence"] = {"hessian": "fisher", "solver": "woodbury", "seconds": time.perf_counter() - ts,
-                                                 "residual": si.diagnostics.get("self_influence_residual")}
-        res.diagnostics["seconds"] = time.perf_counter() - t
-        out[m] = res
-        log(f"  {m:<9} scores in {res.diagnostics['seconds']:.2f} s")
-        if cache is not None:
-            res.save(cache.out / stem)
-            cache.done(f"the {m} scores")
-    return out
+    return {m: _score_cached(problem, lam, train, val, m, _method_settings(infl, m, direct_damping), log, self_influence and m == "task-if", cache)
+            for m in methods}
+
+
+def _score_cached(problem, lam, train, val, label: str, s: InfluenceSettings, log, self_influence=False,
+                  cache: StageCache | None = None) -> InfluenceResult:
+    """One ranking's scores under settings ``s``, kept as ``scores/LABEL`` and reused on resume when
+    their recorded settings equal ``s``."""
+    stem = "scores/" + re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_")
+    if cache is not None and cache.has(stem):
+        kept = InfluenceResult.load(cache.out / stem)
+        same = kept.settings.get("influence") == _jsonable(settings_dict(s))
+        if same and (kept.self_influence is not None or not self_influence):
+            log(f"  {label:<9} scores resumed from {cache.out / stem}")
+            return kept
+    t = time.perf_counter()
+    res = task_influence(problem, lam, train, val, s)
+    if self_influence:
+        # self-influence needs one iHVP per task: with CG (≈ 80 GN products per task) that is
+        # ~100 s for 60 tasks here, so it uses the fisher surrogate solved exactly by Woodbury
+        ts = time.perf_counter()
+        si = task_influence(problem, lam, train, val, dataclasses.replace(s, hessian="fisher", solver="woodbury", products="working", self_influence=True))
+        res.self_influence = si.self_influence
+        res.diagnostics["self_influence"] = {"hessian": "fisher", "solver": "woodbury", "seconds": time.perf_counter() - ts,
+                                             "residual": si.diagnostics.get("self_influence_residual")}
+    res.diagnostics["seconds"] = time.perf_counter() - t
+    log(f"  {label:<9} scores in {res.diagnostics['seconds']:.2f} s")
+    if cache is not None:
+        res.save(cache.out / stem)
+        cache.done(f"the {label} scores")
+    return res
 
 
 def _diag_json(res) -> dict:

@@ -19,7 +19,7 @@ from ..io import save_result, write_json
 from ..pipeline import RunContext
 from ..tasks import corrupt_tasks
 from . import plots
-from .common import METHODS, StageCache, _diag_json, _eval_json, _header, _image_tensors, _score_all, _train_and_refine, _with_curvature
+from .common import METHODS, StageCache, _diag_json, _eval_json, _header, _image_tensors, _proximal_infl, _score_all, _train_and_refine, _with_curvature
 
 
 @dataclass
@@ -102,6 +102,7 @@ def _detection_one(run, infl, sec: DetectionSettings, out: Path, quick: bool, lo
     log(f"detection: {int(flags.sum())} of {n} training tasks corrupted, kind {sec.kind} ({describe_kind(sec)})")
 
     lam_star, rep, tt = _train_and_refine(ctx, log, cache=cache)
+    infl = _proximal_infl(infl, rep, log)
     timings.update(tt)
     problem = ctx.problem
     dt = lam_star.dtype

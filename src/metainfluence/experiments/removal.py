@@ -18,7 +18,9 @@ from .. import Removal, edit_model, evaluate, instance_influence, meta_train, me
 from ..io import save_result
 from ..pipeline import RunContext, stage_settings
 from . import plots
-from .common import METHODS, StageCache, _diag_json, _eval_json, _header, _image_tensors, _score_all, _train_and_refine, _with_curvature
+from ..meta.checkpoint import load_checkpoint
+from ..pipeline.proximal import ANCHOR
+from .common import METHODS, StageCache, _diag_json, _eval_json, _header, _image_tensors, _proximal_infl, _score_all, _train_and_refine, _with_curvature
 
 # The paper's Table 1 (ICLR version, docs/method.md §11): accuracy after removing 40% harmful data, wall time (s).
 PAPER_TABLE1 = [
@@ -98,6 +100,7 @@ def run_removal(run, infl, sec: RemovalSettings, out: Path, quick: bool, log, re
     ctx = RunContext.prepare(run, out, log=log)
     timings["data_s"] = time.perf_counter() - t
     lam_star, rep, tt = _train_and_refine(ctx, log, cache=cache)
+    infl = _proximal_infl(infl, rep, log)
     timings.update(tt)
     full_train_s = tt.get("train_s", 0.0) + tt.get("refine_s", 0.0)
     problem = ctx.problem
@@ -139,7 +142,10 @@ def run_removal(run, infl, sec: RemovalSettings, out: Path, quick: bool, log, re
         if m in sec.reoptimise_methods:
             w, v, u = removal.weights(problem, lam_star, train)
             tr = time.perf_counter()
-            lam_o, rep_o = refine(problem, lam_star, train, run.refine, w=w, example_weights=(v, u))
+            # after a proximal refine, re-optimisation keeps the anchor (the trained λ), not λ*
+            anchor = load_checkpoint(out / "refined").state[ANCHOR] if rep.proximal else None
+            lam_o, rep_o = refine(problem, lam_star, train, run.refine, w=w, example_weights=(v, u),
+                                  proximal=(rep.proximal, anchor) if anchor is not None else None)
             reopt_s = time.perf_counter() - tr
             ev_o = evaluate(problem, lam_o, test)
             g_star = float(problem.meta_gradient(lam_star, train, w, v, u).norm())

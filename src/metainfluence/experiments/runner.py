@@ -13,15 +13,17 @@ from .. import InfluenceSettings, RefineSettings, SolverSettings, TrainSettings
 from ..config import apply_overrides, read_config_file
 from ..errors import SettingsError
 from ..io import read_json, write_json
+from ..meta.curvature import HESSIANS
 from ..meta.models import ModelSettings
 from ..pipeline import DataSettings, ObjectiveSettings, RunSettings
 from .common import EXPERIMENTS, METHODS, OPTIONAL_METHODS
 from .detection import DetectionSettings, run_detection
 from .estimates import EstimatesSettings, run_estimates
+from .fidelity import FidelitySettings, run_fidelity
 from .removal import RemovalSettings, run_removal
 from .report import write_report
 
-_SECTION_CLS = {"detection": DetectionSettings, "removal": RemovalSettings, "estimates": EstimatesSettings}
+_SECTION_CLS = {"detection": DetectionSettings, "removal": RemovalSettings, "estimates": EstimatesSettings, "fidelity": FidelitySettings}
 
 
 def _quick_run(name: str):
@@ -51,6 +53,9 @@ def load_experiment_settings(name: str, config: str | None, quick: bool):
             sec = dataclasses.replace(sec, retrain_methods=("task-if", "random", "instance-if (support)"))
             run = dataclasses.replace(run, refine=RefineSettings(tol=1e-5, max_iter=250),
                                       train=dataclasses.replace(run.train, steps=500))
+        if name == "fidelity":
+            sec = dataclasses.replace(sec, n_loo=12, n_groups=8, group_fraction=0.2, newton_step=False,
+                                      methods=("task-if-fast", "direct-if", "tracin", "loss", "random"))
         if name == "estimates":
             sec = dataclasses.replace(sec, lds_subsets=0, neumann_depths=(10, 100), solvers=("explicit", "cg"),
                                       dampings=(1e-3, 1e-1), lowrank_rank=10)
@@ -74,6 +79,10 @@ def load_experiment_settings(name: str, config: str | None, quick: bool):
             raise SettingsError(f"unknown method {m!r} in [{name}] methods; use some of {', '.join(METHODS + OPTIONAL_METHODS)}")
     if name == "detection":
         _check_detection(sec)
+    if name == "fidelity":
+        bad = [h for h in sec.hessians if h not in HESSIANS]
+        if bad or not 0 < sec.group_fraction < 1 or sec.proximal < 0:
+            raise SettingsError(f"[fidelity] needs hessians among {', '.join(HESSIANS)} (got {bad or 'ok'}), 0 < group_fraction < 1 and proximal ≥ 0")
     if name == "removal":
         bad = [lv for lv in sec.instance_levels if lv not in ("support", "query")]
         if bad:
@@ -106,7 +115,7 @@ def _check_detection(sec) -> None:
 
 def run_experiment(name: str, config: str | None = None, quick: bool = False, out: str = "runs/experiment",
                    log: Callable[[str], None] = print, resume: bool = False, max_minutes: float = 0.0) -> dict:
-    """Run experiment ``name`` (detection | removal | estimates); results go to ``out``.
+    """Run experiment ``name`` (detection | removal | estimates | fidelity); results go to ``out``.
 
     ``resume``: reuse the stages an earlier run of the same settings left in ``out`` (training,
     refined λ*, curvature, each method's scores: :class:`~.common.StageCache`; estimates' ground-truth
@@ -128,7 +137,7 @@ def run_experiment(name: str, config: str | None = None, quick: bool = False, ou
     if name == "estimates":
         result = run_estimates(run, infl, sec, out_p, quick, log)
     else:
-        fn = {"detection": run_detection, "removal": run_removal}[name]
+        fn = {"detection": run_detection, "removal": run_removal, "fidelity": run_fidelity}[name]
         result = fn(run, infl, sec, out_p, quick, log, resume=resume, deadline=deadline)
     result["timings"]["total_s"] = time.perf_counter() - t0
     write_json(out_p / "results.json", result)
@@ -197,6 +206,8 @@ def report_run(run_dir) -> Path:
                 "`retrain_over_edit` = retraining time / (scoring + edit time), measured in the same run; `acc_gap_points` = retrained − edited accuracy in "
                 "percentage points (the target: within 1 point at ≥ 20× less time); `reoptimise_*` the same against re-optimising from λ* on the kept items."], "tables": [{"rows": sp, "floatfmt": ".3g"}]})
         secs.append({"heading": "The paper's numbers (docs/method.md §11, ICLR version)", "tables": [{"rows": res["paper_table1"], "floatfmt": ".4f"}]})
+    elif name == "fidelity":
+        secs += _fidelity_sections(res, settings_p, img)
     else:
         secs.append({"heading": "Setup", "paragraphs": [
             f"Sinusoid MAML, {res['settings']['estimates']['n_tasks']} training tasks, tanh MLP {res['settings']['estimates']['hidden']}, {res['n_params']} parameters, "
@@ -217,3 +228,26 @@ def report_run(run_dir) -> Path:
         secs.append({"heading": "Neumann depth × damping ablation (exact Hessian)", "tables": [{"rows": res["neumann_damping_ablation"], "floatfmt": ".3g"}]})
     secs.append({"heading": "Timings", "paragraphs": [timing_p]})
     return write_report(d, f"metainfluence experiment: {name}" + (" (quick)" if res.get("quick") else ""), secs)
+
+
+def _fidelity_sections(res: dict, settings_p: str, img) -> list[dict]:
+    s, data, model = res["settings"]["fidelity"], res["settings"]["run"]["data"], res["settings"]["run"]["model"]
+    gt, ref = res["ground_truth"], res["refine"]
+    if res["proximal"]:
+        how = (f"Every removal re-optimises the proximal objective F + (γ/2)‖λ − λ_t‖², γ = {res['proximal']:g}, anchored at the trained λ_t, from its "
+               f"minimiser λ* (refined to ‖∇‖/mean‖g_i‖ = {ref['ratio_after']:.2g}; ‖λ* − λ_t‖/‖λ_t‖ = {res['lambda_move']:.3g}); predictions are damped by γ.")
+    else:
+        how = f"Plain re-optimisation of F from the refined λ* (‖∇F‖/mean‖g_i‖ = {ref['ratio_after']:.2g}); predictions use the [influence] damping."
+    return [
+        {"heading": "Setup", "paragraphs": [
+            f"{data['dataset']} {data['n_way']}-way {data['k_shot']}-shot, {res['n_tasks']} training tasks, {model['kind']} ({res['n_params']} parameters). {how} "
+            f"{len(gt['loo_tasks'])} single tasks and {len(gt['groups_true_f'])} random groups of {s['group_fraction']:.0%} of the pool are left out, each "
+            f"re-optimised by L-BFGS to ratio {s['tol_ratio']:g} ({gt['seconds_per_reoptimisation']:.1f} s per re-optimisation on average). "
+            f"Training query loss {res['train_query_loss']:.4g} against {res['f_star']:.4g} on validation; test accuracy {res['test_at_star']['accuracy']:.4f} at λ*, "
+            f"{res['test_at_anchor']['accuracy']:.4f} at λ_t.", settings_p]},
+        {"heading": "Predicted against re-optimised change of the validation loss", "paragraphs": [
+            "`spearman_loo`: Spearman of the scores with the single-task Δf; `spearman_groups`: of the predicted group effect (the sum of its tasks' "
+            "scores) with the re-optimised one; `size_ratio` = Σ|predicted| / Σ|actual| over the single tasks; `reoptimisation_over_score` = one "
+            "re-optimisation's time / the method's scoring time for the whole pool, measured in this run."],
+            "tables": [{"rows": res["table"], "floatfmt": ".3g"}], "images": img("scatter_task_if", "task-IF vs re-optimised leave-one-out")},
+    ]

@@ -75,6 +75,9 @@ class RefineSettings:
     precondition_rank: int = field(default=0, metadata={"help": "newton-cg: Nyström rank (0: auto, doubled until the sketch reaches the damped bottom of the spectrum)"})
     precondition_max_tasks: int = field(default=0, metadata={"help": "newton-cg: fit the preconditioner on a seeded subsample of this many tasks (0: all)"})
     precondition_refit: int = field(default=0, metadata={"help": "newton-cg: refit the preconditioner every this many Newton steps (0: never; a stale one only costs CG iterations)"})
+    proximal: float = field(default=0.0, metadata={"help": "γ > 0: minimise F + (γ/2)‖λ − λ₀‖², anchored at the starting λ₀ (the trained model), instead of F — it has a "
+                                                           "stationary point near λ₀ where plain F has none worth reaching (a memorised pool, docs/method.md §2.4); the refined "
+                                                           "checkpoint keeps λ₀, and influence and edits on it add γ to their damping (0: plain F)"})
 
     def validate(self) -> None:
         if self.method not in REFINE_METHODS:
@@ -103,6 +106,8 @@ class RefineSettings:
             raise SettingsError(f"refine lr must be positive, got {self.lr}")
         if self.history_size < 1:
             raise SettingsError(f"refine history_size must be ≥ 1, got {self.history_size}")
+        if not (math.isfinite(self.proximal) and self.proximal >= 0):
+            raise SettingsError(f"refine proximal γ must be ≥ 0 (0: plain F), got {self.proximal}")
         parse_dtype(self.dtype)
 
 
@@ -132,6 +137,7 @@ class RefineReport:
     cg_iterations: int = 0  # newton-cg: CG iterations (Hessian products) over all steps
     preconditioner: dict = field(default_factory=dict)
     history: list = field(default_factory=list)  # per iteration: ratio, step, cg, seconds, eta_s
+    proximal: float = 0.0  # γ of the proximal term the gradient norms include (0: plain F)
 
     def summary(self) -> str:
         state = "converged" if self.converged else f"NOT converged: {self.stopped_by or 'stopped'}"
@@ -145,7 +151,8 @@ class RefineReport:
 
     def to_json(self) -> dict:
         out = asdict(self)
-        out["ratio_meaning"] = "‖∇F‖ / mean over tasks with w_k ≠ 0 of ‖g_k‖ (per-task total gradients)"
+        out["ratio_meaning"] = "‖∇F‖ / mean over tasks with w_k ≠ 0 of ‖g_k‖ (per-task total gradients)" + (
+            f"; ∇F includes the proximal term γ(λ − λ₀), γ = {self.proximal:g}" if self.proximal else "")
         return out
 
     @classmethod
@@ -225,7 +232,9 @@ def refine(
 
     ``example_weights``: (v, u), per-example weights (n, |S|), (n, |Q|) of the support and query losses.
     ``proximal``: (γ, λ₀) adds (γ/2)‖λ − λ₀‖² to F — the proximal response of Bae et al. (2022), what
-    a damped influence function estimates in a non-convex model.
+    a damped influence function estimates in a non-convex model. Without it, ``settings.proximal`` = γ > 0
+    anchors the same term at the starting ``lam``; callers that re-optimise from a proximal λ* pass
+    the original anchor explicitly.
     ``log``: called with one line per iteration when ``progress`` is off (e.g. ``print`` in a batch job).
 
     Returns (λ in ``settings.dtype``, :class:`RefineReport`). Deterministic: no sampling anywhere.
@@ -243,6 +252,8 @@ def refine(
         if w.shape != (len(tasks),):
             raise SettingsError(f"task weights w have shape {tuple(w.shape)}, expected ({len(tasks)},) — one per pool task")
     v, u = problem.example_weights(tasks, example_weights, x0)
+    if proximal is None and settings.proximal > 0:
+        proximal = (settings.proximal, x0)
     if proximal is not None:
         proximal = (float(proximal[0]), proximal[1].detach().to(x0))
     ev = _Evaluator(problem, tasks, w, v=v, u=u, proximal=proximal)
@@ -334,6 +345,7 @@ def refine(
         cg_iterations=cg_iterations,
         preconditioner=precond,
         history=monitor.history,
+        proximal=0.0 if proximal is None else proximal[0],
     )
     if not converged:
         target = f"‖∇F‖ ≤ {settings.tol:g}" + (f" or ‖∇F‖ / mean‖g_i‖ ≤ {settings.tol_ratio:g}" if settings.tol_ratio else "")

@@ -20,6 +20,7 @@ from ..meta.evaluate import EvalResult, evaluate
 from ..meta.refine import RefineReport, refine
 from ..meta.train import TrainHistory, meta_train
 from .guard import RunLock, check_name, check_writable, claim_run_folder
+from .proximal import ANCHOR, proximal_of, proximal_settings, record_proximal
 from .run import RunContext
 from .settings import RunSettings, stage_settings
 
@@ -137,10 +138,15 @@ def refine_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | No
     ctx.out = folder
     log(f"train pool: {ctx.pools['train'].summary()}")
     with RunLock(folder):
-        lam, report = refine(ctx.problem, ckpt.lam, ctx.tensors["train"], ctx.settings.refine, progress=progress, log=log)
+        # a proximal refine keeps its anchor: the trained λ₀, or the one a proximally refined checkpoint holds
+        kept = proximal_of(ckpt) if ctx.settings.refine.proximal > 0 else None
+        anchor = kept[1] if kept is not None else ckpt.lam
+        prox = (ctx.settings.refine.proximal, anchor) if ctx.settings.refine.proximal > 0 else None
+        lam, report = refine(ctx.problem, ckpt.lam, ctx.tensors["train"], ctx.settings.refine, progress=progress, log=log, proximal=prox)
         before = evaluate(ctx.problem, ckpt.lam, ctx.tensors["test"])
         after = evaluate(ctx.problem, lam, ctx.tensors["test"])
-        path = ctx.save_checkpoint(name, lam, "refined", {"eval": {"test": after.to_json()}, "eval_before_refine": {"test": before.to_json()}}, refine_report=report, step=ckpt.step)
+        path = ctx.save_checkpoint(name, lam, "refined", {"eval": {"test": after.to_json()}, "eval_before_refine": {"test": before.to_json()}}, refine_report=report, step=ckpt.step,
+                                   state={ANCHOR: anchor} if prox else None)
     return path, report, before, after
 
 
@@ -175,13 +181,19 @@ def influence_checkpoint(checkpoint: str | os.PathLike, settings: Any, level: st
     ctx, ckpt = RunContext.from_checkpoint(checkpoint, splits=("train", "val"), overrides=overrides)
     log(f"train pool: {ctx.pools['train'].summary()}")
     s0 = _resume_iterate(ctx, resume, settings, level, log) if resume is not None else None
+    prox, given = proximal_of(ckpt), settings
+    if prox is not None:  # scores of the proximal objective the checkpoint was refined on
+        settings = proximal_settings(settings, prox[0])
+        log(f"proximal checkpoint: γ = {prox[0]:g} added to the damping ({given.damping:g} → {settings.damping:g})")
     result = influence_stage(ctx, ckpt.lam.double(), settings, level, measurement, s0=s0)
+    if prox is not None:
+        record_proximal(result.diagnostics, prox[0], given, ckpt.info["refine_report"])
     if resume is not None:
         result.diagnostics["resumed_from"] = str(resume)
     if check is not None and check.removals:
         if level != "task":
             raise SettingsError("--check re-optimises groups of tasks; use it with --level task")
-        fid = fidelity_check(ctx.problem, ckpt.lam.double(), ctx.tensors["train"], ctx.tensors["val"], result.scores, check, ctx.settings.refine)
+        fid = fidelity_check(ctx.problem, ckpt.lam.double(), ctx.tensors["train"], ctx.tensors["val"], result.scores, check, ctx.settings.refine, proximal=prox)
         result.diagnostics["fidelity_check"] = fid
         if fid["max_reoptimised_grad_norm"] > fid["refine_tol"]:
             shortfall(result.diagnostics, f"the fidelity check's re-optimisations stopped at ‖∇F‖ up to {fid['max_reoptimised_grad_norm']:.2g} "
@@ -229,6 +241,12 @@ def edit_checkpoint(checkpoint: str | os.PathLike, settings: Any, remove_tasks: 
             raise SettingsError("--scores needs --top-k K (how many of the most harmful items to remove)")
         removal = removal_from_scores(ctx.load_scores(scores), top_k)
     lam = ckpt.lam.double()
+    prox = proximal_of(ckpt)
+    if prox is not None:  # the edit of the proximal objective: its reduced Hessian is H_R + γI
+        if newton_steps:
+            raise SettingsError(f"this checkpoint was refined on the proximal objective (γ = {prox[0]:g}); --newton-steps re-optimise plain F, "
+                                "so use --newton-steps 0 (the closed-form edit is exact to first order for the proximal objective)")
+        settings = proximal_settings(settings, prox[0])
     edited = edit_stage(ctx, lam, removal, settings, newton_steps=newton_steps, step=step)
     before = evaluate_stage(ctx, lam, ("test",))["test"]
     after = evaluate_stage(ctx, edited.lam, ("test",))["test"]

@@ -1,0 +1,51 @@
+"""Checkpoints refined on the proximal objective P(λ) = F(λ) + (γ/2)‖λ − λ₀‖² (``refine --refine-proximal γ``,
+docs/method.md §2.4), anchored at the trained λ₀.
+
+Such a checkpoint keeps λ₀ (state ``proximal_anchor``) and γ (its refine report). Its λ* is a stationary
+point of P, not of F, and P's Hessian is H + γI: so every score and edit on it adds γ to the damping —
+then it is P's exact first-order derivative — and judges stationarity by P's gradient, which the refine
+report measured at this very λ."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError, SettingsError
+from ..influence.results import shortfall
+
+ANCHOR = "proximal_anchor"
+
+
+def proximal_of(ckpt: Any) -> tuple[float, torch.Tensor] | None:
+    """(γ, λ₀) of a checkpoint refined on the proximal objective, else None."""
+    gamma = float((ckpt.info.get("refine_report") or {}).get("proximal", 0.0) or 0.0)
+    if gamma <= 0:
+        return None
+    if ANCHOR not in ckpt.state:
+        raise CheckpointError(f"checkpoint {ckpt.path} was refined with proximal γ = {gamma:g} but does not hold its anchor λ₀ "
+                              f"(state.{ANCHOR}); refine the trained checkpoint again with this version")
+    return gamma, ckpt.state[ANCHOR]
+
+
+def proximal_settings(settings: Any, gamma: float) -> Any:
+    """``settings`` with γ added to the damping (P's Hessian is H + γI) and F's stationarity warning off
+    (λ* is stationary for P; :func:`record_proximal` checks that instead)."""
+    if settings.damping_mode != "absolute":
+        raise SettingsError(f"this checkpoint was refined on the proximal objective (γ = {gamma:g}), whose Hessian is H + γI: "
+                            "use --damping-mode absolute (γ is added to the given damping)")
+    return dataclasses.replace(settings, damping=settings.damping + gamma, stationarity_warn=float("inf"))
+
+
+def record_proximal(diag: dict[str, Any], gamma: float, given: Any, report: dict) -> None:
+    """Write P's stationarity (from the checkpoint's refine report) over F's in ``diag``, and say it aloud
+    when it is above the warning threshold the user gave."""
+    ratio = float(report.get("ratio_after", float("nan")))
+    diag["stationarity_of_F"] = diag.pop("stationarity", None)
+    diag["stationarity"] = {"objective": f"F + (γ/2)‖λ − λ₀‖², γ = {gamma:g}", "ratio": ratio, "source": "the checkpoint's refine report"}
+    diag["proximal"] = {"gamma": gamma, "damping_given": given.damping, "damping_used": given.damping + gamma}
+    if not ratio <= given.stationarity_warn:
+        shortfall(diag, f"λ is not stationary for the proximal objective: its ‖∇P‖ / mean‖g_i‖ = {ratio:.2g} (warned above "
+                        f"{given.stationarity_warn:g}); refine this checkpoint again (`metainfluence refine --checkpoint …`, it keeps the anchor)")
