@@ -57,3 +57,18 @@ def test_fidelity_refuses_bad_settings(tmp_path):
     cfg.write_text("[fidelity]\ngroup_fraction = 1.5\n")
     with pytest.raises(SettingsError, match="group_fraction"):
         load_experiment_settings("fidelity", str(cfg), quick=True)
+
+
+def test_max_minutes_cuts_fidelity_into_pieces_that_resume_to_the_same_table(quick, tmp_path):
+    from metainfluence.errors import BudgetStop
+
+    _, full = quick
+    out, stops = tmp_path / "pieces", []
+    for _ in range(30):
+        try:
+            res = run_experiment("fidelity", None, True, str(out), log=lambda s: None, resume=bool(stops), max_minutes=1e-9)
+            break
+        except BudgetStop as exc:
+            stops.append(str(exc))
+    assert any("proximal refine" in s for s in stops) and any("ground truth" in s for s in stops) and len(stops) >= 4
+    assert [r["spearman_loo"] for r in res["table"]] == [r["spearman_loo"] for r in full["table"]]

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from .. import GroundTruthSettings, RefineSettings, evaluate, lds_ground_truth, leave_one_out, metrics
-from ..errors import SettingsError
+from ..errors import BudgetStop, SettingsError
 from ..evaluation.groundtruth import validation_loss
 from ..meta.checkpoint import load_checkpoint
 from ..meta.refine import RefineReport, refine
@@ -85,6 +85,11 @@ def _lambda_star(ctx: RunContext, sec: FidelitySettings, cache: StageCache, log)
     return lam_star, anchor, rep, times
 
 
+def _units_on_disk(out: Path) -> int:
+    """Finished ground-truth units (control, left-out tasks, groups) in the run folder."""
+    return sum(len(list((out / d).glob(p))) for d, p in (("groundtruth_loo", "[cl]o*.json"), ("groundtruth_groups", "subset_*.json")))
+
+
 def run_fidelity(run, infl, sec: FidelitySettings, out: Path, quick: bool, log, resume: bool = False, deadline: float = math.inf) -> dict:
     header = _header("fidelity", run, infl, sec, quick)
     cache = StageCache(out, header["settings"], resume, ("proximal", "tol_ratio"), log, deadline)
@@ -102,6 +107,7 @@ def run_fidelity(run, infl, sec: FidelitySettings, out: Path, quick: bool, log, 
     gts.validate(n)
     rs = RefineSettings(method="lbfgs", tol=0.0, tol_ratio=sec.tol_ratio, max_iter=sec.max_iter, dtype=run.refine.dtype)
     anchor_ = anchor if sec.proximal else None
+    units_before = _units_on_disk(out) if resume else 0
     t = time.perf_counter()
     loo = leave_one_out(problem, lam_star, train, val, gts, rs, out_dir=out / "groundtruth_loo", anchor=anchor_,
                         progress=lambda s: log("  " + s))
@@ -112,7 +118,8 @@ def run_fidelity(run, infl, sec: FidelitySettings, out: Path, quick: bool, log, 
         groups = lds_ground_truth(problem, lam_star, train, val, gts, rs, out_dir=out / "groundtruth_groups", anchor=anchor_,
                                   progress=lambda s: log("  " + s))
         timings["groups_s"] = time.perf_counter() - t
-    cache.done("the ground truth")
+    if units_before < sec.n_loo + 1 + sec.n_groups:  # a stage that did work (a resumed, finished one does not stop the run again)
+        cache.done("the ground truth")
     f_star = validation_loss(problem, lam_star, val)
     units = sec.n_loo + sec.n_groups + 1
     unit_s = (timings["loo_s"] + timings.get("groups_s", 0.0)) / units
@@ -132,6 +139,8 @@ def run_fidelity(run, infl, sec: FidelitySettings, out: Path, quick: bool, log, 
     for label, s in variants.items():
         try:
             res = _score_cached(problem, lam_star, train, val, _slug(label), s, log, cache=cache)
+        except BudgetStop:
+            raise
         except Exception as exc:  # e.g. an indefinite reduced Hessian of the Newton step: recorded, not fatal
             rows.append({"method": label, "error": f"{type(exc).__name__}: {exc}"[:200]})
             log(f"  {label:<28} failed: {rows[-1]['error']}")

@@ -20,6 +20,7 @@ from ..linalg import SolverSettings
 from ..meta.evaluate import EvalResult
 from .run import RunContext
 from .settings import RunSettings
+from .proximal import ANCHOR, proximal_settings
 from .stages import edit_stage, evals_json, evaluate_stage, influence_stage, refine_stage, removal_from_scores, train_stage
 
 
@@ -30,9 +31,12 @@ def demo_settings() -> RunSettings:
     return settings
 
 
-def _influence_demo(ctx: RunContext, lam: torch.Tensor, before: Mapping[str, EvalResult], log: Callable[[str], None]) -> dict:
-    """task-IF on the (partly corrupted) training pool, detection of the corrupted tasks, closed-form edit."""
+def _influence_demo(ctx: RunContext, lam: torch.Tensor, before: Mapping[str, EvalResult], log: Callable[[str], None], proximal: float = 0.0) -> dict:
+    """task-IF on the (partly corrupted) training pool, detection of the corrupted tasks, closed-form edit
+    (``proximal``: γ of a proximal refine, added to the damping)."""
     settings = InfluenceSettings(hessian="exact", solver="cg", damping=1e-3, solve=SolverSettings(tol=1e-6, max_iter=300))
+    if proximal:
+        settings = proximal_settings(settings, proximal)
     t = time.perf_counter()
     try:
         result = influence_stage(ctx, lam, settings)
@@ -106,10 +110,11 @@ def run_demo(settings: RunSettings | None = None, out: str | os.PathLike = "runs
 
     train_state = ctx.checkpoint_state("trained")
     ctx.save_checkpoint("trained", lam_trained, "trained", {"eval": evals_json(eval_trained)}, history=history, step=history.steps_done, state=train_state)
-    ctx.save_checkpoint("refined", lam_refined, "refined", {"eval": evals_json(eval_refined)}, refine_report=report, history=history, step=history.steps_done)
+    ctx.save_checkpoint("refined", lam_refined, "refined", {"eval": evals_json(eval_refined)}, refine_report=report, history=history, step=history.steps_done,
+                        state={ANCHOR: lam_trained.to(lam_refined.dtype)} if report.proximal else None)
 
     t = time.perf_counter()
-    influence = _influence_demo(ctx, lam_refined, eval_refined, log) if influence_step else None
+    influence = _influence_demo(ctx, lam_refined, eval_refined, log, report.proximal) if influence_step else None
     timings["influence_and_edit_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_start
 

@@ -44,7 +44,8 @@ def record_proximal(diag: dict[str, Any], gamma: float, given: Any, report: dict
     when it is above the warning threshold the user gave."""
     ratio = float(report.get("ratio_after", float("nan")))
     diag["stationarity_of_F"] = diag.pop("stationarity", None)
-    diag["stationarity"] = {"objective": f"F + (γ/2)‖λ − λ₀‖², γ = {gamma:g}", "ratio": ratio, "source": "the checkpoint's refine report"}
+    diag["stationarity"] = {"grad_norm": float(report.get("grad_norm_after", float("nan"))), "mean_task_grad_norm": float(report.get("task_grad_norm_after", float("nan"))),
+                            "ratio": ratio, "warning": None, "objective": f"F + (γ/2)‖λ − λ₀‖², γ = {gamma:g}", "source": "the checkpoint's refine report"}
     diag["proximal"] = {"gamma": gamma, "damping_given": given.damping, "damping_used": given.damping + gamma}
     if not ratio <= given.stationarity_warn:
         shortfall(diag, f"λ is not stationary for the proximal objective: its ‖∇P‖ / mean‖g_i‖ = {ratio:.2g} (warned above "
