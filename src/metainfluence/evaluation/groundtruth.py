@@ -153,20 +153,22 @@ def leave_one_out(
         store.put("control", {"f": f_ctrl, "grad_norm": gn}, {"lam": lam_ctrl})
     else:
         f_ctrl, lam_ctrl = done[0]["f"], done[1]["lam"]
-    deltas_f, deltas_lam, grad_norms = [], [], []
+    deltas_f, deltas_lam, grad_norms, unit_seconds = [], [], [], []
     for j, k in enumerate(bar("leave-one-out", len(sample), "task", iterable=sample.tolist())):
         unit = store.get(f"loo_{k}")
         if unit is None:
             w = torch.ones(n, dtype=torch.float64)
             w[k] = 0
+            tu = time.perf_counter()
             lam_k, gn = reoptimise(problem, lam_star, tasks, settings, refine_settings, w, anchor=anchor)
             f_k = validation_loss(problem, lam_k, val_tasks.to(dtype=lam_k.dtype))
-            info = {"task": k, "f": f_k, "grad_norm": gn}
+            info = {"task": k, "f": f_k, "grad_norm": gn, "seconds": time.perf_counter() - tu}
             store.put(f"loo_{k}", info, {"delta_lam": lam_k - lam_ctrl})
             dl = lam_k - lam_ctrl
         else:
             info, dl = unit[0], unit[1]["delta_lam"]
         deltas_f.append(info["f"] - f_ctrl)
+        unit_seconds.append(info.get("seconds"))  # absent in units written before it was recorded
         deltas_lam.append(dl)
         grad_norms.append(info["grad_norm"])
         if progress:
@@ -178,6 +180,7 @@ def leave_one_out(
         "f_control": f_ctrl,
         "max_grad_norm": max(grad_norms) if grad_norms else 0.0,
         "seconds": time.perf_counter() - t0,
+        "unit_seconds": unit_seconds,
     }
 
 
@@ -202,16 +205,18 @@ def lds_ground_truth(
     for m in range(settings.n_subsets):
         masks[m, torch.randperm(n, generator=gen)[:keep]] = True
     store = _open_store("lds", out_dir, problem, lam_star, n, settings, refine_settings, anchor)
-    values = []
+    values, unit_seconds = [], []
     for m in bar("LDS subsets", settings.n_subsets, "subset", iterable=range(settings.n_subsets)):
         unit = store.get(f"subset_{m}")
         if unit is None:
+            tu = time.perf_counter()
             lam_m, gn = reoptimise(problem, lam_star, tasks, settings, refine_settings, masks[m].double(), anchor=anchor)
-            info = {"f": validation_loss(problem, lam_m, val_tasks.to(dtype=lam_m.dtype)), "grad_norm": gn}
+            info = {"f": validation_loss(problem, lam_m, val_tasks.to(dtype=lam_m.dtype)), "grad_norm": gn, "seconds": time.perf_counter() - tu}
             store.put(f"subset_{m}", info)
         else:
             info = unit[0]
         values.append(info["f"])
+        unit_seconds.append(info.get("seconds"))
         if progress:
             progress(f"LDS subset {m + 1}/{settings.n_subsets}: f = {info['f']:.4f}")
-    return {"masks": masks, "true_f": torch.tensor(values, dtype=torch.float64)}
+    return {"masks": masks, "true_f": torch.tensor(values, dtype=torch.float64), "unit_seconds": unit_seconds}

@@ -121,18 +121,22 @@ def run_fidelity(run, infl, sec: FidelitySettings, out: Path, quick: bool, log, 
     if units_before < sec.n_loo + 1 + sec.n_groups:  # a stage that did work (a resumed, finished one does not stop the run again)
         cache.done("the ground truth")
     f_star = validation_loss(problem, lam_star, val)
-    units = sec.n_loo + sec.n_groups + 1
-    unit_s = (timings["loo_s"] + timings.get("groups_s", 0.0)) / units
+    # one re-optimisation's time, as each unit recorded it (a resumed run did not re-time them)
+    recorded = [x for x in loo["unit_seconds"] + (groups["unit_seconds"] if groups is not None else []) if x is not None]
+    unit_s = sum(recorded) / len(recorded) if recorded else (timings["loo_s"] + timings.get("groups_s", 0.0)) / (sec.n_loo + sec.n_groups + 1)
 
     # every prediction, damped by γ (the proximal objective's Hessian is H + γI)
     damp = sec.proximal if sec.proximal else infl.damping
     base = dataclasses.replace(infl, method="task-if", damping=damp, stationarity_warn=1e9 if sec.proximal else infl.stationarity_warn)
+    base = _with_curvature(problem, lam_star, train, base, out, log, timings, sec.methods, cache)  # pcg / the fast tier need it
     variants: dict[str, object] = {}
     for h in sec.hessians:
-        variants[f"task-if ({h})"] = dataclasses.replace(base, hessian=h)
+        s_h = dataclasses.replace(base, hessian=h)
+        if h != base.hessian and base.solver in ("pcg", "curvature"):  # the curvature file is of base.hessian only
+            s_h = dataclasses.replace(s_h, solver="cg", curvature_file="")
+        variants[f"task-if ({h})"] = s_h
         if sec.newton_step:
-            variants[f"task-if ({h}, newton-step)"] = dataclasses.replace(base, hessian=h, removal="newton")
-    base = _with_curvature(problem, lam_star, train, base, out, log, timings, sec.methods, cache)
+            variants[f"task-if ({h}, newton-step)"] = dataclasses.replace(s_h, removal="newton")
     for m in sec.methods:
         variants[m] = _method_settings(base, m, sec.direct_damping)
     rows, scores = [], {}
