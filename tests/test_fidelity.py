@@ -72,3 +72,30 @@ def test_max_minutes_cuts_fidelity_into_pieces_that_resume_to_the_same_table(qui
             stops.append(str(exc))
     assert any("proximal refine" in s for s in stops) and any("ground truth" in s for s in stops) and len(stops) >= 4
     assert [r["spearman_loo"] for r in res["table"]] == [r["spearman_loo"] for r in full["table"]]
+
+
+def test_a_run_recorded_before_a_settings_field_existed_still_resumes(quick, tmp_path):
+    """An experiment folder written by a version without a field added since (at its default) resumes:
+    neither the stage record nor the ground-truth manifests count the missing default as a difference."""
+    import hashlib
+    import json
+    import shutil
+
+    out, res = quick
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    stages = json.loads((old / "stages.json").read_text())
+    del stages["run"]["refine"]["proximal"]  # as written before refine.proximal existed
+    (old / "stages.json").write_text(json.dumps(stages))
+    for d in ("groundtruth_loo", "groundtruth_groups"):
+        m = json.loads((old / d / "manifest.json").read_text())
+        del m["settings"]["refine"]["proximal"]
+        m["key"] = hashlib.sha256(json.dumps(m["settings"], sort_keys=True, default=str).encode()).hexdigest()[:16]
+        (old / d / "manifest.json").write_text(json.dumps(m))
+    again = run_experiment("fidelity", None, True, str(old), log=lambda s: None, resume=True)
+    assert again["timings"]["loo_s"] < 0.5 * res["timings"]["loo_s"] + 0.05  # units reused, not re-optimised
+    assert [r["spearman_loo"] for r in again["table"]] == [r["spearman_loo"] for r in res["table"]]
+    stages["run"]["refine"]["proximal"] = 0.5  # a real difference is still refused
+    (old / "stages.json").write_text(json.dumps(stages))
+    with pytest.raises(SettingsError, match="other settings"):
+        run_experiment("fidelity", None, True, str(old), log=lambda s: None, resume=True)

@@ -341,3 +341,20 @@ def to_dict(settings: Any) -> dict[str, Any]:
         return v
 
     return conv(settings)
+
+
+def with_new_defaults(before: Any, now: Any, defaults: Any) -> Any:
+    """``before`` (recorded settings, as JSON) with the keys it lacks taken from ``now`` wherever ``now``
+    holds the default: a field added in a later version, at its default, then does not make an older
+    record differ — so stored stages and ground truth stay resumable across such an upgrade."""
+    if not (isinstance(before, dict) and isinstance(now, dict)):
+        return before
+    out = dict(before)
+    for key, value in now.items():
+        default = defaults.get(key) if isinstance(defaults, dict) else None
+        if key not in out:
+            if isinstance(defaults, dict) and key in defaults and value == default:
+                out[key] = value
+        else:
+            out[key] = with_new_defaults(out[key], value, default)
+    return out

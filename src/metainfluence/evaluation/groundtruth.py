@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..config import with_new_defaults
 from ..errors import CheckpointError, SettingsError
 from ..io import read_json, read_tensors, write_json, write_tensors
 from ..meta.objective import MetaProblem
@@ -73,17 +74,23 @@ def validation_loss(problem: MetaProblem, lam: torch.Tensor, val_tasks: TaskTens
 _UNIT_PREFIXES = (".manifest.json.", ".control.", ".loo_", ".subset_")
 
 
+def _key(settings: Any) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 class _Store:
     """One JSON (+ optional tensors) per finished unit, keyed by a hash of the run's settings."""
 
     def __init__(self, out_dir: str | Path | None, key: dict[str, Any]):
         self.dir = Path(out_dir) if out_dir else None
-        self.key = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        self.key = _key(key)
         if self.dir is not None:
             manifest = self.dir / "manifest.json"
             if manifest.exists():
                 old = read_json(manifest, "ground-truth manifest")
-                if not isinstance(old, dict) or old.get("key") != self.key:
+                if isinstance(old, dict) and old.get("key") != self.key and _key(with_new_defaults(old.get("settings"), key, _DEFAULTS)) == self.key:
+                    write_json(manifest, {"key": self.key, "settings": key})  # written by a version without a since-added default field
+                elif not isinstance(old, dict) or old.get("key") != self.key:
                     raise CheckpointError(f"{self.dir} holds ground truth of other settings; use another --out folder or delete it")
             # A run killed inside an atomic write leaves its temporary file (".NAME.xxxx.tmp"); that
             # unit is redone on resume, so the leftover is removed (one writer per folder).
@@ -107,6 +114,9 @@ class _Store:
         if tensors:
             write_tensors(self.dir / f"{name}.safetensors", tensors)
         write_json(self.dir / f"{name}.json", info)  # written last: marks the unit complete
+
+
+_DEFAULTS = {"gt": asdict(GroundTruthSettings()), "refine": asdict(RefineSettings())}
 
 
 def _sha(x: torch.Tensor) -> str:

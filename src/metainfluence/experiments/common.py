@@ -16,14 +16,14 @@ from typing import Any
 import torch
 
 from .. import SIGN_CONVENTION, InfluenceSettings, task_influence
-from ..config import to_dict
+from ..config import to_dict, with_new_defaults
 from ..errors import BudgetStop, SettingsError
 from ..influence.curvature import fit_curvature
 from ..influence.results import InfluenceResult, settings_dict
 from ..io import read_json, write_json
 from ..meta.checkpoint import load_checkpoint
 from ..meta.refine import RefineReport
-from ..pipeline import refine_stage, train_stage
+from ..pipeline import RunSettings, refine_stage, train_stage
 from ..pipeline.proximal import ANCHOR, proximal_settings
 
 EXPERIMENTS = ("detection", "removal", "estimates", "fidelity")
@@ -69,7 +69,8 @@ class StageCache:
         now = _jsonable({"run": run, **{k: section.get(k) for k in pool_keys}})
         record = self.out / "stages.json"
         if resume and record.is_file():
-            before = read_json(record, what="experiment stage record")
+            defaults = _jsonable({"run": to_dict(RunSettings())}) if run is not None else {}
+            before = with_new_defaults(read_json(record, what="experiment stage record"), now, defaults)
             changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
             if changed:
                 raise SettingsError(f"{self.out} holds a pool or model of other settings ({', '.join(changed)} differ); "
