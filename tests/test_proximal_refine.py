@@ -107,3 +107,42 @@ def test_the_fidelity_check_re_optimises_p_with_the_checkpoints_anchor(run, tmp_
     fid = res.diagnostics["fidelity_check"]
     # groups of 2 tasks re-optimised on P (anchored at λ_t, not at λ*): the summed scores rank them
     assert fid["spearman"] >= 0.8 and fid["sign_agreement"] >= 5 / 6, fid
+
+
+def test_a_detection_experiment_with_a_proximal_refine_scores_the_proximal_objective(tmp_path):
+    from metainfluence.experiments import run_experiment
+    from metainfluence.influence.results import InfluenceResult
+
+    cfg = tmp_path / "det.toml"
+    cfg.write_text("""
+[data]
+dataset = "digits"
+train_tasks = 30
+val_tasks = 10
+test_tasks = 20
+[model]
+hidden = [12]
+activation = "tanh"
+[objective]
+weight_decay = 1e-2
+[train]
+steps = 60
+meta_batch = 5
+checkpoint_every = 0
+[refine]
+proximal = 0.1
+tol = 0.0
+tol_ratio = 1e-6
+[influence]
+damping = 1e-3
+[detection]
+methods = ["task-if", "random"]
+self_influence = false
+edit_fractions = []
+""")
+    out = tmp_path / "det"
+    res = run_experiment("detection", str(cfg), False, str(out), log=lambda s: None)
+    assert res["refine"]["proximal"] == 0.1 and res["refine"]["ratio_after"] <= 1e-6
+    assert torch.equal(load_checkpoint(out / "refined").state[ANCHOR], load_checkpoint(out / "trained").lam.double())
+    kept = InfluenceResult.load(out / "scores" / "task-if")
+    assert kept.settings["influence"]["damping"] == pytest.approx(0.1 + 1e-3)  # P's Hessian is H + γI
