@@ -1,5 +1,5 @@
 """Refine on the proximal objective P(λ) = F(λ) + (γ/2)‖λ − λ₀‖² anchored at the trained λ₀
-(`refine --refine-proximal γ`, docs/method.md §2.4), and influence / edits on the checkpoint it writes."""
+(`refine --refine-proximal γ`, docs/method.md §2, "The proximal objective"), and influence / edits on the checkpoint it writes."""
 
 from __future__ import annotations
 

@@ -117,7 +117,7 @@ def _train_and_refine(ctx, log, w_train=None, cache: StageCache | None = None) -
 
 def _proximal_infl(infl: InfluenceSettings, rep: RefineReport, log) -> InfluenceSettings:
     """λ* of a proximal refine is stationary for F + (γ/2)‖λ − λ_t‖², whose Hessian is H + γI: its scores
-    and edits add γ to the damping (docs/method.md §2.4)."""
+    and edits add γ to the damping (docs/method.md §2, "The proximal objective")."""
     if not rep.proximal:
         return infl
     log(f"proximal refine: γ = {rep.proximal:g} added to the influence damping")

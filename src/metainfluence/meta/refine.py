@@ -76,7 +76,7 @@ class RefineSettings:
     precondition_max_tasks: int = field(default=0, metadata={"help": "newton-cg: fit the preconditioner on a seeded subsample of this many tasks (0: all)"})
     precondition_refit: int = field(default=0, metadata={"help": "newton-cg: refit the preconditioner every this many Newton steps (0: never; a stale one only costs CG iterations)"})
     proximal: float = field(default=0.0, metadata={"help": "γ > 0: minimise F + (γ/2)‖λ − λ₀‖², anchored at the starting λ₀ (the trained model), instead of F — it has a "
-                                                           "stationary point near λ₀ where plain F has none worth reaching (a memorised pool, docs/method.md §2.4); the refined "
+                                                           "stationary point near λ₀ where plain F has none worth reaching (a memorised pool, docs/method.md §2); the refined "
                                                            "checkpoint keeps λ₀, and influence and edits on it add γ to their damping (0: plain F)"})
 
     def validate(self) -> None:

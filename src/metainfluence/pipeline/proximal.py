@@ -1,5 +1,5 @@
 """Checkpoints refined on the proximal objective P(λ) = F(λ) + (γ/2)‖λ − λ₀‖² (``refine --refine-proximal γ``,
-docs/method.md §2.4), anchored at the trained λ₀.
+docs/method.md §2, "The proximal objective"), anchored at the trained λ₀.
 
 Such a checkpoint keeps λ₀ (state ``proximal_anchor``) and γ (its refine report). Its λ* is a stationary
 point of P, not of F, and P's Hessian is H + γI: so every score and edit on it adds γ to the damping —
