@@ -309,7 +309,7 @@ def _cmd_influence(args: argparse.Namespace) -> int:
         print(f"solver {diag['solver']['name']}: residual {diag['solver']['residual']:.2e}, {diag['solver']['iterations']} iterations")
     if "stationarity" in diag:
         st = diag["stationarity"]
-        print(f"stationarity: ‖∇F‖ = {st['grad_norm']:.3g} ({st['ratio']:.2g} of the mean task-gradient norm)")
+        print(f"stationarity: ‖∇{'P' if 'objective' in st else 'F'}‖ = {st['grad_norm']:.3g} ({st['ratio']:.2g} of the mean task-gradient norm){', P = ' + st['objective'] if 'objective' in st else ''}")
     if "fidelity_check" in diag:
         fc = diag["fidelity_check"]
         print(f"fidelity check ({fc['removals_done']} removals of {fc['group_size']} tasks, re-optimised from λ*): "
