@@ -37,13 +37,11 @@ def main() -> None:
     import tomllib
 
     data = {k: v for k, v in read_config_file(args.config).items() if k in ("data", "model", "inner", "objective", "train", "refine")}
-    for item in args.set:
-        key, value = item.split("=", 1)
-        sec, name = key.split(".", 1)
-        data.setdefault(sec, {})[name] = tomllib.loads(f"v = {value}")["v"]
+    # dotted keys, values parsed as TOML (as in a config file)
+    sets = {key: tomllib.loads(f"v = {value}")["v"] for key, value in (item.split("=", 1) for item in args.set)}
     if args.data_root:
-        data.setdefault("data", {})["data_root"] = args.data_root
-    run = apply_overrides(RunSettings(), data, source=args.config)
+        sets["data.data_root"] = args.data_root
+    run = apply_overrides(apply_overrides(RunSettings(), data, source=args.config), sets, source="--set")
     t = time.perf_counter()
     train_run(run, args.out, progress=False, force=True, log=print)
     t_train = time.perf_counter() - t

@@ -146,3 +146,6 @@ edit_fractions = []
     assert torch.equal(load_checkpoint(out / "refined").state[ANCHOR], load_checkpoint(out / "trained").lam.double())
     kept = InfluenceResult.load(out / "scores" / "task-if")
     assert kept.settings["influence"]["damping"] == pytest.approx(0.1 + 1e-3)  # P's Hessian is H + γI
+    lines = []  # the proximal settings survive their JSON round trip: a resumed run reuses the scores
+    run_experiment("detection", str(cfg), False, str(out), log=lines.append, resume=True)
+    assert any("task-if" in ln and "scores resumed" in ln for ln in lines), lines

@@ -157,6 +157,7 @@ def leave_one_out(
     store = _open_store("loo", out_dir, problem, lam_star, n, settings, refine_settings, anchor)
     t0 = time.perf_counter()
     done = store.get("control")
+    computed = int(done is None)
     if done is None:
         lam_ctrl, gn = reoptimise(problem, lam_star, tasks, settings, refine_settings, anchor=anchor)
         f_ctrl = validation_loss(problem, lam_ctrl, val_tasks.to(dtype=lam_ctrl.dtype))
@@ -174,6 +175,7 @@ def leave_one_out(
             f_k = validation_loss(problem, lam_k, val_tasks.to(dtype=lam_k.dtype))
             info = {"task": k, "f": f_k, "grad_norm": gn, "seconds": time.perf_counter() - tu}
             store.put(f"loo_{k}", info, {"delta_lam": lam_k - lam_ctrl})
+            computed += 1
             dl = lam_k - lam_ctrl
         else:
             info, dl = unit[0], unit[1]["delta_lam"]
@@ -191,6 +193,7 @@ def leave_one_out(
         "max_grad_norm": max(grad_norms) if grad_norms else 0.0,
         "seconds": time.perf_counter() - t0,
         "unit_seconds": unit_seconds,
+        "units_computed": computed,  # 0: every unit came from out_dir
     }
 
 
@@ -215,7 +218,7 @@ def lds_ground_truth(
     for m in range(settings.n_subsets):
         masks[m, torch.randperm(n, generator=gen)[:keep]] = True
     store = _open_store("lds", out_dir, problem, lam_star, n, settings, refine_settings, anchor)
-    values, unit_seconds = [], []
+    values, unit_seconds, computed = [], [], 0
     for m in bar("LDS subsets", settings.n_subsets, "subset", iterable=range(settings.n_subsets)):
         unit = store.get(f"subset_{m}")
         if unit is None:
@@ -223,10 +226,11 @@ def lds_ground_truth(
             lam_m, gn = reoptimise(problem, lam_star, tasks, settings, refine_settings, masks[m].double(), anchor=anchor)
             info = {"f": validation_loss(problem, lam_m, val_tasks.to(dtype=lam_m.dtype)), "grad_norm": gn, "seconds": time.perf_counter() - tu}
             store.put(f"subset_{m}", info)
+            computed += 1
         else:
             info = unit[0]
         values.append(info["f"])
         unit_seconds.append(info.get("seconds"))
         if progress:
             progress(f"LDS subset {m + 1}/{settings.n_subsets}: f = {info['f']:.4f}")
-    return {"masks": masks, "true_f": torch.tensor(values, dtype=torch.float64), "unit_seconds": unit_seconds}
+    return {"masks": masks, "true_f": torch.tensor(values, dtype=torch.float64), "unit_seconds": unit_seconds, "units_computed": computed}

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ from ..evaluation.groundtruth import validation_loss
 from ..meta.checkpoint import load_checkpoint
 from ..meta.refine import RefineReport, refine
 from ..pipeline import RunContext, train_stage
-from ..pipeline.proximal import ANCHOR
+from ..pipeline.proximal import ANCHOR, proximal_of, proximal_settings
 from . import plots
 from .common import StageCache, _eval_json, _header, _method_settings, _score_cached, _train_and_refine, _with_curvature
 
@@ -52,10 +51,6 @@ class FidelitySettings:
     direct_damping: float = field(default=1.0, metadata={"help": "damping of direct-IF's (indefinite) θ-space Hessian"})
 
 
-def _slug(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "_", label).strip("_")
-
-
 def _lambda_star(ctx: RunContext, sec: FidelitySettings, cache: StageCache, log) -> tuple[torch.Tensor, torch.Tensor, RefineReport, dict]:
     """(λ*, λ_t, refine report, timings): train, then minimise the proximal objective anchored at λ_t."""
     if ctx.settings.refine.proximal:
@@ -63,12 +58,11 @@ def _lambda_star(ctx: RunContext, sec: FidelitySettings, cache: StageCache, log)
     if sec.proximal == 0:
         lam_star, rep, times = _train_and_refine(ctx, log, cache=cache)
         return lam_star, lam_star, rep, times
-    if cache.has("refined") and cache.has("trained"):
+    if cache.has("refined"):
         ckpt = load_checkpoint(ctx.out / "refined", expected_problem=ctx.problem)
-        lam_t = load_checkpoint(ctx.out / "trained", expected_problem=ctx.problem).lam
         rep = RefineReport.from_json(ckpt.info["refine_report"])
         log(f"resumed: λ* of the proximal objective, {ctx.out / 'refined'} (ratio {rep.ratio_after:.2g})")
-        return ckpt.lam, lam_t.to(ckpt.lam.dtype), rep, {"reused": ["train", "refine"]}
+        return ckpt.lam, proximal_of(ckpt)[1].to(ckpt.lam.dtype), rep, {"reused": ["train", "refine"]}
     t = time.perf_counter()
     lam_t, history, _ = train_stage(ctx, progress=False, resume=ctx.out / "trained" if cache.has("trained") else None)
     t_train = time.perf_counter() - t
@@ -83,11 +77,6 @@ def _lambda_star(ctx: RunContext, sec: FidelitySettings, cache: StageCache, log)
     ctx.save_checkpoint("refined", lam_star, "refined", {"timings": times}, refine_report=rep, state={ANCHOR: anchor})
     cache.done("training and the proximal refine")
     return lam_star, anchor, rep, times
-
-
-def _units_on_disk(out: Path) -> int:
-    """Finished ground-truth units (control, left-out tasks, groups) in the run folder."""
-    return sum(len(list((out / d).glob(p))) for d, p in (("groundtruth_loo", "[cl]o*.json"), ("groundtruth_groups", "subset_*.json")))
 
 
 def run_fidelity(run, infl, sec: FidelitySettings, out: Path, quick: bool, log, resume: bool = False, deadline: float = math.inf) -> dict:
@@ -107,7 +96,6 @@ def run_fidelity(run, infl, sec: FidelitySettings, out: Path, quick: bool, log, 
     gts.validate(n)
     rs = RefineSettings(method="lbfgs", tol=0.0, tol_ratio=sec.tol_ratio, max_iter=sec.max_iter, dtype=run.refine.dtype)
     anchor_ = anchor if sec.proximal else None
-    units_before = _units_on_disk(out) if resume else 0
     t = time.perf_counter()
     loo = leave_one_out(problem, lam_star, train, val, gts, rs, out_dir=out / "groundtruth_loo", anchor=anchor_,
                         progress=lambda s: log("  " + s))
@@ -118,7 +106,7 @@ def run_fidelity(run, infl, sec: FidelitySettings, out: Path, quick: bool, log, 
         groups = lds_ground_truth(problem, lam_star, train, val, gts, rs, out_dir=out / "groundtruth_groups", anchor=anchor_,
                                   progress=lambda s: log("  " + s))
         timings["groups_s"] = time.perf_counter() - t
-    if units_before < sec.n_loo + 1 + sec.n_groups:  # a stage that did work (a resumed, finished one does not stop the run again)
+    if loo["units_computed"] or (groups is not None and groups["units_computed"]):  # a resumed, finished stage does not stop the run again
         cache.done("the ground truth")
     f_star = validation_loss(problem, lam_star, val)
     # one re-optimisation's time, as each unit recorded it (a resumed run did not re-time them)
@@ -126,8 +114,9 @@ def run_fidelity(run, infl, sec: FidelitySettings, out: Path, quick: bool, log, 
     unit_s = sum(recorded) / len(recorded) if recorded else (timings["loo_s"] + timings.get("groups_s", 0.0)) / (sec.n_loo + sec.n_groups + 1)
 
     # every prediction, damped by γ (the proximal objective's Hessian is H + γI)
-    damp = sec.proximal if sec.proximal else infl.damping
-    base = dataclasses.replace(infl, method="task-if", damping=damp, stationarity_warn=1e9 if sec.proximal else infl.stationarity_warn)
+    base = dataclasses.replace(infl, method="task-if")
+    if sec.proximal:  # damping exactly γ, F's stationarity warning off (λ* is stationary for P)
+        base = proximal_settings(dataclasses.replace(base, damping=0.0), sec.proximal)
     base = _with_curvature(problem, lam_star, train, base, out, log, timings, sec.methods, cache)  # pcg / the fast tier need it
     variants: dict[str, object] = {}
     for h in sec.hessians:
@@ -142,7 +131,7 @@ def run_fidelity(run, infl, sec: FidelitySettings, out: Path, quick: bool, log, 
     rows, scores = [], {}
     for label, s in variants.items():
         try:
-            res = _score_cached(problem, lam_star, train, val, _slug(label), s, log, cache=cache)
+            res = _score_cached(problem, lam_star, train, val, label, s, log, cache=cache)
         except BudgetStop:
             raise
         except Exception as exc:  # e.g. an indefinite reduced Hessian of the Newton step: recorded, not fatal

@@ -19,7 +19,7 @@ from ..io import save_result
 from ..pipeline import RunContext, stage_settings
 from . import plots
 from ..meta.checkpoint import load_checkpoint
-from ..pipeline.proximal import ANCHOR
+from ..pipeline.proximal import proximal_of
 from .common import METHODS, StageCache, _diag_json, _eval_json, _header, _image_tensors, _proximal_infl, _score_all, _train_and_refine, _with_curvature
 
 # The paper's Table 1 (ICLR version, docs/method.md §11): accuracy after removing 40% harmful data, wall time (s).
@@ -101,6 +101,8 @@ def run_removal(run, infl, sec: RemovalSettings, out: Path, quick: bool, log, re
     timings["data_s"] = time.perf_counter() - t
     lam_star, rep, tt = _train_and_refine(ctx, log, cache=cache)
     infl = _proximal_infl(infl, rep, log)
+    # after a proximal refine, re-optimisation keeps its anchor (the trained λ), not λ*
+    prox = proximal_of(load_checkpoint(out / "refined")) if rep.proximal else None
     timings.update(tt)
     full_train_s = tt.get("train_s", 0.0) + tt.get("refine_s", 0.0)
     problem = ctx.problem
@@ -142,10 +144,7 @@ def run_removal(run, infl, sec: RemovalSettings, out: Path, quick: bool, log, re
         if m in sec.reoptimise_methods:
             w, v, u = removal.weights(problem, lam_star, train)
             tr = time.perf_counter()
-            # after a proximal refine, re-optimisation keeps the anchor (the trained λ), not λ*
-            anchor = load_checkpoint(out / "refined").state[ANCHOR] if rep.proximal else None
-            lam_o, rep_o = refine(problem, lam_star, train, run.refine, w=w, example_weights=(v, u),
-                                  proximal=(rep.proximal, anchor) if anchor is not None else None)
+            lam_o, rep_o = refine(problem, lam_star, train, run.refine, w=w, example_weights=(v, u), proximal=prox)
             reopt_s = time.perf_counter() - tr
             ev_o = evaluate(problem, lam_o, test)
             g_star = float(problem.meta_gradient(lam_star, train, w, v, u).norm())

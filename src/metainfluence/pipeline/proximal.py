@@ -36,7 +36,8 @@ def proximal_settings(settings: Any, gamma: float) -> Any:
     if settings.damping_mode != "absolute":
         raise SettingsError(f"this checkpoint was refined on the proximal objective (γ = {gamma:g}), whose Hessian is H + γI: "
                             "use --damping-mode absolute (γ is added to the given damping)")
-    return dataclasses.replace(settings, damping=settings.damping + gamma, stationarity_warn=float("inf"))
+    # a finite "never": it survives the JSON round trip, so experiments' resumed scores match these settings
+    return dataclasses.replace(settings, damping=settings.damping + gamma, stationarity_warn=1e300)
 
 
 def record_proximal(diag: dict[str, Any], gamma: float, given: Any, report: dict) -> None:
