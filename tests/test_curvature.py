@@ -286,3 +286,19 @@ def test_float32_products_too_inexact_to_refine_against_finish_in_working_precis
     assert res.residual <= 1e-9 and res.info["converged"]
     assert "finished_in_working_precision" in res.info["refinement"]
     torch.testing.assert_close(res.x, exact, rtol=1e-7, atol=1e-9 * float(exact.abs().max()))
+
+
+def test_an_edit_preconditioned_by_a_curvature_file_takes_newton_steps_away_from_its_lambda(tmp_path):
+    """The file belongs to λ*: the closed form is preconditioned by it, the Newton steps (at other λ)
+    solve with plain CG, so edit + Newton under pcg equals the same edit under cg."""
+    from metainfluence import Removal, edit_model
+
+    problem, lam, train, _ = curvature_problem()
+    base = InfluenceSettings(hessian="gauss-newton", damping=1e-3, stationarity_warn=1e9, solve=SolverSettings(tol=1e-12, max_iter=2000))
+    fit_curvature(problem, lam, train, base, method="gn-factor", probes=2).save(tmp_path / "gn")
+    removal = Removal(tasks=[0, 3])
+    with_file = edit_model(problem, lam, train, removal, dataclasses.replace(base, solver="pcg", curvature_file=str(tmp_path / "gn")), newton_steps=2)
+    plain = edit_model(problem, lam, train, removal, base, newton_steps=2)
+    torch.testing.assert_close(with_file.lam, plain.lam, rtol=1e-7, atol=1e-9)
+    assert with_file.diagnostics["newton_solver"] == "cg" and with_file.diagnostics["solver_iterations"] < plain.diagnostics["solver_iterations"]
+    assert with_file.diagnostics["newton_final_grad_norm"] < with_file.diagnostics["newton"][0]["grad_norm_before"]

@@ -229,9 +229,28 @@ def test_max_minutes_stops_between_saved_stages_and_resume_finishes(tmp_path, ca
 def test_removal_retrains_over_seeds_and_places_the_edit_in_their_spread(tmp_path):
     out = tmp_path / "rem_seeds"
     cfg = tmp_path / "s.toml"
-    cfg.write_text('[removal]\nmethods = ["task-if", "random"]\ninstance_levels = []\nretrain_methods = ["task-if"]\n'
-                   'reoptimise_methods = []\nretrain_seeds = [0, 1]\n')
+    cfg.write_text('[removal]\nmethods = ["task-if", "random"]\ninstance_levels = ["query"]\nretrain_methods = ["task-if"]\n'
+                   'reoptimise_methods = []\nretrain_seeds = [0, 1]\nedit_steps = ["reduced", "full"]\nedit_newton_steps = 1\n')
     res = run_experiment("removal", str(cfg), True, str(out), log=lambda s: None)
+    # the variants (full-pool H, edit + Newton) for task-IF only, each placed against the seeds' spread
+    paths = {m: [r["path"] for r in res["table"] if r["method"] == m and r["path"].startswith("edit")] for m in ("task-if", "random")}
+    assert paths == {"task-if": ["edit", "edit (full H)", "edit + 1 Newton"], "random": ["edit"]}
+    variants = {r["path"]: r for r in res["table"] if r["method"] == "task-if" and r["path"].startswith("edit")}
+    assert variants["edit"]["step"] == "reduced" and variants["edit (full H)"]["step"] == "full"
+    assert all("within_retrain_spread" in r for r in variants.values())
+    assert variants["edit + 1 Newton"]["newton_final_grad_norm"] > 0
+    assert variants["edit (full H)"]["test_acc"] != variants["edit"]["test_acc"] or variants["edit (full H)"]["step_length"] is None
+    # every edit and retraining is a unit kept in the folder: a resumed run recomputes none of them
+    lines = []
+    again = run_experiment("removal", str(cfg), True, str(out), log=lines.append, resume=True)
+    assert again["table"] == res["table"]  # retraining seconds included: reused, not re-measured
+    assert len(list((out / "units").glob("*.json"))) == 3 + 1 + 1 + 2
+    assert any("instance-if (query) scores resumed" in line for line in lines)
+    # another edit setting recomputes only the rows it changes
+    cfg.write_text(cfg.read_text().replace("edit_newton_steps = 1", "edit_newton_steps = 2"))
+    third = run_experiment("removal", str(cfg), True, str(out), log=lambda s: None, resume=True)
+    assert [r for r in third["table"] if r["path"] == "retrain"] == [r for r in res["table"] if r["path"] == "retrain"]
+    assert any(r["path"] == "edit + 2 Newton" for r in third["table"])
     edit = next(r for r in res["table"] if r["method"] == "task-if" and r["path"] == "edit")
     retrain = next(r for r in res["table"] if r["method"] == "task-if" and r["path"] == "retrain")
     accs = retrain["seed_accuracies"]

@@ -24,7 +24,7 @@ from ..io import read_json, write_json
 from ..meta.checkpoint import load_checkpoint
 from ..meta.refine import RefineReport
 from ..pipeline import RunSettings, refine_stage, train_stage
-from ..pipeline.proximal import ANCHOR, proximal_settings
+from ..pipeline.proximal import ANCHOR, proximal_settings, record_proximal
 
 EXPERIMENTS = ("detection", "removal", "estimates", "fidelity")
 METHODS = ("task-if", "direct-if", "tracin", "trak", "ekfac-if", "loss", "random")
@@ -60,7 +60,8 @@ class StageCache:
     settings that define the pool and λ* (the run sections and the experiment's ``pool_keys``) are
     recorded in ``stages.json``, and resuming under others is refused; a curvature file or a method's
     scores are reused only when their own recorded settings equal the current ones (else recomputed).
-    Edits, retraining and the tables are always recomputed."""
+    Experiments may keep further units (an edit's or a retraining's result) with :meth:`unit`; the tables
+    are always recomputed from what is kept."""
 
     def __init__(self, out: Path, settings: dict[str, Any], resume: bool, pool_keys: tuple[str, ...] = (), log=lambda s: None,
                  deadline: float = math.inf) -> None:
@@ -86,6 +87,22 @@ class StageCache:
         if time.monotonic() >= self.deadline:
             raise BudgetStop(f"experiment stopped by --max-minutes after {stage}; the finished stages are kept in {self.out}: "
                              "run the same command with --resume to continue")
+
+
+    def unit(self, name: str, settings: Any, compute) -> Any:
+        """A unit of work whose JSON result is kept as ``units/NAME.json`` with the settings it was
+        computed under (an edit's or a retraining's row) and reused on resume when they are equal; after
+        computing it, the ``--max-minutes`` deadline is checked like after any stage."""
+        path = self.out / "units" / (re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") + ".json")
+        want = _jsonable(settings)
+        if self.resume and path.is_file():
+            kept = read_json(path, what="experiment unit")
+            if kept.get("settings") == want:
+                return kept["result"]
+        result = _jsonable(compute())
+        write_json(path, {"settings": want, "result": result})
+        self.done(name)
+        return result
 
 
 def _jsonable(obj: Any) -> Any:
@@ -122,6 +139,17 @@ def _proximal_infl(infl: InfluenceSettings, rep: RefineReport, log) -> Influence
         return infl
     log(f"proximal refine: γ = {rep.proximal:g} added to the influence damping")
     return proximal_settings(infl, rep.proximal)
+
+
+def _mark_proximal(scores: dict[str, InfluenceResult], rep: RefineReport, given: InfluenceSettings) -> None:
+    """After a proximal refine, the task-IF scores' diagnostics carry P's stationarity (from the refine
+    report; F's is kept as ``stationarity_of_F``) and the damping given and used, warning as the user's
+    ``given`` settings ask — as `influence` does on a proximal checkpoint."""
+    if not rep.proximal:
+        return
+    for label, r in scores.items():
+        if label.startswith("task-if") and "proximal" not in r.diagnostics:
+            record_proximal(r.diagnostics, rep.proximal, given, rep.to_json())
 
 
 def _with_curvature(problem, lam, train, infl: InfluenceSettings, out: Path, log, timings: dict, methods=(),

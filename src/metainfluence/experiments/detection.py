@@ -19,7 +19,7 @@ from ..io import save_result, write_json
 from ..pipeline import RunContext
 from ..tasks import corrupt_tasks
 from . import plots
-from .common import METHODS, StageCache, _diag_json, _eval_json, _header, _image_tensors, _proximal_infl, _score_all, _train_and_refine, _with_curvature
+from .common import METHODS, StageCache, _diag_json, _eval_json, _header, _image_tensors, _mark_proximal, _proximal_infl, _score_all, _train_and_refine, _with_curvature
 
 
 @dataclass
@@ -102,7 +102,7 @@ def _detection_one(run, infl, sec: DetectionSettings, out: Path, quick: bool, lo
     log(f"detection: {int(flags.sum())} of {n} training tasks corrupted, kind {sec.kind} ({describe_kind(sec)})")
 
     lam_star, rep, tt = _train_and_refine(ctx, log, cache=cache)
-    infl = _proximal_infl(infl, rep, log)
+    given, infl = infl, _proximal_infl(infl, rep, log)
     timings.update(tt)
     problem = ctx.problem
     dt = lam_star.dtype
@@ -111,6 +111,7 @@ def _detection_one(run, infl, sec: DetectionSettings, out: Path, quick: bool, lo
 
     t = time.perf_counter()
     scores = _score_all(problem, lam_star, train, val, infl, sec.methods, sec.direct_damping, log, sec.self_influence, cache)
+    _mark_proximal(scores, rep, given)
     timings["scoring_s"] = time.perf_counter() - t
 
     # suspicion (high = inspect first) and rankings

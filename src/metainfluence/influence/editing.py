@@ -142,21 +142,36 @@ def _reduced_solve(problem, lam, pool, settings, rhs, weights, diag):
         return op, ihvp(op, rhs, solver_settings)
 
 
-def _backtrack(problem, lam, delta, pool, weights, diag) -> float:
+def _backtrack(objective, gradient, lam, delta, diag) -> float:
     """Largest t in {1, 1/2, …, 1/64} with F_R(λ + tΔ) ≤ F_R(λ) + 10⁻⁴ t ∇F_Rᵀ Δ (Armijo); 1 when Δ is
     not a descent direction of F_R (recorded)."""
-    w, v, u = weights
-    g = problem.meta_gradient(lam, pool, w, v, u)
-    slope = float(g @ delta)
+    slope = float(gradient(lam) @ delta)
     if not slope < 0:
         diag["edit_not_descent"] = True
         return 1.0
     with torch.no_grad():
-        f0 = float(problem.objective(lam, pool, w, v, u))
+        f0 = objective(lam)
         t = 1.0
-        while t > 1 / 64 and float(problem.objective(lam + t * delta, pool, w, v, u)) > f0 + 1e-4 * t * slope:
+        while t > 1 / 64 and objective(lam + t * delta) > f0 + 1e-4 * t * slope:
             t *= 0.5
     return t
+
+
+def _reduced_objective(problem, pool, weights, proximal):
+    """F_R (value, gradient) of the kept items; with ``proximal`` = (γ, λ₀) the proximal P_R = F_R + (γ/2)‖λ − λ₀‖²,
+    so the backtracking and Newton steps after a proximal refine descend the objective λ* was stationary for."""
+    w, v, u = weights
+    gamma, anchor = proximal if proximal is not None else (0.0, None)
+
+    def objective(lam):
+        f = float(problem.objective(lam, pool, w, v, u))
+        return f + 0.5 * gamma * float((lam - anchor.to(lam)).pow(2).sum()) if gamma else f
+
+    def gradient(lam):
+        g = problem.meta_gradient(lam, pool, w, v, u)
+        return g + gamma * (lam - anchor.to(lam)) if gamma else g
+
+    return objective, gradient
 
 
 @dataclass
@@ -174,12 +189,17 @@ def edit_model(
     settings: InfluenceSettings | None = None,
     newton_steps: int = 0,
     step: str = "reduced",
+    proximal: tuple[float, torch.Tensor] | None = None,
 ) -> EditResult:
     """λ_edit = λ* + (H_R + δI)^{-1} b_R / n (``step="reduced"``, the default) or with the full-pool H
     (``step="full"``, the paper's), then ``newton_steps`` Newton steps on F(λ; w_R) (with
     ``settings.hessian`` when it is exact or gauss-newton, else the exact Hessian where available; each
     step backtracks until F(λ; w_R) decreases and falls back to the gradient direction where the
-    Newton direction is not a descent direction, so a far-from-quadratic F cannot make it diverge)."""
+    Newton direction is not a descent direction, so a far-from-quadratic F cannot make it diverge).
+
+    With ``proximal`` = (γ, λ₀) (a checkpoint refined on P = F + (γ/2)‖λ − λ₀‖²) the edit is P's: its
+    backtracking and Newton steps descend P_R, and ``settings.damping`` must already hold γ
+    (pipeline.proximal.proximal_settings), which makes every Hessian H_R + γI."""
     settings = settings or InfluenceSettings()
     settings.validate()
     if step not in EDIT_STEPS:
@@ -190,7 +210,10 @@ def edit_model(
     # the reduced step is a Newton step on F(·; w_R, v_R, u_R): it needs the exact change of the gradient
     b = removed_gradient(problem, lam, pool, removal, linear=step == "full")
     w, v, u = removal.weights(problem, lam, pool)
+    objective, gradient = _reduced_objective(problem, pool, (w, v, u), proximal)
     diag: dict[str, Any] = {"removed": removal.count(), "step": step, "newton": []}
+    if proximal is not None:
+        diag["proximal_gamma"] = float(proximal[0])
     if step == "full":
         op = build_hessian(problem, lam, pool, settings)
         res = ihvp(op, b / n, settings)
@@ -199,7 +222,7 @@ def edit_model(
         op, res = _reduced_solve(problem, lam, pool, settings, b / n, (w, v, u), diag)
         # a Newton step is exact on a quadratic F and may overshoot elsewhere: backtrack on F(·; w_R)
         # (one forward pass per trial; the full step is kept wherever it lowers F enough)
-        t = _backtrack(problem, lam, res.x, pool, (w, v, u), diag)
+        t = _backtrack(objective, gradient, lam, res.x, diag)
         lam_edit = lam + t * res.x
         diag["step_length"] = t
     diag.update({"solver_residual": res.residual, "solver_iterations": res.iterations,
@@ -210,24 +233,27 @@ def edit_model(
         kind = settings.hessian if settings.hessian in ("exact", "gauss-newton") else "exact"
         if kind == "exact" and (problem.inner.kind != "unrolled" or problem.inner.first_order):
             kind = "gauss-newton"
-        # the structured woodbury solver needs the fisher kind; the Newton steps use CG on their own kind
-        newton_settings = settings if settings.solver != "woodbury" else dataclasses.replace(settings, solver="cg")
+        # the structured woodbury solver needs the fisher kind, and a curvature file belongs to λ*, not to the
+        # λ the steps move through: those steps use plain CG on their own kind (tried: λ*'s curvature as pcg's
+        # preconditioner there saved iterations at large damping but slowed tight solves at small damping)
+        newton_settings = dataclasses.replace(settings, solver="cg", curvature_file="") if settings.solver in ("woodbury", "pcg", "curvature") else settings
+        diag["newton_solver"] = newton_settings.solver
         for _ in range(newton_steps):
-            g = problem.meta_gradient(lam_edit, pool, w, v, u)
+            g = gradient(lam_edit)
             op_r = TotalHessian(problem, lam_edit, pool, kind, w=w, v=v, u=u)
             solved = ihvp(op_r, g, newton_settings)
             direction, fallback = descent_direction(g, solved.x, op_r, settings.damping)
             # backtracking (Armijo) on F(λ; w_R): a full step can overshoot where F is far from quadratic
-            f0 = float(problem.objective(lam_edit, pool, w, v, u))
+            f0 = objective(lam_edit)
             slope = -float(g @ direction)
             t = 1.0
             with torch.no_grad():
-                while t > 1e-4 and float(problem.objective(lam_edit - t * direction, pool, w, v, u)) > f0 + 1e-4 * t * slope:
+                while t > 1e-4 and objective(lam_edit - t * direction) > f0 + 1e-4 * t * slope:
                     t *= 0.5
             lam_edit = lam_edit - t * direction
-            diag["newton"].append({"grad_norm_before": float(g.norm()), "residual": solved.residual, "step": t,
+            diag["newton"].append({"grad_norm_before": float(g.norm()), "residual": solved.residual, "iterations": solved.iterations, "step": t,
                                    "gradient_fallback": fallback})
-        diag["newton_final_grad_norm"] = float(problem.meta_gradient(lam_edit, pool, w, v, u).norm())
+        diag["newton_final_grad_norm"] = float(gradient(lam_edit).norm())
     diag["seconds"] = time.perf_counter() - t0
     return EditResult(lam=lam_edit, delta=lam_edit - lam, diagnostics=diag)
 

@@ -70,9 +70,11 @@ def influence_stage(ctx: RunContext, lam: torch.Tensor, settings: Any, level: st
     raise SettingsError(f"unknown influence level {level!r}; use task, support, query or pairwise")
 
 
-def edit_stage(ctx: RunContext, lam: torch.Tensor, removal: Any, settings: Any, newton_steps: int = 0, step: str = "reduced"):
+def edit_stage(ctx: RunContext, lam: torch.Tensor, removal: Any, settings: Any, newton_steps: int = 0, step: str = "reduced",
+               proximal: tuple[float, torch.Tensor] | None = None):
     """Closed-form removal (docs/method.md §6) on the training pool; returns the EditResult."""
-    return edit_model(ctx.problem, lam, ctx.tensors["train"].to(dtype=lam.dtype), removal, settings, newton_steps=newton_steps, step=step)
+    return edit_model(ctx.problem, lam, ctx.tensors["train"].to(dtype=lam.dtype), removal, settings, newton_steps=newton_steps, step=step,
+                      proximal=proximal)
 
 
 def removal_from_scores(result: Any, k: int) -> Any:
@@ -242,12 +244,9 @@ def edit_checkpoint(checkpoint: str | os.PathLike, settings: Any, remove_tasks: 
         removal = removal_from_scores(ctx.load_scores(scores), top_k)
     lam = ckpt.lam.double()
     prox = proximal_of(ckpt)
-    if prox is not None:  # the edit of the proximal objective: its reduced Hessian is H_R + γI
-        if newton_steps:
-            raise SettingsError(f"this checkpoint was refined on the proximal objective (γ = {prox[0]:g}); --newton-steps re-optimise plain F, "
-                                "so use --newton-steps 0 (the closed-form edit is exact to first order for the proximal objective)")
+    if prox is not None:  # the edit of the proximal objective: its reduced Hessian is H_R + γI, its Newton steps descend P_R
         settings = proximal_settings(settings, prox[0])
-    edited = edit_stage(ctx, lam, removal, settings, newton_steps=newton_steps, step=step)
+    edited = edit_stage(ctx, lam, removal, settings, newton_steps=newton_steps, step=step, proximal=prox)
     before = evaluate_stage(ctx, lam, ("test",))["test"]
     after = evaluate_stage(ctx, edited.lam, ("test",))["test"]
     ctx.out = folder
