@@ -259,3 +259,27 @@ def test_removal_retrains_over_seeds_and_places_the_edit_in_their_spread(tmp_pat
     assert retrain["edit_within_spread"] == (min(accs) <= edit["test_acc"][0] <= max(accs))
     assert retrain["edit_below_mean_points"] == pytest.approx(100 * (sum(accs) / 2 - edit["test_acc"][0]))
     assert accs[0] != accs[1]  # another seed draws other meta-batches: another training path
+
+
+def test_set_lays_settings_over_a_config_and_bad_ones_are_refused(capsys):
+    from pathlib import Path
+
+    from metainfluence.cli import main
+    from metainfluence.config import parse_sets
+    from metainfluence.errors import SettingsError
+    from metainfluence.experiments import load_experiment_settings
+
+    sets = parse_sets(["data.k_shot=5", "influence.solve.max_iter=7", "removal.edit_steps=[\"full\"]", "data.dataset=mnist"])
+    assert sets == {"data": {"k_shot": 5, "dataset": "mnist"}, "influence": {"solve": {"max_iter": 7}}, "removal": {"edit_steps": ["full"]}}
+    cfg = Path(__file__).parent.parent / "configs" / "removal_omniglot_conv4.toml"
+    run, infl, sec = load_experiment_settings("removal", str(cfg), False, sets)
+    assert (run.data.k_shot, run.data.dataset, infl.solve.max_iter, sec.edit_steps) == (5, "mnist", 7, ("full",))
+    assert run.model.width == 16 and infl.solver == "pcg"  # the rest from the file
+    with pytest.raises(SettingsError, match="SECTION.KEY=VALUE"):
+        parse_sets(["k_shot=5"])
+    with pytest.raises(SettingsError, match="unknown"):
+        load_experiment_settings("removal", None, True, parse_sets(["removal.no_such_key=1"]))
+    with pytest.raises(SettingsError, match="edit_steps"):
+        load_experiment_settings("removal", None, True, parse_sets(["removal.edit_steps=[\"sideways\"]"]))
+    assert main(["experiment", "removal", "--quick", "--set", "data.k_shot", "--out", "/nonexistent/x"]) == 2
+    assert "SECTION.KEY=VALUE" in capsys.readouterr().err

@@ -15,7 +15,7 @@ import sys
 import warnings
 from typing import Sequence
 
-from .config import add_settings_arguments, config_sections, load_settings, namespace_overrides
+from .config import add_settings_arguments, config_sections, load_settings, namespace_overrides, parse_sets
 from .errors import BudgetStop, MetaInfluenceError, SettingsError
 
 EXIT_USER_ERROR = 2
@@ -154,8 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--config", default=None, metavar="FILE", help="experiment config (TOML/YAML/JSON), e.g. configs/detection_mnist.toml")
     ex.add_argument("--quick", action="store_true", help="small variant (about a minute on 2 CPU cores)")
     ex.add_argument("--out", default=None, help="output folder (default: runs/experiment-NAME)")
-    ex.add_argument("--resume", action="store_true", help="reuse what an interrupted run of the same config left in --out (training, refined λ*, "
-                    "curvature, each method's scores); other settings are refused. Edits, retraining and tables are recomputed")
+    ex.add_argument("--resume", action="store_true", help="reuse what an interrupted run of the same settings left in --out (docs/experiments.md); other pools are refused")
+    ex.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="lay a setting over the config's, value as in TOML (e.g. --set data.k_shot=5)")
     ex.add_argument("--max-minutes", type=float, default=0.0, metavar="M", help="detection, removal, fidelity: stop once a saved stage (training + refine, curvature, a method's scores) "
                     "ends past M minutes: `stopped: …`, status 3; --resume continues. A stage in progress finishes (default: 0, no budget)")
     ex.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
@@ -389,7 +389,7 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     if args.name not in EXPERIMENTS:
         raise SettingsError(f"unknown experiment {args.name!r}; use one of {', '.join(EXPERIMENTS)}")
     out = args.out or f"runs/experiment-{args.name}"
-    run_experiment(args.name, args.config, args.quick, out, resume=args.resume, max_minutes=args.max_minutes)
+    run_experiment(args.name, args.config, args.quick, out, resume=args.resume, max_minutes=args.max_minutes, sets=parse_sets(args.set))
     print(f"results in {out}/; render them with: metainfluence report {out}")
     return 0
 

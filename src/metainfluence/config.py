@@ -295,6 +295,38 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+def parse_sets(items: typing.Iterable[str], source: str = "--set") -> dict[str, Any]:
+    """``SECTION.KEY=VALUE`` items as a nested dict to lay over a config file's (:func:`merge_config`). The
+    value is read as TOML, as in a config file (``5``, ``1e-3``, ``["a", "b"]``, ``true``); a bare word is a string."""
+    import tomllib
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        parts = [p.strip() for p in key.split(".")]
+        if not sep or len(parts) < 2 or not all(parts):
+            raise SettingsError(f"{source} {item!r}: write SECTION.KEY=VALUE, e.g. {source} data.k_shot=5")
+        try:
+            parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            parsed = value.strip()
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise SettingsError(f"{source} {item!r}: {part!r} is a setting, not a section")
+        node[parts[-1]] = parsed
+    return out
+
+
+def merge_config(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` (a config file's sections) with ``over`` laid on top, section by section."""
+    merged = dict(base)
+    for k, v in over.items():
+        merged[k] = merge_config(merged[k], v) if isinstance(v, Mapping) and isinstance(merged.get(k), Mapping) else v
+    return merged
+
+
 def config_sections(path: str | os.PathLike, owned: typing.Iterable[str], known: typing.Iterable[str]) -> dict[str, Any]:
     """The sections of a config file that one command owns. One file can serve every command: each
     takes its own sections and leaves the others, but a section no command knows is an error that

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .. import InfluenceSettings, RefineSettings, SolverSettings, TrainSettings
-from ..config import apply_overrides, read_config_file
+from ..config import apply_overrides, merge_config, read_config_file
 from ..errors import SettingsError
 from ..io import read_json, write_json
 from ..meta.curvature import HESSIANS
@@ -37,8 +37,9 @@ def _quick_run(name: str):
     )
 
 
-def load_experiment_settings(name: str, config: str | None, quick: bool):
-    """(RunSettings, InfluenceSettings, section settings) of an experiment from a config file."""
+def load_experiment_settings(name: str, config: str | None, quick: bool, sets: dict | None = None):
+    """(RunSettings, InfluenceSettings, section settings) of an experiment from a config file, with
+    ``sets`` (:func:`~metainfluence.config.parse_sets`) laid over its sections."""
     if name not in EXPERIMENTS:
         raise SettingsError(f"unknown experiment {name!r}; use one of {', '.join(EXPERIMENTS)}")
     run = _quick_run(name) if quick else RunSettings()
@@ -59,9 +60,9 @@ def load_experiment_settings(name: str, config: str | None, quick: bool):
         if name == "estimates":
             sec = dataclasses.replace(sec, lds_subsets=0, neumann_depths=(10, 100), solvers=("explicit", "cg"),
                                       dampings=(1e-3, 1e-1), lowrank_rank=10)
-    if config is not None:
-        data = read_config_file(config)
-        src = f"config {config}"
+    if config is not None or sets:
+        data = merge_config(read_config_file(config) if config is not None else {}, sets or {})
+        src = f"config {config}" if config is not None else "--set"
         own = data.pop(name, None) or {}
         inf = data.pop("influence", None) or {}
         for other in EXPERIMENTS:
@@ -116,8 +117,9 @@ def _check_detection(sec) -> None:
 
 
 def run_experiment(name: str, config: str | None = None, quick: bool = False, out: str = "runs/experiment",
-                   log: Callable[[str], None] = print, resume: bool = False, max_minutes: float = 0.0) -> dict:
-    """Run experiment ``name`` (detection | removal | estimates | fidelity); results go to ``out``.
+                   log: Callable[[str], None] = print, resume: bool = False, max_minutes: float = 0.0, sets: dict | None = None) -> dict:
+    """Run experiment ``name`` (detection | removal | estimates | fidelity); results go to ``out``;
+    ``sets``: settings laid over the config's (``{"data": {"k_shot": 5}}``; recorded in the results).
 
     ``resume``: reuse the stages an earlier run of the same settings left in ``out`` (training,
     refined λ*, curvature, each method's scores: :class:`~.common.StageCache`; estimates' ground-truth
@@ -133,7 +135,7 @@ def run_experiment(name: str, config: str | None = None, quick: bool = False, ou
         raise SettingsError("--max-minutes applies to the detection and removal experiments; estimates resumes its ground truth unit by unit "
                             "without it (stop it at any time and run the same command again)")
     deadline = time.monotonic() + 60 * max_minutes if max_minutes else math.inf
-    run, infl, sec = load_experiment_settings(name, config, quick)
+    run, infl, sec = load_experiment_settings(name, config, quick, sets)
     out_p = Path(out)
     out_p.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
