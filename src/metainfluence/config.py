@@ -254,6 +254,15 @@ def _suggest(key: str, known: list[str], limit: int = 6) -> list[str]:
     return (close + leaves)[:limit]
 
 
+def _toml():
+    """The TOML reader: the standard library's from Python 3.11, ``tomli`` before."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    return tomllib
+
+
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """Read a TOML (``.toml``), YAML (``.yaml``/``.yml``) or JSON (``.json``, e.g. a run's
     ``settings.json``) settings file into a dict."""
@@ -263,10 +272,7 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     suffix = path.suffix.lower()
     text = path.read_bytes()
     if suffix == ".toml":
-        if sys.version_info >= (3, 11):
-            import tomllib
-        else:  # pragma: no cover
-            import tomli as tomllib
+        tomllib = _toml()
         try:
             data = tomllib.loads(text.decode("utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -298,7 +304,7 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
 def parse_sets(items: typing.Iterable[str], source: str = "--set") -> dict[str, Any]:
     """``SECTION.KEY=VALUE`` items as a nested dict to lay over a config file's (:func:`merge_config`). The
     value is read as TOML, as in a config file (``5``, ``1e-3``, ``["a", "b"]``, ``true``); a bare word is a string."""
-    import tomllib
+    tomllib = _toml()
 
     out: dict[str, Any] = {}
     for item in items:

@@ -17,6 +17,8 @@ import torch
 
 from .. import Removal, edit_model, evaluate, instance_influence, meta_train, metrics, refine
 from ..config import to_dict
+from ..errors import SettingsError
+from ..influence.editing import EDIT_STEPS
 from ..io import read_tensors, save_result, write_tensors
 from ..pipeline import RunContext, stage_settings
 from . import plots
@@ -61,8 +63,6 @@ class RemovalSettings:
     variant_methods: tuple[str, ...] = field(default=("task-if",), metadata={"help": "methods that get the extra edit rows (edit_steps[1:], edit_newton_steps)"})
 
     def validate(self) -> None:
-        from ..errors import SettingsError
-        from ..influence.editing import EDIT_STEPS
         bad = [x for x in self.edit_steps if x not in EDIT_STEPS]
         if not self.edit_steps or bad or len(set(self.edit_steps)) < len(self.edit_steps):
             raise SettingsError(f"[removal] edit_steps must list distinct steps of {', '.join(EDIT_STEPS)}, got {list(self.edit_steps)}")
