@@ -93,7 +93,7 @@ class StageCache:
         """A unit of work whose JSON result is kept as ``units/NAME.json`` with the settings it was
         computed under (an edit's or a retraining's row) and reused on resume when they are equal; after
         computing it, the ``--max-minutes`` deadline is checked like after any stage."""
-        path = self.out / "units" / (re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") + ".json")
+        path = self.out / "units" / (slug(name) + ".json")
         want = _jsonable(settings)
         if self.resume and path.is_file():
             kept = read_json(path, what="experiment unit")
@@ -202,17 +202,28 @@ def _score_all(problem, lam, train, val, infl, methods, direct_damping, log, sel
             for m in methods}
 
 
+def slug(name: str) -> str:
+    """A method or row label as a file name (``instance-if (support)`` → ``instance-if_support``)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
+
+
 def _score_cached(problem, lam, train, val, label: str, s: InfluenceSettings, log, self_influence=False,
-                  cache: StageCache | None = None) -> InfluenceResult:
+                  cache: StageCache | None = None, compute=None, charged_s: float = 0.0) -> InfluenceResult:
     """One ranking's scores under settings ``s``, kept as ``scores/LABEL`` and reused on resume when
-    their recorded settings equal ``s``."""
-    stem = "scores/" + re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_")
+    their recorded settings equal ``s``. ``compute`` replaces task-IF's own computation (instance-IF),
+    and ``charged_s`` adds the time of work it reuses to the recorded seconds."""
+    stem = "scores/" + slug(label)
     if cache is not None and cache.has(stem):
         kept = InfluenceResult.load(cache.out / stem)
         same = kept.settings.get("influence") == _jsonable(settings_dict(s))
-        if same and (kept.self_influence is not None or not self_influence):
+        if same and (kept.self_influence is not None or not self_influence) and "seconds" in kept.diagnostics:
             log(f"  {label:<9} scores resumed from {cache.out / stem}")
             return kept
+    if compute is not None:
+        t = time.perf_counter()
+        res = compute()
+        res.diagnostics["seconds"] = time.perf_counter() - t + charged_s
+        return _keep_scores(res, label, stem, log, cache)
     t = time.perf_counter()
     res = task_influence(problem, lam, train, val, s)
     if self_influence:
@@ -224,6 +235,10 @@ def _score_cached(problem, lam, train, val, label: str, s: InfluenceSettings, lo
         res.diagnostics["self_influence"] = {"hessian": "fisher", "solver": "woodbury", "seconds": time.perf_counter() - ts,
                                              "residual": si.diagnostics.get("self_influence_residual")}
     res.diagnostics["seconds"] = time.perf_counter() - t
+    return _keep_scores(res, label, stem, log, cache)
+
+
+def _keep_scores(res: InfluenceResult, label: str, stem: str, log, cache: StageCache | None) -> InfluenceResult:
     log(f"  {label:<9} scores in {res.diagnostics['seconds']:.2f} s")
     if cache is not None:
         res.save(cache.out / stem)

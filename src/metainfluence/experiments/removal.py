@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,14 +17,13 @@ import torch
 from .. import Removal, edit_model, evaluate, instance_influence, meta_train, metrics, refine
 from ..config import to_dict
 from ..errors import SettingsError
-from ..influence.editing import EDIT_STEPS
+from ..influence.editing import EDIT_STEPS, reduced_objective
 from ..io import read_tensors, save_result, write_tensors
 from ..pipeline import RunContext, stage_settings
 from . import plots
 from ..meta.checkpoint import load_checkpoint
 from ..pipeline.proximal import proximal_of
-from ..influence.results import InfluenceResult, settings_dict
-from .common import METHODS, StageCache, _diag_json, _jsonable, _eval_json, _header, _image_tensors, _mark_proximal, _proximal_infl, _score_all, _train_and_refine, _with_curvature
+from .common import METHODS, StageCache, _diag_json, _eval_json, _header, _image_tensors, _mark_proximal, _proximal_infl, _score_all, _score_cached, _train_and_refine, _with_curvature, slug
 
 # The paper's Table 1 (ICLR version, docs/method.md §11): accuracy after removing 40% harmful data, wall time (s).
 PAPER_TABLE1 = [
@@ -81,24 +79,14 @@ def _instance_removals(problem, lam, train, val, infl, levels, fraction, log, ta
     settings = dataclasses.replace(infl, method="task-if", self_influence=False)
     out = []
     for level in levels:
-        stem = f"scores/instance-if_{level}"
-        r = InfluenceResult.load(cache.out / stem) if cache is not None and cache.has(stem) else None
-        if r is not None and r.settings.get("influence") == _jsonable(settings_dict(settings)) and "seconds" in r.diagnostics:
-            secs = float(r.diagnostics["seconds"])
-            log(f"  instance-if ({level}) scores resumed from {cache.out / stem}")
-        else:
-            t = time.perf_counter()
-            r = instance_influence(problem, lam, train, val, level, settings, s=task_if.extra["s"] if reuse else None)
-            secs = time.perf_counter() - t + (task_if.diagnostics["timings_s"]["ihvp"] if reuse else 0.0)
-            r.diagnostics["seconds"] = secs
-            log(f"  instance-if ({level}) scores in {secs:.2f} s" + (" (task-IF's iHVP reused, its time included)" if reuse else ""))
-            if cache is not None:
-                r.save(cache.out / stem)
-                cache.done(f"the instance-if ({level}) scores")
+        name = f"instance-if ({level})"
+        r = _score_cached(problem, lam, train, val, name, settings, log, cache=cache,
+                          compute=lambda: instance_influence(problem, lam, train, val, level, settings, s=task_if.extra["s"] if reuse else None),
+                          charged_s=task_if.diagnostics["timings_s"]["ihvp"] if reuse else 0.0)
         m = r.scores.numel()
         mask = torch.zeros(m, dtype=torch.bool)
         mask[r.ranking(harmful_first=True)[: metrics.fraction_to_count(fraction, m)]] = True
-        out.append((f"instance-if ({level})", secs, Removal(**{level: mask.reshape(r.scores.shape)})))
+        out.append((name, float(r.diagnostics["seconds"]), Removal(**{level: mask.reshape(r.scores.shape)})))
     return out
 
 
@@ -147,13 +135,11 @@ def _reoptimise_unit(problem, lam_star, train, test, removal, refine_settings, p
     reopt_s = time.perf_counter() - tr
     ev_o = evaluate(problem, lam_o, test)
 
-    def reduced_grad(lam):  # of the objective the re-optimisation minimised: P_R after a proximal refine
-        g = problem.meta_gradient(lam, train, w, v, u)
-        return float((g + prox[0] * (lam - prox[1].to(lam)) if prox else g).norm())
+    gradient = reduced_objective(problem, train, (w, v, u), prox)[1]  # of what the re-optimisation minimised: P_R after a proximal refine
 
     return {"test_acc": (ev_o.accuracy, ev_o.accuracy_ci95), "test_loss": ev_o.loss, "path_s": reopt_s,
             "reduced_objective": "P_R" if prox else "F_R",
-            "reduced_grad_at_lam_star": reduced_grad(lam_star), "reduced_grad_after_edit": reduced_grad(lam_edit),
+            "reduced_grad_at_lam_star": float(gradient(lam_star).norm()), "reduced_grad_after_edit": float(gradient(lam_edit).norm()),
             "reduced_grad_after_reoptimise": rep_o.grad_norm_after,
             "edit_cosine_to_reoptimised": metrics.cosine((lam_edit - lam_star).double(), (lam_o - lam_star).double()),
             "edit_norm_ratio": float((lam_edit - lam_star).norm() / (lam_o - lam_star).norm().clamp_min(1e-300))}
@@ -222,7 +208,7 @@ def run_removal(run, infl, sec: RemovalSettings, out: Path, quick: bool, log, re
         # every row is a unit kept in the folder under the removal it made: --resume continues after the last one
         key = {"removed": removed_ids[m], "proximal": prox[0] if prox else 0.0}
         reopt = m in sec.reoptimise_methods
-        lam_file = out / "units" / f"edit_lam_{re.sub(r'[^A-Za-z0-9_.-]+', '_', m).strip('_')}.safetensors"
+        lam_file = out / "units" / f"edit_lam_{slug(m)}.safetensors"
         for path, step, newton in _variant_paths(sec) if m in sec.variant_methods else _variant_paths(sec)[:1]:
             keep = lam_file if reopt and path == "edit" else None
             # (keeps_lam: an edit kept before re-optimisation was asked for has no λ file; recompute it then)

@@ -157,8 +157,8 @@ def _backtrack(objective, gradient, lam, delta, diag) -> float:
     return t
 
 
-def _reduced_objective(problem, pool, weights, proximal):
-    """F_R (value, gradient) of the kept items; with ``proximal`` = (γ, λ₀) the proximal P_R = F_R + (γ/2)‖λ − λ₀‖²,
+def reduced_objective(problem, pool, weights, proximal):
+    """F_R of the kept items as (value, gradient) functions of λ; with ``proximal`` = (γ, λ₀) the proximal P_R = F_R + (γ/2)‖λ − λ₀‖²,
     so the backtracking and Newton steps after a proximal refine descend the objective λ* was stationary for."""
     w, v, u = weights
     gamma, anchor = proximal if proximal is not None else (0.0, None)
@@ -210,7 +210,7 @@ def edit_model(
     # the reduced step is a Newton step on F(·; w_R, v_R, u_R): it needs the exact change of the gradient
     b = removed_gradient(problem, lam, pool, removal, linear=step == "full")
     w, v, u = removal.weights(problem, lam, pool)
-    objective, gradient = _reduced_objective(problem, pool, (w, v, u), proximal)
+    objective, gradient = reduced_objective(problem, pool, (w, v, u), proximal)
     diag: dict[str, Any] = {"removed": removal.count(), "step": step, "newton": []}
     if proximal is not None:
         diag["proximal_gamma"] = float(proximal[0])
