@@ -14,6 +14,7 @@ from metainfluence.errors import MetaInfluenceError, SettingsError
 from metainfluence.evaluation.metrics import (
     cosine,
     detection_auc,
+    detection_auc_interval,
     fraction_to_count,
     harmful_first,
     lds,
@@ -217,6 +218,30 @@ def test_detection_auc_perfect_reversed_random():
     big = rng.random(4000) < 0.3
     auc = detection_auc(rng.normal(size=4000), big)
     assert abs(auc - 0.5) < 0.03
+
+
+def test_detection_auc_interval_covers_the_auc_and_narrows_with_more_items():
+    flags = _corrupted()
+    perfect = flags.astype(float) + np.linspace(0, 0.1, 20)
+    assert detection_auc_interval(perfect, flags) == (1.0, 1.0)  # every resample stays perfectly separated
+    rng = np.random.default_rng(7)
+    true_auc = 0.7602  # scores N(1, 1) against N(0, 1): Φ(1/√2)
+    covered, widths = 0, {}
+    for rep in range(100):  # coverage of the true AUC over fresh draws of 100 items (20 corrupted)
+        y = np.arange(100) < 20
+        s = rng.normal(size=100) + 1.0 * y
+        lo, hi = detection_auc_interval(s, y, n_boot=400, seed=rep)
+        assert lo <= detection_auc(s, y) <= hi
+        covered += lo <= true_auc <= hi
+        widths.setdefault(100, hi - lo)
+    assert 85 <= covered <= 100, covered
+    y = np.arange(1000) < 200
+    s = rng.normal(size=1000) + 1.0 * y
+    lo, hi = detection_auc_interval(s, y, n_boot=400)
+    assert hi - lo < 0.5 * widths[100]  # the interval shrinks like 1/√n (10× the items: ≈ 0.32× the width)
+    assert detection_auc_interval(s, y) == detection_auc_interval(s, y)  # seeded
+    with pytest.raises(SettingsError, match="corrupted and clean"):
+        detection_auc_interval(np.zeros(3), [1, 1, 1])
 
 
 def test_detection_auc_ties_and_sklearn_agreement():

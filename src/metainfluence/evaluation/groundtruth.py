@@ -15,7 +15,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -124,12 +124,15 @@ def _sha(x: torch.Tensor) -> str:
 
 
 def _open_store(kind: str, out_dir, problem: MetaProblem, lam_star: torch.Tensor, n: int,
-                settings: GroundTruthSettings, refine_settings: RefineSettings, anchor: torch.Tensor | None = None) -> _Store:
+                settings: GroundTruthSettings, refine_settings: RefineSettings, anchor: torch.Tensor | None = None,
+                sample: list[int] | None = None) -> _Store:
     """The resumable store of one ground-truth run, keyed by everything that determines its numbers."""
     key = {"kind": kind, "n": n, "gt": asdict(settings), "refine": asdict(refine_settings), "lam_sha256": _sha(lam_star),
            "problem": problem.settings_json()}
     if anchor is not None:
         key["anchor_sha256"] = _sha(anchor)
+    if sample is not None:
+        key["sample"] = sample
     return _Store(out_dir, key)
 
 
@@ -143,18 +146,27 @@ def leave_one_out(
     out_dir: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
     anchor: torch.Tensor | None = None,
+    sample: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """True Δf_k and Δλ_k for a seeded sample of tasks, by refining with w_k = 0 (docs/method.md §10).
 
-    ``anchor``: centre of the proximal term when ``settings.proximal`` > 0 (default ``lam_star``). Anchored at
+    ``sample``: the tasks to leave out (distinct pool positions), instead of ``settings.n_loo`` drawn with
+    ``settings.seed``; e.g. a sample stratified by corruption. ``anchor``: centre of the proximal term when ``settings.proximal`` > 0 (default ``lam_star``). Anchored at
     the trained λ with λ* the minimiser of F + (γ/2)‖λ − anchor‖², the control stays at λ* and the
     ground truth is the response of that proximal objective (docs/method.md §10)."""
     n = len(tasks)
     settings.validate(n)
     refine_settings = refine_settings or RefineSettings(tol=1e-8, max_iter=500)
-    gen = torch.Generator().manual_seed(settings.seed)
-    sample = torch.randperm(n, generator=gen)[: settings.n_loo].sort().values
-    store = _open_store("loo", out_dir, problem, lam_star, n, settings, refine_settings, anchor)
+    if sample is None:
+        gen = torch.Generator().manual_seed(settings.seed)
+        sample = torch.randperm(n, generator=gen)[: settings.n_loo].sort().values
+        store = _open_store("loo", out_dir, problem, lam_star, n, settings, refine_settings, anchor)
+    else:
+        given = [int(k) for k in sample]
+        if len(set(given)) != len(given) or any(not 0 <= k < n for k in given):
+            raise SettingsError(f"leave-one-out sample must be distinct task positions in 0..{n - 1}; got {given[:10]}")
+        sample = torch.tensor(sorted(given), dtype=torch.long)
+        store = _open_store("loo", out_dir, problem, lam_star, n, settings, refine_settings, anchor, sample.tolist())
     t0 = time.perf_counter()
     done = store.get("control")
     computed = int(done is None)

@@ -299,6 +299,30 @@ def detection_auc(suspicion_scores: Any, is_corrupted: Any) -> float:
     return float(roc_auc_score(corrupted, s))
 
 
+def detection_auc_interval(suspicion_scores: Any, is_corrupted: Any, level: float = 0.95, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile interval of :func:`detection_auc` under a stratified bootstrap: corrupted and clean items
+    are resampled separately (each resample keeps both groups' sizes), so a table of 16 corrupted tasks
+    says how far its AUC could move with another draw of them. Seeded: the same input gives the same interval."""
+    s = _as_float(suspicion_scores, "suspicion_scores")
+    corrupted = _as_bool(is_corrupted, "is_corrupted")
+    _same_length(s, corrupted, "suspicion_scores", "is_corrupted")
+    pos, neg = s[corrupted], s[~corrupted]
+    if len(pos) == 0 or len(neg) == 0:
+        raise SettingsError(f"AUC needs corrupted and clean items, got {len(pos)} corrupted and {len(neg)} clean; pass the recorded corruption flags")
+    if not 0 < level < 1 or n_boot < 1:
+        raise SettingsError(f"need 0 < level < 1 and n_boot ≥ 1, got {level}, {n_boot}")
+    rng = np.random.default_rng(seed)
+    aucs = []
+    chunk = max(1, 4_000_000 // (len(pos) * len(neg)))  # bounds the comparison array's memory on large pools
+    for start in range(0, n_boot, chunk):
+        b = min(chunk, n_boot - start)
+        p = pos[rng.integers(0, len(pos), (b, len(pos)))][:, :, None]
+        q = neg[rng.integers(0, len(neg), (b, len(neg)))][:, None, :]
+        aucs.append(((p > q) + 0.5 * (p == q)).mean(axis=(1, 2)))
+    a = np.concatenate(aucs)
+    return float(np.quantile(a, (1 - level) / 2)), float(np.quantile(a, (1 + level) / 2))
+
+
 # ---------------------------------------------------------------------------------------------
 # tables and selection
 # ---------------------------------------------------------------------------------------------

@@ -13,10 +13,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import Removal, edit_model, evaluate, metrics
+from .. import GroundTruthSettings, RefineSettings, Removal, edit_model, evaluate, leave_one_out, metrics
 from ..config import to_dict
 from ..io import save_result, write_json
+from ..meta.checkpoint import load_checkpoint
 from ..pipeline import RunContext
+from ..pipeline.proximal import proximal_of
 from ..tasks import corrupt_tasks
 from . import plots
 from .common import METHODS, StageCache, _diag_json, _eval_json, _header, _image_tensors, _mark_proximal, _proximal_infl, _score_all, _train_and_refine, _with_curvature
@@ -42,6 +44,11 @@ class DetectionSettings:
     edit_max_iter: int = field(default=0, metadata={"help": "solver iterations of each edit (0 = [influence] max_iter)"})
     edit_methods: tuple[str, ...] = field(default=(), metadata={"help": "rankings whose top fractions are removed by edit (() = every ranking; "
                                                                          "the oracle edit is always made)"})
+    loo_tasks: int = field(default=0, metadata={"help": "ground truth: leave each of this many tasks out (half corrupted, half clean, seeded) and "
+                                                        "re-optimise from λ* (the refine's objective, proximal when it was); the row "
+                                                        "'leave-one-out (re-optimised)' is the ranking every influence method estimates (0 = skip)"})
+    loo_tol_ratio: float = field(default=1e-5, metadata={"help": "stationarity ‖∇‖ / mean‖g_i‖ of each leave-one-out re-optimisation"})
+    loo_max_iter: int = field(default=300, metadata={"help": "L-BFGS iterations of each leave-one-out re-optimisation"})
 
 
 # the [detection] keys that define the corrupted pool (and so λ*): a resumed run must keep them
@@ -103,6 +110,11 @@ def _detection_one(run, infl, sec: DetectionSettings, out: Path, quick: bool, lo
 
     lam_star, rep, tt = _train_and_refine(ctx, log, cache=cache)
     given, infl = infl, _proximal_infl(infl, rep, log)
+    # a proximal refine minimised P = F + (γ/2)‖λ − λ_t‖²: edits and leave-one-out re-optimise P_R, anchored at the same λ_t
+    prox = None
+    if rep.proximal:
+        gamma, anchor = proximal_of(load_checkpoint(out / "refined", expected_problem=ctx.problem))
+        prox = (gamma, anchor.to(lam_star.dtype))
     timings.update(tt)
     problem = ctx.problem
     dt = lam_star.dtype
@@ -130,9 +142,20 @@ def _detection_one(run, infl, sec: DetectionSettings, out: Path, quick: bool, lo
                      "recall@1.25rho": metrics.recall_at(rank, flags.numpy(), at),
                      "recall@0.4": metrics.recall_at(rank, flags.numpy(), 0.4),
                      "auc": metrics.detection_auc(s.numpy(), flags.numpy()),
+                     "auc_ci95": metrics.detection_auc_interval(s.numpy(), flags.numpy()),  # stratified bootstrap
                      "seconds": (scores[m].diagnostics["seconds"] - scores[m].diagnostics.get("self_influence", {}).get("seconds", 0.0)
                                  if m in scores else scores["task-if"].diagnostics["self_influence"]["seconds"])})
         log(f"  {m:<15} recall@{at:.2f} {rows[-1]['recall@1.25rho']:.3f}  AUC {rows[-1]['auc']:.3f}")
+    ground_truth, figs = None, {}
+    if sec.loo_tasks:
+        t = time.perf_counter()
+        ground_truth = _loo_ground_truth(ctx, lam_star, rep, prox, train, val, flags, suspicion, sec, out, log, cache)
+        timings["loo_s"] = time.perf_counter() - t
+        if "task-if" in scores:
+            on = ground_truth["tasks"]
+            figs["scatter_loo"] = plots.scatter_predicted_vs_actual(
+                scores["task-if"].scores.double()[on], torch.tensor(ground_truth["true_delta_f"]), out / "scatter_task_if_loo.png",
+                title="task-IF vs leave-one-out on the corrupted pool", xlabel="task-IF score (predicted Δf)", ylabel="re-optimised Δf").name
 
     # accuracy after removing the inspected fraction by closed-form edit
     t = time.perf_counter()
@@ -144,25 +167,24 @@ def _detection_one(run, infl, sec: DetectionSettings, out: Path, quick: bool, lo
     oracle_ids = torch.nonzero(flags).flatten().tolist()
     edited = [m for m in suspicion if not sec.edit_methods or m in sec.edit_methods]
     plan = [(m, f) for m in edited for f in sec.edit_fractions if f > 0] + [("oracle (true corrupted)", sec.rho_task)]
+    edit_set = to_dict(edit_infl)
     for m, f in plan:
-        ids = oracle_ids if m.startswith("oracle") else rankings[m][: metrics.fraction_to_count(f, n)].tolist()
-        te = time.perf_counter()
-        ed = edit_model(problem, lam_star, train, Removal(tasks=[int(i) for i in ids]), edit_infl)
-        secs = time.perf_counter() - te
-        ev = evaluate(problem, ed.lam, test)
+        ids = [int(i) for i in (oracle_ids if m.startswith("oracle") else rankings[m][: metrics.fraction_to_count(f, n)].tolist())]
+        # each edit is a unit kept in units/ with what it removed, reused by --resume when that and the edit's settings are equal
+        r = cache.unit(f"edit {m} {f:g}", {"removed": ids, "influence": edit_set, "proximal": float(rep.proximal or 0.0)},
+                       lambda: _edit_unit(problem, lam_star, train, test, ids, edit_infl, prox))
         edit_rows.append({"method": m, "fraction_removed": f, "removed": len(ids), "corrupted_removed": int(flags[ids].sum()) if ids else 0,
-                          "test_acc": (ev.accuracy, ev.accuracy_ci95), "test_loss": ev.loss, "edit_s": secs,
-                          "solver_residual": ed.diagnostics["solver_residual"]})
-        log(f"  edit {m}, {len(ids)} tasks removed ({edit_rows[-1]['corrupted_removed']} corrupted): test accuracy {ev.accuracy:.3f} ± "
-            f"{ev.accuracy_ci95:.3f} ({secs:.1f} s, solver residual {ed.diagnostics['solver_residual']:.1e})")
+                          "test_acc": tuple(r["test_acc"]), "test_loss": r["test_loss"], "edit_s": r["edit_s"], "solver_residual": r["solver_residual"],
+                          "step_length": r["step_length"], "proximal_gamma": r["proximal_gamma"]})
+        log(f"  edit {m}, {len(ids)} tasks removed ({edit_rows[-1]['corrupted_removed']} corrupted): test accuracy {r['test_acc'][0]:.3f} ± "
+            f"{r['test_acc'][1]:.3f} ({r['edit_s']:.1f} s, solver residual {r['solver_residual']:.1e})")
         if not m.startswith("oracle"):
             c = acc_curves.setdefault(m, ([0.0], [base.accuracy], [base.accuracy_ci95]))
-            c[0].append(f); c[1].append(ev.accuracy); c[2].append(ev.accuracy_ci95)
+            c[0].append(f); c[1].append(r["test_acc"][0]); c[2].append(r["test_acc"][1])
     timings["editing_s"] = time.perf_counter() - t
     log(f"  unedited test accuracy {base.accuracy:.3f} ± {base.accuracy_ci95:.3f}; {len(edit_rows)} edits in {timings['editing_s']:.1f} s")
 
     # figures
-    figs = {}
     figs["recall"] = plots.recall_curves({m: c for m, c in curves.items()}, out / "recall_curves.png", corrupted_fraction=sec.rho_task,
                                          title=f"Harmful-task detection ({run.data.dataset}, {sec.kind}, ρ_task={sec.rho_task})").name
     if acc_curves:  # edit_fractions = [] edits only the oracle: no curve to draw
@@ -184,6 +206,64 @@ def _detection_one(run, infl, sec: DetectionSettings, out: Path, quick: bool, lo
         "n_tasks": n, "n_corrupted": int(flags.sum()), "corrupted_task_ids": [int(i) for i in pools["train"].task_ids[flags]],
         "refine": rep.to_json(), "unedited_test": _eval_json(base),
         "detection": rows, "recall_curves": {m: {"fractions": c[0].tolist(), "recall": c[1].tolist()} for m, c in curves.items()},
-        "edits": edit_rows, "influence_diagnostics": {m: _diag_json(r) for m, r in scores.items()},
+        "edits": edit_rows, **({"ground_truth": ground_truth} if ground_truth is not None else {}), "influence_diagnostics": {m: _diag_json(r) for m, r in scores.items()},
         "figures": figs, "timings": timings,
     }
+
+
+def _edit_unit(problem, lam_star, train, test, ids: list[int], edit_infl, prox) -> dict:
+    te = time.perf_counter()
+    ed = edit_model(problem, lam_star, train, Removal(tasks=ids), edit_infl, proximal=prox)
+    secs = time.perf_counter() - te
+    ev = evaluate(problem, ed.lam, test)
+    d = ed.diagnostics
+    return {"test_acc": (ev.accuracy, ev.accuracy_ci95), "test_loss": ev.loss, "edit_s": secs, "solver_residual": d["solver_residual"],
+            "step_length": d.get("step_length"), "proximal_gamma": d.get("proximal_gamma")}
+
+
+def _loo_sample(flags: torch.Tensor, k: int, seed: int) -> list[int]:
+    """k task positions, half corrupted and half clean where the pool allows (seeded)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    bad, good = torch.nonzero(flags).flatten(), torch.nonzero(~flags).flatten()
+    n_good = min(len(good), k - min(len(bad), k // 2))
+    n_bad = min(len(bad), k - n_good)
+    pick = torch.cat([bad[torch.randperm(len(bad), generator=g)[:n_bad]], good[torch.randperm(len(good), generator=g)[:n_good]]])
+    return sorted(int(i) for i in pick)
+
+
+def _loo_ground_truth(ctx, lam_star, rep, prox, train, val, flags, suspicion, sec: DetectionSettings, out: Path, log, cache: StageCache) -> dict:
+    """Leave-one-out by re-optimisation on a stratified sample: what removing each task really does to the
+    validation loss. Its AUC is the ceiling of any method that estimates that effect (task-IF does): a
+    low task-IF AUC beside a low ground-truth AUC says the corrupted tasks are not the harmful ones."""
+    sample = _loo_sample(flags, sec.loo_tasks, sec.corruption_seed)
+    gts = GroundTruthSettings(n_loo=len(sample), method="lbfgs", proximal=float(prox[0]) if prox else 0.0)
+    rs = RefineSettings(method="lbfgs", tol=0.0, tol_ratio=sec.loo_tol_ratio, max_iter=sec.loo_max_iter, dtype=ctx.settings.refine.dtype)
+    log(f"leave-one-out ground truth: {len(sample)} tasks ({int(flags[sample].sum())} corrupted), re-optimised to ratio {sec.loo_tol_ratio:g}"
+        + (f", proximal γ = {rep.proximal:g}" if rep.proximal else ""))
+    loo = leave_one_out(ctx.problem, lam_star, train, val, gts, rs, out_dir=out / "groundtruth_loo", anchor=prox[1] if prox else None, sample=sample,
+                        progress=lambda s: log("  " + s))
+    if loo["units_computed"]:
+        cache.done("the leave-one-out ground truth")
+    on, truth, bad = loo["tasks"], loo["true_delta_f"], flags[loo["tasks"]].numpy()
+    rankings = {"leave-one-out (re-optimised)": -truth, **{m: s[on] for m, s in suspicion.items()}}
+    rows = [{"method": m, "auc": metrics.detection_auc(s.numpy(), bad), "auc_ci95": metrics.detection_auc_interval(s.numpy(), bad),
+             "spearman_with_loo": metrics.spearman(s, -truth)}  # suspicion against the true harm −Δf
+            for m, s in rankings.items()]
+    for r in rows:
+        log(f"  on the sample: {r['method']:<28} AUC {r['auc']:.3f} [{r['auc_ci95'][0]:.2f}, {r['auc_ci95'][1]:.2f}], "
+            f"Spearman with the true harm {r['spearman_with_loo']:+.3f}")
+    recorded = [x for x in loo["unit_seconds"] if x is not None]
+    # stationarity reached, against λ*'s mean ‖g_i‖ (the reduced pools' differ by one task in n)
+    max_ratio = loo["max_grad_norm"] / max(rep.task_grad_norm_after, 1e-300)
+    warnings = []
+    if max_ratio > 2 * sec.loo_tol_ratio:
+        warnings.append(f"leave-one-out re-optimisations stopped above their tolerance (worst ‖∇‖ / mean‖g_i‖ = {max_ratio:.2g} > "
+                        f"{sec.loo_tol_ratio:g}): the true Δf carry optimiser error; raise [detection] loo_max_iter, or refine on the proximal "
+                        "objective ([refine] proximal), whose re-optimisations converge fast")
+        log("warning: " + warnings[-1])
+    return {"tasks": on.tolist(), "corrupted": bad.astype(int).tolist(), "true_delta_f": truth.tolist(), "f_control": loo["f_control"],
+            "max_grad_norm": loo["max_grad_norm"], "max_ratio": max_ratio, "warnings": warnings, "proximal": float(rep.proximal or 0.0), "tol_ratio": sec.loo_tol_ratio,
+            "seconds_per_reoptimisation": sum(recorded) / len(recorded) if recorded else None,
+            "mean_delta_f_corrupted": float(truth[torch.from_numpy(bad.astype(bool))].mean()) if bad.any() else None,
+            "mean_delta_f_clean": float(truth[torch.from_numpy(~bad.astype(bool))].mean()) if (~bad.astype(bool)).any() else None,
+            "table": rows}

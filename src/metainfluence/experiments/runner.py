@@ -81,7 +81,7 @@ def load_experiment_settings(name: str, config: str | None, quick: bool, sets: d
         if m not in METHODS + OPTIONAL_METHODS:
             raise SettingsError(f"unknown method {m!r} in [{name}] methods; use some of {', '.join(METHODS + OPTIONAL_METHODS)}")
     if name == "detection":
-        _check_detection(sec)
+        _check_detection(sec, run.data.train_tasks)
     if name == "fidelity":
         bad = [h for h in sec.hessians if h not in HESSIANS]
         if bad or not 0 < sec.group_fraction < 1 or sec.proximal < 0:
@@ -98,7 +98,7 @@ def load_experiment_settings(name: str, config: str | None, quick: bool, sets: d
     return run, infl, sec
 
 
-def _check_detection(sec) -> None:
+def _check_detection(sec, n_tasks: int) -> None:
     """Refuse a bad corruption setting before any training (the pool code would, but only after the data)."""
     from ..tasks.harmful import KINDS, OFFDIST_TRANSFORMS, WHERE
 
@@ -114,6 +114,9 @@ def _check_detection(sec) -> None:
         raise SettingsError(f"[detection] offdist_transform = {sec.offdist_transform!r} is unknown; use one of {', '.join(OFFDIST_TRANSFORMS)}")
     if not (sec.duplicate_noise > 0 and sec.offdist_noise > 0) or sec.duplicate_sources < 1:
         raise SettingsError("[detection] duplicate_noise and offdist_noise must be > 0 and duplicate_sources >= 1")
+    if not (0 <= sec.loo_tasks <= n_tasks and sec.loo_tasks != 1 and sec.loo_tol_ratio > 0 and sec.loo_max_iter >= 1):
+        raise SettingsError(f"[detection] loo_tasks = {sec.loo_tasks} must be 0 (no ground truth) or 2..{n_tasks} (the training tasks), "
+                            f"with loo_tol_ratio > 0 and loo_max_iter ≥ 1 (got {sec.loo_tol_ratio}, {sec.loo_max_iter})")
 
 
 def run_experiment(name: str, config: str | None = None, quick: bool = False, out: str = "runs/experiment",
@@ -127,7 +130,7 @@ def run_experiment(name: str, config: str | None = None, quick: bool = False, ou
     this budget, stop with :class:`~metainfluence.errors.BudgetStop` — checked between saved stages
     (training + refine, curvature, each method's scores), so bound a long stage by its own budget
     (``[train]``/``[refine]`` ``max_minutes``). Removal also keeps each edit, re-optimisation and retraining
-    (seed by seed) as a unit and checks the budget after each; detection's edits are recomputed.
+    (seed by seed) as a unit and checks the budget after each, detection each edit and leave-one-out re-optimisation.
     Returns the results dict that is also written to ``out/results.json``."""
     if not (math.isfinite(max_minutes) and max_minutes >= 0):
         raise SettingsError(f"--max-minutes must be ≥ 0 (0: no budget), got {max_minutes}")
@@ -153,6 +156,11 @@ def run_experiment(name: str, config: str | None = None, quick: bool = False, ou
 # --------------------------------------------------------------------------- report
 def _acc(v) -> Any:
     return tuple(v) if isinstance(v, (list, tuple)) else v
+
+
+def _with_intervals(rows: list[dict]) -> list[dict]:
+    """Rows whose ``auc_ci95`` (lo, hi) is shown as an interval, not as the table's "value ± half-width"."""
+    return [{**r, "auc_ci95": f"[{r['auc_ci95'][0]:.2f}, {r['auc_ci95'][1]:.2f}]"} if "auc_ci95" in r else r for r in rows]
 
 
 def report_run(run_dir) -> Path:
@@ -185,13 +193,24 @@ def report_run(run_dir) -> Path:
             f"Refine: ‖∇F‖ {res['refine']['grad_norm_before']:.3g} → {res['refine']['grad_norm_after']:.3g}. "
             f"Unedited meta-test accuracy {res['unedited_test']['accuracy']:.4f} ± {res['unedited_test']['accuracy_ci95']:.4f} ({res['unedited_test']['n_tasks']} tasks).",
             "Suspicion = −score (harmful first); `task-if (self, fisher)` ranks by self-influence g_kᵀ(H+δI)⁻¹g_k/n instead, with the fisher surrogate of H solved exactly by Woodbury (CG per task was ≈ 30× slower).", settings_p]})
-        secs.append({"heading": "Detection", "tables": [{"rows": res["detection"], "caption": "recall after inspecting a fraction of the tasks, AUC", "floatfmt": ".3f"}],
+        secs.append({"heading": "Detection", "tables": [{"rows": _with_intervals(res["detection"]), "floatfmt": ".3f",
+                                                         "caption": "recall after inspecting a fraction of the tasks, AUC (auc_ci95: stratified bootstrap)"}],
                      "images": img("recall", "recall of corrupted tasks vs fraction inspected")})
         if res.get("sweep"):
             secs.append({"heading": "Sweep over ρ_task", "paragraphs": [
                 f"One full run per ρ_task (sub-folders `rho_<value>`, each with its own results.json and figures); the sections above and below are ρ_task = {s['rho_tasks'][0]:g}. "
                 "`refine_ratio` = ‖∇F‖ / mean ‖g_k‖ after refine (stationarity of that run)."],
                 "tables": [{"rows": res["sweep"], "floatfmt": ".3f"}]})
+        gt = res.get("ground_truth")
+        if gt:
+            secs.append({"heading": "Against leave-one-out on the corrupted pool", "paragraphs": [
+                f"{len(gt['tasks'])} tasks ({sum(gt['corrupted'])} corrupted) left out one at a time and re-optimised from λ* to ratio {gt['tol_ratio']:g}"
+                + (f" (the proximal objective, γ = {gt['proximal']:g})" if gt["proximal"] else "") + f", {gt['seconds_per_reoptimisation'] or float('nan'):.1f} s each. "
+                f"Mean true Δf (change of the validation loss on removal; negative = the task harmed it): corrupted {gt['mean_delta_f_corrupted']:+.3g}, "
+                f"clean {gt['mean_delta_f_clean']:+.3g}. `auc` on this sample; `spearman_with_loo`: each suspicion against the true harm −Δf. "
+                "The leave-one-out row is the ceiling of any method that estimates the removal effect, as task-IF does."]
+                + [f"**warning:** {w}" for w in gt.get("warnings", [])],
+                "tables": [{"rows": _with_intervals(gt["table"]), "floatfmt": ".3f"}], "images": img("scatter_loo", "task-IF score vs re-optimised Δf")})
         rows = [{**r, "test_acc": _acc(r["test_acc"])} for r in res["edits"]]
         secs.append({"heading": "Accuracy after removal (closed-form edit)", "paragraphs": ["Edits use task-IF's iHVP with the settings of `[influence]`; each row removes the top-ranked fraction of the method's ranking."],
                      "tables": [{"rows": rows, "floatfmt": ".4f"}], "images": img("accuracy", "test accuracy vs fraction removed") + img("harmful_tasks", "most harmful tasks by task-IF")})
