@@ -60,3 +60,35 @@ def test_proximal_response_is_what_the_damped_newton_step_predicts():
     torch.testing.assert_close(gt["true_delta_lam"] @ grad_f, pred.scores[order], rtol=1e-7, atol=1e-13)
     plain = leave_one_out(problem, lam, tasks, val, GroundTruthSettings(n_loo=8, method="newton"), RefineSettings(tol=1e-12))
     assert not torch.allclose(plain["true_delta_lam"], gt["true_delta_lam"], rtol=1e-3)
+
+
+def test_kept_leave_one_out_units_are_re_measured_on_another_validation_pool_not_re_optimised(tmp_path, monkeypatch):
+    """A re-optimisation does not depend on the measurement, its f does: with another validation pool the
+    kept λ's are measured again (equal to a fresh run's f), while LDS subsets, which keep only f, are refused."""
+    import pytest
+
+    import metainfluence.meta.newton as newton_module
+    from metainfluence.errors import CheckpointError
+    from metainfluence.evaluation.groundtruth import leave_one_out
+
+    problem, lam0 = small_problem("unrolled", steps=1, lr=0.05, hidden=(), n_features=5, n_classes=1, loss="mse", weight_decay=1e-2)
+    tasks = random_tasks(n=20, n_support=4, n_query=6, n_features=5, regression=True, seed=0)
+    val_a = random_tasks(n=10, n_support=4, n_query=6, n_features=5, regression=True, seed=1)
+    val_b = random_tasks(n=30, n_support=4, n_query=6, n_features=5, regression=True, seed=2)
+    lam, _ = newton_refine(problem, lam0, tasks, tol=1e-10)
+    gts, rs = GroundTruthSettings(n_loo=5, n_subsets=3, method="newton"), RefineSettings(tol=1e-10)
+    kept = leave_one_out(problem, lam, tasks, val_a, gts, rs, out_dir=tmp_path / "loo")
+    fresh_b = leave_one_out(problem, lam, tasks, val_b, gts, rs)  # no store: re-optimised and measured on b
+    lds_ground_truth(problem, lam, tasks, val_a, gts, rs, out_dir=tmp_path / "lds")
+
+    def refuse(*a, **k):
+        raise AssertionError("a kept unit was re-optimised instead of re-measured")
+
+    monkeypatch.setattr(newton_module, "newton_refine", refuse)
+    on_b = leave_one_out(problem, lam, tasks, val_b, gts, rs, out_dir=tmp_path / "loo")
+    assert on_b["units_computed"] == 0
+    assert torch.allclose(on_b["true_delta_f"], fresh_b["true_delta_f"], rtol=1e-8, atol=1e-12)
+    assert not torch.allclose(on_b["true_delta_f"], kept["true_delta_f"])  # the two pools measure different changes
+    assert torch.equal(leave_one_out(problem, lam, tasks, val_a, gts, rs, out_dir=tmp_path / "loo")["true_delta_f"], kept["true_delta_f"])
+    with pytest.raises(CheckpointError, match="another validation pool"):
+        lds_ground_truth(problem, lam, tasks, val_b, gts, rs, out_dir=tmp_path / "lds")

@@ -123,6 +123,15 @@ def _sha(x: torch.Tensor) -> str:
     return hashlib.sha256(x.detach().double().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
+def _measurement_sha(val_tasks: TaskTensors) -> str:
+    """Fingerprint of the measurement pool (its tensors, dtype-independent): a unit's f holds only for it."""
+    h = hashlib.sha256()
+    for t in (val_tasks.support_x, val_tasks.support_y, val_tasks.query_x, val_tasks.query_y):
+        t = t.detach().cpu()
+        h.update((t.float() if t.is_floating_point() else t.long()).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def _open_store(kind: str, out_dir, problem: MetaProblem, lam_star: torch.Tensor, n: int,
                 settings: GroundTruthSettings, refine_settings: RefineSettings, anchor: torch.Tensor | None = None,
                 sample: list[int] | None = None) -> _Store:
@@ -168,14 +177,22 @@ def leave_one_out(
         sample = torch.tensor(sorted(given), dtype=torch.long)
         store = _open_store("loo", out_dir, problem, lam_star, n, settings, refine_settings, anchor, sample.tolist())
     t0 = time.perf_counter()
+    # The re-optimised λ's do not depend on the measurement, f does: units kept under another validation
+    # pool (or before the pool was recorded) are re-measured from their kept λ, not re-optimised.
+    measured_on = _measurement_sha(val_tasks)
+
+    def remeasure(info: dict, lam: torch.Tensor) -> float:
+        return info["f"] if info.get("val_sha256") == measured_on else validation_loss(problem, lam, val_tasks.to(dtype=lam.dtype))
+
     done = store.get("control")
     computed = int(done is None)
     if done is None:
         lam_ctrl, gn = reoptimise(problem, lam_star, tasks, settings, refine_settings, anchor=anchor)
         f_ctrl = validation_loss(problem, lam_ctrl, val_tasks.to(dtype=lam_ctrl.dtype))
-        store.put("control", {"f": f_ctrl, "grad_norm": gn}, {"lam": lam_ctrl})
+        store.put("control", {"f": f_ctrl, "grad_norm": gn, "val_sha256": measured_on}, {"lam": lam_ctrl})
     else:
-        f_ctrl, lam_ctrl = done[0]["f"], done[1]["lam"]
+        lam_ctrl = done[1]["lam"]
+        f_ctrl = remeasure(done[0], lam_ctrl)
     deltas_f, deltas_lam, grad_norms, unit_seconds = [], [], [], []
     for j, k in enumerate(bar("leave-one-out", len(sample), "task", iterable=sample.tolist())):
         unit = store.get(f"loo_{k}")
@@ -185,12 +202,13 @@ def leave_one_out(
             tu = time.perf_counter()
             lam_k, gn = reoptimise(problem, lam_star, tasks, settings, refine_settings, w, anchor=anchor)
             f_k = validation_loss(problem, lam_k, val_tasks.to(dtype=lam_k.dtype))
-            info = {"task": k, "f": f_k, "grad_norm": gn, "seconds": time.perf_counter() - tu}
+            info = {"task": k, "f": f_k, "grad_norm": gn, "seconds": time.perf_counter() - tu, "val_sha256": measured_on}
             store.put(f"loo_{k}", info, {"delta_lam": lam_k - lam_ctrl})
             computed += 1
             dl = lam_k - lam_ctrl
         else:
             info, dl = unit[0], unit[1]["delta_lam"]
+            info = {**info, "f": remeasure(info, lam_ctrl + dl)}
         deltas_f.append(info["f"] - f_ctrl)
         unit_seconds.append(info.get("seconds"))  # absent in units written before it was recorded
         deltas_lam.append(dl)
@@ -231,16 +249,20 @@ def lds_ground_truth(
         masks[m, torch.randperm(n, generator=gen)[:keep]] = True
     store = _open_store("lds", out_dir, problem, lam_star, n, settings, refine_settings, anchor)
     values, unit_seconds, computed = [], [], 0
+    measured_on = _measurement_sha(val_tasks)
     for m in bar("LDS subsets", settings.n_subsets, "subset", iterable=range(settings.n_subsets)):
         unit = store.get(f"subset_{m}")
         if unit is None:
             tu = time.perf_counter()
             lam_m, gn = reoptimise(problem, lam_star, tasks, settings, refine_settings, masks[m].double(), anchor=anchor)
-            info = {"f": validation_loss(problem, lam_m, val_tasks.to(dtype=lam_m.dtype)), "grad_norm": gn, "seconds": time.perf_counter() - tu}
+            info = {"f": validation_loss(problem, lam_m, val_tasks.to(dtype=lam_m.dtype)), "grad_norm": gn, "seconds": time.perf_counter() - tu,
+                    "val_sha256": measured_on}
             store.put(f"subset_{m}", info)
             computed += 1
         else:
             info = unit[0]
+            if info.get("val_sha256", measured_on) != measured_on:  # a subset keeps f only, not its λ: it cannot be re-measured
+                raise CheckpointError(f"{out_dir} holds LDS subsets measured on another validation pool; use another --out folder or delete it")
         values.append(info["f"])
         unit_seconds.append(info.get("seconds"))
         if progress:
