@@ -297,3 +297,18 @@ def test_set_lays_settings_over_a_config_and_bad_ones_are_refused(capsys):
         load_experiment_settings("removal", None, True, parse_sets(["removal.edit_steps=[\"sideways\"]"]))
     assert main(["experiment", "removal", "--quick", "--set", "data.k_shot", "--out", "/nonexistent/x"]) == 2
     assert "SECTION.KEY=VALUE" in capsys.readouterr().err
+
+
+def test_detection_warns_when_its_leave_one_out_ground_truth_stops_above_tolerance(tmp_path):
+    """An unconverged ground truth is said aloud: a warning in the results, the log and the report."""
+    out = tmp_path / "det_loo"
+    cfg = tmp_path / "loo.toml"
+    cfg.write_text('[detection]\nmethods = ["task-if", "random"]\nedit_fractions = []\nself_influence = false\n'
+                   'loo_tasks = 4\nloo_max_iter = 2\nloo_tol_ratio = 1e-9\n')
+    lines = []
+    res = run_experiment("detection", str(cfg), True, str(out), log=lines.append)
+    gt = res["ground_truth"]
+    assert len(gt["tasks"]) == 4 and sum(gt["corrupted"]) == 2
+    assert gt["max_ratio"] > 2e-9 and gt["warnings"] and "loo_max_iter" in gt["warnings"][0]
+    assert any(ln.startswith("warning: leave-one-out") for ln in lines)
+    assert "**warning:** leave-one-out" in report_run(out).read_text()
