@@ -180,15 +180,21 @@ def leave_one_out(
     # The re-optimised λ's do not depend on the measurement, f does: units kept under another validation
     # pool (or before the pool was recorded) are re-measured from their kept λ, not re-optimised.
     measured_on = _measurement_sha(val_tasks)
+    val_as: dict[torch.dtype, TaskTensors] = {}  # the pool converted once per dtype, not once per unit
+
+    def measure(lam: torch.Tensor) -> float:
+        if lam.dtype not in val_as:
+            val_as[lam.dtype] = val_tasks.to(dtype=lam.dtype)
+        return validation_loss(problem, lam, val_as[lam.dtype])
 
     def remeasure(info: dict, lam: torch.Tensor) -> float:
-        return info["f"] if info.get("val_sha256") == measured_on else validation_loss(problem, lam, val_tasks.to(dtype=lam.dtype))
+        return info["f"] if info.get("val_sha256") == measured_on else measure(lam)
 
     done = store.get("control")
     computed = int(done is None)
     if done is None:
         lam_ctrl, gn = reoptimise(problem, lam_star, tasks, settings, refine_settings, anchor=anchor)
-        f_ctrl = validation_loss(problem, lam_ctrl, val_tasks.to(dtype=lam_ctrl.dtype))
+        f_ctrl = measure(lam_ctrl)
         store.put("control", {"f": f_ctrl, "grad_norm": gn, "val_sha256": measured_on}, {"lam": lam_ctrl})
     else:
         lam_ctrl = done[1]["lam"]
@@ -201,7 +207,7 @@ def leave_one_out(
             w[k] = 0
             tu = time.perf_counter()
             lam_k, gn = reoptimise(problem, lam_star, tasks, settings, refine_settings, w, anchor=anchor)
-            f_k = validation_loss(problem, lam_k, val_tasks.to(dtype=lam_k.dtype))
+            f_k = measure(lam_k)
             info = {"task": k, "f": f_k, "grad_norm": gn, "seconds": time.perf_counter() - tu, "val_sha256": measured_on}
             store.put(f"loo_{k}", info, {"delta_lam": lam_k - lam_ctrl})
             computed += 1

@@ -24,7 +24,7 @@ from ..io import read_json, write_json
 from ..meta.checkpoint import load_checkpoint
 from ..meta.refine import RefineReport
 from ..pipeline import RunSettings, refine_stage, train_stage
-from ..pipeline.proximal import ANCHOR, proximal_settings, record_proximal
+from ..pipeline.proximal import ANCHOR, proximal_of, proximal_settings, record_proximal
 
 EXPERIMENTS = ("detection", "removal", "estimates", "fidelity")
 METHODS = ("task-if", "direct-if", "tracin", "trak", "ekfac-if", "loss", "random")
@@ -139,6 +139,15 @@ def _proximal_infl(infl: InfluenceSettings, rep: RefineReport, log) -> Influence
         return infl
     log(f"proximal refine: γ = {rep.proximal:g} added to the influence damping")
     return proximal_settings(infl, rep.proximal)
+
+
+def _proximal_term(ctx, rep: RefineReport, dtype: torch.dtype) -> tuple[float, torch.Tensor] | None:
+    """(γ, trained λ_t) after a proximal refine, read from the refined checkpoint it saved: edits and
+    re-optimisations then descend P_R = F_R + (γ/2)‖λ − λ_t‖², anchored where the refine was. None otherwise."""
+    if not rep.proximal:
+        return None
+    gamma, anchor = proximal_of(load_checkpoint(ctx.out / "refined", expected_problem=ctx.problem))
+    return gamma, anchor.to(dtype)
 
 
 def _mark_proximal(scores: dict[str, InfluenceResult], rep: RefineReport, given: InfluenceSettings) -> None:

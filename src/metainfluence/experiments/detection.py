@@ -16,12 +16,10 @@ import torch
 from .. import GroundTruthSettings, RefineSettings, Removal, edit_model, evaluate, leave_one_out, metrics
 from ..config import to_dict
 from ..io import save_result, write_json
-from ..meta.checkpoint import load_checkpoint
 from ..pipeline import RunContext
-from ..pipeline.proximal import proximal_of
 from ..tasks import corrupt_tasks
 from . import plots
-from .common import METHODS, StageCache, _diag_json, _eval_json, _header, _image_tensors, _mark_proximal, _proximal_infl, _score_all, _train_and_refine, _with_curvature
+from .common import METHODS, StageCache, _diag_json, _eval_json, _header, _image_tensors, _mark_proximal, _proximal_infl, _proximal_term, _score_all, _train_and_refine, _with_curvature
 
 
 @dataclass
@@ -111,10 +109,7 @@ def _detection_one(run, infl, sec: DetectionSettings, out: Path, quick: bool, lo
     lam_star, rep, tt = _train_and_refine(ctx, log, cache=cache)
     given, infl = infl, _proximal_infl(infl, rep, log)
     # a proximal refine minimised P = F + (γ/2)‖λ − λ_t‖²: edits and leave-one-out re-optimise P_R, anchored at the same λ_t
-    prox = None
-    if rep.proximal:
-        gamma, anchor = proximal_of(load_checkpoint(out / "refined", expected_problem=ctx.problem))
-        prox = (gamma, anchor.to(lam_star.dtype))
+    prox = _proximal_term(ctx, rep, lam_star.dtype)
     timings.update(tt)
     problem = ctx.problem
     dt = lam_star.dtype
@@ -234,7 +229,8 @@ def _loo_sample(flags: torch.Tensor, k: int, seed: int) -> list[int]:
 def _loo_ground_truth(ctx, lam_star, rep, prox, train, val, flags, suspicion, sec: DetectionSettings, out: Path, log, cache: StageCache) -> dict:
     """Leave-one-out by re-optimisation on a stratified sample: what removing each task really does to the
     validation loss. Its AUC is the ceiling of any method that estimates that effect (task-IF does): a
-    low task-IF AUC beside a low ground-truth AUC says the corrupted tasks are not the harmful ones."""
+    low task-IF AUC beside a low ground-truth AUC says the corrupted tasks are not the ones this
+    measurement finds harmful (a small validation pool is a noisy measurement: docs/experiments.md §1)."""
     sample = _loo_sample(flags, sec.loo_tasks, sec.corruption_seed)
     gts = GroundTruthSettings(n_loo=len(sample), method="lbfgs", proximal=float(prox[0]) if prox else 0.0)
     rs = RefineSettings(method="lbfgs", tol=0.0, tol_ratio=sec.loo_tol_ratio, max_iter=sec.loo_max_iter, dtype=ctx.settings.refine.dtype)

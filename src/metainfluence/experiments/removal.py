@@ -21,9 +21,7 @@ from ..influence.editing import EDIT_STEPS, reduced_objective
 from ..io import read_tensors, save_result, write_tensors
 from ..pipeline import RunContext, stage_settings
 from . import plots
-from ..meta.checkpoint import load_checkpoint
-from ..pipeline.proximal import proximal_of
-from .common import METHODS, StageCache, _diag_json, _eval_json, _header, _image_tensors, _mark_proximal, _proximal_infl, _score_all, _score_cached, _train_and_refine, _with_curvature, slug
+from .common import METHODS, StageCache, _diag_json, _eval_json, _header, _image_tensors, _mark_proximal, _proximal_infl, _proximal_term, _score_all, _score_cached, _train_and_refine, _with_curvature, slug
 
 # The paper's Table 1 (ICLR version, docs/method.md §11): accuracy after removing 40% harmful data, wall time (s).
 PAPER_TABLE1 = [
@@ -171,7 +169,7 @@ def run_removal(run, infl, sec: RemovalSettings, out: Path, quick: bool, log, re
     lam_star, rep, tt = _train_and_refine(ctx, log, cache=cache)
     given, infl = infl, _proximal_infl(infl, rep, log)
     # after a proximal refine, re-optimisation keeps its anchor (the trained λ), not λ*
-    prox = proximal_of(load_checkpoint(out / "refined")) if rep.proximal else None
+    prox = _proximal_term(ctx, rep, lam_star.dtype)
     timings.update(tt)
     full_train_s = tt.get("train_s", 0.0) + tt.get("refine_s", 0.0)
     problem = ctx.problem
