@@ -10,7 +10,10 @@ loss; with 100 validation tasks that loss is itself a sample. This prints task-I
 larger one drawn from the same split with another seed, and the Spearman correlation of the two
 score vectors. If the larger pool raises the AUC, the measurement's size, not the estimate, limited it.
 When the run kept a leave-one-out ground truth (`[detection] loo_tasks`), its re-optimised λ's are
-re-measured on both pools: the ceiling AUC of a faithful score under each measurement.
+re-measured on both pools: the ceiling AUC of a faithful score under each measurement. With
+--reliability-splits K (default 4) it also measures each pool's split-half reliability (docs/method.md §5.1)
+and sets the Spearman–Brown prophecy from the run's pool beside the reliability measured on the larger one,
+and √(r₁r₂) beside the measured correlation of the two score vectors.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ def main() -> None:
     ap.add_argument("--val-seed", type=int, default=1, help="pool seed of the larger validation pool (the run's is 0 by default)")
     ap.add_argument("--data-root", default=None, help="dataset folder (else the recorded one, else $METAINFLUENCE_DATA)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--reliability-splits", type=int, default=4, help="halvings of each pool for its split-half reliability (0 = skip)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     run = Path(args.run)
@@ -59,11 +63,31 @@ def main() -> None:
         s = -r.pop("scores")
         out.append({**r, "auc": metrics.detection_auc(s.numpy(), flags), "auc_ci95": metrics.detection_auc_interval(s.numpy(), flags),
                     "recall@1.25rho": metrics.recall_at(torch.argsort(s, descending=True, stable=True).numpy(), flags, min(1.0, 1.25 * flags.mean()))})
-    out.append({"spearman_between_the_two_score_vectors": metrics.spearman(kept.scores.double(), res.scores.double())})
+    a, b = kept.scores.double(), res.scores.double()
+    out.append({"spearman_between_the_two_score_vectors": metrics.spearman(a, b),
+                "pearson_between_the_two_score_vectors": float(torch.corrcoef(torch.stack([a, b]))[0, 1])})
+    if args.reliability_splits:
+        out.append(_reliabilities(ctx, lam, train, {"run's": ctx.tensors["val"], "fresh": big.tensors["val"]}, settings, args.reliability_splits, out[-1]))
     gt_dir = run / "groundtruth_loo"
     if (gt_dir / "control.safetensors").is_file():
         out.append(_ceilings(ctx, gt_dir, flags, {"run's": (ctx.tensors["val"], kept.scores), "fresh": (big.tensors["val"], res.scores)}))
     print(json.dumps(out, indent=1))
+
+
+def _reliabilities(ctx, lam, train, pools: dict, settings, splits: int, between: dict) -> dict:
+    """Each pool's split-half reliability, the prophecy of the larger pool's from the smaller's, and the
+    correlation of the two score vectors that classical test theory predicts, √(r₁r₂) (independent pools)."""
+    from metainfluence import measurement_reliability
+
+    used = dataclasses.replace(settings, self_influence=False, removal="first-order")
+    rec = {name: measurement_reliability(ctx.problem, lam, train, val.to(dtype=lam.dtype), used, splits) for name, val in pools.items()}
+    r1, r2 = rec["run's"]["reliability"], rec["fresh"]["reliability"]
+    c = rec["fresh"]["n_val_tasks"] / rec["run's"]["n_val_tasks"]
+    return {"reliability": {k: {x: v[x] for x in ("n_val_tasks", "reliability", "split_half_pearson", "split_half_spearman", "val_tasks_for_target", "seconds")}
+                            for k, v in rec.items()},
+            "prophecy_of_the_fresh_pool_from_the_runs": c * r1 / (1 + (c - 1) * r1), "measured_on_the_fresh_pool": r2,
+            "predicted_pearson_between_the_score_vectors": (r1 * r2) ** 0.5 if r1 > 0 and r2 > 0 else None,
+            "measured_pearson_between_the_score_vectors": between["pearson_between_the_two_score_vectors"]}
 
 
 def _ceilings(ctx, gt_dir: Path, flags, pools: dict) -> dict:

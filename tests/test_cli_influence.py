@@ -30,6 +30,12 @@ def test_demo_finds_the_mislabeled_tasks_and_the_edit_helps(demo_run):
     assert inf["recall_at_corrupted_fraction"] >= 0.6
     assert inf["auc"] > 0.8
     assert inf["eval_after_edit"]["val"]["loss"] < inf["eval_before_edit"]["val"]["loss"]
+    # the measurement's reliability (method §5.1) is in the summary and the scores file, a warning there when below 0.9
+    m = inf["measurement_reliability"]
+    assert (m["splits"], m["n_val_tasks"]) == (2, 30) and -1 <= m["reliability"] <= 1
+    diag = json.loads((demo_run / "task_influence.json").read_text())["diagnostics"]
+    assert diag["measurement_reliability"]["reliability"] == m["reliability"]
+    assert any("split-half reliability" in w for w in diag.get("warnings", [])) == (m["reliability"] < 0.9)
 
 
 def test_influence_command_writes_documented_scores(demo_run, capsys):
@@ -173,3 +179,33 @@ def test_influence_time_budget_says_so_and_resume_continues_to_the_full_answer(d
     capsys.readouterr()
     assert main([*base, "--resume", str(demo_run / "part"), "--method", "tracin", "--name", "x"]) == 2
     assert "--resume" in capsys.readouterr().err
+
+
+def test_influence_check_measurement_records_the_reliability_of_the_ranking(demo_run, capsys):
+    """--check-measurement K splits the validation pool K times: the record's halves average to the
+    saved scores (the score is linear in ∇f), a low reliability is a warning in the file with the pool size
+    that would reach 0.9, and other levels are refused."""
+    import dataclasses
+
+    from metainfluence.config import settings_from_dict
+    from metainfluence.influence.reliability import split_half_scores
+    from metainfluence.influence.results import InfluenceSettings
+    from metainfluence.pipeline import RunContext
+
+    assert main(["influence", "--checkpoint", str(demo_run / "refined"), "--hessian", "gauss-newton", "--name", "meas",
+                 "--check-measurement", "3", "--threads", "1"]) == 0
+    assert "measurement: reliability" in capsys.readouterr().out
+    saved = json.loads((demo_run / "meas.json").read_text())
+    rel = saved["diagnostics"]["measurement_reliability"]
+    ctx, ckpt = RunContext.from_checkpoint(demo_run / "refined", splits=("train", "val"))
+    assert rel["splits"] == 3 and rel["n_val_tasks"] == len(ctx.tensors["val"]) and -1 <= rel["reliability"] <= 1
+    said = [w for w in saved["diagnostics"].get("warnings", []) if "split-half reliability" in w]
+    assert bool(said) == (rel["reliability"] < 0.9) and (not said or f"about {rel['val_tasks_for_target']} validation tasks" in said[0])
+    scores = InfluenceResult.load(demo_run / "meas")
+    used = dataclasses.replace(settings_from_dict(InfluenceSettings, scores.settings["influence"]), self_influence=False)
+    S, _ = split_half_scores(ctx.problem, ckpt.lam.double(), ctx.tensors["train"].to(dtype=torch.float64),
+                             ctx.tensors["val"].to(dtype=torch.float64), used, 3, seed=0)
+    assert len(ctx.tensors["val"]) % 2 == 0
+    torch.testing.assert_close((S[:, 0] + S[:, 1]) / 2, scores.scores.double(), rtol=1e-4, atol=1e-6 * float(scores.scores.abs().max()))
+    assert main(["influence", "--checkpoint", str(demo_run / "refined"), "--method", "tracin", "--name", "meas2", "--check-measurement", "2"]) == 2
+    assert "task-level task-if" in capsys.readouterr().err

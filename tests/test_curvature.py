@@ -248,6 +248,40 @@ def test_gn_factor_is_the_gauss_newton_matrix_so_its_fast_tier_is_the_exact_answ
         fit_curvature(problem, lam, train, dataclasses.replace(base, hessian="exact"), method="gn-factor")
 
 
+def test_newton_step_scores_downdate_the_gn_factor_exactly_instead_of_one_solve_per_task(tmp_path):
+    """With the gn-factor of λ* the Newton-step removal (H − H_k/n + δI)⁻¹g_k/n is a rank-M downdate of
+    the Gauss–Newton matrix's own rows: the scores equal one CG solve per task and a dense solve with
+    task k's Gauss–Newton Hessian subtracted; a factor of another pool is not used."""
+    problem, lam, train, val = curvature_problem()
+    n, delta = len(train), 1e-2
+    base = InfluenceSettings(hessian="gauss-newton", damping=delta, removal="newton", stationarity_warn=1e9,
+                             solve=SolverSettings(tol=1e-12, max_iter=4000))
+    fit_curvature(problem, lam, train, base, method="gn-factor", probes=1).save(tmp_path / "gn")
+    down = task_influence(problem, lam, train, val, dataclasses.replace(base, solver="pcg", curvature_file=str(tmp_path / "gn")))
+    cg = task_influence(problem, lam, train, val, base)
+    assert down.diagnostics["newton_step"]["downdate"].startswith("gn-factor")
+    assert cg.diagnostics["newton_step"]["downdate"] == "one solve per task"
+    torch.testing.assert_close(down.scores, cg.scores, rtol=1e-7, atol=1e-10 * float(cg.scores.abs().max()))
+    # against the dense closed form, and away from the first-order scores (the downdate does something)
+    H = materialize(TotalHessian(problem, lam, train, "gauss-newton"))
+    G = problem.total_gradients(lam, train)
+    grad_f, _ = measurement_gradient(problem, lam, val)
+    eye = torch.eye(problem.dim, dtype=torch.float64)
+    for k in (0, n - 1):
+        H_k = materialize(TotalHessian(problem, lam, train.subset([k]), "gauss-newton")) - problem.weight_decay * eye
+        dense = grad_f @ torch.linalg.solve(H - H_k / n + delta * eye, G[k] / n)
+        assert float(down.scores[k]) == pytest.approx(float(dense), rel=1e-8)
+    assert not torch.allclose(down.scores, down.extra["first_order_scores"], rtol=1e-4)
+    # the factor serves only the operator it was fitted to: not the same pool with a task weighted out
+    from metainfluence.influence.newton_step import _gauss_newton_factor
+
+    with_file = dataclasses.replace(base, solver="pcg", curvature_file=str(tmp_path / "gn"))
+    w = torch.ones(n, dtype=torch.float64)
+    w[0] = 0
+    assert _gauss_newton_factor(TotalHessian(problem, lam, train, "gauss-newton"), with_file) is not None
+    assert _gauss_newton_factor(TotalHessian(problem, lam, train, "gauss-newton", w=w), with_file) is None
+
+
 def test_a_curvature_file_is_loaded_once_per_process_while_unchanged(tmp_path):
     from metainfluence.influence.curvature import load_curvature
 

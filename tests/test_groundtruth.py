@@ -90,5 +90,54 @@ def test_kept_leave_one_out_units_are_re_measured_on_another_validation_pool_not
     assert torch.allclose(on_b["true_delta_f"], fresh_b["true_delta_f"], rtol=1e-8, atol=1e-12)
     assert not torch.allclose(on_b["true_delta_f"], kept["true_delta_f"])  # the two pools measure different changes
     assert torch.equal(leave_one_out(problem, lam, tasks, val_a, gts, rs, out_dir=tmp_path / "loo")["true_delta_f"], kept["true_delta_f"])
+    # the f's measured on b are kept beside the units: a further resume on b measures nothing again
+    import metainfluence.evaluation.groundtruth as gt_module
+
+    monkeypatch.setattr(gt_module, "validation_loss", lambda *a, **k: (_ for _ in ()).throw(AssertionError("measured again")))
+    assert torch.equal(leave_one_out(problem, lam, tasks, val_b, gts, rs, out_dir=tmp_path / "loo")["true_delta_f"], on_b["true_delta_f"])
+    assert torch.equal(leave_one_out(problem, lam, tasks, val_a, gts, rs, out_dir=tmp_path / "loo")["true_delta_f"], kept["true_delta_f"])
     with pytest.raises(CheckpointError, match="another validation pool"):
         lds_ground_truth(problem, lam, tasks, val_b, gts, rs, out_dir=tmp_path / "lds")
+
+
+def test_a_grown_sample_reuses_every_finished_unit_and_old_manifests_stay_resumable(tmp_path):
+    """A unit (task k left out, or the m-th seeded subset) does not depend on the sample's size: growing
+    n_loo / n_subsets, or an explicit sample, computes only the new units, equal to a fresh run's; a store
+    whose manifest was keyed by its sample (as before) is accepted, and other settings are still refused."""
+    import json
+
+    import pytest
+
+    from metainfluence.errors import CheckpointError
+    from metainfluence.evaluation.groundtruth import leave_one_out
+
+    problem, lam0 = small_problem("unrolled", steps=1, lr=0.05, hidden=(), n_features=5, n_classes=1, loss="mse", weight_decay=1e-2)
+    tasks = random_tasks(n=20, n_support=4, n_query=6, n_features=5, regression=True, seed=0)
+    val = random_tasks(n=10, n_support=4, n_query=6, n_features=5, regression=True, seed=1)
+    lam, _ = newton_refine(problem, lam0, tasks, tol=1e-10)
+    rs = RefineSettings(tol=1e-10)
+    small, big = GroundTruthSettings(n_loo=3, n_subsets=2, method="newton"), GroundTruthSettings(n_loo=6, n_subsets=4, method="newton")
+    first = leave_one_out(problem, lam, tasks, val, small, rs, out_dir=tmp_path / "loo")
+    grown = leave_one_out(problem, lam, tasks, val, big, rs, out_dir=tmp_path / "loo")
+    fresh = leave_one_out(problem, lam, tasks, val, big, rs)
+    assert first["units_computed"] == 1 + 3 and grown["units_computed"] == 3  # control + 3, then the 3 new tasks only
+    assert set(first["tasks"].tolist()) < set(grown["tasks"].tolist())  # the seeded sample grows by a prefix
+    assert torch.allclose(grown["true_delta_f"], fresh["true_delta_f"], rtol=1e-8, atol=1e-12)
+    explicit = leave_one_out(problem, lam, tasks, val, small, rs, out_dir=tmp_path / "loo", sample=[*grown["tasks"].tolist()[:2], 19])
+    assert explicit["units_computed"] == int(19 not in grown["tasks"].tolist())
+
+    lds_small = lds_ground_truth(problem, lam, tasks, val, small, rs, out_dir=tmp_path / "lds")
+    lds_big = lds_ground_truth(problem, lam, tasks, val, big, rs, out_dir=tmp_path / "lds")
+    assert lds_small["units_computed"] == 2 and lds_big["units_computed"] == 2
+    assert torch.equal(lds_big["true_f"][:2], lds_small["true_f"]) and torch.equal(lds_big["masks"][:2], lds_small["masks"])
+
+    # a manifest written when the key held the sample and its size: still resumed, nothing recomputed
+    manifest = tmp_path / "loo" / "manifest.json"
+    rec = json.loads(manifest.read_text())
+    rec["settings"]["gt"].update(n_loo=6, n_subsets=4, subset_fraction=0.5, seed=0)
+    rec["settings"]["sample"] = grown["tasks"].tolist()
+    rec["key"] = "written-by-an-older-version"
+    manifest.write_text(json.dumps(rec))
+    assert leave_one_out(problem, lam, tasks, val, big, rs, out_dir=tmp_path / "loo")["units_computed"] == 0
+    with pytest.raises(CheckpointError, match="other settings"):  # what a unit holds still keys the store
+        leave_one_out(problem, lam, tasks, val, big, RefineSettings(tol=1e-9), out_dir=tmp_path / "loo")

@@ -150,7 +150,7 @@ def test_a_detection_experiment_with_a_proximal_refine_scores_the_proximal_objec
 
     cfg = tmp_path / "det.toml"
     cfg.write_text(DIGITS_PROXIMAL + """[detection]
-methods = ["task-if", "random"]
+methods = ["task-if", "task-if-newton", "random"]
 self_influence = false
 edit_fractions = []
 loo_tasks = 12
@@ -182,16 +182,32 @@ loo_tol_ratio = 1e-7
     assert rows["leave-one-out (re-optimised)"]["spearman_with_loo"] == 1.0
     # first order (Gauss–Newton H) tracks the proximal response: measured 0.73 over the 12 tasks (p < 0.05 from 0.59 up)
     assert rows["task-if"]["spearman_with_loo"] >= 0.6 > rows["random"]["spearman_with_loo"]
+    # the Newton-step removal, (H − H_k/n + δI)⁻¹g_k/n on P: its own scores (first order's kept beside them); 0.80 here
+    newton = InfluenceResult.load(out / "scores" / "task-if-newton")
+    assert newton.diagnostics["newton_step"]["downdate"] == "one solve per task" and newton.settings["influence"]["removal"] == "newton"
+    assert torch.equal(newton.extra["first_order_scores"], kept.scores) and not torch.allclose(newton.scores, kept.scores, rtol=1e-3)
+    assert rows["task-if-newton"]["spearman_with_loo"] >= 0.6
     lines = []  # the proximal settings survive their JSON round trip: a resumed run reuses the scores and the ground truth
     again = run_experiment("detection", str(cfg), False, str(out), log=lines.append, resume=True)
     assert any("task-if" in ln and "scores resumed" in ln for ln in lines), lines
     assert again["ground_truth"] == gt and again["edits"] == res["edits"]  # both kept as units, reused
+    # the measurement's reliability: 4 halvings of the 10 validation tasks; their scores average to task-IF's (the score is linear in ∇f)
+    rel = res["measurement_reliability"]
+    assert (rel["splits"], rel["n_val_tasks"], rel["half_size"], len(rel["half_auc"])) == (4, 10, 5, 8) and again["measurement_reliability"] == rel
+    from metainfluence.config import settings_from_dict
+    from metainfluence.influence.reliability import split_half_scores
+
+    used = dataclasses.replace(settings_from_dict(InfluenceSettings, kept.settings["influence"]), self_influence=False)
+    S, _ = split_half_scores(ctx.problem, lam_star.double(), train, val, used, 4, seed=0)
+    torch.testing.assert_close((S[:, 0] + S[:, 1]) / 2, kept.scores.double(), rtol=1e-4, atol=1e-5 * float(kept.scores.abs().max()))  # CG to 1e-6
+    assert bool(rel["warnings"]) == (rel["reliability"] < 0.9) and all("validation tasks" in w for w in rel["warnings"])
     # the oracle edit is P's: its backtracking descends P_R, anchored at the trained λ (as `edit` makes it on this checkpoint)
     assert res["edits"][-1]["method"].startswith("oracle") and res["edits"][-1]["proximal_gamma"] == 0.1
     from metainfluence.experiments import report_run
 
     md = report_run(out).read_text()
     assert "Against leave-one-out on the corrupted pool" in md and "leave-one-out (re-optimised)" in md
+    assert "How much the ranking depends on the validation sample" in md and f"**{rel['reliability']:.2f}**" in md
 
 
 def test_a_removal_experiment_after_a_proximal_refine_edits_and_re_optimises_p(tmp_path):

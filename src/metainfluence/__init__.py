@@ -9,6 +9,7 @@ The public API, stage by stage (data → task pools → meta-learning → influe
     refine, evaluate
     task_influence, instance_influence,         influence/
     pairwise_influence, PairwiseResult,
+    measurement_reliability,
     edit_model, Removal, unlearn, TotalHessian, solve_ihvp
     leave_one_out, lds_ground_truth, metrics    evaluation/
     SolverSettings, solve_ihvp                  linalg/ (operators and solvers, used by every stage)
@@ -25,6 +26,7 @@ from .influence.editing import EditResult, Removal, edit_model, unlearn
 from .meta.curvature import TotalHessian
 from .influence.instance_if import instance_influence
 from .influence.pairwise import PairwiseResult, pairwise_influence
+from .influence.reliability import measurement_reliability
 from .influence.results import SIGN_CONVENTION, InfluenceResult, InfluenceSettings
 
 from .influence.task_if import task_influence, task_parameter_changes
@@ -41,6 +43,6 @@ __all__ = [
     "SIGN_CONVENTION", "EditResult", "GroundTruthSettings", "InfluenceResult", "InfluenceSettings", "InnerSettings",
     "MetaInfluenceError", "MetaProblem", "PairwiseResult", "RefineSettings", "Removal", "SolverSettings", "TaskTensors", "TotalHessian",
     "TrainSettings", "build_pool", "corrupt_labels", "edit_model", "evaluate", "instance_influence", "lds_ground_truth",
-    "leave_one_out", "load_dataset", "meta_train", "metrics", "pairwise_influence", "refine", "sinusoid_pool", "solve_ihvp", "task_influence",
+    "leave_one_out", "load_dataset", "measurement_reliability", "meta_train", "metrics", "pairwise_influence", "refine", "sinusoid_pool", "solve_ihvp", "task_influence",
     "task_parameter_changes", "unlearn",
 ]

@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--check", type=int, default=0, metavar="K", help="fidelity check: re-optimise K random groups of tasks removed from λ* and record the Spearman and relative error of the predicted change (default: 0, no check)")
     inf.add_argument("--check-fraction", type=float, default=0.1, help="fraction of the training tasks in each removed group (default: 0.1)")
     inf.add_argument("--check-minutes", type=float, default=10.0, help="time budget of the fidelity check (default: 10)")
+    inf.add_argument("--check-measurement", type=int, default=0, metavar="K", help="how much the ranking depends on which validation tasks were drawn: task-IF against both halves of K random halvings of the validation pool, its reliability and the pool size for 0.9 (default: 0, no check)")
     inf.add_argument("--resume", default=None, metavar="SCORES", help="continue the cg/pcg solve of an earlier task-level scores file of this "
                      "checkpoint's pool (one stopped by --max-minutes or --max-iter) from its iterate; the new file is complete on its own")
     inf.add_argument("--data-root", dest="data.data_root", default=argparse.SUPPRESS, help="folder holding the dataset files (else the recorded one, else $METAINFLUENCE_DATA)")
@@ -296,11 +297,9 @@ def _print_pairs(result, k: int) -> None:
 
 
 def _cmd_influence(args: argparse.Namespace) -> int:
-    from .pipeline import influence_checkpoint
-
     from .evaluation.fidelity import CheckSettings
-
-    check = CheckSettings(removals=args.check, fraction=args.check_fraction, max_minutes=args.check_minutes)
+    from .pipeline import influence_checkpoint
+    check = CheckSettings(removals=args.check, fraction=args.check_fraction, max_minutes=args.check_minutes, measurement_splits=args.check_measurement)
     measurement = "margin" if args.measurement == "margin" else None
     result, stem = influence_checkpoint(args.checkpoint, _influence_settings(args), level=args.level, out=args.out, name=args.name,
                                         overrides=_data_only(args), check=check, measurement=measurement, resume=args.resume)
@@ -314,10 +313,9 @@ def _cmd_influence(args: argparse.Namespace) -> int:
         fc = diag["fidelity_check"]
         print(f"fidelity check ({fc['removals_done']} removals of {fc['group_size']} tasks, re-optimised from λ*): "
               f"Spearman {fc['spearman']:.2f}, relative error {fc['relative_error']:.2f}, sign agreement {fc['sign_agreement']:.2f}")
-    if args.level == "pairwise":
-        _print_pairs(result, args.top)
-    else:
-        _print_items(result, args.top)
+    if (r := diag.get("measurement_reliability")):
+        print(f"measurement: reliability {r['reliability']:.2f} over {r['splits']} halvings of {r['n_val_tasks']} validation tasks; about {r['val_tasks_for_target']} give {r['target']:g}")
+    (_print_pairs if args.level == "pairwise" else _print_items)(result, args.top)
     print(f"scores: {stem}.safetensors (+ .json); {diag['timings_s']['total']:.1f} s")
     return 0
 

@@ -27,11 +27,13 @@ class CheckSettings:
     removals: int = field(default=0, metadata={"help": "random group removals re-optimised from λ* to check the scores (0 = no check)"})
     fraction: float = field(default=0.1, metadata={"help": "fraction of the training tasks removed in each group"})
     max_minutes: float = field(default=10.0, metadata={"help": "time budget of the check; it stops after the removal that crosses it"})
-    seed: int = field(default=0, metadata={"help": "seed of the groups"})
+    seed: int = field(default=0, metadata={"help": "seed of the groups (and of the validation pool's halvings)"})
+    measurement_splits: int = field(default=0, metadata={"help": "the measurement's reliability: task-IF against both halves of this many random "
+                                                                 "halvings of the validation pool (0 = no check; docs/method.md §5.1)"})
 
     def validate(self, n: int) -> None:
-        if self.removals < 0:
-            raise SettingsError(f"--check must be ≥ 0 removals, got {self.removals}")
+        if self.removals < 0 or self.measurement_splits < 0:
+            raise SettingsError(f"--check and --check-measurement must be ≥ 0, got {self.removals} and {self.measurement_splits}")
         if not 0 < self.fraction < 1 or round(self.fraction * n) < 1:
             raise SettingsError(f"--check-fraction {self.fraction} removes no task of {n}; use a fraction in (0, 1) with fraction·n ≥ 1")
         if not self.max_minutes > 0:

@@ -88,8 +88,11 @@ class _Store:
             manifest = self.dir / "manifest.json"
             if manifest.exists():
                 old = read_json(manifest, "ground-truth manifest")
-                if isinstance(old, dict) and old.get("key") != self.key and _key(with_new_defaults(old.get("settings"), key, _DEFAULTS)) == self.key:
-                    write_json(manifest, {"key": self.key, "settings": key})  # written by a version without a since-added default field
+                if isinstance(old, dict) and old.get("key") != self.key and \
+                        _key(_unit_settings(with_new_defaults(old.get("settings"), key, _DEFAULTS))) == self.key:
+                    # written by a version without a since-added default field, or one that keyed the store
+                    # by its sample: the units are the same, so the folder is kept and its manifest renewed
+                    write_json(manifest, {"key": self.key, "settings": key})
                 elif not isinstance(old, dict) or old.get("key") != self.key:
                     raise CheckpointError(f"{self.dir} holds ground truth of other settings; use another --out folder or delete it")
             # A run killed inside an atomic write leaves its temporary file (".NAME.xxxx.tmp"); that
@@ -123,7 +126,7 @@ def _sha(x: torch.Tensor) -> str:
     return hashlib.sha256(x.detach().double().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
-def _measurement_sha(val_tasks: TaskTensors) -> str:
+def measurement_sha256(val_tasks: TaskTensors) -> str:
     """Fingerprint of the measurement pool (its tensors, dtype-independent): a unit's f holds only for it."""
     h = hashlib.sha256()
     for t in (val_tasks.support_x, val_tasks.support_y, val_tasks.query_x, val_tasks.query_y):
@@ -132,17 +135,30 @@ def _measurement_sha(val_tasks: TaskTensors) -> str:
     return h.hexdigest()[:16]
 
 
+# Fields that choose *which* units a run computes, not what any unit holds: a unit loo_k (task k left out)
+# or subset_m (the m-th seeded mask, drawn in sequence) is the same whatever the sample's size, so growing
+# a sample (--set detection.loo_tasks=40 after 16) reuses every finished unit instead of refusing the folder.
+_SAMPLE_FIELDS = {"loo": ("n_loo", "n_subsets", "subset_fraction", "seed"), "lds": ("n_loo", "n_subsets")}
+
+
+def _unit_settings(key: Any) -> Any:
+    """A store's key without its sample-choosing fields (also applied to manifests written with them)."""
+    if not isinstance(key, dict) or key.get("kind") not in _SAMPLE_FIELDS:
+        return key
+    out = {k: v for k, v in key.items() if k != "sample"}
+    if isinstance(out.get("gt"), dict):
+        out["gt"] = {k: v for k, v in out["gt"].items() if k not in _SAMPLE_FIELDS[key["kind"]]}
+    return out
+
+
 def _open_store(kind: str, out_dir, problem: MetaProblem, lam_star: torch.Tensor, n: int,
-                settings: GroundTruthSettings, refine_settings: RefineSettings, anchor: torch.Tensor | None = None,
-                sample: list[int] | None = None) -> _Store:
-    """The resumable store of one ground-truth run, keyed by everything that determines its numbers."""
+                settings: GroundTruthSettings, refine_settings: RefineSettings, anchor: torch.Tensor | None = None) -> _Store:
+    """The resumable store of one ground-truth run, keyed by everything that determines its units' numbers."""
     key = {"kind": kind, "n": n, "gt": asdict(settings), "refine": asdict(refine_settings), "lam_sha256": _sha(lam_star),
            "problem": problem.settings_json()}
     if anchor is not None:
         key["anchor_sha256"] = _sha(anchor)
-    if sample is not None:
-        key["sample"] = sample
-    return _Store(out_dir, key)
+    return _Store(out_dir, _unit_settings(key))
 
 
 def leave_one_out(
@@ -169,17 +185,16 @@ def leave_one_out(
     if sample is None:
         gen = torch.Generator().manual_seed(settings.seed)
         sample = torch.randperm(n, generator=gen)[: settings.n_loo].sort().values
-        store = _open_store("loo", out_dir, problem, lam_star, n, settings, refine_settings, anchor)
     else:
         given = [int(k) for k in sample]
         if len(set(given)) != len(given) or any(not 0 <= k < n for k in given):
             raise SettingsError(f"leave-one-out sample must be distinct task positions in 0..{n - 1}; got {given[:10]}")
         sample = torch.tensor(sorted(given), dtype=torch.long)
-        store = _open_store("loo", out_dir, problem, lam_star, n, settings, refine_settings, anchor, sample.tolist())
+    store = _open_store("loo", out_dir, problem, lam_star, n, settings, refine_settings, anchor)
     t0 = time.perf_counter()
     # The re-optimised λ's do not depend on the measurement, f does: units kept under another validation
     # pool (or before the pool was recorded) are re-measured from their kept λ, not re-optimised.
-    measured_on = _measurement_sha(val_tasks)
+    measured_on = measurement_sha256(val_tasks)
     val_as: dict[torch.dtype, TaskTensors] = {}  # the pool converted once per dtype, not once per unit
 
     def measure(lam: torch.Tensor) -> float:
@@ -187,8 +202,15 @@ def leave_one_out(
             val_as[lam.dtype] = val_tasks.to(dtype=lam.dtype)
         return validation_loss(problem, lam, val_as[lam.dtype])
 
-    def remeasure(info: dict, lam: torch.Tensor) -> float:
-        return info["f"] if info.get("val_sha256") == measured_on else measure(lam)
+    def remeasure(name: str, info: dict, lam: torch.Tensor) -> float:
+        """f of a kept unit on this pool: as measured, else from its kept λ (then kept under ``f_on``)."""
+        if info.get("val_sha256") == measured_on:
+            return info["f"]
+        f_on = info.get("f_on", {})
+        if measured_on not in f_on:
+            f_on = {**f_on, measured_on: measure(lam)}
+            store.put(name, {**info, "f_on": f_on})  # json only: the next resume on this pool measures nothing
+        return f_on[measured_on]
 
     done = store.get("control")
     computed = int(done is None)
@@ -198,7 +220,7 @@ def leave_one_out(
         store.put("control", {"f": f_ctrl, "grad_norm": gn, "val_sha256": measured_on}, {"lam": lam_ctrl})
     else:
         lam_ctrl = done[1]["lam"]
-        f_ctrl = remeasure(done[0], lam_ctrl)
+        f_ctrl = remeasure("control", done[0], lam_ctrl)
     deltas_f, deltas_lam, grad_norms, unit_seconds = [], [], [], []
     for j, k in enumerate(bar("leave-one-out", len(sample), "task", iterable=sample.tolist())):
         unit = store.get(f"loo_{k}")
@@ -214,7 +236,7 @@ def leave_one_out(
             dl = lam_k - lam_ctrl
         else:
             info, dl = unit[0], unit[1]["delta_lam"]
-            info = {**info, "f": remeasure(info, lam_ctrl + dl)}
+            info = {**info, "f": remeasure(f"loo_{k}", info, lam_ctrl + dl)}
         deltas_f.append(info["f"] - f_ctrl)
         unit_seconds.append(info.get("seconds"))  # absent in units written before it was recorded
         deltas_lam.append(dl)
@@ -255,7 +277,7 @@ def lds_ground_truth(
         masks[m, torch.randperm(n, generator=gen)[:keep]] = True
     store = _open_store("lds", out_dir, problem, lam_star, n, settings, refine_settings, anchor)
     values, unit_seconds, computed = [], [], 0
-    measured_on = _measurement_sha(val_tasks)
+    measured_on = measurement_sha256(val_tasks)
     for m in bar("LDS subsets", settings.n_subsets, "subset", iterable=range(settings.n_subsets)):
         unit = store.get(f"subset_{m}")
         if unit is None:

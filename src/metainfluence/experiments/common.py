@@ -28,8 +28,9 @@ from ..pipeline.proximal import ANCHOR, proximal_of, proximal_settings, record_p
 
 EXPERIMENTS = ("detection", "removal", "estimates", "fidelity")
 METHODS = ("task-if", "direct-if", "tracin", "trak", "ekfac-if", "loss", "random")
-# asked for by name only: task-IF by the fast tier (the curvature's inverse applied directly), beside the exact tier
-OPTIONAL_METHODS = ("task-if-fast",)
+# asked for by name only: task-IF by the fast tier (the curvature's inverse applied directly), beside the exact
+# tier; task-IF's Newton-step removal (H − H_k/n + δI)⁻¹g_k/n, a rank-M downdate per task on a gn-factor curvature
+OPTIONAL_METHODS = ("task-if-fast", "task-if-newton")
 
 
 def _machine() -> dict[str, Any]:
@@ -197,6 +198,8 @@ def _eval_json(res) -> dict[str, float]:
 def _method_settings(infl: InfluenceSettings, method: str, direct_damping: float, **kw) -> InfluenceSettings:
     if method == "task-if-fast":  # the same curvature file, its inverse applied directly
         return dataclasses.replace(infl, method="task-if", solver="curvature", **kw)
+    if method == "task-if-newton":
+        return dataclasses.replace(infl, method="task-if", removal="newton", **kw)
     s = dataclasses.replace(infl, method=method, **kw)
     if method == "direct-if":
         # the curvature file approximates the total Hessian, not direct-IF's θ-space one: plain CG there

@@ -15,6 +15,8 @@ import torch
 
 from .. import GroundTruthSettings, RefineSettings, Removal, edit_model, evaluate, leave_one_out, metrics
 from ..config import to_dict
+from ..evaluation.groundtruth import measurement_sha256
+from ..influence.reliability import reliability_record, reliability_warning, split_half_scores
 from ..io import save_result, write_json
 from ..pipeline import RunContext
 from ..tasks import corrupt_tasks
@@ -47,6 +49,9 @@ class DetectionSettings:
                                                         "'leave-one-out (re-optimised)' is the ranking every influence method estimates (0 = skip)"})
     loo_tol_ratio: float = field(default=1e-5, metadata={"help": "stationarity ‖∇‖ / mean‖g_i‖ of each leave-one-out re-optimisation"})
     loo_max_iter: int = field(default=300, metadata={"help": "L-BFGS iterations of each leave-one-out re-optimisation"})
+    reliability_splits: int = field(default=4, metadata={"help": "the measurement's reliability: score task-IF against both halves of this many random "
+                                                                 "halvings of the validation pool, to say how much its ranking depends on which validation "
+                                                                 "tasks were drawn and how many would do (0 = skip; docs/method.md §5.1)"})
 
 
 # the [detection] keys that define the corrupted pool (and so λ*): a resumed run must keep them
@@ -141,6 +146,11 @@ def _detection_one(run, infl, sec: DetectionSettings, out: Path, quick: bool, lo
                      "seconds": (scores[m].diagnostics["seconds"] - scores[m].diagnostics.get("self_influence", {}).get("seconds", 0.0)
                                  if m in scores else scores["task-if"].diagnostics["self_influence"]["seconds"])})
         log(f"  {m:<15} recall@{at:.2f} {rows[-1]['recall@1.25rho']:.3f}  AUC {rows[-1]['auc']:.3f}")
+    reliability = None
+    if sec.reliability_splits and "task-if" in scores:
+        t = time.perf_counter()
+        reliability = _reliability(problem, lam_star, train, val, infl, flags, sec, log, cache, scores["task-if"].extra.get("s"))
+        timings["reliability_s"] = time.perf_counter() - t
     ground_truth, figs = None, {}
     if sec.loo_tasks:
         t = time.perf_counter()
@@ -201,9 +211,32 @@ def _detection_one(run, infl, sec: DetectionSettings, out: Path, quick: bool, lo
         "n_tasks": n, "n_corrupted": int(flags.sum()), "corrupted_task_ids": [int(i) for i in pools["train"].task_ids[flags]],
         "refine": rep.to_json(), "unedited_test": _eval_json(base),
         "detection": rows, "recall_curves": {m: {"fractions": c[0].tolist(), "recall": c[1].tolist()} for m, c in curves.items()},
-        "edits": edit_rows, **({"ground_truth": ground_truth} if ground_truth is not None else {}), "influence_diagnostics": {m: _diag_json(r) for m, r in scores.items()},
+        "edits": edit_rows, **({"ground_truth": ground_truth} if ground_truth is not None else {}),
+        **({"measurement_reliability": reliability} if reliability is not None else {}), "influence_diagnostics": {m: _diag_json(r) for m, r in scores.items()},
         "figures": figs, "timings": timings,
     }
+
+
+def _reliability(problem, lam_star, train, val, infl, flags, sec: DetectionSettings, log, cache: StageCache, s=None) -> dict:
+    """How much task-IF's ranking depends on which validation tasks were drawn (docs/method.md §5.1): the
+    split-half reliability of its scores, each half's detection AUC, and — below 0.9 — a warning with the
+    pool size that would reach it. A unit, reused on --resume for the same settings and validation pool."""
+    task_if = dataclasses.replace(infl, method="task-if", removal="first-order", self_influence=False)
+
+    def compute() -> dict:
+        t = time.perf_counter()
+        S, residual = split_half_scores(problem, lam_star, train, val, task_if, sec.reliability_splits, seed=sec.corruption_seed, s=s)
+        return {**reliability_record(S, len(val)), "seed": sec.corruption_seed, "solver_residual": residual, "seconds": time.perf_counter() - t,
+                "half_auc": [metrics.detection_auc((-S[:, j]).numpy(), flags.numpy()) for j in range(S.shape[1])]}
+
+    rec = cache.unit("measurement reliability", {"influence": to_dict(task_if), "splits": sec.reliability_splits, "seed": sec.corruption_seed,
+                                                 "val_sha256": measurement_sha256(val)}, compute)
+    warning = reliability_warning(rec)
+    log(f"measurement reliability: task-IF's split-half reliability {rec['reliability']:.2f} over {rec['splits']} halvings of the "
+        f"{rec['n_val_tasks']} validation tasks; detection AUC against one half ({rec['half_size']} tasks) {min(rec['half_auc']):.3f}–{max(rec['half_auc']):.3f}")
+    if warning:
+        log("warning: " + warning)
+    return {**rec, "warnings": [warning] if warning else []}
 
 
 def _edit_unit(problem, lam_star, train, test, ids: list[int], edit_infl, prox) -> dict:

@@ -81,7 +81,7 @@ def load_experiment_settings(name: str, config: str | None, quick: bool, sets: d
         if m not in METHODS + OPTIONAL_METHODS:
             raise SettingsError(f"unknown method {m!r} in [{name}] methods; use some of {', '.join(METHODS + OPTIONAL_METHODS)}")
     if name == "detection":
-        _check_detection(sec, run.data.train_tasks)
+        _check_detection(sec, run.data.train_tasks, run.data.val_tasks)
     if name == "fidelity":
         bad = [h for h in sec.hessians if h not in HESSIANS]
         if bad or not 0 < sec.group_fraction < 1 or sec.proximal < 0:
@@ -98,7 +98,7 @@ def load_experiment_settings(name: str, config: str | None, quick: bool, sets: d
     return run, infl, sec
 
 
-def _check_detection(sec, n_tasks: int) -> None:
+def _check_detection(sec, n_tasks: int, n_val: int) -> None:
     """Refuse a bad corruption setting before any training (the pool code would, but only after the data)."""
     from ..tasks.harmful import KINDS, OFFDIST_TRANSFORMS, WHERE
 
@@ -117,6 +117,9 @@ def _check_detection(sec, n_tasks: int) -> None:
     if not (0 <= sec.loo_tasks <= n_tasks and sec.loo_tasks != 1 and sec.loo_tol_ratio > 0 and sec.loo_max_iter >= 1):
         raise SettingsError(f"[detection] loo_tasks = {sec.loo_tasks} must be 0 (no ground truth) or 2..{n_tasks} (the training tasks), "
                             f"with loo_tol_ratio > 0 and loo_max_iter ≥ 1 (got {sec.loo_tol_ratio}, {sec.loo_max_iter})")
+    if sec.reliability_splits < 0 or (sec.reliability_splits and n_val < 4):
+        raise SettingsError(f"[detection] reliability_splits = {sec.reliability_splits} needs ≥ 0 splits and, when > 0, ≥ 4 validation tasks "
+                            f"(data.val_tasks = {n_val}); set reliability_splits = 0 to skip the measurement's reliability")
 
 
 def run_experiment(name: str, config: str | None = None, quick: bool = False, out: str = "runs/experiment",
@@ -201,6 +204,16 @@ def report_run(run_dir) -> Path:
                 f"One full run per ρ_task (sub-folders `rho_<value>`, each with its own results.json and figures); the sections above and below are ρ_task = {s['rho_tasks'][0]:g}. "
                 "`refine_ratio` = ‖∇F‖ / mean ‖g_k‖ after refine (stationarity of that run)."],
                 "tables": [{"rows": res["sweep"], "floatfmt": ".3f"}]})
+        rel = res.get("measurement_reliability")
+        if rel:
+            secs.append({"heading": "How much the ranking depends on the validation sample", "paragraphs": [
+                f"task-IF scored against both halves of {rel['splits']} random halvings of the {rel['n_val_tasks']} validation tasks: split-half "
+                f"Pearson {', '.join(f'{x:.2f}' for x in rel['split_half_pearson'])} (Spearman {', '.join(f'{x:.2f}' for x in rel['split_half_spearman'])}); "
+                f"Spearman–Brown reliability of the full pool **{rel['reliability']:.2f}** — the expected correlation of these scores with those "
+                f"against another {rel['n_val_tasks']} tasks. Detection AUC against one half ({rel['half_size']} tasks): "
+                f"{min(rel['half_auc']):.3f}–{max(rel['half_auc']):.3f}. About {rel['val_tasks_for_target'] or '—'} validation tasks would give "
+                f"reliability {rel['target']:g} (Spearman–Brown prophecy; it assumes independent validation tasks)."]
+                + [f"**warning:** {w}" for w in rel.get("warnings", [])]})
         gt = res.get("ground_truth")
         if gt:
             secs.append({"heading": "Against leave-one-out on the corrupted pool", "paragraphs": [

@@ -5,6 +5,8 @@ Where removals are far from linear (overfit meta-learners), one Newton step on t
 objective does better: Δλ_k = (H − H_k/n + δI)⁻¹ g_k / n, H_k task k's own total Hessian, and
 score_k = ∇f(λ*)ᵀ Δλ_k (same sign and units as task-IF). Costs:
   fisher     a rank-M Woodbury downdate per task on top of one block solve (no extra products);
+  gauss-newton with a gn-factor curvature file (the Gauss–Newton matrix itself, M rows per task):
+             the same downdate on its rows — exact, and minutes instead of one solve per task;
   otherwise  one solve per task with H − H_k/n (CG or the configured solver).
 """
 
@@ -17,6 +19,8 @@ import torch
 from ..errors import SettingsError
 from ..linalg import woodbury_solve
 from ..meta.curvature import TotalHessian
+from .curvature import load_curvature
+from .hessian_of import curvature_fingerprint, effective_damping
 from ..progress import bar
 
 
@@ -39,20 +43,17 @@ def newton_step_scores(op: TotalHessian, G: torch.Tensor, grad_f: torch.Tensor, 
     if op.problem.collective.world_size > 1:
         raise SettingsError("the Newton-step removal is computed in one process; run it without torchrun")
     if op.kind == "fisher":
-        # (A − UᵀU)⁻¹ = A⁻¹ + A⁻¹Uᵀ (I − U A⁻¹ Uᵀ)⁻¹ U A⁻¹, A = FᵀF + (μ+δ)I, U = task k's M factor rows
-        F = op.factor
-        M = F.shape[0] // n
-        rows = torch.cat([G, F])
+        rows = torch.cat([G, op.factor])
         X = woodbury_solve(op, rows, settings.damping).x
-        AinvG, AinvF = X[: len(G)], X[len(G):]
-        scores = torch.empty(len(G), dtype=G.dtype, device=G.device)
-        eye = torch.eye(M, dtype=G.dtype, device=G.device)
-        for k in range(len(G)):
-            idx = torch.arange(k, F.shape[0], n, device=F.device)  # task k's rows (one per label sample)
-            U, AinvU = F[idx], AinvF[idx]
-            inner = torch.linalg.solve(eye - U @ AinvU.T, U @ AinvG[k])
-            scores[k] = (s @ G[k] + (U @ s) @ inner) / n
-        return scores, {"removal": "newton", "downdate": "woodbury rank-M", "worst_residual": 0.0}
+        return _downdate(op.factor, n, G, X[: len(G)], X[len(G):], s), \
+            {"removal": "newton", "downdate": "woodbury rank-M", "worst_residual": 0.0}
+    factor = _gauss_newton_factor(op, settings)
+    if factor is not None:
+        F = factor.factor.to(G)
+        X = factor.to(dtype=G.dtype).solve(torch.cat([G, F]).T, effective_damping(op, settings)).T  # (K + δI)⁻¹ on every row at once
+        return _downdate(F, n, G, X[: len(G)], X[len(G):], s), \
+            {"removal": "newton", "downdate": "gn-factor rank-M (the Gauss–Newton matrix's own rows)", "worst_residual": 0.0,
+             "factor_probe_error": max(factor.info.get("probe_operator_rel_error") or [0.0])}
     scores = torch.empty(len(G), dtype=G.dtype, device=G.device)
     worst, unconverged = 0.0, 0
     for k in bar("Newton-step removals", len(G), "task", iterable=range(len(G))):
@@ -61,3 +62,27 @@ def newton_step_scores(op: TotalHessian, G: torch.Tensor, grad_f: torch.Tensor, 
         worst = max(worst, res.residual)
         unconverged += not bool(res.info.get("converged", True))
     return scores, {"removal": "newton", "downdate": "one solve per task", "worst_residual": worst, "unconverged_solves": unconverged}
+
+
+def _gauss_newton_factor(op: TotalHessian, settings: Any):
+    """The gn-factor curvature file of this very operator (GᵀG + μI = H, its rows in blocks of n, task k's
+    at k, k + n, …: the downdate is then exact), or None."""
+    if op.kind != "gauss-newton" or not settings.curvature_file or settings.solver not in ("pcg", "curvature"):
+        return None
+    art = load_curvature(settings.curvature_file)
+    return art.sketch if art.method == "gn-factor" and art.fingerprint == curvature_fingerprint(op) else None
+
+
+def _downdate(F: torch.Tensor, n: int, G: torch.Tensor, AinvG: torch.Tensor, AinvF: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Scores from A = FᵀF + cI = H + δI and A⁻¹ applied to the rows of G and F: task k's own Hessian is
+    U_kᵀU_k, U_k = its M rows of F (rows k, k + n, …), so by Woodbury
+    (A − UᵀU)⁻¹ = A⁻¹ + A⁻¹Uᵀ (I − U A⁻¹ Uᵀ)⁻¹ U A⁻¹, an M × M solve per task."""
+    M = F.shape[0] // n
+    eye = torch.eye(M, dtype=G.dtype, device=G.device)
+    scores = torch.empty(len(G), dtype=G.dtype, device=G.device)
+    for k in range(len(G)):
+        idx = torch.arange(k, F.shape[0], n, device=F.device)
+        U, AinvU = F[idx], AinvF[idx]
+        inner = torch.linalg.solve(eye - U @ AinvU.T, U @ AinvG[k])
+        scores[k] = (s @ G[k] + (U @ s) @ inner) / n
+    return scores

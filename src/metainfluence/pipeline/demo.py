@@ -16,6 +16,8 @@ import torch
 from ..errors import DivergenceError
 from ..evaluation.metrics import detection_auc, recall_at
 from ..influence import InfluenceSettings
+from ..influence.reliability import measurement_reliability, reliability_warning
+from ..influence.results import shortfall
 from ..linalg import SolverSettings
 from ..meta.evaluate import EvalResult
 from .run import RunContext
@@ -46,12 +48,19 @@ def _influence_demo(ctx: RunContext, lam: torch.Tensor, before: Mapping[str, Eva
         settings = dataclasses.replace(settings, hessian="gauss-newton")
         result = influence_stage(ctx, lam, settings)
     influence_s = time.perf_counter() - t
+    # how much the ranking depends on which validation tasks were drawn (method §5.1): said aloud when low
+    train, val = (ctx.tensors[k].to(dtype=lam.dtype) for k in ("train", "val"))
+    rel = measurement_reliability(ctx.problem, lam, train, val, settings, splits=2, s=result.extra["s"])  # 2 solves: ~2× task-IF's time
+    result.diagnostics["measurement_reliability"] = rel
+    if reliability_warning(rel):
+        shortfall(result.diagnostics, reliability_warning(rel))
     ctx.save_scores(result, "task_influence")
     pool = ctx.pools["train"]
     corrupted = torch.as_tensor(pool.corrupted_tasks).bool()
     n, n_bad = len(corrupted), int(corrupted.sum())
     summary: dict[str, Any] = {"hessian": settings.hessian, "influence_s": influence_s, "solver_residual": result.diagnostics["solver"]["residual"],
-                               "stationarity_ratio": result.diagnostics["stationarity"]["ratio"], "n_corrupted": n_bad}
+                               "stationarity_ratio": result.diagnostics["stationarity"]["ratio"], "n_corrupted": n_bad,
+                               "measurement_reliability": {k: rel[k] for k in ("reliability", "n_val_tasks", "splits", "val_tasks_for_target", "seconds")}}
     order = result.ranking(harmful_first=True)
     if n_bad:
         summary["recall_at_corrupted_fraction"] = recall_at(order, corrupted, n_bad / n)
@@ -176,6 +185,10 @@ def format_demo_summary(summary: Mapping[str, Any], out: Path) -> list[str]:
             f"task-IF ({inf['hessian']} total Hessian, CG residual {inf['solver_residual']:.1e}) in {inf['influence_s']:.1f} s; "
             f"score = predicted change of the validation loss if the task is removed (> 0 helps, < 0 harms)",
         ]
+        m = inf["measurement_reliability"]
+        need = m["val_tasks_for_target"]
+        lines.append(f"measurement: the ranking's reliability over halves of the {m['n_val_tasks']} validation tasks is {m['reliability']:.2f} "
+                     f"in {m['seconds']:.1f} s (0.9 " + ("reached" if need and need <= m["n_val_tasks"] else f"wants about {need} tasks") + "; docs/method.md §5.1)")
         if inf["n_corrupted"]:
             lines.append(
                 f"mislabeled tasks: {inf['n_corrupted']}; among the {inf['removed_tasks']} most harmful by task-IF: {inf['removed_corrupted']} "
