@@ -163,9 +163,13 @@ def test_killed_ground_truth_run_resumes_bit_identically(tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), u
 
 
-@pytest.mark.parametrize("settings_change", ["n_loo"])
+@pytest.mark.parametrize("settings_change", ["refine_tol", "proximal"])
 def test_resume_refuses_a_store_of_other_settings(tmp_path, settings_change):
-    """Resuming into a folder written with other settings is refused, not silently mixed."""
+    """Resuming into a folder written with settings that change what its units hold (the re-optimisation's
+    tolerance, the proximal term) is refused, not silently mixed; a larger sample is not such a change
+    (tests/test_groundtruth.py: its finished units are reused)."""
+    import dataclasses
+
     import helpers
 
     from metainfluence.errors import CheckpointError
@@ -174,9 +178,13 @@ def test_resume_refuses_a_store_of_other_settings(tmp_path, settings_change):
 
     problem, lam = helpers.small_problem(steps=1, hidden=(4,), weight_decay=1e-1)
     train, val = helpers.random_tasks(n=4, seed=0), helpers.random_tasks(n=2, seed=1)
-    rs = RefineSettings(tol=1e-6, max_iter=50)
-    leave_one_out(problem, lam, train, val, GroundTruthSettings(n_loo=1), rs, out_dir=tmp_path)
+    rs, gts = RefineSettings(tol=1e-6, max_iter=50), GroundTruthSettings(n_loo=1, method="lbfgs")
+    leave_one_out(problem, lam, train, val, gts, rs, out_dir=tmp_path)
     before = sorted(p.name for p in tmp_path.iterdir())
+    if settings_change == "refine_tol":
+        rs = dataclasses.replace(rs, tol=1e-7)
+    else:
+        gts = dataclasses.replace(gts, proximal=0.5)
     with pytest.raises(CheckpointError, match="other settings"):
-        leave_one_out(problem, lam, train, val, GroundTruthSettings(n_loo=2), rs, out_dir=tmp_path)
+        leave_one_out(problem, lam, train, val, dataclasses.replace(gts, n_loo=2), rs, out_dir=tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == before

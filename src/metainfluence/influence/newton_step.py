@@ -6,7 +6,7 @@ objective does better: Δλ_k = (H − H_k/n + δI)⁻¹ g_k / n, H_k task k's o
 score_k = ∇f(λ*)ᵀ Δλ_k (same sign and units as task-IF). Costs:
   fisher     a rank-M Woodbury downdate per task on top of one block solve (no extra products);
   gauss-newton with a gn-factor curvature file (the Gauss–Newton matrix itself, M rows per task):
-             the same downdate on its rows — exact, and minutes instead of one solve per task;
+             the same downdate on its rows — exact, one block solve and no further products;
   otherwise  one solve per task with H − H_k/n (CG or the configured solver).
 """
 
