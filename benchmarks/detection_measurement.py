@@ -67,7 +67,8 @@ def main() -> None:
     out.append({"spearman_between_the_two_score_vectors": metrics.spearman(a, b),
                 "pearson_between_the_two_score_vectors": float(torch.corrcoef(torch.stack([a, b]))[0, 1])})
     if args.reliability_splits:
-        out.append(_reliabilities(ctx, lam, train, {"run's": ctx.tensors["val"], "fresh": big.tensors["val"]}, settings, args.reliability_splits, out[-1]))
+        pools = {"run's": (ctx.tensors["val"], kept.extra.get("s")), "fresh": (big.tensors["val"], res.extra["s"])}
+        out.append(_reliabilities(ctx, lam, train, pools, settings, args.reliability_splits, out[-1]))
     gt_dir = run / "groundtruth_loo"
     if (gt_dir / "control.safetensors").is_file():
         out.append(_ceilings(ctx, gt_dir, flags, {"run's": (ctx.tensors["val"], kept.scores), "fresh": (big.tensors["val"], res.scores)}))
@@ -79,8 +80,8 @@ def _reliabilities(ctx, lam, train, pools: dict, settings, splits: int, between:
     correlation of the two score vectors that classical test theory predicts, √(r₁r₂) (independent pools)."""
     from metainfluence import measurement_reliability
 
-    used = dataclasses.replace(settings, self_influence=False, removal="first-order")
-    rec = {name: measurement_reliability(ctx.problem, lam, train, val.to(dtype=lam.dtype), used, splits) for name, val in pools.items()}
+    # each pool's own solve s = (H + δI)⁻¹∇f: its halves B then follow from A by linearity
+    rec = {name: measurement_reliability(ctx.problem, lam, train, val.to(dtype=lam.dtype), settings, splits, s=s) for name, (val, s) in pools.items()}
     r1, r2 = rec["run's"]["reliability"], rec["fresh"]["reliability"]
     c = rec["fresh"]["n_val_tasks"] / rec["run's"]["n_val_tasks"]
     return {"reliability": {k: {x: v[x] for x in ("n_val_tasks", "reliability", "split_half_pearson", "split_half_spearman", "val_tasks_for_target", "seconds")}

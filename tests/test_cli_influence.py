@@ -182,14 +182,14 @@ def test_influence_time_budget_says_so_and_resume_continues_to_the_full_answer(d
 
 
 def test_influence_check_measurement_records_the_reliability_of_the_ranking(demo_run, capsys):
-    """--check-measurement K splits the validation pool K times: the record's halves average to the
-    saved scores (the score is linear in ∇f), a low reliability is a warning in the file with the pool size
-    that would reach 0.9, and other levels are refused."""
-    import dataclasses
-
+    """--check-measurement K splits the validation pool K times: the recorded split-half correlation is that
+    of task-IF scored against each half as its own validation pool (computed here directly), a low
+    reliability is a warning in the file with the pool size that would reach 0.9, and other levels are
+    refused before any scoring."""
     from metainfluence.config import settings_from_dict
-    from metainfluence.influence.reliability import split_half_scores
+    from metainfluence.influence.reliability import halvings
     from metainfluence.influence.results import InfluenceSettings
+    from metainfluence.influence.task_if import task_influence
     from metainfluence.pipeline import RunContext
 
     assert main(["influence", "--checkpoint", str(demo_run / "refined"), "--hessian", "gauss-newton", "--name", "meas",
@@ -201,11 +201,12 @@ def test_influence_check_measurement_records_the_reliability_of_the_ranking(demo
     assert rel["splits"] == 3 and rel["n_val_tasks"] == len(ctx.tensors["val"]) and -1 <= rel["reliability"] <= 1
     said = [w for w in saved["diagnostics"].get("warnings", []) if "split-half reliability" in w]
     assert bool(said) == (rel["reliability"] < 0.9) and (not said or f"about {rel['val_tasks_for_target']} validation tasks" in said[0])
-    scores = InfluenceResult.load(demo_run / "meas")
-    used = dataclasses.replace(settings_from_dict(InfluenceSettings, scores.settings["influence"]), self_influence=False)
-    S, _ = split_half_scores(ctx.problem, ckpt.lam.double(), ctx.tensors["train"].to(dtype=torch.float64),
-                             ctx.tensors["val"].to(dtype=torch.float64), used, 3, seed=0)
-    assert len(ctx.tensors["val"]) % 2 == 0
-    torch.testing.assert_close((S[:, 0] + S[:, 1]) / 2, scores.scores.double(), rtol=1e-4, atol=1e-6 * float(scores.scores.abs().max()))
-    assert main(["influence", "--checkpoint", str(demo_run / "refined"), "--method", "tracin", "--name", "meas2", "--check-measurement", "2"]) == 2
-    assert "task-level task-if" in capsys.readouterr().err
+    used = settings_from_dict(InfluenceSettings, InfluenceResult.load(demo_run / "meas").settings["influence"])
+    train, val = ctx.tensors["train"].to(dtype=torch.float64), ctx.tensors["val"].to(dtype=torch.float64)
+    a, b = halvings(len(val), 3, seed=0)[0]
+    halves = [task_influence(ctx.problem, ckpt.lam.double(), train, val.subset(part), used).scores.double() for part in (a, b)]
+    assert rel["split_half_pearson"][0] == pytest.approx(float(torch.corrcoef(torch.stack(halves))[0, 1]), abs=1e-4)
+    for bad in (["--method", "tracin", "--check-measurement", "2"], ["--check-measurement", "-1"]):
+        assert main(["influence", "--checkpoint", str(demo_run / "refined"), "--name", "meas2", *bad]) == 2
+        assert "task-level task-if" in capsys.readouterr().err
+    assert not (demo_run / "meas2.json").exists()

@@ -26,7 +26,7 @@ from ..meta.objective import MetaProblem
 from ..tasks.tensors import TaskTensors
 from .gradients import _total_gradients, _train_pass, measurement_gradient
 from .hessian_of import build_hessian
-from .results import InfluenceSettings
+from .results import InfluenceSettings, shortfall
 from .task_if import ihvp
 
 TARGET = 0.9  # reliability below which the scores' dependence on the validation sample is said aloud
@@ -96,6 +96,14 @@ def split_half_scores(problem: MetaProblem, lam: torch.Tensor, train_tasks: Task
     cols = torch.stack([v for x in X for v in (x, (m * full - na * x) / nb)], 1)  # (p, 2·splits)
     dots, _, _ = _train_pass(problem, lam, train_tasks, cols, _total_gradients)
     return dots.double() / problem.collective.total_count(len(train_tasks)), float(res.residual)
+
+
+def record_reliability(diagnostics: dict[str, Any], rec: dict[str, Any]) -> None:
+    """Keep ``rec`` in a result's diagnostics and, below its target, say the shortfall aloud (a warning there)."""
+    diagnostics["measurement_reliability"] = rec
+    warning = reliability_warning(rec)
+    if warning:
+        shortfall(diagnostics, warning)
 
 
 def reliability_warning(rec: dict[str, Any]) -> str | None:

@@ -16,8 +16,7 @@ import torch
 from ..errors import DivergenceError
 from ..evaluation.metrics import detection_auc, recall_at
 from ..influence import InfluenceSettings
-from ..influence.reliability import measurement_reliability, reliability_warning
-from ..influence.results import shortfall
+from ..influence.reliability import measurement_reliability, record_reliability
 from ..linalg import SolverSettings
 from ..meta.evaluate import EvalResult
 from .run import RunContext
@@ -51,9 +50,7 @@ def _influence_demo(ctx: RunContext, lam: torch.Tensor, before: Mapping[str, Eva
     # how much the ranking depends on which validation tasks were drawn (method §5.1): said aloud when low
     train, val = (ctx.tensors[k].to(dtype=lam.dtype) for k in ("train", "val"))
     rel = measurement_reliability(ctx.problem, lam, train, val, settings, splits=2, s=result.extra["s"])  # 2 solves: ~2× task-IF's time
-    result.diagnostics["measurement_reliability"] = rel
-    if reliability_warning(rel):
-        shortfall(result.diagnostics, reliability_warning(rel))
+    record_reliability(result.diagnostics, rel)
     ctx.save_scores(result, "task_influence")
     pool = ctx.pools["train"]
     corrupted = torch.as_tensor(pool.corrupted_tasks).bool()

@@ -4,7 +4,6 @@ report through ``log``; the CLI prints what they return."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -14,7 +13,7 @@ import torch
 from ..config import to_dict
 from ..errors import SettingsError
 from ..evaluation.fidelity import CheckSettings, fidelity_check
-from ..influence.reliability import measurement_reliability, reliability_warning
+from ..influence.reliability import measurement_reliability, record_reliability
 from ..influence.results import shortfall
 from ..influence import Removal, edit_model, instance_influence, pairwise_influence, task_influence
 from ..io import write_json
@@ -180,6 +179,10 @@ def influence_checkpoint(checkpoint: str | os.PathLike, settings: Any, level: st
     iterate s is where this solve starts."""
     if measurement is not None and level != "pairwise":
         raise SettingsError(f"--measurement applies to --level pairwise only (level {level} measures the validation pool's mean query loss)")
+    if check is not None and check.measurement_splits and (level != "task" or settings.method != "task-if" or check.measurement_splits < 0):
+        # refused before any scoring, so nothing computed is lost
+        raise SettingsError(f"--check-measurement K (K ≥ 1 halvings; got {check.measurement_splits}) splits the validation pool of task-level task-if "
+                            f"scores; this is {level}-level {settings.method}")
     name = check_name(name or f"influence_{level}_{settings.method}")
     folder = check_writable(out if out else Path(checkpoint).expanduser().parent)
     ctx, ckpt = RunContext.from_checkpoint(checkpoint, splits=("train", "val"), overrides=overrides)
@@ -207,24 +210,18 @@ def influence_checkpoint(checkpoint: str | os.PathLike, settings: Any, level: st
                                           f"{fid['removals_done']} removals of {fid['group_size']} tasks); try --removal newton, a larger --damping, "
                                           "or refine further before trusting the ranking")
     if check is not None and check.measurement_splits:
-        _check_measurement(ctx, ckpt.lam.double(), settings, level, check, result)
+        _check_measurement(ctx, ckpt.lam.double(), settings, check, result)
     with RunLock(folder):
         stem = ctx.save_scores(result, name, folder=folder)
     return result, stem
 
 
-def _check_measurement(ctx: RunContext, lam: torch.Tensor, settings: Any, level: str, check: CheckSettings, result: Any) -> None:
-    """How much the task-IF ranking depends on which validation tasks were drawn (docs/method.md §5.1); a
-    warning with the pool size that would do when its reliability is below 0.9."""
-    if level != "task" or settings.method != "task-if":
-        raise SettingsError(f"--check-measurement splits the validation pool of task-level task-if scores; this is {level}-level {settings.method}")
+def _check_measurement(ctx: RunContext, lam: torch.Tensor, settings: Any, check: CheckSettings, result: Any) -> None:
+    """How much the task-IF ranking depends on which validation tasks were drawn (docs/method.md §5.1), from
+    the scores' own solve s; a warning with the pool size that would do when its reliability is below 0.9."""
     rel = measurement_reliability(ctx.problem, lam, ctx.tensors["train"].to(dtype=lam.dtype), ctx.tensors["val"].to(dtype=lam.dtype),
-                                  dataclasses.replace(settings, self_influence=False, removal="first-order"), check.measurement_splits, seed=check.seed,
-                                  s=result.extra.get("s") if settings.removal == "first-order" else None)
-    result.diagnostics["measurement_reliability"] = rel
-    warning = reliability_warning(rel)
-    if warning:
-        shortfall(result.diagnostics, warning)
+                                  settings, check.measurement_splits, seed=check.seed, s=result.extra.get("s"))
+    record_reliability(result.diagnostics, rel)
 
 
 def _resume_iterate(ctx: RunContext, resume: str | os.PathLike, settings: Any, level: str, log: Log) -> torch.Tensor:
