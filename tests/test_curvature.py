@@ -336,3 +336,25 @@ def test_an_edit_preconditioned_by_a_curvature_file_takes_newton_steps_away_from
     torch.testing.assert_close(with_file.lam, plain.lam, rtol=1e-7, atol=1e-9)
     assert with_file.diagnostics["newton_solver"] == "cg" and with_file.diagnostics["solver_iterations"] < plain.diagnostics["solver_iterations"]
     assert with_file.diagnostics["newton_final_grad_norm"] < with_file.diagnostics["newton"][0]["grad_norm_before"]
+
+
+def test_a_reduced_edit_under_the_fast_tier_solves_its_own_hessian_exactly_preconditioned_by_the_file(tmp_path):
+    """The fast tier's inverse is the full pool's; the reduced step needs H_R, so it is solved by pcg with the
+    same file (it used to be refused mid-experiment): the edit equals the plain-CG edit, and the full step
+    stays the fast tier's (the file's inverse applied to b_R/n)."""
+    from metainfluence import Removal, edit_model
+    from metainfluence.influence.editing import removed_gradient
+
+    problem, lam, train, _ = curvature_problem()
+    base = InfluenceSettings(hessian="gauss-newton", damping=1e-3, fisher_samples=2, stationarity_warn=1e9, solve=SolverSettings(tol=1e-12, max_iter=2000))
+    art = fit_curvature(problem, lam, train, base, method="fisher", probes=1)
+    art.save(tmp_path / "fi")
+    fast = dataclasses.replace(base, solver="curvature", curvature_file=str(tmp_path / "fi"))
+    removal = Removal(tasks=[1, 4])
+    reduced = edit_model(problem, lam, train, removal, fast, step="reduced")
+    plain = edit_model(problem, lam, train, removal, base, step="reduced")
+    torch.testing.assert_close(reduced.lam, plain.lam, rtol=1e-7, atol=1e-9)
+    assert reduced.diagnostics["reduced_solver"] == "pcg"
+    full = edit_model(problem, lam, train, removal, fast, step="full")
+    b = removed_gradient(problem, lam, train, removal) / len(train)
+    torch.testing.assert_close(full.delta, art.sketch.solve(b[:, None], 1e-3)[:, 0], rtol=1e-8, atol=1e-12)

@@ -151,6 +151,26 @@ def test_detection_with_pcg_fits_one_curvature_at_its_lambda_and_reuses_it(tmp_p
     assert rows["task-if"]["auc"] > 0.5 and len(res["edits"]) >= 1
 
 
+def test_removal_charges_its_curvature_fit_to_the_edits_that_used_it(tmp_path):
+    """The edit-vs-retraining ratio counts the run's curvature fit for task-IF (its scores were solved with it)
+    and not for random (ranked without it, and its edit solved by plain CG here)."""
+    out = tmp_path / "rem_pcg"
+    cfg = tmp_path / "pcg.toml"
+    cfg.write_text('[influence]\nsolver = "pcg"\ncurvature_fit = "fisher"\n\n[removal]\nmethods = ["task-if", "random"]\ninstance_levels = []\n'
+                   'retrain_methods = ["task-if", "random"]\nreoptimise_methods = []\nedit_solver = "cg"\n')
+    res = run_experiment("removal", str(cfg), True, str(out), log=lambda s: None)
+    fit_s = res["timings"]["curvature_fit_s"]
+    info = json.loads((out / "curvature.json").read_text())["info"]
+    # charged: the fit and its probe check; its reference pass of per-task gradients (the floor) is recorded apart
+    assert fit_s == pytest.approx(info["fit_seconds"] + info["probe_seconds"]) and info["probe_seconds"] > 0
+    assert res["timings"]["curvature_floor_s"] == info["floor_seconds"] > 0
+    for m, charged in (("task-if", fit_s), ("random", 0.0)):
+        edit, retrain = (next(r for r in res["table"] if r["method"] == m and r["path"] == p) for p in ("edit", "retrain"))
+        sp = res["edit_vs_retrain"][m]
+        assert sp["curvature_fit_charged_s"] == charged
+        assert sp["retrain_over_edit"] == pytest.approx(retrain["path_s"] / (edit["total_s"] + charged))
+
+
 def test_detection_ranks_by_exact_and_fast_tiers_of_one_fisher_curvature(tmp_path):
     """curvature_fit = fisher: one fisher-factor file at λ*; task-if is its preconditioned exact tier,
     task-if-fast its inverse applied directly, direct-if falls back to plain CG (the file is of the total H)."""

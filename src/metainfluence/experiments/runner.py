@@ -246,7 +246,7 @@ def report_run(run_dir) -> Path:
         sp = [{"method": m, **v} for m, v in res.get("edit_vs_retrain", {}).items()]
         if sp:
             secs.append({"heading": "Edit against retraining", "paragraphs": [
-                "`retrain_over_edit` = retraining time / (scoring + edit time), measured in the same run; `acc_gap_points` = retrained − edited accuracy in "
+                "`retrain_over_edit` = retraining time / (scoring + edit time + the run's curvature fit where the scores or the edit used it, `curvature_fit_charged_s`), measured in the same run; `acc_gap_points` = retrained − edited accuracy in "
                 "percentage points (the targets: inside the retraining seeds' spread and ≤ 0.5 points below their mean, scoring + edit ≥ 10× faster than one retraining); `reoptimise_*` the same against re-optimising from λ* on the kept items."], "tables": [{"rows": sp, "floatfmt": ".3g"}]})
         secs.append({"heading": "The paper's numbers (docs/method.md §11, ICLR version)", "tables": [{"rows": res["paper_table1"], "floatfmt": ".4f"}]})
     elif name == "fidelity":

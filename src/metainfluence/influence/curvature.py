@@ -179,6 +179,7 @@ def fit_curvature(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, s
         fit = {"method": "nystrom", "rank": approx_op.rank, "rank_setting": rank, "oversample": oversample, "sketch": approx_op.info,
                "max_tasks": max_tasks, "n_tasks_fitted": min(len(tasks), max_tasks or len(tasks)),
                "eigenvalue_max": float(vals[0]), "eigenvalue_min_kept": float(vals[-1])}
+    t2 = time.perf_counter()
     g = torch.Generator().manual_seed(settings.seed + 1)
     X = torch.randn(op.dim, probes, generator=g, dtype=lam.dtype).to(lam.device)
     X = X / X.norm(dim=0)
@@ -190,7 +191,7 @@ def fit_curvature(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, s
         "fingerprint": curvature_fingerprint(op), "full_pool_fingerprint": curvature_fingerprint(op, ignore_weights=True),
         "hessian": op.kind, "seed": settings.seed, "fisher_samples": settings.fisher_samples, **fit,
         "probe_operator_rel_error": op_err, "probe_solve_residual": fast.info["residuals"], "probe_damping": settings.damping,
-        "floor_seconds": floor, "fit_seconds": fit_s, "fit_over_floor": fit_s / max(floor, 1e-12),
+        "floor_seconds": floor, "fit_seconds": fit_s, "fit_over_floor": fit_s / max(floor, 1e-12), "probe_seconds": time.perf_counter() - t2,
         "n_tasks": len(tasks), "n_params": op.dim,
     }
     if method in _FACTORED:

@@ -127,6 +127,10 @@ def _reduced_solve(problem, lam, pool, settings, rhs, weights, diag):
     """(H_R + δI)⁻¹ rhs with H_R of the reduced objective. The exact H_R is often indefinite at λ*
     (λ* minimises F, not F_R): then the Gauss–Newton H_R (positive semi-definite) is used, and said."""
     w, v, u = weights
+    if settings.solver == "curvature":
+        # the fast tier's inverse is the full pool's; for H_R the same file preconditions an exact CG
+        settings = dataclasses.replace(settings, solver="pcg")
+        diag["reduced_solver"] = "pcg"
     op = build_hessian(problem, lam, pool, settings, w=w, v=v, u=u)
     try:
         return op, ihvp(op, rhs, settings)
