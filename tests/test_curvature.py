@@ -358,3 +358,26 @@ def test_a_reduced_edit_under_the_fast_tier_solves_its_own_hessian_exactly_preco
     full = edit_model(problem, lam, train, removal, fast, step="full")
     b = removed_gradient(problem, lam, train, removal) / len(train)
     torch.testing.assert_close(full.delta, art.sketch.solve(b[:, None], 1e-3)[:, 0], rtol=1e-8, atol=1e-12)
+
+
+def test_a_fisher_file_of_the_fisher_operator_lends_it_its_rows_instead_of_drawing_them_again(tmp_path, monkeypatch):
+    """hessian = fisher with its own fisher file: the file's rows are the operator's (same λ, pool, draws, seed), so
+    scoring draws no rows (the residual check uses the file's); the scores equal Woodbury's on freshly drawn rows;
+    a file of other draws is refused, not adopted."""
+    import metainfluence.meta.curvature as meta_curvature
+
+    problem, lam, train, val = curvature_problem()
+    base = InfluenceSettings(hessian="fisher", solver="woodbury", damping=1e-3, fisher_samples=2, stationarity_warn=1e9)
+    art = fit_curvature(problem, lam, train, base, method="fisher", probes=2)
+    assert art.info["operator_rows"] and max(art.info["probe_operator_rel_error"]) == 0.0
+    art.save(tmp_path / "fi")
+    exact = task_influence(problem, lam, train, val, base)
+    drawn = []
+    real = meta_curvature.fisher_factor
+    monkeypatch.setattr(meta_curvature, "fisher_factor", lambda *a, **k: drawn.append(1) or real(*a, **k))
+    fast = task_influence(problem, lam, train, val, dataclasses.replace(base, solver="curvature", curvature_file=str(tmp_path / "fi")))
+    assert drawn == []
+    torch.testing.assert_close(fast.scores, exact.scores, rtol=1e-9, atol=1e-14)
+    assert fast.diagnostics["solver"]["residual"] < 1e-10
+    with pytest.raises(CheckpointError, match="another"):
+        task_influence(problem, lam, train, val, dataclasses.replace(base, fisher_samples=3, solver="curvature", curvature_file=str(tmp_path / "fi")))

@@ -86,6 +86,13 @@ class CurvatureArtifact:
         raise CheckpointError("the curvature file was fitted to another λ, pool or Hessian kind; fit it again with "
                               "`metainfluence curvature` for this checkpoint (and --hessian)")
 
+    def attach(self, op: TotalHessian) -> None:
+        """Record this file's fit on ``op`` (its diagnostics report it); a fisher file of this very fisher operator
+        (same λ, pool, weights, draws, seed) lends it its rows, so its products need not draw them again."""
+        op._curvature_info = self.info
+        if self.method == "fisher" and op.kind == "fisher" and self.fingerprint == curvature_fingerprint(op):
+            op.adopt_factor(self.sketch.factor)
+
 
 _FACTORED = {"ekfac": EKFAC, "fisher": FactorCurvature, "gn-factor": GaussNewtonFactor}
 
@@ -149,8 +156,12 @@ def fit_curvature(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, s
         rows = fisher_factor(problem, lam, tasks, settings.fisher_samples, settings.seed)
         approx_op = FactorCurvature(rows, problem.weight_decay)
         fit_s = time.perf_counter() - t1
+        # of a fisher operator these are its own rows (the same draws): the probes then confirm the products, not the draws
+        same_rows = op.kind == "fisher"
+        if same_rows:
+            op.adopt_factor(rows)
         fit = {"method": "fisher", "fisher_samples": settings.fisher_samples, "factor_rows": rows.shape[0],
-               "eigenvalue_min": approx_op.min_eigenvalue()}
+               "eigenvalue_min": approx_op.min_eigenvalue(), "operator_rows": same_rows}
     elif method == "gn-factor":
         # the Gauss–Newton matrix itself, one row per query example and class: exact, so its inverse is
         # the exact tier's answer for hessian gauss-newton (and a one-iteration preconditioner)

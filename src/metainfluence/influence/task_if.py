@@ -200,7 +200,7 @@ def _sketch(op: TotalHessian, settings: InfluenceSettings):
     art = load_curvature(settings.curvature_file)
     # pcg is exact whatever its preconditioner: a full-pool sketch may serve a reduced-pool H
     art.check(op, allow_reduced=settings.solver == "pcg")
-    op._curvature_info = art.info
+    art.attach(op)
     return art.sketch
 
 

@@ -110,7 +110,8 @@ class TotalHessian:
         self._pweights = tuple(None if t is None else t.to(self.product_dtype) for t in (w, v, u))
         self.n_matvecs = 0
         self.gamma = 0.0
-        self.factor: torch.Tensor | None = None  # fisher: H = factorᵀfactor + shift·I (Woodbury)
+        self._factor: torch.Tensor | None = None  # fisher: H = factorᵀfactor + shift·I (Woodbury), drawn on first use
+        self._fisher_op: FactorOperator | None = None
         self.shift = problem.weight_decay
         # θ_i(λ*) is fixed: adapt once (the implicit inner solve is the expensive part of its products)
         self.thetas = None
@@ -121,10 +122,31 @@ class TotalHessian:
             self.gamma = float(l1) / self.n_total
         if kind == "fisher" and self.product_dtype != self.dtype:
             raise SettingsError("the fisher Hessian is an exact factor, not products: drop the float32 product precision")
-        if kind == "fisher":
-            # a reweighted pool rebuilds the rows from its weights (a support removal changes J_i)
-            self.factor = fisher_factor(problem, self.lam, tasks, fisher_samples, seed, w, v, u)
-            self._fisher = FactorOperator(self.factor, self.shift)
+        if kind == "fisher" and fisher_samples < 1:
+            raise SettingsError(f"fisher_samples must be ≥ 1, got {fisher_samples}")
+
+    @property
+    def factor(self) -> torch.Tensor | None:
+        """fisher: the rows G of H = GᵀG + μI, drawn on first use (a reweighted pool draws them with its
+        weights: a support removal changes J_i) or adopted from a curvature file of this very operator."""
+        if self.kind != "fisher":
+            return None
+        if self._factor is None:
+            self._factor = fisher_factor(self.problem, self.lam, self.tasks, self.fisher_samples, self.seed, self.w, self.v, self.u)
+        return self._factor
+
+    def adopt_factor(self, rows: torch.Tensor) -> None:
+        """Use ``rows`` as this fisher operator's factor instead of drawing it again: only for rows drawn for
+        the same λ, pool, weights, draws and seed (a curvature file whose fingerprint is this operator's)."""
+        if self.kind != "fisher":
+            raise SettingsError(f"only a fisher Hessian has a factor to adopt, not {self.kind!r}")
+        self._factor, self._fisher_op = rows.to(self.lam), None
+
+    @property
+    def _fisher(self) -> FactorOperator:
+        if self._fisher_op is None:
+            self._fisher_op = FactorOperator(self.factor, self.shift)
+        return self._fisher_op
 
     # per-task products, vmapped by MetaProblem.sum_over_tasks
     def _query_grad_l1(self, lam, task: TaskRecord, theta):
