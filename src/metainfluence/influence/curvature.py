@@ -77,20 +77,23 @@ class CurvatureArtifact:
             raise CheckpointError(f"{stem}: eigenvalues and eigenvectors disagree with its JSON; fit it again")
         return cls(LowRank(vals, vecs, info.get("sketch", {})), info)
 
-    def check(self, op: TotalHessian, allow_reduced: bool = False) -> None:
-        """CheckpointError unless fitted to ``op`` (or, with ``allow_reduced``, to its full pool)."""
+    def check(self, op: TotalHessian, allow_reduced: bool = False) -> bool:
+        """CheckpointError unless fitted to ``op`` (or, with ``allow_reduced``, to its full pool); True when
+        fitted to ``op`` itself."""
         if curvature_fingerprint(op) == self.fingerprint:
-            return
+            return True
         if allow_reduced and curvature_fingerprint(op, ignore_weights=True) == self.pool_fingerprint:
-            return
+            return False
         raise CheckpointError("the curvature file was fitted to another λ, pool or Hessian kind; fit it again with "
                               "`metainfluence curvature` for this checkpoint (and --hessian)")
 
-    def attach(self, op: TotalHessian) -> None:
-        """Record this file's fit on ``op`` (its diagnostics report it); a fisher file of this very fisher operator
-        (same λ, pool, weights, draws, seed) lends it its rows, so its products need not draw them again."""
+    def attach(self, op: TotalHessian, allow_reduced: bool = False) -> None:
+        """:meth:`check` ``op``, then record this file's fit on it (its diagnostics report it); a fisher file of
+        this very fisher operator (same λ, pool, weights, draws, seed) lends it its rows, so its products need
+        not draw them again."""
+        itself = self.check(op, allow_reduced)
         op._curvature_info = self.info
-        if self.method == "fisher" and op.kind == "fisher" and self.fingerprint == curvature_fingerprint(op):
+        if itself and self.method == "fisher" and op.kind == "fisher":
             op.adopt_factor(self.sketch.factor)
 
 

@@ -199,8 +199,7 @@ def _sketch(op: TotalHessian, settings: InfluenceSettings):
         raise SettingsError(f"solver {settings.solver!r} needs --curvature FILE (fit one with `metainfluence curvature`)")
     art = load_curvature(settings.curvature_file)
     # pcg is exact whatever its preconditioner: a full-pool sketch may serve a reduced-pool H
-    art.check(op, allow_reduced=settings.solver == "pcg")
-    art.attach(op)
+    art.attach(op, allow_reduced=settings.solver == "pcg")
     return art.sketch
 
 
