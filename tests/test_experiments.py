@@ -332,3 +332,30 @@ def test_detection_warns_when_its_leave_one_out_ground_truth_stops_above_toleran
     assert gt["max_ratio"] > 2e-9 and gt["warnings"] and "loo_max_iter" in gt["warnings"][0]
     assert any(ln.startswith("warning: leave-one-out") for ln in lines)
     assert "**warning:** leave-one-out" in report_run(out).read_text()
+
+
+def test_detection_warns_before_float32_leave_one_out_that_cannot_reach_its_tolerance(tmp_path):
+    """A float32 refine that stopped above loo_tol_ratio says, before the re-optimisations start, that float32
+    ones will not get there and names loo_dtype; with loo_dtype = float64 (same λ*, resumed) they run in float64."""
+    out = tmp_path / "det_loo32"
+    cfg = tmp_path / "loo32.toml"
+    # a small digits run (as --quick's, which keeps its own [refine]), refined in float32
+    base = ('[data]\ndataset = "digits"\nn_way = 5\nk_shot = 1\nq_query = 5\ntrain_tasks = 40\nval_tasks = 20\ntest_tasks = 50\n'
+            '[model]\nhidden = [16]\nactivation = "tanh"\n[objective]\nweight_decay = 1e-2\n'
+            '[train]\nmeta_batch = 10\nsteps = 100\nlr = 5e-3\ncheckpoint_every = 0\n[refine]\ndtype = "float32"\nmax_iter = 50\n'
+            '[detection]\nmethods = ["task-if", "random"]\nedit_fractions = []\nself_influence = false\n'
+            'reliability_splits = 0\nloo_tasks = 2\nloo_max_iter = 2\nloo_tol_ratio = 1e-9\n')
+    cfg.write_text(base)
+    lines = []
+    res = run_experiment("detection", str(cfg), False, str(out), log=lines.append)
+    gt = res["ground_truth"]
+    assert res["refine"]["ratio_after"] > 1e-9 and gt["dtype"] == "float32"
+    first = next(i for i, ln in enumerate(lines) if "float32 refine stopped" in ln)
+    assert "loo_dtype" in lines[first] and first < next(i for i, ln in enumerate(lines) if ln.startswith("  on the sample"))
+    assert any("float32 refine stopped" in w for w in gt["warnings"])
+    cfg.write_text(base + 'loo_dtype = "float64"\n')
+    lines = []
+    res64 = run_experiment("detection", str(cfg), False, str(out), log=lines.append, resume=True)
+    gt64 = res64["ground_truth"]
+    assert gt64["dtype"] == "float64" and not any("float32 refine stopped" in w for w in gt64["warnings"])
+    assert res64["refine"]["ratio_after"] == res["refine"]["ratio_after"]  # the same λ*, resumed

@@ -49,6 +49,8 @@ class DetectionSettings:
                                                         "'leave-one-out (re-optimised)' is the ranking every influence method estimates (0 = skip)"})
     loo_tol_ratio: float = field(default=1e-5, metadata={"help": "stationarity ‖∇‖ / mean‖g_i‖ of each leave-one-out re-optimisation"})
     loo_max_iter: int = field(default=300, metadata={"help": "L-BFGS iterations of each leave-one-out re-optimisation"})
+    loo_dtype: str = field(default="", metadata={"help": "precision of the leave-one-out re-optimisations: float64 | float32 | '' (the refine's); "
+                                                        "float32 sums of thousands of task losses cannot resolve F's decrease below ratio ≈ 1e-4"})
     reliability_splits: int = field(default=4, metadata={"help": "the measurement's reliability: score task-IF against both halves of this many random "
                                                                  "halvings of the validation pool, to say how much its ranking depends on which validation "
                                                                  "tasks were drawn and how many would do (0 = skip; docs/method.md §5.1)"})
@@ -266,10 +268,21 @@ def _loo_ground_truth(ctx, lam_star, rep, prox, train, val, flags, suspicion, se
     measurement finds harmful (a small validation pool is a noisy measurement: docs/experiments.md §1)."""
     sample = _loo_sample(flags, sec.loo_tasks, sec.corruption_seed)
     gts = GroundTruthSettings(n_loo=len(sample), method="lbfgs", proximal=float(prox[0]) if prox else 0.0)
-    rs = RefineSettings(method="lbfgs", tol=0.0, tol_ratio=sec.loo_tol_ratio, max_iter=sec.loo_max_iter, dtype=ctx.settings.refine.dtype)
-    log(f"leave-one-out ground truth: {len(sample)} tasks ({int(flags[sample].sum())} corrupted), re-optimised to ratio {sec.loo_tol_ratio:g}"
+    dtype = sec.loo_dtype or ctx.settings.refine.dtype
+    rs = RefineSettings(method="lbfgs", tol=0.0, tol_ratio=sec.loo_tol_ratio, max_iter=sec.loo_max_iter, dtype=dtype)
+    # re-optimisations in another precision than the refine's are other units: their own store, so a resumed run keeps both
+    store = "groundtruth_loo" if dtype == ctx.settings.refine.dtype else f"groundtruth_loo_{dtype}"
+    warnings = []
+    if dtype == "float32" and rep.ratio_after > sec.loo_tol_ratio:
+        # said before the re-optimisations start: each would stall (float32 F cannot show the line search a decrease)
+        # and fall back to gradient descent for loo_max_iter passes over the pool
+        warnings.append(f"the float32 refine stopped at ratio {rep.ratio_after:.2g}, above loo_tol_ratio {sec.loo_tol_ratio:g}: float32 "
+                        "re-optimisations are unlikely to get there and may run all their loo_max_iter iterations; set "
+                        "[detection] loo_dtype = \"float64\", or loosen loo_tol_ratio")
+        log("warning: " + warnings[-1])
+    log(f"leave-one-out ground truth: {len(sample)} tasks ({int(flags[sample].sum())} corrupted), re-optimised to ratio {sec.loo_tol_ratio:g} in {dtype}"
         + (f", proximal γ = {rep.proximal:g}" if rep.proximal else ""))
-    loo = leave_one_out(ctx.problem, lam_star, train, val, gts, rs, out_dir=out / "groundtruth_loo", anchor=prox[1] if prox else None, sample=sample,
+    loo = leave_one_out(ctx.problem, lam_star, train, val, gts, rs, out_dir=out / store, anchor=prox[1] if prox else None, sample=sample,
                         progress=lambda s: log("  " + s))
     if loo["units_computed"]:
         cache.done("the leave-one-out ground truth")
@@ -284,14 +297,13 @@ def _loo_ground_truth(ctx, lam_star, rep, prox, train, val, flags, suspicion, se
     recorded = [x for x in loo["unit_seconds"] if x is not None]
     # stationarity reached, against λ*'s mean ‖g_i‖ (the reduced pools' differ by one task in n)
     max_ratio = loo["max_grad_norm"] / max(rep.task_grad_norm_after, 1e-300)
-    warnings = []
     if max_ratio > 2 * sec.loo_tol_ratio:
         warnings.append(f"leave-one-out re-optimisations stopped above their tolerance (worst ‖∇‖ / mean‖g_i‖ = {max_ratio:.2g} > "
                         f"{sec.loo_tol_ratio:g}): the true Δf carry optimiser error; raise [detection] loo_max_iter, or refine on the proximal "
                         "objective ([refine] proximal), whose re-optimisations converge fast")
         log("warning: " + warnings[-1])
     return {"tasks": on.tolist(), "corrupted": bad.astype(int).tolist(), "true_delta_f": truth.tolist(), "f_control": loo["f_control"],
-            "max_grad_norm": loo["max_grad_norm"], "max_ratio": max_ratio, "warnings": warnings, "proximal": float(rep.proximal or 0.0), "tol_ratio": sec.loo_tol_ratio,
+            "max_grad_norm": loo["max_grad_norm"], "max_ratio": max_ratio, "warnings": warnings, "proximal": float(rep.proximal or 0.0), "tol_ratio": sec.loo_tol_ratio, "dtype": dtype,
             "seconds_per_reoptimisation": sum(recorded) / len(recorded) if recorded else None,
             "mean_delta_f_corrupted": float(truth[torch.from_numpy(bad.astype(bool))].mean()) if bad.any() else None,
             "mean_delta_f_clean": float(truth[torch.from_numpy(~bad.astype(bool))].mean()) if (~bad.astype(bool)).any() else None,

@@ -117,6 +117,8 @@ def _check_detection(sec, n_tasks: int, n_val: int) -> None:
     if not (0 <= sec.loo_tasks <= n_tasks and sec.loo_tasks != 1 and sec.loo_tol_ratio > 0 and sec.loo_max_iter >= 1):
         raise SettingsError(f"[detection] loo_tasks = {sec.loo_tasks} must be 0 (no ground truth) or 2..{n_tasks} (the training tasks), "
                             f"with loo_tol_ratio > 0 and loo_max_iter ≥ 1 (got {sec.loo_tol_ratio}, {sec.loo_max_iter})")
+    if sec.loo_dtype not in ("", "float32", "float64"):
+        raise SettingsError(f"[detection] loo_dtype = {sec.loo_dtype!r} is unknown; use float64, float32 or \"\" (the refine's precision)")
     if sec.reliability_splits < 0 or (sec.reliability_splits and n_val < 4):
         raise SettingsError(f"[detection] reliability_splits = {sec.reliability_splits} needs ≥ 0 splits and, when > 0, ≥ 4 validation tasks "
                             f"(data.val_tasks = {n_val}); set reliability_splits = 0 to skip the measurement's reliability")
