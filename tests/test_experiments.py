@@ -151,6 +151,24 @@ def test_detection_with_pcg_fits_one_curvature_at_its_lambda_and_reuses_it(tmp_p
     assert rows["task-if"]["auc"] > 0.5 and len(res["edits"]) >= 1
 
 
+def test_a_retraining_is_keyed_by_refine_only_when_it_refines():
+    """A resumed removal keeps its retrainings when only [refine] changed and they do not refine; a retraining
+    that refines, another seed or another removal is recomputed."""
+    import dataclasses
+
+    from metainfluence.experiments.removal import _retrain_key
+    from metainfluence.experiments.runner import load_experiment_settings
+
+    run, _, _ = load_experiment_settings("removal", None, True)
+    other = dataclasses.replace(run, refine=dataclasses.replace(run.refine, dtype="float32", tol_ratio=3e-5))
+    assert _retrain_key([1, 2], run, 0, False) == _retrain_key([1, 2], other, 0, False)
+    assert _retrain_key([1, 2], run, 0, True) != _retrain_key([1, 2], other, 0, True)
+    assert _retrain_key([1, 2], run, 0, False) != _retrain_key([1, 2], run, 1, False)
+    assert _retrain_key([1, 2], run, 0, False) != _retrain_key([1, 3], run, 0, False)
+    longer = dataclasses.replace(run, train=dataclasses.replace(run.train, steps=run.train.steps + 1))
+    assert _retrain_key([1, 2], run, 0, False) != _retrain_key([1, 2], longer, 0, False)
+
+
 def test_removal_charges_its_curvature_fit_to_the_edits_that_used_it(tmp_path):
     """The edit-vs-retraining ratio counts the run's curvature fit for task-IF (its scores were solved with it)
     and not for random (ranked without it, and its edit solved by plain CG here)."""

@@ -151,6 +151,15 @@ def _retrain_unit(problem, run, pool, test, removal, refine_too: bool, seed) -> 
     return {"acc": ev.accuracy, "ci95": ev.accuracy_ci95, "loss": ev.loss, "seconds": seconds}
 
 
+def _retrain_key(removed, run, seed, refine_too: bool) -> dict:
+    """What a retraining depends on: the removal, the run's settings (its [refine] only when it refines too) and
+    the seed, so that changing refine's precision or tolerance keeps the retrainings a resumed run already has."""
+    settings = to_dict(run)
+    if not refine_too:
+        settings.pop("refine", None)
+    return {"removed": removed, "run": settings, "seed": seed, "refine_too": refine_too}
+
+
 def _uses_curvature(method: str, infl, edit_infl) -> bool:
     """Whether a method's scores or its edit's solve read the run's curvature file."""
     fitted = ("pcg", "curvature")
@@ -232,7 +241,7 @@ def run_removal(run, infl, sec: RemovalSettings, out: Path, quick: bool, log, re
             per_seed = []
             for seed in sec.retrain_seeds or (None,):
                 label = f"{m} retrain" + ("" if seed is None else f" seed {seed}")
-                per_seed.append(cache.unit(label, {**key, "run": to_dict(run), "seed": seed, "refine_too": sec.retrain_refine},
+                per_seed.append(cache.unit(label, _retrain_key(removed_ids[m], run, seed, sec.retrain_refine),
                                            lambda: _retrain_unit(problem, run, ctx.tensors["train"], test, removal, sec.retrain_refine, seed)))
                 log(f"  {label}: acc {per_seed[-1]['acc']:.4f} ± {per_seed[-1]['ci95']:.4f}  ({per_seed[-1]['seconds']:.2f} s)")
             accs = [e["acc"] for e in per_seed]
