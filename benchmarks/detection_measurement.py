@@ -26,9 +26,8 @@ from pathlib import Path
 
 import torch
 
+from _detection_run import load_detection_run
 from metainfluence import metrics, task_influence
-from metainfluence.config import settings_from_dict
-from metainfluence.influence.results import InfluenceResult, InfluenceSettings
 from metainfluence.pipeline.run import RunContext
 
 
@@ -43,11 +42,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     run = Path(args.run)
-    kept = InfluenceResult.load(run / "scores" / "task-if")
-    settings = settings_from_dict(InfluenceSettings, kept.settings["influence"], source=f"{run}/scores/task-if")
-    ctx, ckpt = RunContext.from_checkpoint(run / "refined", data_root=args.data_root, splits=("train", "val"))
+    ctx, lam, kept, settings = load_detection_run(run, args.data_root)
     flags = ctx.pools["train"].corrupted_tasks.bool().numpy()
-    lam = ckpt.lam
     train = ctx.tensors["train"].to(dtype=lam.dtype)
     rows = [{"measurement": f"run's validation pool ({len(ctx.tensors['val'])} tasks)", "scores": kept.scores.double(), "seconds": None}]
 

@@ -381,3 +381,24 @@ def test_a_fisher_file_of_the_fisher_operator_lends_it_its_rows_instead_of_drawi
     assert fast.diagnostics["solver"]["residual"] < 1e-10
     with pytest.raises(CheckpointError, match="another"):
         task_influence(problem, lam, train, val, dataclasses.replace(base, fisher_samples=3, solver="curvature", curvature_file=str(tmp_path / "fi")))
+
+
+def test_an_experiments_self_influence_under_the_fisher_file_shares_the_scores_call_and_draws_no_rows(tmp_path, monkeypatch):
+    """Detection's self-influence ranking (g_kᵀ H_F⁻¹ g_k / n) when the scores already use the fisher operator's own
+    file: one call, no rows drawn, and the same values as the separate fisher + Woodbury call it replaces."""
+    import metainfluence.meta.curvature as meta_curvature
+    from metainfluence.experiments.common import _score_cached
+
+    problem, lam, train, val = curvature_problem()
+    base = InfluenceSettings(hessian="fisher", solver="woodbury", damping=1e-3, fisher_samples=2, stationarity_warn=1e9)
+    fit_curvature(problem, lam, train, base, method="fisher", probes=1).save(tmp_path / "fi")
+    separate = task_influence(problem, lam, train, val, dataclasses.replace(base, self_influence=True))
+    drawn = []
+    real = meta_curvature.fisher_factor
+    monkeypatch.setattr(meta_curvature, "fisher_factor", lambda *a, **k: drawn.append(1) or real(*a, **k))
+    fast = dataclasses.replace(base, solver="curvature", curvature_file=str(tmp_path / "fi"))
+    res = _score_cached(problem, lam, train, val, "task-if", fast, lambda s: None, self_influence=True)
+    assert drawn == []
+    torch.testing.assert_close(res.self_influence, separate.self_influence, rtol=1e-9, atol=1e-14)
+    torch.testing.assert_close(res.scores, separate.scores, rtol=1e-9, atol=1e-14)
+    assert res.diagnostics["self_influence"]["solver"] == "curvature" and res.settings["influence"]["self_influence"] is False

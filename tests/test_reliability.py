@@ -68,6 +68,9 @@ def test_reliability_predicts_the_agreement_with_an_independent_pool_and_rises_w
     warning = reliability_warning(rec[128])
     assert warning is not None and f"about {need} validation tasks" in warning
     assert reliability_warning({**rec[512], "reliability": 0.95}) is None
+    # no agreement at all: no pool size is named, and "nothing to rank" is said beside "more tasks"
+    none = reliability_warning({**rec[128], "reliability": -0.06, "val_tasks_for_target": None})
+    assert "about" not in none and "below its noise" in none and "far more validation tasks" in none
 
 
 def test_bad_requests_are_refused(quadratic):

@@ -243,6 +243,15 @@ def _score_cached(problem, lam, train, val, label: str, s: InfluenceSettings, lo
         res.diagnostics["seconds"] = time.perf_counter() - t + charged_s
         return _keep_scores(res, label, stem, log, cache)
     t = time.perf_counter()
+    if self_influence and s.hessian == "fisher" and s.solver in ("woodbury", "curvature"):
+        # the score's own operator is already the fisher surrogate, inverted exactly: one call shares its rows (or
+        # curvature file), the measurement's gradient and solve, and the per-task gradients
+        res = task_influence(problem, lam, train, val, dataclasses.replace(s, self_influence=True))
+        res.settings = {**res.settings, "influence": settings_dict(s)}  # kept under the score's settings, as below
+        res.diagnostics["self_influence"] = {"hessian": "fisher", "solver": s.solver, "seconds": res.diagnostics["timings_s"]["self_influence"],
+                                             "residual": res.diagnostics.get("self_influence_residual")}
+        res.diagnostics["seconds"] = time.perf_counter() - t
+        return _keep_scores(res, label, stem, log, cache)
     res = task_influence(problem, lam, train, val, s)
     if self_influence:
         # self-influence needs one iHVP per task: with CG (≈ 80 GN products per task) that is

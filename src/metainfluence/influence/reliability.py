@@ -113,7 +113,9 @@ def reliability_warning(rec: dict[str, Any]) -> str | None:
         return None
     need = rec.get("val_tasks_for_target")
     more = (f"measure on about {need} validation tasks ({need / m:.1f}× these {m}) for a reliability of {target:g}" if need
-            else "the two halves' scores do not agree at all: measure on far more validation tasks")
+            else "the two halves' scores do not agree at all — either the tasks' effects on this measurement are below its noise "
+                 "(a clean, well-fit pool may have nothing to rank: 600 harmless near-duplicates read −0.06, docs/experiments.md §1), "
+                 "or the pool is far too small: measure on far more validation tasks")
     return (f"task-IF's scores depend on which validation tasks were drawn: their split-half reliability is {r:.2f} (the expected "
             f"correlation with the scores against another {m} tasks), below {target:g}; {more} — tasks from more classes, as "
             "more tasks resampling the same few classes help less")
