@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from metainfluence.config import settings_from_dict
@@ -14,5 +15,10 @@ def load_detection_run(run: Path, data_root: str | None):
     `metainfluence experiment detection` folder."""
     kept = InfluenceResult.load(run / "scores" / "task-if")
     settings = settings_from_dict(InfluenceSettings, kept.settings["influence"], source=f"{run}/scores/task-if")
+    own = run / "curvature"
+    if settings.curvature_file and Path(settings.curvature_file) != own and (own.with_suffix(".json")).is_file():
+        # the run keeps its curvature file beside its scores: read it there, even when the folder was moved
+        # (the fingerprint check still refuses a file of another λ*)
+        settings = dataclasses.replace(settings, curvature_file=str(own))
     ctx, ckpt = RunContext.from_checkpoint(run / "refined", data_root=data_root, splits=("train", "val"))
     return ctx, ckpt.lam, kept, settings
