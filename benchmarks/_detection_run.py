@@ -16,7 +16,7 @@ def load_detection_run(run: Path, data_root: str | None):
     kept = InfluenceResult.load(run / "scores" / "task-if")
     settings = settings_from_dict(InfluenceSettings, kept.settings["influence"], source=f"{run}/scores/task-if")
     own = run / "curvature"
-    if settings.curvature_file and Path(settings.curvature_file) != own and (own.with_suffix(".json")).is_file():
+    if settings.curvature_file and own.with_suffix(".json").is_file():
         # the run keeps its curvature file beside its scores: read it there, even when the folder was moved
         # (the fingerprint check still refuses a file of another λ*)
         settings = dataclasses.replace(settings, curvature_file=str(own))

@@ -243,23 +243,21 @@ def _score_cached(problem, lam, train, val, label: str, s: InfluenceSettings, lo
         res.diagnostics["seconds"] = time.perf_counter() - t + charged_s
         return _keep_scores(res, label, stem, log, cache)
     t = time.perf_counter()
-    if self_influence and s.hessian == "fisher" and s.solver in ("woodbury", "curvature"):
-        # the score's own operator is already the fisher surrogate, inverted exactly: one call shares its rows (or
-        # curvature file), the measurement's gradient and solve, and the per-task gradients
-        res = task_influence(problem, lam, train, val, dataclasses.replace(s, self_influence=True))
-        res.settings = {**res.settings, "influence": settings_dict(s)}  # kept under the score's settings, as below
-        res.diagnostics["self_influence"] = {"hessian": "fisher", "solver": s.solver, "seconds": res.diagnostics["timings_s"]["self_influence"],
-                                             "residual": res.diagnostics.get("self_influence_residual")}
-        res.diagnostics["seconds"] = time.perf_counter() - t
-        return _keep_scores(res, label, stem, log, cache)
-    res = task_influence(problem, lam, train, val, s)
-    if self_influence:
+    # when the score's own operator is already the fisher surrogate inverted exactly, one call shares its rows (or
+    # curvature file), the measurement's gradient and solve, and the per-task gradients
+    shared = self_influence and s.hessian == "fisher" and s.solver in ("woodbury", "curvature")
+    res = task_influence(problem, lam, train, val, dataclasses.replace(s, self_influence=True) if shared else s)
+    if shared:
+        res.settings = {**res.settings, "influence": settings_dict(s)}  # kept under the score's settings
+        si, si_s, si_solver = res, res.diagnostics["timings_s"]["self_influence"], s.solver
+    elif self_influence:
         # self-influence needs one iHVP per task: with CG (≈ 80 GN products per task) that is
         # ~100 s for 60 tasks here, so it uses the fisher surrogate solved exactly by Woodbury
         ts = time.perf_counter()
         si = task_influence(problem, lam, train, val, dataclasses.replace(s, hessian="fisher", solver="woodbury", products="working", self_influence=True))
-        res.self_influence = si.self_influence
-        res.diagnostics["self_influence"] = {"hessian": "fisher", "solver": "woodbury", "seconds": time.perf_counter() - ts,
+        res.self_influence, si_s, si_solver = si.self_influence, time.perf_counter() - ts, "woodbury"
+    if self_influence:
+        res.diagnostics["self_influence"] = {"hessian": "fisher", "solver": si_solver, "seconds": si_s,
                                              "residual": si.diagnostics.get("self_influence_residual")}
     res.diagnostics["seconds"] = time.perf_counter() - t
     return _keep_scores(res, label, stem, log, cache)
