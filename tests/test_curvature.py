@@ -44,7 +44,7 @@ def test_nystrom_recovers_the_top_of_a_decaying_spectrum_and_preconditions_cg():
     assert fast.residual == pytest.approx(true, rel=1e-8)
 
 
-def test_pcg_with_a_saved_sketch_equals_cg_and_a_sketch_of_another_lambda_is_refused(tmp_path):
+def test_pcg_with_a_saved_sketch_equals_cg_and_a_sketch_of_another_lambda_is_refused_another_kind_only_preconditions(tmp_path):
     problem, lam, train, val = curvature_problem()
     base = InfluenceSettings(hessian="gauss-newton", damping=1e-3, stationarity_warn=1e9, solve=SolverSettings(tol=1e-11, max_iter=2000))
     art = fit_curvature(problem, lam, train, base, rank=20, probes=3)
@@ -62,8 +62,14 @@ def test_pcg_with_a_saved_sketch_equals_cg_and_a_sketch_of_another_lambda_is_ref
     assert fast.diagnostics["solver"]["residual"] > 1e-2 and any("large residual" in w for w in fast.diagnostics["warnings"])
     with pytest.raises(CheckpointError, match="another λ"):
         task_influence(problem, lam + 0.01, train, val, dataclasses.replace(base, solver="pcg", curvature_file=str(tmp_path / "curv")))
+    # another Hessian kind of the same λ and pool: pcg stays exact for its own kind (the file only preconditions),
+    # the fast tier, whose answer is the file's inverse, refuses it
+    fisher = dataclasses.replace(base, hessian="fisher", fisher_samples=2)
+    by_pcg = task_influence(problem, lam, train, val, dataclasses.replace(fisher, solver="pcg", curvature_file=str(tmp_path / "curv")))
+    torch.testing.assert_close(by_pcg.scores, task_influence(problem, lam, train, val, fisher).scores, rtol=1e-7, atol=1e-14)
+    assert by_pcg.diagnostics["curvature"]["hessian"] == "gauss-newton"
     with pytest.raises(CheckpointError, match="another λ"):
-        task_influence(problem, lam, train, val, dataclasses.replace(base, hessian="fisher", solver="pcg", curvature_file=str(tmp_path / "curv")))
+        task_influence(problem, lam, train, val, dataclasses.replace(fisher, solver="curvature", curvature_file=str(tmp_path / "curv")))
     loaded = CurvatureArtifact.load(tmp_path / "curv")
     torch.testing.assert_close(loaded.sketch.eigenvectors, art.sketch.eigenvectors)
 
@@ -402,3 +408,25 @@ def test_an_experiments_self_influence_under_the_fisher_file_shares_the_scores_c
     torch.testing.assert_close(res.self_influence, separate.self_influence, rtol=1e-9, atol=1e-14)
     torch.testing.assert_close(res.scores, separate.scores, rtol=1e-9, atol=1e-14)
     assert res.diagnostics["self_influence"]["solver"] == "curvature" and res.settings["influence"]["self_influence"] is False
+
+
+def test_the_exact_tier_method_solves_the_true_total_hessian_whatever_curvature_the_run_scores_with(tmp_path):
+    """An experiment's `task-if-exact` ranking: CG on products of the exact total Hessian (here indefinite down to −0.15,
+    so the damping 0.25 keeps it positive definite), preconditioned by the fisher curvature file the run's own
+    task-IF scores use; equal to the dense exact answer and unlike the fisher scores."""
+    from metainfluence.experiments.common import _method_settings, _score_cached
+
+    problem, lam, train, val = curvature_problem()
+    base = InfluenceSettings(hessian="fisher", solver="curvature", damping=0.25, fisher_samples=2, stationarity_warn=1e9,
+                             curvature_file=str(tmp_path / "fi"))
+    fit_curvature(problem, lam, train, base, method="fisher", probes=1).save(tmp_path / "fi")
+    s = _method_settings(base, "task-if-exact", direct_damping=0.1)
+    exact = _score_cached(problem, lam, train, val, "task-if-exact", s, lambda m: None)
+    dense = task_influence(problem, lam, train, val, dataclasses.replace(base, hessian="exact", solver="explicit", curvature_file=""))
+    assert exact.settings["influence"]["hessian"] == "exact" and exact.settings["influence"]["solver"] == "pcg"
+    assert exact.diagnostics["curvature"]["method"] == "fisher"  # the run's file preconditions the exact solve
+    assert _method_settings(dataclasses.replace(base, curvature_file=""), "task-if-exact", 0.1).solver == "cg"  # no file: plain CG
+    assert exact.diagnostics["solver"]["converged"]
+    torch.testing.assert_close(exact.scores, dense.scores, rtol=1e-5, atol=1e-10)
+    fisher = _score_cached(problem, lam, train, val, "task-if", base, lambda m: None)
+    assert (fisher.scores - exact.scores).abs().max() > 1e-3 * exact.scores.abs().max()

@@ -149,6 +149,14 @@ def test_detection_with_pcg_fits_one_curvature_at_its_lambda_and_reuses_it(tmp_p
     assert saved["settings"]["influence"]["curvature_file"] == str(out / "curvature")
     rows = {r["method"]: r for r in res["detection"]}
     assert rows["task-if"]["auc"] > 0.5 and len(res["edits"]) >= 1
+    # a run folder moved elsewhere resumes its scores: their recorded curvature file is the folder's own, by its old path
+    import shutil
+
+    moved = shutil.move(str(out), str(tmp_path / "moved"))
+    lines = []
+    again = run_experiment("detection", str(cfg), True, moved, log=lines.append, resume=True)
+    assert sum("scores resumed" in ln for ln in lines) == 2, lines
+    assert again["detection"] == res["detection"]
 
 
 def test_a_retraining_is_keyed_by_refine_only_when_it_refines():

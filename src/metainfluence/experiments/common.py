@@ -29,8 +29,9 @@ from ..pipeline.proximal import ANCHOR, proximal_of, proximal_settings, record_p
 EXPERIMENTS = ("detection", "removal", "estimates", "fidelity")
 METHODS = ("task-if", "direct-if", "tracin", "trak", "ekfac-if", "loss", "random")
 # asked for by name only: task-IF by the fast tier (the curvature's inverse applied directly), beside the exact
-# tier; task-IF's Newton-step removal (H − H_k/n + δI)⁻¹g_k/n, a rank-M downdate per task on a gn-factor curvature
-OPTIONAL_METHODS = ("task-if-fast", "task-if-newton")
+# tier; task-IF's Newton-step removal (H − H_k/n + δI)⁻¹g_k/n, a rank-M downdate per task on a gn-factor curvature;
+# task-IF by the exact tier whatever the run's own Hessian (the exact kind, (p)cg)
+OPTIONAL_METHODS = ("task-if-fast", "task-if-newton", "task-if-exact")
 
 
 def _machine() -> dict[str, Any]:
@@ -206,6 +207,8 @@ def _method_settings(infl: InfluenceSettings, method: str, direct_damping: float
         return dataclasses.replace(infl, method="task-if", solver="curvature", **kw)
     if method == "task-if-newton":
         return dataclasses.replace(infl, method="task-if", removal="newton", **kw)
+    if method == "task-if-exact":  # the exact tier: CG on the true total Hessian's products, preconditioned by the run's curvature file
+        return dataclasses.replace(infl, method="task-if", hessian="exact", solver="pcg" if infl.curvature_file else "cg", **kw)
     s = dataclasses.replace(infl, method=method, **kw)
     if method == "direct-if":
         # the curvature file approximates the total Hessian, not direct-IF's θ-space one: plain CG there
@@ -233,7 +236,7 @@ def _score_cached(problem, lam, train, val, label: str, s: InfluenceSettings, lo
     stem = "scores/" + slug(label)
     if cache is not None and cache.has(stem):
         kept = InfluenceResult.load(cache.out / stem)
-        same = kept.settings.get("influence") == _jsonable(settings_dict(s))
+        same = _same_influence(kept.settings.get("influence"), s, cache.out)
         if same and (kept.self_influence is not None or not self_influence) and "seconds" in kept.diagnostics:
             log(f"  {label:<9} scores resumed from {cache.out / stem}")
             return kept
@@ -261,6 +264,17 @@ def _score_cached(problem, lam, train, val, label: str, s: InfluenceSettings, lo
                                              "residual": si.diagnostics.get("self_influence_residual")}
     res.diagnostics["seconds"] = time.perf_counter() - t
     return _keep_scores(res, label, stem, log, cache)
+
+
+def _same_influence(kept: Any, s: InfluenceSettings, out: Path) -> bool:
+    """Kept scores' recorded settings equal ``s``. The run's own curvature file counts as the same file under
+    the folder's present path: a run folder moved since keeps its scores (the file is fingerprint-checked
+    against λ* and the pool wherever it is used)."""
+    now = _jsonable(settings_dict(s))
+    own = str(out / "curvature")
+    if isinstance(kept, dict) and now.get("curvature_file") == own and Path(kept.get("curvature_file") or "").name == "curvature":
+        kept = {**kept, "curvature_file": own}
+    return kept == now
 
 
 def _keep_scores(res: InfluenceResult, label: str, stem: str, log, cache: StageCache | None) -> InfluenceResult:

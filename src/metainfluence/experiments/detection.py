@@ -21,7 +21,7 @@ from ..io import save_result, write_json
 from ..pipeline import RunContext
 from ..tasks import corrupt_tasks
 from . import plots
-from .common import METHODS, StageCache, _diag_json, _eval_json, _header, _image_tensors, _mark_proximal, _proximal_infl, _proximal_term, _score_all, _train_and_refine, _with_curvature
+from .common import METHODS, OPTIONAL_METHODS, StageCache, _diag_json, _eval_json, _header, _image_tensors, _mark_proximal, _proximal_infl, _proximal_term, _score_all, _train_and_refine, _with_curvature
 
 
 @dataclass
@@ -37,7 +37,7 @@ class DetectionSettings:
     offdist_transform: str = field(default="invert", metadata={"help": "invert (contrast x → 1 − x) | noise (strong Gaussian noise) (kind = off-distribution only)"})
     offdist_noise: float = field(default=0.5, metadata={"help": "sd of the noise of offdist_transform = noise, [0, 1] pixel scale (kind = off-distribution only)"})
     corruption_seed: int = field(default=0, metadata={"help": "seed of the corruption"})
-    methods: tuple[str, ...] = field(default=METHODS, metadata={"help": "ranking methods"})
+    methods: tuple[str, ...] = field(default=METHODS, metadata={"help": f"ranking methods: {', '.join(METHODS)}; by name only: {', '.join(OPTIONAL_METHODS)}"})
     self_influence: bool = field(default=True, metadata={"help": "also rank by task-IF self-influence (one iHVP per task)"})
     edit_fractions: tuple[float, ...] = field(default=(0.1, 0.25, 0.4), metadata={"help": "fractions removed by closed-form edit (0 = the unedited model is added)"})
     direct_damping: float = field(default=1.0, metadata={"help": "damping of direct-IF's (indefinite) θ-space Hessian"})

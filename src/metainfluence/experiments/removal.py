@@ -21,7 +21,7 @@ from ..influence.editing import EDIT_STEPS, reduced_objective
 from ..io import read_tensors, save_result, write_tensors
 from ..pipeline import RunContext, stage_settings
 from . import plots
-from .common import METHODS, StageCache, _diag_json, _eval_json, _header, _image_tensors, _mark_proximal, _proximal_infl, _proximal_term, _score_all, _score_cached, _train_and_refine, _with_curvature, slug
+from .common import METHODS, OPTIONAL_METHODS, StageCache, _diag_json, _eval_json, _header, _image_tensors, _mark_proximal, _proximal_infl, _proximal_term, _score_all, _score_cached, _train_and_refine, _with_curvature, slug
 
 # The paper's Table 1 (ICLR version, docs/method.md §11): accuracy after removing 40% harmful data, wall time (s).
 PAPER_TABLE1 = [
@@ -39,7 +39,7 @@ PAPER_TABLE1 = [
 @dataclass
 class RemovalSettings:
     fraction: float = field(default=0.4, metadata={"help": "fraction of tasks removed (top harmful)"})
-    methods: tuple[str, ...] = field(default=METHODS, metadata={"help": "ranking methods"})
+    methods: tuple[str, ...] = field(default=METHODS, metadata={"help": f"ranking methods: {', '.join(METHODS)}; by name only: {', '.join(OPTIONAL_METHODS)}"})
     retrain: bool = field(default=True, metadata={"help": "also retrain from scratch on the remaining tasks"})
     instance_levels: tuple[str, ...] = field(default=("support", "query"), metadata={"help": "also remove the top fraction of examples of these levels by instance-IF"})
     retrain_methods: tuple[str, ...] = field(default=METHODS + ("instance-if (support)", "instance-if (query)"), metadata={"help": "methods whose removal is also retrained from scratch (the paper's 'retrain' row uses task-IF's ranking)"})

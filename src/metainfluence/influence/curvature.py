@@ -77,21 +77,24 @@ class CurvatureArtifact:
             raise CheckpointError(f"{stem}: eigenvalues and eigenvectors disagree with its JSON; fit it again")
         return cls(LowRank(vals, vecs, info.get("sketch", {})), info)
 
-    def check(self, op: TotalHessian, allow_reduced: bool = False) -> bool:
-        """CheckpointError unless fitted to ``op`` (or, with ``allow_reduced``, to its full pool); True when
-        fitted to ``op`` itself."""
+    def check(self, op: TotalHessian, preconditioner: bool = False) -> bool:
+        """CheckpointError unless fitted to ``op``; True when fitted to ``op`` itself. A ``preconditioner``
+        (pcg, exact whatever it is preconditioned by) may also be fitted to ``op``'s full pool, or to another
+        Hessian kind of the same λ and pool (a fisher file preconditions the exact Hessian's CG)."""
         if curvature_fingerprint(op) == self.fingerprint:
             return True
-        if allow_reduced and curvature_fingerprint(op, ignore_weights=True) == self.pool_fingerprint:
+        fitted = {k: self.info.get(k) for k in ("hessian", "fisher_samples", "seed")}
+        if preconditioner and self.pool_fingerprint in (curvature_fingerprint(op, ignore_weights=True),
+                                                        curvature_fingerprint(op, ignore_weights=True, as_kind=fitted)):
             return False
         raise CheckpointError("the curvature file was fitted to another λ, pool or Hessian kind; fit it again with "
                               "`metainfluence curvature` for this checkpoint (and --hessian)")
 
-    def attach(self, op: TotalHessian, allow_reduced: bool = False) -> None:
+    def attach(self, op: TotalHessian, preconditioner: bool = False) -> None:
         """:meth:`check` ``op``, then record this file's fit on it (its diagnostics report it); a fisher file of
         this very fisher operator (same λ, pool, weights, draws, seed) lends it its rows, so its products need
         not draw them again."""
-        itself = self.check(op, allow_reduced)
+        itself = self.check(op, preconditioner)
         op._curvature_info = self.info
         if itself and self.method == "fisher" and op.kind == "fisher":
             op.adopt_factor(self.sketch.factor)

@@ -23,12 +23,14 @@ def build_hessian(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, s
                         product_dtype=product_dtype, **weights)
 
 
-def curvature_fingerprint(op: TotalHessian, ignore_weights: bool = False, **fit: Any) -> str:
+def curvature_fingerprint(op: TotalHessian, ignore_weights: bool = False, as_kind: dict[str, Any] | None = None, **fit: Any) -> str:
     """What an approximation of ``op`` depends on: λ, the pool and its weights, the Hessian kind, the
-    problem and the fit settings ``fit`` (damping is applied at solve time and is not part of it)."""
+    problem and the fit settings ``fit`` (damping is applied at solve time and is not part of it).
+    ``as_kind`` ({hessian, fisher_samples, seed} of a fit) puts another kind in place of ``op``'s own."""
     weights = {} if ignore_weights else {k: getattr(op, k) for k in ("w", "v", "u") if getattr(op, k) is not None}
-    fisher = {"fisher_samples": op.fisher_samples, "seed": op.seed} if op.kind == "fisher" else {}
-    return fingerprint({"lam": op.lam, "pool": tensors_fingerprint(op.tasks), "weights": weights, "kind": op.kind,
+    kind = {"hessian": op.kind, "fisher_samples": op.fisher_samples, "seed": op.seed} if as_kind is None else as_kind
+    fisher = {"fisher_samples": kind["fisher_samples"], "seed": kind["seed"]} if kind["hessian"] == "fisher" else {}
+    return fingerprint({"lam": op.lam, "pool": tensors_fingerprint(op.tasks), "weights": weights, "kind": kind["hessian"],
                         "problem": op.problem.settings_json(), **fisher, "fit": fit}, 32)
 
 

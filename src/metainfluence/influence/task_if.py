@@ -198,8 +198,8 @@ def _sketch(op: TotalHessian, settings: InfluenceSettings):
     if not settings.curvature_file:
         raise SettingsError(f"solver {settings.solver!r} needs --curvature FILE (fit one with `metainfluence curvature`)")
     art = load_curvature(settings.curvature_file)
-    # pcg is exact whatever its preconditioner: a full-pool sketch may serve a reduced-pool H
-    art.attach(op, allow_reduced=settings.solver == "pcg")
+    # pcg is exact whatever its preconditioner: a full-pool sketch, or another kind's, may serve this H
+    art.attach(op, preconditioner=settings.solver == "pcg")
     return art.sketch
 
 
