@@ -30,7 +30,6 @@ import torch
 from _detection_run import load_detection_run
 from metainfluence.evaluation.groundtruth import GroundTruthSettings, leave_one_out
 from metainfluence.influence.results import InfluenceResult
-from metainfluence.io import read_json
 from metainfluence.meta.checkpoint import load_checkpoint
 from metainfluence.meta.refine import RefineSettings
 from metainfluence.pipeline.proximal import proximal_of
@@ -67,7 +66,7 @@ def main() -> None:
 
     refined = load_checkpoint(run / "refined")
     prox = proximal_of(refined)
-    rep = read_json(run / "refined.json", what="refined checkpoint").get("refine_report", {})
+    rep = refined.info.get("refine_report") or {}
     gts = GroundTruthSettings(n_loo=len(sample), method="lbfgs", proximal=float(prox[0]) if prox else 0.0)
     rs = RefineSettings(method="lbfgs", tol=0.0, tol_ratio=args.tol_ratio, max_iter=args.max_iter, dtype=args.dtype)
     store = "groundtruth_loo" if args.dtype == ctx.settings.refine.dtype else f"groundtruth_loo_{args.dtype}"

@@ -84,8 +84,8 @@ class CurvatureArtifact:
         if curvature_fingerprint(op) == self.fingerprint:
             return True
         fitted = {k: self.info.get(k) for k in ("hessian", "fisher_samples", "seed")}
-        if preconditioner and self.pool_fingerprint in (curvature_fingerprint(op, ignore_weights=True),
-                                                        curvature_fingerprint(op, ignore_weights=True, as_kind=fitted)):
+        # each fingerprint hashes λ and the whole pool: the second only when the first does not match
+        if preconditioner and any(curvature_fingerprint(op, ignore_weights=True, as_kind=kind) == self.pool_fingerprint for kind in (None, fitted)):
             return False
         raise CheckpointError("the curvature file was fitted to another λ, pool or Hessian kind; fit it again with "
                               "`metainfluence curvature` for this checkpoint (and --hessian)")
