@@ -358,3 +358,31 @@ def test_solves_run_with_tf32_off_and_restore_the_flags():
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_without_bars_a_long_cg_solve_still_prints_its_iteration_and_residual(problem, capsys):
+    """--no-progress (bars off, heartbeat on): a solve that outlasts the heartbeat prints status lines with the
+    residual CG reached; one that does not, or bars off without a heartbeat, prints nothing."""
+    import time
+
+    from metainfluence.linalg.cg import block_cg
+    from metainfluence.progress import showing
+
+    A, b, damping, _, _ = problem
+    M = A + damping * torch.eye(P, dtype=F64)
+
+    def slow(X):
+        time.sleep(0.02)
+        return M @ X
+
+    with showing(False, heartbeat=0.1):
+        block_cg(slow, b[:, None], tol=1e-10, max_iter=200)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("CG:")]
+    assert len(lines) >= 2, lines
+    assert all("\x1b" not in line and "residual=" in line for line in lines)
+    counts = [int(line.split()[1].split("/")[0]) for line in lines]
+    assert counts == sorted(counts) and counts[-1] > counts[0]
+    for quiet in (showing(False, heartbeat=30.0), showing(False)):
+        with quiet:
+            block_cg(slow, b[:, None], tol=1e-10, max_iter=5)
+        assert capsys.readouterr().err == ""

@@ -20,6 +20,8 @@ from .errors import BudgetStop, MetaInfluenceError, SettingsError
 
 EXIT_USER_ERROR = 2
 EXIT_BUDGET_STOP = 3  # --max-minutes ran out between stages; --resume continues
+HEARTBEAT_S = 60.0  # without bars, a solve or pass that runs this long prints its status once per this many seconds
+NO_PROGRESS_HELP = "hide progress bars; a CG solve or pool pass that runs over a minute still prints its status once a minute (for log files)"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -32,7 +34,7 @@ class _Parser(argparse.ArgumentParser):
 def _common(p: argparse.ArgumentParser, threads: int = 0) -> None:
     p.add_argument("--config", metavar="FILE", help="settings file (.toml, .yaml/.yml or .json); one file serves every command, each taking its own sections "
                    "(data, model, inner, objective, train, refine for runs; influence for influence and edit); flags override it")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help=NO_PROGRESS_HELP)
     p.add_argument("--threads", type=int, default=threads, metavar="N", help=f"torch CPU threads (0 = torch's default; default: {threads})")
 
 
@@ -159,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="lay a setting over the config's, value as in TOML (e.g. --set data.k_shot=5)")
     ex.add_argument("--max-minutes", type=float, default=0.0, metavar="M", help="detection, removal, fidelity: stop once a saved stage (training + refine, curvature, a method's scores) "
                     "ends past M minutes: `stopped: …`, status 3; --resume continues. A stage in progress finishes (default: 0, no budget)")
-    ex.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    ex.add_argument("--no-progress", dest="progress", action="store_false", help=NO_PROGRESS_HELP)
     ex.add_argument("--threads", type=int, default=1, metavar="N", help="torch CPU threads (default: 1)")
     ex.set_defaults(_dests=[])
 
@@ -427,7 +429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         from .progress import showing
 
-        with warnings.catch_warnings(), showing(getattr(args, "progress", False)):
+        with warnings.catch_warnings(), showing(getattr(args, "progress", False), heartbeat=HEARTBEAT_S):
             warnings.showwarning = _one_line_warning
             # a dependency's deprecation notices are not the user's business (ours are UserWarnings)
             warnings.filterwarnings("ignore", category=DeprecationWarning)

@@ -88,8 +88,8 @@ def block_cg(products: Callable[[Tensor], Tensor], B: Tensor, tol: float, max_it
             iterations[j], rel[j] = it, r
             if d:
                 active[j] = False
-        progress.update(1)
         progress.set_postfix({"residual": f"{max(rel_new.tolist()):.1e}", "tol": f"{tol:.0e}"}, refresh=False)
+        progress.update(1)  # after the postfix, so a redraw shows this iteration's residual
     progress.close()
     out = {"converged": not bool(active.any()) and not negative, "iterations_per_rhs": iterations, "recursive_residuals": rel,
            "negative_curvature": negative}

@@ -34,13 +34,14 @@ from ..errors import SettingsError
 from ..linalg.ekfac import EKFAC, KroneckerBlock
 from ..tasks.tensors import TaskTensors
 from .curvature import sample_labels
+from .models import TaskBatchNorm
 from .objective import MetaProblem
 
 
 def _layers(problem: MetaProblem) -> list[tuple[str, nn.Module]]:
     out = []
     for name, mod in problem.model.named_modules():
-        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+        if isinstance(mod, (nn.modules.batchnorm._BatchNorm, TaskBatchNorm)):
             raise SettingsError("EK-FAC needs per-example gradients, which batch statistics couple; use norm=group or none")
         if isinstance(mod, nn.Conv2d) and mod.groups != 1:
             raise SettingsError("EK-FAC supports Conv2d with groups=1 only")

@@ -279,8 +279,8 @@ class MetaProblem:
     def objective(self, lam, tasks: TaskTensors, w=None, v=None, u=None) -> torch.Tensor:
         """F(λ; w). For ``implicit`` the value is exact but not differentiable: use :meth:`meta_gradient`."""
         n = self.collective.total_count(len(tasks))
-        total = self.sum_over_tasks(self.query_loss, lam, tasks, w, v, u)
-        return total / n + 0.5 * self.weight_decay * (lam * lam).sum()
+        total = self.sum_over_tasks(self.query_loss, lam, tasks, w, v, u, accumulate=torch.float64)
+        return total / n + 0.5 * self.weight_decay * (lam.double() ** 2).sum()
 
     def meta_gradient(self, lam, tasks: TaskTensors, w=None, v=None, u=None) -> torch.Tensor:
         """∇_λ F(λ; w) = (1/n) Σ_i w_i g_i + μλ."""
@@ -298,15 +298,20 @@ class MetaProblem:
         n = self.collective.total_count(len(tasks))
         record = self.records(lam, tasks, v, u)
         w = torch.ones(len(tasks), dtype=lam.dtype, device=lam.device) if w is None else w.to(lam)
-        mapped = vmap(self.query_loss, in_dims=(None, 0))
-        value = torch.zeros((), dtype=lam.dtype, device=lam.device)
+        # Per-task gradients inside the vmap, weighted afterwards. The other order, grad of a vmapped sum, is wrong
+        # in torch.func (2.13) for affine batch norm under MAML's second-order step: 8–10% off on a Conv4
+        # (tests/test_smooth_conv4.py), which misled training and stalled refine on the batch-norm recipes.
+        both = vmap(grad_and_value(self.query_loss), in_dims=(None, 0))
+        # F is added up in float64 whatever λ's dtype: a float32 running sum over 5,000 tasks rounds F to ~3e-7,
+        # the size of the decreases a line search must see near ‖∇F‖/ḡ = 1e-4
+        value = torch.zeros((), dtype=torch.float64, device=lam.device)
         gradient = torch.zeros_like(lam)
         for c in self.chunks(len(tasks)):
-            chunk = record.row(c)
-            g, val = grad_and_value(lambda l: torch.dot(w[c], mapped(l, chunk)))(lam)
-            value, gradient = value + val.detach(), gradient + g.detach()
+            g, val = both(lam, record.row(c))
+            value = value + torch.dot(w[c].double(), val.detach().double())
+            gradient = gradient + w[c] @ g.detach()
         value, gradient = self.collective.all_sum(value), self.collective.all_sum(gradient)
-        value = value / n + 0.5 * self.weight_decay * (lam * lam).sum()
+        value = value / n + 0.5 * self.weight_decay * (lam.double() ** 2).sum()
         return value, gradient / n + self.weight_decay * lam
 
     def total_gradients(self, lam, tasks: TaskTensors, v=None, u=None) -> torch.Tensor:

@@ -183,7 +183,7 @@ class _Evaluator:
         f, g = self.problem.value_and_gradient(x, self.tasks, self.w, self.v, self.u)
         if self.proximal is not None:
             gamma, centre = self.proximal
-            f, g = f + 0.5 * gamma * ((x - centre) ** 2).sum(), g + gamma * (x - centre)
+            f, g = f + 0.5 * gamma * ((x - centre).double() ** 2).sum(), g + gamma * (x - centre)
         self.count += 1
         self.cache.append((x.clone(), f.detach(), g.detach()))
         if len(self.cache) > self.size:

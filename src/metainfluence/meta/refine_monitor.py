@@ -84,5 +84,7 @@ class RefineMonitor:
 def _clock(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
+    if seconds > 100 * 3600:  # a stalled ratio extrapolates to centuries: say so instead of printing them
+        return ">100 h"
     s = int(round(seconds))
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
