@@ -93,8 +93,8 @@ def test_value_and_gradient_agrees_with_separate_calls(kind):
 
 
 def test_a_float32_objective_is_added_up_in_float64():
-    """F over a float32 λ is the float64 sum of the float32 per-task losses (a float32 running sum rounds F to
-    ~1e-7 on a few thousand tasks, which hid L-BFGS's decreases near ‖∇F‖/ḡ = 1e-4); ∇F stays in λ's dtype."""
+    """F over a float32 λ is the float64 sum of the float32 per-task losses, so a line search can compare values
+    closer than float32 rounds a sum over thousands of tasks; ∇F stays in λ's dtype."""
     problem, lam = small_problem(chunk_size=64, weight_decay=1e-2)
     lam = lam.float()
     tasks = random_tasks(n=3000)
@@ -103,6 +103,6 @@ def test_a_float32_objective_is_added_up_in_float64():
     expected = losses.double().sum() / len(tasks) + 0.5 * 1e-2 * (lam.double() ** 2).sum()
     value, gradient = problem.value_and_gradient(lam, tasks)
     assert value.dtype == torch.float64 and gradient.dtype == torch.float32
-    # a chunk's own 64-term dot stays in float32 (≈ 2e-9 here); a float32 running sum over the chunks is off by ~1e-7
+    # objective()'s chunk dot stays in float32 (≈ 2e-9 here); the old float32 running sum returned a float32 F
     assert abs(float(value) - float(expected)) <= 2e-8
     assert abs(float(problem.objective(lam, tasks)) - float(expected)) <= 2e-8

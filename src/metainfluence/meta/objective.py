@@ -298,12 +298,14 @@ class MetaProblem:
         n = self.collective.total_count(len(tasks))
         record = self.records(lam, tasks, v, u)
         w = torch.ones(len(tasks), dtype=lam.dtype, device=lam.device) if w is None else w.to(lam)
-        # Per-task gradients inside the vmap, weighted afterwards. The other order, grad of a vmapped sum, is wrong
-        # in torch.func (2.13) for affine batch norm under MAML's second-order step: 8–10% off on a Conv4
-        # (tests/test_smooth_conv4.py), which misled training and stalled refine on the batch-norm recipes.
+        # Per-task gradients inside the vmap, weighted afterwards: the other order, grad of a vmapped sum, went wrong
+        # with torch's native batch norm under MAML's second-order step (7.5% along −∇F on the Omniglot recipe,
+        # benchmarks/batchnorm_derivatives.py), and a user's model may still hold that kernel. Cost: up to a fifth of
+        # a training step.
         both = vmap(grad_and_value(self.query_loss), in_dims=(None, 0))
-        # F is added up in float64 whatever λ's dtype: a float32 running sum over 5,000 tasks rounds F to ~3e-7,
-        # the size of the decreases a line search must see near ‖∇F‖/ḡ = 1e-4
+        # F is added up in float64 whatever λ's dtype, so that a line search's comparisons near ‖∇F‖/ḡ = 1e-4 are not
+        # limited by float32 rounding of a sum over thousands of tasks (a precaution: the stall that prompted it had
+        # the cause above)
         value = torch.zeros((), dtype=torch.float64, device=lam.device)
         gradient = torch.zeros_like(lam)
         for c in self.chunks(len(tasks)):
