@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import time
+import warnings
 
 import torch
 from torch import nn
@@ -114,6 +115,7 @@ def main() -> None:
     ap.add_argument("--tasks", type=int, default=3)
     ap.add_argument("--speed", action="store_true", help="also time one training step before and after the fix")
     args = ap.parse_args()
+    warnings.filterwarnings("ignore", message="the model holds torch's native batch norm")  # measured on purpose here
     rows = {
         "torch native nn.BatchNorm2d": measure(lambda w: nn.BatchNorm2d(w, track_running_stats=False), args.width, args.tasks),
         "TaskBatchNorm (the library's)": measure(None, args.width, args.tasks),

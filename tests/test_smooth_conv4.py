@@ -92,6 +92,19 @@ def test_batch_norm_conv4_hessian_products_match_central_differences_of_the_grad
     assert rel(H.matmat(V), fd) < 1e-5 and rel(H.matvec(V[:, 0]), fd[:, 0]) < 1e-5
 
 
+def test_a_model_with_torchs_native_batch_norm_is_warned_about_and_ours_is_not():
+    import warnings
+
+    native = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2, track_running_stats=False), torch.nn.Flatten(),
+                                 torch.nn.LazyLinear(3))
+    native(torch.zeros(2, 1, 5, 5))
+    with pytest.warns(UserWarning, match="TaskBatchNorm"):
+        MetaProblem(native, "cross_entropy", InnerSettings(steps=1, lr=0.4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MetaProblem(Conv4(1, 8, 3, width=2, norm="batch", pool="stride"), "cross_entropy", InnerSettings(steps=1, lr=0.4))
+
+
 def test_conv_activation_is_built_and_validated():
     m = build_model(ModelSettings(kind="conv4", width=4, pool="stride", conv_activation="silu"), (1, 8, 8), 3)
     assert sum(isinstance(x, torch.nn.SiLU) for x in m.modules()) == 4

@@ -17,6 +17,7 @@ the same numbers (see :mod:`metainfluence.distributed`).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator, NamedTuple
 
@@ -122,6 +123,11 @@ class MetaProblem:
     ):
         self.model = model
         self.spec = ParamSpec.from_module(model)
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            warnings.warn("the model holds torch's native batch norm, whose derivatives beyond second order are wrong "
+                          "(benchmarks/batchnorm_derivatives.py): Hessian products through the inner step will be off; "
+                          "build the norm with metainfluence.meta.models.TaskBatchNorm (the same function and parameter names)",
+                          UserWarning, stacklevel=2)
         if isinstance(loss, str):
             if loss not in LOSSES:
                 raise SettingsError(f"unknown loss {loss!r}; use one of {sorted(LOSSES)} or pass a callable (out, y) -> per-example losses")
