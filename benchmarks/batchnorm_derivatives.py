@@ -46,15 +46,21 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def measure(norm_module, width: int, n_tasks: int) -> dict:
+def conv4(native: bool, **kw) -> nn.Module:
+    """A batch-norm Conv4 built with torch's native kernel (``native``) or the library's TaskBatchNorm; the
+    kernel is swapped in for this construction only."""
     ours = models._norm
-    if norm_module is not None:  # swap the kernel in for this measurement only
-        models._norm = lambda kind, w, groups: norm_module(w) if kind == "batch" else ours(kind, w, groups)
+    if native:
+        models._norm = lambda kind, w, groups: nn.BatchNorm2d(w, track_running_stats=False) if kind == "batch" else ours(kind, w, groups)
     try:
         torch.manual_seed(0)
-        model = models.Conv4(1, 16, 3, width=width, norm="batch", pool="stride", activation="silu").double()
+        return models.Conv4(norm="batch", pool="stride", activation="silu", **kw)
     finally:
         models._norm = ours
+
+
+def measure(native: bool, width: int, n_tasks: int) -> dict:
+    model = conv4(native, in_channels=1, image_size=16, out_features=3, width=width).double()
     problem = MetaProblem(model, "cross_entropy", InnerSettings(steps=1, lr=0.4), weight_decay=0.0)
     lam = problem.init_params(torch.float64)
     tasks = image_tasks(n_tasks)
@@ -82,15 +88,9 @@ def speed(repeats: int = 41) -> None:
     x = lambda: torch.randn(16, 5, 1, 28, 28, generator=g)
     y = torch.arange(5).expand(16, -1).clone()
     tasks = TaskTensors(x(), y, x(), y.clone())
-    ours, steps = models._norm, {}
+    steps = {}
     for name, native in (("before", True), ("now", False)):
-        if native:
-            models._norm = lambda kind, w, groups: nn.BatchNorm2d(w, track_running_stats=False) if kind == "batch" else ours(kind, w, groups)
-        try:
-            torch.manual_seed(0)
-            model = models.Conv4(1, 28, 5, width=32, norm="batch", pool="stride", activation="silu")
-        finally:
-            models._norm = ours
+        model = conv4(native, in_channels=1, image_size=28, out_features=5, width=32)
         problem = MetaProblem(model, "cross_entropy", InnerSettings(steps=1, lr=0.4), weight_decay=0.0)
         lam = problem.init_params(torch.float32)
         rec = problem.records(lam, tasks, *problem.default_weights(tasks, lam))
@@ -117,8 +117,8 @@ def main() -> None:
     args = ap.parse_args()
     warnings.filterwarnings("ignore", message="the model holds torch's native batch norm")  # measured on purpose here
     rows = {
-        "torch native nn.BatchNorm2d": measure(lambda w: nn.BatchNorm2d(w, track_running_stats=False), args.width, args.tasks),
-        "TaskBatchNorm (the library's)": measure(None, args.width, args.tasks),
+        "torch native nn.BatchNorm2d": measure(True, args.width, args.tasks),
+        "TaskBatchNorm (the library's)": measure(False, args.width, args.tasks),
     }
     keys = list(next(iter(rows.values())))
     print(f"Conv4 width {args.width}, {args.tasks} tasks, float64, one inner step; relative errors")

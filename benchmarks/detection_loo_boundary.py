@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from _detection_run import load_detection_run
+from _detection_run import load_detection_run, run_with_heartbeat
 from metainfluence.evaluation.groundtruth import GroundTruthSettings, leave_one_out
 from metainfluence.influence.results import InfluenceResult
 from metainfluence.meta.checkpoint import load_checkpoint
@@ -97,4 +97,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_with_heartbeat(main)

@@ -1,14 +1,14 @@
 """Does the size of the validation pool limit detection by task-IF? Rescore a finished detection run
 against a larger validation pool of the same split.
 
-    python benchmarks/detection_measurement.py --run RUN [--val-tasks 1000] [--val-seed 1] [--data-root DIR] [--threads 1]
+    python benchmarks/detection_measurement.py --run RUN [--val-tasks 1000] [--val-seed 1] [--ranking task-if] [--data-root DIR] [--threads 1]
 
 RUN is the folder of `metainfluence experiment detection` (its refined λ*, corrupted pool, curvature file
-and task-IF settings are reused). The task-IF score estimates the change of *this* validation pool's
-loss; with 100 validation tasks that loss is itself a sample. This prints task-IF's detection AUC
-(with its stratified-bootstrap interval) against the run's own validation pool and against a fresh,
-larger one drawn from the same split with another seed, and the Spearman correlation of the two
-score vectors. If the larger pool raises the AUC, the measurement's size, not the estimate, limited it.
+and task-IF settings are reused; --ranking picks which kept task-IF tier, e.g. task-if-exact). The task-IF
+score estimates the change of *this* validation pool's loss; with 100 validation tasks that loss is itself a
+sample. This prints task-IF's detection AUC (with its stratified-bootstrap interval) against the run's own
+validation pool and against a fresh, larger one drawn from the same split with another seed, and the
+Spearman correlation of the two score vectors. If the larger pool raises the AUC, the measurement's size, not the estimate, limited it.
 When the run kept a leave-one-out ground truth (`[detection] loo_tasks`), its re-optimised λ's are
 re-measured on both pools: the ceiling AUC of a faithful score under each measurement. With
 --reliability-splits K (default 4) it also measures each pool's split-half reliability (docs/method.md §5.1)
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from _detection_run import load_detection_run
+from _detection_run import load_detection_run, run_with_heartbeat
 from metainfluence import metrics, task_influence
 from metainfluence.pipeline.run import RunContext
 
@@ -38,11 +38,12 @@ def main() -> None:
     ap.add_argument("--val-seed", type=int, default=1, help="pool seed of the larger validation pool (the run's is 0 by default)")
     ap.add_argument("--data-root", default=None, help="dataset folder (else the recorded one, else $METAINFLUENCE_DATA)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--ranking", default="task-if", help="the kept task-IF tier to rescore (scores/NAME: task-if, task-if-exact, …)")
     ap.add_argument("--reliability-splits", type=int, default=4, help="halvings of each pool for its split-half reliability (0 = skip)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     run = Path(args.run)
-    ctx, lam, kept, settings = load_detection_run(run, args.data_root)
+    ctx, lam, kept, settings = load_detection_run(run, args.data_root, args.ranking)
     flags = ctx.pools["train"].corrupted_tasks.bool().numpy()
     train = ctx.tensors["train"].to(dtype=lam.dtype)
     rows = [{"measurement": f"run's validation pool ({len(ctx.tensors['val'])} tasks)", "scores": kept.scores.double(), "seconds": None}]
@@ -111,4 +112,4 @@ def _ceilings(ctx, gt_dir: Path, flags, pools: dict) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_with_heartbeat(main)

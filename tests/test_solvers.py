@@ -379,10 +379,35 @@ def test_without_bars_a_long_cg_solve_still_prints_its_iteration_and_residual(pr
         block_cg(slow, b[:, None], tol=1e-10, max_iter=200)
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("CG:")]
     assert len(lines) >= 2, lines
-    assert all("\x1b" not in line and "residual=" in line for line in lines)
+    assert all("\x1b" not in line and "residual=" in line and "eta=" in line for line in lines)
+    assert "/200" not in "".join(lines)  # no ETA towards max_iter: CG stops at its tolerance
     counts = [int(line.split()[1].split("/")[0]) for line in lines]
     assert counts == sorted(counts) and counts[-1] > counts[0]
     for quiet in (showing(False, heartbeat=30.0), showing(False)):
         with quiet:
             block_cg(slow, b[:, None], tol=1e-10, max_iter=5)
         assert capsys.readouterr().err == ""
+
+
+def test_the_eta_follows_a_log_linear_trend_to_its_target_and_says_when_it_has_none():
+    """RateEta (refine's ratio, CG's residual): value e^(-t/2) reaches e^(-10) at t = 20, so 15 s after t = 5;
+    a flat or rising trend has no ETA ("?"), a reached target 0, a near-stalled one ">100 h"."""
+    import math
+
+    from metainfluence.progress import RateEta, clock
+
+    falling = RateEta(window=5)
+    for t in range(6):
+        falling.add(float(t), math.exp(-t / 2))
+    assert falling.eta(math.exp(-10)) == pytest.approx(15.0, rel=1e-12)
+    assert falling.eta(math.exp(-1)) == 0.0
+    assert clock(falling.eta(math.exp(-10))) == "0:00:15"
+    flat = RateEta()
+    for t in range(4):
+        flat.add(float(t), 1e-3 * (1 + 0.1 * t))
+    assert math.isnan(flat.eta(1e-6)) and clock(flat.eta(1e-6)) == "?"
+    crawling = RateEta()
+    for t in range(4):
+        crawling.add(float(t), 1e-3 * math.exp(-1e-9 * t))
+    assert clock(crawling.eta(1e-6)) == ">100 h"
+    assert math.isnan(RateEta().eta(1e-6))  # one point or none: no trend yet

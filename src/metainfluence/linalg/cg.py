@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..errors import DivergenceError
-from ..progress import bar
+from ..progress import RateEta, bar, clock
 from .core import DampedProducts, IHVPResult, SolverSettings, finish, prepare_rhs
 from .operators import LinearOperator
 
@@ -47,7 +47,10 @@ def block_cg(products: Callable[[Tensor], Tensor], B: Tensor, tol: float, max_it
     rel = [0.0 if bnorm[j] == 0 else 1.0 for j in range(m)]
     active = bnorm > 0
     damping = getattr(products, "damping", None)
-    progress = bar(f"CG ({m} rhs)" if m > 1 else "CG", max_iter, "it")
+    # no total: an ETA towards max_iter would read hours where the solve stops at its tolerance in minutes;
+    # the postfix carries one from the residual's own rate instead
+    progress = bar(f"CG ({m} rhs)" if m > 1 else "CG", None, "it")
+    trend = RateEta()
     advice = f"raise damping (now {damping:g}) or use a gauss-newton/fisher Hessian" if damping is not None else "raise damping"
     negative: list[int] = []
     it = 0
@@ -88,7 +91,9 @@ def block_cg(products: Callable[[Tensor], Tensor], B: Tensor, tol: float, max_it
             iterations[j], rel[j] = it, r
             if d:
                 active[j] = False
-        progress.set_postfix({"residual": f"{max(rel_new.tolist()):.1e}", "tol": f"{tol:.0e}"}, refresh=False)
+        worst = max(rel_new.tolist())
+        trend.add(time.perf_counter(), worst)
+        progress.set_postfix({"residual": f"{worst:.1e}", "tol": f"{tol:.0e}", "eta": clock(trend.eta(tol))}, refresh=False)
         progress.update(1)  # after the postfix, so a redraw shows this iteration's residual
     progress.close()
     out = {"converged": not bool(active.any()) and not negative, "iterations_per_rhs": iterations, "recursive_residuals": rel,

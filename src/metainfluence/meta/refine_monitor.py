@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from ..progress import RateEta, clock
+
 
 class RefineMonitor:
     """Per-iteration record and progress bar: ratio ‖∇F‖/ḡ₀, step length, CG iterations, seconds per
@@ -25,7 +27,7 @@ class RefineMonitor:
         self.target = stop / self.task_norm if stop > 0 else float("nan")
         self.deadline = t0 + 60 * settings.max_minutes if settings.max_minutes > 0 else math.inf
         self.history: list[dict] = []
-        self.points: list[tuple[float, float]] = []  # (time, log ratio)
+        self.trend = RateEta(self.WINDOW)  # log ratio against time
         self.last = t0
         self.bar = None
         self.log = None if progress else log  # without a bar, one line per iteration (long refines in a log file)
@@ -40,23 +42,12 @@ class RefineMonitor:
 
     def eta(self) -> float:
         """Seconds until the ratio reaches its target at the recent log-linear rate (nan: no estimate)."""
-        pts = self.points[-(self.WINDOW + 1):]
-        if len(pts) < 2 or not math.isfinite(self.target) or self.target <= 0:
-            return float("nan")
-        tm = sum(t for t, _ in pts) / len(pts)
-        ym = sum(y for _, y in pts) / len(pts)
-        var = sum((t - tm) ** 2 for t, _ in pts)
-        slope = sum((t - tm) * (y - ym) for t, y in pts) / var if var > 0 else 0.0  # least squares: log ratio per second
-        gap = pts[-1][1] - math.log(self.target)
-        if gap <= 0:
-            return 0.0
-        return gap / -slope if slope < 0 else float("nan")
+        return self.trend.eta(self.target)
 
     def update(self, g: torch.Tensor, step: float | None = None, cg: int | None = None, damping: float | None = None) -> None:
         now = time.perf_counter()
         ratio = float(g.norm()) / self.task_norm
-        if ratio > 0 and math.isfinite(ratio):
-            self.points.append((now, math.log(ratio)))
+        self.trend.add(now, ratio)
         eta = self.eta()
         row = {"ratio": ratio, "step": step, "cg": cg, "seconds": now - self.last, "eta_s": eta}
         if damping is not None:
@@ -69,7 +60,7 @@ class RefineMonitor:
         if cg is not None:
             post["cg"] = cg
         post["s/it"] = f"{row['seconds']:.2g}"
-        post["eta"] = _clock(eta)
+        post["eta"] = clock(eta)
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(post, refresh=False)
@@ -80,11 +71,3 @@ class RefineMonitor:
         if self.bar is not None:
             self.bar.close()
 
-
-def _clock(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    if seconds > 100 * 3600:  # a stalled ratio extrapolates to centuries: say so instead of printing them
-        return ">100 h"
-    s = int(round(seconds))
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
