@@ -5,7 +5,10 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import torch
+
 from metainfluence.config import settings_from_dict
+from metainfluence.evaluation.metrics import fraction_to_count
 from metainfluence.influence.results import InfluenceResult, InfluenceSettings
 from metainfluence.pipeline.run import RunContext
 
@@ -31,3 +34,32 @@ def run_with_heartbeat(main) -> None:
 
     with showing(False, heartbeat=60):
         main()
+
+
+def recall_boundary(scores: torch.Tensor, corrupted: torch.Tensor, factor: float = 1.25) -> tuple[int, torch.Tensor]:
+    """(cut, order) of a ranking: ``order`` lists the tasks most harmful first (ascending score), and recall at
+    ``factor``·ρ counts the corrupted tasks in ``order[:cut]`` (the experiment's count, metrics.fraction_to_count)."""
+    rho = float(corrupted.double().mean())
+    return fraction_to_count(min(1.0, factor * rho), len(scores)), torch.argsort(scores.double(), stable=True)
+
+
+def reoptimisation_arguments(ap) -> None:
+    """The options of the benchmarks that re-optimise a detection run without some of its tasks."""
+    ap.add_argument("--run", required=True, help="detection experiment folder")
+    ap.add_argument("--ranking", default="task-if-exact", help="kept scores (scores/NAME) whose boundary is probed; task-if when absent")
+    ap.add_argument("--dtype", default="float64", help="precision of the re-optimisations")
+    ap.add_argument("--tol-ratio", type=float, default=1e-5, help="stationarity ‖∇P‖ / mean‖g_i‖ of each re-optimisation")
+    ap.add_argument("--max-iter", type=int, default=300)
+    ap.add_argument("--data-root", default=None)
+    ap.add_argument("--threads", type=int, default=1)
+
+
+def load_for_reoptimisation(args):
+    """(context, λ*, corrupted flags, the probed ranking's name, the kept task-IF / direct-IF / TracIn scores) of
+    ``args.run``; the ranking falls back to task-if when the run kept no ``args.ranking``."""
+    torch.set_num_threads(args.threads)
+    run = Path(args.run)
+    ctx, lam, _, _ = load_detection_run(run, args.data_root)
+    names = [p.stem for p in sorted((run / "scores").glob("*.json"))]
+    kept = {m: InfluenceResult.load(run / "scores" / m).scores.double() for m in names if m.startswith("task-if") or m in ("direct-if", "tracin")}
+    return ctx, lam, ctx.pools["train"].corrupted_tasks.bool(), args.ranking if args.ranking in names else "task-if", kept

@@ -27,9 +27,8 @@ from pathlib import Path
 
 import torch
 
-from _detection_run import load_detection_run, run_with_heartbeat
+from _detection_run import load_for_reoptimisation, recall_boundary, reoptimisation_arguments, run_with_heartbeat
 from metainfluence.evaluation.groundtruth import GroundTruthSettings, leave_one_out
-from metainfluence.influence.results import InfluenceResult
 from metainfluence.meta.checkpoint import load_checkpoint
 from metainfluence.meta.refine import RefineSettings
 from metainfluence.pipeline.proximal import proximal_of
@@ -37,27 +36,15 @@ from metainfluence.pipeline.proximal import proximal_of
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--run", required=True, help="detection experiment folder")
-    ap.add_argument("--ranking", default="task-if-exact", help="kept scores (scores/NAME) whose boundary is probed; task-if when absent")
+    reoptimisation_arguments(ap)
     ap.add_argument("--missed", type=int, default=3, help="corrupted tasks ranked lowest by the ranking")
     ap.add_argument("--false-alarms", type=int, default=3, help="clean tasks ranked highest by the ranking")
-    ap.add_argument("--dtype", default="float64", help="precision of the re-optimisations")
-    ap.add_argument("--tol-ratio", type=float, default=1e-5, help="stationarity ‖∇P‖ / mean‖g_i‖ of each re-optimisation")
-    ap.add_argument("--max-iter", type=int, default=300)
-    ap.add_argument("--data-root", default=None)
-    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
     run = Path(args.run)
-    ctx, lam, _, _ = load_detection_run(run, args.data_root)
-    flags = ctx.pools["train"].corrupted_tasks.bool()
-    names = [p.stem for p in sorted((run / "scores").glob("*.json"))]
-    ranking = args.ranking if args.ranking in names else "task-if"
-    kept = {m: InfluenceResult.load(run / "scores" / m).scores.double() for m in names if m.startswith("task-if") or m in ("direct-if", "tracin")}
+    ctx, lam, flags, ranking, kept = load_for_reoptimisation(args)
     scores = kept[ranking]
-    n, rho = len(scores), float(flags.double().mean())
-    order = torch.argsort(scores, stable=True)  # ascending: most harmful first (a negative score: removal lowers the loss)
-    cut = int(round(1.25 * rho * n))
+    n = len(scores)
+    cut, order = recall_boundary(scores, flags)  # order: most harmful first (a negative score: removal lowers the loss)
     position = torch.empty(n, dtype=torch.long)
     position[order] = torch.arange(n)
     missed = [int(k) for k in order.flip(0) if flags[k]][: args.missed]
