@@ -1,6 +1,7 @@
 """Do the mislabeled tasks a ranking misses help the measurement, all of them together? Re-optimise a finished
 detection run without each whole group at the ranking's 1.25ρ boundary and compare the true change of the
-validation loss with the ranking's prediction (the sum of its scores over the group).
+validation loss with the ranking's prediction (the sum of its scores over the group). It also counts the corrupted tasks the ranking
+predicts to help (a positive score): if those signs are right, no ranking faithful to the measurement recalls them.
 
     python benchmarks/detection_group_census.py --run RUN [--ranking task-if-exact] [--dtype float64]
                                                 [--tol-ratio 1e-5] [--max-iter 300] [--threads 1]
@@ -47,6 +48,18 @@ def boundary_groups(scores: torch.Tensor, corrupted: torch.Tensor, factor: float
     half = (len(missed) + 1) // 2
     return cut, {"missed (near)": sorted(missed[:half]), "missed (far)": sorted(missed[half:]),
                  "false alarms": sorted(int(k) for k in order[:cut] if not corrupted[k])}
+
+
+def sign_census(scores: torch.Tensor, corrupted: torch.Tensor, cut: int) -> dict:
+    """How many tasks the ranking predicts to harm (a negative score), how many corrupted ones among them, and the
+    best recall in the top ``cut`` of any ranking that agrees with these signs. Such a ranking puts every harmful
+    task before every helpful one; where ``cut`` falls inside the harmful tasks, the corrupted tasks predicted to
+    help cannot be recalled, whatever the order within each side."""
+    harmful = scores < 0
+    h, ch, c = int(harmful.sum()), int((harmful & corrupted).sum()), int(corrupted.sum())
+    best = min(cut, ch) if cut <= h else ch + min(cut - h, c - ch)
+    return {"tasks_predicted_harmful": h, "corrupted_predicted_harmful": ch, "corrupted_predicted_to_help": c - ch,
+            "recall_cap_of_a_ranking_with_these_signs": best / max(c, 1)}
 
 
 def _digest(*parts) -> str:
@@ -108,6 +121,7 @@ def main() -> None:
         "error; raise --max-iter"]
     out = {"run": str(run), "ranking": ranking, "n_tasks": n, "corrupted": int(flags.sum()), "boundary_position": cut,
            "recall_at_boundary": 1 - sum(len(groups[g]) for g in ("missed (near)", "missed (far)")) / max(int(flags.sum()), 1),
+           "sign_census": sign_census(kept[ranking], flags, cut),
            "measurement": f"mean query loss of {len(val)} validation tasks",
            "sign": "Δf = f(λ without the group) − f(λ); positive: the group helps the measurement; predicted: the sum of the group's scores",
            "dtype": args.dtype, "tol_ratio": args.tol_ratio, "max_ratio_reached": ratio, "warnings": warnings,
