@@ -4,7 +4,7 @@ validation loss with the ranking's prediction (the sum of its scores over the gr
 predicts to help (a positive score): if those signs are right, no ranking faithful to the measurement recalls them.
 
     python benchmarks/detection_group_census.py --run RUN [--ranking task-if-exact] [--dtype float64]
-                                                [--tol-ratio 1e-5] [--max-iter 300] [--threads 1]
+                                                [--tol-ratio 1e-5] [--max-iter 300] [--threads 1] [--signs-only]
 
 RUN is the folder of `metainfluence experiment detection`. Recall at 1.25ρ counts the corrupted tasks inside
 the top 1.25ρ·n of a ranking (ascending score: most harmful first). The groups:
@@ -72,10 +72,15 @@ def _digest(*parts) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     reoptimisation_arguments(ap)
+    ap.add_argument("--signs-only", action="store_true", help="print the ranking's sign census and groups' sizes only (no re-optimisation)")
     args = ap.parse_args()
     run = Path(args.run)
     ctx, lam, flags, ranking, kept = load_for_reoptimisation(args)
     cut, groups = boundary_groups(kept[ranking], flags)
+    if args.signs_only:
+        print(json.dumps({"run": str(run), "ranking": ranking, "boundary_position": cut, "sign_census": sign_census(kept[ranking], flags, cut),
+                          "group_sizes": {g: len(v) for g, v in groups.items()}}, indent=1))
+        return
 
     refined = load_checkpoint(run / "refined")
     prox = proximal_of(refined)
