@@ -17,8 +17,9 @@ the top 1.25ρ·n of a ranking (ascending score: most harmful first). The groups
 of the ranking, in three re-optimisations (plus the control, the full pool re-optimised from λ*) of the run's
 proximal objective from λ*. Δf = f(λ without the group) − f(λ); positive: the group helps the measurement. A
 missed group whose true Δf is positive is one whose removal would raise the validation loss: no faithful estimate
-of that loss's change flags it as a whole. Each unit is kept in RUN/groundtruth_groups[_DTYPE]/ (JSON) under a key
-of λ*, the validation pool, the group and the optimiser settings, so an interrupted census resumes. One float64
+of that loss's change flags it as a whole. Each unit is kept in RUN/groundtruth_groups[_DTYPE]/ (JSON, one file
+per ranking and group; the control is shared) under a key of λ*, the validation pool, the group and the optimiser settings, so an
+interrupted census resumes; --kept-only reports the kept groups and computes none. One float64
 re-optimisation of the 5,000-task Omniglot recipe pool takes 10-15 minutes on one thread.
 """
 
@@ -73,6 +74,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     reoptimisation_arguments(ap)
     ap.add_argument("--signs-only", action="store_true", help="print the ranking's sign census and groups' sizes only (no re-optimisation)")
+    ap.add_argument("--kept-only", action="store_true", help="report the groups whose re-optimisation is already kept; compute none")
     args = ap.parse_args()
     run = Path(args.run)
     ctx, lam, flags, ranking, kept = load_for_reoptimisation(args)
@@ -93,12 +95,16 @@ def main() -> None:
     base_key = {"lam": _digest(lam), "anchor": _digest(anchor) if anchor is not None else None, "val": measurement_sha256(val),
                 "gamma": gts.proximal, "dtype": args.dtype, "tol_ratio": args.tol_ratio, "max_iter": args.max_iter}
 
-    def unit(name: str, removed: list[int]) -> dict:
+    def unit(name: str, removed: list[int]) -> dict | None:
         key = {**base_key, "removed": _digest(removed)}
-        path = store / f"{name.replace(' ', '_').replace('(', '').replace(')', '')}.json"
+        slug = name.replace(" ", "_").replace("(", "").replace(")", "")
+        path = store / (f"{slug}.json" if not removed else f"{ranking}__{slug}.json")  # each ranking has its own groups
         if path.is_file() and (old := read_json(path, "census unit")).get("key") == key:
             print(f"{name}: kept ({path})")
             return old
+        if args.kept_only:
+            print(f"{name}: not kept, skipped (--kept-only)")
+            return None
         w = torch.ones(n, dtype=torch.float64)
         w[removed] = 0
         t = time.perf_counter()
@@ -115,6 +121,8 @@ def main() -> None:
     rows, worst = [], control["grad_norm"]
     for name, removed in groups.items():
         u = unit(name, removed) if removed else None
+        if removed and u is None:
+            continue
         worst = max(worst, u["grad_norm"]) if u else worst
         rows.append({"group": name, "tasks": len(removed),
                      "true_delta_f": u["f"] - control["f"] if u else 0.0,
