@@ -8,9 +8,13 @@ from pathlib import Path
 import torch
 
 from metainfluence.config import settings_from_dict
+from metainfluence.evaluation.groundtruth import GroundTruthSettings
 from metainfluence.evaluation.metrics import fraction_to_count
 from metainfluence.influence.results import InfluenceResult, InfluenceSettings
+from metainfluence.meta.refine import RefineSettings
+from metainfluence.pipeline.proximal import proximal_of
 from metainfluence.pipeline.run import RunContext
+from metainfluence.tasks.tensors import TaskTensors
 
 
 def load_detection_run(run: Path, data_root: str | None, ranking: str = "task-if"):
@@ -36,11 +40,16 @@ def run_with_heartbeat(main) -> None:
         main()
 
 
+def recall_cut(corrupted: torch.Tensor, factor: float = 1.25) -> int:
+    """Recall at ``factor``·ρ counts the corrupted tasks in the top this many of a ranking (the experiment's count,
+    metrics.fraction_to_count)."""
+    return fraction_to_count(min(1.0, factor * float(corrupted.double().mean())), len(corrupted))
+
+
 def recall_boundary(scores: torch.Tensor, corrupted: torch.Tensor, factor: float = 1.25) -> tuple[int, torch.Tensor]:
     """(cut, order) of a ranking: ``order`` lists the tasks most harmful first (ascending score), and recall at
-    ``factor``·ρ counts the corrupted tasks in ``order[:cut]`` (the experiment's count, metrics.fraction_to_count)."""
-    rho = float(corrupted.double().mean())
-    return fraction_to_count(min(1.0, factor * rho), len(scores)), torch.argsort(scores.double(), stable=True)
+    ``factor``·ρ counts the corrupted tasks in ``order[:cut]``."""
+    return recall_cut(corrupted, factor), torch.argsort(scores.double(), stable=True)
 
 
 def reoptimisation_arguments(ap) -> None:
@@ -54,12 +63,43 @@ def reoptimisation_arguments(ap) -> None:
     ap.add_argument("--threads", type=int, default=1)
 
 
-def load_for_reoptimisation(args):
-    """(context, λ*, corrupted flags, the probed ranking's name, the kept task-IF / direct-IF / TracIn scores) of
-    ``args.run``; the ranking falls back to task-if when the run kept no ``args.ranking``."""
+@dataclasses.dataclass
+class Reoptimisation:
+    """What the re-optimising benchmarks read from a detection run: its context and λ*, the corrupted flags, the
+    probed ranking and the kept scores, and the settings every re-optimisation uses (the run's proximal γ and
+    anchor, L-BFGS to ``--tol-ratio`` in ``--dtype``)."""
+
+    ctx: RunContext
+    lam: torch.Tensor
+    flags: torch.Tensor
+    ranking: str
+    kept: dict[str, torch.Tensor]
+    ground_truth: GroundTruthSettings
+    refine: RefineSettings
+    anchor: torch.Tensor | None
+    mean_task_grad: float | None  # mean ‖g_i‖ at λ*: the stationarity ratio's denominator
+    train: TaskTensors
+    val: TaskTensors
+
+    def store(self, run: Path, kind: str) -> Path:
+        """The run's unit folder of ``kind`` (loo, groups), suffixed by the dtype when it is not the run's."""
+        name = f"groundtruth_{kind}"
+        return run / (name if self.refine.dtype == self.ctx.settings.refine.dtype else f"{name}_{self.refine.dtype}")
+
+
+def load_for_reoptimisation(args) -> Reoptimisation:
+    """The run ``args.run`` read once for re-optimisation; the ranking falls back to task-if when the run kept no
+    ``args.ranking``."""
     torch.set_num_threads(args.threads)
     run = Path(args.run)
-    ctx, lam, _, _ = load_detection_run(run, args.data_root)
+    ctx, refined = RunContext.from_checkpoint(run / "refined", data_root=args.data_root, splits=("train", "val"))
+    lam = refined.lam
     names = [p.stem for p in sorted((run / "scores").glob("*.json"))]
     kept = {m: InfluenceResult.load(run / "scores" / m).scores.double() for m in names if m.startswith("task-if") or m in ("direct-if", "tracin")}
-    return ctx, lam, ctx.pools["train"].corrupted_tasks.bool(), args.ranking if args.ranking in names else "task-if", kept
+    prox = proximal_of(refined)
+    return Reoptimisation(
+        ctx=ctx, lam=lam, flags=ctx.pools["train"].corrupted_tasks.bool(), ranking=args.ranking if args.ranking in names else "task-if",
+        kept=kept, ground_truth=GroundTruthSettings(n_loo=0, method="lbfgs", proximal=float(prox[0]) if prox else 0.0),
+        refine=RefineSettings(method="lbfgs", tol=0.0, tol_ratio=args.tol_ratio, max_iter=args.max_iter, dtype=args.dtype),
+        anchor=prox[1] if prox else None, mean_task_grad=(refined.info.get("refine_report") or {}).get("task_grad_norm_after"),
+        train=ctx.tensors["train"].to(dtype=lam.dtype), val=ctx.tensors["val"].to(dtype=lam.dtype))

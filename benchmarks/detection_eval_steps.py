@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -54,7 +55,7 @@ def main() -> None:
     rows = []
     for k in dict.fromkeys([problem.inner.steps, steps]):
         measured = copy.copy(problem)  # shares the model template; only the measurement's inner loop differs
-        measured.inner = problem.inner.__class__(**{**problem.inner.__dict__, "steps": k, "eval_steps": 0})
+        measured.inner = dataclasses.replace(problem.inner, steps=k, eval_steps=0)
         t = time.perf_counter()
         grad_f, f = measurement_gradient(measured, lam, val)
         res = ihvp(op, grad_f, settings)

@@ -34,11 +34,8 @@ from pathlib import Path
 import torch
 
 from _detection_run import load_for_reoptimisation, recall_boundary, reoptimisation_arguments, run_with_heartbeat
-from metainfluence.evaluation.groundtruth import GroundTruthSettings, measurement_sha256, reoptimise, validation_loss
+from metainfluence.evaluation.groundtruth import measurement_sha256, reoptimise, validation_loss
 from metainfluence.io import read_json, write_json
-from metainfluence.meta.checkpoint import load_checkpoint
-from metainfluence.meta.refine import RefineSettings
-from metainfluence.pipeline.proximal import proximal_of
 
 
 def boundary_groups(scores: torch.Tensor, corrupted: torch.Tensor, factor: float = 1.25) -> tuple[int, dict[str, list[int]]]:
@@ -77,23 +74,17 @@ def main() -> None:
     ap.add_argument("--kept-only", action="store_true", help="report the groups whose re-optimisation is already kept; compute none")
     args = ap.parse_args()
     run = Path(args.run)
-    ctx, lam, flags, ranking, kept = load_for_reoptimisation(args)
+    r = load_for_reoptimisation(args)
+    flags, ranking, kept = r.flags, r.ranking, r.kept
     cut, groups = boundary_groups(kept[ranking], flags)
     if args.signs_only:
         print(json.dumps({"run": str(run), "ranking": ranking, "boundary_position": cut, "sign_census": sign_census(kept[ranking], flags, cut),
                           "group_sizes": {g: len(v) for g, v in groups.items()}}, indent=1))
         return
 
-    refined = load_checkpoint(run / "refined")
-    prox = proximal_of(refined)
-    gts = GroundTruthSettings(n_loo=0, method="lbfgs", proximal=float(prox[0]) if prox else 0.0)
-    rs = RefineSettings(method="lbfgs", tol=0.0, tol_ratio=args.tol_ratio, max_iter=args.max_iter, dtype=args.dtype)
-    anchor = prox[1] if prox else None
-    store = run / ("groundtruth_groups" if args.dtype == ctx.settings.refine.dtype else f"groundtruth_groups_{args.dtype}")
-    train, val = ctx.tensors["train"].to(dtype=lam.dtype), ctx.tensors["val"].to(dtype=lam.dtype)
-    n = len(train)
-    base_key = {"lam": _digest(lam), "anchor": _digest(anchor) if anchor is not None else None, "val": measurement_sha256(val),
-                "gamma": gts.proximal, "dtype": args.dtype, "tol_ratio": args.tol_ratio, "max_iter": args.max_iter}
+    store, n = r.store(run, "groups"), len(r.train)
+    base_key = {"lam": _digest(r.lam), "anchor": _digest(r.anchor) if r.anchor is not None else None, "val": measurement_sha256(r.val),
+                "gamma": r.ground_truth.proximal, "dtype": args.dtype, "tol_ratio": args.tol_ratio, "max_iter": args.max_iter}
 
     def unit(name: str, removed: list[int]) -> dict | None:
         key = {**base_key, "removed": _digest(removed)}
@@ -108,8 +99,8 @@ def main() -> None:
         w = torch.ones(n, dtype=torch.float64)
         w[removed] = 0
         t = time.perf_counter()
-        lam_r, gn = reoptimise(ctx.problem, lam, train, gts, rs, w, anchor=anchor)
-        info = {"key": key, "removed": removed, "f": validation_loss(ctx.problem, lam_r, val.to(dtype=lam_r.dtype)),
+        lam_r, gn = reoptimise(r.ctx.problem, r.lam, r.train, r.ground_truth, r.refine, w, anchor=r.anchor)
+        info = {"key": key, "removed": removed, "f": validation_loss(r.ctx.problem, lam_r, r.val.to(dtype=lam_r.dtype)),
                 "grad_norm": gn, "seconds": time.perf_counter() - t}
         write_json(path, info)
         print(f"{name}: {len(removed)} tasks removed, f = {info['f']:.6g} ({info['seconds']:.0f} s)")
@@ -117,7 +108,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     control = unit("control", [])
-    mean_g = (refined.info.get("refine_report") or {}).get("task_grad_norm_after")
+    mean_g = r.mean_task_grad
     rows, worst = [], control["grad_norm"]
     for name, removed in groups.items():
         u = unit(name, removed) if removed else None
@@ -135,7 +126,7 @@ def main() -> None:
     out = {"run": str(run), "ranking": ranking, "n_tasks": n, "corrupted": int(flags.sum()), "boundary_position": cut,
            "recall_at_boundary": 1 - sum(len(groups[g]) for g in ("missed (near)", "missed (far)")) / max(int(flags.sum()), 1),
            "sign_census": sign_census(kept[ranking], flags, cut),
-           "measurement": f"mean query loss of {len(val)} validation tasks",
+           "measurement": f"mean query loss of {len(r.val)} validation tasks",
            "sign": "Δf = f(λ without the group) − f(λ); positive: the group helps the measurement; predicted: the sum of the group's scores",
            "dtype": args.dtype, "tol_ratio": args.tol_ratio, "max_ratio_reached": ratio, "warnings": warnings,
            "seconds": time.perf_counter() - t0, "groups": rows}

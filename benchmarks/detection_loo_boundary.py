@@ -21,6 +21,7 @@ takes about 10 minutes on one thread.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -28,10 +29,7 @@ from pathlib import Path
 import torch
 
 from _detection_run import load_for_reoptimisation, recall_boundary, reoptimisation_arguments, run_with_heartbeat
-from metainfluence.evaluation.groundtruth import GroundTruthSettings, leave_one_out
-from metainfluence.meta.checkpoint import load_checkpoint
-from metainfluence.meta.refine import RefineSettings
-from metainfluence.pipeline.proximal import proximal_of
+from metainfluence.evaluation.groundtruth import leave_one_out
 
 
 def main() -> None:
@@ -41,7 +39,8 @@ def main() -> None:
     ap.add_argument("--false-alarms", type=int, default=3, help="clean tasks ranked highest by the ranking")
     args = ap.parse_args()
     run = Path(args.run)
-    ctx, lam, flags, ranking, kept = load_for_reoptimisation(args)
+    r = load_for_reoptimisation(args)
+    flags, ranking, kept = r.flags, r.ranking, r.kept
     scores = kept[ranking]
     n = len(scores)
     cut, order = recall_boundary(scores, flags)  # order: most harmful first (a negative score: removal lowers the loss)
@@ -51,17 +50,11 @@ def main() -> None:
     alarms = [int(k) for k in order if not flags[k]][: args.false_alarms]
     sample = sorted(missed + alarms)
 
-    refined = load_checkpoint(run / "refined")
-    prox = proximal_of(refined)
-    rep = refined.info.get("refine_report") or {}
-    gts = GroundTruthSettings(n_loo=len(sample), method="lbfgs", proximal=float(prox[0]) if prox else 0.0)
-    rs = RefineSettings(method="lbfgs", tol=0.0, tol_ratio=args.tol_ratio, max_iter=args.max_iter, dtype=args.dtype)
-    store = "groundtruth_loo" if args.dtype == ctx.settings.refine.dtype else f"groundtruth_loo_{args.dtype}"
-    train, val = ctx.tensors["train"].to(dtype=lam.dtype), ctx.tensors["val"].to(dtype=lam.dtype)
     t = time.perf_counter()
-    loo = leave_one_out(ctx.problem, lam, train, val, gts, rs, out_dir=run / store, anchor=prox[1] if prox else None,
+    gts = dataclasses.replace(r.ground_truth, n_loo=len(sample))
+    loo = leave_one_out(r.ctx.problem, r.lam, r.train, r.val, gts, r.refine, out_dir=r.store(run, "loo"), anchor=r.anchor,
                         sample=sample, progress=print)
-    mean_g = rep.get("task_grad_norm_after")
+    mean_g = r.mean_task_grad
     rows = []
     for k, true in zip(loo["tasks"].tolist(), loo["true_delta_f"].tolist()):
         rows.append({"task": k, "corrupted": bool(flags[k]), "role": "missed corrupted" if k in missed else "false alarm (clean)",
@@ -72,7 +65,7 @@ def main() -> None:
         f"re-optimisations stopped above their tolerance (worst ratio {ratio:.2g} > {args.tol_ratio:g}): the true Δf carry optimiser "
         "error; raise --max-iter or refine the run on the proximal objective ([refine] proximal)"]
     out = {"run": str(run), "ranking": ranking, "n_tasks": n, "boundary_position": cut,
-           "boundary_score": float(scores[order[cut - 1]]), "measurement": f"mean query loss of {len(val)} validation tasks",
+           "boundary_score": float(scores[order[cut - 1]]), "measurement": f"mean query loss of {len(r.val)} validation tasks",
            "sign": "Δf = f(λ without the task) − f(λ); positive: the task helps the measurement",
            "dtype": args.dtype, "tol_ratio": args.tol_ratio,
            "max_ratio_reached": ratio, "warnings": warnings,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from _detection_run import recall_boundary
+from _detection_run import recall_cut
 from metainfluence.influence.results import InfluenceResult
 from metainfluence.tasks.pool import TaskPool
 
@@ -49,7 +49,7 @@ def main() -> None:
     cons = consistent_queries(pool)
     names = args.ranking or sorted(p.stem for p in (run / "scores").glob("*.json") if p.stem.startswith("task-if") or p.stem == "loss")
     n = len(flags)
-    cut = recall_boundary(flags.double(), flags)[0]
+    cut = recall_cut(flags)
     groups = sorted(set(cons[flags].tolist()))
     out = {"run": str(run), "n_tasks": n, "n_corrupted": int(flags.sum()), "cut (1.25ρ·n)": cut,
            "query_size": int(pool.query_y.shape[1]),
@@ -58,7 +58,7 @@ def main() -> None:
     for name in names:
         scores = InfluenceResult.load(run / "scores" / name).scores.double()
         top = torch.zeros(n, dtype=torch.bool)
-        top[recall_boundary(scores, flags)[1][:cut]] = True
+        top[torch.argsort(scores, stable=True)[:cut]] = True  # most harmful first
         missed = flags & ~top
         out["rankings"][name] = {"recall@1.25rho": 1 - float(missed.sum()) / float(flags.sum()),
                                  "missed by consistent queries": {int(c): f"{int((missed & (cons == c)).sum())} of {int((flags & (cons == c)).sum())}" for c in groups}}
