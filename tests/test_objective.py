@@ -106,3 +106,28 @@ def test_a_float32_objective_is_added_up_in_float64():
     # objective()'s chunk dot stays in float32 (≈ 2e-9 here); the old float32 running sum returned a float32 F
     assert abs(float(value) - float(expected)) <= 2e-8
     assert abs(float(problem.objective(lam, tasks)) - float(expected)) <= 2e-8
+
+
+@pytest.mark.parametrize("kind", ["unrolled", "implicit"])
+def test_the_measurement_gradient_is_the_validation_pools_mean_loss_and_its_loop_gradient(kind, capsys):
+    """f = mean query loss of the validation tasks (no weight decay): ∇f equals the plain per-task loop and
+    central differences of f, f equals the mean of the per-task losses; unrolled reads both in one pass. With
+    bars off and a heartbeat on, the chunked pass prints a status line named after ∇f."""
+    from metainfluence.influence.gradients import measurement_gradient
+    from metainfluence.progress import showing
+
+    if kind == "unrolled":
+        problem, lam = small_problem("unrolled", steps=2, lr=0.3, chunk_size=2, weight_decay=5e-2)
+    else:
+        problem, lam = small_problem("implicit", steps=30, lr=0.5, proximal=1.0, implicit_cg_steps=30, chunk_size=2, weight_decay=5e-2)
+    val = random_tasks(n=5, seed=3)
+    with showing(False, heartbeat=1e-9):
+        grad_f, f = measurement_gradient(problem, lam, val)
+    assert "measurement gradient" in capsys.readouterr().err
+    loop = _loop_meta_gradient(problem, lam, val) - problem.weight_decay * lam
+    assert torch.allclose(grad_f, loop, rtol=1e-12, atol=1e-14)
+    assert f == pytest.approx(float(problem.task_losses(lam, val).mean()), rel=1e-13)
+    if kind == "unrolled":
+        mean_loss = lambda x: problem.task_losses(x, val).mean()
+        directions, derivatives = directional_derivatives(mean_loss, lam, n_directions=3)
+        assert torch.allclose(directions @ grad_f, derivatives, rtol=1e-6, atol=1e-9)

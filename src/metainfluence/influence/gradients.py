@@ -23,10 +23,15 @@ from ..tasks.tensors import TaskTensors
 
 
 def measurement_gradient(problem: MetaProblem, lam: torch.Tensor, val_tasks: TaskTensors) -> tuple[torch.Tensor, float]:
-    """(∇f(λ), f(λ)) for f = mean query loss over ``val_tasks`` after adaptation (no weight decay)."""
+    """(∇f(λ), f(λ)) for f = mean query loss over ``val_tasks`` after adaptation (no weight decay).
+
+    Unrolled: one pass gives both (the loss is the gradient pass's forward); implicit: two."""
     lam = lam.detach()
     n = problem.collective.total_count(len(val_tasks))
-    gradient = problem.sum_over_tasks(problem.task_total_gradient, lam, val_tasks) / n
+    if problem.inner.kind == "unrolled":
+        value, gradient = problem.summed_loss_and_gradient(lam, val_tasks, desc="measurement gradient ∇f")
+        return (gradient / n).detach(), float(value / n)
+    gradient = problem.sum_over_tasks(problem.task_total_gradient, lam, val_tasks, desc="measurement gradient ∇f") / n
     with torch.no_grad():
         value = problem.sum_over_tasks(problem.query_loss, lam, val_tasks) / n
     return gradient.detach(), float(value)
@@ -40,7 +45,7 @@ def direct_gradients(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors
         theta = problem.adapt(lam, task).detach() if adapt else lam
         return grad(problem.weighted_loss)(theta, task.xq, task.yq, task.u)
 
-    return problem.per_task(one, lam.detach(), tasks).detach()
+    return problem.per_task(one, lam.detach(), tasks, desc="direct gradients").detach()
 
 
 def direct_measurement_gradient(problem: MetaProblem, lam: torch.Tensor, val_tasks: TaskTensors, adapt: bool = True) -> torch.Tensor:

@@ -242,7 +242,7 @@ def fisher_factor(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, s
     for _ in range(samples):
         yq = sample_labels(problem, out, gen).to(tasks.query_y.device)
         sampled = TaskTensors(tasks.support_x, tasks.support_y, tasks.query_x, problem.collective.local_rows(yq, len(tasks)))
-        rows.append(problem.collective.gather_rows(problem.total_gradients(lam, sampled, v, u)))  # every process holds all rows (Woodbury)
+        rows.append(problem.collective.gather_rows(problem.total_gradients(lam, sampled, v, u, desc="fisher rows")))  # every process holds all rows (Woodbury)
     G = torch.cat(rows) * (tasks.n_query / (problem.collective.total_count(len(tasks)) * samples)) ** 0.5
     if w is not None:
         task_weight = problem.collective.gather_rows(w.to(G)).clamp_min(0).sqrt()

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,7 @@ from torch.func import functional_call, grad, grad_and_value, jvp, vmap
 
 from ..errors import SettingsError
 from ..linalg.cg import fixed_step_cg
+from ..progress import bar
 from ..tasks.tensors import TaskTensors
 from .collective import SINGLE_PROCESS, Collective
 from .params import ParamSpec
@@ -252,25 +253,32 @@ class MetaProblem:
         u = du if u is None else u.to(lam)
         return TaskRecord(tasks.support_x, tasks.support_y, tasks.query_x, tasks.query_y, v, u)
 
-    def _mapped_chunks(self, fn: Callable, lam, tasks: TaskTensors, v, u, extra: tuple):
+    def _chunk_slices(self, n: int, desc: str | None) -> Iterable[slice]:
+        """The chunks of an n-task pass; with ``desc``, under a progress bar (a heartbeat line in logs), so
+        that a pass of minutes (a large validation pool, 84×84 tasks in float64) is not silent."""
+        slices = list(self.chunks(n))
+        return slices if desc is None else bar(desc, len(slices), "chunk", iterable=slices)
+
+    def _mapped_chunks(self, fn: Callable, lam, tasks: TaskTensors, v, u, extra: tuple, desc: str | None = None):
         """(chunk slice, fn over the chunk's tasks) pairs: ``fn(lam, task, *extra)`` vmapped over tasks."""
         record = self.records(lam, tasks, v, u)
         mapped = vmap(fn, in_dims=(None, 0) + (0,) * len(extra))
-        for c in self.chunks(len(tasks)):
+        for c in self._chunk_slices(len(tasks), desc):
             chunk = record.row(c)
             yield c, mapped(lam, chunk, *[e[c] for e in extra])
 
-    def per_task(self, fn: Callable, lam: torch.Tensor, tasks: TaskTensors, v=None, u=None, extra: tuple = ()) -> torch.Tensor:
+    def per_task(self, fn: Callable, lam: torch.Tensor, tasks: TaskTensors, v=None, u=None, extra: tuple = (),
+                 desc: str | None = None) -> torch.Tensor:
         """Stack ``fn(lam, task, *extra)`` over tasks (vmapped, chunked). ``extra`` items are per task."""
-        return torch.cat([out for _, out in self._mapped_chunks(fn, lam, tasks, v, u, extra)])
+        return torch.cat([out for _, out in self._mapped_chunks(fn, lam, tasks, v, u, extra, desc)])
 
     def sum_over_tasks(self, fn: Callable, lam: torch.Tensor, tasks: TaskTensors, w=None, v=None, u=None, extra: tuple = (),
-                       reduce: bool = True, accumulate: torch.dtype | None = None) -> torch.Tensor:
+                       reduce: bool = True, accumulate: torch.dtype | None = None, desc: str | None = None) -> torch.Tensor:
         """Σ_i w_i fn(task i), over all shards: chunked so that only one chunk's graph is alive at a time.
         ``accumulate``: the dtype the chunks' sums are added in (e.g. float64 over float32 products)."""
         w = torch.ones(len(tasks), dtype=lam.dtype, device=lam.device) if w is None else w.to(lam)
         total = None
-        for c, out in self._mapped_chunks(fn, lam, tasks, v, u, extra):
+        for c, out in self._mapped_chunks(fn, lam, tasks, v, u, extra, desc):
             part = torch.tensordot(w[c], out, dims=1)
             if accumulate is not None:
                 part = part.to(accumulate)
@@ -302,6 +310,16 @@ class MetaProblem:
                 value = self.objective(lam, tasks, w, v, u)
             return value, self.meta_gradient(lam, tasks, w, v, u)
         n = self.collective.total_count(len(tasks))
+        value, gradient = self.summed_loss_and_gradient(lam, tasks, w, v, u)
+        value = value / n + 0.5 * self.weight_decay * (lam.double() ** 2).sum()
+        return value, gradient / n + self.weight_decay * lam
+
+    def summed_loss_and_gradient(self, lam, tasks: TaskTensors, w=None, v=None, u=None,
+                                 desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Σ_i w_i L_Q^i, Σ_i w_i g_i) over all shards in one pass (``unrolled``): the loss in float64."""
+        if self.inner.kind != "unrolled":
+            raise SettingsError("one pass gives the loss with its gradient only through the unrolled inner loop")
+        lam = lam.detach()
         record = self.records(lam, tasks, v, u)
         w = torch.ones(len(tasks), dtype=lam.dtype, device=lam.device) if w is None else w.to(lam)
         # Per-task gradients inside the vmap, weighted afterwards: the other order, grad of a vmapped sum, went wrong
@@ -314,17 +332,15 @@ class MetaProblem:
         # the cause above)
         value = torch.zeros((), dtype=torch.float64, device=lam.device)
         gradient = torch.zeros_like(lam)
-        for c in self.chunks(len(tasks)):
+        for c in self._chunk_slices(len(tasks), desc):
             g, val = both(lam, record.row(c))
             value = value + torch.dot(w[c].double(), val.detach().double())
             gradient = gradient + w[c] @ g.detach()
-        value, gradient = self.collective.all_sum(value), self.collective.all_sum(gradient)
-        value = value / n + 0.5 * self.weight_decay * (lam.double() ** 2).sum()
-        return value, gradient / n + self.weight_decay * lam
+        return self.collective.all_sum(value), self.collective.all_sum(gradient)
 
-    def total_gradients(self, lam, tasks: TaskTensors, v=None, u=None) -> torch.Tensor:
+    def total_gradients(self, lam, tasks: TaskTensors, v=None, u=None, desc: str | None = None) -> torch.Tensor:
         """Per-task total gradients g_i, shape (n, p) (docs/method.md §3)."""
-        return self.per_task(self.task_total_gradient, lam.detach(), tasks, v, u).detach()
+        return self.per_task(self.task_total_gradient, lam.detach(), tasks, v, u, desc=desc).detach()
 
     def inner_gradient_norms(self, lam, tasks: TaskTensors, v=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Per task, ‖∇_θ L_in(θ_i; λ)‖ at the adapted θ_i and at θ = λ (how far the inner solve got)."""
