@@ -214,3 +214,35 @@ def test_an_implicit_cg_stopped_short_is_said_and_its_total_hessian_is_not_symme
         said = any("implicit-function CG" in w for w in res.diagnostics.get("warnings", []))
         assert said == short and (asym > 1e-4) == short, (cg_steps, asym)
         assert (res.diagnostics["inner_solve"]["implicit_cg_residual_max"] > 1e-6) == short
+
+
+def test_scores_in_one_block_share_the_measurement_gradient_and_are_charged_for_it(monkeypatch):
+    """Inside reusing_measurement_gradients() task-IF and TracIn read ∇f from one pass over the validation pool
+    and score exactly as they do alone; the second is charged the first pass's seconds. Another λ (one entry
+    nudged) or another pool is a new pass."""
+    from metainfluence.influence.gradients import reusing_measurement_gradients
+
+    problem, lam = small_problem("unrolled", steps=1, hidden=(5,))
+    tasks, val = random_tasks(n=6), random_tasks(n=3, seed=4)
+    settings = InfluenceSettings(hessian="gauss-newton", solver="cg", damping=1e-2, stationarity_warn=1e9, solve=SolverSettings(tol=1e-12))
+    alone = {m: task_influence(problem, lam, tasks, val, dataclasses.replace(settings, method=m)) for m in ("task-if", "tracin")}
+    passes = []
+    original = problem.summed_loss_and_gradient
+    monkeypatch.setattr(problem, "summed_loss_and_gradient", lambda *a, **k: passes.append(1) or original(*a, **k))
+    with reusing_measurement_gradients():
+        shared = {m: task_influence(problem, lam, tasks, val, dataclasses.replace(settings, method=m)) for m in ("task-if", "tracin")}
+        assert len(passes) == 1
+        nudged = lam.clone()
+        nudged[0] += 1e-12
+        task_influence(problem, nudged, tasks, val, dataclasses.replace(settings, method="tracin"))
+        task_influence(problem, lam, tasks, random_tasks(n=3, seed=5), dataclasses.replace(settings, method="tracin"))
+        assert len(passes) == 3
+    task_influence(problem, lam, tasks, val, dataclasses.replace(settings, method="tracin"))
+    assert len(passes) == 4  # outside the block nothing is kept
+    for m in ("task-if", "tracin"):
+        assert torch.equal(shared[m].scores, alone[m].scores)
+    first = shared["task-if"].diagnostics
+    second = shared["tracin"].diagnostics
+    assert "measurement_gradient_reused_s" not in first
+    assert second["measurement_gradient_reused_s"] == first["timings_s"]["measurement_gradient"]
+    assert second["timings_s"]["total"] >= second["measurement_gradient_reused_s"]
