@@ -237,6 +237,12 @@ def test_scores_in_one_block_share_the_measurement_gradient_and_are_charged_for_
         task_influence(problem, nudged, tasks, val, dataclasses.replace(settings, method="tracin"))
         task_influence(problem, lam, tasks, random_tasks(n=3, seed=5), dataclasses.replace(settings, method="tracin"))
         assert len(passes) == 3
+        # the loss ranking records f: read from the pass above, not from a pass of its own over the validation pool
+        sizes = []
+        losses = problem.task_losses
+        monkeypatch.setattr(problem, "task_losses", lambda lam_, pool, *a: sizes.append(len(pool)) or losses(lam_, pool, *a))
+        task_influence(problem, lam, tasks, val, dataclasses.replace(settings, method="loss"))
+        assert sizes == [len(tasks)]
     task_influence(problem, lam, tasks, val, dataclasses.replace(settings, method="tracin"))
     assert len(passes) == 4  # outside the block nothing is kept
     for m in ("task-if", "tracin"):

@@ -58,15 +58,26 @@ def reusing_measurement_gradients() -> Iterator[None]:
         _REUSE.reset(token)
 
 
+def _reuse_key(problem: MetaProblem, lam: torch.Tensor, val_tasks: TaskTensors) -> tuple | None:
+    if _REUSE.get() is None:
+        return None
+    bits = lam.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return id(problem), id(val_tasks), str(lam.dtype), str(lam.device), hashlib.blake2b(bits, digest_size=16).hexdigest()
+
+
+def reused_measurement_value(problem: MetaProblem, lam: torch.Tensor, val_tasks: TaskTensors) -> float | None:
+    """f of an earlier ∇f pass in the same :func:`reusing_measurement_gradients` block (None: there was none),
+    so that rankings that only record f (loss, random, direct-IF) make no pass of their own for it."""
+    key = _reuse_key(problem, lam, val_tasks)
+    return None if key is None or key not in _REUSE.get() else _REUSE.get()[key][1]
+
+
 def charged_measurement_gradient(problem: MetaProblem, lam: torch.Tensor, val_tasks: TaskTensors, diag: dict) -> tuple[torch.Tensor, float, float]:
     """(∇f, f, seconds): :func:`measurement_gradient`, reused inside :func:`reusing_measurement_gradients` when the
     same problem, pool and λ (bit for bit) asked before. A reuse records its first computation's seconds in
     ``diag["measurement_gradient_reused_s"]``, charged to the score's time, and returns them as ``seconds``."""
-    memo = _REUSE.get()
-    key = None
-    if memo is not None:
-        bits = lam.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
-        key = (id(problem), id(val_tasks), str(lam.dtype), str(lam.device), hashlib.blake2b(bits, digest_size=16).hexdigest())
+    memo, key = _REUSE.get(), _reuse_key(problem, lam, val_tasks)
+    if key is not None:
         if key in memo:
             grad_f, value, seconds = memo[key][:3]
             diag["measurement_gradient_reused_s"] = seconds

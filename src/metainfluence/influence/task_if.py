@@ -24,7 +24,7 @@ import torch
 from ..errors import SettingsError
 from ..meta.objective import MetaProblem
 from ..tasks.tensors import TaskTensors
-from .gradients import _total_gradients, _train_pass, charged_measurement_gradient, direct_gradients, direct_measurement_gradient
+from .gradients import _total_gradients, _train_pass, charged_measurement_gradient, direct_gradients, direct_measurement_gradient, reused_measurement_value
 from ..meta.curvature import TotalHessian, check_hessian_kind
 from ..meta.ekfac import fit_ekfac
 from ..meta.refine import refine_advice
@@ -288,7 +288,10 @@ def trust_checks(problem: MetaProblem, lam: torch.Tensor, train_tasks: TaskTenso
 
 
 def _mean_task_loss(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors) -> float:
-    """Mean query loss over the pool (over every shard when the pool is sharded)."""
+    """Mean query loss over the pool (over every shard when the pool is sharded); read from a reused ∇f pass."""
+    kept = reused_measurement_value(problem, lam, tasks)
+    if kept is not None:
+        return kept
     with torch.no_grad():
         return float(problem.collective.all_sum(problem.task_losses(lam, tasks).sum()) / problem.collective.total_count(len(tasks)))
 
