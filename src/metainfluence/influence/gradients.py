@@ -68,8 +68,8 @@ def _reuse_key(problem: MetaProblem, lam: torch.Tensor, val_tasks: TaskTensors) 
 def reused_measurement_value(problem: MetaProblem, lam: torch.Tensor, val_tasks: TaskTensors) -> float | None:
     """f of an earlier ∇f pass in the same :func:`reusing_measurement_gradients` block (None: there was none),
     so that rankings that only record f (loss, random, direct-IF) make no pass of their own for it."""
-    key = _reuse_key(problem, lam, val_tasks)
-    return None if key is None or key not in _REUSE.get() else _REUSE.get()[key][1]
+    memo, key = _REUSE.get(), _reuse_key(problem, lam, val_tasks)
+    return memo[key][1] if key is not None and key in memo else None
 
 
 def charged_measurement_gradient(problem: MetaProblem, lam: torch.Tensor, val_tasks: TaskTensors, diag: dict) -> tuple[torch.Tensor, float, float]:
@@ -77,11 +77,10 @@ def charged_measurement_gradient(problem: MetaProblem, lam: torch.Tensor, val_ta
     same problem, pool and λ (bit for bit) asked before. A reuse records its first computation's seconds in
     ``diag["measurement_gradient_reused_s"]``, charged to the score's time, and returns them as ``seconds``."""
     memo, key = _REUSE.get(), _reuse_key(problem, lam, val_tasks)
-    if key is not None:
-        if key in memo:
-            grad_f, value, seconds = memo[key][:3]
-            diag["measurement_gradient_reused_s"] = seconds
-            return grad_f.clone(), value, seconds
+    if key is not None and key in memo:
+        grad_f, value, seconds = memo[key][:3]
+        diag["measurement_gradient_reused_s"] = seconds
+        return grad_f.clone(), value, seconds
     t = time.perf_counter()
     grad_f, value = measurement_gradient(problem, lam, val_tasks)
     seconds = time.perf_counter() - t
