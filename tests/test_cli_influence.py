@@ -199,6 +199,7 @@ def test_influence_check_measurement_records_the_reliability_of_the_ranking(demo
     rel = saved["diagnostics"]["measurement_reliability"]
     ctx, ckpt = RunContext.from_checkpoint(demo_run / "refined", splits=("train", "val"))
     assert rel["splits"] == 3 and rel["n_val_tasks"] == len(ctx.tensors["val"]) and -1 <= rel["reliability"] <= 1
+    assert rel["halves_from_scoring_pass"]  # the halves' ∇f summed in the scores' own validation pass
     said = [w for w in saved["diagnostics"].get("warnings", []) if "split-half reliability" in w]
     assert bool(said) == (rel["reliability"] < 0.9) and (not said or f"about {rel['val_tasks_for_target']} validation tasks" in said[0])
     used = settings_from_dict(InfluenceSettings, InfluenceResult.load(demo_run / "meas").settings["influence"])

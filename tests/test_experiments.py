@@ -38,6 +38,7 @@ def test_detection_quick(tmp_path):
     saved = json.loads((out / "results.json").read_text())
     assert saved["sign_convention"] == SIGN_CONVENTION and saved["seeds"]["train_seed"] == 0
     assert saved["n_corrupted"] == round(0.2 * saved["n_tasks"])
+    assert saved["measurement_reliability"]["halves_from_scoring_pass"]  # the halves' ∇f summed in the scores' one pass
     rows = {r["method"]: r for r in res["detection"]}
     assert set(METHODS) <= set(rows)
     for m, c in res["recall_curves"].items():

@@ -47,6 +47,43 @@ def test_each_half_is_scored_as_its_own_validation_pool(quadratic):
         assert not torch.allclose(S[:, 0], S[:, 1], rtol=1e-2)  # the halves disagree: the sampling noise measured
 
 
+def test_the_halves_ride_on_the_scores_own_validation_pass(quadratic, monkeypatch):
+    """Told of the halves, a reuse block's first ∇f pass also sums each half's gradient: task-IF then the
+    reliability make one pass over the validation pool between them (three without the block), the scores are
+    bit for bit those of task-IF alone, and the split-half scores equal those from the halves' own passes.
+    A plain block inside shares the outer one's memo."""
+    from metainfluence.influence.gradients import measurement_gradients, reusing_measurement_gradients
+    from metainfluence.influence.reliability import halves_of
+
+    problem, lam, tasks = quadratic
+    val = _val(31, 2)
+    alone = task_influence(problem, lam, tasks, val, EXPLICIT)
+    S_alone, _ = split_half_scores(problem, lam, tasks, val, EXPLICIT, splits=3, seed=7, s=alone.extra["s"])
+    sizes = []
+    original = problem.summed_loss_and_gradient_rows
+    monkeypatch.setattr(problem, "summed_loss_and_gradient_rows", lambda lam_, pool, *a, **k: sizes.append(len(pool)) or original(lam_, pool, *a, **k))
+    info: dict = {}
+    with reusing_measurement_gradients(halves_of(val, 3, 7)):
+        with reusing_measurement_gradients():
+            shared = task_influence(problem, lam, tasks, val, EXPLICIT)
+        S, _ = split_half_scores(problem, lam, tasks, val, EXPLICIT, splits=3, seed=7, s=shared.extra["s"], info=info)
+    assert sizes == [31] and info["halves_from_scoring_pass"]
+    assert torch.equal(shared.scores, alone.scores)
+    torch.testing.assert_close(S, S_alone, rtol=1e-9, atol=1e-12 * float(S_alone.abs().max()))
+    sizes.clear()
+    split_half_scores(problem, lam, tasks, val, EXPLICIT, splits=3, seed=7, s=alone.extra["s"], info=info)
+    assert sizes == [15, 15, 15] and not info["halves_from_scoring_pass"]  # outside the block: a pass per half
+    # the subsets' mean gradients, one pass (unrolled) or a pass each (implicit), equal each subset's own ∇f
+    parts = [[0, 3, 4], list(range(10, 31))]
+    for kind in ("unrolled", "implicit"):
+        p_kind, lam_kind = small_problem(kind, steps=2, lr=0.05, proximal=1.0, hidden=(3,), n_features=5,
+                                         n_classes=1, loss="mse", chunk_size=4)  # rows summed over 8 chunks
+        grad_f, _, rows = measurement_gradients(p_kind, lam_kind, val, parts)
+        torch.testing.assert_close(grad_f, measurement_gradients(p_kind, lam_kind, val)[0], rtol=0, atol=0)
+        for row, part in zip(rows, parts):
+            torch.testing.assert_close(row, measurement_gradients(p_kind, lam_kind, val.subset(part))[0], rtol=1e-10, atol=1e-14)
+
+
 def test_reliability_predicts_the_agreement_with_an_independent_pool_and_rises_with_its_size(quadratic):
     """Spearman–Brown from split halves estimates the correlation of the scores with those against an
     independent pool of the same size (measured directly here over 6 pairs of fresh pools), rises with

@@ -227,8 +227,8 @@ def test_scores_in_one_block_share_the_measurement_gradient_and_are_charged_for_
     settings = InfluenceSettings(hessian="gauss-newton", solver="cg", damping=1e-2, stationarity_warn=1e9, solve=SolverSettings(tol=1e-12))
     alone = {m: task_influence(problem, lam, tasks, val, dataclasses.replace(settings, method=m)) for m in ("task-if", "tracin")}
     passes = []
-    original = problem.summed_loss_and_gradient
-    monkeypatch.setattr(problem, "summed_loss_and_gradient", lambda *a, **k: passes.append(1) or original(*a, **k))
+    original = problem.summed_loss_and_gradient_rows
+    monkeypatch.setattr(problem, "summed_loss_and_gradient_rows", lambda *a, **k: passes.append(1) or original(*a, **k))
     with reusing_measurement_gradients():
         shared = {m: task_influence(problem, lam, tasks, val, dataclasses.replace(settings, method=m)) for m in ("task-if", "tracin")}
         assert len(passes) == 1

@@ -16,7 +16,8 @@ import torch
 from .. import GroundTruthSettings, RefineSettings, Removal, edit_model, evaluate, leave_one_out, metrics
 from ..config import to_dict
 from ..evaluation.groundtruth import measurement_sha256
-from ..influence.reliability import reliability_record, reliability_warning, split_half_scores
+from ..influence.gradients import reusing_measurement_gradients
+from ..influence.reliability import halves_of, reliability_record, reliability_warning, split_half_scores
 from ..io import save_result, write_json
 from ..pipeline import RunContext
 from ..tasks import corrupt_tasks
@@ -123,10 +124,18 @@ def _detection_one(run, infl, sec: DetectionSettings, out: Path, quick: bool, lo
     train, val, test = (ctx.tensors[k].to(dtype=dt) for k in ("train", "val", "test"))
     infl = _with_curvature(problem, lam_star, train, infl, out, log, timings, sec.methods, cache)
 
-    t = time.perf_counter()
-    scores = _score_all(problem, lam_star, train, val, infl, sec.methods, sec.direct_damping, log, sec.self_influence, cache)
-    _mark_proximal(scores, rep, given)
-    timings["scoring_s"] = time.perf_counter() - t
+    # the reliability's halves ride on the scores' ∇f pass: one validation pass for the rankings and the halves
+    with reusing_measurement_gradients(halves_of(val, sec.reliability_splits, sec.corruption_seed)
+                                       if sec.reliability_splits and "task-if" in sec.methods else None):
+        t = time.perf_counter()
+        scores = _score_all(problem, lam_star, train, val, infl, sec.methods, sec.direct_damping, log, sec.self_influence, cache)
+        _mark_proximal(scores, rep, given)
+        timings["scoring_s"] = time.perf_counter() - t
+        reliability = None
+        if sec.reliability_splits and "task-if" in scores:
+            t = time.perf_counter()
+            reliability = _reliability(problem, lam_star, train, val, infl, flags, sec, log, cache, scores["task-if"].extra.get("s"))
+            timings["reliability_s"] = time.perf_counter() - t
 
     # suspicion (high = inspect first) and rankings
     suspicion: dict[str, torch.Tensor] = {m: -r.scores.double() for m, r in scores.items()}
@@ -148,11 +157,6 @@ def _detection_one(run, infl, sec: DetectionSettings, out: Path, quick: bool, lo
                      "seconds": (scores[m].diagnostics["seconds"] - scores[m].diagnostics.get("self_influence", {}).get("seconds", 0.0)
                                  if m in scores else scores["task-if"].diagnostics["self_influence"]["seconds"])})
         log(f"  {m:<15} recall@{at:.2f} {rows[-1]['recall@1.25rho']:.3f}  AUC {rows[-1]['auc']:.3f}")
-    reliability = None
-    if sec.reliability_splits and "task-if" in scores:
-        t = time.perf_counter()
-        reliability = _reliability(problem, lam_star, train, val, infl, flags, sec, log, cache, scores["task-if"].extra.get("s"))
-        timings["reliability_s"] = time.perf_counter() - t
     ground_truth, figs = None, {}
     if sec.loo_tasks:
         t = time.perf_counter()
@@ -227,8 +231,9 @@ def _reliability(problem, lam_star, train, val, infl, flags, sec: DetectionSetti
 
     def compute() -> dict:
         t = time.perf_counter()
-        S, residual = split_half_scores(problem, lam_star, train, val, task_if, sec.reliability_splits, seed=sec.corruption_seed, s=s)
-        return {**reliability_record(S, len(val)), "seed": sec.corruption_seed, "solver_residual": residual, "seconds": time.perf_counter() - t,
+        info: dict = {}
+        S, residual = split_half_scores(problem, lam_star, train, val, task_if, sec.reliability_splits, seed=sec.corruption_seed, s=s, info=info)
+        return {**reliability_record(S, len(val)), "seed": sec.corruption_seed, "solver_residual": residual, "seconds": time.perf_counter() - t, **info,
                 "half_auc": [metrics.detection_auc((-S[:, j]).numpy(), flags.numpy()) for j in range(S.shape[1])]}
 
     rec = cache.unit("measurement reliability", {"influence": to_dict(task_if), "splits": sec.reliability_splits, "seed": sec.corruption_seed,

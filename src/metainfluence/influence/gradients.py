@@ -12,10 +12,11 @@
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import hashlib
 import time
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch.func import grad, jacfwd, jacrev, jvp
@@ -30,28 +31,59 @@ def measurement_gradient(problem: MetaProblem, lam: torch.Tensor, val_tasks: Tas
     """(∇f(λ), f(λ)) for f = mean query loss over ``val_tasks`` after adaptation (no weight decay).
 
     Unrolled: one pass gives both (the loss is the gradient pass's forward); implicit: two."""
+    grad_f, value, _ = measurement_gradients(problem, lam, val_tasks)
+    return grad_f, value
+
+
+def measurement_gradients(problem: MetaProblem, lam: torch.Tensor, val_tasks: TaskTensors,
+                          subsets: Sequence[Sequence[int]] = ()) -> tuple[torch.Tensor, float, torch.Tensor | None]:
+    """(∇f, f, ∇f_S): :func:`measurement_gradient` and, for each subset S of positions in ``val_tasks``, the mean
+    gradient over S, shape (len(subsets), p) (None without subsets; one process only). Unrolled, the subsets ride on
+    ∇f's pass (weight rows; ∇f bit for bit as without them), so the reliability's halves cost no pass of their own;
+    otherwise each subset makes its own pass."""
     lam = lam.detach()
     n = problem.collective.total_count(len(val_tasks))
+    if subsets and problem.collective.world_size > 1:
+        raise SettingsError("subsets of the validation pool are positions in one process's pool; run without torchrun")
     if problem.inner.kind == "unrolled":
-        value, gradient = problem.summed_loss_and_gradient(lam, val_tasks, desc="measurement gradient ∇f")
-        return (gradient / n).detach(), float(value / n)
+        rows = None
+        if subsets:
+            rows = torch.zeros(len(subsets), len(val_tasks), dtype=lam.dtype, device=lam.device)
+            for r, S in enumerate(subsets):
+                rows[r, list(S)] = 1.0 / len(S)
+        value, gradient, _, row_gradients = problem.summed_loss_and_gradient_rows(lam, val_tasks, rows, desc="measurement gradient ∇f")
+        return (gradient / n).detach(), float(value / n), row_gradients
     gradient = problem.sum_over_tasks(problem.task_total_gradient, lam, val_tasks, desc="measurement gradient ∇f") / n
     with torch.no_grad():
         value = problem.sum_over_tasks(problem.query_loss, lam, val_tasks) / n
-    return gradient.detach(), float(value)
+    parts = torch.stack([measurement_gradient(problem, lam, val_tasks.subset(list(S)))[0] for S in subsets]) if subsets else None
+    return gradient.detach(), float(value), parts
 
 
-# (problem, validation pool, λ) → (∇f, f, seconds, problem, pool) inside reusing_measurement_gradients()
-_REUSE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("metainfluence_measurement_reuse", default=None)
+@dataclasses.dataclass
+class _Reuse:
+    # (problem, validation pool, λ) → (∇f, f, seconds, problem, pool, {subsets key: ∇f_S rows})
+    memo: dict = dataclasses.field(default_factory=dict)
+    subsets_for: tuple[TaskTensors, list[list[int]]] | None = None
+
+
+_REUSE: contextvars.ContextVar[_Reuse | None] = contextvars.ContextVar("metainfluence_measurement_reuse", default=None)
 
 
 @contextmanager
-def reusing_measurement_gradients() -> Iterator[None]:
+def reusing_measurement_gradients(subsets_for: tuple[TaskTensors, Sequence[Sequence[int]]] | None = None) -> Iterator[None]:
     """Within this block (f, ∇f) of one (problem, λ, validation pool) is computed once and handed to every score
     that needs it: task-IF's tiers, TracIn, TRAK. On a 9,000-task measurement that is a pass of minutes per
     method. Each reuse is charged the first computation's seconds (:func:`charged_measurement_gradient`), so
-    every method's recorded time stays that of a stand-alone computation."""
-    token = _REUSE.set({})
+    every method's recorded time stays that of a stand-alone computation. ``subsets_for`` = (pool, subsets):
+    the first ∇f pass over that pool also sums each subset's mean gradient (the reliability's halves,
+    :func:`reused_subset_gradients`). A block inside a block shares the outer one's memo."""
+    outer = _REUSE.get()
+    if outer is not None and subsets_for is None:
+        yield
+        return
+    subsets = (subsets_for[0], [list(S) for S in subsets_for[1]]) if subsets_for is not None else None
+    token = _REUSE.set(_Reuse(outer.memo if outer is not None else {}, subsets))
     try:
         yield
     finally:
@@ -65,27 +97,43 @@ def _reuse_key(problem: MetaProblem, lam: torch.Tensor, val_tasks: TaskTensors) 
     return id(problem), id(val_tasks), str(lam.dtype), str(lam.device), hashlib.blake2b(bits, digest_size=16).hexdigest()
 
 
+def _subsets_key(subsets: Sequence[Sequence[int]]) -> str:
+    return hashlib.blake2b(repr([list(S) for S in subsets]).encode(), digest_size=16).hexdigest()
+
+
 def reused_measurement_value(problem: MetaProblem, lam: torch.Tensor, val_tasks: TaskTensors) -> float | None:
     """f of an earlier ∇f pass in the same :func:`reusing_measurement_gradients` block (None: there was none),
     so that rankings that only record f (loss, random, direct-IF) make no pass of their own for it."""
-    memo, key = _REUSE.get(), _reuse_key(problem, lam, val_tasks)
-    return memo[key][1] if key is not None and key in memo else None
+    key = _reuse_key(problem, lam, val_tasks)
+    return _REUSE.get().memo[key][1] if key is not None and key in _REUSE.get().memo else None
+
+
+def reused_subset_gradients(problem: MetaProblem, lam: torch.Tensor, val_tasks: TaskTensors,
+                            subsets: Sequence[Sequence[int]]) -> torch.Tensor | None:
+    """The (k, p) mean gradients over ``subsets`` that an earlier ∇f pass of this block summed (None: none did)."""
+    key = _reuse_key(problem, lam, val_tasks)
+    if key is None or key not in _REUSE.get().memo:
+        return None
+    rows = _REUSE.get().memo[key][5].get(_subsets_key(subsets))
+    return None if rows is None else rows.clone()
 
 
 def charged_measurement_gradient(problem: MetaProblem, lam: torch.Tensor, val_tasks: TaskTensors, diag: dict) -> tuple[torch.Tensor, float, float]:
     """(∇f, f, seconds): :func:`measurement_gradient`, reused inside :func:`reusing_measurement_gradients` when the
     same problem, pool and λ (bit for bit) asked before. A reuse records its first computation's seconds in
     ``diag["measurement_gradient_reused_s"]``, charged to the score's time, and returns them as ``seconds``."""
-    memo, key = _REUSE.get(), _reuse_key(problem, lam, val_tasks)
-    if key is not None and key in memo:
-        grad_f, value, seconds = memo[key][:3]
+    reuse, key = _REUSE.get(), _reuse_key(problem, lam, val_tasks)
+    if key is not None and key in reuse.memo:
+        grad_f, value, seconds = reuse.memo[key][:3]
         diag["measurement_gradient_reused_s"] = seconds
         return grad_f.clone(), value, seconds
+    subsets = reuse.subsets_for[1] if key is not None and reuse.subsets_for is not None and reuse.subsets_for[0] is val_tasks \
+        and problem.collective.world_size == 1 else []
     t = time.perf_counter()
-    grad_f, value = measurement_gradient(problem, lam, val_tasks)
+    grad_f, value, rows = measurement_gradients(problem, lam, val_tasks, subsets)
     seconds = time.perf_counter() - t
-    if key is not None:
-        memo[key] = (grad_f.clone(), value, seconds, problem, val_tasks)  # holding both keeps their ids from being reused
+    if key is not None:  # holding problem and pool keeps their ids from being reused
+        reuse.memo[key] = (grad_f.clone(), value, seconds, problem, val_tasks, {_subsets_key(subsets): rows} if subsets else {})
     return grad_f, value, seconds
 
 

@@ -4,7 +4,8 @@ The measurement f is the mean query loss over m validation tasks, a sample of th
 score_k = ∇fᵀ(H + δI)⁻¹g_k/n is linear in ∇f = (1/m) Σ_j ∇f_j, so the score vector is itself a mean over
 validation tasks and carries their sampling noise. Split the pool at random into halves A and B and
 score against each (one more right-hand side per halving, as B follows from A and the full pool's
-solve by linearity, and one pass over the training gradients): the Pearson correlation r_½ of the
+solve by linearity, one pass over the training gradients, and the halves' ∇f summed in the scores' own
+∇f pass when it is told of them): the Pearson correlation r_½ of the
 two score vectors is the split-half reliability, and
 Spearman–Brown, r = 2r_½ / (1 + r_½), estimates the correlation of the full pool's scores with those of
 an independent pool of the same size. Its prophecy r(c) = c·r / (1 + (c − 1)·r) gives the pool size for a
@@ -24,7 +25,7 @@ from scipy import stats
 from ..errors import SettingsError
 from ..meta.objective import MetaProblem
 from ..tasks.tensors import TaskTensors
-from .gradients import _total_gradients, _train_pass, measurement_gradient
+from .gradients import _total_gradients, _train_pass, charged_measurement_gradient, measurement_gradient, reused_subset_gradients
 from .hessian_of import build_hessian
 from .results import InfluenceSettings, shortfall
 from .task_if import ihvp
@@ -46,9 +47,9 @@ def measurement_reliability(problem: MetaProblem, lam: torch.Tensor, train_tasks
         raise SettingsError(f"the measurement's reliability is computed for task-if, not {settings.method}")
     if problem.collective.world_size > 1:
         raise SettingsError("the measurement's reliability splits the validation pool in one process; run it without torchrun")
-    t0 = time.perf_counter()
-    S, residual = split_half_scores(problem, lam, train_tasks, val_tasks, settings, splits, seed, s=s)
-    return {**reliability_record(S, m, target), "seed": seed, "solver_residual": residual, "seconds": time.perf_counter() - t0}
+    t0, info = time.perf_counter(), {}
+    S, residual = split_half_scores(problem, lam, train_tasks, val_tasks, settings, splits, seed, s=s, info=info)
+    return {**reliability_record(S, m, target), "seed": seed, "solver_residual": residual, "seconds": time.perf_counter() - t0, **info}
 
 
 def reliability_record(S: torch.Tensor, m: int, target: float = TARGET) -> dict[str, Any]:
@@ -76,18 +77,24 @@ def halvings(m: int, splits: int, seed: int) -> list[tuple[list[int], list[int]]
 
 
 def split_half_scores(problem: MetaProblem, lam: torch.Tensor, train_tasks: TaskTensors, val_tasks: TaskTensors,
-                      settings: InfluenceSettings, splits: int, seed: int, s: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+                      settings: InfluenceSettings, splits: int, seed: int, s: torch.Tensor | None = None,
+                      info: dict[str, Any] | None = None) -> tuple[torch.Tensor, float]:
     """(n, 2·splits) task-IF scores against the halves (A, B) of :func:`halvings` (columns 2i, 2i + 1).
 
     Only the A halves are solved: ∇f = (|A|∇f_A + |B|∇f_B)/m, so by linearity s_B = (m·s − |A|·s_A)/|B|,
     with s = (H + δI)⁻¹∇f the full pool's solve (task-IF's ``extra["s"]``; solved here when not given).
-    One block solve of ``splits`` (+1) right-hand sides and one pass over the training gradients."""
+    One block solve of ``splits`` (+1) right-hand sides and one pass over the training gradients. The ∇f_A come
+    from the scores' own ∇f pass where a :func:`reusing_measurement_gradients` block was told of these halves
+    (``info["halves_from_scoring_pass"]``); otherwise from ``splits`` passes over half the pool."""
     lam = lam.detach()
     m = len(val_tasks)
-    parts = halvings(m, splits, seed)
-    rows = [measurement_gradient(problem, lam, val_tasks.subset(a))[0] for a, _ in parts]
+    parts = [a for a, _ in halvings(m, splits, seed)]
+    shared = reused_subset_gradients(problem, lam, val_tasks, parts)
+    rows = list(shared) if shared is not None else [measurement_gradient(problem, lam, val_tasks.subset(a))[0] for a in parts]
+    if info is not None:
+        info["halves_from_scoring_pass"] = shared is not None
     if s is None:
-        rows.append(measurement_gradient(problem, lam, val_tasks)[0])
+        rows.append(charged_measurement_gradient(problem, lam, val_tasks, {})[0])
     op = build_hessian(problem, lam, train_tasks, settings)
     res = ihvp(op, torch.stack(rows), settings)
     X = res.x if s is not None else res.x[:-1]
@@ -96,6 +103,12 @@ def split_half_scores(problem: MetaProblem, lam: torch.Tensor, train_tasks: Task
     cols = torch.stack([v for x in X for v in (x, (m * full - na * x) / nb)], 1)  # (p, 2·splits)
     dots, _, _ = _train_pass(problem, lam, train_tasks, cols, _total_gradients)
     return dots.double() / problem.collective.total_count(len(train_tasks)), float(res.residual)
+
+
+def halves_of(val_tasks: TaskTensors, splits: int, seed: int) -> tuple[TaskTensors, list[list[int]]]:
+    """``reusing_measurement_gradients(subsets_for=...)`` for :func:`split_half_scores` of this pool, so that the
+    scores' ∇f pass also sums the halves' gradients."""
+    return val_tasks, [a for a, _ in halvings(len(val_tasks), splits, seed)]
 
 
 def record_reliability(diagnostics: dict[str, Any], rec: dict[str, Any]) -> None:

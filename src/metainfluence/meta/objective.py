@@ -317,6 +317,14 @@ class MetaProblem:
     def summed_loss_and_gradient(self, lam, tasks: TaskTensors, w=None, v=None, u=None,
                                  desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(Σ_i w_i L_Q^i, Σ_i w_i g_i) over all shards in one pass (``unrolled``): the loss in float64."""
+        value, gradient, _, _ = self.summed_loss_and_gradient_rows(lam, tasks, None, w, v, u, desc)
+        return value, gradient
+
+    def summed_loss_and_gradient_rows(self, lam, tasks: TaskTensors, rows: torch.Tensor | None, w=None, v=None, u=None,
+                                      desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """:meth:`summed_loss_and_gradient` and, in the same pass, the sums under each extra weight row of ``rows``
+        (k, n): (k,) losses and (k, p) gradients (None without rows). The w-sum is formed exactly as without rows,
+        so asking for rows leaves it bit for bit unchanged; the rows cost one (k × chunk)·(chunk × p) product a chunk."""
         if self.inner.kind != "unrolled":
             raise SettingsError("one pass gives the loss with its gradient only through the unrolled inner loop")
         lam = lam.detach()
@@ -332,11 +340,22 @@ class MetaProblem:
         # the cause above)
         value = torch.zeros((), dtype=torch.float64, device=lam.device)
         gradient = torch.zeros_like(lam)
+        if rows is not None:
+            rows = rows.to(lam)
+            row_values = torch.zeros(len(rows), dtype=torch.float64, device=lam.device)
+            row_gradients = torch.zeros(len(rows), lam.numel(), dtype=lam.dtype, device=lam.device)
         for c in self._chunk_slices(len(tasks), desc):
             g, val = both(lam, record.row(c))
-            value = value + torch.dot(w[c].double(), val.detach().double())
-            gradient = gradient + w[c] @ g.detach()
-        return self.collective.all_sum(value), self.collective.all_sum(gradient)
+            g, val = g.detach(), val.detach().double()
+            value = value + torch.dot(w[c].double(), val)
+            gradient = gradient + w[c] @ g
+            if rows is not None:
+                row_values += rows[:, c].double() @ val
+                row_gradients += rows[:, c] @ g
+        if rows is None:
+            return self.collective.all_sum(value), self.collective.all_sum(gradient), None, None
+        return (self.collective.all_sum(value), self.collective.all_sum(gradient),
+                self.collective.all_sum(row_values), self.collective.all_sum(row_gradients))
 
     def total_gradients(self, lam, tasks: TaskTensors, v=None, u=None, desc: str | None = None) -> torch.Tensor:
         """Per-task total gradients g_i, shape (n, p) (docs/method.md §3)."""

@@ -13,7 +13,8 @@ import torch
 from ..config import to_dict
 from ..errors import SettingsError
 from ..evaluation.fidelity import CheckSettings, fidelity_check
-from ..influence.reliability import measurement_reliability, record_reliability
+from ..influence.gradients import reusing_measurement_gradients
+from ..influence.reliability import halves_of, measurement_reliability, record_reliability
 from ..influence.results import shortfall
 from ..influence import Removal, edit_model, instance_influence, pairwise_influence, task_influence
 from ..io import write_json
@@ -192,7 +193,15 @@ def influence_checkpoint(checkpoint: str | os.PathLike, settings: Any, level: st
     if prox is not None:  # scores of the proximal objective the checkpoint was refined on
         settings = proximal_settings(settings, prox[0])
         log(f"proximal checkpoint: γ = {prox[0]:g} added to the damping ({given.damping:g} → {settings.damping:g})")
-    result = influence_stage(ctx, ckpt.lam.double(), settings, level, measurement, s0=s0)
+    lam, halves = ckpt.lam.double(), None
+    if check is not None and check.measurement_splits:
+        # one validation pool object for both, so that the reliability's halves ride on the scores' ∇f pass
+        ctx.tensors["val"] = ctx.tensors["val"].to(dtype=lam.dtype)
+        halves = halves_of(ctx.tensors["val"], check.measurement_splits, check.seed)
+    with reusing_measurement_gradients(halves):
+        result = influence_stage(ctx, lam, settings, level, measurement, s0=s0)
+        if halves is not None:
+            _check_measurement(ctx, lam, settings, check, result)
     if prox is not None:
         record_proximal(result.diagnostics, prox[0], given, ckpt.info["refine_report"])
     if resume is not None:
@@ -200,7 +209,7 @@ def influence_checkpoint(checkpoint: str | os.PathLike, settings: Any, level: st
     if check is not None and check.removals:
         if level != "task":
             raise SettingsError("--check re-optimises groups of tasks; use it with --level task")
-        fid = fidelity_check(ctx.problem, ckpt.lam.double(), ctx.tensors["train"], ctx.tensors["val"], result.scores, check, ctx.settings.refine, proximal=prox)
+        fid = fidelity_check(ctx.problem, lam, ctx.tensors["train"], ctx.tensors["val"], result.scores, check, ctx.settings.refine, proximal=prox)
         result.diagnostics["fidelity_check"] = fid
         if fid["max_reoptimised_grad_norm"] > fid["refine_tol"]:
             shortfall(result.diagnostics, f"the fidelity check's re-optimisations stopped at ‖∇F‖ up to {fid['max_reoptimised_grad_norm']:.2g} "
@@ -209,8 +218,6 @@ def influence_checkpoint(checkpoint: str | os.PathLike, settings: Any, level: st
             shortfall(result.diagnostics, f"the fidelity check found the scores track re-optimisation weakly (Spearman {fid['spearman']:.2f} over "
                                           f"{fid['removals_done']} removals of {fid['group_size']} tasks); try --removal newton, a larger --damping, "
                                           "or refine further before trusting the ranking")
-    if check is not None and check.measurement_splits:
-        _check_measurement(ctx, ckpt.lam.double(), settings, check, result)
     with RunLock(folder):
         stem = ctx.save_scores(result, name, folder=folder)
     return result, stem

@@ -63,4 +63,8 @@ class TaskTensors:
                 return t.to(device=device, dtype=dtype)
             return t.to(device=device)
 
-        return TaskTensors(cast(self.support_x), cast(self.support_y), cast(self.query_x), cast(self.query_y))
+        parts = (self.support_x, self.support_y, self.query_x, self.query_y)
+        cast_parts = [cast(t) for t in parts]
+        if all(c is t for c, t in zip(cast_parts, parts)):
+            return self  # nothing to cast: the same pool (a ∇f pass reused within a block keys on its identity)
+        return TaskTensors(*cast_parts)
