@@ -32,7 +32,7 @@ def test_demo_finds_the_mislabeled_tasks_and_the_edit_helps(demo_run):
     assert inf["eval_after_edit"]["val"]["loss"] < inf["eval_before_edit"]["val"]["loss"]
     # the measurement's reliability (method §5.1) is in the summary and the scores file, a warning there when below 0.9
     m = inf["measurement_reliability"]
-    assert (m["splits"], m["n_val_tasks"]) == (2, 30) and -1 <= m["reliability"] <= 1
+    assert (m["splits"], m["n_val_tasks"]) == (2, 30) and -1 <= m["reliability"] <= 1 and m["halves_from_scoring_pass"]
     diag = json.loads((demo_run / "task_influence.json").read_text())["diagnostics"]
     assert diag["measurement_reliability"]["reliability"] == m["reliability"]
     assert any("split-half reliability" in w for w in diag.get("warnings", [])) == (m["reliability"] < 0.9)

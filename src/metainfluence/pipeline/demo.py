@@ -16,7 +16,8 @@ import torch
 from ..errors import DivergenceError
 from ..evaluation.metrics import detection_auc, recall_at
 from ..influence import InfluenceSettings
-from ..influence.reliability import measurement_reliability, record_reliability
+from ..influence.gradients import reusing_measurement_gradients
+from ..influence.reliability import halves_of, measurement_reliability, record_reliability
 from ..linalg import SolverSettings
 from ..meta.evaluate import EvalResult
 from .run import RunContext
@@ -39,17 +40,19 @@ def _influence_demo(ctx: RunContext, lam: torch.Tensor, before: Mapping[str, Eva
     if proximal:
         settings = proximal_settings(settings, proximal)
     t = time.perf_counter()
-    try:
-        result = influence_stage(ctx, lam, settings)
-    except DivergenceError as exc:
-        # λ is not at a minimum (indefinite total Hessian): say so, and use the PSD Gauss–Newton kind
-        log(f"warning: {exc}; falling back to hessian=gauss-newton")
-        settings = dataclasses.replace(settings, hessian="gauss-newton")
-        result = influence_stage(ctx, lam, settings)
-    influence_s = time.perf_counter() - t
-    # how much the ranking depends on which validation tasks were drawn (method §5.1): said aloud when low
     train, val = (ctx.tensors[k].to(dtype=lam.dtype) for k in ("train", "val"))
-    rel = measurement_reliability(ctx.problem, lam, train, val, settings, splits=2, s=result.extra["s"])  # 2 solves: ~2× task-IF's time
+    ctx.tensors["val"] = val  # one pool object: the reliability's halves ride on the scores' ∇f pass
+    with reusing_measurement_gradients(halves_of(val, 2, 0)):
+        try:
+            result = influence_stage(ctx, lam, settings)
+        except DivergenceError as exc:
+            # λ is not at a minimum (indefinite total Hessian): say so, and use the PSD Gauss–Newton kind
+            log(f"warning: {exc}; falling back to hessian=gauss-newton")
+            settings = dataclasses.replace(settings, hessian="gauss-newton")
+            result = influence_stage(ctx, lam, settings)
+        influence_s = time.perf_counter() - t
+        # how much the ranking depends on which validation tasks were drawn (method §5.1): said aloud when low
+        rel = measurement_reliability(ctx.problem, lam, train, val, settings, splits=2, s=result.extra["s"])  # 2 solves: ~2× task-IF's time
     record_reliability(result.diagnostics, rel)
     ctx.save_scores(result, "task_influence")
     pool = ctx.pools["train"]
@@ -57,7 +60,8 @@ def _influence_demo(ctx: RunContext, lam: torch.Tensor, before: Mapping[str, Eva
     n, n_bad = len(corrupted), int(corrupted.sum())
     summary: dict[str, Any] = {"hessian": settings.hessian, "influence_s": influence_s, "solver_residual": result.diagnostics["solver"]["residual"],
                                "stationarity_ratio": result.diagnostics["stationarity"]["ratio"], "n_corrupted": n_bad,
-                               "measurement_reliability": {k: rel[k] for k in ("reliability", "n_val_tasks", "splits", "val_tasks_for_target", "seconds")}}
+                               "measurement_reliability": {k: rel[k] for k in ("reliability", "n_val_tasks", "splits", "val_tasks_for_target", "seconds",
+                                                                                  "halves_from_scoring_pass")}}
     order = result.ranking(harmful_first=True)
     if n_bad:
         summary["recall_at_corrupted_fraction"] = recall_at(order, corrupted, n_bad / n)
