@@ -4,7 +4,6 @@ their recorded truth, files and refusals, and the detection experiment with kind
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import torch
@@ -149,11 +148,8 @@ def test_detection_quick_off_distribution(tmp_path):
 
     cfg = tmp_path / "off.toml"
     cfg.write_text('[detection]\nkind = "off-distribution"\nmethods = ["task-if", "loss", "random"]\nedit_fractions = [0.25]\nself_influence = false\n'
-                   'edit_max_iter = 50\n')  # the edits are checked elsewhere; short solves keep this < 60 s
-    t = time.perf_counter()
+                   'edit_max_iter = 50\n')  # the edits are checked elsewhere; short solves keep this test short (no timed assertion: load varies)
     res = run_experiment("detection", str(cfg), True, str(tmp_path / "out"), log=lambda s: None)
-    secs = time.perf_counter() - t
-    assert secs < 60, secs
     assert res["corruption_kind"] == "off-distribution" and res["corruption"]["transform"] == "invert"
     assert res["n_corrupted"] == round(0.2 * res["n_tasks"]) and {r["method"] for r in res["detection"]} == {"task-if", "loss", "random"}
     saved = json.loads((tmp_path / "out" / "results.json").read_text())

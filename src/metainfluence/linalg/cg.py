@@ -117,11 +117,11 @@ def cg_solve(op: LinearOperator, b: Tensor, damping: float, settings: SolverSett
     blocks = range(0, B.shape[0], settings.cg_block)
     outer = bar("solves", len(blocks), "rhs") if len(blocks) > 1 else None
     for start in blocks:
-        if outer is not None:
-            outer.update(1)
         rows = slice(start, start + settings.cg_block)
         Xb, part = block_cg(products.block, B[rows].T.contiguous(), settings.tol, settings.max_iter, deadline=settings.deadline(t0))
         X[rows] = Xb.T
+        if outer is not None:
+            outer.update(1)  # after the block: "k/K rhs" counts the solves done
         info["converged"] = info["converged"] and part["converged"]
         if "stopped_by" in part:
             info["stopped_by"] = part["stopped_by"]
