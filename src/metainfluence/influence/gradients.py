@@ -16,7 +16,7 @@ import dataclasses
 import hashlib
 import time
 from contextlib import contextmanager
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import torch
 from torch.func import grad, jacfwd, jacrev, jvp
@@ -60,10 +60,19 @@ def measurement_gradients(problem: MetaProblem, lam: torch.Tensor, val_tasks: Ta
     return gradient.detach(), float(value), parts
 
 
+class _Pass(NamedTuple):
+    """One ∇f pass kept in a reuse block; holding problem and pool keeps their ids from being reused."""
+    grad_f: torch.Tensor
+    value: float
+    seconds: float
+    problem: MetaProblem
+    pool: TaskTensors
+    subsets: dict[str, torch.Tensor]  # subsets key → (k, p) mean gradients summed in the same pass
+
+
 @dataclasses.dataclass
 class _Reuse:
-    # (problem, validation pool, λ) → (∇f, f, seconds, problem, pool, {subsets key: ∇f_S rows})
-    memo: dict = dataclasses.field(default_factory=dict)
+    memo: dict[tuple, _Pass] = dataclasses.field(default_factory=dict)  # (problem, pool, λ) key → its pass
     subsets_for: tuple[TaskTensors, list[list[int]]] | None = None
 
 
@@ -97,6 +106,11 @@ def _reuse_key(problem: MetaProblem, lam: torch.Tensor, val_tasks: TaskTensors) 
     return id(problem), id(val_tasks), str(lam.dtype), str(lam.device), hashlib.blake2b(bits, digest_size=16).hexdigest()
 
 
+def _kept_pass(problem: MetaProblem, lam: torch.Tensor, val_tasks: TaskTensors) -> _Pass | None:
+    key = _reuse_key(problem, lam, val_tasks)
+    return _REUSE.get().memo.get(key) if key is not None else None
+
+
 def _subsets_key(subsets: Sequence[Sequence[int]]) -> str:
     return hashlib.blake2b(repr([list(S) for S in subsets]).encode(), digest_size=16).hexdigest()
 
@@ -104,17 +118,15 @@ def _subsets_key(subsets: Sequence[Sequence[int]]) -> str:
 def reused_measurement_value(problem: MetaProblem, lam: torch.Tensor, val_tasks: TaskTensors) -> float | None:
     """f of an earlier ∇f pass in the same :func:`reusing_measurement_gradients` block (None: there was none),
     so that rankings that only record f (loss, random, direct-IF) make no pass of their own for it."""
-    key = _reuse_key(problem, lam, val_tasks)
-    return _REUSE.get().memo[key][1] if key is not None and key in _REUSE.get().memo else None
+    kept = _kept_pass(problem, lam, val_tasks)
+    return kept.value if kept is not None else None
 
 
 def reused_subset_gradients(problem: MetaProblem, lam: torch.Tensor, val_tasks: TaskTensors,
                             subsets: Sequence[Sequence[int]]) -> torch.Tensor | None:
     """The (k, p) mean gradients over ``subsets`` that an earlier ∇f pass of this block summed (None: none did)."""
-    key = _reuse_key(problem, lam, val_tasks)
-    if key is None or key not in _REUSE.get().memo:
-        return None
-    rows = _REUSE.get().memo[key][5].get(_subsets_key(subsets))
+    kept = _kept_pass(problem, lam, val_tasks)
+    rows = kept.subsets.get(_subsets_key(subsets)) if kept is not None else None
     return None if rows is None else rows.clone()
 
 
@@ -124,16 +136,16 @@ def charged_measurement_gradient(problem: MetaProblem, lam: torch.Tensor, val_ta
     ``diag["measurement_gradient_reused_s"]``, charged to the score's time, and returns them as ``seconds``."""
     reuse, key = _REUSE.get(), _reuse_key(problem, lam, val_tasks)
     if key is not None and key in reuse.memo:
-        grad_f, value, seconds = reuse.memo[key][:3]
-        diag["measurement_gradient_reused_s"] = seconds
-        return grad_f.clone(), value, seconds
+        kept = reuse.memo[key]
+        diag["measurement_gradient_reused_s"] = kept.seconds
+        return kept.grad_f.clone(), kept.value, kept.seconds
     subsets = reuse.subsets_for[1] if key is not None and reuse.subsets_for is not None and reuse.subsets_for[0] is val_tasks \
         and problem.collective.world_size == 1 else []
     t = time.perf_counter()
     grad_f, value, rows = measurement_gradients(problem, lam, val_tasks, subsets)
     seconds = time.perf_counter() - t
-    if key is not None:  # holding problem and pool keeps their ids from being reused
-        reuse.memo[key] = (grad_f.clone(), value, seconds, problem, val_tasks, {_subsets_key(subsets): rows} if subsets else {})
+    if key is not None:
+        reuse.memo[key] = _Pass(grad_f.clone(), value, seconds, problem, val_tasks, {_subsets_key(subsets): rows} if subsets else {})
     return grad_f, value, seconds
 
 

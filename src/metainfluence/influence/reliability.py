@@ -88,7 +88,7 @@ def split_half_scores(problem: MetaProblem, lam: torch.Tensor, train_tasks: Task
     (``info["halves_from_scoring_pass"]``); otherwise from ``splits`` passes over half the pool."""
     lam = lam.detach()
     m = len(val_tasks)
-    parts = [a for a, _ in halvings(m, splits, seed)]
+    parts = halves_of(val_tasks, splits, seed)[1]
     shared = reused_subset_gradients(problem, lam, val_tasks, parts)
     rows = list(shared) if shared is not None else [measurement_gradient(problem, lam, val_tasks.subset(a))[0] for a in parts]
     if info is not None:

@@ -352,10 +352,8 @@ class MetaProblem:
             if rows is not None:
                 row_values += rows[:, c].double() @ val
                 row_gradients += rows[:, c] @ g
-        if rows is None:
-            return self.collective.all_sum(value), self.collective.all_sum(gradient), None, None
-        return (self.collective.all_sum(value), self.collective.all_sum(gradient),
-                self.collective.all_sum(row_values), self.collective.all_sum(row_gradients))
+        summed = (self.collective.all_sum(value), self.collective.all_sum(gradient))
+        return summed + ((self.collective.all_sum(row_values), self.collective.all_sum(row_gradients)) if rows is not None else (None, None))
 
     def total_gradients(self, lam, tasks: TaskTensors, v=None, u=None, desc: str | None = None) -> torch.Tensor:
         """Per-task total gradients g_i, shape (n, p) (docs/method.md §3)."""
