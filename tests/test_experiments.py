@@ -180,7 +180,8 @@ def test_a_retraining_is_keyed_by_refine_only_when_it_refines():
 
 def test_removal_charges_its_curvature_fit_to_the_edits_that_used_it(tmp_path):
     """The edit-vs-retraining ratio counts the run's curvature fit for task-IF (its scores were solved with it)
-    and not for random (ranked without it, and its edit solved by plain CG here)."""
+    and not for random (ranked without it, and its edit solved by plain CG here). The fisher fit makes the per-task
+    gradients in its own pass: task-IF's score reads them (charged that pass) and the ratio counts the pass once."""
     out = tmp_path / "rem_pcg"
     cfg = tmp_path / "pcg.toml"
     cfg.write_text('[influence]\nsolver = "pcg"\ncurvature_fit = "fisher"\n\n[removal]\nmethods = ["task-if", "random"]\ninstance_levels = []\n'
@@ -188,14 +189,16 @@ def test_removal_charges_its_curvature_fit_to_the_edits_that_used_it(tmp_path):
     res = run_experiment("removal", str(cfg), True, str(out), log=lambda s: None)
     fit_s = res["timings"]["curvature_fit_s"]
     info = json.loads((out / "curvature.json").read_text())["info"]
-    # charged: the fit and its probe check; its reference pass of per-task gradients (the floor) is recorded apart
+    # charged: the fit (its pass made the per-task gradients too, so no floor pass is timed) and its probe check
     assert fit_s == pytest.approx(info["fit_seconds"] + info["probe_seconds"]) and info["probe_seconds"] > 0
-    assert res["timings"]["curvature_floor_s"] == info["floor_seconds"] > 0
-    for m, charged in (("task-if", fit_s), ("random", 0.0)):
+    assert info["task_gradients_kept"] and res["timings"]["curvature_floor_s"] is None
+    task_if = res["influence_diagnostics"]["task-if"]
+    assert task_if["task_gradients_reused_s"] == info["fit_seconds"] and task_if["seconds"] > info["fit_seconds"]
+    for m, charged, in_fit in (("task-if", fit_s, info["fit_seconds"]), ("random", 0.0, 0.0)):
         edit, retrain = (next(r for r in res["table"] if r["method"] == m and r["path"] == p) for p in ("edit", "retrain"))
         sp = res["edit_vs_retrain"][m]
-        assert sp["curvature_fit_charged_s"] == charged
-        assert sp["retrain_over_edit"] == pytest.approx(retrain["path_s"] / (edit["total_s"] + charged))
+        assert sp["curvature_fit_charged_s"] == charged and sp["task_gradients_in_fit_s"] == in_fit
+        assert sp["retrain_over_edit"] == pytest.approx(retrain["path_s"] / (edit["total_s"] + charged - in_fit))
 
 
 def test_detection_ranks_by_exact_and_fast_tiers_of_one_fisher_curvature(tmp_path):

@@ -185,8 +185,9 @@ def _with_curvature(problem, lam, train, infl: InfluenceSettings, out: Path, log
     art.save(stem)
     _fit_timings(timings, art.info)
     what = f"Nyström rank {art.info['rank']}" if art.method == "nystrom" else art.method
-    log(f"curvature: {what} fitted at λ* in {timings['curvature_fit_s']:.1f} s "
-        f"({art.info['fit_over_floor']:.1f}× the floor), probe error {max(art.info['probe_operator_rel_error']):.2g} → {stem}")
+    cost = "with the per-task gradients in its pass, kept for the scores and edits" if art.info.get("task_gradients_kept") \
+        else f"{art.info['fit_over_floor']:.1f}× the floor"
+    log(f"curvature: {what} fitted at λ* in {timings['curvature_fit_s']:.1f} s ({cost}), probe error {max(art.info['probe_operator_rel_error']):.2g} → {stem}")
     if cache is not None:
         cache.done("the curvature fit")
     return dataclasses.replace(infl, curvature_file=str(stem))
@@ -194,9 +195,10 @@ def _with_curvature(problem, lam, train, infl: InfluenceSettings, out: Path, log
 
 def _fit_timings(timings: dict, info: dict) -> None:
     """The fit's cost as charged to what uses it: the fit and its probe check against the real operator;
-    the reference pass of per-task gradients it times itself against (the floor) is recorded apart."""
+    the reference pass of per-task gradients it times itself against (the floor) is recorded apart (None where
+    the fit made the per-task gradients in its own pass and kept them: no floor pass then)."""
     timings["curvature_fit_s"] = float(info.get("fit_seconds", 0.0)) + float(info.get("probe_seconds", 0.0))
-    timings["curvature_floor_s"] = float(info.get("floor_seconds", 0.0))
+    timings["curvature_floor_s"] = info.get("floor_seconds")
 
 
 def _eval_json(res) -> dict[str, float]:
@@ -266,7 +268,9 @@ def _score_cached(problem, lam, train, val, label: str, s: InfluenceSettings, lo
         res.diagnostics["self_influence"] = {"hessian": "fisher", "solver": si_solver, "seconds": si_s,
                                              "residual": si.diagnostics.get("self_influence_residual")}
     # a measurement gradient reused from an earlier method (reusing_measurement_gradients) is charged its first computation's time
-    res.diagnostics["seconds"] = time.perf_counter() - t + res.diagnostics.get("measurement_gradient_reused_s", 0.0)
+    # and per-task gradients read from the curvature fit's pass are charged that pass's seconds (stand-alone times)
+    res.diagnostics["seconds"] = time.perf_counter() - t + res.diagnostics.get("measurement_gradient_reused_s", 0.0) \
+        + res.diagnostics.get("task_gradients_reused_s", 0.0)
     return _keep_scores(res, label, stem, log, cache)
 
 

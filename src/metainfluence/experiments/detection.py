@@ -122,78 +122,80 @@ def _detection_one(run, infl, sec: DetectionSettings, out: Path, quick: bool, lo
     problem = ctx.problem
     dt = lam_star.dtype
     train, val, test = (ctx.tensors[k].to(dtype=dt) for k in ("train", "val", "test"))
-    infl = _with_curvature(problem, lam_star, train, infl, out, log, timings, sec.methods, cache)
+    # one reuse block from the fit to the last edit: a fisher fit's per-task gradients serve every score and edit
+    with reusing_measurement_gradients():
+        infl = _with_curvature(problem, lam_star, train, infl, out, log, timings, sec.methods, cache)
 
-    # the reliability's halves ride on the scores' ∇f pass: one validation pass for the rankings and the halves
-    with reusing_measurement_gradients(halves_of(val, sec.reliability_splits, sec.corruption_seed)
-                                       if sec.reliability_splits and "task-if" in sec.methods else None):
-        t = time.perf_counter()
-        scores = _score_all(problem, lam_star, train, val, infl, sec.methods, sec.direct_damping, log, sec.self_influence, cache)
-        _mark_proximal(scores, rep, given)
-        timings["scoring_s"] = time.perf_counter() - t
-        reliability = None
-        if sec.reliability_splits and "task-if" in scores:
+        # the reliability's halves ride on the scores' ∇f pass: one validation pass for the rankings and the halves
+        with reusing_measurement_gradients(halves_of(val, sec.reliability_splits, sec.corruption_seed)
+                                           if sec.reliability_splits and "task-if" in sec.methods else None):
             t = time.perf_counter()
-            reliability = _reliability(problem, lam_star, train, val, infl, flags, sec, log, cache, scores["task-if"].extra.get("s"))
-            timings["reliability_s"] = time.perf_counter() - t
+            scores = _score_all(problem, lam_star, train, val, infl, sec.methods, sec.direct_damping, log, sec.self_influence, cache)
+            _mark_proximal(scores, rep, given)
+            timings["scoring_s"] = time.perf_counter() - t
+            reliability = None
+            if sec.reliability_splits and "task-if" in scores:
+                t = time.perf_counter()
+                reliability = _reliability(problem, lam_star, train, val, infl, flags, sec, log, cache, scores["task-if"].extra.get("s"))
+                timings["reliability_s"] = time.perf_counter() - t
 
-    # suspicion (high = inspect first) and rankings
-    suspicion: dict[str, torch.Tensor] = {m: -r.scores.double() for m, r in scores.items()}
-    if sec.self_influence and "task-if" in scores and scores["task-if"].self_influence is not None:
-        suspicion["task-if (self, fisher)"] = scores["task-if"].self_influence.double()
-    fractions = np.arange(n + 1) / n
-    at = min(1.0, 1.25 * sec.rho_task)
-    rows, curves, rankings = [], {}, {}
-    for m, s in suspicion.items():
-        rank = torch.argsort(s, descending=True, stable=True).numpy()
-        rankings[m] = rank
-        fr, rec = metrics.recall_curve(rank, flags.numpy())
-        curves[m] = (fr, rec)
-        rows.append({"method": m, "recall@rho": metrics.recall_at(rank, flags.numpy(), sec.rho_task),
-                     "recall@1.25rho": metrics.recall_at(rank, flags.numpy(), at),
-                     "recall@0.4": metrics.recall_at(rank, flags.numpy(), 0.4),
-                     "auc": metrics.detection_auc(s.numpy(), flags.numpy()),
-                     "auc_ci95": metrics.detection_auc_interval(s.numpy(), flags.numpy()),  # stratified bootstrap
-                     "seconds": (scores[m].diagnostics["seconds"] - scores[m].diagnostics.get("self_influence", {}).get("seconds", 0.0)
-                                 if m in scores else scores["task-if"].diagnostics["self_influence"]["seconds"])})
-        log(f"  {m:<15} recall@{at:.2f} {rows[-1]['recall@1.25rho']:.3f}  AUC {rows[-1]['auc']:.3f}")
-    ground_truth, figs = None, {}
-    if sec.loo_tasks:
+        # suspicion (high = inspect first) and rankings
+        suspicion: dict[str, torch.Tensor] = {m: -r.scores.double() for m, r in scores.items()}
+        if sec.self_influence and "task-if" in scores and scores["task-if"].self_influence is not None:
+            suspicion["task-if (self, fisher)"] = scores["task-if"].self_influence.double()
+        fractions = np.arange(n + 1) / n
+        at = min(1.0, 1.25 * sec.rho_task)
+        rows, curves, rankings = [], {}, {}
+        for m, s in suspicion.items():
+            rank = torch.argsort(s, descending=True, stable=True).numpy()
+            rankings[m] = rank
+            fr, rec = metrics.recall_curve(rank, flags.numpy())
+            curves[m] = (fr, rec)
+            rows.append({"method": m, "recall@rho": metrics.recall_at(rank, flags.numpy(), sec.rho_task),
+                         "recall@1.25rho": metrics.recall_at(rank, flags.numpy(), at),
+                         "recall@0.4": metrics.recall_at(rank, flags.numpy(), 0.4),
+                         "auc": metrics.detection_auc(s.numpy(), flags.numpy()),
+                         "auc_ci95": metrics.detection_auc_interval(s.numpy(), flags.numpy()),  # stratified bootstrap
+                         "seconds": (scores[m].diagnostics["seconds"] - scores[m].diagnostics.get("self_influence", {}).get("seconds", 0.0)
+                                     if m in scores else scores["task-if"].diagnostics["self_influence"]["seconds"])})
+            log(f"  {m:<15} recall@{at:.2f} {rows[-1]['recall@1.25rho']:.3f}  AUC {rows[-1]['auc']:.3f}")
+        ground_truth, figs = None, {}
+        if sec.loo_tasks:
+            t = time.perf_counter()
+            ground_truth = _loo_ground_truth(ctx, lam_star, rep, prox, train, val, flags, suspicion, sec, out, log, cache)
+            timings["loo_s"] = time.perf_counter() - t
+            if "task-if" in scores:
+                on = ground_truth["tasks"]
+                figs["scatter_loo"] = plots.scatter_predicted_vs_actual(
+                    scores["task-if"].scores.double()[on], torch.tensor(ground_truth["true_delta_f"]), out / "scatter_task_if_loo.png",
+                    title="task-IF vs leave-one-out on the corrupted pool", xlabel="task-IF score (predicted Δf)", ylabel="re-optimised Δf").name
+
+        # accuracy after removing the inspected fraction by closed-form edit
         t = time.perf_counter()
-        ground_truth = _loo_ground_truth(ctx, lam_star, rep, prox, train, val, flags, suspicion, sec, out, log, cache)
-        timings["loo_s"] = time.perf_counter() - t
-        if "task-if" in scores:
-            on = ground_truth["tasks"]
-            figs["scatter_loo"] = plots.scatter_predicted_vs_actual(
-                scores["task-if"].scores.double()[on], torch.tensor(ground_truth["true_delta_f"]), out / "scatter_task_if_loo.png",
-                title="task-IF vs leave-one-out on the corrupted pool", xlabel="task-IF score (predicted Δf)", ylabel="re-optimised Δf").name
-
-    # accuracy after removing the inspected fraction by closed-form edit
-    t = time.perf_counter()
-    base = evaluate(problem, lam_star, test)
-    edit_rows = []
-    acc_curves: dict[str, tuple[list, list, list]] = {}
-    edit_infl = dataclasses.replace(infl, method="task-if", self_influence=False,
-                                    **({"solve": dataclasses.replace(infl.solve, max_iter=sec.edit_max_iter)} if sec.edit_max_iter else {}))
-    oracle_ids = torch.nonzero(flags).flatten().tolist()
-    edited = [m for m in suspicion if not sec.edit_methods or m in sec.edit_methods]
-    plan = [(m, f) for m in edited for f in sec.edit_fractions if f > 0] + [("oracle (true corrupted)", sec.rho_task)]
-    edit_set = to_dict(edit_infl)
-    for m, f in plan:
-        ids = [int(i) for i in (oracle_ids if m.startswith("oracle") else rankings[m][: metrics.fraction_to_count(f, n)].tolist())]
-        # each edit is a unit kept in units/ with what it removed, reused by --resume when that and the edit's settings are equal
-        r = cache.unit(f"edit {m} {f:g}", {"removed": ids, "influence": edit_set, "proximal": float(rep.proximal or 0.0)},
-                       lambda: _edit_unit(problem, lam_star, train, test, ids, edit_infl, prox))
-        edit_rows.append({"method": m, "fraction_removed": f, "removed": len(ids), "corrupted_removed": int(flags[ids].sum()) if ids else 0,
-                          "test_acc": tuple(r["test_acc"]), "test_loss": r["test_loss"], "edit_s": r["edit_s"], "solver_residual": r["solver_residual"],
-                          "step_length": r["step_length"], "proximal_gamma": r["proximal_gamma"]})
-        log(f"  edit {m}, {len(ids)} tasks removed ({edit_rows[-1]['corrupted_removed']} corrupted): test accuracy {r['test_acc'][0]:.3f} ± "
-            f"{r['test_acc'][1]:.3f} ({r['edit_s']:.1f} s, solver residual {r['solver_residual']:.1e})")
-        if not m.startswith("oracle"):
-            c = acc_curves.setdefault(m, ([0.0], [base.accuracy], [base.accuracy_ci95]))
-            c[0].append(f); c[1].append(r["test_acc"][0]); c[2].append(r["test_acc"][1])
-    timings["editing_s"] = time.perf_counter() - t
-    log(f"  unedited test accuracy {base.accuracy:.3f} ± {base.accuracy_ci95:.3f}; {len(edit_rows)} edits in {timings['editing_s']:.1f} s")
+        base = evaluate(problem, lam_star, test)
+        edit_rows = []
+        acc_curves: dict[str, tuple[list, list, list]] = {}
+        edit_infl = dataclasses.replace(infl, method="task-if", self_influence=False,
+                                        **({"solve": dataclasses.replace(infl.solve, max_iter=sec.edit_max_iter)} if sec.edit_max_iter else {}))
+        oracle_ids = torch.nonzero(flags).flatten().tolist()
+        edited = [m for m in suspicion if not sec.edit_methods or m in sec.edit_methods]
+        plan = [(m, f) for m in edited for f in sec.edit_fractions if f > 0] + [("oracle (true corrupted)", sec.rho_task)]
+        edit_set = to_dict(edit_infl)
+        for m, f in plan:
+            ids = [int(i) for i in (oracle_ids if m.startswith("oracle") else rankings[m][: metrics.fraction_to_count(f, n)].tolist())]
+            # each edit is a unit kept in units/ with what it removed, reused by --resume when that and the edit's settings are equal
+            r = cache.unit(f"edit {m} {f:g}", {"removed": ids, "influence": edit_set, "proximal": float(rep.proximal or 0.0)},
+                           lambda: _edit_unit(problem, lam_star, train, test, ids, edit_infl, prox))
+            edit_rows.append({"method": m, "fraction_removed": f, "removed": len(ids), "corrupted_removed": int(flags[ids].sum()) if ids else 0,
+                              "test_acc": tuple(r["test_acc"]), "test_loss": r["test_loss"], "edit_s": r["edit_s"], "solver_residual": r["solver_residual"],
+                              "step_length": r["step_length"], "proximal_gamma": r["proximal_gamma"]})
+            log(f"  edit {m}, {len(ids)} tasks removed ({edit_rows[-1]['corrupted_removed']} corrupted): test accuracy {r['test_acc'][0]:.3f} ± "
+                f"{r['test_acc'][1]:.3f} ({r['edit_s']:.1f} s, solver residual {r['solver_residual']:.1e})")
+            if not m.startswith("oracle"):
+                c = acc_curves.setdefault(m, ([0.0], [base.accuracy], [base.accuracy_ci95]))
+                c[0].append(f); c[1].append(r["test_acc"][0]); c[2].append(r["test_acc"][1])
+        timings["editing_s"] = time.perf_counter() - t
+        log(f"  unedited test accuracy {base.accuracy:.3f} ± {base.accuracy_ci95:.3f}; {len(edit_rows)} edits in {timings['editing_s']:.1f} s")
 
     # figures
     figs["recall"] = plots.recall_curves({m: c for m, c in curves.items()}, out / "recall_curves.png", corrupted_fraction=sec.rho_task,

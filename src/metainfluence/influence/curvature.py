@@ -4,7 +4,8 @@ or an EK-FAC of the θ-space Fisher at the adapted parameters (``method='ekfac'`
 ``fit_curvature`` sketches H (Gauss–Newton by default: positive semi-definite) from one block of
 products, measures the sketch on held-out probe vectors (relative error of H·x, true residual of the
 fast-tier solve at a reference damping) and its cost as a multiple of the floor (one pass of per-task
-total gradients), and saves it (safetensors + JSON) with the fingerprint of λ, pool, weights,
+total gradients; inside a reuse block a fisher fit makes those gradients in its own pass and keeps them for
+the block's scores and edits, influence/gradients.py, so no floor is timed), and saves it (safetensors + JSON) with the fingerprint of λ, pool, weights,
 Hessian kind and problem it was fitted to. Damping is applied at solve time, so one fit serves a
 damping sweep. Solvers ``pcg`` (CG preconditioned by the sketch: exact to the requested residual)
 and ``curvature`` (the sketch's inverse: fast, its residual recorded) use it; a sketch of another
@@ -25,10 +26,11 @@ import torch
 from ..errors import CheckpointError, SettingsError
 from ..io import load_result, save_result
 from ..linalg import EKFAC, FactorCurvature, GaussNewtonFactor, LowRank, adaptive_nystrom_sketch, apply_block, nystrom_sketch, sketch_solve
-from ..meta.curvature import TotalHessian, fisher_factor, gauss_newton_factor
+from ..meta.curvature import TotalHessian, fisher_factor, fisher_factor_and_gradients, gauss_newton_factor
 from ..meta.ekfac import fit_ekfac
 from ..meta.objective import MetaProblem
 from ..tasks.tensors import TaskTensors
+from .gradients import keep_task_gradients, keeping_task_gradients
 from .hessian_of import build_hessian, curvature_fingerprint, effective_damping
 from .results import CURVATURE_METHODS
 
@@ -56,11 +58,16 @@ class CurvatureArtifact:
         return self.info.get("full_pool_fingerprint")
 
     def save(self, stem: str | Path) -> tuple[Path, Path]:
+        """Write the file, and let this process's later loads of it return this object (with the factorisations
+        its probe check cached: a 5,000-row fisher factor's Gram matrix is not formed a second time)."""
         if self.method in _FACTORED:  # EK-FAC or fisher factor: their own tensors and JSON
             meta = {"kind": KIND, "method": self.method, "dim": self.sketch.dim, self.method: self.sketch.meta(), "info": self.info}
-            return save_result(stem, self.sketch.tensors(), meta)
-        meta = {"kind": KIND, "dim": self.sketch.dim, "rank": self.sketch.rank, "info": self.info}
-        return save_result(stem, {"eigenvalues": self.sketch.eigenvalues, "eigenvectors": self.sketch.eigenvectors}, meta)
+            paths = save_result(stem, self.sketch.tensors(), meta)
+        else:
+            meta = {"kind": KIND, "dim": self.sketch.dim, "rank": self.sketch.rank, "info": self.info}
+            paths = save_result(stem, {"eigenvalues": self.sketch.eigenvalues, "eigenvectors": self.sketch.eigenvectors}, meta)
+        _remember(Path(stem).expanduser(), self)
+        return paths
 
     @classmethod
     def load(cls, stem: str | Path) -> "CurvatureArtifact":
@@ -109,20 +116,32 @@ _LOADED: dict[tuple, "CurvatureArtifact"] = {}
 _LOADED_MAX = 2
 
 
-def load_curvature(stem: str | Path) -> "CurvatureArtifact":
-    """:meth:`CurvatureArtifact.load`, remembered for this process while the file is unchanged."""
-    stem = Path(stem).expanduser()
+def _file_key(stem: Path) -> tuple | None:
     tensors = stem.with_name(stem.name + ".safetensors")
     try:
         st = tensors.stat()
-        key = (str(tensors.resolve()), st.st_size, st.st_mtime_ns)
     except OSError:
-        return CurvatureArtifact.load(stem)  # load() says what is missing
-    if key not in _LOADED:
+        return None
+    return str(tensors.resolve()), st.st_size, st.st_mtime_ns
+
+
+def _remember(stem: Path, art: "CurvatureArtifact") -> "CurvatureArtifact":
+    key = _file_key(stem)
+    if key is not None:
+        _LOADED.pop(key, None)
         while len(_LOADED) >= _LOADED_MAX:
             _LOADED.pop(next(iter(_LOADED)))
-        _LOADED[key] = CurvatureArtifact.load(stem)
-    return _LOADED[key]
+        _LOADED[key] = art
+    return art
+
+
+def load_curvature(stem: str | Path) -> "CurvatureArtifact":
+    """:meth:`CurvatureArtifact.load`, remembered for this process while the file is unchanged."""
+    stem = Path(stem).expanduser()
+    key = _file_key(stem)
+    if key is None:
+        return CurvatureArtifact.load(stem)  # load() says what is missing
+    return _LOADED[key] if key in _LOADED else _remember(stem, CurvatureArtifact.load(stem))
 
 
 def fit_curvature(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, settings: Any, rank: int | str = 50,
@@ -144,9 +163,14 @@ def fit_curvature(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, s
         raise SettingsError("the Nyström sketch needs a positive semi-definite Hessian; use --hessian gauss-newton or fisher "
                             "(or --method ekfac, a positive definite preconditioner of any kind)")
     lam = lam.detach()
-    t0 = time.perf_counter()
-    problem.total_gradients(lam, tasks)  # the floor: one pass of per-task total gradients
-    floor = time.perf_counter() - t0
+    # inside a reuse block the fisher rows and the per-task gradients come from one pass, kept for the block's scores
+    # and edits; that pass makes the floor's gradients, so the floor is not timed apart
+    fused = method == "fisher" and keeping_task_gradients(problem, lam, tasks)
+    floor = None
+    if not fused:
+        t0 = time.perf_counter()
+        problem.total_gradients(lam, tasks)  # the floor: one pass of per-task total gradients
+        floor = time.perf_counter() - t0
     op = build_hessian(problem, lam, tasks, settings)
     t1 = time.perf_counter()
     if method == "ekfac":
@@ -159,15 +183,20 @@ def fit_curvature(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, s
     elif method == "fisher":
         # the total-gradient factor of sampled-label query losses: E[GᵀG] is the total Gauss–Newton
         # matrix, so unlike EK-FAC it keeps dθ/dλ; its inverse is exact by Woodbury
-        rows = fisher_factor(problem, lam, tasks, settings.fisher_samples, settings.seed)
+        if fused:
+            rows, gradients = fisher_factor_and_gradients(problem, lam, tasks, settings.fisher_samples, settings.seed)
+        else:
+            rows = fisher_factor(problem, lam, tasks, settings.fisher_samples, settings.seed)
         approx_op = FactorCurvature(rows, problem.weight_decay)
         fit_s = time.perf_counter() - t1
+        if fused:
+            keep_task_gradients(problem, lam, tasks, gradients, fit_s)
         # of a fisher operator these are its own rows (the same draws): the probes then confirm the products, not the draws
         same_rows = op.kind == "fisher"
         if same_rows:
             op.adopt_factor(rows)
         fit = {"method": "fisher", "fisher_samples": settings.fisher_samples, "factor_rows": rows.shape[0],
-               "eigenvalue_min": approx_op.min_eigenvalue(), "operator_rows": same_rows}
+               "eigenvalue_min": approx_op.min_eigenvalue(), "operator_rows": same_rows, "task_gradients_kept": fused}
     elif method == "gn-factor":
         # the Gauss–Newton matrix itself, one row per query example and class: exact, so its inverse is
         # the exact tier's answer for hessian gauss-newton (and a one-iteration preconditioner)
@@ -208,7 +237,7 @@ def fit_curvature(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, s
         "fingerprint": curvature_fingerprint(op), "full_pool_fingerprint": curvature_fingerprint(op, ignore_weights=True),
         "hessian": op.kind, "seed": settings.seed, "fisher_samples": settings.fisher_samples, **fit,
         "probe_operator_rel_error": op_err, "probe_solve_residual": fast.info["residuals"], "probe_damping": settings.damping,
-        "floor_seconds": floor, "fit_seconds": fit_s, "fit_over_floor": fit_s / max(floor, 1e-12), "probe_seconds": time.perf_counter() - t2,
+        "floor_seconds": floor, "fit_seconds": fit_s, "fit_over_floor": None if floor is None else fit_s / max(floor, 1e-12), "probe_seconds": time.perf_counter() - t2,
         "n_tasks": len(tasks), "n_params": op.dim,
     }
     if method in _FACTORED:

@@ -23,7 +23,7 @@ import torch
 from ..errors import DivergenceError, SettingsError
 from ..meta.objective import MetaProblem
 from ..tasks.tensors import TaskTensors
-from .gradients import removed_examples_gradient
+from .gradients import kept_task_gradients, removed_examples_gradient
 from ..meta.curvature import TotalHessian
 from .results import InfluenceSettings
 from .task_if import build_hessian, ihvp
@@ -84,7 +84,10 @@ def removed_gradient(problem: MetaProblem, lam: torch.Tensor, pool: TaskTensors,
     removal.validate(pool)
     b = torch.zeros_like(lam)
     if removal.tasks:
-        b = b + problem.sum_over_tasks(problem.task_total_gradient, lam, pool.subset(list(removal.tasks)))
+        # the removed tasks' g_k from a fisher fit's pass when the reuse block kept them (influence/gradients.py)
+        kept = kept_task_gradients(problem, lam, pool)
+        b = b + (kept.gradients[list(removal.tasks)].sum(0) if kept is not None else
+                 problem.sum_over_tasks(problem.task_total_gradient, lam, pool.subset(list(removal.tasks))))
     # examples of removed tasks are already gone with their task
     keep_rows = torch.ones(len(pool), dtype=torch.bool)
     keep_rows[list(removal.tasks)] = False
@@ -215,7 +218,8 @@ def edit_model(
     b = removed_gradient(problem, lam, pool, removal, linear=step == "full")
     w, v, u = removal.weights(problem, lam, pool)
     objective, gradient = reduced_objective(problem, pool, (w, v, u), proximal)
-    diag: dict[str, Any] = {"removed": removal.count(), "step": step, "newton": []}
+    diag: dict[str, Any] = {"removed": removal.count(), "step": step, "newton": [],
+                            "removed_gradient_from_kept_pass": bool(removal.tasks) and kept_task_gradients(problem, lam, pool) is not None}
     if proximal is not None:
         diag["proximal_gamma"] = float(proximal[0])
     if step == "full":

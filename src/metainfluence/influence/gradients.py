@@ -70,10 +70,19 @@ class _Pass(NamedTuple):
     subsets: dict[str, torch.Tensor]  # subsets key → (k, p) mean gradients summed in the same pass
 
 
+class _KeptGradients(NamedTuple):
+    """Per-task total gradients of a training pool made by a fisher fit's pass (kept for its scores and edits)."""
+    gradients: torch.Tensor
+    seconds: float  # that pass's time (its rows included): what a score reading them is charged
+    problem: MetaProblem
+    pool: TaskTensors
+
+
 @dataclasses.dataclass
 class _Reuse:
     memo: dict[tuple, _Pass] = dataclasses.field(default_factory=dict)  # (problem, pool, λ) key → its pass
     subsets_for: tuple[TaskTensors, list[list[int]]] | None = None
+    task_gradients: dict[tuple, _KeptGradients] = dataclasses.field(default_factory=dict)  # (problem, pool, λ) key → g_i
 
 
 _REUSE: contextvars.ContextVar[_Reuse | None] = contextvars.ContextVar("metainfluence_measurement_reuse", default=None)
@@ -86,13 +95,15 @@ def reusing_measurement_gradients(subsets_for: tuple[TaskTensors, Sequence[Seque
     method. Each reuse is charged the first computation's seconds (:func:`charged_measurement_gradient`), so
     every method's recorded time stays that of a stand-alone computation. ``subsets_for`` = (pool, subsets):
     the first ∇f pass over that pool also sums each subset's mean gradient (the reliability's halves,
-    :func:`reused_subset_gradients`). A block inside a block shares the outer one's memo."""
+    :func:`reused_subset_gradients`). The per-task total gradients a fisher curvature fit makes in its own pass
+    (:func:`keep_task_gradients`) are kept too, for the scores and edits of that pool and λ
+    (:func:`kept_task_gradients`). A block inside a block shares the outer one's memo."""
     outer = _REUSE.get()
     if outer is not None and subsets_for is None:
         yield
         return
     subsets = (subsets_for[0], [list(S) for S in subsets_for[1]]) if subsets_for is not None else None
-    token = _REUSE.set(_Reuse(outer.memo if outer is not None else {}, subsets))
+    token = _REUSE.set(_Reuse(outer.memo, subsets, outer.task_gradients) if outer is not None else _Reuse({}, subsets))
     try:
         yield
     finally:
@@ -109,6 +120,29 @@ def _reuse_key(problem: MetaProblem, lam: torch.Tensor, val_tasks: TaskTensors) 
 def _kept_pass(problem: MetaProblem, lam: torch.Tensor, val_tasks: TaskTensors) -> _Pass | None:
     key = _reuse_key(problem, lam, val_tasks)
     return _REUSE.get().memo.get(key) if key is not None else None
+
+
+# the kept per-task gradients are as large as the fisher factor beside them; above this they are not kept
+KEEP_TASK_GRADIENTS_GB = 4.0
+
+
+def keeping_task_gradients(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors) -> bool:
+    """Whether per-task gradients of ``tasks`` made now would be kept: inside a reuse block, one process, at most
+    :data:`KEEP_TASK_GRADIENTS_GB`."""
+    size = len(tasks) * lam.numel() * lam.element_size() / 2**30
+    return _REUSE.get() is not None and problem.collective.world_size == 1 and size <= KEEP_TASK_GRADIENTS_GB
+
+
+def keep_task_gradients(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, gradients: torch.Tensor, seconds: float) -> None:
+    """Keep g_i of ``tasks`` at ``lam`` for this reuse block (see :func:`keeping_task_gradients`)."""
+    if keeping_task_gradients(problem, lam, tasks):
+        _REUSE.get().task_gradients[_reuse_key(problem, lam, tasks)] = _KeptGradients(gradients.detach(), seconds, problem, tasks)
+
+
+def kept_task_gradients(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors) -> _KeptGradients | None:
+    """The per-task total gradients of ``tasks`` at ``lam`` (bit for bit) kept in this block, or None."""
+    key = _reuse_key(problem, lam, tasks)
+    return _REUSE.get().task_gradients.get(key) if key is not None else None
 
 
 def _subsets_key(subsets: Sequence[Sequence[int]]) -> str:
@@ -220,17 +254,22 @@ def removed_examples_gradient(problem: MetaProblem, lam: torch.Tensor, tasks: Ta
 
 
 def _train_pass(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, s: torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None,
-                gradient_fn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                gradient_fn, diag: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One chunked pass: (sᵀg_k per task, ‖g_k‖ per task, Σ_k g_k) without storing all g_k.
 
     ``s`` may be a (p,) vector, a (p, m) matrix (m dot products per task: pairwise scores) or a
     function of a chunk's (c, p) gradients (trak's projection), so every pass over the training
-    gradients is this one."""
+    gradients is this one. Total gradients a fisher fit kept in this reuse block are read instead of made
+    (``diag["task_gradients_reused_s"]``: the seconds of the pass that made them)."""
     dots, norms = [], []
     total = torch.zeros_like(lam)
     chunks = list(problem.chunks(len(tasks)))
-    for c in bar("task gradients", len(chunks), "chunk", iterable=chunks):
-        G = gradient_fn(problem, lam, tasks.subset(c))
+    # total gradients a fisher fit kept in this block: read, not recomputed; charged that pass's seconds
+    kept = kept_task_gradients(problem, lam, tasks) if gradient_fn is _total_gradients else None
+    if kept is not None and diag is not None:
+        diag["task_gradients_reused_s"] = kept.seconds
+    for c in chunks if kept is not None else bar("task gradients", len(chunks), "chunk", iterable=chunks):
+        G = kept.gradients[c] if kept is not None else gradient_fn(problem, lam, tasks.subset(c))
         total += G.sum(0)
         norms.append(G.norm(dim=1))
         if s is None:
@@ -242,3 +281,14 @@ def _train_pass(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, s: 
 
 def _total_gradients(problem, lam, tasks):
     return problem.total_gradients(lam, tasks)
+
+
+def total_gradients_of(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, diag: dict | None = None) -> torch.Tensor:
+    """``problem.total_gradients``, read from a fisher fit's pass when this reuse block kept them (then ``diag``
+    records that pass's seconds, as :func:`_train_pass` does)."""
+    kept = kept_task_gradients(problem, lam, tasks)
+    if kept is None:
+        return problem.total_gradients(lam, tasks)
+    if diag is not None:
+        diag["task_gradients_reused_s"] = kept.seconds
+    return kept.gradients

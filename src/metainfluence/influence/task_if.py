@@ -24,7 +24,7 @@ import torch
 from ..errors import SettingsError
 from ..meta.objective import MetaProblem
 from ..tasks.tensors import TaskTensors
-from .gradients import _total_gradients, _train_pass, charged_measurement_gradient, direct_gradients, direct_measurement_gradient, reused_measurement_value
+from .gradients import _total_gradients, _train_pass, charged_measurement_gradient, direct_gradients, direct_measurement_gradient, reused_measurement_value, total_gradients_of
 from ..meta.curvature import TotalHessian, check_hessian_kind
 from ..meta.ekfac import fit_ekfac
 from ..meta.refine import refine_advice
@@ -347,7 +347,7 @@ def task_influence(
                 diag["gamma"] = op.gamma
 
         t2 = time.perf_counter()
-        dots, norms, g_sum = _train_pass(problem, lam, train_tasks, s, direct_gradients if direct else _total_gradients)
+        dots, norms, g_sum = _train_pass(problem, lam, train_tasks, s, direct_gradients if direct else _total_gradients, diag)
         scores = dots / n
         timings["task_gradients"] = time.perf_counter() - t2
         if not direct:
@@ -357,7 +357,7 @@ def task_influence(
             if op is None:
                 op = build_hessian(problem, lam, train_tasks, settings)
             t3 = time.perf_counter()
-            G = direct_gradients(problem, lam, train_tasks) if direct else problem.total_gradients(lam, train_tasks)
+            G = direct_gradients(problem, lam, train_tasks) if direct else total_gradients_of(problem, lam, train_tasks)
             G = problem.collective.gather_rows(G)  # sharded: every process solves all rows, since each HVP needs every process
             res_all = ihvp(op, G, settings)
             self_inf = problem.collective.local_rows((G * res_all.x).sum(1), len(train_tasks)) / n
@@ -367,7 +367,7 @@ def task_influence(
         extra = {"s": s}
         if settings.removal == "newton":
             t4 = time.perf_counter()
-            G = problem.total_gradients(lam, train_tasks)
+            G = total_gradients_of(problem, lam, train_tasks)
             first_order = scores
             # per-task solves need products only: a saved low-rank basis of the full H does not apply
             per_task = settings if settings.solver not in ("lowrank", "curvature", "pcg") else dataclasses.replace(settings, solver="cg")
@@ -445,6 +445,6 @@ def task_parameter_changes(problem: MetaProblem, lam: torch.Tensor, train_tasks:
                            op: TotalHessian | None = None) -> tuple[torch.Tensor, IHVPResult]:
     """Δλ_k = (H + δI)^{-1} g_k / n for every task k, shape (n, p): one iHVP per task."""
     op = op or build_hessian(problem, lam, train_tasks, settings)
-    G = problem.collective.gather_rows(problem.total_gradients(lam, train_tasks))  # sharded: all rows, since each HVP needs every process
+    G = problem.collective.gather_rows(total_gradients_of(problem, lam, train_tasks))  # sharded: all rows, since each HVP needs every process
     res = ihvp(op, G, settings)
     return problem.collective.local_rows(res.x, len(train_tasks)) / problem.collective.total_count(len(train_tasks)), res

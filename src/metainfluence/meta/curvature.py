@@ -228,6 +228,19 @@ def fisher_factor(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, s
     mean zero, so E[ĝ_i ĝ_iᵀ] is task i's Gauss–Newton term divided by |Q_i|: the √|Q_i| restores
     the scale (docs/method.md §3). With weights (w, v, u) the rows are those of the reduced objective: ĝ taken
     with the example weights, each task's rows scaled by √w_i."""
+    return _fisher(problem, lam, tasks, samples, seed, w, v, u, with_gradients=False)[0]
+
+
+def fisher_factor_and_gradients(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, samples: int,
+                                seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(:func:`fisher_factor`, the per-task total gradients g_i of this process's tasks): through the unrolled inner
+    loop both come from one forward per task, pulled back once per label set (the task's own labels and each draw),
+    the same rows as :func:`fisher_factor` and the same g_i as ``problem.total_gradients`` (one forward saved of the
+    two passes': benchmarks/bench_fit_gradients.py). Implicit inner loops make the two passes."""
+    return _fisher(problem, lam, tasks, samples, seed, None, None, None, with_gradients=True)
+
+
+def _fisher(problem, lam, tasks, samples, seed, w, v, u, with_gradients: bool):
     if samples < 1:
         raise SettingsError(f"fisher_samples must be ≥ 1, got {samples}")
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -238,16 +251,42 @@ def fisher_factor(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, s
     with torch.no_grad():
         # labels are drawn for the whole pool (gathered over shards), so every process draws what one process would
         out = problem.collective.gather_rows(problem.per_task(outputs, lam, tasks, v, u))
-    rows = []
-    for _ in range(samples):
-        yq = sample_labels(problem, out, gen).to(tasks.query_y.device)
-        sampled = TaskTensors(tasks.support_x, tasks.support_y, tasks.query_x, problem.collective.local_rows(yq, len(tasks)))
-        rows.append(problem.collective.gather_rows(problem.total_gradients(lam, sampled, v, u, desc="fisher rows")))  # every process holds all rows (Woodbury)
+    draws = [problem.collective.local_rows(sample_labels(problem, out, gen).to(tasks.query_y.device), len(tasks)) for _ in range(samples)]
+    gradients = None
+    if with_gradients and problem.inner.kind == "unrolled":
+        gradients, per_draw = _gradients_and_draws(problem, lam.detach(), tasks, torch.stack(draws, 1))
+        rows = [problem.collective.gather_rows(r) for r in per_draw]
+    else:
+        rows = []
+        for yq in draws:
+            sampled = TaskTensors(tasks.support_x, tasks.support_y, tasks.query_x, yq)
+            rows.append(problem.collective.gather_rows(problem.total_gradients(lam, sampled, v, u, desc="fisher rows")))  # every process holds all rows (Woodbury)
+        if with_gradients:
+            gradients = problem.total_gradients(lam, tasks, desc="task gradients")
     G = torch.cat(rows) * (tasks.n_query / (problem.collective.total_count(len(tasks)) * samples)) ** 0.5
     if w is not None:
         task_weight = problem.collective.gather_rows(w.to(G)).clamp_min(0).sqrt()
         G = G * task_weight.repeat(samples)[:, None]
-    return G
+    return G, gradients
+
+
+def _gradients_and_draws(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, labels: torch.Tensor):
+    """(g_i (n, p), [total gradients under label set m (n, p) for each m]) for ``labels`` (n, M, |Q|, …): one vjp of
+    the query outputs per task, its pullback applied to each label set's loss gradient in the outputs."""
+
+    def one(lam, task: TaskRecord, draws):
+        out, pullback = vjp(lambda l: problem.forward(problem.adapt(l, task), task.xq), lam)
+        # the query loss of problem.weighted_loss, differentiated in the outputs
+        in_outputs = lambda y: grad(lambda o: (task.u * problem.loss_fn(o, y)).sum() / task.xq.shape[0])(out)
+        own = pullback(in_outputs(task.yq))[0]
+        return own, torch.stack([pullback(in_outputs(draws[m]))[0] for m in range(draws.shape[0])])
+
+    own, drawn = [], []
+    for _, (g, r) in problem._mapped_chunks(one, lam, tasks, None, None, (labels,), desc="fisher rows + task gradients"):
+        own.append(g.detach())
+        drawn.append(r.detach())
+    drawn = torch.cat(drawn)
+    return torch.cat(own), [drawn[:, m] for m in range(drawn.shape[1])]
 
 
 def gauss_newton_factor(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, max_gb: float = 8.0) -> torch.Tensor:

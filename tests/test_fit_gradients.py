@@ -1,0 +1,102 @@
+"""One pass for the fisher fit and the per-task gradients: the fused pass gives the rows and gradients of the two
+separate passes, a fisher fit inside a reuse block keeps them for the block's scores and edits (which then make no
+gradient pass of their own and score and edit as without it), the Gram matrix of the Woodbury inverse formed from
+its upper triangle, and a saved curvature file served from memory with its factorisations."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from helpers import random_tasks, small_problem
+from metainfluence.influence.curvature import fit_curvature, load_curvature
+from metainfluence.influence.editing import Removal, edit_model
+from metainfluence.influence.gradients import kept_task_gradients, reusing_measurement_gradients
+from metainfluence.influence.results import InfluenceSettings
+from metainfluence.influence.task_if import task_influence
+from metainfluence.linalg import SolverSettings
+from metainfluence.linalg.woodbury import gram
+from metainfluence.meta.curvature import fisher_factor, fisher_factor_and_gradients
+
+
+@pytest.mark.parametrize("loss,kind,chunk", [("cross_entropy", "unrolled", 5), ("mse", "unrolled", None), ("cross_entropy", "implicit", None)])
+def test_fused_pass_gives_the_rows_and_gradients_of_the_two_passes(loss, kind, chunk):
+    regression = loss == "mse"
+    extra = {"proximal": 1.0, "steps": 5, "lr": 0.5} if kind == "implicit" else {}
+    problem, lam = small_problem(kind, hidden=(5,), n_classes=1 if regression else 3, loss=loss, chunk_size=chunk, **extra)
+    tasks = random_tasks(n=11, seed=5, regression=regression)
+    rows, grads = fisher_factor_and_gradients(problem, lam, tasks, samples=2, seed=7)
+    torch.testing.assert_close(rows, fisher_factor(problem, lam, tasks, 2, 7), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(grads, problem.total_gradients(lam, tasks), rtol=1e-12, atol=1e-14)
+    assert rows.shape == (22, lam.numel()) and grads.shape == (11, lam.numel())
+
+
+def _counting(problem):
+    """Count ``problem.total_gradients`` calls (the floor's pass and the scores' chunks go through it)."""
+    calls = {"total_gradients": 0}
+    plain = problem.total_gradients
+
+    def counted(*a, **k):
+        calls["total_gradients"] += 1
+        return plain(*a, **k)
+
+    problem.total_gradients = counted
+    return calls
+
+
+def test_a_fisher_fit_in_a_reuse_block_serves_the_scores_and_edits_without_their_own_passes(tmp_path):
+    problem, lam = small_problem(steps=1, hidden=(6,), weight_decay=1e-2)
+    train, val = random_tasks(n=14, seed=3), random_tasks(n=5, seed=4)
+    settings = InfluenceSettings(hessian="fisher", solver="woodbury", damping=1e-2, stationarity_warn=1e9, fisher_samples=2,
+                                 solve=SolverSettings(tol=1e-12, max_iter=500))
+    removal = Removal(tasks=[1, 4, 9])
+    alone = task_influence(problem, lam, train, val, settings)
+    edit_alone = edit_model(problem, lam, train, removal, settings, step="full")
+    art_alone = fit_curvature(problem, lam, train, settings, method="fisher", probes=2)
+    assert art_alone.info["floor_seconds"] > 0 and not art_alone.info["task_gradients_kept"]
+
+    calls = _counting(problem)
+    with reusing_measurement_gradients():
+        art = fit_curvature(problem, lam, train, settings, method="fisher", probes=2)
+        assert calls["total_gradients"] == 0  # no floor pass: the fused pass made the gradients
+        assert art.info["task_gradients_kept"] and art.info["floor_seconds"] is None and art.info["fit_over_floor"] is None
+        kept = kept_task_gradients(problem, lam, train)
+        assert kept is not None and kept.seconds == art.info["fit_seconds"]
+        assert kept_task_gradients(problem, lam + 1e-3, train) is None  # another λ: nothing kept
+        art.save(tmp_path / "curv")  # as the experiments do: scores and edits solve with the fitted file's rows
+        from_file = dataclasses.replace(settings, solver="curvature", curvature_file=str(tmp_path / "curv"))
+        inside = task_influence(problem, lam, train, val, from_file)
+        edit_inside = edit_model(problem, lam, train, removal, from_file, step="full")
+    assert calls["total_gradients"] == 0
+    torch.testing.assert_close(art.sketch.factor, art_alone.sketch.factor, rtol=1e-12, atol=1e-14)  # the same draws
+    torch.testing.assert_close(inside.scores, alone.scores, rtol=1e-10, atol=1e-14)
+    assert inside.diagnostics["task_gradients_reused_s"] == kept.seconds and "task_gradients_reused_s" not in alone.diagnostics
+    torch.testing.assert_close(edit_inside.lam, edit_alone.lam, rtol=1e-10, atol=1e-13)
+    assert edit_inside.diagnostics["removed_gradient_from_kept_pass"] and not edit_alone.diagnostics["removed_gradient_from_kept_pass"]
+    # outside the block the score makes its own pass again
+    task_influence(problem, lam, train, val, settings)
+    assert calls["total_gradients"] > 0 and kept_task_gradients(problem, lam, train) is None
+
+
+@pytest.mark.parametrize("rows,cols,block", [(7, 30, 3), (40, 9, 16), (5, 5, 512)])
+def test_gram_from_the_upper_triangle_equals_the_full_product(rows, cols, block):
+    G = torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows), dtype=torch.float64)
+    K = gram(G, block=block)
+    torch.testing.assert_close(K, G @ G.T, rtol=1e-13, atol=1e-13)
+
+
+def test_a_saved_curvature_file_loads_as_the_fitted_object_with_its_factorisations(tmp_path):
+    problem, lam = small_problem(steps=1, hidden=(6,), weight_decay=1e-2)
+    train = random_tasks(n=10, seed=3)
+    settings = InfluenceSettings(hessian="fisher", damping=1e-2)
+    art = fit_curvature(problem, lam, train, settings, method="fisher", probes=2)
+    assert art.sketch._chol  # the probe solves factorised K + δI
+    art.save(tmp_path / "curv")
+    assert load_curvature(tmp_path / "curv") is art
+    # a file written again (another fit) is read again, not served stale
+    other = fit_curvature(problem, lam + 1e-2, train, settings, method="fisher", probes=2)
+    other.save(tmp_path / "curv")
+    loaded = load_curvature(tmp_path / "curv")
+    assert loaded is other and not torch.equal(loaded.sketch.factor, art.sketch.factor)
