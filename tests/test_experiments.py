@@ -203,15 +203,21 @@ def test_removal_charges_its_curvature_fit_to_the_edits_that_used_it(tmp_path):
 
 def test_detection_ranks_by_exact_and_fast_tiers_of_one_fisher_curvature(tmp_path):
     """curvature_fit = fisher: one fisher-factor file at λ*; task-if is its preconditioned exact tier,
-    task-if-fast its inverse applied directly, direct-if falls back to plain CG (the file is of the total H)."""
+    task-if-fast its inverse applied directly, direct-if falls back to plain CG (the file is of the total H). The fit's
+    pass also made the per-task total gradients: every ranking built on them reads them and is charged that pass."""
     out = tmp_path / "det_fast"
     cfg = tmp_path / "fast.toml"
     cfg.write_text('[influence]\nsolver = "pcg"\ncurvature_fit = "fisher"\nfisher_samples = 8\nproducts = "float32"\n\n'
-                   '[detection]\nmethods = ["task-if", "task-if-fast", "direct-if", "random"]\nedit_fractions = [0.25]\n'
+                   '[detection]\nmethods = ["task-if", "task-if-fast", "direct-if", "tracin", "random"]\nedit_fractions = [0.25]\n'
                    'edit_methods = ["task-if"]\n')
     res = run_experiment("detection", str(cfg), True, str(out), log=lambda s: None)
-    assert json.loads((out / "curvature.json").read_text())["method"] == "fisher"
+    info = json.loads((out / "curvature.json").read_text())["info"]
+    assert info["method"] == "fisher" and info["task_gradients_kept"] and res["timings"]["curvature_floor_s"] is None
     diag = res["influence_diagnostics"]
+    for m in ("task-if", "task-if-fast", "tracin"):
+        assert diag[m]["task_gradients_reused_s"] == info["fit_seconds"] and diag[m]["seconds"] >= info["fit_seconds"], m
+    assert "task_gradients_reused_s" not in diag["direct-if"]  # its gradients ignore dθ/dλ: its own pass
+    assert res["measurement_reliability"]["task_gradients_reused_s"] == info["fit_seconds"]
     assert diag["task-if"]["solver"]["name"] == "pcg" and diag["task-if"]["solver"]["residual"] <= 1e-6
     assert diag["task-if-fast"]["solver"]["name"] == "curvature" and diag["direct-if"]["solver"]["name"] == "cg"
     rows = {r["method"]: r for r in res["detection"]}
