@@ -15,6 +15,10 @@ file (solver ``curvature``) and the full-H edit removing its top ``--fraction``,
 
 Charged = what the removal table charges (the floor pass is not); wall = everything. Alternates the forms, prints
 medians, their ratios and the largest differences of the scores and edited λ.
+
+With --passes N, times only the passes on the first N training tasks instead: the fisher rows and the per-task
+gradients as two passes (``fisher_factor`` then ``problem.total_gradients``) against the one fused pass
+(``fisher_factor_and_gradients``), alternating ``--repeats`` times.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from metainfluence.influence.editing import Removal, edit_model
 from metainfluence.influence.gradients import reusing_measurement_gradients
 from metainfluence.influence.task_if import task_influence
 from metainfluence.linalg import woodbury
+from metainfluence.meta.curvature import fisher_factor, fisher_factor_and_gradients
 
 
 def workflow(problem, lam, train, val, settings, fraction: float, folder: Path, before: bool) -> dict:
@@ -58,6 +63,21 @@ def workflow(problem, lam, train, val, settings, fraction: float, folder: Path, 
             "scores": res.scores, "lam": ed.lam}
 
 
+def passes(problem, lam, train, settings, args) -> None:
+    times: dict[str, list[float]] = {"two_passes": [], "fused": []}
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        rows, grads = fisher_factor(problem, lam, train, settings.fisher_samples, settings.seed), problem.total_gradients(lam, train)
+        times["two_passes"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        rows2, grads2 = fisher_factor_and_gradients(problem, lam, train, settings.fisher_samples, settings.seed)
+        times["fused"].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(json.dumps({"run": args.run, "tasks": len(train), "fisher_samples": settings.fisher_samples, "dtype": str(lam.dtype), "threads": args.threads,
+                      "seconds": times, "median_s": med, "speedup": med["two_passes"] / med["fused"],
+                      "rows_max_abs_diff": float((rows - rows2).abs().max()), "gradients_max_abs_diff": float((grads - grads2).abs().max())}, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", required=True, help="detection experiment folder (refined.*, pools/, scores/task-if.*)")
@@ -67,9 +87,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--passes", type=int, default=0, help="time only the two passes against the fused one, on the first N tasks")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     ctx, lam, _, settings = load_detection_run(Path(args.run), args.data_root)
+    if args.passes:
+        return passes(ctx.problem, lam, ctx.tensors["train"].to(dtype=lam.dtype).subset(slice(0, args.passes)), settings, args)
     settings = dataclasses.replace(settings, hessian="fisher", curvature_file="")
     train = ctx.tensors["train"].to(dtype=lam.dtype)
     if args.tasks:
