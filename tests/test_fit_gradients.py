@@ -18,7 +18,8 @@ from metainfluence.influence.results import InfluenceSettings
 from metainfluence.influence.task_if import task_influence
 from metainfluence.linalg import SolverSettings
 from metainfluence.linalg.woodbury import gram
-from metainfluence.meta.curvature import fisher_factor, fisher_factor_and_gradients
+from metainfluence.meta.curvature import fisher_factor, fisher_factor_and_gradients, sample_labels
+from metainfluence.tasks.tensors import TaskTensors
 
 
 @pytest.mark.parametrize("loss,kind,chunk", [("cross_entropy", "unrolled", 5), ("mse", "unrolled", None), ("cross_entropy", "implicit", None)])
@@ -31,6 +32,29 @@ def test_fused_pass_gives_the_rows_and_gradients_of_the_two_passes(loss, kind, c
     torch.testing.assert_close(rows, fisher_factor(problem, lam, tasks, 2, 7), rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(grads, problem.total_gradients(lam, tasks), rtol=1e-12, atol=1e-14)
     assert rows.shape == (22, lam.numel()) and grads.shape == (11, lam.numel())
+
+
+def test_tasks_whose_draws_equal_their_labels_take_their_rows_from_their_gradients():
+    """Query labels set to the model's own draw on 7 of 12 tasks: those tasks' fisher rows are their gradients (one plain
+    pass over 7 tasks); the other 5 make the fused pass; rows and gradients still equal the two separate passes."""
+    problem, lam = small_problem(hidden=(5,), chunk_size=4)
+    tasks = random_tasks(n=12, seed=6)
+    with torch.no_grad():
+        out = problem.per_task(lambda l, t: problem.forward(problem.adapt(l, t), t.xq), lam, tasks)
+    draw = sample_labels(problem, out, torch.Generator().manual_seed(7))  # the draw fisher_factor makes with seed 7
+    yq = tasks.query_y.clone()
+    yq[:7] = draw[:7]
+    tasks = TaskTensors(tasks.support_x, tasks.support_y, tasks.query_x, yq)
+    sizes = []
+    plain = problem.total_gradients
+    problem.total_gradients = lambda lam, t, *a, **k: sizes.append(len(t)) or plain(lam, t, *a, **k)
+    rows, grads = fisher_factor_and_gradients(problem, lam, tasks, samples=1, seed=7)
+    assert sizes == [7]  # the plain pass covers exactly the tasks whose draw equals their labels
+    problem.total_gradients = plain
+    scale = (tasks.n_query / len(tasks)) ** 0.5
+    torch.testing.assert_close(rows[:7], grads[:7] * scale, rtol=0, atol=0)
+    torch.testing.assert_close(rows, fisher_factor(problem, lam, tasks, 1, 7), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(grads, problem.total_gradients(lam, tasks), rtol=1e-12, atol=1e-14)
 
 
 def _counting(problem):

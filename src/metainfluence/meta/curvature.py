@@ -234,9 +234,10 @@ def fisher_factor(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, s
 def fisher_factor_and_gradients(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, samples: int,
                                 seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(:func:`fisher_factor`, the per-task total gradients g_i of this process's tasks): through the unrolled inner
-    loop both come from one forward per task, pulled back once per label set (the task's own labels and each draw),
-    the same rows as :func:`fisher_factor` and the same g_i as ``problem.total_gradients`` (one forward saved of the
-    two passes': benchmarks/bench_fit_gradients.py). Implicit inner loops make the two passes."""
+    loop both come from one pass: a task whose draws all equal its labels has rows equal to g_i, the others one forward
+    pulled back once per label set (the task's own labels and each draw). The same rows as :func:`fisher_factor` and
+    the same g_i as ``problem.total_gradients`` (benchmarks/bench_fit_gradients.py times it against the two passes).
+    Implicit inner loops make the two passes."""
     return _fisher(problem, lam, tasks, samples, seed, None, None, None, with_gradients=True)
 
 
@@ -271,8 +272,11 @@ def _fisher(problem, lam, tasks, samples, seed, w, v, u, with_gradients: bool):
 
 
 def _gradients_and_draws(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, labels: torch.Tensor):
-    """(g_i (n, p), [total gradients under label set m (n, p) for each m]) for ``labels`` (n, M, |Q|, …): one vjp of
-    the query outputs per task, its pullback applied to each label set's loss gradient in the outputs."""
+    """(g_i (n, p), [total gradients under label set m (n, p) for each m]) for ``labels`` (n, M, |Q|, …).
+
+    A task whose every draw equals its own labels has rows equal to g_i: one plain pass over those tasks gives both
+    (on a clean pool fitted to 100% training accuracy that is 99% of them). The others make one vjp of the query
+    outputs per task, its pullback applied to each label set's loss gradient in the outputs."""
 
     def one(lam, task: TaskRecord, draws):
         out, pullback = vjp(lambda l: problem.forward(problem.adapt(l, task), task.xq), lam)
@@ -281,12 +285,20 @@ def _gradients_and_draws(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTen
         own = pullback(in_outputs(task.yq))[0]
         return own, torch.stack([pullback(in_outputs(draws[m]))[0] for m in range(draws.shape[0])])
 
-    own, drawn = [], []
-    for _, (g, r) in problem._mapped_chunks(one, lam, tasks, None, None, (labels,), desc="fisher rows + task gradients"):
-        own.append(g.detach())
-        drawn.append(r.detach())
-    drawn = torch.cat(drawn)
-    return torch.cat(own), [drawn[:, m] for m in range(drawn.shape[1])]
+    n, draws = len(tasks), labels.shape[1]
+    own_labels = tasks.query_y.to(labels.device)[:, None].expand_as(labels)
+    differs = (labels != own_labels).reshape(n, -1).any(1).cpu()
+    own = torch.empty(n, lam.numel(), dtype=lam.dtype, device=lam.device)
+    drawn = torch.empty(n, draws, lam.numel(), dtype=lam.dtype, device=lam.device)
+    same, other = (~differs).nonzero().flatten().tolist(), differs.nonzero().flatten().tolist()
+    if same:
+        g = problem.total_gradients(lam, tasks.subset(same), desc="task gradients (draws = labels)")
+        own[same], drawn[same] = g, g[:, None]
+    if other:
+        for c, (g, r) in problem._mapped_chunks(one, lam, tasks.subset(other), None, None, (labels[other],), desc="fisher rows + task gradients"):
+            rows = other[c.start:c.stop]
+            own[rows], drawn[rows] = g.detach(), r.detach()
+    return own, [drawn[:, m] for m in range(draws)]
 
 
 def gauss_newton_factor(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, max_gb: float = 8.0) -> torch.Tensor:
