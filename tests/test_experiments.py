@@ -199,6 +199,8 @@ def test_removal_charges_its_curvature_fit_to_the_edits_that_used_it(tmp_path):
         sp = res["edit_vs_retrain"][m]
         assert sp["curvature_fit_charged_s"] == charged and sp["task_gradients_in_fit_s"] == in_fit
         assert sp["retrain_over_edit"] == pytest.approx(retrain["path_s"] / (edit["total_s"] + charged - in_fit))
+    md = _check_report(out, ["task-if", "random"])  # the untimed floor (null) is left out of the report's timings
+    assert "curvature_fit_s" in md and "curvature_floor_s" not in md
 
 
 def test_detection_ranks_by_exact_and_fast_tiers_of_one_fisher_curvature(tmp_path):

@@ -85,7 +85,8 @@ def run_detection(run, infl, sec: DetectionSettings, out: Path, quick: bool, log
         sub.mkdir(parents=True, exist_ok=True)
         log(f"detection sweep: ρ_task = {rho:g} → {sub}")
         r = _detection_one(run, infl, dataclasses.replace(sec, rho_task=float(rho), rho_tasks=()), sub, quick, log, resume, deadline)
-        r["timings"]["total_s"] = sum(v for k, v in r["timings"].items() if k != "total_s")
+        # the timed stages only: a resumed run lists its reused stages, and an untimed floor pass is null
+        r["timings"]["total_s"] = sum(v for k, v in r["timings"].items() if k != "total_s" and isinstance(v, (int, float)))
         write_json(sub / "results.json", r)
         results.append(r)
     main = dict(results[0])

@@ -183,9 +183,10 @@ def report_run(run_dir) -> Path:
     figs = res.get("figures", {})
     img = lambda key, cap: [(figs[key], cap)] if key in figs and (d / figs[key]).is_file() else []
     tm = res.get("timings", {})
-    # a resumed run also lists the stages it reused (timings["reused"])
+    # a resumed run also lists the stages it reused (timings["reused"]); a stage not timed is null (a fisher fit
+    # that made the per-task gradients in its own pass times no floor pass)
     timing_p = "Timings (s): " + ", ".join(f"{k} {v:.1f}" if isinstance(v, (int, float)) else f"{k}: {', '.join(map(str, v))}"
-                                           for k, v in tm.items()) + f". Machine: {res['machine']['platform']}, {res['machine']['cpu_count']} CPUs, torch {res['machine']['torch']} ({res['machine']['torch_threads']} threads)."
+                                           for k, v in tm.items() if v is not None) + f". Machine: {res['machine']['platform']}, {res['machine']['cpu_count']} CPUs, torch {res['machine']['torch']} ({res['machine']['torch_threads']} threads)."
     settings_p = f"Settings and seeds are in `results.json` (seeds: {res.get('seeds')}). Quick run: {res.get('quick')}."
     secs: list[dict] = []
     if name == "detection":
