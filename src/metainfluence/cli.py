@@ -360,8 +360,7 @@ def _cmd_curvature(args: argparse.Namespace) -> int:
                                      overrides=_data_only(args), method=args.method, max_tasks=args.max_tasks,
                                      max_rank=args.max_rank)
     i = art.info
-    floor = (f"fit {i['fit_over_floor']:.1f}× the floor (one pass of per-task gradients, {i['floor_seconds']:.2f} s)" if i.get("floor_seconds")
-             else f"fit {i['fit_seconds']:.2f} s")
+    floor = f"fit {i['fit_over_floor']:.1f}× the floor (one pass of per-task gradients, {i['floor_seconds']:.2f} s)" if i.get("floor_seconds") else f"fit {i['fit_seconds']:.2f} s"
     if art.method == "fisher":
         print(f"fisher factor of the total Hessian ({i['factor_rows']} rows of sampled-label total gradients, {i['fisher_samples']} "
               f"per task), measured against the {i['hessian']} total Hessian: {floor}")
