@@ -28,7 +28,8 @@ def test_fused_pass_gives_the_rows_and_gradients_of_the_two_passes(loss, kind, c
     extra = {"proximal": 1.0, "steps": 5, "lr": 0.5} if kind == "implicit" else {}
     problem, lam = small_problem(kind, hidden=(5,), n_classes=1 if regression else 3, loss=loss, chunk_size=chunk, **extra)
     tasks = random_tasks(n=11, seed=5, regression=regression)
-    rows, grads = fisher_factor_and_gradients(problem, lam, tasks, samples=2, seed=7)
+    rows, grads, own_draws = fisher_factor_and_gradients(problem, lam, tasks, samples=2, seed=7)
+    assert own_draws == (None if kind == "implicit" else 0.0)  # an untrained model: no task draws all its own labels twice
     torch.testing.assert_close(rows, fisher_factor(problem, lam, tasks, 2, 7), rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(grads, problem.total_gradients(lam, tasks), rtol=1e-12, atol=1e-14)
     assert rows.shape == (22, lam.numel()) and grads.shape == (11, lam.numel())
@@ -45,12 +46,10 @@ def test_tasks_whose_draws_equal_their_labels_take_their_rows_from_their_gradien
     yq = tasks.query_y.clone()
     yq[:7] = draw[:7]
     tasks = TaskTensors(tasks.support_x, tasks.support_y, tasks.query_x, yq)
-    sizes = []
-    plain = problem.total_gradients
-    problem.total_gradients = lambda lam, t, *a, **k: sizes.append(len(t)) or plain(lam, t, *a, **k)
-    rows, grads = fisher_factor_and_gradients(problem, lam, tasks, samples=1, seed=7)
-    assert sizes == [7]  # the plain pass covers exactly the tasks whose draw equals their labels
-    problem.total_gradients = plain
+    calls = _counting(problem)
+    rows, grads, own_draws = fisher_factor_and_gradients(problem, lam, tasks, samples=1, seed=7)
+    assert calls["sizes"] == [7] and own_draws == 7 / 12  # the plain pass covers exactly the tasks whose draw equals their labels
+    del problem.total_gradients  # the method itself again
     scale = (tasks.n_query / len(tasks)) ** 0.5
     torch.testing.assert_close(rows[:7], grads[:7] * scale, rtol=0, atol=0)
     torch.testing.assert_close(rows, fisher_factor(problem, lam, tasks, 1, 7), rtol=1e-12, atol=1e-14)
@@ -58,13 +57,14 @@ def test_tasks_whose_draws_equal_their_labels_take_their_rows_from_their_gradien
 
 
 def _counting(problem):
-    """Count ``problem.total_gradients`` calls (the floor's pass and the scores' chunks go through it)."""
-    calls = {"total_gradients": 0}
+    """Count ``problem.total_gradients`` calls (the floor's pass and the scores' chunks go through it) and their pool sizes."""
+    calls = {"total_gradients": 0, "sizes": []}
     plain = problem.total_gradients
 
-    def counted(*a, **k):
+    def counted(lam, tasks, *a, **k):
         calls["total_gradients"] += 1
-        return plain(*a, **k)
+        calls["sizes"].append(len(tasks))
+        return plain(lam, tasks, *a, **k)
 
     problem.total_gradients = counted
     return calls

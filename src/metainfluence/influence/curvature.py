@@ -183,8 +183,9 @@ def fit_curvature(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, s
     elif method == "fisher":
         # the total-gradient factor of sampled-label query losses: E[GᵀG] is the total Gauss–Newton
         # matrix, so unlike EK-FAC it keeps dθ/dλ; its inverse is exact by Woodbury
+        own_draws = None  # the share of tasks whose draws equal their labels: their rows are their gradients
         if fused:
-            rows, gradients = fisher_factor_and_gradients(problem, lam, tasks, settings.fisher_samples, settings.seed)
+            rows, gradients, own_draws = fisher_factor_and_gradients(problem, lam, tasks, settings.fisher_samples, settings.seed)
         else:
             rows = fisher_factor(problem, lam, tasks, settings.fisher_samples, settings.seed)
         approx_op = FactorCurvature(rows, problem.weight_decay)
@@ -196,7 +197,8 @@ def fit_curvature(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, s
         if same_rows:
             op.adopt_factor(rows)
         fit = {"method": "fisher", "fisher_samples": settings.fisher_samples, "factor_rows": rows.shape[0],
-               "eigenvalue_min": approx_op.min_eigenvalue(), "operator_rows": same_rows, "task_gradients_kept": fused}
+               "eigenvalue_min": approx_op.min_eigenvalue(), "operator_rows": same_rows, "task_gradients_kept": fused,
+               "tasks_drawing_own_labels": own_draws}
     elif method == "gn-factor":
         # the Gauss–Newton matrix itself, one row per query example and class: exact, so its inverse is
         # the exact tier's answer for hessian gauss-newton (and a one-iteration preconditioner)

@@ -18,8 +18,8 @@ from .core import DampedProducts, IHVPResult, SolverSettings, finish, prepare_rh
 
 def gram(G: Tensor, block: int = 512) -> Tensor:
     """G Gᵀ for a factor G (r, p), each block of rows against the rows from it on: the upper triangle's products
-    only, mirrored, so about half the flops of ``G @ G.T`` (1.7× faster on 3,000 × 29,000 float32 rows, one CPU
-    thread; the Woodbury inverse of a 5,000-task fisher factor spent 23 s forming its Gram matrix)."""
+    only, mirrored, so about half the flops of ``G @ G.T`` (a 5,000-task fisher factor's Gram matrix is a large part
+    of its Woodbury inverse's cost; benchmarks/bench_fit_gradients.py times the path with one product against this)."""
     r = G.shape[0]
     K = torch.empty(r, r, dtype=G.dtype, device=G.device)
     for i in range(0, r, block):

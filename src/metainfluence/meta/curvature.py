@@ -232,12 +232,13 @@ def fisher_factor(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, s
 
 
 def fisher_factor_and_gradients(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, samples: int,
-                                seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(:func:`fisher_factor`, the per-task total gradients g_i of this process's tasks): through the unrolled inner
-    loop both come from one pass: a task whose draws all equal its labels has rows equal to g_i, the others one forward
-    pulled back once per label set (the task's own labels and each draw). The same rows as :func:`fisher_factor` and
-    the same g_i as ``problem.total_gradients`` (benchmarks/bench_fit_gradients.py times it against the two passes).
-    Implicit inner loops make the two passes."""
+                                seed: int) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+    """(:func:`fisher_factor`, the per-task total gradients g_i of this process's tasks, the share of those tasks whose
+    draws all equal their own labels): through the unrolled inner loop both come from one pass — such a task has rows
+    equal to g_i, the others one forward pulled back once per label set (the task's own labels and each draw). The
+    same rows as :func:`fisher_factor` and the same g_i as ``problem.total_gradients``
+    (benchmarks/bench_fit_gradients.py times it against the two passes). Implicit inner loops make the two passes
+    (share None)."""
     return _fisher(problem, lam, tasks, samples, seed, None, None, None, with_gradients=True)
 
 
@@ -253,9 +254,9 @@ def _fisher(problem, lam, tasks, samples, seed, w, v, u, with_gradients: bool):
         # labels are drawn for the whole pool (gathered over shards), so every process draws what one process would
         out = problem.collective.gather_rows(problem.per_task(outputs, lam, tasks, v, u))
     draws = [problem.collective.local_rows(sample_labels(problem, out, gen).to(tasks.query_y.device), len(tasks)) for _ in range(samples)]
-    gradients = None
+    gradients = share = None
     if with_gradients and problem.inner.kind == "unrolled":
-        gradients, per_draw = _gradients_and_draws(problem, lam.detach(), tasks, torch.stack(draws, 1))
+        gradients, per_draw, share = _gradients_and_draws(problem, lam.detach(), tasks, torch.stack(draws, 1))
         rows = [problem.collective.gather_rows(r) for r in per_draw]
     else:
         rows = []
@@ -268,15 +269,16 @@ def _fisher(problem, lam, tasks, samples, seed, w, v, u, with_gradients: bool):
     if w is not None:
         task_weight = problem.collective.gather_rows(w.to(G)).clamp_min(0).sqrt()
         G = G * task_weight.repeat(samples)[:, None]
-    return G, gradients
+    return G, gradients, share
 
 
 def _gradients_and_draws(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, labels: torch.Tensor):
-    """(g_i (n, p), [total gradients under label set m (n, p) for each m]) for ``labels`` (n, M, |Q|, …).
+    """(g_i (n, p), [total gradients under label set m (n, p) for each m], the share of tasks whose draws all equal
+    their labels) for ``labels`` (n, M, |Q|, …).
 
     A task whose every draw equals its own labels has rows equal to g_i: one plain pass over those tasks gives both
-    (on a clean pool fitted to 100% training accuracy that is 99% of them). The others make one vjp of the query
-    outputs per task, its pullback applied to each label set's loss gradient in the outputs."""
+    (on a clean pool fitted to ~100% training accuracy most of them). The others make one vjp of the query outputs per
+    task, its pullback applied to each label set's loss gradient in the outputs."""
 
     def one(lam, task: TaskRecord, draws):
         out, pullback = vjp(lambda l: problem.forward(problem.adapt(l, task), task.xq), lam)
@@ -298,7 +300,7 @@ def _gradients_and_draws(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTen
         for c, (g, r) in problem._mapped_chunks(one, lam, tasks.subset(other), None, None, (labels[other],), desc="fisher rows + task gradients"):
             rows = other[c.start:c.stop]
             own[rows], drawn[rows] = g.detach(), r.detach()
-    return own, [drawn[:, m] for m in range(draws)]
+    return own, [drawn[:, m] for m in range(draws)], len(same) / max(n, 1)
 
 
 def gauss_newton_factor(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, max_gb: float = 8.0) -> torch.Tensor:
