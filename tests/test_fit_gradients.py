@@ -36,8 +36,8 @@ def test_fused_pass_gives_the_rows_and_gradients_of_the_two_passes(loss, kind, c
 
 
 def test_tasks_whose_draws_equal_their_labels_take_their_rows_from_their_gradients():
-    """Query labels set to the model's own draw on 7 of 12 tasks: those tasks' fisher rows are their gradients (one plain
-    pass over 7 tasks); the other 5 make the fused pass; rows and gradients still equal the two separate passes."""
+    """Query labels set to the model's own draw on 7 of 12 tasks: those tasks' fisher rows are their gradients; only the
+    other 5 make a pass for their draws; rows and gradients still equal the two separate passes."""
     problem, lam = small_problem(hidden=(5,), chunk_size=4)
     tasks = random_tasks(n=12, seed=6)
     with torch.no_grad():
@@ -46,27 +46,29 @@ def test_tasks_whose_draws_equal_their_labels_take_their_rows_from_their_gradien
     yq = tasks.query_y.clone()
     yq[:7] = draw[:7]
     tasks = TaskTensors(tasks.support_x, tasks.support_y, tasks.query_x, yq)
-    calls = _counting(problem)
+    calls = _counting(problem, "_mapped_chunks")
     rows, grads, own_draws = fisher_factor_and_gradients(problem, lam, tasks, samples=1, seed=7)
-    assert calls["sizes"] == [7] and own_draws == 7 / 12  # the plain pass covers exactly the tasks whose draw equals their labels
-    del problem.total_gradients  # the method itself again
+    # one pass over all 12 tasks (gradients and outputs), then the draws' rows of exactly the 5 others
+    assert calls["sizes"] == [12, 5] and own_draws == 7 / 12
+    del problem._mapped_chunks  # the method itself again
     scale = (tasks.n_query / len(tasks)) ** 0.5
     torch.testing.assert_close(rows[:7], grads[:7] * scale, rtol=0, atol=0)
     torch.testing.assert_close(rows, fisher_factor(problem, lam, tasks, 1, 7), rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(grads, problem.total_gradients(lam, tasks), rtol=1e-12, atol=1e-14)
 
 
-def _counting(problem):
-    """Count ``problem.total_gradients`` calls (the floor's pass and the scores' chunks go through it) and their pool sizes."""
+def _counting(problem, method: str = "total_gradients"):
+    """Count calls of ``problem.total_gradients`` (the floor's pass and the scores' chunks go through it), or of another
+    pool-level method, and the sizes of the pools they were given."""
     calls = {"total_gradients": 0, "sizes": []}
-    plain = problem.total_gradients
+    plain = getattr(problem, method)
 
-    def counted(lam, tasks, *a, **k):
+    def counted(*a, **k):
         calls["total_gradients"] += 1
-        calls["sizes"].append(len(tasks))
-        return plain(lam, tasks, *a, **k)
+        calls["sizes"].append(next(len(x) for x in a if isinstance(x, TaskTensors)))
+        return plain(*a, **k)
 
-    problem.total_gradients = counted
+    setattr(problem, method, counted)
     return calls
 
 

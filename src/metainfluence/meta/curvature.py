@@ -234,9 +234,9 @@ def fisher_factor(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, s
 def fisher_factor_and_gradients(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, samples: int,
                                 seed: int) -> tuple[torch.Tensor, torch.Tensor, float | None]:
     """(:func:`fisher_factor`, the per-task total gradients g_i of this process's tasks, the share of those tasks whose
-    draws all equal their own labels): through the unrolled inner loop both come from one pass — such a task has rows
-    equal to g_i, the others one forward pulled back once per label set (the task's own labels and each draw). The
-    same rows as :func:`fisher_factor` and the same g_i as ``problem.total_gradients``
+    draws all equal their own labels): through the unrolled inner loop one pass gives each g_i and the outputs the
+    labels are drawn from; a task whose draws all equal its labels has rows equal to g_i, the others one more forward
+    pulled back once per draw. The same rows as :func:`fisher_factor` and the same g_i as ``problem.total_gradients``
     (benchmarks/bench_fit_gradients.py times it against the two passes). Implicit inner loops make the two passes
     (share None)."""
     return _fisher(problem, lam, tasks, samples, seed, None, None, None, with_gradients=True)
@@ -246,17 +246,22 @@ def _fisher(problem, lam, tasks, samples, seed, w, v, u, with_gradients: bool):
     if samples < 1:
         raise SettingsError(f"fisher_samples must be ≥ 1, got {samples}")
     gen = torch.Generator(device="cpu").manual_seed(seed)
-
-    def outputs(lam, task):
-        return problem.forward(problem.adapt(lam, task), task.xq)
-
-    with torch.no_grad():
-        # labels are drawn for the whole pool (gathered over shards), so every process draws what one process would
-        out = problem.collective.gather_rows(problem.per_task(outputs, lam, tasks, v, u))
-    draws = [problem.collective.local_rows(sample_labels(problem, out, gen).to(tasks.query_y.device), len(tasks)) for _ in range(samples)]
+    fused = with_gradients and problem.inner.kind == "unrolled"
     gradients = share = None
-    if with_gradients and problem.inner.kind == "unrolled":
-        gradients, per_draw, share = _gradients_and_draws(problem, lam.detach(), tasks, torch.stack(draws, 1))
+    if fused:
+        # the outputs the labels are drawn from come out of the gradient pass's own forward
+        gradients, out = _gradients_and_outputs(problem, lam.detach(), tasks)
+    else:
+        def outputs(lam, task):
+            return problem.forward(problem.adapt(lam, task), task.xq)
+
+        with torch.no_grad():
+            out = problem.per_task(outputs, lam, tasks, v, u)
+    # labels are drawn for the whole pool (gathered over shards), so every process draws what one process would
+    out = problem.collective.gather_rows(out)
+    draws = [problem.collective.local_rows(sample_labels(problem, out, gen).to(tasks.query_y.device), len(tasks)) for _ in range(samples)]
+    if fused:
+        per_draw, share = _rows_of_draws(problem, lam.detach(), tasks, torch.stack(draws, 1), gradients)
         rows = [problem.collective.gather_rows(r) for r in per_draw]
     else:
         rows = []
@@ -272,35 +277,42 @@ def _fisher(problem, lam, tasks, samples, seed, w, v, u, with_gradients: bool):
     return G, gradients, share
 
 
-def _gradients_and_draws(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, labels: torch.Tensor):
-    """(g_i (n, p), [total gradients under label set m (n, p) for each m], the share of tasks whose draws all equal
-    their labels) for ``labels`` (n, M, |Q|, …).
+def _query_loss_in_outputs(problem: MetaProblem, task: TaskRecord, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """∂L_Q/∂outputs for labels y: the query loss of ``problem.weighted_loss``, differentiated in the outputs."""
+    return grad(lambda o: (task.u * problem.loss_fn(o, y)).sum() / task.xq.shape[0])(out)
 
-    A task whose every draw equals its own labels has rows equal to g_i: one plain pass over those tasks gives both
-    (on a clean pool fitted to ~100% training accuracy most of them). The others make one vjp of the query outputs per
-    task, its pullback applied to each label set's loss gradient in the outputs."""
+
+def _gradients_and_outputs(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors) -> tuple[torch.Tensor, torch.Tensor]:
+    """(g_i (n, p), the adapted query outputs (n, |Q|, …)) in one pass: each task's forward through its adaptation,
+    pulled back for its own labels, with the outputs kept to draw the fisher labels from (a separate no-grad pass
+    for them cost 40% of a gradient pass on Conv4)."""
+
+    def one(lam, task: TaskRecord):
+        out, pullback = vjp(lambda l: problem.forward(problem.adapt(l, task), task.xq), lam)
+        return pullback(_query_loss_in_outputs(problem, task, out, task.yq))[0], out
+
+    parts = [(g.detach(), out.detach()) for _, (g, out) in problem._mapped_chunks(one, lam, tasks, None, None, (), desc="task gradients + outputs")]
+    return torch.cat([g for g, _ in parts]), torch.cat([out for _, out in parts])
+
+
+def _rows_of_draws(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, labels: torch.Tensor, gradients: torch.Tensor):
+    """([total gradients under label set m (n, p) for each m], the share of tasks whose draws all equal their labels)
+    for ``labels`` (n, M, |Q|, …), given the tasks' own gradients. A task whose every draw equals its labels has
+    rows equal to g_i (on a clean pool fitted to ~100% training accuracy most of them); the others make one vjp of
+    the query outputs each, pulled back once per draw."""
 
     def one(lam, task: TaskRecord, draws):
         out, pullback = vjp(lambda l: problem.forward(problem.adapt(l, task), task.xq), lam)
-        # the query loss of problem.weighted_loss, differentiated in the outputs
-        in_outputs = lambda y: grad(lambda o: (task.u * problem.loss_fn(o, y)).sum() / task.xq.shape[0])(out)
-        own = pullback(in_outputs(task.yq))[0]
-        return own, torch.stack([pullback(in_outputs(draws[m]))[0] for m in range(draws.shape[0])])
+        return torch.stack([pullback(_query_loss_in_outputs(problem, task, out, draws[m]))[0] for m in range(draws.shape[0])])
 
     n, draws = len(tasks), labels.shape[1]
     own_labels = tasks.query_y.to(labels.device)[:, None].expand_as(labels)
-    differs = (labels != own_labels).reshape(n, -1).any(1).cpu()
-    own = torch.empty(n, lam.numel(), dtype=lam.dtype, device=lam.device)
-    drawn = torch.empty(n, draws, lam.numel(), dtype=lam.dtype, device=lam.device)
-    same, other = (~differs).nonzero().flatten().tolist(), differs.nonzero().flatten().tolist()
-    if same:
-        g = problem.total_gradients(lam, tasks.subset(same), desc="task gradients (draws = labels)")
-        own[same], drawn[same] = g, g[:, None]
+    other = (labels != own_labels).reshape(n, -1).any(1).cpu().nonzero().flatten().tolist()
+    drawn = gradients[:, None].expand(n, draws, -1).clone()
     if other:
-        for c, (g, r) in problem._mapped_chunks(one, lam, tasks.subset(other), None, None, (labels[other],), desc="fisher rows + task gradients"):
-            rows = other[c.start:c.stop]
-            own[rows], drawn[rows] = g.detach(), r.detach()
-    return own, [drawn[:, m] for m in range(draws)], len(same) / max(n, 1)
+        for c, r in problem._mapped_chunks(one, lam, tasks.subset(other), None, None, (labels[other],), desc="fisher rows (draws ≠ labels)"):
+            drawn[other[c.start:c.stop]] = r.detach()
+    return [drawn[:, m] for m in range(draws)], (n - len(other)) / max(n, 1)
 
 
 def gauss_newton_factor(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, max_gb: float = 8.0) -> torch.Tensor:
