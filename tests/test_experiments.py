@@ -51,6 +51,12 @@ def test_detection_quick(tmp_path):
         assert 0.4 < acc <= 1 and 0 < ci < 0.2  # 5-way: well above chance (0.2) on digits
     assert {"recall", "accuracy", "harmful_tasks"} <= set(res["figures"])
     _check_report(out, [*METHODS, "task-if (self, fisher)", "oracle", "Sweep over ρ_task"])
+    # resumed: the sub-runs list their reused stages among their timings, and the sweep totals the timed stages only
+    again = run_experiment("detection", str(cfg), True, str(out), log=lambda s: None, resume=True)
+    timed = json.loads((out / "rho_0.4" / "results.json").read_text())["timings"]
+    assert "train" in timed["reused"] and again["sweep"] == res["sweep"]
+    assert timed["total_s"] == pytest.approx(sum(v for k, v in timed.items() if k != "total_s" and isinstance(v, (int, float))))
+    assert again["timings"]["rho_0.4_s"] == timed["total_s"]
 
 
 @pytest.mark.slow
@@ -201,6 +207,18 @@ def test_removal_charges_its_curvature_fit_to_the_edits_that_used_it(tmp_path):
         assert sp["retrain_over_edit"] == pytest.approx(retrain["path_s"] / (edit["total_s"] + charged - in_fit))
     md = _check_report(out, ["task-if", "random"])  # the untimed floor (null) is left out of the report's timings
     assert "curvature_fit_s" in md and "curvature_floor_s" not in md
+    # resumed after the fit with task-IF's scores lost: the fit is made again so that its pass serves them, and the
+    # pass is still counted once; with every score kept, the fit is resumed from its file
+    for f in (out / "scores").glob("task-if.*"):
+        f.unlink()
+    lines: list[str] = []
+    again = run_experiment("removal", str(cfg), True, str(out), log=lines.append, resume=True)
+    assert any("fitted again" in ln for ln in lines) and not any("resumed: curvature" in ln for ln in lines)
+    task_if, info = again["influence_diagnostics"]["task-if"], json.loads((out / "curvature.json").read_text())["info"]
+    assert task_if["task_gradients_reused_s"] == info["fit_seconds"] == again["edit_vs_retrain"]["task-if"]["task_gradients_in_fit_s"]
+    lines.clear()
+    run_experiment("removal", str(cfg), True, str(out), log=lines.append, resume=True)
+    assert any("resumed: curvature" in ln for ln in lines) and not any("fitted again" in ln for ln in lines)
 
 
 def test_detection_ranks_by_exact_and_fast_tiers_of_one_fisher_curvature(tmp_path):

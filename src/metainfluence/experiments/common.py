@@ -176,11 +176,17 @@ def _with_curvature(problem, lam, train, infl: InfluenceSettings, out: Path, log
     stem = out / "curvature"
     if cache is not None and cache.has("curvature"):  # its fingerprint (λ*, pool, Hessian kind) is checked on every use
         info = read_json(stem.with_suffix(".json"), what="curvature file").get("info", {})
-        if info.get("method") == infl.curvature_fit and info.get("hessian") == infl.hessian and \
-                (infl.curvature_fit != "fisher" or info.get("fisher_samples") == infl.fisher_samples):
+        same = info.get("method") == infl.curvature_fit and info.get("hessian") == infl.hessian and \
+            (infl.curvature_fit != "fisher" or info.get("fisher_samples") == infl.fisher_samples)
+        # a fit whose pass made the per-task gradients is fitted again while scores remain to compute: its gradients
+        # were not kept across the restart, and the scores' own pass would then be charged beside the fit's
+        lost = info.get("task_gradients_kept") and any(not cache.has("scores/" + slug(m)) for m in methods)
+        if same and not lost:
             _fit_timings(timings, info)
             log(f"resumed: curvature {stem}")
             return dataclasses.replace(infl, curvature_file=str(stem))
+        if same:
+            log("curvature: fitted again — its pass's per-task gradients serve the scores still to compute")
     art = fit_curvature(problem, lam, train, infl, rank="auto", method=infl.curvature_fit)
     art.save(stem)
     _fit_timings(timings, art.info)

@@ -17,7 +17,7 @@ from .. import GroundTruthSettings, RefineSettings, Removal, edit_model, evaluat
 from ..config import to_dict
 from ..evaluation.groundtruth import measurement_sha256
 from ..influence.gradients import reusing_measurement_gradients
-from ..influence.reliability import halves_of, reliability_record, reliability_warning, split_half_scores
+from ..influence.reliability import halves_of, reliability_and_half_scores, reliability_warning
 from ..io import save_result, write_json
 from ..pipeline import RunContext
 from ..tasks import corrupt_tasks
@@ -233,12 +233,8 @@ def _reliability(problem, lam_star, train, val, infl, flags, sec: DetectionSetti
     task_if = dataclasses.replace(infl, method="task-if", removal="first-order", self_influence=False)
 
     def compute() -> dict:
-        t = time.perf_counter()
-        info: dict = {}
-        S, residual = split_half_scores(problem, lam_star, train, val, task_if, sec.reliability_splits, seed=sec.corruption_seed, s=s, info=info)
-        seconds = time.perf_counter() - t + info.get("task_gradients_reused_s", 0.0)  # a fit's kept gradients: charged its pass
-        return {**reliability_record(S, len(val)), "seed": sec.corruption_seed, "solver_residual": residual, "seconds": seconds, **info,
-                "half_auc": [metrics.detection_auc((-S[:, j]).numpy(), flags.numpy()) for j in range(S.shape[1])]}
+        rec, S = reliability_and_half_scores(problem, lam_star, train, val, task_if, sec.reliability_splits, sec.corruption_seed, s=s)
+        return {**rec, "half_auc": [metrics.detection_auc((-S[:, j]).numpy(), flags.numpy()) for j in range(S.shape[1])]}
 
     rec = cache.unit("measurement reliability", {"influence": to_dict(task_if), "splits": sec.reliability_splits, "seed": sec.corruption_seed,
                                                  "val_sha256": measurement_sha256(val)}, compute)

@@ -76,16 +76,20 @@ class Removal:
         }
 
 
-def removed_gradient(problem: MetaProblem, lam: torch.Tensor, pool: TaskTensors, removal: Removal, linear: bool = True) -> torch.Tensor:
+def removed_gradient(problem: MetaProblem, lam: torch.Tensor, pool: TaskTensors, removal: Removal, linear: bool = True,
+                     diag: dict | None = None) -> torch.Tensor:
     """b_R: the sum of total gradients of removed tasks plus the removed examples' share of their
     tasks' gradients. ``linear``: the examples' mixed derivatives ∂_λ∂_{w_z} L_Q (the first-order
     prediction); otherwise the exact difference g_k(v, u) − g_k(v_R, u_R) of every task that loses
-    an example, so that b_R / n = ∇F(λ) − ∇F(λ; w_R, v_R, u_R) exactly (g_k is not linear in v)."""
+    an example, so that b_R / n = ∇F(λ) − ∇F(λ; w_R, v_R, u_R) exactly (g_k is not linear in v). ``diag`` records
+    ``removed_gradient_from_kept_pass``: whether the removed tasks' g_k came from a fisher fit's pass."""
     removal.validate(pool)
     b = torch.zeros_like(lam)
     if removal.tasks:
         # the removed tasks' g_k from a fisher fit's pass when the reuse block kept them (influence/gradients.py)
         kept = kept_task_gradients(problem, lam, pool)
+        if diag is not None:
+            diag["removed_gradient_from_kept_pass"] = kept is not None
         b = b + (kept.gradients[list(removal.tasks)].sum(0) if kept is not None else
                  problem.sum_over_tasks(problem.task_total_gradient, lam, pool.subset(list(removal.tasks))))
     # examples of removed tasks are already gone with their task
@@ -215,11 +219,10 @@ def edit_model(
     n = problem.collective.total_count(len(pool))
     t0 = time.perf_counter()
     # the reduced step is a Newton step on F(·; w_R, v_R, u_R): it needs the exact change of the gradient
-    b = removed_gradient(problem, lam, pool, removal, linear=step == "full")
+    diag: dict[str, Any] = {"removed": removal.count(), "step": step, "newton": [], "removed_gradient_from_kept_pass": False}
+    b = removed_gradient(problem, lam, pool, removal, linear=step == "full", diag=diag)
     w, v, u = removal.weights(problem, lam, pool)
     objective, gradient = reduced_objective(problem, pool, (w, v, u), proximal)
-    diag: dict[str, Any] = {"removed": removal.count(), "step": step, "newton": [],
-                            "removed_gradient_from_kept_pass": bool(removal.tasks) and kept_task_gradients(problem, lam, pool) is not None}
     if proximal is not None:
         diag["proximal_gamma"] = float(proximal[0])
     if step == "full":

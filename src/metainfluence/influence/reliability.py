@@ -47,11 +47,19 @@ def measurement_reliability(problem: MetaProblem, lam: torch.Tensor, train_tasks
         raise SettingsError(f"the measurement's reliability is computed for task-if, not {settings.method}")
     if problem.collective.world_size > 1:
         raise SettingsError("the measurement's reliability splits the validation pool in one process; run it without torchrun")
+    return reliability_and_half_scores(problem, lam, train_tasks, val_tasks, settings, splits, seed, target, s)[0]
+
+
+def reliability_and_half_scores(problem: MetaProblem, lam: torch.Tensor, train_tasks: TaskTensors, val_tasks: TaskTensors,
+                                settings: InfluenceSettings, splits: int, seed: int, target: float = TARGET,
+                                s: torch.Tensor | None = None) -> tuple[dict[str, Any], torch.Tensor]:
+    """(the record of :func:`measurement_reliability`, without its checks; the half scores (n, 2·splits) it is built
+    from, for a caller that measures each half, e.g. its detection AUC)."""
     t0, info = time.perf_counter(), {}
     S, residual = split_half_scores(problem, lam, train_tasks, val_tasks, settings, splits, seed, s=s, info=info)
     # per-task gradients read from a curvature fit's pass are charged that pass (a stand-alone time, as the scores')
     seconds = time.perf_counter() - t0 + info.get("task_gradients_reused_s", 0.0)
-    return {**reliability_record(S, m, target), "seed": seed, "solver_residual": residual, "seconds": seconds, **info}
+    return {**reliability_record(S, len(val_tasks), target), "seed": seed, "solver_residual": residual, "seconds": seconds, **info}, S
 
 
 def reliability_record(S: torch.Tensor, m: int, target: float = TARGET) -> dict[str, Any]:
