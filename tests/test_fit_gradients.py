@@ -1,7 +1,8 @@
 """One pass for the fisher fit and the per-task gradients: the fused pass gives the rows and gradients of the two
 separate passes, a fisher fit inside a reuse block keeps them for the block's scores and edits (which then make no
 gradient pass of their own and score and edit as without it), the Gram matrix of the Woodbury inverse formed from
-its upper triangle, and a saved curvature file served from memory with its factorisations."""
+its upper triangle, the factor's transposed products in the fast order, and a saved curvature file served from memory
+with its factorisations."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from metainfluence.influence.gradients import kept_task_gradients, reusing_measu
 from metainfluence.influence.results import InfluenceSettings
 from metainfluence.influence.task_if import task_influence
 from metainfluence.linalg import SolverSettings
-from metainfluence.linalg.woodbury import gram
+from metainfluence.linalg.woodbury import gram, transposed_times
 from metainfluence.meta.curvature import fisher_factor, fisher_factor_and_gradients, sample_labels
 from metainfluence.tasks.tensors import TaskTensors
 
@@ -111,6 +112,16 @@ def test_gram_from_the_upper_triangle_equals_the_full_product(rows, cols, block)
     G = torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows), dtype=torch.float64)
     K = gram(G, block=block)
     torch.testing.assert_close(K, G @ G.T, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("width", [None, 1, 4, 17])
+def test_the_factors_transposed_product_equals_the_plain_one(width):
+    g = torch.Generator().manual_seed(3)
+    G = torch.randn(9, 31, generator=g, dtype=torch.float64)
+    Y = torch.randn(9, generator=g, dtype=torch.float64) if width is None else torch.randn(9, width, generator=g, dtype=torch.float64)
+    out = transposed_times(G, Y)
+    torch.testing.assert_close(out, G.T @ Y, rtol=1e-13, atol=1e-13)
+    assert out.shape == (31,) if width is None else out.shape == (31, width) and out.is_contiguous()
 
 
 def test_a_saved_curvature_file_loads_as_the_fitted_object_with_its_factorisations(tmp_path):

@@ -30,6 +30,13 @@ def gram(G: Tensor, block: int = 512) -> Tensor:
     return K
 
 
+def transposed_times(G: Tensor, Y: Tensor) -> Tensor:
+    """Gᵀ Y for a factor G (r, p) and Y (r,) or (r, k), as (Yᵀ G)ᵀ: the same product, but torch's CPU kernel for a
+    transposed G against 2–15 columns is ~15× slower than the other order (5,000 × 28,965 rows, 4 columns:
+    1.4 s against 0.09 s, one thread), and the probe checks and block solves have such widths."""
+    return Y @ G if Y.ndim == 1 else (Y.T @ G).T.contiguous()
+
+
 class FactorOperator:
     """H = GᵀG + shift·I, with G (r, p) — e.g. rows of scaled total gradients."""
 
@@ -43,10 +50,10 @@ class FactorOperator:
         self.device = factor.device
 
     def matvec(self, v: Tensor) -> Tensor:
-        return self.factor.T @ (self.factor @ v) + self.shift * v
+        return transposed_times(self.factor, self.factor @ v) + self.shift * v
 
     def matmat(self, V: Tensor) -> Tensor:
-        return self.factor.T @ (self.factor @ V) + self.shift * V
+        return transposed_times(self.factor, self.factor @ V) + self.shift * V
 
 
 class FactorCurvature(FactorOperator):
@@ -91,7 +98,7 @@ class FactorCurvature(FactorOperator):
             small = self._gram
             self._chol[c] = torch.linalg.cholesky(small + c * torch.eye(small.shape[0], dtype=G.dtype, device=G.device))
         L = self._chol[c]
-        X = (B - G.T @ torch.cholesky_solve(G @ B, L)) / c if r < self.dim else torch.cholesky_solve(B, L)
+        X = (B - transposed_times(G, torch.cholesky_solve(G @ B, L))) / c if r < self.dim else torch.cholesky_solve(B, L)
         return X[:, 0] if vec else X
 
     def tensors(self) -> dict[str, Tensor]:
@@ -133,5 +140,5 @@ def woodbury_solve(op, b: Tensor, damping: float, settings: SolverSettings = Sol
     if c <= 0:
         raise SettingsError("the fisher Hessian is singular without weight decay or damping: set damping > 0")
     small = gram(G) + c * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
-    X = (B.T - G.T @ torch.linalg.solve(small, G @ B.T)) / c
+    X = (B.T - transposed_times(G, torch.linalg.solve(small, G @ B.T))) / c
     return finish("woodbury", X.T, B, b, DampedProducts(op, damping), 0, {"converged": True, "factor_rows": G.shape[0]}, t0)
