@@ -36,24 +36,25 @@ def test_fused_pass_gives_the_rows_and_gradients_of_the_two_passes(loss, kind, c
     assert rows.shape == (22, lam.numel()) and grads.shape == (11, lam.numel())
 
 
-def test_tasks_whose_draws_equal_their_labels_take_their_rows_from_their_gradients():
-    """Query labels set to the model's own draw on 7 of 12 tasks: those tasks' fisher rows are their gradients; only the
-    other 5 make a pass for their draws; rows and gradients still equal the two separate passes."""
+@pytest.mark.parametrize("own", [7, 12])
+def test_tasks_whose_draws_equal_their_labels_take_their_rows_from_their_gradients(own):
+    """Query labels set to the model's own draw on 7 (or all 12) of 12 tasks: those tasks' fisher rows are their
+    gradients; only the others make a pass for their draws; rows and gradients still equal the two separate passes."""
     problem, lam = small_problem(hidden=(5,), chunk_size=4)
     tasks = random_tasks(n=12, seed=6)
     with torch.no_grad():
         out = problem.per_task(lambda l, t: problem.forward(problem.adapt(l, t), t.xq), lam, tasks)
     draw = sample_labels(problem, out, torch.Generator().manual_seed(7))  # the draw fisher_factor makes with seed 7
     yq = tasks.query_y.clone()
-    yq[:7] = draw[:7]
+    yq[:own] = draw[:own]
     tasks = TaskTensors(tasks.support_x, tasks.support_y, tasks.query_x, yq)
     calls = _counting(problem, "_mapped_chunks")
     rows, grads, own_draws = fisher_factor_and_gradients(problem, lam, tasks, samples=1, seed=7)
-    # one pass over all 12 tasks (gradients and outputs), then the draws' rows of exactly the 5 others
-    assert calls["sizes"] == [12, 5] and own_draws == 7 / 12
+    # one pass over all 12 tasks (gradients and outputs), then the draws' rows of exactly the others
+    assert calls["sizes"] == [12] + ([12 - own] if own < 12 else []) and own_draws == own / 12
     del problem._mapped_chunks  # the method itself again
     scale = (tasks.n_query / len(tasks)) ** 0.5
-    torch.testing.assert_close(rows[:7], grads[:7] * scale, rtol=0, atol=0)
+    torch.testing.assert_close(rows[:own], grads[:own] * scale, rtol=0, atol=0)
     torch.testing.assert_close(rows, fisher_factor(problem, lam, tasks, 1, 7), rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(grads, problem.total_gradients(lam, tasks), rtol=1e-12, atol=1e-14)
 

@@ -32,8 +32,8 @@ def gram(G: Tensor, block: int = 512) -> Tensor:
 
 def transposed_times(G: Tensor, Y: Tensor) -> Tensor:
     """Gᵀ Y for a factor G (r, p) and Y (r,) or (r, k), as (Yᵀ G)ᵀ: the same product, but torch's CPU kernel for a
-    transposed G against 2–15 columns is ~15× slower than the other order (5,000 × 28,965 rows, 4 columns:
-    1.4 s against 0.09 s, one thread), and the probe checks and block solves have such widths."""
+    transposed G against 2–15 columns is ~15× slower than the other order (benchmarks/bench_factor_products.py), and
+    the probe checks and block solves have such widths."""
     return Y @ G if Y.ndim == 1 else (Y.T @ G).T.contiguous()
 
 

@@ -252,11 +252,8 @@ def _fisher(problem, lam, tasks, samples, seed, w, v, u, with_gradients: bool):
         # the outputs the labels are drawn from come out of the gradient pass's own forward
         gradients, out = _gradients_and_outputs(problem, lam.detach(), tasks)
     else:
-        def outputs(lam, task):
-            return problem.forward(problem.adapt(lam, task), task.xq)
-
         with torch.no_grad():
-            out = problem.per_task(outputs, lam, tasks, v, u)
+            out = problem.per_task(problem.query_outputs, lam, tasks, v, u)
     # labels are drawn for the whole pool (gathered over shards), so every process draws what one process would
     out = problem.collective.gather_rows(out)
     draws = [problem.collective.local_rows(sample_labels(problem, out, gen).to(tasks.query_y.device), len(tasks)) for _ in range(samples)]
@@ -284,11 +281,11 @@ def _query_loss_in_outputs(problem: MetaProblem, task: TaskRecord, out: torch.Te
 
 def _gradients_and_outputs(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors) -> tuple[torch.Tensor, torch.Tensor]:
     """(g_i (n, p), the adapted query outputs (n, |Q|, …)) in one pass: each task's forward through its adaptation,
-    pulled back for its own labels, with the outputs kept to draw the fisher labels from (a separate no-grad pass
-    for them cost 40% of a gradient pass on Conv4)."""
+    pulled back for its own labels, with the outputs kept to draw the fisher labels from (no separate no-grad
+    forward over the pool for them)."""
 
     def one(lam, task: TaskRecord):
-        out, pullback = vjp(lambda l: problem.forward(problem.adapt(l, task), task.xq), lam)
+        out, pullback = vjp(lambda l: problem.query_outputs(l, task), lam)
         return pullback(_query_loss_in_outputs(problem, task, out, task.yq))[0], out
 
     parts = [(g.detach(), out.detach()) for _, (g, out) in problem._mapped_chunks(one, lam, tasks, None, None, (), desc="task gradients + outputs")]
@@ -302,17 +299,18 @@ def _rows_of_draws(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, 
     the query outputs each, pulled back once per draw."""
 
     def one(lam, task: TaskRecord, draws):
-        out, pullback = vjp(lambda l: problem.forward(problem.adapt(l, task), task.xq), lam)
+        out, pullback = vjp(lambda l: problem.query_outputs(l, task), lam)
         return torch.stack([pullback(_query_loss_in_outputs(problem, task, out, draws[m]))[0] for m in range(draws.shape[0])])
 
     n, draws = len(tasks), labels.shape[1]
     own_labels = tasks.query_y.to(labels.device)[:, None].expand_as(labels)
     other = (labels != own_labels).reshape(n, -1).any(1).cpu().nonzero().flatten().tolist()
+    if not other:  # every row is a gradient: no copy (the caller concatenates and scales them)
+        return [gradients] * draws, 1.0
     drawn = gradients[:, None].expand(n, draws, -1).clone()
-    if other:
-        for c, r in problem._mapped_chunks(one, lam, tasks.subset(other), None, None, (labels[other],), desc="fisher rows (draws ≠ labels)"):
-            drawn[other[c.start:c.stop]] = r.detach()
-    return [drawn[:, m] for m in range(draws)], (n - len(other)) / max(n, 1)
+    for c, r in problem._mapped_chunks(one, lam, tasks.subset(other), None, None, (labels[other],), desc="fisher rows (draws ≠ labels)"):
+        drawn[other[c.start:c.stop]] = r.detach()
+    return [drawn[:, m] for m in range(draws)], (n - len(other)) / n
 
 
 def gauss_newton_factor(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, max_gb: float = 8.0) -> torch.Tensor:
@@ -326,11 +324,8 @@ def gauss_newton_factor(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTens
         raise SettingsError(f"the exact Gauss–Newton factor enumerates the classes of a softmax cross-entropy; loss {problem.loss_name!r} "
                             "is not one — use --method fisher or nystrom")
 
-    def outputs(lam, task):
-        return problem.forward(problem.adapt(lam, task), task.xq)
-
     with torch.no_grad():
-        probs = torch.softmax(problem.per_task(outputs, lam, tasks).double(), -1)  # (n_local, |Q|, C)
+        probs = torch.softmax(problem.per_task(problem.query_outputs, lam, tasks).double(), -1)  # (n_local, |Q|, C)
     n_local, n_q, n_c = probs.shape
     n = problem.collective.total_count(n_local)
     need = n * n_q * n_c * lam.numel() * lam.element_size() / 2**30

@@ -196,6 +196,10 @@ class MetaProblem:
             theta = theta - cfg.lr * grad(self.inner_objective)(theta, lam_d, task).detach()
         return theta.detach()
 
+    def query_outputs(self, lam, task: TaskRecord) -> torch.Tensor:
+        """The model's outputs on the query inputs after adaptation, f(θ_i(λ), x_Q)."""
+        return self.forward(self.adapt(lam, task), task.xq)
+
     def query_loss(self, lam, task: TaskRecord) -> torch.Tensor:
         """L_Q^i(λ). Differentiable in λ for ``unrolled``; for ``implicit`` use :meth:`task_total_gradient`."""
         return self.weighted_loss(self.adapt(lam, task), task.xq, task.yq, task.u)
