@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+import metainfluence.data.mnist as mnist_mod
 import metainfluence.data.omniglot as omni_mod
 import metainfluence.data.omniglot_download as omni_dl
 from fixtures import (
@@ -38,6 +39,7 @@ from metainfluence.data import (
     resize_ink,
     safe_extract_zip,
 )
+from metainfluence.data.registry import dataset_options
 from metainfluence.errors import DataError
 
 SPLITS = ("train", "val", "test")
@@ -364,10 +366,12 @@ def test_mini_imagenet_missing_images_and_bad_csv(tmp_path, mini_rows):
     make_mini_imagenet(tmp_path, mini_rows)
     victim = mini_rows["test"][2][0]
     (tmp_path / "images" / victim).unlink()
-    with pytest.raises(DataError, match=rf"1 of 28 Mini-ImageNet images are missing.*{victim}"):
+    # the csv file and line of the first missing image, and a remedy the command line can follow
+    with pytest.raises(DataError, match=rf"1 of 28 Mini-ImageNet images are missing.*{victim}.*test\.csv line 4\); put the images in .*images or remove their rows") as e:
         load_mini_imagenet(tmp_path)
+    assert "\n" not in str(e.value) and "check_images" not in str(e.value)
     ds = load_mini_imagenet(tmp_path, check_images=False)
-    with pytest.raises(DataError, match=rf"{victim} is missing"):
+    with pytest.raises(DataError, match=rf"{victim} is missing \(listed in .*test\.csv line 4\)"):
         ds.load(torch.arange(ds.num_examples))
     (tmp_path / "images" / victim).write_bytes(b"not a jpeg")
     with pytest.raises(DataError, match="cannot be decoded"):
@@ -381,8 +385,41 @@ def test_mini_imagenet_missing_images_and_bad_csv(tmp_path, mini_rows):
     (tmp_path / "leak" / "val.csv").write_text("file,class\na.jpg,n1\n")
     with pytest.raises(DataError, match="header"):
         load_mini_imagenet(tmp_path / "leak")
-    with pytest.raises(DataError, match="train.csv/val.csv/test.csv not found"):
+    with pytest.raises(DataError, match="split files missing .*images: no train.csv, val.csv, test.csv"):
         load_mini_imagenet(tmp_path / "images")
+
+
+def test_mini_imagenet_missing_split_file_names_it_and_where_to_put_it(tmp_path, mini_rows):
+    make_mini_imagenet(tmp_path / "mi", mini_rows)
+    (tmp_path / "mi" / "val.csv").unlink()
+    with pytest.raises(DataError) as e:
+        load_mini_imagenet(tmp_path / "mi")
+    msg = str(e.value)
+    assert f"({tmp_path / 'mi'}: no val.csv)" in msg  # only the missing file, in the one folder that exists
+    assert "no train.csv" not in msg and "\n" not in msg
+    assert f"put the Ravi-Larochelle train.csv, val.csv and test.csv together in {tmp_path / 'mi'} or {tmp_path / 'mi' / 'splits' / 'ravi'}" in msg
+    assert "pass csv_dir" not in msg and "(Python API: csv_dir=...)" in msg
+    # an existing splits/ravi folder is reported too
+    (tmp_path / "mi" / "splits" / "ravi").mkdir(parents=True)
+    (tmp_path / "mi" / "splits" / "ravi" / "train.csv").write_text("filename,label\n")
+    with pytest.raises(DataError, match=r"ravi: no val\.csv, test\.csv\)"):
+        load_mini_imagenet(tmp_path / "mi")
+    with pytest.raises(DataError, match=r"split folder .*ravi lacks val\.csv, test\.csv"):
+        load_mini_imagenet(tmp_path / "mi", csv_dir=tmp_path / "mi" / "splits" / "ravi")
+
+
+def test_mini_imagenet_from_a_data_folder_holding_several_datasets(tmp_path, mini_rows, monkeypatch):
+    # METAINFLUENCE_DATA / --data-root may be the parent folder: CSVs and images/ are under mini-imagenet/
+    make_mini_imagenet(tmp_path / "data" / "mini-imagenet", mini_rows)
+    make_idx(tmp_path / "data" / "mnist")
+    a = load_dataset("mini-imagenet", root=tmp_path / "data", image_size=8)
+    b = load_mini_imagenet(tmp_path / "data" / "mini-imagenet", image_size=8)
+    assert a.fingerprint == b.fingerprint and torch.equal(a.load(torch.arange(28)), b.load(torch.arange(28)))
+    # CSVs in splits/ravi (the shared data's layout) and no images at all: the images/ folder is named
+    d = tmp_path / "csvonly"
+    make_mini_imagenet(d / "mini-imagenet" / "splits" / "ravi", mini_rows, write_images=False)
+    with pytest.raises(DataError, match=rf"28 of 28 .*ravi.train\.csv line 2\); put the images in {d / 'mini-imagenet' / 'images'} "):
+        load_dataset("mini-imagenet", root=d)
 
 
 @pytest.mark.realdata
@@ -426,10 +463,14 @@ def test_registry_errors(monkeypatch, tmp_path):
     with pytest.raises(DataError, match="unknown dataset 'cifar'.*digits, omniglot, mnist, fashion-mnist, mini-imagenet, orl-faces"):
         load_dataset("cifar")
     monkeypatch.delenv("METAINFLUENCE_DATA", raising=False)
-    with pytest.raises(DataError, match="--data-root.*METAINFLUENCE_DATA"):
+    with pytest.raises(DataError, match="pass --data-root or set METAINFLUENCE_DATA") as e:
         load_dataset("omniglot")
-    with pytest.raises(DataError, match="does not exist"):
+    assert "root=" not in str(e.value)  # command-line advice, not Python
+    with pytest.raises(DataError, match="does not exist; pass --data-root or set") as e:
         load_dataset("mnist", root=tmp_path / "nope")
+    assert "root=" not in str(e.value)
+    assert "split_seed" not in dataset_options("mini-imagenet") and "split_seed" in dataset_options("omniglot")
+    assert dataset_options("fashion") == ("val_size", "split_seed")  # aliases resolve; fixed options are not offered
     with pytest.raises(DataError, match="unknown option.*image_sise"):
         load_dataset("digits", image_sise=3)
     monkeypatch.setenv("METAINFLUENCE_DATA", str(tmp_path))
@@ -519,6 +560,39 @@ def test_real_mnist(shared_data, name, train_counts, test_counts):
         raw = gzip.decompress((shared_data / "mnist" / "idx" / "train-images-idx3-ubyte.gz").read_bytes())
         assert hashlib.md5(raw).hexdigest() == "6bbc9ace898e44ae57da46a324031adb"
         np.testing.assert_array_equal((ds.load(torch.tensor([7]))[0, 0] * 255).round().numpy().astype(np.uint8), np.frombuffer(raw, np.uint8, 784, 16 + 7 * 784).reshape(28, 28))
+
+
+def test_mnist_and_fashion_mnist_folders_are_not_mixed_up(tmp_path, monkeypatch):
+    # Both sets share the idx format: their official files are told apart by the label content.
+    ours = make_idx(tmp_path / "fashion-mnist", gz=True, seed=4)
+    assert mnist_mod.official_source(ours["t10k_labels"]) is None
+    assert load_dataset("mnist", root=tmp_path / "fashion-mnist", val_size=10).name == "mnist"  # a user's own files load
+    # pretend the fake t10k labels are Fashion-MNIST's official ones
+    table = {hashlib.sha256(ours["t10k_labels"].tobytes()).hexdigest(): ("fashion-mnist", "t10k")}
+    monkeypatch.setattr(mnist_mod, "OFFICIAL_LABELS", table)
+    with pytest.raises(DataError) as e:
+        load_dataset("mnist", root=tmp_path / "fashion-mnist", val_size=10)
+    msg = str(e.value)
+    assert "\n" not in msg and "are Fashion-MNIST, not MNIST" in msg and "t10k-labels-idx1-ubyte.gz" in msg
+    assert "pass --dataset fashion-mnist, or point --data-root at the MNIST folder" in msg
+    assert load_dataset("fashion-mnist", root=tmp_path, val_size=10).name == "fashion-mnist"
+    # the official MNIST labels are refused when Fashion-MNIST is asked for
+    table = {hashlib.sha256(ours["train_labels"].tobytes()).hexdigest(): ("mnist", "train")}
+    monkeypatch.setattr(mnist_mod, "OFFICIAL_LABELS", table)
+    with pytest.raises(DataError, match="are MNIST, not Fashion-MNIST .*pass --dataset mnist"):
+        load_mnist(tmp_path / "fashion-mnist", fashion=True, val_size=10)
+    assert load_mnist(tmp_path / "fashion-mnist", val_size=10).name == "mnist"
+
+
+@pytest.mark.realdata
+def test_real_mnist_and_fashion_mnist_folders_swapped(shared_data):
+    for name, other in (("mnist", "fashion-mnist"), ("fashion-mnist", "mnist")):
+        with pytest.raises(DataError, match=rf"pass --dataset {other}, or point --data-root"):
+            load_dataset(name, root=shared_data / other)
+    for name in ("mnist", "fashion-mnist"):  # every official label file is recognised as its own
+        folder = shared_data / name / ("idx" if name == "mnist" else "")
+        for part in ("train", "t10k"):
+            assert mnist_mod.official_source(read_idx(folder / f"{part}-labels-idx1-ubyte.gz")) == (name, part)
 
 
 def test_mnist_gz_and_raw_give_same_dataset(tmp_path):

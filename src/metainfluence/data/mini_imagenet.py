@@ -1,8 +1,9 @@
 """Mini-ImageNet in the Ravi & Larochelle layout: an image folder plus train/val/test CSV files.
 
 ``root/images/<filename>.jpg`` (or ``root/<filename>``) and ``train.csv``, ``val.csv``,
-``test.csv`` with header ``filename,label`` (64 / 16 / 20 classes × 600 images). Images are read
-lazily in ``load`` (PIL, RGB, resized to ``image_size``×``image_size``).
+``test.csv`` with header ``filename,label`` (64 / 16 / 20 classes × 600 images), in ``root`` or
+``root/splits/ravi``; ``root`` may also be a data folder with ``mini-imagenet/`` inside. Images are
+read lazily in ``load`` (PIL, RGB, resized to ``image_size``×``image_size``).
 """
 
 from __future__ import annotations
@@ -21,27 +22,45 @@ from .base import SPLITS, ClassDataset, digest
 RESAMPLE = {"bilinear": Image.BILINEAR, "lanczos": Image.LANCZOS, "bicubic": Image.BICUBIC}
 
 
-def _csv_dir(root: Path | None, csv_dir: str | os.PathLike | None) -> Path:
+CSV_FILES = tuple(f"{s}.csv" for s in SPLITS)
+
+
+def _home(root: Path) -> Path:
+    """The Mini-ImageNet folder: ``root`` itself, or ``root/mini-imagenet`` when root is a data folder
+    holding several datasets (the CSVs and images/ are then looked up there)."""
+    own = (root / "images").is_dir() or any((root / f).is_file() for f in CSV_FILES)
+    return root / "mini-imagenet" if not own and (root / "mini-imagenet").is_dir() else root
+
+
+def _missing(d: Path) -> list[str]:
+    return [f for f in CSV_FILES if not (d / f).is_file()]
+
+
+def _csv_dir(home: Path, csv_dir: str | os.PathLike | None) -> Path:
     if csv_dir is not None:
         d = Path(csv_dir).expanduser()
-        if not all((d / f"{s}.csv").is_file() for s in SPLITS):
-            raise DataError(f"csv_dir {d} does not hold train.csv, val.csv and test.csv; pass the Ravi-Larochelle split folder")
+        if _missing(d):
+            raise DataError(f"the Mini-ImageNet split folder {d} lacks {', '.join(_missing(d))}; put the Ravi-Larochelle train.csv, val.csv and test.csv there")
         return d
-    assert root is not None
-    for d in (root, root / "splits" / "ravi", root / "mini-imagenet", root / "mini-imagenet" / "splits" / "ravi"):
-        if all((d / f"{s}.csv").is_file() for s in SPLITS):
+    candidates = [home, home / "splits" / "ravi"]
+    for d in candidates:
+        if not _missing(d):
             return d
-    raise DataError(f"train.csv/val.csv/test.csv not found under {root}; pass csv_dir= the Ravi-Larochelle split folder")
+    # Say, per folder looked in, which of the three files are missing: a lone absent val.csv is
+    # a different mistake from a folder without any split files.
+    looked = "; ".join(f"{d}: no {', '.join(_missing(d))}" for d in candidates if d == home or d.is_dir())
+    raise DataError(
+        f"Mini-ImageNet split files missing ({looked}); put the Ravi-Larochelle train.csv, val.csv and test.csv "
+        f"together in {home} or {home / 'splits' / 'ravi'} (Python API: csv_dir=...)")
 
 
-def read_split_csvs(csv_dir: str | os.PathLike) -> dict[str, list[tuple[str, str]]]:
-    """Rows ``(filename, label)`` of ``train.csv``, ``val.csv``, ``test.csv`` in ``csv_dir``."""
-    d = Path(csv_dir).expanduser()
-    out: dict[str, list[tuple[str, str]]] = {}
+def _read_rows(d: Path) -> dict[str, list[tuple[str, str, int]]]:
+    """Rows ``(filename, label, line number)`` of each split file in ``d``."""
+    out: dict[str, list[tuple[str, str, int]]] = {}
     for s in SPLITS:
         path = d / f"{s}.csv"
         if not path.is_file():
-            raise DataError(f"split file {path} does not exist; pass the folder holding train.csv, val.csv, test.csv")
+            raise DataError(f"split file {path} does not exist; put the Ravi-Larochelle train.csv, val.csv and test.csv in {d}")
         with open(path, newline="") as fh:
             rows = list(csv.reader(fh))
         if not rows or [c.strip() for c in rows[0]] != ["filename", "label"]:
@@ -52,9 +71,15 @@ def read_split_csvs(csv_dir: str | os.PathLike) -> dict[str, list[tuple[str, str
                 continue
             if len(r) != 2 or not r[0].strip() or not r[1].strip():
                 raise DataError(f"split file {path} line {i} is not 'filename,label'; fix or regenerate the file")
-            body.append((r[0].strip(), r[1].strip()))
+            body.append((r[0].strip(), r[1].strip(), i))
         out[s] = body
     return out
+
+
+def read_split_csvs(csv_dir: str | os.PathLike) -> dict[str, list[tuple[str, str]]]:
+    """Rows ``(filename, label)`` of ``train.csv``, ``val.csv``, ``test.csv`` in ``csv_dir``."""
+    rows = _read_rows(Path(csv_dir).expanduser())
+    return {s: [(f, lab) for f, lab, _line in r] for s, r in rows.items()}
 
 
 def load_mini_imagenet(
@@ -79,29 +104,37 @@ def load_mini_imagenet(
         raise DataError(f"unknown resample filter {resample!r}; use one of {', '.join(RESAMPLE)}")
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise DataError(f"Mini-ImageNet folder {root} does not exist; pass the folder holding images/")
-    cdir = _csv_dir(root, csv_dir)
-    rows = read_split_csvs(cdir)
-    image_dir = root / "images" if (root / "images").is_dir() else root
+        raise DataError(f"Mini-ImageNet folder {root} does not exist; point --data-root at the folder holding images/ and the split csv files")
+    home = _home(root)
+    cdir = _csv_dir(home, csv_dir)
+    rows = _read_rows(cdir)
+    image_dir = home / "images" if (home / "images").is_dir() else home
     class_ids: dict[str, int] = {}
     class_split: list[int] = []
     files: list[str] = []
+    sources: list[tuple[str, int]] = []  # (csv file, line) of every image, for error messages
     targets: list[int] = []
     for s_idx, s in enumerate(SPLITS):
-        for fname, label in rows[s]:
+        for fname, label, line in rows[s]:
             if label not in class_ids:
                 class_ids[label] = len(class_ids)
                 class_split.append(s_idx)
             elif class_split[class_ids[label]] != s_idx:
-                raise DataError(f"class {label} appears in both {SPLITS[class_split[class_ids[label]]]}.csv and {s}.csv; the splits must be class-disjoint")
+                raise DataError(f"class {label} appears in both {SPLITS[class_split[class_ids[label]]]}.csv and {s}.csv; the splits must be class-disjoint, so keep its rows in one file")
             files.append(fname)
+            sources.append((s, line))
             targets.append(class_ids[label])
     if not files:
         raise DataError(f"the split files in {cdir} list no images; use the Ravi-Larochelle CSVs")
     if check_images:
-        missing = [f for f in files if not (image_dir / f).is_file()]
+        missing = [i for i, f in enumerate(files) if not (image_dir / f).is_file()]
         if missing:
-            raise DataError(f"{len(missing)} of {len(files)} Mini-ImageNet images are missing from {image_dir} (first: {missing[0]}); supply the images or pass check_images=False")
+            split, line = sources[missing[0]]
+            # with no image found at all, point at the usual images/ folder rather than the dataset folder
+            target = home / "images" if len(missing) == len(files) else image_dir
+            raise DataError(
+                f"{len(missing)} of {len(files)} Mini-ImageNet images are missing from {image_dir} (first: {files[missing[0]]}, "
+                f"listed in {cdir / f'{split}.csv'} line {line}); put the images in {target} or remove their rows from the csv files")
     filt = RESAMPLE[resample]
 
     def loader(ids: np.ndarray) -> torch.Tensor:
@@ -115,7 +148,8 @@ def load_mini_imagenet(
                         im = im.resize((image_size, image_size), filt)
                     out[j] = np.asarray(im, dtype=np.uint8)
             except FileNotFoundError:
-                raise DataError(f"Mini-ImageNet image {path} is missing; supply the images folder") from None
+                split, line = sources[int(i)]
+                raise DataError(f"Mini-ImageNet image {path} is missing (listed in {cdir / f'{split}.csv'} line {line}); put it there or remove its row") from None
             except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
                 raise DataError(f"Mini-ImageNet image {path} cannot be decoded ({exc}); replace the file") from None
         return torch.from_numpy(out).permute(0, 3, 1, 2).to(torch.float32).div_(255.0)

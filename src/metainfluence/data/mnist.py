@@ -9,6 +9,7 @@ Files (looked up in ``root``, ``root/idx``, ``root/<mnist|fashion-mnist>`` and
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import struct
 import zlib
@@ -26,6 +27,17 @@ FILES = {
     "test_images": "t10k-images-idx3-ubyte",
     "test_labels": "t10k-labels-idx1-ubyte",
 }
+# sha256 of the label values (the idx data after its header) of the official files, verified on
+# MNIST (decompressed md5s equal LeCun's) and Fashion-MNIST (Zalando, via Debian). MNIST's and
+# Fashion-MNIST's files have the same format, so only their content tells a folder mix-up apart;
+# the label files are small (70 kB in all), so hashing them costs nothing next to the images.
+OFFICIAL_LABELS = {
+    "1feba77c54802fa5339a11837ea4b2866434b83314ec45192930f1df69120c13": ("mnist", "train"),
+    "ddeff807876a9661a1110d45c266c86239a3a1b7d37da0c3716a7a683c852ff5": ("mnist", "t10k"),
+    "657fbd221bfc9f4198cc14b5619cc33ec57c58dd0e47af4d99d6650759e869a7": ("fashion-mnist", "train"),
+    "3d0e6c6ea990b53b6f8f500a41cac93881d981b315f84578b7d915342ade01e9": ("fashion-mnist", "t10k"),
+}
+DISPLAY = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
 
@@ -35,7 +47,24 @@ def _find(root: Path, base: str, sub: str) -> Path:
         for name in (base, base + ".gz"):
             if (d / name).is_file():
                 return d / name
-    raise DataError(f"idx file {base}[.gz] not found under {root}; point root at the folder holding the four {sub} idx files")
+    raise DataError(f"idx file {base}[.gz] not found under {root}; point --data-root at the folder holding the four {sub} idx files")
+
+
+def official_source(labels: np.ndarray) -> tuple[str, str] | None:
+    """(dataset, "train" | "t10k") if ``labels`` are those of an official MNIST or Fashion-MNIST
+    label file, else None (a user's own idx files)."""
+    return OFFICIAL_LABELS.get(hashlib.sha256(np.ascontiguousarray(labels, dtype=np.uint8).tobytes()).hexdigest())
+
+
+def _check_not_swapped(name: str, labels: dict[str, np.ndarray], paths: dict[str, Path]) -> None:
+    """Refuse the official files of the other dataset (e.g. Fashion-MNIST loaded as MNIST)."""
+    for part, lab in labels.items():
+        found = official_source(lab)
+        if found is not None and found[0] != name:
+            other = found[0]
+            raise DataError(
+                f"the idx files in {paths[part].parent} are {DISPLAY[other]}, not {DISPLAY[name]} ({paths[part].name} holds the official "
+                f"{DISPLAY[other]} labels); pass --dataset {other}, or point --data-root at the {DISPLAY[name]} folder")
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -78,7 +107,8 @@ def load_mnist(
     example ids 0..59999 are the train file, 60000..69999 the t10k file;
     ``val`` = a seeded random ``val_size`` (default 10,000) of the 60,000 train-file examples,
     ``train`` = the other 50,000, ``test`` = the 10,000 t10k examples.
-    Images are 1×28×28 float32 in [0, 1] (pixel / 255).
+    Images are 1×28×28 float32 in [0, 1] (pixel / 255). The official files of the other dataset
+    (recognised by their labels) are refused; other idx files load as given.
     """
     name = "fashion-mnist" if fashion else "mnist"
     root = Path(root).expanduser()
@@ -94,6 +124,7 @@ def load_mnist(
             raise DataError(f"{paths[part + '_images']} has {len(img)} images but {paths[part + '_labels']} has {len(lab)} labels; use matching files")
         if lab.max() > 9:
             raise DataError(f"label file {paths[part + '_labels']} has label {int(lab.max())} > 9; check the file")
+    _check_not_swapped(name, {p: arrays[f"{p}_labels"] for p in ("train", "test")}, {p: paths[f"{p}_labels"] for p in ("train", "test")})
     if arrays["train_images"].shape[1:] != arrays["test_images"].shape[1:]:
         raise DataError("train and t10k images differ in size; use files of one dataset")
     images = np.concatenate([arrays["train_images"], arrays["test_images"]])

@@ -27,17 +27,30 @@ _LOADERS: dict[str, tuple[Callable[..., ClassDataset], dict[str, Any]]] = {
 DATASETS: tuple[str, ...] = tuple(_LOADERS)
 
 
-def load_dataset(name: str, root: str | os.PathLike | None = None, **options: Any) -> ClassDataset:
-    """Load a dataset by name. ``root`` (else $METAINFLUENCE_DATA) is the folder holding the files —
-    the dataset's own folder or a parent with ``omniglot/``, ``mnist/``, ``fashion-mnist/``,
-    ``mini-imagenet/``, ``orl-faces/`` (or ``att_faces/``) inside. ``options`` go to the loader (e.g. ``image_size``, ``split_seed``)."""
+def _resolve(name: str) -> tuple[str, Callable[..., ClassDataset], dict[str, Any]]:
+    """(canonical name, loader, fixed options) of a dataset name or alias."""
     key = str(name).lower().replace("_", "-")
     key = {"fashion": "fashion-mnist", "fashionmnist": "fashion-mnist", "miniimagenet": "mini-imagenet", "orl": "orl-faces", "att-faces": "orl-faces", "orlfaces": "orl-faces"}.get(key, key)
     if key not in _LOADERS:
         raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
-    loader, fixed = _LOADERS[key]
+    return (key, *_LOADERS[key])
+
+
+def dataset_options(name: str) -> tuple[str, ...]:
+    """The options the loader of dataset ``name`` takes (what ``load_dataset(name, **options)`` accepts),
+    e.g. ``split_seed`` only where the split is drawn rather than fixed by the dataset's files."""
+    _key, loader, fixed = _resolve(name)
+    return tuple(p for p in inspect.signature(loader).parameters if p != "root" and p not in fixed)
+
+
+def load_dataset(name: str, root: str | os.PathLike | None = None, **options: Any) -> ClassDataset:
+    """Load a dataset by name. ``root`` (else $METAINFLUENCE_DATA) is the folder holding the files —
+    the dataset's own folder or a parent with ``omniglot/``, ``mnist/``, ``fashion-mnist/``,
+    ``mini-imagenet/``, ``orl-faces/`` (or ``att_faces/``) inside. ``options`` go to the loader (e.g.
+    ``image_size``, ``split_seed``; :func:`dataset_options` lists them)."""
+    key, loader, fixed = _resolve(name)
     params = inspect.signature(loader).parameters
-    allowed = [p for p in params if p != "root" and p not in fixed]
+    allowed = dataset_options(key)
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise DataError(f"unknown option(s) {', '.join(unknown)} for dataset {key!r}; allowed: {', '.join(allowed)}")
@@ -45,9 +58,9 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, **options: An
         if root is None:
             root = os.environ.get("METAINFLUENCE_DATA") or None
         if root is None:
-            raise DataError(f"dataset {key!r} needs its files: pass --data-root (root=...) or set METAINFLUENCE_DATA to the data folder")
+            raise DataError(f"dataset {key!r} needs its files: pass --data-root or set METAINFLUENCE_DATA to the data folder")
         root = Path(root).expanduser()
         if not root.is_dir():
-            raise DataError(f"data root {root} does not exist; pass --data-root (root=...) or set METAINFLUENCE_DATA to an existing folder")
+            raise DataError(f"data root {root} does not exist; pass --data-root or set METAINFLUENCE_DATA to an existing folder")
         return loader(root, **fixed, **options)
     return loader(**fixed, **options)

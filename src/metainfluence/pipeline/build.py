@@ -9,6 +9,7 @@ from typing import Any, Mapping
 import torch
 
 from ..data import load_dataset
+from ..data.registry import dataset_options
 from ..errors import PoolError, SettingsError
 from ..meta.models import build_model
 from ..meta.objective import MetaProblem
@@ -16,6 +17,8 @@ from ..tasks import TaskTensors, build_pool, corrupt_labels, sinusoid_pool
 from .settings import DataSettings, RunSettings
 
 SPLITS = ("train", "val", "test")
+# split_seed's default: an explicitly different seed is refused for datasets whose split is fixed
+_DEFAULT_SPLIT_SEED = next(f.default for f in dataclasses.fields(DataSettings) if f.name == "split_seed")
 
 
 def input_statistics(train: TaskTensors) -> tuple[torch.Tensor, float]:
@@ -53,8 +56,19 @@ def load_data(data: DataSettings):
     """The dataset of ``data`` (None for sinusoid, whose pools are generated)."""
     if data.dataset == "sinusoid":
         return None
-    options: dict[str, Any] = {"split_seed": data.split_seed}
+    takes = dataset_options(data.dataset)
+    options: dict[str, Any] = {}
+    # Only loaders that draw their split take a seed; Mini-ImageNet's split is fixed by its csv files.
+    if "split_seed" in takes:
+        options["split_seed"] = data.split_seed
+    elif data.split_seed != _DEFAULT_SPLIT_SEED:
+        source = "its train.csv, val.csv and test.csv files" if "csv_dir" in takes else "its files"
+        raise SettingsError(
+            f"dataset {data.dataset!r} has fixed train/val/test splits (they come from {source}), so split_seed "
+            f"{data.split_seed} would have no effect; drop --split-seed (or split_seed in the config)")
     if data.image_size:
+        if "image_size" not in takes:
+            raise SettingsError(f"dataset {data.dataset!r} keeps its native image size and cannot be resized; drop --image-size (or image_size in the config)")
         options["image_size"] = data.image_size
     return load_dataset(data.dataset, root=data.data_root, **options)
 
