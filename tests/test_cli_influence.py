@@ -105,6 +105,7 @@ def test_report_renders_a_run_folder(demo_run, capsys):
     assert main(["report", str(demo_run)]) == 0
     md = (demo_run / "report.md").read_text()
     assert "## Checkpoints" in md and "| refined | refined |" in md
+    assert "| ed | 12 tasks |" in md  # the edit's removal in words (the edit test above wrote it)
     assert "## Scores: task_influence" in md and "Hessian exact" in md or "Hessian gauss-newton" in md
     assert (demo_run / "report.html").is_file()
 
@@ -211,3 +212,53 @@ def test_influence_check_measurement_records_the_reliability_of_the_ranking(demo
         assert main(["influence", "--checkpoint", str(demo_run / "refined"), "--name", "meas2", *bad]) == 2
         assert "task-level task-if" in capsys.readouterr().err
     assert not (demo_run / "meas2.json").exists()
+
+
+def test_edit_of_a_scores_file_inverts_the_hessian_those_scores_used(demo_run, capsys):
+    # scores by the fisher Hessian's exact inverse: the edit of their top items takes the same Hessian and solver unless told otherwise
+    assert main(["influence", "--checkpoint", str(demo_run / "refined"), "--hessian", "fisher", "--solver", "woodbury", "--damping", "0.02",
+                 "--name", "fi", "--threads", "1"]) == 0
+    assert main(["edit", "--checkpoint", str(demo_run / "refined"), "--scores", str(demo_run / "fi"), "--top-k", "5", "--name", "fi_ed",
+                 "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "edit: reduced step removing 5 tasks, fisher Hessian, solver woodbury, damping 0.02" in printed
+    assert "removed 5 tasks in closed form" in printed
+    ran = json.loads((demo_run / "fi_ed.json").read_text())["metrics"]["edit_settings"]["influence"]
+    assert (ran["hessian"], ran["solver"], ran["damping"]) == ("fisher", "woodbury", 0.02)
+    # a flag wins over the scores file
+    assert main(["edit", "--checkpoint", str(demo_run / "refined"), "--scores", str(demo_run / "fi"), "--top-k", "5", "--name", "fi_gn",
+                 "--hessian", "gauss-newton", "--solver", "cg", "--threads", "1"]) == 0
+    ran = json.loads((demo_run / "fi_gn.json").read_text())["metrics"]["edit_settings"]["influence"]
+    assert (ran["hessian"], ran["solver"], ran["damping"]) == ("gauss-newton", "cg", 0.02)
+
+
+def test_influence_says_before_its_solve_how_stationary_the_checkpoint_is(demo_run, tmp_path):
+    from metainfluence.influence.results import InfluenceSettings
+    from metainfluence.pipeline import influence_checkpoint
+
+    lines: list[str] = []
+    settings = InfluenceSettings(hessian="fisher", solver="woodbury")
+    influence_checkpoint(demo_run / "trained", settings, out=tmp_path, name="t", log=lines.append)
+    assert any(line.startswith("note: this checkpoint was not refined") for line in lines)
+    # the refined checkpoint's report is below the warning threshold: no line; above it (a stricter threshold): a warning first
+    lines.clear()
+    influence_checkpoint(demo_run / "refined", settings, out=tmp_path, name="r", log=lines.append)
+    assert not any("refine stopped at" in line for line in lines)
+    lines.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the scores' own stationarity shortfall
+        influence_checkpoint(demo_run / "refined", InfluenceSettings(hessian="fisher", solver="woodbury", stationarity_warn=1e-12),
+                             out=tmp_path, name="s", log=lines.append)
+    notice = [line for line in lines if "refine stopped at" in line]
+    assert len(notice) == 1 and notice[0].startswith("warning:") and "--hessian fisher --solver woodbury" in notice[0]
+    assert lines.index(notice[0]) == 1  # right after the pool line, before any solve
+
+
+def test_cli_usage_mistakes_name_the_command_and_the_remedy(demo_run, tmp_path, capsys):
+    assert main(["refine", "--checkpoint", str(demo_run / "refined"), "--bogus", "1"]) == 2
+    assert "unrecognized arguments: --bogus 1 (see 'metainfluence refine --help')" in capsys.readouterr().err
+    # a curvature file the solver would not read is refused rather than ignored
+    assert main(["influence", "--checkpoint", str(demo_run / "refined"), "--solver", "cg", "--curvature-file", str(tmp_path / "c")]) == 2
+    assert "--curvature-file is read by --solver pcg or curvature only" in capsys.readouterr().err
+    assert main(["edit", "--checkpoint", str(demo_run / "refined"), "--scores", str(demo_run / "task_influence"), "--top-k", "-3"]) == 2
+    assert "choose a k from 1 to 60" in capsys.readouterr().err

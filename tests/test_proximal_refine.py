@@ -239,3 +239,38 @@ edit_newton_steps = 3
     # Gauss–Newton steps (the edit's kind) converge linearly, not quadratically: they go on lowering ‖∇P_R‖
     assert reopt["reduced_grad_after_edit"] < reopt["reduced_grad_at_lam_star"] and reopt["edit_cosine_to_reoptimised"] > 0.8
     assert newton["newton_final_grad_norm"] < 0.5 * reopt["reduced_grad_after_edit"]
+
+
+def test_an_edit_of_proximal_scores_takes_the_damping_the_user_gave(run, tmp_path):
+    # the scores record δ + γ as the damping that ran; the edit adds γ itself, so it must start from the δ the user gave
+    from metainfluence.pipeline.stages import scores_settings
+
+    out, _, _ = run
+    s = InfluenceSettings(hessian="exact", solver="explicit", damping=1e-3)
+    result, stem = influence_checkpoint(out / "refined", s, out=tmp_path, name="prox", log=lambda m: None)
+    assert result.settings["influence"]["damping"] == pytest.approx(1e-3 + GAMMA)
+    again = scores_settings(stem, InfluenceSettings())
+    assert (again.hessian, again.solver, again.damping) == ("exact", "explicit", 1e-3)
+
+
+def test_refine_advice_fits_the_model(run):
+    # a small smooth model: exact Newton; a large ReLU one: F jumps, so a smooth activation or the proximal objective
+    import copy
+    import importlib
+
+    from metainfluence.meta.refine import refine_advice
+
+    refine_module = importlib.import_module("metainfluence.meta.refine")  # the module (the package exports a function of its name)
+
+    _, ctx, _ = run
+    assert "--refine-method newton" in refine_advice(RefineSettings(), ctx.problem)
+    relu = copy.copy(ctx.problem)  # a shallow copy whose model (only looked at for its activations) is a ReLU one
+    relu.model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+    assert "--refine-method newton" in refine_advice(RefineSettings(), relu)
+    refine_module.LARGE_MODEL, saved = 10, refine_module.LARGE_MODEL
+    try:
+        advice = refine_advice(RefineSettings(), relu)
+        assert "silu" in advice and "--refine-proximal" in advice
+        assert "newton-cg" in refine_advice(RefineSettings(), ctx.problem)
+    finally:
+        refine_module.LARGE_MODEL = saved

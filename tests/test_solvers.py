@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import pytest
 import torch
@@ -411,3 +412,21 @@ def test_the_eta_follows_a_log_linear_trend_to_its_target_and_says_when_it_has_n
         crawling.add(float(t), 1e-3 * math.exp(-1e-9 * t))
     assert clock(crawling.eta(1e-6)) == ">100 h"
     assert math.isnan(RateEta().eta(1e-6))  # one point or none: no trend yet
+
+
+def test_cg_forecasts_a_slow_solve_after_its_first_iteration(monkeypatch):
+    # the forecast compares 100 iterations' time with SLOW_SOLVE_S: at 0 any solve is "slow", so the rule shows without timing anything
+    import warnings
+
+    from metainfluence.linalg import cg as cg_module
+
+    A = torch.diag(torch.linspace(1.0, 10.0, 20, dtype=torch.float64))
+    B = torch.ones(20, 1, dtype=torch.float64)
+    monkeypatch.setattr(cg_module, "SLOW_SOLVE_S", 0.0)
+    with pytest.warns(UserWarning, match="CG: one iteration took .* so 100 iterations would take .*--max-minutes"):
+        X, info = cg_module.block_cg(lambda P: A @ P, B, 1e-10, 500, slow_advice="bound it with --max-minutes")
+    assert info["converged"] and torch.allclose(A @ X, B)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a bounded solve (a deadline) or one without advice says nothing
+        cg_module.block_cg(lambda P: A @ P, B, 1e-10, 500, slow_advice="x", deadline=time.perf_counter() + 60)
+        cg_module.block_cg(lambda P: A @ P, B, 1e-10, 500)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -100,6 +101,91 @@ def test_nan_in_one_task_stops_training_and_the_checkpoint_equals_the_clean_run(
     ck = load_checkpoint(tmp_path / "ck", expected_problem=problem)
     assert ck.step == bad_step - 1
     assert torch.equal(ck.lam, clean)
+
+
+# --------------------------------------------------------------------------- what training and long passes print
+def test_no_progress_training_prints_a_line_every_log_every_steps(tmp_path, capsys):
+    """`train --no-progress --log-every 4` on digits: a line at steps 4 and 8 of 10 (loss, accuracy, tasks/s,
+    time) on stderr, before the summary; with bars on, the bar alone (no step lines)."""
+    from metainfluence.cli import main
+
+    tiny = ["--train-tasks", "12", "--val-tasks", "4", "--test-tasks", "10", "--model-hidden", "16", "--model-activation", "tanh",
+            "--steps", "10", "--meta-batch", "4", "--log-every", "4", "--threads", "1"]
+    assert main(["train", "--out", str(tmp_path / "quiet"), *tiny, "--no-progress"]) == 0
+    out = capsys.readouterr()
+    lines = [line for line in out.err.splitlines() if line.startswith("step ")]
+    assert [line.split(":")[0] for line in lines] == ["step 4/10", "step 8/10"], out.err
+    assert all(re.fullmatch(r"step \d+/10: loss \d+\.\d{4}, acc \d+\.\d%, \d+ tasks/s, after \d+\.\d\d min", line) for line in lines), lines
+    assert "trained 10 steps" in out.out
+    assert main(["train", "--out", str(tmp_path / "bars"), *tiny]) == 0
+    out = capsys.readouterr()
+    assert "meta-train" in out.err and not any(line.startswith("step ") for line in out.err.splitlines())
+
+
+@pytest.mark.parametrize("regression", [False, True])
+def test_step_lines_report_the_window_and_only_where_lines_are_wanted(regression, capsys):
+    """The line's loss is the mean batch loss of its log_every steps and its accuracy that of the step's own
+    meta-batch (none for regression); a library call (no heartbeat) prints nothing, and λ does not change."""
+    from metainfluence.progress import showing
+
+    if regression:
+        problem, lam0 = small_problem(steps=1, lr=0.1, loss="mse", n_classes=1)
+    else:
+        problem, lam0 = small_problem(steps=1, lr=0.3)
+    tasks = random_tasks(n=10, seed=3, regression=regression)
+    settings = _train_settings(steps=12, log_every=5)
+    quiet, _ = meta_train(problem, lam0, tasks, settings, progress=False)
+    assert capsys.readouterr().err == ""
+    with showing(False, heartbeat=60):
+        lam, history = meta_train(problem, lam0, tasks, settings, progress=False)
+    lines = capsys.readouterr().err.splitlines()
+    assert torch.equal(lam, quiet)
+    assert [line.split(":")[0] for line in lines] == ["step 5/12", "step 10/12"] and history.accuracy_step == [5, 10]
+    for line, end, acc in zip(lines, (5, 10), history.accuracy):
+        assert f"loss {sum(history.loss[end - 5:end]) / 5:.4f}" in line
+        assert ("acc" not in line) if regression else (f"acc {100 * acc:.1f}%" in line)
+
+
+def test_a_pass_whose_one_chunk_outlasts_the_heartbeat_still_prints_it(capsys):
+    """Without bars, a bar that gets no update for longer than the heartbeat (one chunk of minutes) is redrawn by
+    the watcher; the fisher fit's passes count tasks, a chunk at a time, and print the same rows as a quiet fit."""
+    import time
+
+    from metainfluence.meta.curvature import fisher_factor_and_gradients
+    from metainfluence.progress import bar, showing
+
+    with showing(False, heartbeat=0.1):
+        for _ in bar("slow pass", 1, "task", iterable=[0]):
+            time.sleep(0.6)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) >= 2 and all(line.startswith("slow pass: 0/1 task [") for line in lines), lines
+
+    problem, lam = small_problem(steps=1, lr=0.3, chunk_size=4)
+    tasks = random_tasks(n=10, seed=1)
+    quiet = fisher_factor_and_gradients(problem, lam, tasks, 2, 0)
+    assert capsys.readouterr().err == ""
+    with showing(False, heartbeat=1e-9):
+        loud = fisher_factor_and_gradients(problem, lam, tasks, 2, 0)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fisher fit: task gradients + outputs: ")]
+    counts = {line.split(": ")[2].split()[0] for line in lines}
+    assert counts and counts <= {"0/10", "4/10", "8/10", "10/10"}, lines  # per chunk, never per task
+    assert torch.equal(quiet[0], loud[0]) and torch.equal(quiet[1], loud[1])
+
+
+@pytest.mark.filterwarnings("ignore::metainfluence.meta.RefineWarning")  # 3 refine iterations: not stationary, and not the point
+def test_the_demo_says_each_set_up_fact_once_before_its_results(tmp_path):
+    from metainfluence.config import apply_overrides
+    from metainfluence.pipeline import RunSettings, run_demo
+
+    s = apply_overrides(RunSettings(), {"data.train_tasks": 12, "data.val_tasks": 4, "data.test_tasks": 10, "model.hidden": [8],
+                                        "train.steps": 4, "refine.max_iter": 3, "refine.tol": 1e-3})
+    lines: list[str] = []
+    run_demo(s, out=tmp_path / "demo", progress=False, log=lines.append, influence_step=False)
+    head = lines.index("== metainfluence demo ==")
+    for fact in ("dataset:", "train pool:", "val pool:", "test pool:", "model:", "trained ", "inputs standardised"):
+        where = [i for i, line in enumerate(lines) if line.lstrip().startswith(fact)]
+        assert len(where) == 1 and where[0] < head, (fact, lines)
+    assert any(line.startswith("meta-test") for line in lines[head:]) and lines[-1].startswith("total ")
 
 
 # --------------------------------------------------------------------------- refine

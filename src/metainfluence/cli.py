@@ -16,6 +16,7 @@ import warnings
 from typing import Sequence
 
 from .config import add_settings_arguments, config_sections, load_settings, namespace_overrides, parse_sets
+from .console import print_curvature, print_items, print_pairs
 from .errors import BudgetStop, MetaInfluenceError, SettingsError
 
 EXIT_USER_ERROR = 2
@@ -36,6 +37,11 @@ def _common(p: argparse.ArgumentParser, threads: int = 0) -> None:
                    "(data, model, inner, objective, train, refine for runs; influence for influence and edit); flags override it")
     p.add_argument("--no-progress", dest="progress", action="store_false", help=NO_PROGRESS_HELP)
     p.add_argument("--threads", type=int, default=threads, metavar="N", help=f"torch CPU threads (0 = torch's default; default: {threads})")
+
+
+def _data_root(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-root", dest="data.data_root", metavar="DIR", default=argparse.SUPPRESS,
+                   help="folder holding the dataset files (else the recorded one, else $METAINFLUENCE_DATA)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,18 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
     ref.add_argument("--checkpoint", required=True, help="checkpoint to refine (stem, .json or .safetensors), e.g. runs/train/trained")
     ref.add_argument("--out", default=None, help="output folder (default: the checkpoint's folder)")
     ref.add_argument("--name", default="refined", help="name of the refined checkpoint in --out (default: refined)")
-    ref.add_argument("--data-root", dest="data.data_root", default=argparse.SUPPRESS, help="folder holding the dataset files (else the recorded one, else $METAINFLUENCE_DATA)")
+    _data_root(ref)
     _common(ref)
-    ref.set_defaults(_dests=add_settings_arguments(ref, RunSettings, only=("refine",)) + ["data.data_root"])
+    ref.set_defaults(_dests=add_settings_arguments(ref, RunSettings, only=("refine", "objective")) + ["data.data_root"])
 
     ev = sub.add_parser("evaluate", help="meta-test accuracy with a 95%% interval on held-out tasks", description=(
         "Adapt a checkpoint's λ to each held-out task and report mean query accuracy and loss with 95% intervals "
         "(1.96·sd/√n)."))
     ev.add_argument("--checkpoint", required=True, help="checkpoint to evaluate (stem, .json or .safetensors)")
     ev.add_argument("--split", default="test", choices=("test", "val", "train"), help="pool to evaluate on (default: test)")
-    ev.add_argument("--tasks", type=int, default=None, help="number of test tasks (default: the run's test_tasks, 600 unless changed)")
+    ev.add_argument("--tasks", type=int, default=None, help="number of tasks of --split to draw (default: the run's size of that pool, e.g. test_tasks = 600)")
     ev.add_argument("--json", default=None, metavar="FILE", help="also write the result (with per-task values) to this JSON file")
-    ev.add_argument("--data-root", dest="data.data_root", default=argparse.SUPPRESS, help="folder holding the dataset files (else the recorded one, else $METAINFLUENCE_DATA)")
+    _data_root(ev)
     _common(ev)
     ev.set_defaults(_dests=["data.data_root"])
 
@@ -106,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--check-measurement", type=int, default=0, metavar="K", help="how much the ranking depends on which validation tasks were drawn: task-IF against both halves of K random halvings of the validation pool, its reliability and the pool size for 0.9 (default: 0, no check)")
     inf.add_argument("--resume", default=None, metavar="SCORES", help="continue the cg/pcg solve of an earlier task-level scores file of this "
                      "checkpoint's pool (one stopped by --max-minutes or --max-iter) from its iterate; the new file is complete on its own")
-    inf.add_argument("--data-root", dest="data.data_root", default=argparse.SUPPRESS, help="folder holding the dataset files (else the recorded one, else $METAINFLUENCE_DATA)")
+    _data_root(inf)
     _common(inf)
     inf.set_defaults(_dests=add_settings_arguments(inf, InfluenceSettings, dest="influence.", title="influence settings") + ["data.data_root"])
 
@@ -122,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("--newton-steps", type=int, default=0, help="Newton steps on the reduced objective after the closed-form edit (default: 0)")
     ed.add_argument("--out", default=None, help="output folder (default: the checkpoint's folder)")
     ed.add_argument("--name", default="edited", help="name of the edited checkpoint (default: edited)")
-    ed.add_argument("--data-root", dest="data.data_root", default=argparse.SUPPRESS, help="folder holding the dataset files (else the recorded one, else $METAINFLUENCE_DATA)")
+    _data_root(ed)
     _common(ed)
     ed.set_defaults(_dests=add_settings_arguments(ed, InfluenceSettings, dest="influence.", title="influence settings (Hessian, solver, damping of the edit)") + ["data.data_root"])
 
@@ -145,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "matrix itself as a factor (one row per query example and class; exact, softmax cross-entropy only) (default: nystrom)")
     cv.add_argument("--max-tasks", type=int, default=None, help="fit on a seeded subsample of this many tasks (an unbiased estimate of H; "
                     "the probe report is measured on the whole pool) (default: all)")
-    cv.add_argument("--data-root", dest="data.data_root", default=argparse.SUPPRESS, help="folder holding the dataset files (else the recorded one, else $METAINFLUENCE_DATA)")
+    _data_root(cv)
     _common(cv)
     cv.set_defaults(_dests=add_settings_arguments(cv, InfluenceSettings, dest="influence.", title="influence settings (hessian, fisher samples, seed, reference damping)",
                                                   defaults=InfluenceSettings(hessian="gauss-newton"), exclude=("method",)) + ["data.data_root"])
@@ -163,10 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "ends past M minutes: `stopped: …`, status 3; --resume continues. A stage in progress finishes (default: 0, no budget)")
     ex.add_argument("--no-progress", dest="progress", action="store_false", help=NO_PROGRESS_HELP)
     ex.add_argument("--threads", type=int, default=1, metavar="N", help="torch CPU threads (default: 1)")
+    ex.add_argument("--data-root", default=None, metavar="DIR", help="folder holding the dataset files (same as --set data.data_root=DIR; else $METAINFLUENCE_DATA)")
     ex.set_defaults(_dests=[])
 
     rp = sub.add_parser("report", help="render an experiment folder as report.md + self-contained report.html")
-    rp.add_argument("run_dir", help="output folder of `metainfluence experiment`")
+    rp.add_argument("run_dir", help="a run folder (train / refine / influence / edit outputs) or the output folder of `metainfluence experiment`")
     rp.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
     rp.set_defaults(_dests=[])
     return parser
@@ -199,14 +206,17 @@ def _settings(args: argparse.Namespace, defaults=None):
     return load_settings(defaults if defaults is not None else RunSettings(), _run_sections(args), namespace_overrides(args, args._dests))
 
 
-def _influence_settings(args: argparse.Namespace):
-    """[influence] of --config, then the flags; what ran is recorded in every result."""
+def _influence_settings(args: argparse.Namespace, base=None):
+    """``base`` (default InfluenceSettings()), [influence] of --config, then the flags; what ran is recorded in every result."""
     from .influence.results import InfluenceSettings
 
     section = (_sections(args, ("influence",)) or {}).get("influence", {})
     flags = {k[len("influence."):]: v for k, v in namespace_overrides(args, args._dests).items() if k.startswith("influence.")}
-    settings = load_settings(InfluenceSettings(), section, flags)
+    settings = load_settings(base if base is not None else InfluenceSettings(), section, flags)
     settings.validate()
+    if ("curvature_file" in flags or "curvature_file" in section) and settings.solver not in ("pcg", "curvature"):
+        raise SettingsError(f"--curvature-file is read by --solver pcg or curvature only (the solver here is {settings.solver}); "
+                            "add --solver pcg (exact, preconditioned) or --solver curvature (fast tier), or drop the file")
     return settings
 
 
@@ -269,35 +279,6 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_items(result, k: int) -> None:
-    from .influence.results import SIGN_CONVENTION
-
-    order = result.ranking(harmful_first=True)
-    if k > order.numel():
-        print(f"note: --top {k} is more than the {order.numel()} scored items; showing all of them")
-    k = max(0, min(k, order.numel()))
-    label = "task" if result.level == "task" else f"(task, {result.level} example)"
-    print(SIGN_CONVENTION)
-    for title, idx in (("most harmful", order[:k]), ("most helpful", order.flip(0)[:k])):
-        print(f"{title} {label}:")
-        for item, i in zip(result.items(idx), idx.tolist()):
-            print(f"  {item if len(item) > 1 else item[0]!s:>12}  score {float(result.scores.reshape(-1)[i]):+.4e}")
-
-
-def _print_pairs(result, k: int) -> None:
-    """The matrix's shape and, for the first k validation tasks, the training task that helps and harms it most."""
-    from .influence.pairwise import PAIRWISE_SIGN_CONVENTION
-
-    n, m = result.scores.shape
-    print(PAIRWISE_SIGN_CONVENTION)
-    print(f"{n} training × {m} validation tasks ({result.measurement}); per validation task, the extreme training tasks:")
-    for j in range(min(max(k, 0), m)):
-        col = result.scores[:, j]
-        lo, hi = int(col.argmin()), int(col.argmax())
-        print(f"  {int(result.test_task_ids[j]):>6}  min {int(result.train_task_ids[lo]):>6} ({float(col[lo]):+.3e})"
-              f"  max {int(result.train_task_ids[hi]):>6} ({float(col[hi]):+.3e})")
-
-
 def _cmd_influence(args: argparse.Namespace) -> int:
     from .evaluation.fidelity import CheckSettings
     from .pipeline import influence_checkpoint
@@ -317,18 +298,22 @@ def _cmd_influence(args: argparse.Namespace) -> int:
               f"Spearman {fc['spearman']:.2f}, relative error {fc['relative_error']:.2f}, sign agreement {fc['sign_agreement']:.2f}")
     if (r := diag.get("measurement_reliability")):
         print(f"measurement: reliability {r['reliability']:.2f} over {r['splits']} halvings of {r['n_val_tasks']} validation tasks; about {r['val_tasks_for_target']} give {r['target']:g}")
-    (_print_pairs if args.level == "pairwise" else _print_items)(result, args.top)
+    (print_pairs if args.level == "pairwise" else print_items)(result, args.top)
     print(f"scores: {stem}.safetensors (+ .json); {diag['timings_s']['total']:.1f} s")
     return 0
 
 
 def _cmd_edit(args: argparse.Namespace) -> int:
+    from .influence.results import InfluenceSettings
     from .pipeline import edit_checkpoint
+    from .pipeline.stages import scores_settings
 
+    # an edit of a scores file's top items inverts the Hessian those scores used, unless --config or a flag says otherwise
+    base = scores_settings(args.scores, InfluenceSettings()) if args.scores else None
     path, removal, edited, before, after = edit_checkpoint(
-        args.checkpoint, _influence_settings(args), remove_tasks=args.remove_tasks, scores=args.scores, top_k=args.top_k,
+        args.checkpoint, _influence_settings(args, base), remove_tasks=args.remove_tasks, scores=args.scores, top_k=args.top_k,
         newton_steps=args.newton_steps, step=args.edit_step, out=args.out, name=args.name, overrides=_data_only(args))
-    print(f"removed {removal.count()} in closed form ({edited.diagnostics['seconds']:.1f} s, solver residual {edited.diagnostics['solver_residual']:.1e})")
+    print(f"removed {removal.describe()} in closed form ({edited.diagnostics['seconds']:.1f} s, solver residual {edited.diagnostics['solver_residual']:.1e})")
     print(f"test before edit: {before.summary()}")
     print(f"test after edit:  {after.summary()}")
     print(f"checkpoint: {path}")
@@ -359,26 +344,7 @@ def _cmd_curvature(args: argparse.Namespace) -> int:
     art, stem = curvature_checkpoint(args.checkpoint, settings, args.out, rank=args.rank, oversample=args.oversample, probes=args.probes,
                                      overrides=_data_only(args), method=args.method, max_tasks=args.max_tasks,
                                      max_rank=args.max_rank)
-    i = art.info
-    floor = f"fit {i['fit_over_floor']:.1f}× the floor (one pass of per-task gradients, {i['floor_seconds']:.2f} s)" if i.get("floor_seconds") else f"fit {i['fit_seconds']:.2f} s"
-    if art.method == "fisher":
-        print(f"fisher factor of the total Hessian ({i['factor_rows']} rows of sampled-label total gradients, {i['fisher_samples']} "
-              f"per task), measured against the {i['hessian']} total Hessian: {floor}")
-        print(f"probe error of H·x: max {max(i['probe_operator_rel_error']):.2g}")
-    elif art.method == "ekfac":
-        print(f"EK-FAC of the θ-space Fisher at the adapted parameters ({i['n_kronecker_blocks']} Kronecker blocks, {i['n_diagonal']} diagonal "
-              f"parameters, {i['n_tasks_fitted']} tasks), measured against the {i['hessian']} total Hessian: {floor}")
-        print(f"smallest eigenvalue {i['eigenvalue_min']:.3g}; probe error of H·x: max {max(i['probe_operator_rel_error']):.2g} "
-              "(EK-FAC drops dθ/dλ: a preconditioner for --solver pcg first)")
-    else:
-        how = f"rank chosen from the spectrum ({i['sketch']['stopped_by']})" if i["sketch"].get("adaptive") else "rank"
-        print(f"{i['hessian']} total Hessian, {how} {i['rank']} Nyström sketch ({i['sketch']['products']} products, "
-              f"{i['n_tasks_fitted']} tasks): {floor}")
-        print(f"eigenvalues {i['eigenvalue_max']:.3g} … {i['eigenvalue_min_kept']:.3g}; probe error of H·x: max {max(i['probe_operator_rel_error']):.2g}")
-    print(f"fast-tier solve residual at δ = {i['probe_damping']:g}: max {max(i['probe_solve_residual']):.2g}")
-    if max(i["probe_solve_residual"]) > 1e-2:
-        print(f"warning: the fast tier (--solver curvature) leaves residuals up to {max(i['probe_solve_residual']):.2g} here; use --solver pcg "
-              "for exact answers, or a larger --rank")
+    print_curvature(art.info, art.method)
     print(f"curvature: {stem}.safetensors (+ .json)")
     return 0
 
@@ -389,7 +355,10 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     if args.name not in EXPERIMENTS:
         raise SettingsError(f"unknown experiment {args.name!r}; use one of {', '.join(EXPERIMENTS)}")
     out = args.out or f"runs/experiment-{args.name}"
-    run_experiment(args.name, args.config, args.quick, out, resume=args.resume, max_minutes=args.max_minutes, sets=parse_sets(args.set))
+    sets = parse_sets(args.set)
+    if args.data_root:
+        sets.setdefault("data", {})["data_root"] = args.data_root
+    run_experiment(args.name, args.config, args.quick, out, resume=args.resume, max_minutes=args.max_minutes, sets=sets)
     print(f"results in {out}/; render them with: metainfluence report {out}")
     return 0
 
@@ -414,7 +383,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (0 ok, 2 user error)."""
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # named with the command's own help, which lists what it takes
+            raise SettingsError(f"unrecognized arguments: {' '.join(extra)} (see '{' '.join(['metainfluence', args.command or ''][:1 + bool(args.command)])} --help')")
         if args.command is None:
             parser.print_help()
             return EXIT_USER_ERROR

@@ -10,6 +10,13 @@ from ..errors import SettingsError
 from .report import write_report
 
 
+def _removed_cell(count) -> str:
+    """A checkpoint's removal count ({"tasks": 12, ...}) as words: '12 tasks', '3 support examples'."""
+    if not isinstance(count, dict):
+        return json.dumps(count)
+    return ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in count.items() if v) or "nothing"
+
+
 def _read(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text())
@@ -54,7 +61,7 @@ def report_run_folder(run_dir: str | Path) -> Path:
         erows = []
         for name, rec in edits:
             m = rec["metrics"]
-            erows.append({"edit": name, "removed": json.dumps(m.get("removed")), "step": m["edit"].get("step", "-"),
+            erows.append({"edit": name, "removed": _removed_cell(m.get("removed")), "step": m["edit"].get("step", "-"),
                           "hessian": m["edit"].get("hessian", "-"), "residual": f"{m['edit'].get('solver_residual', float('nan')):.1e}",
                           "test before": _eval_cell((m.get("eval_before_edit") or {}).get("test")), "test after": _eval_cell((m.get("eval") or {}).get("test"))})
         secs.append({"heading": "Edits (closed-form removal)", "tables": [erows]})

@@ -169,7 +169,7 @@ def fit_curvature(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, s
     floor = None
     if not fused:
         t0 = time.perf_counter()
-        problem.total_gradients(lam, tasks)  # the floor: one pass of per-task total gradients
+        problem.total_gradients(lam, tasks, desc="task gradients (timing floor)")  # the floor: one pass of per-task total gradients
         floor = time.perf_counter() - t0
     op = build_hessian(problem, lam, tasks, settings)
     t1 = time.perf_counter()

@@ -75,6 +75,12 @@ class Removal:
             "query_examples": int(self.query.sum()) if self.query is not None else 0,
         }
 
+    def describe(self) -> str:
+        """The count in words, e.g. '12 tasks' or '3 support examples and 1 query example'."""
+        words = {"tasks": "task", "support_examples": "support example", "query_examples": "query example"}
+        parts = [f"{k} {words[n]}{'s' if k != 1 else ''}" for n, k in self.count().items() if k]
+        return " and ".join(parts) or "nothing"
+
 
 def removed_gradient(problem: MetaProblem, lam: torch.Tensor, pool: TaskTensors, removal: Removal, linear: bool = True,
                      diag: dict | None = None) -> torch.Tensor:

@@ -158,7 +158,7 @@ def instance_influence(
         check_solve(diag, res, settings)
     # the same trust checks as task-IF: λ stationary, inner problem solved (one pass of total gradients)
     _, norms, g_sum = _train_pass(problem, lam, train_tasks, None, lambda p, l, t: p.total_gradients(l, t))
-    diag["stationarity"] = stationarity(g_sum / n + problem.weight_decay * lam, problem.collective.gather_rows(norms), settings.stationarity_warn, diag)
+    diag["stationarity"] = stationarity(g_sum / n + problem.weight_decay * lam, problem.collective.gather_rows(norms), settings.stationarity_warn, diag, problem)
     inner_solve_check(problem, lam, train_tasks, diag)
     method = which
     if which == "support" and settings.support_method == "two-stage":

@@ -92,7 +92,7 @@ class InfluenceSettings:
         if self.solver not in SOLVER_NAMES:
             raise SettingsError(f"unknown iHVP solver {self.solver!r}; use one of {', '.join(SOLVER_NAMES)}")
         if self.solver == "woodbury" and self.hessian != "fisher":
-            raise SettingsError(f"the woodbury solver inverts the fisher Hessian only, not {self.hessian!r}; use hessian=fisher or another solver")
+            raise SettingsError(f"the woodbury solver inverts the fisher Hessian only, not {self.hessian!r}; use --hessian fisher, or another --solver")
         if self.damping_mode not in ("absolute", "relative"):
             raise SettingsError(f"unknown damping_mode {self.damping_mode!r}; use absolute or relative")
         if self.curvature_fit not in CURVATURE_METHODS:
@@ -115,7 +115,7 @@ class InfluenceSettings:
         if self.products not in ("working", "float32"):
             raise SettingsError(f"unknown product precision {self.products!r}; use working or float32")
         if self.products == "float32" and self.hessian == "fisher" and self.method == "task-if":
-            raise SettingsError("the fisher Hessian is an exact factor, not products: use products=working with hessian=fisher")
+            raise SettingsError("the fisher Hessian is an exact factor, not products: use --products working with --hessian fisher")
         for name in ("trak_dim", "rhs_chunk"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

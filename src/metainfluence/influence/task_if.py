@@ -195,7 +195,7 @@ def _sketch(op: TotalHessian, settings: InfluenceSettings):
     from .curvature import load_curvature
 
     if not settings.curvature_file:
-        raise SettingsError(f"solver {settings.solver!r} needs --curvature FILE (fit one with `metainfluence curvature`)")
+        raise SettingsError(f"solver {settings.solver!r} needs --curvature-file FILE (fit one with `metainfluence curvature`)")
     art = load_curvature(settings.curvature_file)
     # pcg is exact whatever its preconditioner: a full-pool sketch, or another kind's, may serve this H
     art.attach(op, preconditioner=settings.solver == "pcg")
@@ -241,7 +241,7 @@ def _lowrank(op: TotalHessian, settings: InfluenceSettings) -> LowRank:
 
 
 def stationarity(meta_gradient: torch.Tensor, task_gradient_norms: torch.Tensor, warn_ratio: float,
-                 diag: dict[str, Any] | None = None) -> dict[str, Any]:
+                 diag: dict[str, Any] | None = None, problem: MetaProblem | None = None) -> dict[str, Any]:
     """docs/method.md §2: ‖∇F(λ*)‖ and its ratio to the mean per-task total-gradient norm (a shortfall in
     ``diag`` above ``warn_ratio``)."""
     norm = float(meta_gradient.norm())
@@ -251,7 +251,7 @@ def stationarity(meta_gradient: torch.Tensor, task_gradient_norms: torch.Tensor,
     if ratio > warn_ratio:
         out["warning"] = (
             f"λ is not stationary: ‖∇F‖ = {norm:.3g} is {ratio:.2g} of the mean task-gradient norm (warned above "
-            f"{warn_ratio:g}); influence assumes ∇F = 0 — {refine_advice()}"
+            f"{warn_ratio:g}); influence assumes ∇F = 0 — {refine_advice(problem=problem)}"
         )
         if diag is not None:
             shortfall(diag, out["warning"])
@@ -283,7 +283,7 @@ def trust_checks(problem: MetaProblem, lam: torch.Tensor, train_tasks: TaskTenso
     """What every total-gradient score rests on: λ stationary (from the pass's Σg_k and ‖g_k‖) and,
     for the implicit inner solver, θ_i at the inner optimum."""
     n = problem.collective.total_count(len(train_tasks))
-    diag["stationarity"] = stationarity(g_sum / n + problem.weight_decay * lam, problem.collective.gather_rows(norms), settings.stationarity_warn, diag)
+    diag["stationarity"] = stationarity(g_sum / n + problem.weight_decay * lam, problem.collective.gather_rows(norms), settings.stationarity_warn, diag, problem)
     inner_solve_check(problem, lam, train_tasks, diag)
 
 

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Callable
 
 import torch
@@ -25,7 +26,7 @@ from .operators import LinearOperator
 
 def block_cg(products: Callable[[Tensor], Tensor], B: Tensor, tol: float, max_iter: int,
              precondition: Callable[[Tensor], Tensor] | None = None, stop_on_negative: bool = False,
-             deadline: float | None = None) -> tuple[Tensor, dict]:
+             deadline: float | None = None, slow_advice: str | None = None) -> tuple[Tensor, dict]:
     """Solve A X = B column by column, A symmetric positive definite reached through
     ``products(P) = A P`` on (p, k) blocks. B: (p, m). Returns X (p, m) and diagnostics:
     ``iterations_per_rhs``, ``recursive_residuals`` (‖r‖/‖b‖ when each column stopped) and
@@ -35,7 +36,9 @@ def block_cg(products: Callable[[Tensor], Tensor], B: Tensor, tol: float, max_it
     stopping rule stays the true recursive residual ‖r‖/‖b‖. ``stop_on_negative`` (truncated Newton):
     a column that meets pᵀAp ≤ 0 stops at its current iterate (still a descent direction) instead of
     raising; ``negative_curvature`` lists those columns. ``deadline`` (a ``time.perf_counter()`` value):
-    stop between iterations once it has passed (``stopped_by`` = "time"; the iterate so far is returned)."""
+    stop between iterations once it has passed (``stopped_by`` = "time"; the iterate so far is returned).
+    ``slow_advice``: when an unbounded solve's first iteration says 100 would take over :data:`SLOW_SOLVE_S`,
+    a warning with that forecast and this advice (a user otherwise learns it hours later)."""
     p, m = B.shape
     X = torch.zeros_like(B)
     R = B.clone()
@@ -55,6 +58,7 @@ def block_cg(products: Callable[[Tensor], Tensor], B: Tensor, tol: float, max_it
     negative: list[int] = []
     it = 0
     stopped_by = None
+    started = time.perf_counter()
     while bool(active.any()) and it < max_iter:
         if deadline is not None and time.perf_counter() > deadline:
             stopped_by = "time"
@@ -95,12 +99,26 @@ def block_cg(products: Callable[[Tensor], Tensor], B: Tensor, tol: float, max_it
         trend.add(time.perf_counter(), worst)
         progress.set_postfix({"residual": f"{worst:.1e}", "tol": f"{tol:.0e}", "eta": clock(trend.eta(tol))}, refresh=False)
         progress.update(1)  # after the postfix, so a redraw shows this iteration's residual
+        if it == 1 and slow_advice and deadline is None:
+            _forecast(time.perf_counter() - started, max_iter, slow_advice)
     progress.close()
     out = {"converged": not bool(active.any()) and not negative, "iterations_per_rhs": iterations, "recursive_residuals": rel,
            "negative_curvature": negative}
     if stopped_by:
         out["stopped_by"] = stopped_by
     return X, out
+
+
+SLOW_ADVICE = ("bound it with --max-minutes M (the iterate is kept; --resume SCORES continues it), or use a tier without iterations: "
+               "--hessian fisher --solver woodbury (its exact inverse after one pass over the tasks) or a curvature file (docs/method.md §4)")
+SLOW_SOLVE_S = 600.0  # a forecast of 100 iterations above this is said aloud
+
+
+def _forecast(seconds: float, max_iter: int, advice: str) -> None:
+    horizon = min(max_iter, 100)
+    if seconds * horizon > SLOW_SOLVE_S:
+        warnings.warn(f"CG: one iteration took {seconds:.0f} s here, so {horizon} iterations would take {clock(seconds * horizon)} "
+                      f"(max_iter {max_iter}: {clock(seconds * max_iter)}); {advice}", stacklevel=3)
 
 
 def cg_solve(op: LinearOperator, b: Tensor, damping: float, settings: SolverSettings = SolverSettings()) -> IHVPResult:
@@ -118,7 +136,8 @@ def cg_solve(op: LinearOperator, b: Tensor, damping: float, settings: SolverSett
     outer = bar("solves", len(blocks), "rhs") if len(blocks) > 1 else None
     for start in blocks:
         rows = slice(start, start + settings.cg_block)
-        Xb, part = block_cg(products.block, B[rows].T.contiguous(), settings.tol, settings.max_iter, deadline=settings.deadline(t0))
+        Xb, part = block_cg(products.block, B[rows].T.contiguous(), settings.tol, settings.max_iter, deadline=settings.deadline(t0),
+                            slow_advice=SLOW_ADVICE)
         X[rows] = Xb.T
         if outer is not None:
             outer.update(1)  # after the block: "k/K rhs" counts the solves done

@@ -190,7 +190,7 @@ def true_residuals(products: DampedProducts, X: Tensor, B: Tensor) -> list[float
         res = rn / bn if bn > 0 else rn
         if not math.isfinite(res):
             raise DivergenceError(
-                f"the residual check gave {res} (the solution or an HVP is not finite); raise damping or use solver='cg'"
+                f"the residual check gave {res} (the solution or an HVP is not finite); raise --damping or use --solver cg"
             )
         out.append(res)
     return out
@@ -211,7 +211,7 @@ def finish(
     """Close a solve: refuse non-finite answers, measure the true residuals (of every right-hand side,
     or of ``check_limit`` evenly spaced ones, recorded as ``residual_rows``), build the result."""
     if not torch.isfinite(X).all():
-        raise DivergenceError(f"{solver} produced NaN or inf; raise damping or use solver='cg'")
+        raise DivergenceError(f"{solver} produced NaN or inf; raise --damping or use --solver cg")
     rows = check_rows(B.shape[0], check_limit)
     if rows is None:
         residuals = true_residuals(products, X, B)

@@ -47,7 +47,7 @@ def _scale(hvp: DampedProducts, op: LinearOperator, settings: SolverSettings) ->
         return settings.neumann_scale, {"scale": settings.neumann_scale, "scale_from": "settings"}
     est = _power(hvp, op, settings.power_iters, settings.seed)
     if est == 0:
-        raise DivergenceError("H+δI is zero on the power-iteration vector, so no Neumann scale exists; raise damping or use solver='cg'")
+        raise DivergenceError("H+δI is zero on the power-iteration vector, so no Neumann scale exists; raise --damping or use --solver cg")
     s = settings.scale_safety * est
     return s, {"scale": s, "scale_from": "power_iteration", "power_estimate": est}
 
@@ -136,7 +136,7 @@ def lissa_solve(op: LinearOperator, b: Tensor, damping: float, settings: SolverS
     B = prepare_rhs(op, b, damping)
     n = getattr(op, "n_tasks", None)
     if not callable(getattr(op, "matvec_subset", None)) or not isinstance(n, int) or n < 1:
-        raise SettingsError("lissa needs an operator with n_tasks and matvec_subset (per-task HVPs); use solver='neumann' or 'cg'")
+        raise SettingsError("lissa needs an operator with n_tasks and matvec_subset (per-task HVPs); use --solver neumann or cg")
     batch = n if settings.lissa_batch is None else settings.lissa_batch
     if batch > n:
         raise SettingsError(f"lissa_batch = {batch} exceeds the {n} tasks of the operator; set lissa_batch ≤ {n}")

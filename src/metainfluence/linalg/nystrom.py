@@ -100,7 +100,7 @@ def _nystrom_factor(omega: Tensor, Y: Tensor, dtype: torch.dtype) -> tuple[Tenso
     core = omega.T @ Y_nu
     factor, info = torch.linalg.cholesky_ex(0.5 * (core + core.T))
     if int(info) != 0:
-        raise DivergenceError("the Nyström core is not positive definite: the operator is not PSD (use hessian=gauss-newton or fisher)")
+        raise DivergenceError("the Nyström core is not positive definite: the operator is not PSD (use --hessian gauss-newton or fisher)")
     Bm = torch.linalg.solve_triangular(factor, Y_nu.T, upper=False).T  # Y_ν C⁻ᵀ
     U, S, _ = torch.linalg.svd(Bm, full_matrices=False)
     return (S ** 2 - nu).clamp_min(0), U, nu

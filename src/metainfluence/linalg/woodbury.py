@@ -133,7 +133,7 @@ def woodbury_solve(op, b: Tensor, damping: float, settings: SolverSettings = Sol
     (a :class:`FactorOperator`, or a total Hessian of kind fisher)."""
     G = getattr(op, "factor", None)
     if G is None:
-        raise SettingsError("the woodbury solver inverts a factored operator GᵀG + cI only (the fisher Hessian); use hessian=fisher or another solver")
+        raise SettingsError("the woodbury solver inverts a factored operator GᵀG + cI only (the fisher Hessian); use --hessian fisher, or another --solver")
     t0 = time.perf_counter()
     B = prepare_rhs(op, b, damping)
     c = float(getattr(op, "shift", 0.0)) + damping

@@ -20,6 +20,7 @@ from torch.func import grad, jvp, vjp, vmap
 
 from ..errors import SettingsError
 from ..linalg import FactorOperator
+from ..progress import bar
 from ..tasks.tensors import TaskTensors
 from .objective import MetaProblem, TaskRecord
 
@@ -116,9 +117,11 @@ class TotalHessian:
         # θ_i(λ*) is fixed: adapt once (the implicit inner solve is the expensive part of its products)
         self.thetas = None
         if kind in ("gauss-newton", "gamma", "direct"):
-            self.thetas = problem.per_task(lambda l, t: problem.adapt(l, t).detach(), self._plam, self._ptasks, *self._pweights[1:])
+            self.thetas = problem.per_task(lambda l, t: problem.adapt(l, t).detach(), self._plam, self._ptasks, *self._pweights[1:],
+                                           desc=f"{kind} Hessian: adapted θ_i")
         if kind == "gamma":
-            l1 = problem.sum_over_tasks(self._query_grad_l1, self._plam, self._ptasks, *self._pweights, extra=(self.thetas,), accumulate=self.dtype)
+            l1 = problem.sum_over_tasks(self._query_grad_l1, self._plam, self._ptasks, *self._pweights, extra=(self.thetas,), accumulate=self.dtype,
+                                        desc="gamma Hessian: Γ")
             self.gamma = float(l1) / self.n_total
         if kind == "fisher" and self.product_dtype != self.dtype:
             raise SettingsError("the fisher Hessian is an exact factor, not products: drop the float32 product precision")
@@ -212,7 +215,7 @@ class TotalHessian:
         self.n_matvecs += 1
         v = v.to(self.lam)
         if self.kind == "fisher":
-            raise SettingsError("lissa samples tasks; the fisher Hessian is solved exactly by woodbury — use solver=woodbury or cg")
+            raise SettingsError("lissa samples tasks; the fisher Hessian is solved exactly by woodbury — use --solver woodbury or cg")
         # A local (not all-reduced) estimate: LiSSA's subsets are drawn per process.
         part = self._local_sum(v, task_index)
         return (part / len(task_index) + (self.gamma + self.problem.weight_decay) * v).detach()
@@ -253,7 +256,7 @@ def _fisher(problem, lam, tasks, samples, seed, w, v, u, with_gradients: bool):
         gradients, out = _gradients_and_outputs(problem, lam.detach(), tasks)
     else:
         with torch.no_grad():
-            out = problem.per_task(problem.query_outputs, lam, tasks, v, u)
+            out = torch.cat([o for _, o in _task_chunks(problem, problem.query_outputs, lam, tasks, v, u, (), "fisher fit: query outputs")])
     # labels are drawn for the whole pool (gathered over shards), so every process draws what one process would
     out = problem.collective.gather_rows(out)
     draws = [problem.collective.local_rows(sample_labels(problem, out, gen).to(tasks.query_y.device), len(tasks)) for _ in range(samples)]
@@ -264,14 +267,28 @@ def _fisher(problem, lam, tasks, samples, seed, w, v, u, with_gradients: bool):
         rows = []
         for yq in draws:
             sampled = TaskTensors(tasks.support_x, tasks.support_y, tasks.query_x, yq)
-            rows.append(problem.collective.gather_rows(problem.total_gradients(lam, sampled, v, u, desc="fisher rows")))  # every process holds all rows (Woodbury)
+            rows.append(problem.collective.gather_rows(_total_gradients(problem, lam, sampled, v, u, "fisher fit: rows")))  # every process holds all rows (Woodbury)
         if with_gradients:
-            gradients = problem.total_gradients(lam, tasks, desc="task gradients")
+            gradients = _total_gradients(problem, lam, tasks, None, None, "fisher fit: task gradients")
     G = torch.cat(rows) * (tasks.n_query / (problem.collective.total_count(len(tasks)) * samples)) ** 0.5
     if w is not None:
         task_weight = problem.collective.gather_rows(w.to(G)).clamp_min(0).sqrt()
         G = G * task_weight.repeat(samples)[:, None]
     return G, gradients, share
+
+
+def _task_chunks(problem: MetaProblem, fn, lam: torch.Tensor, tasks: TaskTensors, v, u, extra: tuple, desc: str):
+    """``problem._mapped_chunks`` under a bar counting tasks (a heartbeat line a minute with --no-progress: a pass
+    over a large Conv4 pool runs for minutes), updated once per chunk so the per-task work is untouched."""
+    with bar(desc, len(tasks), "task") as progress:
+        for c, out in problem._mapped_chunks(fn, lam, tasks, v, u, extra):
+            progress.update(c.stop - c.start)
+            yield c, out
+
+
+def _total_gradients(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, v, u, desc: str) -> torch.Tensor:
+    """``problem.total_gradients`` (the same per-chunk calls), its bar counting tasks."""
+    return torch.cat([g for _, g in _task_chunks(problem, problem.task_total_gradient, lam.detach(), tasks, v, u, (), desc)]).detach()
 
 
 def _query_loss_in_outputs(problem: MetaProblem, task: TaskRecord, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -288,7 +305,7 @@ def _gradients_and_outputs(problem: MetaProblem, lam: torch.Tensor, tasks: TaskT
         out, pullback = vjp(lambda l: problem.query_outputs(l, task), lam)
         return pullback(_query_loss_in_outputs(problem, task, out, task.yq))[0], out
 
-    parts = [(g.detach(), out.detach()) for _, (g, out) in problem._mapped_chunks(one, lam, tasks, None, None, (), desc="task gradients + outputs")]
+    parts = [(g.detach(), out.detach()) for _, (g, out) in _task_chunks(problem, one, lam, tasks, None, None, (), "fisher fit: task gradients + outputs")]
     return torch.cat([g for g, _ in parts]), torch.cat([out for _, out in parts])
 
 
@@ -308,7 +325,7 @@ def _rows_of_draws(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, 
     if not other:  # every row is a gradient: no copy (the caller concatenates and scales them)
         return [gradients] * draws, 1.0
     drawn = gradients[:, None].expand(n, draws, -1).clone()
-    for c, r in problem._mapped_chunks(one, lam, tasks.subset(other), None, None, (labels[other],), desc="fisher rows (draws ≠ labels)"):
+    for c, r in _task_chunks(problem, one, lam, tasks.subset(other), None, None, (labels[other],), "fisher fit: rows (draws ≠ labels)"):
         drawn[other[c.start:c.stop]] = r.detach()
     return [drawn[:, m] for m in range(draws)], (n - len(other)) / n
 
@@ -335,16 +352,18 @@ def gauss_newton_factor(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTens
     # one total-gradient pass per (query example, class); one forward with |Q|·C vmapped pullbacks gives the
     # same rows but was 2× slower on CPU in a one-off timing (Conv4-16, 100 tasks, float32; script not kept)
     rows = []
-    for q in range(n_q):
-        u = torch.zeros(n_local, n_q, dtype=lam.dtype, device=lam.device)
-        u[:, q] = 1.0
-        for c in range(n_c):
-            yq = tasks.query_y.clone()
-            yq[:, q] = c
-            labelled = TaskTensors(tasks.support_x, tasks.support_y, tasks.query_x, yq)
-            g = problem.total_gradients(lam, labelled, None, u)  # (1/|Q|) J_qᵀ(p_q − e_c): weighted_loss divides by |Q|
-            scale = (probs[:, q, c] * n_q / n).sqrt().to(g)  # √(p/(n|Q|)) J_qᵀ(p_q − e_c) = √(p|Q|/n) g
-            rows.append(problem.collective.gather_rows(g * scale[:, None]))
+    with bar("gn-factor rows", n_q * n_c, "pass") as progress:  # n_q·n_c passes over the pool: a heartbeat line a minute without bars
+        for q in range(n_q):
+            u = torch.zeros(n_local, n_q, dtype=lam.dtype, device=lam.device)
+            u[:, q] = 1.0
+            for c in range(n_c):
+                yq = tasks.query_y.clone()
+                yq[:, q] = c
+                labelled = TaskTensors(tasks.support_x, tasks.support_y, tasks.query_x, yq)
+                g = problem.total_gradients(lam, labelled, None, u)  # (1/|Q|) J_qᵀ(p_q − e_c): weighted_loss divides by |Q|
+                scale = (probs[:, q, c] * n_q / n).sqrt().to(g)  # √(p/(n|Q|)) J_qᵀ(p_q − e_c) = √(p|Q|/n) g
+                rows.append(problem.collective.gather_rows(g * scale[:, None]))
+                progress.update(1)
     return torch.cat(rows)
 
 

@@ -351,9 +351,9 @@ def refine(
         target = f"‖∇F‖ ≤ {settings.tol:g}" + (f" or ‖∇F‖ / mean‖g_i‖ ≤ {settings.tol_ratio:g}" if settings.tol_ratio else "")
         if stopped_by == "max_minutes":
             advice = (f"raise --refine-max-minutes, or continue from where it stopped by refining the written checkpoint again "
-                      f"(`metainfluence refine --checkpoint OUT/refined`); {refine_advice(settings)}")
+                      f"(`metainfluence refine --checkpoint OUT/refined`); {refine_advice(settings, problem)}")
         else:
-            advice = refine_advice(settings)
+            advice = refine_advice(settings, problem)
         warnings.warn(
             f"refine did not reach {target} (‖∇F‖ = {gn1:.3g}, ratio {ratio_after:.3g}; {message}); {advice} — influence estimates assume stationarity (docs/method.md §2)",
             RefineWarning,
@@ -362,13 +362,27 @@ def refine(
     return x, report
 
 
-def refine_advice(settings: RefineSettings | None = None) -> str:
-    """What helps a refine that stopped above its tolerance."""
+LARGE_MODEL = 10_000  # parameters above which the advice is Newton–CG / proximal rather than exact Newton
+
+
+def refine_advice(settings: RefineSettings | None = None, problem: MetaProblem | None = None) -> str:
+    """What helps a refine that stopped above its tolerance; ``problem`` (the model refined) fits the advice to
+    its size (dense Newton only below a few thousand parameters) and activations (ReLU makes F jump)."""
+    kinks = problem is not None and any(isinstance(m, torch.nn.ReLU) for m in problem.model.modules())
+    large = problem is not None and problem.spec.dim > LARGE_MODEL  # Conv4 sizes: an exact Newton step costs minutes
+    if kinks and large:
+        # no refiner gets far on a jumping F (docs/training.md, "Refine at Conv4 scale"): change the objective instead
+        return ("with ReLU the second-order meta-objective jumps (docs/training.md, 'Refine at Conv4 scale'), so no refiner reaches a tight "
+                "‖∇F‖ here: retrain with a smooth activation (--model-conv-activation silu / --model-activation silu), or refine the "
+                "proximal objective near the trained λ (--refine-proximal 1 --refine-tol 0 --refine-tol-ratio 1e-4)")
     if settings is not None and settings.method == "newton":
         return ("raise --refine-max-iter, or try --refine-newton-hessian gauss-newton (PSD) if the exact Hessian is indefinite here")
     if settings is not None and settings.method == "newton-cg":
         return ("raise --refine-max-iter or --refine-newton-cg-iters; where Gauss–Newton steps converge slowly (large residuals) "
                 "finish with --refine-method newton (exact Hessian)")
+    if large:
+        return ("use preconditioned Newton–CG (--refine-method newton-cg --refine-precondition fisher --refine-tol 0 --refine-tol-ratio 1e-4), "
+                "or refine the proximal objective near the trained λ (--refine-proximal 1), or raise --refine-max-iter")
     return ("refine with the Newton refiner (--refine-method newton: a few exact or Gauss–Newton steps reach tight tolerances "
             "where L-BFGS stalls), or raise --refine-max-iter")
 

@@ -30,6 +30,7 @@ import torch
 
 from ..config import to_dict
 from ..errors import CheckpointError, DivergenceError, SettingsError
+from ..progress import log_lines
 from ..tasks.tensors import TaskTensors
 from .checkpoint import Checkpoint, load_checkpoint, pool_record, save_checkpoint
 from .evaluate import evaluate
@@ -56,7 +57,8 @@ class TrainSettings:
     chunk_size: int = field(default=0, metadata={"help": "tasks per vmapped chunk inside a meta-batch (0 = the whole batch at once); lower it to save memory"})
     checkpoint_every: int = field(default=200, metadata={"help": "steps between checkpoints (0 = only at the end)"})
     dtype: str = field(default="float32", metadata={"help": "precision of training: float32 | float64", "choices": ("float32", "float64")})
-    log_every: int = field(default=10, metadata={"help": "steps between accuracy measurements on the meta-batch (progress bar and history)"})
+    log_every: int = field(default=10, metadata={"help": "steps between accuracy measurements on the meta-batch (progress bar and history); "
+                                                         "with --no-progress also a line every N steps (loss, accuracy, tasks/s, time)"})
     validate_every: int = field(default=0, metadata={"help": "steps between evaluations on the validation pool (recorded in the history with their wall time, to pick a step count on validation tasks; 0 = never)"})
     first_order_steps: int = field(default=0, metadata={"help": "take the first N steps first-order (FOMAML: no gradient through the inner gradients; cheaper), then the inner solver's own order (a warm-up; 0 = never)"})
     max_minutes: float = field(default=0.0, metadata={"help": "stop after this many minutes of training (0 = no limit; a time limit makes the step count machine-dependent)"})
@@ -91,7 +93,8 @@ class TrainSettings:
 
 @dataclass
 class TrainHistory:
-    """Per-step batch query loss and meta-gradient norm; batch accuracy every ``log_every`` steps."""
+    """Per-step batch query loss and meta-gradient norm; batch accuracy every ``log_every`` steps (at steps
+    log_every, 2·log_every, …)."""
 
     step: list[int] = field(default_factory=list)
     loss: list[float] = field(default_factory=list)
@@ -149,6 +152,22 @@ def batch_schedule(n_tasks: int, meta_batch: int, seed: int, steps: int) -> list
 
 def _not_finite(t: torch.Tensor) -> bool:
     return not bool(torch.isfinite(t).all())
+
+
+def step_line(history: TrainHistory, total_steps: int, window: int, tasks_per_second: float) -> str:
+    """The line printed every ``window`` steps without a bar: mean batch loss over the window, the latest batch
+    accuracy (of this step's meta-batch, like the loss after adaptation and before the step; absent for regression),
+    throughput over the window, training time (validation excluded)."""
+    acc = history.recent_accuracy(1)
+    acc_text = "" if math.isnan(acc) else f", acc {100 * acc:.1f}%"
+    return (f"step {history.steps_done}/{total_steps}: loss {history.recent_loss(window):.4f}{acc_text}, "
+            f"{tasks_per_second:.0f} tasks/s, after {history.wall_time_s / 60:.2f} min")  # the time as the validation lines say it
+
+
+def _status(line: str) -> None:
+    """A status line on stderr, after whatever stdout holds (a pipe buffers it), so that a log file keeps the order."""
+    sys.stdout.flush()
+    print(line, file=sys.stderr, flush=True)
 
 
 def meta_train(
@@ -271,10 +290,13 @@ def meta_train(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=settings.steps, initial=start_step, desc="meta-train", unit="step", file=sys.stderr, dynamic_ncols=True, leave=True)
+    # without a bar, the CLI's --no-progress wants a line every log_every steps; a library call stays quiet
+    lines = bar is None and log_lines()
     t0 = time.perf_counter()
     wall_before = history.wall_time_s
     deadline = t0 + 60.0 * settings.max_minutes if settings.max_minutes > 0 else None
     step = start_step
+    mark = (history.tasks_seen, history.wall_time_s)  # the line's window starts here: its tasks/s excludes validation time
     try:
         while step < settings.steps:
             idx = sample_batch(generator, n, settings.meta_batch)
@@ -289,7 +311,7 @@ def meta_train(
                 raise diverged(step + 1, "the meta-batch loss")
             if _not_finite(gradient):
                 raise diverged(step + 1, "the meta-gradient")
-            if step % settings.log_every == 0:
+            if (step + 1) % settings.log_every == 0:  # the last step of each log_every window: its line shows it
                 _, acc = problem.task_metrics(lam, batch)
                 history.accuracy_step.append(step + 1)
                 history.accuracy.append(float(acc.mean()))
@@ -314,6 +336,11 @@ def meta_train(
                     if not math.isnan(acc_recent):
                         post["acc"] = f"{acc_recent:.3f}"
                     bar.set_postfix(post, refresh=False)
+            elif lines and step % settings.log_every == 0:
+                seconds = history.wall_time_s - mark[1]
+                rate = (history.tasks_seen - mark[0]) / seconds if seconds > 0 else float("nan")
+                _status(step_line(history, settings.steps, settings.log_every, rate))
+                mark = (history.tasks_seen, history.wall_time_s)
             if settings.checkpoint_every and step % settings.checkpoint_every == 0 and step < settings.steps:
                 save(step, "in-progress")
             if validation is not None and settings.validate_every and step % settings.validate_every == 0:
@@ -323,8 +350,8 @@ def meta_train(
                 history.val_accuracy.append(result.accuracy)
                 history.val_time_s.append(history.wall_time_s)
                 if bar is None:  # without a progress bar, one line per evaluation shows the curve
-                    print(f"step {step}: val accuracy {100 * result.accuracy:.2f}% ± {100 * result.accuracy_ci95:.2f}% "
-                          f"after {history.wall_time_s / 60:.2f} min", file=sys.stderr, flush=True)
+                    _status(f"step {step}: val accuracy {100 * result.accuracy:.2f}% ± {100 * result.accuracy_ci95:.2f}% "
+                            f"after {history.wall_time_s / 60:.2f} min")
                 else:
                     bar.set_postfix({"val": f"{result.accuracy:.3f}"}, refresh=False)
                 # evaluation is not training time, for the time limit either

@@ -27,10 +27,17 @@ from .stages import edit_stage, evals_json, evaluate_stage, influence_stage, ref
 
 
 def demo_settings() -> RunSettings:
-    """The demo's defaults: the digits pools with 20% of the training tasks mislabeled."""
+    """The demo's defaults: the digits pools with 20% of the training tasks mislabeled; with --no-progress a
+    training line every 500 steps (three in all), not 150."""
     settings = RunSettings()
     settings.data.corrupt_tasks = 0.2
+    settings.train.log_every = 500
     return settings
+
+
+def _say(line: str) -> None:
+    # flushed, so that in a log file (stdout a pipe) these lines keep their place among the stderr ones
+    print(line, flush=True)
 
 
 def _influence_demo(ctx: RunContext, lam: torch.Tensor, before: Mapping[str, EvalResult], log: Callable[[str], None], proximal: float = 0.0) -> dict:
@@ -85,7 +92,7 @@ def _influence_demo(ctx: RunContext, lam: torch.Tensor, before: Mapping[str, Eva
 
 
 # --------------------------------------------------------------------------- the demo
-def run_demo(settings: RunSettings | None = None, out: str | os.PathLike = "runs/demo", progress: bool = True, log: Callable[[str], None] = print,
+def run_demo(settings: RunSettings | None = None, out: str | os.PathLike = "runs/demo", progress: bool = True, log: Callable[[str], None] = _say,
              influence_step: bool = True) -> dict:
     """Build pools on the embedded digits data (by default), meta-train, refine, evaluate, and write
     everything under ``out``. Returns a dict with the context (``"context"``), both λ, the refine
@@ -99,6 +106,9 @@ def run_demo(settings: RunSettings | None = None, out: str | os.PathLike = "runs
     ctx = RunContext.prepare(settings, out, log=log)
     ctx.write_settings()
     timings["data_and_pools_s"] = time.perf_counter() - t
+    # the set-up is said once, here, as it happens; the summary at the end holds the results only
+    if ctx.standardization:
+        log(f"inputs standardised with the training pool's per-pixel mean and sd {ctx.standardization['sd']:.3f}")
     log(f"model: {type(ctx.problem.model).__name__} with {ctx.problem.dim} parameters; inner: {settings.inner.kind}, {settings.inner.steps} step(s) of lr {settings.inner.lr}")
 
     t = time.perf_counter()
@@ -165,13 +175,10 @@ def _fmt_eval(d: Mapping[str, Any]) -> str:
 def format_demo_summary(summary: Mapping[str, Any], out: Path) -> list[str]:
     r = summary["refine"]
     test_n = summary["eval_trained"].get("test", {}).get("n_tasks", 0)
+    # pools, model and training were said as they happened (run_demo): the summary holds the results
     lines = [
         "",
         "== metainfluence demo ==",
-        *[f"{name:>5} pool: {text}" for name, text in summary["pools"].items()],
-        f"model: {summary['model']['kind']}, {summary['model']['n_params']} parameters; "
-        f"meta-training: {summary['train']['steps']} steps, {summary['train']['wall_time_s']:.1f} s",
-        *([f"inputs standardised with the training pool's per-pixel mean and sd {summary['standardization']['sd']:.3f}"] if summary.get("standardization") else []),
         f"meta-test ({test_n} tasks, 95% interval):",
         f"  after training: {_fmt_eval(summary['eval_trained']['test'])}",
         f"  after refine:   {_fmt_eval(summary['eval_refined']['test'])}",

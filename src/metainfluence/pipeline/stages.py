@@ -83,7 +83,7 @@ def removal_from_scores(result: Any, k: int) -> Any:
     """A Removal of the k most harmful items of a scores file (tasks or examples), by local row index."""
     total = result.scores.numel()
     if not 1 <= k <= total:
-        raise SettingsError(f"--top-k {k} is outside 1..{total} (the number of scored items); choose a smaller k")
+        raise SettingsError(f"--top-k {k} is outside 1..{total} (the number of scored items); choose a k from 1 to {total}")
     order = result.ranking(harmful_first=True)[:k]
     if result.level == "task":
         return Removal(tasks=sorted(order.tolist()))
@@ -188,6 +188,7 @@ def influence_checkpoint(checkpoint: str | os.PathLike, settings: Any, level: st
     folder = check_writable(out if out else Path(checkpoint).expanduser().parent)
     ctx, ckpt = RunContext.from_checkpoint(checkpoint, splits=("train", "val"), overrides=overrides)
     log(f"train pool: {ctx.pools['train'].summary()}")
+    _stationarity_notice(ckpt, settings, log)
     s0 = _resume_iterate(ctx, resume, settings, level, log) if resume is not None else None
     prox, given = proximal_of(ckpt), settings
     if prox is not None:  # scores of the proximal objective the checkpoint was refined on
@@ -231,6 +232,40 @@ def _check_measurement(ctx: RunContext, lam: torch.Tensor, settings: Any, check:
     record_reliability(result.diagnostics, rel)
 
 
+def _stationarity_notice(ckpt: Any, settings: Any, log: Log) -> None:
+    """Before a solve that may be long: what the checkpoint's own refine report says of ∇F (the scores measure it
+    again, but only after the solve, and an exact-Hessian CG far from stationarity can run for hours first)."""
+    report = ckpt.info.get("refine_report")
+    if not report:
+        log("note: this checkpoint was not refined (`metainfluence refine`); influence assumes ∇F(λ) = 0 and the scores say how far from it λ is")
+        return
+    ratio = float(report.get("ratio_after", float("nan")))
+    if not ratio <= settings.stationarity_warn:
+        log(f"warning: this checkpoint's refine stopped at ‖∇F‖ / mean‖g_i‖ = {ratio:.2g} (above {settings.stationarity_warn:g}): influence "
+            "assumes a stationary λ, and away from one the exact total Hessian is often indefinite (CG then stalls); refine further "
+            "(`metainfluence refine --checkpoint …`), or use the positive semi-definite --hessian fisher --solver woodbury")
+
+
+def scores_settings(scores: str | os.PathLike, base: Any) -> Any:
+    """``base`` (InfluenceSettings) with the Hessian and solver settings a scores file was computed with, so that an edit
+    of its top items inverts the same Hessian (its damping without the proximal γ, which the edit adds again)."""
+    import dataclasses
+
+    from ..influence.results import InfluenceResult
+
+    info = InfluenceResult.load(scores)
+    recorded = dict(info.settings.get("influence", {}))
+    given = info.diagnostics.get("proximal", {}).get("damping_given")
+    if given is not None:
+        recorded["damping"] = given
+    keep = ("hessian", "solver", "damping", "damping_mode", "curvature_file", "fisher_samples", "products", "inner_damping", "inner_hessian")
+    changes = {k: recorded[k] for k in keep if k in recorded}
+    if isinstance(recorded.get("solve"), dict):
+        solve = {f.name: recorded["solve"][f.name] for f in dataclasses.fields(base.solve) if f.name in recorded["solve"]}
+        changes["solve"] = dataclasses.replace(base.solve, **solve)
+    return dataclasses.replace(base, **changes)
+
+
 def _resume_iterate(ctx: RunContext, resume: str | os.PathLike, settings: Any, level: str, log: Log) -> torch.Tensor:
     """The iterate s of an earlier task-level result of this pool and method (refused otherwise)."""
     prior = ctx.load_scores(resume)  # refuses a file of another pool
@@ -246,7 +281,7 @@ def _resume_iterate(ctx: RunContext, resume: str | os.PathLike, settings: Any, l
 
 def edit_checkpoint(checkpoint: str | os.PathLike, settings: Any, remove_tasks: str | None = None, scores: str | os.PathLike | None = None,
                     top_k: int | None = None, newton_steps: int = 0, step: str = "reduced", out: str | os.PathLike | None = None, name: str = "edited",
-                    overrides: Callable[[RunSettings], RunSettings] | None = None) -> tuple[Path, Removal, Any, EvalResult, EvalResult]:
+                    overrides: Callable[[RunSettings], RunSettings] | None = None, log: Log = print) -> tuple[Path, Removal, Any, EvalResult, EvalResult]:
     """Remove training tasks by id (``remove_tasks``, comma-separated) or the ``top_k`` most harmful
     items of a scores file from a checkpoint in closed form; writes ``OUT/NAME``.
     Returns (path, removal, edit result, test result before, test result after)."""
@@ -264,6 +299,9 @@ def edit_checkpoint(checkpoint: str | os.PathLike, settings: Any, remove_tasks: 
         if top_k is None:
             raise SettingsError("--scores needs --top-k K (how many of the most harmful items to remove)")
         removal = removal_from_scores(ctx.load_scores(scores), top_k)
+    log(f"train pool: {ctx.pools['train'].summary()}")
+    log(f"edit: {step} step removing {removal.describe()}, {settings.hessian} Hessian, solver {settings.solver}, damping {settings.damping:g}")
+    _stationarity_notice(ckpt, settings, log)
     lam = ckpt.lam.double()
     prox = proximal_of(ckpt)
     if prox is not None:  # the edit of the proximal objective: its reduced Hessian is H_R + γI, its Newton steps descend P_R

@@ -1,0 +1,56 @@
+"""What the CLI prints of a result: a scores file's extremes, a pairwise matrix, a fitted curvature."""
+
+from __future__ import annotations
+
+
+def print_items(result, k: int) -> None:
+    """The sign convention and the k most harmful and most helpful items of a scores result."""
+    from .influence.results import SIGN_CONVENTION
+
+    order = result.ranking(harmful_first=True)
+    if k > order.numel():
+        print(f"note: --top {k} is more than the {order.numel()} scored items; showing all of them")
+    k = max(0, min(k, order.numel()))
+    label = "tasks" if result.level == "task" else f"(task, {result.level} example) pairs"
+    print(SIGN_CONVENTION)
+    for title, idx in (("most harmful", order[:k]), ("most helpful", order.flip(0)[:k])):
+        print(f"{title} {label}:")
+        for item, i in zip(result.items(idx), idx.tolist()):
+            print(f"  {item if len(item) > 1 else item[0]!s:>12}  score {float(result.scores.reshape(-1)[i]):+.4e}")
+
+
+def print_pairs(result, k: int) -> None:
+    """The matrix's shape and, for the first k validation tasks, the training task that helps and harms it most."""
+    from .influence.pairwise import PAIRWISE_SIGN_CONVENTION
+
+    n, m = result.scores.shape
+    print(PAIRWISE_SIGN_CONVENTION)
+    print(f"{n} training × {m} validation tasks ({result.measurement}); per validation task, the extreme training tasks:")
+    for j in range(min(max(k, 0), m)):
+        col = result.scores[:, j]
+        lo, hi = int(col.argmin()), int(col.argmax())
+        print(f"  {int(result.test_task_ids[j]):>6}  min {int(result.train_task_ids[lo]):>6} ({float(col[lo]):+.3e})"
+              f"  max {int(result.train_task_ids[hi]):>6} ({float(col[hi]):+.3e})")
+
+
+def print_curvature(i: dict, method: str) -> None:
+    """A fitted curvature's kind, cost and probe measurements (and a warning when its fast tier is inexact)."""
+    floor = f"fit {i['fit_over_floor']:.1f}× the floor (one pass of per-task gradients, {i['floor_seconds']:.2f} s)" if i.get("floor_seconds") else f"fit {i['fit_seconds']:.2f} s"
+    if method == "fisher":
+        print(f"fisher factor of the total Hessian ({i['factor_rows']} rows of sampled-label total gradients, {i['fisher_samples']} "
+              f"per task), measured against the {i['hessian']} total Hessian: {floor}")
+        print(f"probe error of H·x: max {max(i['probe_operator_rel_error']):.2g}")
+    elif method == "ekfac":
+        print(f"EK-FAC of the θ-space Fisher at the adapted parameters ({i['n_kronecker_blocks']} Kronecker blocks, {i['n_diagonal']} diagonal "
+              f"parameters, {i['n_tasks_fitted']} tasks), measured against the {i['hessian']} total Hessian: {floor}")
+        print(f"smallest eigenvalue {i['eigenvalue_min']:.3g}; probe error of H·x: max {max(i['probe_operator_rel_error']):.2g} "
+              "(EK-FAC drops dθ/dλ: a preconditioner for --solver pcg first)")
+    else:
+        how = f"rank chosen from the spectrum ({i['sketch']['stopped_by']})" if i["sketch"].get("adaptive") else "rank"
+        print(f"{i['hessian']} total Hessian, {how} {i['rank']} Nyström sketch ({i['sketch']['products']} products, "
+              f"{i['n_tasks_fitted']} tasks): {floor}")
+        print(f"eigenvalues {i['eigenvalue_max']:.3g} … {i['eigenvalue_min_kept']:.3g}; probe error of H·x: max {max(i['probe_operator_rel_error']):.2g}")
+    print(f"fast-tier solve residual at δ = {i['probe_damping']:g}: max {max(i['probe_solve_residual']):.2g}")
+    if max(i["probe_solve_residual"]) > 1e-2:
+        print(f"warning: the fast tier (--solver curvature) leaves residuals up to {max(i['probe_solve_residual']):.2g} here; use --solver pcg "
+              "for exact answers, or a larger --rank")
