@@ -665,7 +665,7 @@ def _cli(*args: str) -> tuple[int, str]:
     return rc, err.getvalue()
 
 
-TINY = ("--train-tasks", "5", "--val-tasks", "2", "--test-tasks", "2", "--steps", "1", "--no-progress")
+TINY = ("--train-tasks", "5", "--val-tasks", "2", "--test-tasks", "2", "--steps", "1", "--meta-batch", "4", "--no-progress")
 
 
 @case("cli_bad_flag_value_subprocess", CLI, "--steps", "abc")

@@ -147,6 +147,7 @@ def test_train_refine_evaluate_commands(tmp_path, capsys):
     # resuming a finished run with more steps continues from step 6
     assert main(["train", "--out", str(out), *TINY[:-5], "--steps", "8", "--meta-batch", "4", "--resume", "--no-progress"]) == 0
     assert load_checkpoint(out / "trained").step == 8
+    assert "resuming from step 6 of 8" in capsys.readouterr().err
 
 
 def test_refine_refuses_a_checkpoint_whose_pool_file_was_swapped(tmp_path, capsys):
@@ -238,3 +239,29 @@ def test_cli_users_see_no_dependency_deprecation_warnings(tmp_path):
                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
     assert "DeprecationWarning" not in proc.stderr and "FutureWarning" not in proc.stderr, proc.stderr
+
+
+def test_running_out_of_memory_is_one_line_with_the_remedy(monkeypatch, capsys):
+    # torch reports a failed allocation as a RuntimeError: the CLI says it in one line; any other RuntimeError is a bug and propagates
+    import metainfluence.cli as cli
+
+    def fail(message):
+        def command(args):
+            raise RuntimeError(message)
+        return command
+
+    monkeypatch.setitem(cli.COMMANDS, "evaluate", fail("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried to allocate 25088000 bytes"))
+    assert cli.main(["evaluate", "--checkpoint", "x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: out of memory") and "--pool-chunk" in err[0]
+    monkeypatch.setitem(cli.COMMANDS, "evaluate", fail("shape mismatch"))
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        cli.main(["evaluate", "--checkpoint", "x"])
+
+
+def test_an_experiment_refuses_an_out_it_cannot_write_before_any_work(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert main(["experiment", "detection", "--quick", "--out", str(blocker)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a file, not a folder" in err[0]

@@ -262,3 +262,17 @@ def test_cli_usage_mistakes_name_the_command_and_the_remedy(demo_run, tmp_path, 
     assert "--curvature-file is read by --solver pcg or curvature only" in capsys.readouterr().err
     assert main(["edit", "--checkpoint", str(demo_run / "refined"), "--scores", str(demo_run / "task_influence"), "--top-k", "-3"]) == 2
     assert "choose a k from 1 to 60" in capsys.readouterr().err
+
+
+def test_a_scores_file_whose_ids_or_scores_were_changed_is_refused(demo_run, tmp_path, capsys):
+    # an edit takes the scores' rows as the pool's tasks: ids in another order (or of another pool) and NaN scores are refused
+    stem = demo_run / "task_influence"
+    fingerprint = json.loads(stem.with_suffix(".json").read_text())["pool_fingerprint"]
+    good = InfluenceResult.load(stem)
+    for name, change in (("flipped", {"task_ids": good.task_ids.flip(0)}), ("nan", {"scores": good.scores.clone().index_fill_(0, torch.tensor([3]), float("nan"))})):
+        bad = InfluenceResult(**{**{k: getattr(good, k) for k in ("level", "method", "scores", "task_ids", "measurement", "settings", "diagnostics",
+                                                                    "self_influence", "extra")}, **change})
+        bad.save(tmp_path / name, pool_fingerprint=fingerprint)
+        assert main(["edit", "--checkpoint", str(demo_run / "refined"), "--scores", str(tmp_path / name), "--top-k", "3", "--out", str(tmp_path)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and ("task ids are not this pool's" in err[0] if name == "flipped" else "NaN or infinite" in err[0])

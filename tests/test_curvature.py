@@ -68,7 +68,7 @@ def test_pcg_with_a_saved_sketch_equals_cg_and_a_sketch_of_another_lambda_is_ref
     by_pcg = task_influence(problem, lam, train, val, dataclasses.replace(fisher, solver="pcg", curvature_file=str(tmp_path / "curv")))
     torch.testing.assert_close(by_pcg.scores, task_influence(problem, lam, train, val, fisher).scores, rtol=1e-7, atol=1e-14)
     assert by_pcg.diagnostics["curvature"]["hessian"] == "gauss-newton"
-    with pytest.raises(CheckpointError, match="another λ"):
+    with pytest.raises(CheckpointError, match="fitted against the gauss-newton total Hessian, not fisher: use --hessian gauss-newton"):
         task_influence(problem, lam, train, val, dataclasses.replace(fisher, solver="curvature", curvature_file=str(tmp_path / "curv")))
     loaded = CurvatureArtifact.load(tmp_path / "curv")
     torch.testing.assert_close(loaded.sketch.eigenvectors, art.sketch.eigenvectors)

@@ -91,6 +91,9 @@ def test_removal_quick(tmp_path):
     assert res["removed_per_method"] == round(0.4 * res["n_tasks"])
     md = _check_report(out, [*METHODS, "retrain", "EK-FAC IF"])
     assert "0.7804" in md  # the paper's task-IF Omniglot accuracy beside the measured table
+    # each floor's verdict beside the measured ratio and gap
+    verdict = "met" if res["edit_vs_retrain"]["task-if"]["retrain_over_edit"] >= 10 else "missed"
+    assert "≥ 10× faster" in md and any(line.startswith("| task-if |") and f"| {verdict} |" in line for line in md.splitlines())
 
 
 @pytest.mark.slow

@@ -138,3 +138,23 @@ def test_a_saved_curvature_file_loads_as_the_fitted_object_with_its_factorisatio
     other.save(tmp_path / "curv")
     loaded = load_curvature(tmp_path / "curv")
     assert loaded is other and not torch.equal(loaded.sketch.factor, art.sketch.factor)
+
+
+def test_a_fisher_factor_larger_than_the_machine_is_refused_before_its_pass(monkeypatch):
+    # 11 tasks × 2 draws (+ 11 kept gradients) of p float64 numbers: refused when the machine "has" less than that / 0.8
+    from metainfluence.errors import SettingsError
+    from metainfluence.meta import curvature as curvature_module
+
+    problem, lam = small_problem(hidden=(5,))
+    tasks = random_tasks(n=11, seed=5)
+    need = (11 * 2 + 11) * lam.numel() * 8
+    calls = []
+    with monkeypatch.context() as m:
+        m.setattr(problem, "task_total_gradient", lambda *a, **k: calls.append(1))  # the pass must not start
+        m.setattr(curvature_module, "memory_bytes", lambda device: int(need / 0.8) - 1)
+        with pytest.raises(SettingsError, match=r"fisher factor of 11 tasks × 2 draws .* --max-tasks M"):
+            fisher_factor_and_gradients(problem, lam, tasks, samples=2, seed=7)
+    assert not calls
+    monkeypatch.setattr(curvature_module, "memory_bytes", lambda device: int(need / 0.8) + 8)  # just enough room: it runs
+    rows, _, _ = fisher_factor_and_gradients(problem, lam, tasks, samples=2, seed=7)
+    assert rows.shape == (22, lam.numel())

@@ -79,13 +79,22 @@ def test_preconditioned_newton_cg_reaches_the_same_lambda():
     assert runs["fisher"][1].cg_iterations <= 0.75 * rep0.cg_iterations
 
 
-def test_without_a_bar_refine_logs_one_line_per_iteration_with_the_recorded_ratio():
+def test_without_a_bar_refine_logs_slow_iterations_with_the_recorded_ratio(monkeypatch):
+    from metainfluence.meta.refine_monitor import RefineMonitor
+
     problem, tasks, lam = warm()
+    settings = RefineSettings(method="newton-cg", tol=0, tol_ratio=1e-6, max_iter=50, precondition="none")
     lines = []
-    _, rep = refine(problem, lam, tasks, RefineSettings(method="newton-cg", tol=0, tol_ratio=1e-6, max_iter=50, precondition="none"), log=lines.append)
+    monkeypatch.setattr(RefineMonitor, "SLOW_ITERATION_S", 0.0)  # every iteration counts as slow: a line each
+    _, rep = refine(problem, lam, tasks, settings, log=lines.append)
     assert rep.converged and len(lines) == rep.iterations == len(rep.history)
     for i, (line, h) in enumerate(zip(lines, rep.history), 1):
         assert line.startswith(f"refine iteration {i}: ratio {h['ratio']:.3g}, ") and f"cg {h['cg']}," in line
+    # iterations of milliseconds: a line only once LINE_EVERY_S has passed since the last one (none in a refine this short)
+    monkeypatch.setattr(RefineMonitor, "SLOW_ITERATION_S", 1e9)
+    lines.clear()
+    _, rep = refine(problem, lam, tasks, settings, log=lines.append)
+    assert rep.converged and lines == []
 
 
 def test_max_minutes_stops_cleanly_with_the_documented_warning():

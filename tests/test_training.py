@@ -178,7 +178,7 @@ def test_the_demo_says_each_set_up_fact_once_before_its_results(tmp_path):
     from metainfluence.pipeline import RunSettings, run_demo
 
     s = apply_overrides(RunSettings(), {"data.train_tasks": 12, "data.val_tasks": 4, "data.test_tasks": 10, "model.hidden": [8],
-                                        "train.steps": 4, "refine.max_iter": 3, "refine.tol": 1e-3})
+                                        "train.steps": 4, "train.meta_batch": 4, "refine.max_iter": 3, "refine.tol": 1e-3})
     lines: list[str] = []
     run_demo(s, out=tmp_path / "demo", progress=False, log=lines.append, influence_step=False)
     head = lines.index("== metainfluence demo ==")

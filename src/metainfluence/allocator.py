@@ -39,3 +39,19 @@ def tune_allocator(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 << 30
     _tuned = all(mallopt(k, v) == 1 for k, v in ((_M_MMAP_THRESHOLD, mmap_threshold), (_M_TRIM_THRESHOLD, trim_threshold),
                                                (_M_TOP_PAD, top_pad)))
     return _tuned
+
+
+def memory_bytes(device: "str | object" = "cpu") -> int | None:
+    """The memory a tensor of ``device`` can use: the GPU's free memory, or this machine's physical memory (None where
+    it cannot be read), for refusing an allocation that cannot fit before the work that would fill it."""
+    import os
+
+    import torch
+
+    device = torch.device(device)
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[0])
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError, RuntimeError):
+        return None

@@ -340,7 +340,8 @@ def _cmd_curvature(args: argparse.Namespace) -> int:
 
     settings = _influence_settings(args)
     if not any(k == "influence.hessian" for k in namespace_overrides(args, args._dests)):
-        settings = dc.replace(settings, hessian="gauss-newton")  # the sketch needs a PSD kind
+        # a sketch needs a PSD kind; a fisher factor is measured against the fisher Hessian it is the exact factor of
+        settings = dc.replace(settings, hessian="fisher" if args.method == "fisher" else "gauss-newton")
     art, stem = curvature_checkpoint(args.checkpoint, settings, args.out, rank=args.rank, oversample=args.oversample, probes=args.probes,
                                      overrides=_data_only(args), method=args.method, max_tasks=args.max_tasks,
                                      max_rank=args.max_rank)
@@ -381,6 +382,7 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (0 ok, 2 user error)."""
+    args = None
     try:
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)
@@ -413,8 +415,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        resumable = getattr(args, "command", None) in ("train", "experiment")
+        print("error: interrupted" + ("; what was saved is kept: run the same command with --resume to continue" if resumable else ""),
+              file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as exc:  # torch reports a failed allocation as a RuntimeError
+        text = str(exc)
+        if not isinstance(exc, MemoryError) and "allocate" not in text and "out of memory" not in text.lower():
+            raise
+        print(f"error: out of memory ({' '.join(text.split())[:160]}); process fewer tasks at once (a smaller --pool-chunk "
+              "on train or refine, which the checkpoint records), use fewer tasks or fisher draws, or a machine with more memory", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -53,4 +53,4 @@ def print_curvature(i: dict, method: str) -> None:
     print(f"fast-tier solve residual at δ = {i['probe_damping']:g}: max {max(i['probe_solve_residual']):.2g}")
     if max(i["probe_solve_residual"]) > 1e-2:
         print(f"warning: the fast tier (--solver curvature) leaves residuals up to {max(i['probe_solve_residual']):.2g} here; use --solver pcg "
-              "for exact answers, or a larger --rank")
+              f"for exact answers{', or a larger --rank' if method == 'nystrom' else ''}")

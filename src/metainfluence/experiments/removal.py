@@ -91,12 +91,13 @@ def _instance_removals(problem, lam, train, val, infl, levels, fraction, log, ta
 
 def _retrain(problem, run, pool, removal: Removal, refine_too: bool, seed: int | None = None):
     """Meta-train from the same initialisation, seed (or ``seed``) and schedule without the removed items (then refine)."""
-    if seed is not None:
-        run = dataclasses.replace(run, train=dataclasses.replace(run.train, seed=int(seed)))
     keep = torch.ones(len(pool), dtype=torch.bool)
     keep[list(removal.tasks)] = False
     rows = torch.nonzero(keep).flatten()
     sub = pool.subset(rows)
+    # a full-batch recipe stays full-batch on the kept tasks (meta_train refuses a batch larger than its pool)
+    run = dataclasses.replace(run, train=dataclasses.replace(run.train, seed=run.train.seed if seed is None else int(seed),
+                                                             meta_batch=min(run.train.meta_batch, len(sub))))
     ew = None
     if removal.support is not None or removal.query is not None:
         like = torch.zeros((), dtype=torch.float64)

@@ -29,6 +29,7 @@ from ..linalg import EKFAC, FactorCurvature, GaussNewtonFactor, LowRank, adaptiv
 from ..meta.curvature import TotalHessian, fisher_factor, fisher_factor_and_gradients, gauss_newton_factor
 from ..meta.ekfac import fit_ekfac
 from ..meta.objective import MetaProblem
+from ..progress import bar
 from ..tasks.tensors import TaskTensors
 from .gradients import keep_task_gradients, keeping_task_gradients
 from .hessian_of import build_hessian, curvature_fingerprint, effective_damping
@@ -94,7 +95,10 @@ class CurvatureArtifact:
         # each fingerprint hashes λ and the whole pool: the second only when the first does not match
         if preconditioner and any(curvature_fingerprint(op, ignore_weights=True, as_kind=kind) == self.pool_fingerprint for kind in (None, fitted)):
             return False
-        raise CheckpointError("the curvature file was fitted to another λ, pool or Hessian kind; fit it again with "
+        if fitted["hessian"] != op.kind:  # the common slip: a file fitted against one kind, scores asked of another
+            raise CheckpointError(f"the curvature file was fitted against the {fitted['hessian']} total Hessian, not {op.kind}: use "
+                                  f"--hessian {fitted['hessian']}, or fit it again with `metainfluence curvature ... --hessian {op.kind}`")
+        raise CheckpointError("the curvature file was fitted to another λ or task pool (or other fisher draws); fit it again with "
                               "`metainfluence curvature` for this checkpoint (and --hessian)")
 
     def attach(self, op: TotalHessian, preconditioner: bool = False) -> None:
@@ -169,7 +173,10 @@ def fit_curvature(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, s
     floor = None
     if not fused:
         t0 = time.perf_counter()
-        problem.total_gradients(lam, tasks, desc="task gradients (timing floor)")  # the floor: one pass of per-task total gradients
+        # the floor: one pass of per-task total gradients, a chunk at a time (all n × p of them at once need not fit)
+        chunks = list(problem.chunks(len(tasks)))
+        for c in bar("task gradients (timing floor)", len(chunks), "chunk", iterable=chunks):
+            problem.total_gradients(lam, tasks.subset(c))
         floor = time.perf_counter() - t0
     op = build_hessian(problem, lam, tasks, settings)
     t1 = time.perf_counter()

@@ -37,27 +37,40 @@ class Removal:
     support: torch.Tensor | None = None
     query: torch.Tensor | None = None
 
-    def validate(self, pool: TaskTensors) -> None:
-        """SettingsError unless every task index is in 0..n-1 and the masks are (n, |S|) / (n, |Q|)."""
+    def __post_init__(self):
+        # a 1-d tensor / numpy array of indices (e.g. result.ranking()[:k]) becomes a list of its entries
+        if hasattr(self.tasks, "tolist") and hasattr(self.tasks, "ndim"):
+            if self.tasks.ndim != 1:
+                raise SettingsError(f"task indices have shape {tuple(self.tasks.shape)}; pass a 1-d list, tensor or array of task row indices")
+            self.tasks = self.tasks.tolist()
+        self.support, self.query = (None if m is None else torch.as_tensor(m) for m in (self.support, self.query))
+
+    def validate(self, pool: TaskTensors, shards: int = 1) -> None:
+        """SettingsError unless every task index is in 0..n-1, at least one task is kept (checked when the pool
+        is not sharded over ``shards`` processes), and the masks are boolean (or 0/1) of shapes (n, |S|) / (n, |Q|)."""
         n = len(pool)
         try:
             if any(isinstance(k, bool) for k in self.tasks):
                 raise TypeError
             idx = [operator.index(k) for k in self.tasks]
         except TypeError:
-            raise SettingsError(f"task indices {list(self.tasks)!r} are not all integers; pass task row indices 0..{n - 1}") from None
+            raise SettingsError(f"task indices {self.tasks!r} are not all integers; pass task row indices 0..{n - 1}") from None
         bad = [k for k in idx if not 0 <= k < n]
         if bad:
             raise SettingsError(f"task index {bad[0]} is outside the pool of {n} tasks; pass row indices 0..{n - 1} (at most {n} tasks)")
         if len(set(idx)) != len(idx):
             raise SettingsError("a task index is given twice in the removal; pass each task once")
+        if shards == 1 and n and len(idx) == n:
+            raise SettingsError(f"the removal takes all {n} tasks of the pool, leaving nothing to fit; keep at least one task (retrain from scratch instead)")
         for name, mask, m in (("support", self.support, pool.n_support), ("query", self.query, pool.n_query)):
             if mask is not None and tuple(mask.shape) != (n, m):
                 raise SettingsError(f"the {name} removal mask has shape {tuple(mask.shape)}, expected ({n}, {m}) — one entry per {name} example of every task")
+            if mask is not None and mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():
+                raise SettingsError(f"the {name} removal mask holds values other than 0/1 (dtype {mask.dtype}); pass a boolean mask, True = remove the example")
 
     def weights(self, problem: MetaProblem, lam: torch.Tensor, pool: TaskTensors):
         """(w, v, u) of the reduced objective: zeros on the removed items (docs/method.md §1)."""
-        self.validate(pool)
+        self.validate(pool, problem.collective.world_size)
         n = len(pool)
         w = torch.ones(n, dtype=lam.dtype, device=lam.device)
         w[list(self.tasks)] = 0
@@ -71,8 +84,8 @@ class Removal:
     def count(self) -> dict[str, int]:
         return {
             "tasks": len(self.tasks),
-            "support_examples": int(self.support.sum()) if self.support is not None else 0,
-            "query_examples": int(self.query.sum()) if self.query is not None else 0,
+            "support_examples": int(self.support.bool().sum()) if self.support is not None else 0,
+            "query_examples": int(self.query.bool().sum()) if self.query is not None else 0,
         }
 
     def describe(self) -> str:
@@ -89,7 +102,7 @@ def removed_gradient(problem: MetaProblem, lam: torch.Tensor, pool: TaskTensors,
     prediction); otherwise the exact difference g_k(v, u) − g_k(v_R, u_R) of every task that loses
     an example, so that b_R / n = ∇F(λ) − ∇F(λ; w_R, v_R, u_R) exactly (g_k is not linear in v). ``diag`` records
     ``removed_gradient_from_kept_pass``: whether the removed tasks' g_k came from a fisher fit's pass."""
-    removal.validate(pool)
+    removal.validate(pool, problem.collective.world_size)
     b = torch.zeros_like(lam)
     if removal.tasks:
         # the removed tasks' g_k from a fisher fit's pass when the reuse block kept them (influence/gradients.py)

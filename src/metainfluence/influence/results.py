@@ -243,7 +243,8 @@ def check_solve(diag: dict[str, Any], res: Any, settings: "InfluenceSettings", w
         "neumann": f"raise --neumann-depth (now {settings.solve.neumann_depth}) or --damping (now {settings.damping:g}), or use --solver cg",
         "lissa": f"raise --neumann-depth (now {settings.solve.neumann_depth}), --lissa-batch or --lissa-repeats, or use --solver cg",
         "lowrank": f"raise --lowrank-rank (now {settings.solve.lowrank_rank}) or use --solver cg (the spectrum is not low-rank enough)",
-        "curvature": "use --solver pcg with the same --curvature-file (exact, preconditioned), or fit a larger --rank",
+        "curvature": "use --solver pcg with the same --curvature-file (exact, preconditioned), or fit a better curvature (a larger --rank of a "
+                     "Nyström sketch; for a fisher file, the --hessian it was measured against)",
         "pcg": f"raise --max-iter (now {settings.solve.max_iter}) or --damping (now {settings.damping:g}), or continue from this iterate with --resume SCORES",
     }.get(res.solver, "use --solver cg with a tighter --tol")
     if res.info.get("stopped_by") == "time":

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch.func import grad, jvp, vjp, vmap
 
+from ..allocator import memory_bytes
 from ..errors import SettingsError
 from ..linalg import FactorOperator
 from ..progress import bar
@@ -248,6 +249,7 @@ def fisher_factor_and_gradients(problem: MetaProblem, lam: torch.Tensor, tasks: 
 def _fisher(problem, lam, tasks, samples, seed, w, v, u, with_gradients: bool):
     if samples < 1:
         raise SettingsError(f"fisher_samples must be ≥ 1, got {samples}")
+    _check_factor_fits(problem, lam, tasks, samples, with_gradients)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     fused = with_gradients and problem.inner.kind == "unrolled"
     gradients = share = None
@@ -275,6 +277,20 @@ def _fisher(problem, lam, tasks, samples, seed, w, v, u, with_gradients: bool):
         task_weight = problem.collective.gather_rows(w.to(G)).clamp_min(0).sqrt()
         G = G * task_weight.repeat(samples)[:, None]
     return G, gradients, share
+
+
+def _check_factor_fits(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, samples: int, with_gradients: bool) -> None:
+    """Refuse, before its pass, a factor (every process holds all n·M rows, plus the kept g_i) larger than the
+    machine: the pass would run for its minutes and then die out of memory."""
+    n, p = problem.collective.total_count(len(tasks)), lam.numel()
+    need = (n * samples + (len(tasks) if with_gradients else 0)) * p * lam.element_size()
+    have = memory_bytes(lam.device)
+    if have is not None and need > 0.8 * have:
+        raise SettingsError(
+            f"the fisher factor of {n:,} tasks × {samples} draws × {p:,} parameters takes {need / 2**30:.1f} GiB in {str(lam.dtype).replace('torch.', '')}"
+            f"{' with the kept task gradients' if with_gradients else ''}, more than this machine's {have / 2**30:.1f} GiB allows: use fewer draws "
+            "(--fisher-samples 1), or a curvature fitted on a task subsample (`metainfluence curvature --method nystrom --hessian gauss-newton "
+            "--max-tasks M`, or --method ekfac), or a smaller pool")
 
 
 def _task_chunks(problem: MetaProblem, fn, lam: torch.Tensor, tasks: TaskTensors, v, u, extra: tuple, desc: str):

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, grad_and_value, jvp, vmap
 
-from ..errors import SettingsError
+from ..errors import SettingsError, require
 from ..linalg.cg import fixed_step_cg
 from ..progress import bar
 from ..tasks.tensors import TaskTensors
@@ -84,10 +84,12 @@ LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 WORKING_DTYPES = (torch.float32, torch.float64)
 
 
-def check_working_dtype(lam: torch.Tensor) -> None:
-    """λ sets the dtype of every computation: refuse anything but float32 / float64 with the remedy."""
+def check_working_dtype(lam: torch.Tensor) -> torch.Tensor:
+    """λ sets the dtype of every computation: refuse a non-tensor or anything but float32 / float64 with the remedy."""
+    require(isinstance(lam, torch.Tensor), f"λ is a {type(lam).__name__}, not a torch tensor; pass torch.as_tensor(lam, dtype=torch.float64)")
     if lam.dtype not in WORKING_DTYPES:
         raise SettingsError(f"λ has dtype {lam.dtype}; the library computes in float32 or float64 — pass lam.double() (exact tier) or lam.float()")
+    return lam
 
 
 class TaskRecord(NamedTuple):
@@ -122,6 +124,7 @@ class MetaProblem:
         chunk_size: int | None = None,
         collective: Collective | None = None,
     ):
+        require(isinstance(model, nn.Module), f"the model is a {type(model).__name__}, not a torch.nn.Module; pass the network itself (e.g. metainfluence.meta.models.MLP)")
         self.model = model
         self.spec = ParamSpec.from_module(model)
         if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
@@ -162,7 +165,13 @@ class MetaProblem:
         return functional_call(self.model, self.spec.unflatten(theta), (x,))
 
     def example_losses(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.loss_fn(self.forward(theta, x), y)
+        return self.per_example(self.loss_fn(self.forward(theta, x), y), x)
+
+    def per_example(self, losses: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``losses`` unless the loss gave other than one value per example of ``x`` (a shape check; fine under vmap)."""
+        if losses.shape != x.shape[:1]:
+            raise SettingsError(f"the loss {self.loss_name!r} returned shape {tuple(losses.shape)} for {x.shape[0]} examples; it must return per-example losses of shape ({x.shape[0]},) (reduction='none')")
+        return losses
 
     def weighted_loss(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Σ_j weight_j ℓ(x_j, y_j; θ) / |set| — L_S with v, or L_Q with u."""
@@ -297,18 +306,18 @@ class MetaProblem:
     def objective(self, lam, tasks: TaskTensors, w=None, v=None, u=None) -> torch.Tensor:
         """F(λ; w). For ``implicit`` the value is exact but not differentiable: use :meth:`meta_gradient`."""
         n = self.collective.total_count(len(tasks))
-        total = self.sum_over_tasks(self.query_loss, lam, tasks, w, v, u, accumulate=torch.float64)
+        total = self.sum_over_tasks(self.query_loss, check_working_dtype(lam), tasks, w, v, u, accumulate=torch.float64)
         return total / n + 0.5 * self.weight_decay * (lam.double() ** 2).sum()
 
     def meta_gradient(self, lam, tasks: TaskTensors, w=None, v=None, u=None) -> torch.Tensor:
         """∇_λ F(λ; w) = (1/n) Σ_i w_i g_i + μλ."""
         n = self.collective.total_count(len(tasks))
-        total = self.sum_over_tasks(self.task_total_gradient, lam.detach(), tasks, w, v, u)
+        total = self.sum_over_tasks(self.task_total_gradient, check_working_dtype(lam).detach(), tasks, w, v, u)
         return total / n + self.weight_decay * lam.detach()
 
     def value_and_gradient(self, lam, tasks: TaskTensors, w=None, v=None, u=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(F(λ; w), ∇F(λ; w)) in one pass over the tasks for ``unrolled``; two for ``implicit``."""
-        lam = lam.detach()
+        lam = check_working_dtype(lam).detach()
         if self.inner.kind == "implicit":
             with torch.no_grad():
                 value = self.objective(lam, tasks, w, v, u)
@@ -331,7 +340,7 @@ class MetaProblem:
         so asking for rows leaves it bit for bit unchanged; the rows cost one (k × chunk)·(chunk × p) product a chunk."""
         if self.inner.kind != "unrolled":
             raise SettingsError("one pass gives the loss with its gradient only through the unrolled inner loop")
-        lam = lam.detach()
+        lam = check_working_dtype(lam).detach()
         record = self.records(lam, tasks, v, u)
         w = torch.ones(len(tasks), dtype=lam.dtype, device=lam.device) if w is None else w.to(lam)
         # Per-task gradients inside the vmap, weighted afterwards: the other order, grad of a vmapped sum, went wrong
@@ -361,7 +370,7 @@ class MetaProblem:
 
     def total_gradients(self, lam, tasks: TaskTensors, v=None, u=None, desc: str | None = None) -> torch.Tensor:
         """Per-task total gradients g_i, shape (n, p) (docs/method.md §3)."""
-        return self.per_task(self.task_total_gradient, lam.detach(), tasks, v, u, desc=desc).detach()
+        return self.per_task(self.task_total_gradient, check_working_dtype(lam).detach(), tasks, v, u, desc=desc).detach()
 
     def inner_gradient_norms(self, lam, tasks: TaskTensors, v=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Per task, ‖∇_θ L_in(θ_i; λ)‖ at the adapted θ_i and at θ = λ (how far the inner solve got)."""
@@ -396,7 +405,7 @@ class MetaProblem:
         def one(lam, task: TaskRecord):
             theta = self.adapt(lam, task)
             out = self.forward(theta, task.xq)
-            loss = (task.u * self.loss_fn(out, task.yq)).sum() / task.xq.shape[0]
+            loss = (task.u * self.per_example(self.loss_fn(out, task.yq), task.xq)).sum() / task.xq.shape[0]
             if out.dim() == 2 and task.yq.dim() == 1 and not task.yq.is_floating_point():
                 acc = (out.argmax(-1) == task.yq).to(out.dtype).mean()
             else:
@@ -404,7 +413,7 @@ class MetaProblem:
             return torch.stack([loss, acc])
 
         with torch.no_grad():
-            out = self.per_task(one, lam.detach(), tasks)
+            out = self.per_task(one, check_working_dtype(lam).detach(), tasks)
         return out[:, 0], out[:, 1]
 
     def settings_json(self) -> dict:

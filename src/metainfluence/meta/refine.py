@@ -136,7 +136,7 @@ class RefineReport:
     stopped_by: str = ""  # tol | tol_ratio | max_iter | max_minutes | failure
     cg_iterations: int = 0  # newton-cg: CG iterations (Hessian products) over all steps
     preconditioner: dict = field(default_factory=dict)
-    history: list = field(default_factory=list)  # per iteration: ratio, step, cg, seconds, eta_s
+    history: list = field(default_factory=list, repr=False)  # per iteration: ratio, step, cg, seconds, eta_s (out of print(report))
     proximal: float = 0.0  # γ of the proximal term the gradient norms include (0: plain F)
 
     def summary(self) -> str:
@@ -235,7 +235,7 @@ def refine(
     a damped influence function estimates in a non-convex model. Without it, ``settings.proximal`` = γ > 0
     anchors the same term at the starting ``lam``; callers that re-optimise from a proximal λ* pass
     the original anchor explicitly.
-    ``log``: called with one line per iteration when ``progress`` is off (e.g. ``print`` in a batch job).
+    ``log``: called with a line per iteration of a second or more (else one per 30 s) when ``progress`` is off (e.g. ``print`` in a batch job).
 
     Returns (λ in ``settings.dtype``, :class:`RefineReport`). Deterministic: no sampling anywhere.
     Emits a :class:`RefineWarning` (and ``report.converged = False``) when the tolerance is not met;

@@ -21,6 +21,10 @@ class RefineMonitor:
     ``max_minutes`` clock."""
 
     WINDOW = 5
+    # without a bar: a line for every iteration that takes this long (a Conv4 refine), else one per LINE_EVERY_S
+    # (600 lines of 0.01 s iterations said nothing a log file needs)
+    SLOW_ITERATION_S = 1.0
+    LINE_EVERY_S = 30.0
 
     def __init__(self, settings: Any, task_norm: float, stop: float, t0: float, progress: bool, log=None):
         self.task_norm = task_norm if task_norm > 0 else float("nan")
@@ -28,9 +32,9 @@ class RefineMonitor:
         self.deadline = t0 + 60 * settings.max_minutes if settings.max_minutes > 0 else math.inf
         self.history: list[dict] = []
         self.trend = RateEta(self.WINDOW)  # log ratio against time
-        self.last = t0
+        self.last = self.last_line = t0
         self.bar = None
-        self.log = None if progress else log  # without a bar, one line per iteration (long refines in a log file)
+        self.log = None if progress else log  # without a bar, lines for a log file (see SLOW_ITERATION_S)
         if progress:
             from tqdm.auto import tqdm
 
@@ -64,7 +68,8 @@ class RefineMonitor:
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(post, refresh=False)
-        elif self.log is not None:  # the bar's fields as one line
+        elif self.log is not None and (row["seconds"] >= self.SLOW_ITERATION_S or now - self.last_line >= self.LINE_EVERY_S):
+            self.last_line = now  # the bar's fields as one line
             self.log(f"refine iteration {len(self.history)}: " + ", ".join(f"{k} {v}" for k, v in post.items()))
 
     def close(self) -> None:

@@ -29,7 +29,7 @@ from typing import Any, Mapping
 import torch
 
 from ..config import to_dict
-from ..errors import CheckpointError, DivergenceError, SettingsError
+from ..errors import CheckpointError, DivergenceError, SettingsError, require
 from ..progress import log_lines
 from ..tasks.tensors import TaskTensors
 from .checkpoint import Checkpoint, load_checkpoint, pool_record, save_checkpoint
@@ -49,7 +49,7 @@ def parse_dtype(name: str) -> torch.dtype:
 class TrainSettings:
     """Settings of meta-training (Adam on λ, meta-batches from a fixed pool)."""
 
-    meta_batch: int = field(default=32, metadata={"help": "tasks per meta-batch, drawn without replacement from the pool each step (the whole pool if it is smaller)"})
+    meta_batch: int = field(default=32, metadata={"help": "tasks per meta-batch, drawn without replacement from the pool each step (at most the pool size)"})
     steps: int = field(default=1000, metadata={"help": "number of Adam steps on λ"})
     lr: float = field(default=1e-3, metadata={"help": "outer (Adam) learning rate on λ"})
     lr_schedule: str = field(default="constant", metadata={"help": "outer lr over the steps: constant | cosine (lr·(1+cos(π·step/steps))/2, decaying to 0 at steps; a function of the step, so resuming is exact)", "choices": ("constant", "cosine")})
@@ -202,6 +202,7 @@ def meta_train(
     device = lam0.device
     tasks = pool_tensors.to(device=device, dtype=dtype)
     n = len(tasks)
+    require(settings.meta_batch <= n, f"meta_batch {settings.meta_batch} is larger than the training pool of {n} tasks; set meta_batch ≤ {n} (= {n} for full-batch steps) or build a larger pool")
     v_all, u_all = problem.example_weights(tasks, example_weights, lam0.to(dtype))
     if settings.chunk_size:
         problem = copy.copy(problem)
@@ -256,6 +257,8 @@ def meta_train(
         start_step = int(ckpt.step or 0)
         if ckpt.info.get("history"):
             history = TrainHistory.from_json(ckpt.info["history"])
+        if log_lines():
+            _status(f"resuming from step {start_step} of {settings.steps} ({ckpt.path})")
 
     last_saved: dict[str, Any] = {"step": None}
 

@@ -196,5 +196,13 @@ class RunContext:
         return stem
 
     def load_scores(self, path: str | os.PathLike) -> InfluenceResult:
-        """A scores file, refused unless it was computed on this run's training pool."""
-        return InfluenceResult.load(path, pool_fingerprint=self.pool_fingerprint("train"))
+        """A scores file, refused unless it was computed on this run's training pool (its fingerprint and its task ids,
+        row for row: edits take the scores' rows as the pool's) and every score is a number."""
+        result = InfluenceResult.load(path, pool_fingerprint=self.pool_fingerprint("train"))
+        ids = self.pools["train"].task_ids
+        if not torch.equal(result.task_ids.cpu().long(), torch.as_tensor(ids).long()):
+            raise CheckpointError(f"scores file {path}: its task ids are not this pool's {len(ids)} ids in order; it is damaged or of "
+                                  "another pool — recompute the scores for this checkpoint")
+        if not bool(torch.isfinite(result.scores).all()):
+            raise CheckpointError(f"scores file {path} holds NaN or infinite scores; recompute them (`metainfluence influence`)")
+        return result

@@ -1,0 +1,117 @@
+"""Input validation at the Python API boundary: natural-but-wrong inputs give one-line SettingsErrors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import random_tasks, small_problem
+from metainfluence.errors import SettingsError
+from metainfluence.influence.editing import Removal, edit_model, removed_gradient
+from metainfluence.meta.models import MLP
+from metainfluence.meta.objective import InnerSettings, MetaProblem
+from metainfluence.meta.train import TrainSettings, meta_train
+
+
+# --------------------------------------------------------------------------- 1. task indices as tensor / array
+@pytest.mark.parametrize("make", [lambda i: torch.tensor(i), lambda i: np.array(i), lambda i: torch.tensor(i, dtype=torch.int32)])
+def test_removal_accepts_integer_tensor_or_array_of_task_indices(make):
+    problem, lam = small_problem()
+    tasks = random_tasks(n=6)
+    removal = Removal(tasks=make([4, 1]))
+    assert removal.tasks == [4, 1] and all(type(k) is int for k in removal.tasks)
+    assert removal.count()["tasks"] == 2
+    expected = removed_gradient(problem, lam, tasks, Removal(tasks=[4, 1]))
+    torch.testing.assert_close(removed_gradient(problem, lam, tasks, removal), expected)
+
+
+def test_removal_from_a_ranking_slice():
+    problem, lam = small_problem()
+    tasks = random_tasks(n=6)
+    ranking = torch.argsort(torch.randn(6, generator=torch.Generator().manual_seed(0)))
+    w, _, _ = Removal(tasks=ranking[:2]).weights(problem, lam, tasks)
+    assert int((w == 0).sum()) == 2 and bool((w[ranking[:2]] == 0).all())
+
+
+@pytest.mark.parametrize("bad", [torch.tensor([1.0, 2.0]), np.array([0.5]), torch.tensor([True, False])])
+def test_removal_refuses_non_integer_tensor_indices(bad):
+    problem, lam = small_problem()
+    with pytest.raises(SettingsError, match="not all integers"):
+        Removal(tasks=bad).validate(random_tasks(n=6))
+
+
+def test_removal_refuses_multi_dimensional_index_tensor():
+    with pytest.raises(SettingsError, match="1-d"):
+        Removal(tasks=torch.tensor([[0, 1]]))
+
+
+# --------------------------------------------------------------------------- 2. whole pool / non-boolean masks
+def test_removing_every_task_is_refused():
+    problem, lam = small_problem()
+    tasks = random_tasks(n=6)
+    with pytest.raises(SettingsError, match="all 6 tasks"):
+        edit_model(problem, lam, tasks, Removal(tasks=list(range(6))))
+    Removal(tasks=list(range(5))).validate(tasks)  # keeping one task is fine
+
+
+def test_integer_mask_with_other_values_is_refused_and_0_1_masks_count_right():
+    tasks = random_tasks(n=6)
+    mask = torch.zeros(6, tasks.n_support, dtype=torch.long)
+    mask[0, 0] = 3
+    with pytest.raises(SettingsError, match="boolean mask"):
+        Removal(support=mask).validate(tasks)
+    mask[0, 0] = 1
+    Removal(support=mask).validate(tasks)
+    assert Removal(support=mask).count()["support_examples"] == 1
+    assert Removal(query=torch.zeros(6, tasks.n_query, dtype=torch.bool)).count()["query_examples"] == 0
+
+
+# --------------------------------------------------------------------------- 3. meta_batch larger than the pool
+def test_meta_batch_larger_than_pool_is_refused():
+    problem, lam = small_problem()
+    tasks = random_tasks(n=5)
+    settings = TrainSettings(meta_batch=100, steps=1, dtype="float64", checkpoint_every=0)
+    with pytest.raises(SettingsError, match=r"meta_batch 100 .* 5 tasks"):
+        meta_train(problem, lam, tasks, settings, progress=False)
+    meta_train(problem, lam, tasks, TrainSettings(meta_batch=5, steps=1, dtype="float64", checkpoint_every=0), progress=False)
+
+
+# --------------------------------------------------------------------------- 4. loss must be per-example
+def test_scalar_custom_loss_is_refused():
+    torch.manual_seed(0)
+    model = MLP(4, 3, (8,), "tanh").double()
+    problem = MetaProblem(model, loss=lambda o, y: F.cross_entropy(o, y), inner=InnerSettings(steps=1, lr=0.3))
+    lam = problem.init_params(torch.float64)
+    tasks = random_tasks(n=4)
+    for call in (lambda: problem.meta_gradient(lam, tasks), lambda: problem.task_losses(lam, tasks),
+                 lambda: problem.task_metrics(lam, tasks), lambda: problem.value_and_gradient(lam, tasks)):
+        with pytest.raises(SettingsError, match="per-example losses"):
+            call()
+
+
+def test_per_example_custom_loss_is_accepted():
+    torch.manual_seed(0)
+    model = MLP(4, 3, (8,), "tanh").double()
+    problem = MetaProblem(model, loss=lambda o, y: F.cross_entropy(o, y, reduction="none"), inner=InnerSettings(steps=1, lr=0.3))
+    ref, lam = small_problem(steps=1, lr=0.3, weight_decay=0.0)
+    tasks = random_tasks(n=4)
+    torch.testing.assert_close(problem.meta_gradient(lam, tasks), ref.meta_gradient(lam, tasks))
+
+
+# --------------------------------------------------------------------------- 5. wrong types at the boundary
+def test_model_must_be_a_module():
+    with pytest.raises(SettingsError, match="nn.Module"):
+        MetaProblem("model")
+
+
+@pytest.mark.parametrize("convert", [lambda t: t.numpy(), lambda t: t.tolist()])
+def test_lam_that_is_not_a_tensor_is_refused(convert):
+    problem, lam = small_problem()
+    tasks = random_tasks(n=4)
+    bad = convert(lam)
+    for call in (problem.objective, problem.meta_gradient, problem.value_and_gradient, problem.task_losses,
+                 problem.total_gradients, problem.task_metrics):
+        with pytest.raises(SettingsError, match="not a torch tensor"):
+            call(bad, tasks)
