@@ -34,7 +34,7 @@ opt = torch.optim.Adam([lam], lr=0.02)
 for _ in range(300):
     _, lam.grad = problem.value_and_gradient(lam.detach(), train)
     opt.step()
-lam, report = mi.refine(problem, lam.detach(), train, mi.RefineSettings(tol=1e-7))
+lam, report = mi.refine(problem, lam.detach(), train, mi.RefineSettings(tol=0, tol_ratio=1e-6))  # ‖∇F‖ / mean‖g_i‖ ≤ 1e-6
 
 # 4. Task-IF: predicted change of the validation loss when each task is removed.
 result = mi.task_influence(problem, lam, train, val, mi.InfluenceSettings(hessian="exact", solver="cg", damping=1e-3))

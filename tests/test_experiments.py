@@ -222,6 +222,8 @@ def test_removal_charges_its_curvature_fit_to_the_edits_that_used_it(tmp_path):
     lines.clear()
     run_experiment("removal", str(cfg), True, str(out), log=lines.append, resume=True)
     assert any("resumed: curvature" in ln for ln in lines) and not any("fitted again" in ln for ln in lines)
+    # every kept edit and retraining says that it was read, not computed
+    assert sum("resumed: " in ln and "units/" in ln for ln in lines) == len(list((out / "units").glob("*.json")))
 
 
 def test_detection_ranks_by_exact_and_fast_tiers_of_one_fisher_curvature(tmp_path):

@@ -68,7 +68,7 @@ class StageCache:
 
     def __init__(self, out: Path, settings: dict[str, Any], resume: bool, pool_keys: tuple[str, ...] = (), log=lambda s: None,
                  deadline: float = math.inf) -> None:
-        self.out, self.resume, self.deadline = Path(out), resume, deadline
+        self.out, self.resume, self.deadline, self.log = Path(out), resume, deadline, log
         run, section = settings.get("run"), next((v for k, v in settings.items() if k not in ("run", "influence")), {}) or {}
         now = _jsonable({"run": run, **{k: section.get(k) for k in pool_keys}})
         record = self.out / "stages.json"
@@ -88,7 +88,7 @@ class StageCache:
         """Called after each saved stage: past the experiment's ``--max-minutes`` deadline (time.monotonic()),
         stop here — every finished stage is on disk and ``--resume`` continues from the next one."""
         if time.monotonic() >= self.deadline:
-            raise BudgetStop(f"experiment stopped by --max-minutes after {stage}; the finished stages are kept in {self.out}: "
+            raise BudgetStop(f"experiment stopped by --max-minutes after {stage} (saved; --resume shows its result); the finished stages are kept in {self.out}: "
                              "run the same command with --resume to continue")
 
 
@@ -101,6 +101,7 @@ class StageCache:
         if self.resume and path.is_file():
             kept = read_json(path, what="experiment unit")
             if kept.get("settings") == want:
+                self.log(f"  resumed: {name} from {path.relative_to(self.out)} (its time is that of the run that computed it)")
                 return kept["result"]
         result = _jsonable(compute())
         write_json(path, {"settings": want, "result": result})

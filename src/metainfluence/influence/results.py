@@ -251,8 +251,10 @@ def check_solve(diag: dict[str, Any], res: Any, settings: "InfluenceSettings", w
         remedy = (f"its --max-minutes budget ({settings.solve.max_minutes:g}) ran out: continue from this iterate with "
                   "`metainfluence influence ... --resume SCORES` (SCORES: this result's file), or raise --max-minutes")
     state = "stopped before its tolerance" if not converged else "left a large residual"
+    # above 1 the answer is no closer to (H + δI)⁻¹b than 0 is: say so, not "approximate"
+    worth = "so the scores are not meaningful (the residual is above 1)" if res.residual > 1 else "so the scores are approximate"
     shortfall(diag, f"the {what} solve ({res.solver}) {state}: relative residual {res.residual:.2g} "
-                    f"(tol {settings.solve.tol:g}) after {res.iterations} iterations, so the scores are approximate; {remedy}")
+                    f"(tol {settings.solve.tol:g}) after {res.iterations} iterations, {worth}; {remedy}")
 
 
 def settings_dict(settings: Any) -> dict:
