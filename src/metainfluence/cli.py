@@ -387,7 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)
         if extra:  # named with the command's own help, which lists what it takes
-            raise SettingsError(f"unrecognized arguments: {' '.join(extra)} (see '{' '.join(['metainfluence', args.command or ''][:1 + bool(args.command)])} --help')")
+            raise SettingsError(f"unrecognized arguments: {' '.join(extra)} (see 'metainfluence {args.command + ' ' if args.command else ''}--help')")
         if args.command is None:
             parser.print_help()
             return EXIT_USER_ERROR

@@ -44,10 +44,7 @@ class _LogLines:
     def write(self, text: str) -> None:
         line = _CONTROL.sub("", text).strip()
         if line:
-            with self._lock:
-                sys.stdout.flush()  # what stdout holds comes first in a log file of both
-                sys.stderr.write(line + "\n")
-                sys.stderr.flush()
+            status_line(line)
 
     def flush(self) -> None:
         pass
@@ -55,6 +52,15 @@ class _LogLines:
 
 def enabled() -> bool:
     return _ENABLED.get()
+
+
+def status_line(line: str) -> None:
+    """One plain status line on stderr, after whatever stdout holds (a pipe buffers it) so that a log file of both
+    keeps the order; one locked write, so the heartbeat thread never interleaves half lines."""
+    with _LogLines._lock:
+        sys.stdout.flush()
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
 
 
 def log_lines() -> bool:

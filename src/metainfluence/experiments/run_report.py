@@ -7,14 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SettingsError
+from ..influence.editing import describe_count
 from .report import write_report
-
-
-def _removed_cell(count) -> str:
-    """A checkpoint's removal count ({"tasks": 12, ...}) as words: '12 tasks', '3 support examples'."""
-    if not isinstance(count, dict):
-        return json.dumps(count)
-    return ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in count.items() if v) or "nothing"
 
 
 def _read(path: Path) -> dict[str, Any] | None:
@@ -61,7 +55,7 @@ def report_run_folder(run_dir: str | Path) -> Path:
         erows = []
         for name, rec in edits:
             m = rec["metrics"]
-            erows.append({"edit": name, "removed": _removed_cell(m.get("removed")), "step": m["edit"].get("step", "-"),
+            erows.append({"edit": name, "removed": describe_count(m["removed"]) if isinstance(m.get("removed"), dict) else json.dumps(m.get("removed")), "step": m["edit"].get("step", "-"),
                           "hessian": m["edit"].get("hessian", "-"), "residual": f"{m['edit'].get('solver_residual', float('nan')):.1e}",
                           "test before": _eval_cell((m.get("eval_before_edit") or {}).get("test")), "test after": _eval_cell((m.get("eval") or {}).get("test"))})
         secs.append({"heading": "Edits (closed-form removal)", "tables": [erows]})

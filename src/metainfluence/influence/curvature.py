@@ -29,7 +29,6 @@ from ..linalg import EKFAC, FactorCurvature, GaussNewtonFactor, LowRank, adaptiv
 from ..meta.curvature import TotalHessian, fisher_factor, fisher_factor_and_gradients, gauss_newton_factor
 from ..meta.ekfac import fit_ekfac
 from ..meta.objective import MetaProblem
-from ..progress import bar
 from ..tasks.tensors import TaskTensors
 from .gradients import keep_task_gradients, keeping_task_gradients
 from .hessian_of import build_hessian, curvature_fingerprint, effective_damping
@@ -173,10 +172,9 @@ def fit_curvature(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, s
     floor = None
     if not fused:
         t0 = time.perf_counter()
-        # the floor: one pass of per-task total gradients, a chunk at a time (all n × p of them at once need not fit)
-        chunks = list(problem.chunks(len(tasks)))
-        for c in bar("task gradients (timing floor)", len(chunks), "chunk", iterable=chunks):
-            problem.total_gradients(lam, tasks.subset(c))
+        # the floor: one pass of per-task total gradients, each chunk dropped once made (all n × p at once need not fit)
+        for _ in problem._mapped_chunks(problem.task_total_gradient, lam, tasks, None, None, (), desc="task gradients (timing floor)"):
+            pass
         floor = time.perf_counter() - t0
     op = build_hessian(problem, lam, tasks, settings)
     t1 = time.perf_counter()

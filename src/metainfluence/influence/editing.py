@@ -89,10 +89,15 @@ class Removal:
         }
 
     def describe(self) -> str:
-        """The count in words, e.g. '12 tasks' or '3 support examples and 1 query example'."""
-        words = {"tasks": "task", "support_examples": "support example", "query_examples": "query example"}
-        parts = [f"{k} {words[n]}{'s' if k != 1 else ''}" for n, k in self.count().items() if k]
-        return " and ".join(parts) or "nothing"
+        """The count in words (:func:`describe_count`)."""
+        return describe_count(self.count())
+
+
+def describe_count(count: dict[str, int]) -> str:
+    """A removal's :meth:`Removal.count` in words, e.g. '12 tasks' or '3 support examples and 1 query example'."""
+    words = {"tasks": "task", "support_examples": "support example", "query_examples": "query example"}
+    parts = [f"{k} {words.get(n, n)}{'s' if k != 1 else ''}" for n, k in count.items() if k]
+    return " and ".join(parts) or "nothing"
 
 
 def removed_gradient(problem: MetaProblem, lam: torch.Tensor, pool: TaskTensors, removal: Removal, linear: bool = True,

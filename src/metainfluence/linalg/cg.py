@@ -137,7 +137,7 @@ def cg_solve(op: LinearOperator, b: Tensor, damping: float, settings: SolverSett
     for start in blocks:
         rows = slice(start, start + settings.cg_block)
         Xb, part = block_cg(products.block, B[rows].T.contiguous(), settings.tol, settings.max_iter, deadline=settings.deadline(t0),
-                            slow_advice=SLOW_ADVICE)
+                            slow_advice=SLOW_ADVICE if start == 0 else None)  # one forecast per solve
         X[rows] = Xb.T
         if outer is not None:
             outer.update(1)  # after the block: "k/K rhs" counts the solves done

@@ -30,7 +30,7 @@ import torch
 
 from ..config import to_dict
 from ..errors import CheckpointError, DivergenceError, SettingsError, require
-from ..progress import log_lines
+from ..progress import log_lines, status_line
 from ..tasks.tensors import TaskTensors
 from .checkpoint import Checkpoint, load_checkpoint, pool_record, save_checkpoint
 from .evaluate import evaluate
@@ -164,12 +164,6 @@ def step_line(history: TrainHistory, total_steps: int, window: int, tasks_per_se
             f"{tasks_per_second:.0f} tasks/s, after {history.wall_time_s / 60:.2f} min")  # the time as the validation lines say it
 
 
-def _status(line: str) -> None:
-    """A status line on stderr, after whatever stdout holds (a pipe buffers it), so that a log file keeps the order."""
-    sys.stdout.flush()
-    print(line, file=sys.stderr, flush=True)
-
-
 def meta_train(
     problem: MetaProblem,
     lam0: torch.Tensor,
@@ -258,7 +252,7 @@ def meta_train(
         if ckpt.info.get("history"):
             history = TrainHistory.from_json(ckpt.info["history"])
         if log_lines():
-            _status(f"resuming from step {start_step} of {settings.steps} ({ckpt.path})")
+            status_line(f"resuming from step {start_step} of {settings.steps} ({ckpt.path})")
 
     last_saved: dict[str, Any] = {"step": None}
 
@@ -342,7 +336,7 @@ def meta_train(
             elif lines and step % settings.log_every == 0:
                 seconds = history.wall_time_s - mark[1]
                 rate = (history.tasks_seen - mark[0]) / seconds if seconds > 0 else float("nan")
-                _status(step_line(history, settings.steps, settings.log_every, rate))
+                status_line(step_line(history, settings.steps, settings.log_every, rate))
                 mark = (history.tasks_seen, history.wall_time_s)
             if settings.checkpoint_every and step % settings.checkpoint_every == 0 and step < settings.steps:
                 save(step, "in-progress")
@@ -353,7 +347,7 @@ def meta_train(
                 history.val_accuracy.append(result.accuracy)
                 history.val_time_s.append(history.wall_time_s)
                 if bar is None:  # without a progress bar, one line per evaluation shows the curve
-                    _status(f"step {step}: val accuracy {100 * result.accuracy:.2f}% ± {100 * result.accuracy_ci95:.2f}% "
+                    status_line(f"step {step}: val accuracy {100 * result.accuracy:.2f}% ± {100 * result.accuracy_ci95:.2f}% "
                             f"after {history.wall_time_s / 60:.2f} min")
                 else:
                     bar.set_postfix({"val": f"{result.accuracy:.3f}"}, refresh=False)
