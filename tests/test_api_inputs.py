@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -13,6 +15,7 @@ from metainfluence.influence.editing import Removal, edit_model, removed_gradien
 from metainfluence.meta.models import MLP
 from metainfluence.meta.objective import InnerSettings, MetaProblem
 from metainfluence.meta.train import TrainSettings, meta_train
+from metainfluence.tasks import TaskTensors
 
 
 # --------------------------------------------------------------------------- 1. task indices as tensor / array
@@ -115,3 +118,63 @@ def test_lam_that_is_not_a_tensor_is_refused(convert):
                  problem.total_gradients, problem.task_metrics):
         with pytest.raises(SettingsError, match="not a torch tensor"):
             call(bad, tasks)
+
+
+# --------------------------------------------------------------------------- 6. a pool that does not fit the model or loss
+def _calls(problem):
+    return (problem.objective, problem.meta_gradient, problem.task_losses, problem.total_gradients, problem.task_metrics)
+
+
+def test_lam_of_another_model_is_refused():
+    problem, lam = small_problem()
+    tasks = random_tasks(n=4)
+    for bad in (lam[:-1], torch.cat([lam, lam[:2]]), lam.reshape(1, -1)):
+        for call in _calls(problem):
+            with pytest.raises(SettingsError, match=rf"must have shape \({problem.dim},\)"):
+                call(bad, tasks)
+
+
+def test_inputs_the_model_cannot_take_are_refused_with_their_shape():
+    problem, lam = small_problem(n_features=4)
+    tasks = random_tasks(n=4, n_features=7)
+    for call in _calls(problem):
+        with pytest.raises(SettingsError, match=r"cannot take inputs of shape \(7,\)"):
+            call(lam, tasks)
+
+
+def test_integer_inputs_are_refused():
+    problem, lam = small_problem()
+    t = random_tasks(n=4)
+    tasks = TaskTensors((t.support_x * 10).to(torch.uint8), t.support_y, (t.query_x * 10).to(torch.uint8), t.query_y)
+    with pytest.raises(SettingsError, match="inputs must be floating point"):
+        problem.meta_gradient(lam, tasks)
+
+
+@pytest.mark.parametrize("which", ["support_y", "query_y"])
+def test_float_or_out_of_range_class_labels_are_refused(which):
+    problem, lam = small_problem(n_classes=3)
+    t = random_tasks(n=4, n_classes=3)
+    y = getattr(t, which)
+    cases = {"long()": y.double(), "3 outputs": y + 1, "0..2": y - 1, "one class index": y[..., None]}
+    for message, bad in cases.items():
+        parts = {"support_y": t.support_y, "query_y": t.query_y, which: bad}
+        tasks = TaskTensors(t.support_x, parts["support_y"], t.query_x, parts["query_y"])
+        with pytest.raises(SettingsError, match=rf"{which}.*{re.escape(message)}"):
+            problem.meta_gradient(lam, tasks)
+
+
+def test_soft_labels_shaped_like_the_outputs_are_accepted_and_match_hard_labels():
+    problem, lam = small_problem(n_classes=3)
+    t = random_tasks(n=4, n_classes=3)
+    soft = TaskTensors(t.support_x, F.one_hot(t.support_y, 3).double(), t.query_x, F.one_hot(t.query_y, 3).double())
+    torch.testing.assert_close(problem.meta_gradient(lam, soft), problem.meta_gradient(lam, t))
+
+
+def test_regression_targets_without_their_output_axis_are_refused():
+    # (n, m) targets against (m, 1) outputs would broadcast into an (m, m) table of wrong squared errors
+    problem, lam = small_problem(n_classes=1, loss="mse")
+    t = random_tasks(n=4, regression=True)
+    flat = TaskTensors(t.support_x, t.support_y[..., 0], t.query_x, t.query_y[..., 0])
+    with pytest.raises(SettingsError, match=r"support_y.*unsqueeze\(-1\)"):
+        problem.meta_gradient(lam, flat)
+    problem.meta_gradient(lam, t)  # shaped like the outputs: accepted

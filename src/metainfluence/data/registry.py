@@ -10,6 +10,7 @@ from typing import Any, Callable
 from ..errors import DataError
 from .base import ClassDataset
 from .digits import load_digits
+from .image_folder import load_image_folder
 from .mini_imagenet import load_mini_imagenet
 from .mnist import load_mnist
 from .omniglot import load_omniglot
@@ -23,6 +24,7 @@ _LOADERS: dict[str, tuple[Callable[..., ClassDataset], dict[str, Any]]] = {
     "fashion-mnist": (load_mnist, {"fashion": True}),
     "mini-imagenet": (load_mini_imagenet, {}),
     "orl-faces": (load_orl_faces, {}),
+    "image-folder": (load_image_folder, {}),
 }
 DATASETS: tuple[str, ...] = tuple(_LOADERS)
 
@@ -30,10 +32,15 @@ DATASETS: tuple[str, ...] = tuple(_LOADERS)
 def _resolve(name: str) -> tuple[str, Callable[..., ClassDataset], dict[str, Any]]:
     """(canonical name, loader, fixed options) of a dataset name or alias."""
     key = str(name).lower().replace("_", "-")
-    key = {"fashion": "fashion-mnist", "fashionmnist": "fashion-mnist", "miniimagenet": "mini-imagenet", "orl": "orl-faces", "att-faces": "orl-faces", "orlfaces": "orl-faces"}.get(key, key)
+    key = {"fashion": "fashion-mnist", "fashionmnist": "fashion-mnist", "miniimagenet": "mini-imagenet", "orl": "orl-faces", "att-faces": "orl-faces", "orlfaces": "orl-faces", "folder": "image-folder", "imagefolder": "image-folder"}.get(key, key)
     if key not in _LOADERS:
         raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
     return (key, *_LOADERS[key])
+
+
+def canonical_name(name: str) -> str:
+    """The registry's name of a dataset name or alias (``'orl'`` → ``'orl-faces'``); DataError if unknown."""
+    return _resolve(name)[0]
 
 
 def dataset_options(name: str) -> tuple[str, ...]:
@@ -46,8 +53,9 @@ def dataset_options(name: str) -> tuple[str, ...]:
 def load_dataset(name: str, root: str | os.PathLike | None = None, **options: Any) -> ClassDataset:
     """Load a dataset by name. ``root`` (else $METAINFLUENCE_DATA) is the folder holding the files —
     the dataset's own folder or a parent with ``omniglot/``, ``mnist/``, ``fashion-mnist/``,
-    ``mini-imagenet/``, ``orl-faces/`` (or ``att_faces/``) inside. ``options`` go to the loader (e.g.
-    ``image_size``, ``split_seed``; :func:`dataset_options` lists them)."""
+    ``mini-imagenet/``, ``orl-faces/`` (or ``att_faces/``) inside; for ``image-folder``, the image folder
+    itself. ``options`` go to the loader (e.g. ``image_size``, ``split_seed``; :func:`dataset_options`
+    lists them)."""
     key, loader, fixed = _resolve(name)
     params = inspect.signature(loader).parameters
     allowed = dataset_options(key)

@@ -31,6 +31,7 @@ from ..linalg.cg import fixed_step_cg
 from ..progress import bar
 from ..tasks.tensors import TaskTensors
 from .collective import SINGLE_PROCESS, Collective
+from .inputs import check_pool
 from .params import ParamSpec
 
 
@@ -261,6 +262,7 @@ class MetaProblem:
         check_working_dtype(lam)
         if tasks.support_x.is_floating_point() and tasks.support_x.dtype != lam.dtype:
             tasks = tasks.to(dtype=lam.dtype)
+        check_pool(self, lam, tasks)
         dv, du = self.default_weights(tasks, lam)
         v = dv if v is None else v.to(lam)
         u = du if u is None else u.to(lam)

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import to_dict
-from ..errors import SettingsError
+from ..data.registry import canonical_name
+from ..errors import DataError, SettingsError
 from ..meta.models import ModelSettings
 from ..meta.objective import InnerSettings
 from ..meta.refine import RefineSettings
@@ -17,7 +18,7 @@ from ..meta.train import TrainSettings
 
 
 # input values per example of each dataset at its default size (sinusoid: one x)
-_VALUES_PER_EXAMPLE = {"digits": 64, "omniglot": 28 * 28, "mnist": 28 * 28, "fashion-mnist": 28 * 28, "mini-imagenet": 3 * 84 * 84, "orl-faces": 84 * 84, "sinusoid": 1}
+_VALUES_PER_EXAMPLE = {"digits": 64, "omniglot": 28 * 28, "mnist": 28 * 28, "fashion-mnist": 28 * 28, "mini-imagenet": 3 * 84 * 84, "orl-faces": 84 * 84, "image-folder": 3 * 84 * 84, "sinusoid": 1}
 
 
 def _memory_bytes() -> int:
@@ -32,7 +33,7 @@ def _memory_bytes() -> int:
 class DataSettings:
     """Which tasks: dataset, task shape and pool sizes."""
 
-    dataset: str = field(default="digits", metadata={"help": "dataset: digits (embedded, no download) | omniglot | mnist | fashion-mnist | mini-imagenet | orl-faces (40 faces, Mini-ImageNet stand-in) | sinusoid (regression)"})
+    dataset: str = field(default="digits", metadata={"help": "dataset: digits (embedded, no download) | omniglot | mnist | fashion-mnist | mini-imagenet | orl-faces (40 faces, Mini-ImageNet stand-in) | image-folder (your own images: class folders under --data-root) | sinusoid (regression)"})
     data_root: str | None = field(default=None, metadata={"help": "folder holding the dataset files (else $METAINFLUENCE_DATA); not needed for digits and sinusoid"})
     image_size: int = field(default=0, metadata={"help": "image side in pixels (0 = the dataset's default, e.g. 28 for Omniglot)"})
     n_way: int = field(default=5, metadata={"help": "classes per task N"})
@@ -63,10 +64,14 @@ class DataSettings:
 
     def check_pool_sizes(self) -> None:
         """Refuse pools whose input tensors cannot fit in memory, before any work starts."""
-        values = _VALUES_PER_EXAMPLE.get(self.dataset, 784)
-        if self.image_size and self.dataset in ("omniglot", "mnist", "fashion-mnist", "orl-faces"):
+        try:
+            name = canonical_name(self.dataset)  # an alias ('orl', 'folder') sizes like its dataset
+        except DataError:
+            name = self.dataset  # sinusoid, or a name the data stage will refuse
+        values = _VALUES_PER_EXAMPLE.get(name, 784)
+        if self.image_size and name in ("omniglot", "mnist", "fashion-mnist", "orl-faces"):
             values = self.image_size ** 2
-        elif self.image_size and self.dataset == "mini-imagenet":
+        elif self.image_size and name in ("mini-imagenet", "image-folder"):  # RGB (image-folder: at most)
             values = 3 * self.image_size ** 2
         limit = _memory_bytes() // 2
         for split, n in (("train", self.train_tasks), ("val", self.val_tasks), ("test", self.test_tasks)):

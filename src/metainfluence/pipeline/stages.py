@@ -5,6 +5,7 @@ report through ``log``; the CLI prints what they return."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -184,6 +185,8 @@ def influence_checkpoint(checkpoint: str | os.PathLike, settings: Any, level: st
         # refused before any scoring, so nothing computed is lost
         raise SettingsError(f"--check-measurement K (K ≥ 1 halvings; got {check.measurement_splits}) splits the validation pool of task-level task-if "
                             f"scores; this is {level}-level {settings.method}")
+    if check is not None and check.removals and level != "task":  # refused before any scoring too
+        raise SettingsError("--check re-optimises groups of tasks; use it with --level task")
     name = check_name(name or f"influence_{level}_{settings.method}")
     folder = check_writable(out if out else Path(checkpoint).expanduser().parent)
     ctx, ckpt = RunContext.from_checkpoint(checkpoint, splits=("train", "val"), overrides=overrides)
@@ -199,6 +202,9 @@ def influence_checkpoint(checkpoint: str | os.PathLike, settings: Any, level: st
         # one validation pool object for both, so that the reliability's halves ride on the scores' ∇f pass
         ctx.tensors["val"] = ctx.tensors["val"].to(dtype=lam.dtype)
         halves = halves_of(ctx.tensors["val"], check.measurement_splits, check.seed)
+    log(f"scoring: {level}-level {settings.method}, {settings.hessian} Hessian, solver {settings.solver}, damping {settings.damping:g}, "
+        f"{len(ctx.tensors['train'])} training tasks against {len(ctx.tensors['val'])} validation tasks")
+    started = time.perf_counter()
     with reusing_measurement_gradients(halves):
         result = influence_stage(ctx, lam, settings, level, measurement, s0=s0)
         if halves is not None:
@@ -207,9 +213,10 @@ def influence_checkpoint(checkpoint: str | os.PathLike, settings: Any, level: st
         record_proximal(result.diagnostics, prox[0], given, ckpt.info["refine_report"])
     if resume is not None:
         result.diagnostics["resumed_from"] = str(resume)
+    log(f"scored in {time.perf_counter() - started:.0f} s")
     if check is not None and check.removals:
-        if level != "task":
-            raise SettingsError("--check re-optimises groups of tasks; use it with --level task")
+        log(f"fidelity check: the full pool and {check.removals} groups of {max(1, round(check.fraction * len(ctx.tensors['train'])))} tasks "
+            f"re-optimised from λ* in float64 (refine: {ctx.settings.refine.method}, at most {check.max_minutes:g} min, --check-minutes)")
         fid = fidelity_check(ctx.problem, lam, ctx.tensors["train"], ctx.tensors["val"], result.scores, check, ctx.settings.refine, proximal=prox)
         result.diagnostics["fidelity_check"] = fid
         if fid["max_reoptimised_grad_norm"] > fid["refine_tol"]:

@@ -1,0 +1,236 @@
+"""Your own images: a folder of class folders, read as a class-disjoint :class:`ClassDataset`.
+
+Two layouts of the dataset folder ``root`` (given by ``--data-root``; it is the dataset folder
+itself, not a data root holding several datasets):
+
+- **class folders** — ``root/<class name>/<image files>``: one folder per class (at least 3). The
+  classes (sorted by folder name) get a seeded class-disjoint split of about 60/20/20 %
+  train/val/test, every split at least one class; ``split_seed`` draws another split and
+  ``split_sizes`` gives the three class counts explicitly.
+- **split folders** — ``root/train/<class>/…``, ``root/val/<class>/…``, ``root/test/<class>/…`` (all
+  three present): the folders fix the split, so a seed or sizes are refused. A class name may
+  appear in one split folder only (the splits are class-disjoint).
+
+Image files are those ending in .png .jpg .jpeg .bmp .gif .pgm .ppm .pbm .tif .tiff .webp (any
+case); hidden files and other files (README, .DS_Store) are skipped, and folders nested inside a
+class folder are not read. ``color='auto'`` makes the dataset grey (1 channel) when every image
+is a grey one (judged from the file headers, without decoding pixels) and RGB (3 channels)
+otherwise; ``'grey'`` / ``'rgb'`` force it. The images stay in the user's folder and are decoded
+on demand in ``load``: converted, squeezed whole (no crop) to ``image_size``² and scaled to [0, 1].
+The fingerprint covers every image's path and size, so an edited folder is another dataset.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import DataError
+from .base import SPLITS, ClassDataset, digest, seeded_class_split
+from .mini_imagenet import RESAMPLE
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pgm", ".ppm", ".pbm", ".tif", ".tiff", ".webp")
+COLORS: tuple[str, ...] = ("auto", "grey", "rgb")
+# PIL modes of single-channel images (with or without alpha); anything else counts as colour
+GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
+SPLIT_SALT = 0x1F07  # this dataset's own split stream (see base.seeded_class_split)
+_REMEDY = "point --data-root at a folder holding one folder of images per class (see README, 'Datasets')"
+_DECODE_ERRORS = (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError)
+
+
+def is_image_file(path: Path) -> bool:
+    """A visible regular file with an image extension (any case)."""
+    return not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    """Visible subfolders of ``folder``, sorted by name."""
+    return sorted((p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
+
+
+def _class_images(folder: Path) -> list[Path]:
+    """The image files directly inside a class folder, sorted by name; DataError naming the folder
+    when it holds none (saying so when it holds only subfolders, which are not read)."""
+    images = sorted((p for p in folder.iterdir() if is_image_file(p)), key=lambda p: p.name)
+    if not images:
+        nested = _subfolders(folder)
+        if nested:
+            names = ", ".join(p.name + "/" for p in nested[:3]) + (", …" if len(nested) > 3 else "")
+            raise DataError(
+                f"class folder {folder} holds no images, only subfolders ({names}); folders inside a class folder are not "
+                f"read, so move the images up into {folder} or remove the folder")
+        raise DataError(f"class folder {folder} holds no images ({' '.join(IMAGE_EXTENSIONS)}); add images or remove the folder")
+    return images
+
+
+def _split_layout(root: Path) -> bool:
+    """True when ``root`` holds the train/, val/, test/ split folders. Some of them without the others
+    is refused: such a folder would otherwise be read as a class named 'train'."""
+    present = [s for s in SPLITS if (root / s).is_dir()]
+    if len(present) == len(SPLITS):
+        return True
+    # a lone 'train' (etc.) folder with images directly inside is just a class of that name
+    splitlike = [s for s in present if _subfolders(root / s) and not any(is_image_file(p) for p in (root / s).iterdir())]
+    if splitlike:
+        missing = [s + "/" for s in SPLITS if s not in present]
+        raise DataError(
+            f"{root} has the split folder(s) {', '.join(s + '/' for s in present)} but no {', '.join(missing)}; give all three of "
+            f"train/, val/, test/ (each holding class folders), or put the class folders directly in {root} for a seeded split")
+    return False
+
+
+# folders of the other datasets: a data root holding them (e.g. $METAINFLUENCE_DATA) is not an image folder
+_OTHER_DATASETS = frozenset({"omniglot", "mnist", "fashion-mnist", "mini-imagenet", "orl-faces", "att_faces"})
+
+
+def _refuse_data_root(root: Path, class_dirs: list[Path]) -> None:
+    """Refuse a data root holding other datasets, which would otherwise be read as classes named 'mnist'..."""
+    others = [d.name for d in class_dirs if d.name in _OTHER_DATASETS and not any(is_image_file(p) for p in d.iterdir())]
+    if others:
+        raise DataError(
+            f"{root} looks like a data folder holding other datasets ({', '.join(o + '/' for o in others)}), not a folder of "
+            f"class folders; pass --data-root with your image folder itself (image-folder does not look for a subfolder)")
+
+
+def _check_options(image_size: object, color: str, resample: str) -> str:
+    if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 4:
+        raise DataError(f"image_size={image_size!r} is invalid; use an integer of at least 4 (84 is the Mini-ImageNet protocol)")
+    if resample not in RESAMPLE:
+        raise DataError(f"unknown resample filter {resample!r}; use one of {', '.join(RESAMPLE)}")
+    key = str(color).lower()
+    key = "grey" if key == "gray" else key
+    if key not in COLORS:
+        raise DataError(f"unknown color {color!r}; use auto (grey when every image is grey, else RGB), grey or rgb")
+    return key
+
+
+def _is_grey(paths: list[Path]) -> bool:
+    """Whether every image is single-channel, from the headers only (Image.open decodes no pixels)."""
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                if im.mode not in GREY_MODES:
+                    return False
+        except _DECODE_ERRORS as exc:
+            raise DataError(f"image {path} cannot be read as an image ({exc}); replace or remove it") from None
+    return True
+
+
+def _convert(im: Image.Image, mode: str) -> Image.Image:
+    """``im`` as an 8-bit ``mode`` ('L' or 'RGB') image. 16-bit grey (PNG, TIFF) is scaled to 8 bits,
+    where Pillow's own conversion would clip every value above 255 to white."""
+    if im.mode.startswith("I;16"):
+        wide = np.asarray(im, dtype=np.float64)
+        im = Image.fromarray(np.floor(wide / 257.0 + 0.5).astype(np.uint8))
+    return im.convert(mode)
+
+
+def _default_sizes(n: int) -> tuple[int, int, int]:
+    """About 60/20/20 % of ``n`` classes, at least one in each split (n ≥ 3)."""
+    fifth = max(1, int(np.floor(n / 5 + 0.5)))
+    return (n - 2 * fifth, fifth, fifth)
+
+
+def load_image_folder(
+    root: str | os.PathLike,
+    image_size: int = 84,
+    split_seed: int = 0,
+    *,
+    split_sizes: tuple[int, int, int] | None = None,
+    color: str = "auto",
+    resample: str = "bilinear",
+) -> ClassDataset:
+    """The images under ``root`` as a class-disjoint :class:`ClassDataset` named ``'image-folder'`` of
+    shape (C, image_size, image_size), C = 1 (grey) or 3 (RGB); see the module docstring for the two
+    layouts. Class ids follow the sorted class folders (split folders: train's classes, then val's,
+    then test's), example ids the sorted files of each class."""
+    color = _check_options(image_size, color, resample)
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"image folder {root} does not exist; {_REMEDY}")
+    class_dirs: list[Path] = []
+    class_split: list[int] = []
+    if _split_layout(root):
+        if split_seed != 0 or split_sizes is not None:
+            what = f"split_seed {split_seed}" if split_seed != 0 else f"split_sizes {tuple(split_sizes)}"
+            raise DataError(
+                f"the folder {root} fixes its splits (train/, val/, test/), so {what} would have no effect; "
+                f"drop --split-seed (or split_seed / split_sizes in Python), or put the class folders directly in {root} for a seeded split")
+        first_seen: dict[str, str] = {}
+        for s_idx, s in enumerate(SPLITS):
+            dirs = _subfolders(root / s)
+            if not dirs:
+                raise DataError(f"split folder {root / s} holds no class folders; put one folder of images per class there")
+            for d in dirs:
+                if d.name in first_seen:
+                    raise DataError(
+                        f"class {d.name!r} has folders in both {root / first_seen[d.name] / d.name} and {d}; the splits must be "
+                        f"class-disjoint, so merge its images into one split folder (or rename one class)")
+                first_seen[d.name] = s
+            class_dirs += dirs
+            class_split += [s_idx] * len(dirs)
+        assign = np.asarray(class_split, dtype=np.int8)
+        counts = "/".join(str(class_split.count(i)) for i in range(3))
+        description = f"fixed by the train/, val/, test/ folders: {counts} classes (train/val/test)"
+        layout = "split-folders"
+    else:
+        class_dirs = _subfolders(root)
+        if len(class_dirs) < 3:
+            loose = sum(is_image_file(p) for p in root.iterdir())
+            found = f"{len(class_dirs)} class folder{'s' if len(class_dirs) != 1 else ''}" + (f" and {loose} loose images" if loose else "")
+            raise DataError(
+                f"image folder {root} holds {found}; a train/val/test split of classes needs at least 3 class folders "
+                f"(one folder of images per class, e.g. {root / 'cat'}/1.png), or train/, val/, test/ folders holding them")
+        n = len(class_dirs)
+        sizes = _default_sizes(n) if split_sizes is None else split_sizes
+        assign = seeded_class_split(n, sizes, split_seed, salt=SPLIT_SALT, what="class folders")
+        counts = "/".join(str(int((assign == i).sum())) for i in range(3))
+        unused = int((assign < 0).sum())
+        description = f"seeded class shuffle (seed {split_seed}): {counts} classes (train/val/test) from class folders" + (
+            f", {unused} in no split" if unused else "")
+        layout = "class-folders"
+
+    _refuse_data_root(root, class_dirs)
+    files: list[Path] = []
+    targets: list[int] = []
+    for c, d in enumerate(class_dirs):
+        images = _class_images(d)
+        files += images
+        targets += [c] * len(images)
+    grey = _is_grey(files) if color == "auto" else color == "grey"
+    mode, channels = ("L", 1) if grey else ("RGB", 3)
+    filt = RESAMPLE[resample]
+    listing = sorted((p.relative_to(root).as_posix(), p.stat().st_size) for p in files)
+
+    def loader(ids: np.ndarray) -> torch.Tensor:
+        out = np.empty((len(ids), image_size, image_size, channels), dtype=np.uint8)
+        for j, i in enumerate(ids):
+            path = files[int(i)]
+            try:
+                with Image.open(path) as im:
+                    im = _convert(im, mode)
+                    if im.size != (image_size, image_size):
+                        im = im.resize((image_size, image_size), filt)
+                    out[j] = np.asarray(im, dtype=np.uint8).reshape(image_size, image_size, channels)
+            except FileNotFoundError:
+                raise DataError(f"image {path} has gone since its folder was read; put it back, or rerun so that {root} is read again") from None
+            except _DECODE_ERRORS as exc:
+                raise DataError(f"image {path} cannot be decoded ({exc}); replace or remove it") from None
+        return torch.from_numpy(out).permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
+
+    return ClassDataset(
+        name="image-folder",
+        image_shape=(channels, image_size, image_size),
+        targets=np.asarray(targets, dtype=np.int64),
+        split_kind="class",
+        assignment=assign,
+        loader=loader,
+        identity={"files": digest(listing, 32), "layout": layout, "image_size": image_size, "color": color, "resample": resample},
+        num_classes=len(class_dirs),
+        class_names=[d.name for d in class_dirs],
+        split_description=description,
+    )

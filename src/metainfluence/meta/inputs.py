@@ -1,0 +1,80 @@
+"""Checks that a task pool fits a problem's model and loss, before any pass over it.
+
+A mismatch that torch would otherwise report deep inside ``vmap`` (``mat1 and mat2 shapes cannot be
+multiplied``, ``Target 7 is out of bounds``) or, worse, not at all (squared error broadcasting targets of
+shape (m,) against outputs (m, 1) into an (m, m) table) is refused here with a one-line error naming the
+tensor and the remedy. The check runs the model on one task's support set: cheap next to any pass.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..errors import SettingsError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..tasks.tensors import TaskTensors
+    from .objective import MetaProblem
+
+# per-example losses that take class indices (integer targets) rather than values shaped like the output
+_CLASS_INDEX_LOSSES = ("cross_entropy",)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def check_parameters(problem: "MetaProblem", lam: torch.Tensor) -> None:
+    """λ must be the flat vector of this model's parameters."""
+    if lam.dim() != 1 or lam.numel() != problem.dim:
+        raise SettingsError(
+            f"λ has shape {tuple(lam.shape)} but the model {type(problem.model).__name__} has {problem.dim} parameters, "
+            f"so λ must have shape ({problem.dim},); start from problem.init_params() or the λ saved with this model")
+
+
+def check_pool(problem: "MetaProblem", lam: torch.Tensor, tasks: "TaskTensors") -> None:
+    """Refuse a pool whose inputs the model cannot take or whose targets the loss cannot read."""
+    check_parameters(problem, lam)
+    for name in ("support_x", "query_x"):
+        t = getattr(tasks, name)
+        if not t.is_floating_point():
+            raise SettingsError(f"{name} has dtype {t.dtype}; inputs must be floating point (e.g. images as x.float() / 255)")
+    if tasks.support_x.shape[2:] != tasks.query_x.shape[2:]:
+        raise SettingsError(f"support inputs are {tuple(tasks.support_x.shape[2:])} per example but query inputs "
+                            f"{tuple(tasks.query_x.shape[2:])}; both sets need the same example shape")
+    x = tasks.support_x[0]
+    try:
+        with torch.no_grad():
+            out = problem.forward(lam.detach(), x)
+    except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+        raise SettingsError(
+            f"the model {type(problem.model).__name__} cannot take inputs of shape {tuple(x.shape[1:])} per example "
+            f"({_first_line(exc)}); build the model for this input shape, or resize the inputs to the shape it was built for") from None
+    for name in ("support_y", "query_y"):
+        _check_targets(problem, name, getattr(tasks, name), out)
+
+
+def _check_targets(problem: "MetaProblem", name: str, y: torch.Tensor, out: torch.Tensor) -> None:
+    """Targets of one set against the model's output on one example set (``out``: (m, ...))."""
+    per_example_out = tuple(out.shape[1:])
+    per_example_y = tuple(y.shape[2:])
+    if problem.loss_name in _CLASS_INDEX_LOSSES:
+        if y.is_floating_point() and per_example_y == per_example_out:
+            return  # class probabilities (soft or one-hot labels), which cross entropy also takes
+        if y.is_floating_point() or y.dtype == torch.bool:
+            raise SettingsError(f"{name} has dtype {y.dtype} and shape {tuple(y.shape)}; cross entropy needs class indices "
+                                f"0..{per_example_out[-1] - 1 if per_example_out else 'C-1'} as integers ({name}.long())")
+        if per_example_y:
+            raise SettingsError(f"{name} has shape {tuple(y.shape)}; cross entropy needs one class index per example, "
+                                f"shape (tasks, examples)")
+        classes = per_example_out[-1] if per_example_out else 0
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= classes):
+            raise SettingsError(f"{name} holds class indices {int(y.min())}..{int(y.max())} but the model has {classes} outputs; "
+                                f"label each task's classes 0..{classes - 1} (N-way tasks use labels 0..N−1) or build the model with more outputs")
+    elif problem.loss_name == "mse" and per_example_y != per_example_out:
+        hint = f" ({name}.unsqueeze(-1))" if per_example_y + (1,) == per_example_out else ""
+        raise SettingsError(f"{name} has shape {tuple(y.shape)}, i.e. {per_example_y} per example, but the model outputs "
+                            f"{per_example_out} per example; squared error needs targets shaped like the outputs{hint}")

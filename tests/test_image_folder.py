@@ -1,0 +1,299 @@
+"""The generic image-folder dataset on small synthetic PNG folders: both layouts, the seeded class
+split, pixels, colour detection, the errors a user meets, the fingerprint, and one CLI run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from metainfluence.cli import main
+from metainfluence.data import DATASETS, SPLITS, load_dataset, load_image_folder
+from metainfluence.data.registry import dataset_options
+from metainfluence.errors import DataError, SettingsError
+from metainfluence.pipeline import DataSettings, load_data
+from metainfluence.pipeline import settings as settings_module
+
+W, H = 12, 10  # native image size (width × height) of every synthetic image
+
+
+def pattern(c: int, i: int, rgb: bool = False) -> np.ndarray:
+    """A class-dependent stripe pattern (class c, image i) as uint8 (H, W) or (H, W, 3)."""
+    y, x = np.mgrid[0:H, 0:W]
+    grey = (127 + 120 * np.sin((c + 1) * 0.7 * x + 0.3 * y + 0.5 * i)).astype(np.uint8)
+    if not rgb:
+        return grey
+    return np.stack([grey, (grey.astype(np.int64) * (c + 2) % 256).astype(np.uint8), np.full_like(grey, 17 * c % 256)], axis=-1)
+
+
+def make_folder(root: Path, classes: int = 8, per_class: int = 4, rgb: bool = False, names: list[str] | None = None) -> list[Path]:
+    """``root/<class>/<i>.png``; returns the image files in example-id order (sorted classes, sorted files)."""
+    files = []
+    for c, name in enumerate(names or [f"class{c:02d}" for c in range(classes)]):
+        d = root / name
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            f = d / f"img{i}.png"
+            Image.fromarray(pattern(c, i, rgb)).save(f)
+            files.append(f)
+    return sorted(files, key=lambda p: (p.parent.name, p.name))
+
+
+def make_split_folders(root: Path) -> None:
+    """``root/{train,val,test}/<class>/`` with 4 / 2 / 2 classes."""
+    make_folder(root / "train", names=["a", "b", "c", "d"])
+    make_folder(root / "val", names=["e", "f"])
+    make_folder(root / "test", names=["g", "h"])
+
+
+@pytest.fixture
+def folder(tmp_path) -> tuple[Path, list[Path]]:
+    root = tmp_path / "my-images"
+    return root, make_folder(root)
+
+
+def _assignment(ds) -> dict[str, list[str]]:
+    return {s: [ds.class_names[c] for c in ds.classes(s)] for s in SPLITS}
+
+
+def test_class_folders_get_a_seeded_class_disjoint_split(folder):
+    root, _files = folder
+    ds = load_image_folder(root, image_size=8)
+    assert ds.name == "image-folder" and ds.split_kind == "class" and ds.image_shape == (1, 8, 8)
+    assert ds.num_classes == 8 and ds.num_examples == 32
+    assert ds.class_names == [f"class{c:02d}" for c in range(8)]
+    split = _assignment(ds)
+    assert [len(split[s]) for s in SPLITS] == [4, 2, 2]  # about 60/20/20
+    assert sorted(sum(split.values(), [])) == ds.class_names  # disjoint and complete
+    assert ds.split_description == "seeded class shuffle (seed 0): 4/2/2 classes (train/val/test) from class folders"
+    again = load_image_folder(root, image_size=8)
+    assert _assignment(again) == split and again.fingerprint == ds.fingerprint
+    others = [load_image_folder(root, image_size=8, split_seed=s) for s in (1, 2, 3)]
+    assert any(_assignment(o) != split for o in others)
+    assert all(o.fingerprint != ds.fingerprint for o in others if _assignment(o) != split)
+    custom = load_image_folder(root, image_size=8, split_sizes=(5, 2, 1))
+    assert [len(custom.classes(s)) for s in SPLITS] == [5, 2, 1]
+    with pytest.raises(DataError, match="do not fit the 8 class folders"):
+        load_image_folder(root, split_sizes=(6, 2, 2))
+    # three classes are enough: one per split
+    small = root.parent / "three"
+    make_folder(small, classes=3, per_class=2)
+    assert [len(load_image_folder(small).classes(s)) for s in SPLITS] == [1, 1, 1]
+
+
+def test_loaded_pixels_are_the_resized_files(folder):
+    root, files = folder
+    ds = load_image_folder(root, image_size=8, resample="bicubic")
+    ids = np.array([0, 5, 31, 17])
+    got = ds.load(ids).to(torch.float64).numpy()
+    assert got.shape == (4, 1, 8, 8)
+    for j, i in enumerate(ids):
+        with Image.open(files[i]) as im:
+            want = np.asarray(im.convert("L").resize((8, 8), Image.BICUBIC), dtype=np.float64) / 255.0
+        np.testing.assert_allclose(got[j, 0], want, rtol=0, atol=1e-7)
+        assert int(ds.targets[i]) == int(i) // 4
+    # at the native size nothing is resampled: the file's own pixels (the whole image squeezed, no crop)
+    native = load_image_folder(root, image_size=W)
+    with Image.open(files[9]) as im:
+        want = np.asarray(im.resize((W, W), Image.BILINEAR), dtype=np.float64) / 255.0
+    np.testing.assert_allclose(native.load([9]).double().numpy()[0, 0], want, rtol=0, atol=1e-7)
+
+
+def test_colour_is_detected_from_the_headers(folder):
+    root, files = folder
+    assert load_image_folder(root, image_size=6).image_shape == (1, 6, 6)
+    forced = load_image_folder(root, image_size=6, color="rgb")
+    x = forced.load([3]).double()
+    assert x.shape == (1, 3, 6, 6) and bool((x[:, 0] == x[:, 1]).all() and (x[:, 1] == x[:, 2]).all())
+    # one colour image makes the whole dataset RGB
+    Image.fromarray(pattern(2, 0, rgb=True)).save(files[10])
+    ds = load_image_folder(root, image_size=6)
+    assert ds.image_shape == (3, 6, 6) and ds.fingerprint != forced.fingerprint
+    with Image.open(files[10]) as im:
+        want = np.asarray(im.resize((6, 6), Image.BILINEAR), dtype=np.float64).transpose(2, 0, 1) / 255.0
+    np.testing.assert_allclose(ds.load([10]).double().numpy()[0], want, rtol=0, atol=1e-7)
+    assert load_image_folder(root, image_size=6, color="grey").image_shape == (1, 6, 6)
+    with pytest.raises(DataError, match="unknown color 'sepia'.*auto.*grey or rgb"):
+        load_image_folder(root, color="sepia")
+
+
+def test_sixteen_bit_grey_is_scaled_not_clipped(tmp_path):
+    root = tmp_path / "deep"
+    make_folder(root, classes=3, per_class=1)
+    wide = (np.arange(W * H, dtype=np.uint16).reshape(H, W) * 550).astype(np.uint16)
+    Image.fromarray(wide).save(root / "class00" / "img0.png")  # a 16-bit PNG (mode I;16)
+    ds = load_image_folder(root, image_size=W)
+    assert ds.image_shape == (1, W, W)
+    with Image.open(root / "class00" / "img0.png") as im:
+        assert im.mode.startswith("I")
+    x = ds.load([0]).double().numpy()[0, 0]
+    assert 0.9 < x.max() <= 1.0 and len(np.unique(x)) > 50  # a range of greys, not a white image
+
+
+def test_split_folders_fix_the_split(tmp_path):
+    root = tmp_path / "split"
+    make_split_folders(root)
+    ds = load_image_folder(root, image_size=8)
+    assert ds.class_names == list("abcdefgh")
+    assert _assignment(ds) == {"train": list("abcd"), "val": list("ef"), "test": list("gh")}
+    assert ds.split_description == "fixed by the train/, val/, test/ folders: 4/2/2 classes (train/val/test)"
+    with pytest.raises(DataError, match="fixes its splits .*split_seed 2.*drop --split-seed") as e:
+        load_image_folder(root, split_seed=2)
+    assert str(root) in str(e.value)
+    with pytest.raises(DataError, match="fixes its splits"):
+        load_image_folder(root, split_sizes=(2, 1, 1))
+    # through the pipeline: the seed reaches the loader, which refuses it
+    with pytest.raises(DataError, match="drop --split-seed"):
+        load_data(DataSettings(dataset="image-folder", data_root=str(root), split_seed=1))
+    # a class in two split folders
+    make_folder(root / "test", names=["a"])
+    with pytest.raises(DataError, match="class 'a' has folders in both .*class-disjoint") as e:
+        load_image_folder(root)
+    assert str(root / "train" / "a") in str(e.value) and str(root / "test" / "a") in str(e.value)
+
+
+def test_incomplete_split_folders_are_refused(tmp_path):
+    root = tmp_path / "partial"
+    make_folder(root / "train", names=["a", "b", "c"])
+    make_folder(root / "test", names=["d"])
+    with pytest.raises(DataError, match=r"split folder\(s\) train/, test/ but no val/"):
+        load_image_folder(root)
+    (root / "val").mkdir()
+    with pytest.raises(DataError, match=f"split folder {root / 'val'} holds no class folders"):
+        load_image_folder(root)
+
+
+def test_other_files_are_ignored(folder):
+    root, _ = folder
+    before = load_image_folder(root, image_size=8)
+    (root / "README.md").write_text("my images")
+    (root / "class03" / "notes.txt").write_text("x")
+    (root / "class03" / ".DS_Store").write_bytes(b"\0\1")
+    (root / "class03" / ".hidden.png").write_bytes(b"not an image")
+    (root / ".git").mkdir()
+    Image.fromarray(pattern(1, 1)).save(root / "class04" / "UPPER.PNG")  # any case of extension
+    ds = load_image_folder(root, image_size=8)
+    assert ds.num_classes == 8 and ds.num_examples == 33 and ds.fingerprint != before.fingerprint
+
+
+def test_user_errors_name_the_file_or_folder(tmp_path, folder):
+    root, files = folder
+    with pytest.raises(DataError, match=f"image folder {tmp_path / 'nope'} does not exist"):
+        load_image_folder(tmp_path / "nope")
+    two = tmp_path / "two"
+    make_folder(two, classes=2)
+    with pytest.raises(DataError, match=f"image folder {two} holds 2 class folders; .* at least 3 class folders"):
+        load_image_folder(two)
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    Image.fromarray(pattern(0, 0)).save(loose / "a.png")
+    with pytest.raises(DataError, match="0 class folders and 1 loose images"):
+        load_image_folder(loose)
+    (root / "class99").mkdir()
+    with pytest.raises(DataError, match=f"class folder {root / 'class99'} holds no images .*add images or remove the folder"):
+        load_image_folder(root)
+    (root / "class99" / "deeper").mkdir()
+    with pytest.raises(DataError, match=f"class folder {root / 'class99'} holds no images, only subfolders \\(deeper/\\)"):
+        load_image_folder(root)
+    (root / "class99" / "deeper").rmdir()
+    (root / "class99").rmdir()
+    for bad in (3, True, 8.0):
+        with pytest.raises(DataError, match="image_size=.* is invalid"):
+            load_image_folder(root, image_size=bad)
+    with pytest.raises(DataError, match="unknown resample filter 'box'"):
+        load_image_folder(root, resample="box")
+    # a file that is no image: named when the headers are read (colour detection) ...
+    files[6].write_bytes(b"this is not a png")
+    with pytest.raises(DataError, match=f"image {files[6]} cannot be read as an image .*replace or remove it"):
+        load_image_folder(root)
+    # ... or when its pixels are loaded
+    ds = load_image_folder(root, image_size=8, color="grey")
+    ds.load([5, 7])
+    with pytest.raises(DataError, match=f"image {files[6]} cannot be decoded .*replace or remove it"):
+        ds.load([5, 6])
+    # a truncated file has a valid header: found at load time
+    data = files[2].read_bytes()
+    files[6].write_bytes(data[: len(data) // 2])
+    ds = load_image_folder(root, image_size=8)
+    with pytest.raises(DataError, match=f"image {files[6]} cannot be decoded"):
+        ds.load([6])
+    files[6].unlink()
+    with pytest.raises(DataError, match=f"image {files[6]} has gone since its folder was read"):
+        ds.load([6])
+
+
+def test_fingerprint_follows_the_folder(folder):
+    root, _ = folder
+    ds = load_image_folder(root, image_size=8)
+    assert load_image_folder(root, image_size=8).fingerprint == ds.fingerprint
+    assert load_image_folder(root, image_size=10).fingerprint != ds.fingerprint
+    assert load_image_folder(root, image_size=8, resample="lanczos").fingerprint != ds.fingerprint
+    Image.fromarray(pattern(0, 9)).save(root / "class00" / "extra.png")
+    grown = load_image_folder(root, image_size=8)
+    assert grown.num_examples == 33 and grown.fingerprint != ds.fingerprint
+    (root / "class00" / "extra.png").unlink()
+    assert load_image_folder(root, image_size=8).fingerprint == ds.fingerprint
+
+
+def test_registry_aliases_and_settings(folder, monkeypatch):
+    root, _ = folder
+    assert "image-folder" in DATASETS
+    assert {"image_size", "split_seed", "split_sizes", "color", "resample"} == set(dataset_options("image-folder"))
+    want = load_image_folder(root, image_size=8, split_seed=3).fingerprint
+    for alias in ("image-folder", "folder", "imagefolder", "image_folder", "Image_Folder"):
+        assert load_dataset(alias, root=root, image_size=8, split_seed=3).fingerprint == want
+    # --image-size and --split-seed reach the loader unchanged
+    ds = load_data(DataSettings(dataset="image-folder", data_root=str(root), image_size=8, split_seed=3))
+    assert ds.fingerprint == want and ds.image_shape == (1, 8, 8)
+    assert load_data(DataSettings(dataset="image-folder", data_root=str(root))).image_shape == (1, 84, 84)
+    # the memory check counts RGB values of --image-size (at most 3 channels)
+    monkeypatch.setattr(settings_module, "_memory_bytes", lambda: 2**20)
+    with pytest.raises(SettingsError, match="of 768 values"):
+        DataSettings(dataset="image-folder", image_size=16, train_tasks=1000).check_pool_sizes()
+    with pytest.raises(SettingsError, match=f"of {3 * 84 * 84} values"):
+        DataSettings(dataset="image-folder", train_tasks=1000).check_pool_sizes()
+
+
+def test_train_then_evaluate_an_image_folder_from_the_command_line(tmp_path, capsys):
+    data = tmp_path / "pets"
+    make_folder(data, classes=15, per_class=4, rgb=True)  # seeded 9/3/3 classes
+    out = tmp_path / "run"
+    args = ["train", "--dataset", "image-folder", "--data-root", str(data), "--image-size", "16", "--out", str(out),
+            "--n-way", "3", "--k-shot", "1", "--q-query", "2", "--train-tasks", "6", "--val-tasks", "3", "--test-tasks", "3",
+            "--model-kind", "conv4", "--model-width", "4", "--steps", "3", "--meta-batch", "2", "--threads", "1", "--no-progress"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "'image-folder', 15 classes, 60 examples, image (3, 16, 16)" in printed
+    assert "train=9, val=3, test=3 classes" in printed and "test: accuracy" in printed
+    result = tmp_path / "eval.json"
+    assert main(["evaluate", "--checkpoint", str(out / "trained"), "--json", str(result), "--threads", "1", "--no-progress"]) == 0
+    assert len(json.loads(result.read_text())["per_task_accuracy"]) == 3
+    # a too-small folder is one line of command-line advice
+    two = tmp_path / "two"
+    make_folder(two, classes=2)
+    assert main([*args[:4], str(two), *args[5:7], "--out", str(tmp_path / "o2"), *args[9:]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and f"image folder {two} holds 2 class folders" in err[0]
+
+
+def test_a_data_root_of_other_datasets_is_not_read_as_classes(tmp_path):
+    from metainfluence.data import load_image_folder
+
+    for name in ("mnist", "omniglot", "orl-faces"):
+        (tmp_path / name / "raw").mkdir(parents=True)
+        (tmp_path / name / "files.gz").write_bytes(b"x")
+    with pytest.raises(DataError, match=r"data folder holding other datasets \(mnist/, omniglot/, orl-faces/\)"):
+        load_image_folder(tmp_path)
+
+
+def test_an_alias_sizes_the_pool_check_like_its_dataset():
+    from metainfluence.pipeline.settings import DataSettings
+
+    # 3 × 84 × 84 values per example under either name: the same pool is refused by both
+    for name in ("image-folder", "folder"):
+        with pytest.raises(SettingsError, match="GiB of inputs"):
+            DataSettings(dataset=name, train_tasks=10**6).check_pool_sizes()
