@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import random_tasks, small_problem
-from metainfluence.errors import SettingsError
+from metainfluence.errors import PoolError, SettingsError
 from metainfluence.influence.editing import Removal, edit_model, removed_gradient
 from metainfluence.meta.models import MLP
 from metainfluence.meta.objective import InnerSettings, MetaProblem
@@ -178,3 +178,12 @@ def test_regression_targets_without_their_output_axis_are_refused():
     with pytest.raises(SettingsError, match=r"support_y.*unsqueeze\(-1\)"):
         problem.meta_gradient(lam, flat)
     problem.meta_gradient(lam, t)  # shaped like the outputs: accepted
+
+
+def test_task_tensors_take_numpy_arrays_and_refuse_missing_task_axis():
+    problem, lam = small_problem()
+    t = random_tasks(n=4)
+    from_numpy = TaskTensors(t.support_x.numpy(), t.support_y.numpy(), t.query_x.numpy(), t.query_y.tolist())
+    torch.testing.assert_close(problem.meta_gradient(lam, from_numpy), problem.meta_gradient(lam, t))
+    with pytest.raises(PoolError, match=r"support_y has shape \(6,\).*x\[None\]"):
+        TaskTensors(t.support_x[0], t.support_y[0], t.query_x[0], t.query_y[0])

@@ -134,7 +134,19 @@ def test_influence_check_reoptimises_groups_and_records_the_fidelity(demo_run, c
         reduced, _ = refine(ctx.problem, lam, train, settings, w=w)
     actual = validation_loss(ctx.problem, reduced, val) - validation_loss(ctx.problem, full, val)
     assert fc["actual"][0] == pytest.approx(actual, rel=1e-6, abs=1e-12)
+    assert len(fc["groups"]) == fc["removals_done"] == 3 and not any("too few for a Spearman" in w for w in
+                                                                      json.loads((demo_run / "chk.json").read_text())["diagnostics"].get("warnings", []))
 
+
+def test_influence_check_with_too_few_groups_says_so(demo_run, capsys):
+    assert main(["influence", "--checkpoint", str(demo_run / "refined"), "--hessian", "gauss-newton", "--name", "chk2",
+                 "--check", "2", "--check-fraction", "0.2", "--threads", "1"]) == 0
+    assert "re-optimised 2 of 2 groups, too few for a Spearman (it needs 3); ask for --check 3 or more" in capsys.readouterr().err
+    warned = json.loads((demo_run / "chk2.json").read_text())["diagnostics"]["warnings"]
+    assert any("too few for a Spearman" in w for w in warned) and not any("track re-optimisation weakly" in w for w in warned)
+    # --check at another level is refused before any scoring
+    assert main(["influence", "--checkpoint", str(demo_run / "refined"), "--level", "support", "--check", "3", "--name", "chk3"]) == 2
+    assert "use it with --level task" in capsys.readouterr().err and not (demo_run / "chk3.json").exists()
 
 
 def test_influence_pairwise_writes_the_train_by_val_matrix(demo_run, capsys):

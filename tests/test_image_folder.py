@@ -242,7 +242,7 @@ def test_fingerprint_follows_the_folder(folder):
 def test_registry_aliases_and_settings(folder, monkeypatch):
     root, _ = folder
     assert "image-folder" in DATASETS
-    assert {"image_size", "split_seed", "split_sizes", "color", "resample"} == set(dataset_options("image-folder"))
+    assert {"image_size", "split_seed", "split_sizes", "color", "resample", "split_by"} == set(dataset_options("image-folder"))
     want = load_image_folder(root, image_size=8, split_seed=3).fingerprint
     for alias in ("image-folder", "folder", "imagefolder", "image_folder", "Image_Folder"):
         assert load_dataset(alias, root=root, image_size=8, split_seed=3).fingerprint == want
@@ -297,3 +297,39 @@ def test_an_alias_sizes_the_pool_check_like_its_dataset():
     for name in ("image-folder", "folder"):
         with pytest.raises(SettingsError, match="GiB of inputs"):
             DataSettings(dataset=name, train_tasks=10**6).check_pool_sizes()
+
+
+def test_split_by_example_puts_every_class_in_every_split(folder, tmp_path):
+    root, files = folder  # 8 classes × 4 images
+    ds = load_image_folder(root, image_size=8, split_by="example", split_sizes=(0.5, 0.25, 0.25))
+    assert ds.split_kind == "example"
+    seen = {s: set() for s in SPLITS}
+    for s in SPLITS:
+        assert len(ds.classes(s)) == 8  # every class in every split
+        for c in ds.classes(s):
+            ids = ds.examples_of(c, s).tolist()
+            assert len(ids) == {"train": 2, "val": 1, "test": 1}[s]
+            seen[s] |= set(ids)
+    assert not (seen["train"] & seen["val"]) and not (seen["train"] & seen["test"]) and not (seen["val"] & seen["test"])
+    assert ds.fingerprint != load_image_folder(root, image_size=8).fingerprint
+    again = load_image_folder(root, image_size=8, split_by="example", split_sizes=(0.5, 0.25, 0.25), split_seed=1)
+    assert any(again.examples_of(c, "val").tolist() != ds.examples_of(c, "val").tolist() for c in range(8))
+    make_split_folders(tmp_path / "fixed")
+    with pytest.raises(DataError, match="split_by example does not apply"):
+        load_image_folder(tmp_path / "fixed", split_by="example")
+    with pytest.raises(DataError, match="unknown split_by"):
+        load_image_folder(root, split_by="classes")
+
+
+def test_too_few_classes_for_n_way_points_at_split_by_example(tmp_path, capsys):
+    root = tmp_path / "few-classes"
+    make_folder(root, classes=8, per_class=10)  # 4/2/2 classes by class, so 3-way validation tasks cannot be drawn
+    base = ["train", "--dataset", "image-folder", "--data-root", str(root), "--image-size", "16", "--n-way", "3", "--k-shot", "1",
+            "--q-query", "1", "--train-tasks", "4", "--val-tasks", "2", "--test-tasks", "2", "--model-kind", "conv4", "--model-width", "4",
+            "--steps", "2", "--meta-batch", "2", "--threads", "1", "--no-progress"]
+    assert main([*base, "--out", str(tmp_path / "a")]) == 2
+    assert "--split-by example" in capsys.readouterr().err
+    assert main([*base, "--split-by", "example", "--out", str(tmp_path / "b")]) == 0
+    assert "test: accuracy" in capsys.readouterr().out
+    assert main(["train", "--dataset", "digits", "--split-by", "example", "--out", str(tmp_path / "c"), "--steps", "1"]) == 2
+    assert "applies to image-folder only" in capsys.readouterr().err

@@ -6,7 +6,10 @@ itself, not a data root holding several datasets):
 - **class folders** — ``root/<class name>/<image files>``: one folder per class (at least 3). The
   classes (sorted by folder name) get a seeded class-disjoint split of about 60/20/20 %
   train/val/test, every split at least one class; ``split_seed`` draws another split and
-  ``split_sizes`` gives the three class counts explicitly.
+  ``split_sizes`` gives the three class counts explicitly. With ``split_by='example'`` every class is
+  in every split instead and each class's images are shared out 60/20/20 (``split_sizes``: the three
+  shares) — for folders with too few classes for class-disjoint N-way splits, as MNIST here; the test
+  tasks then hold classes seen in training, which is not the few-shot protocol.
 - **split folders** — ``root/train/<class>/…``, ``root/val/<class>/…``, ``root/test/<class>/…`` (all
   three present): the folders fix the split, so a seed or sizes are refused. A class name may
   appear in one split folder only (the splits are class-disjoint).
@@ -30,11 +33,12 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
-from .base import SPLITS, ClassDataset, digest, seeded_class_split
+from .base import SPLITS, ClassDataset, digest, seeded_class_split, seeded_example_split
 from .mini_imagenet import RESAMPLE
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pgm", ".ppm", ".pbm", ".tif", ".tiff", ".webp")
 COLORS: tuple[str, ...] = ("auto", "grey", "rgb")
+SPLIT_BY: tuple[str, ...] = ("class", "example")
 # PIL modes of single-channel images (with or without alpha); anything else counts as colour
 GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 SPLIT_SALT = 0x1F07  # this dataset's own split stream (see base.seeded_class_split)
@@ -143,18 +147,24 @@ def load_image_folder(
     split_sizes: tuple[int, int, int] | None = None,
     color: str = "auto",
     resample: str = "bilinear",
+    split_by: str = "class",
 ) -> ClassDataset:
     """The images under ``root`` as a class-disjoint :class:`ClassDataset` named ``'image-folder'`` of
     shape (C, image_size, image_size), C = 1 (grey) or 3 (RGB); see the module docstring for the two
     layouts. Class ids follow the sorted class folders (split folders: train's classes, then val's,
     then test's), example ids the sorted files of each class."""
     color = _check_options(image_size, color, resample)
+    if split_by not in SPLIT_BY:
+        raise DataError(f"unknown split_by {split_by!r}; use class (class-disjoint splits) or example (every class in every split)")
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist; {_REMEDY}")
     class_dirs: list[Path] = []
     class_split: list[int] = []
     if _split_layout(root):
+        if split_by == "example":
+            raise DataError(f"the folder {root} splits its classes by train/, val/, test/, so split_by example does not apply; "
+                            f"drop --split-by, or put the class folders directly in {root}")
         if split_seed != 0 or split_sizes is not None:
             what = f"split_seed {split_seed}" if split_seed != 0 else f"split_sizes {tuple(split_sizes)}"
             raise DataError(
@@ -185,14 +195,15 @@ def load_image_folder(
             raise DataError(
                 f"image folder {root} holds {found}; a train/val/test split of classes needs at least 3 class folders "
                 f"(one folder of images per class, e.g. {root / 'cat'}/1.png), or train/, val/, test/ folders holding them")
-        n = len(class_dirs)
-        sizes = _default_sizes(n) if split_sizes is None else split_sizes
-        assign = seeded_class_split(n, sizes, split_seed, salt=SPLIT_SALT, what="class folders")
-        counts = "/".join(str(int((assign == i).sum())) for i in range(3))
-        unused = int((assign < 0).sum())
-        description = f"seeded class shuffle (seed {split_seed}): {counts} classes (train/val/test) from class folders" + (
-            f", {unused} in no split" if unused else "")
         layout = "class-folders"
+        if split_by == "class":
+            n = len(class_dirs)
+            sizes = _default_sizes(n) if split_sizes is None else split_sizes
+            assign = seeded_class_split(n, sizes, split_seed, salt=SPLIT_SALT, what="class folders")
+            counts = "/".join(str(int((assign == i).sum())) for i in range(3))
+            unused = int((assign < 0).sum())
+            description = f"seeded class shuffle (seed {split_seed}): {counts} classes (train/val/test) from class folders" + (
+                f", {unused} in no split" if unused else "")
 
     _refuse_data_root(root, class_dirs)
     files: list[Path] = []
@@ -201,6 +212,16 @@ def load_image_folder(
         images = _class_images(d)
         files += images
         targets += [c] * len(images)
+    split_kind = "class"
+    if split_by == "example":
+        # every class in every split, disjoint images (as MNIST here): for folders with too few classes for
+        # class-disjoint N-way splits; the test tasks then hold classes seen in training
+        fractions = (0.6, 0.2, 0.2) if split_sizes is None else tuple(float(v) for v in split_sizes)  # shares here, not counts
+        assign = seeded_example_split(np.asarray(targets), fractions, split_seed)
+        split_kind = "example"
+        description = (f"seeded example split (seed {split_seed}) within each of the {len(class_dirs)} class folders: "
+                       + "/".join(f"{f:g}" for f in fractions) + " of each class's images (train/val/test), every class in every split")
+        layout += "/example-split"
     grey = _is_grey(files) if color == "auto" else color == "grey"
     mode, channels = ("L", 1) if grey else ("RGB", 3)
     filt = RESAMPLE[resample]
@@ -226,7 +247,7 @@ def load_image_folder(
         name="image-folder",
         image_shape=(channels, image_size, image_size),
         targets=np.asarray(targets, dtype=np.int64),
-        split_kind="class",
+        split_kind=split_kind,
         assignment=assign,
         loader=loader,
         identity={"files": digest(listing, 32), "layout": layout, "image_size": image_size, "color": color, "resample": resample},

@@ -52,7 +52,7 @@ def fidelity_check(problem: MetaProblem, lam: torch.Tensor, train: TaskTensors, 
     gen = torch.Generator().manual_seed(settings.seed)
     lam = lam.detach().double()
     train, val = train.to(dtype=torch.float64), val.to(dtype=torch.float64)
-    predicted, actual, grad_norms, groups = [], [], [], []
+    predicted, actual, grad_norms, groups, unconverged = [], [], [], [], 0
     f_control = math.nan
     # one bar over the control and the groups: the control's re-optimisation alone can take minutes, and
     # without --progress the bar's status line (once a minute) is what says the check is running
@@ -65,6 +65,7 @@ def fidelity_check(problem: MetaProblem, lam: torch.Tensor, train: TaskTensors, 
             warnings.simplefilter("ignore", RefineWarning)
             lam_m, rep = refine(problem, lam, train, refine_settings, w=w if k else None, proximal=proximal)
         grad_norms.append(rep.grad_norm_after)
+        unconverged += not rep.converged
         if not k:  # the control: the full pool re-optimised, which cancels the optimiser's own drift
             f_control = validation_loss(problem, lam_m, val)
             continue
@@ -81,7 +82,8 @@ def fidelity_check(problem: MetaProblem, lam: torch.Tensor, train: TaskTensors, 
         "relative_error": rel,
         "sign_agreement": float((torch.sign(p) == torch.sign(a)).double().mean()) if len(a) else math.nan,
         "predicted": predicted, "actual": actual, "groups": groups, "max_reoptimised_grad_norm": max(grad_norms, default=0.0),
-        "refine_tol": refine_settings.tol,
+        "refine_tol": refine_settings.tol, "refine_tol_ratio": refine_settings.tol_ratio,
+        "unconverged_reoptimisations": unconverged,
         "seconds": time.perf_counter() - t0,
         "meaning": "predicted = Σ of the removed tasks' scores; actual = f after re-optimising without them from λ* − f after re-optimising the full pool from λ*",
     }

@@ -116,7 +116,7 @@ class Conv4(nn.Module):
         c, s = in_channels, image_size
         for _ in range(4):
             if pool == "max" and s < 2:  # a stride-2 conv maps any side ≥ 1 to ⌈s/2⌉ ≥ 1
-                raise SettingsError(f"images of {image_size}px are too small for Conv4 (four 2× poolings); use the mlp model")
+                raise SettingsError(f"images of {image_size}px are too small for Conv4 with max-pooling (four 2× poolings need at least 16px); use --image-size 16 or more where the dataset resizes, --model-pool stride, or the mlp model")
             if pool == "max":
                 blocks += [nn.Conv2d(c, width, 3, padding=1), _norm(norm, width, groups), _activation(activation), nn.MaxPool2d(2)]
                 s = s // 2

@@ -66,6 +66,10 @@ def load_data(data: DataSettings):
         raise SettingsError(
             f"dataset {data.dataset!r} has fixed train/val/test splits (they come from {source}), so split_seed "
             f"{data.split_seed} would have no effect; drop --split-seed (or split_seed in the config)")
+    if data.split_by:
+        if "split_by" not in takes:
+            raise SettingsError(f"dataset {data.dataset!r} has its own kind of split; --split-by applies to image-folder only — drop it (or split_by in the config)")
+        options["split_by"] = data.split_by
     if data.image_size:
         if "image_size" not in takes:
             raise SettingsError(f"dataset {data.dataset!r} keeps its native image size and cannot be resized; drop --image-size (or image_size in the config)")

@@ -46,6 +46,7 @@ class DataSettings:
     standardize: bool = field(default=True, metadata={"help": "standardise image inputs with the training pool's statistics (per-pixel mean, overall sd); a well-conditioned F lets refine reach its tolerance"})
     pool_seed: int = field(default=0, metadata={"help": "seed of the task pools (same seed = same tasks)"})
     split_seed: int = field(default=0, metadata={"help": "seed of the dataset's train/val/test split"})
+    split_by: str = field(default="", metadata={"help": "image-folder only: class (class-disjoint splits, the few-shot protocol; the default) | example (every class in every split, disjoint images: for folders with too few classes, as MNIST)"})
     corrupt_tasks: float = field(default=0.0, metadata={"help": "fraction ρ_task of TRAINING tasks given wrong labels (mislabeled-task experiments; the truth is recorded in the pool)"})
     corrupt_labels: float = field(default=0.8, metadata={"help": "fraction ρ_label of a corrupted task's labels changed to another class of the task"})
     corrupt_where: str = field(default="both", metadata={"help": "which labels of a corrupted task: support | query | both"})
@@ -86,6 +87,8 @@ class DataSettings:
             raise SettingsError(f"image_size must be ≥ 0, got {self.image_size}")
         if not (0 <= self.corrupt_tasks <= 1 and 0 <= self.corrupt_labels <= 1):
             raise SettingsError("corrupt_tasks and corrupt_labels are fractions: give values in [0, 1]")
+        if self.split_by not in ("", "class", "example"):
+            raise SettingsError(f"split_by must be class or example (or empty for the dataset's own), got {self.split_by!r}")
         if self.corrupt_where not in ("support", "query", "both"):
             raise SettingsError(f"corrupt_where must be support, query or both, got {self.corrupt_where!r}")
 

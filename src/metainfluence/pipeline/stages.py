@@ -219,10 +219,18 @@ def influence_checkpoint(checkpoint: str | os.PathLike, settings: Any, level: st
             f"re-optimised from λ* in float64 (refine: {ctx.settings.refine.method}, at most {check.max_minutes:g} min, --check-minutes)")
         fid = fidelity_check(ctx.problem, lam, ctx.tensors["train"], ctx.tensors["val"], result.scores, check, ctx.settings.refine, proximal=prox)
         result.diagnostics["fidelity_check"] = fid
-        if fid["max_reoptimised_grad_norm"] > fid["refine_tol"]:
-            shortfall(result.diagnostics, f"the fidelity check's re-optimisations stopped at ‖∇F‖ up to {fid['max_reoptimised_grad_norm']:.2g} "
-                                          f"(tol {fid['refine_tol']:g}), so its actual changes carry that error; raise --refine-max-iter or use --refine-method newton")
-        if not (fid["spearman"] >= 0.5):
+        if fid["unconverged_reoptimisations"]:
+            target = " or ".join(t for t in (f"‖∇F‖ ≤ {fid['refine_tol']:g}" if fid["refine_tol"] > 0 else "",
+                                             f"ratio ≤ {fid['refine_tol_ratio']:g}" if fid["refine_tol_ratio"] > 0 else "") if t)
+            shortfall(result.diagnostics, f"{fid['unconverged_reoptimisations']} of the fidelity check's re-optimisations stopped short of the "
+                                          f"refine target ({target or 'none set'}; ‖∇F‖ up to {fid['max_reoptimised_grad_norm']:.2g}), so its actual "
+                                          "changes carry that error; raise --refine-max-iter or use --refine-method newton")
+        if fid["removals_done"] < 3:
+            remedy = ("ask for --check 3 or more" if fid["removals_done"] == check.removals else
+                      f"its {check.max_minutes:g} minutes ran out ({fid['seconds']:.0f} s): raise --check-minutes, or remove fewer tasks a group (--check-fraction)")
+            shortfall(result.diagnostics, f"the fidelity check re-optimised {fid['removals_done']} of {check.removals} groups, too few for a "
+                                          f"Spearman (it needs 3); {remedy}")
+        elif not (fid["spearman"] >= 0.5):
             shortfall(result.diagnostics, f"the fidelity check found the scores track re-optimisation weakly (Spearman {fid['spearman']:.2f} over "
                                           f"{fid['removals_done']} removals of {fid['group_size']} tasks); try --removal newton, a larger --damping, "
                                           "or refine further before trusting the ranking")

@@ -46,7 +46,8 @@ def build_pool(
     seed = int(seed)
     classes = np.asarray(dataset.classes(split), dtype=np.int64)
     if n_way > len(classes):
-        raise PoolError(f"n_way={n_way} is larger than the {len(classes)} classes in the {split!r} split of {dataset.name}; lower n_way")
+        more = ("; with class folders of your own, --split-by example puts every class in every split" if dataset.name == "image-folder" and dataset.split_kind == "class" else "")
+        raise PoolError(f"n_way={n_way} is larger than the {len(classes)} classes in the {split!r} split of {dataset.name}; lower n_way{more}")
     per_class = [dataset.examples_of(int(c), split).numpy() for c in classes]
     smallest = min(len(e) for e in per_class)
     if k_shot + q_query > smallest:

@@ -25,6 +25,17 @@ class TaskTensors:
     query_y: torch.Tensor
 
     def __post_init__(self) -> None:
+        for name in ("support_x", "support_y", "query_x", "query_y"):
+            t = getattr(self, name)
+            if not isinstance(t, torch.Tensor):  # numpy arrays and nested lists, as a user's data often comes
+                try:
+                    setattr(self, name, torch.as_tensor(t))
+                except (TypeError, ValueError, RuntimeError) as exc:
+                    raise PoolError(f"{name} is a {type(t).__name__} that is not a tensor or an array of numbers ({exc}); pass torch tensors") from None
+        for name in ("support_x", "support_y", "query_x", "query_y"):
+            if getattr(self, name).dim() < 2:
+                raise PoolError(f"{name} has shape {tuple(getattr(self, name).shape)}; every tensor is (tasks × examples × ...), "
+                                "so a single task needs a leading axis of 1 (x[None])")
         n = self.support_x.shape[0]
         if n == 0:
             raise PoolError("the task pool is empty; build a pool with at least one task")
