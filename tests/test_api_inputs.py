@@ -187,3 +187,33 @@ def test_task_tensors_take_numpy_arrays_and_refuse_missing_task_axis():
     torch.testing.assert_close(problem.meta_gradient(lam, from_numpy), problem.meta_gradient(lam, t))
     with pytest.raises(PoolError, match=r"support_y has shape \(6,\).*x\[None\]"):
         TaskTensors(t.support_x[0], t.support_y[0], t.query_x[0], t.query_y[0])
+
+
+def test_cross_entropy_over_a_single_output_is_refused():
+    problem, lam = small_problem(n_classes=1)
+    t = random_tasks(n=4, regression=True)  # float (n, m, 1) targets would pass as "soft labels" and every score be 0
+    with pytest.raises(SettingsError, match="single output per example.*loss='mse'"):
+        problem.meta_gradient(lam, t)
+
+
+# --------------------------------------------------------------------------- 7. automatic chunks bound memory
+def test_automatic_chunks_follow_the_memory_budget_and_change_no_result(monkeypatch):
+    import metainfluence.meta.objective as objective
+    from metainfluence.meta.inputs import check_task_tensors, task_bytes
+
+    problem, lam = small_problem()
+    tasks = random_tasks(n=7)
+    per_task = task_bytes(problem, lam, tasks, check_task_tensors(problem, lam, tasks))
+    assert per_task > 16 * problem.dim * 8  # the bound counts λ's copies and the activations
+    whole = (problem.meta_gradient(lam, tasks), problem.total_gradients(lam, tasks), problem.task_losses(lam, tasks))
+    assert list(problem.chunks(7, lam, tasks)) == [slice(0, 7)]  # a small pool fits at once
+    monkeypatch.setattr(objective, "chunk_budget_bytes", lambda device: 3 * per_task)
+    assert problem.auto_chunk(lam, tasks) == 3
+    assert list(problem.chunks(7, lam, tasks)) == [slice(0, 3), slice(3, 6), slice(6, 7)]
+    chunked = (problem.meta_gradient(lam, tasks), problem.total_gradients(lam, tasks), problem.task_losses(lam, tasks))
+    for a, b in zip(whole, chunked):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    monkeypatch.setattr(objective, "chunk_budget_bytes", lambda device: 1)
+    assert problem.auto_chunk(lam, tasks) == 1  # never below one task
+    problem.chunk_size = 5
+    assert list(problem.chunks(7, lam, tasks)) == [slice(0, 5), slice(5, 7)]  # an explicit chunk size wins

@@ -137,6 +137,17 @@ def test_train_refine_evaluate_commands(tmp_path, capsys):
     assert ref.lam.dtype == torch.float64 and ref.info["refine_report"]["iterations"] == 3
     assert ref.info["refine_report"]["objective_after"] < ref.info["refine_report"]["objective_before"]
 
+    # with only the ratio target set, the warning states that target (not "‖∇F‖ ≤ 0"), and the summary gives ‖∇F‖/ḡ₀ — the
+    # ratio the iterations print, over the starting mean‖g_i‖ — next to the ratio over the mean measured again at the end
+    capsys.readouterr()
+    assert main(["refine", "--checkpoint", str(out / "trained"), "--name", "ratio_only", "--refine-max-iter", "3", "--refine-tol", "0",
+                 "--refine-tol-ratio", "1e-12", "--no-progress"]) == 0
+    printed, err = capsys.readouterr()
+    assert "warning: refine did not reach ‖∇F‖/ḡ₀ ≤ 1e-12 (ḡ₀ the starting mean‖g_i‖; ‖∇F‖ ≤ " in err and "‖∇F‖ ≤ 0" not in err
+    rep = load_checkpoint(out / "ratio_only").info["refine_report"]
+    assert rep["ratio_after_start"] == pytest.approx(rep["grad_norm_after"] / rep["task_grad_norm_before"], rel=1e-12)
+    assert f"→ {rep['ratio_after']:.3g} (‖∇F‖/ḡ₀ {rep['ratio_after_start']:.3g} against the starting mean‖g_i‖" in printed
+
     capsys.readouterr()
     assert main(["evaluate", "--checkpoint", str(out / "refined.safetensors"), "--json", str(tmp_path / "e.json"), "--no-progress"]) == 0
     res = json.loads((tmp_path / "e.json").read_text())

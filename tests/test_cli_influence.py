@@ -36,6 +36,13 @@ def test_demo_finds_the_mislabeled_tasks_and_the_edit_helps(demo_run):
     diag = json.loads((demo_run / "task_influence.json").read_text())["diagnostics"]
     assert diag["measurement_reliability"]["reliability"] == m["reliability"]
     assert any("split-half reliability" in w for w in diag.get("warnings", [])) == (m["reliability"] < 0.9)
+    # beside the scores, every task by its digit classes, with the pool's corruption record: the demo's recall read from it
+    import csv
+    with open(demo_run / "task_influence.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 60 and all(set(r["classes"].split(";")) <= set("0123456789") for r in rows)
+    assert sum(r["corrupted"] == "yes" for r in rows) == 12
+    assert sum(r["corrupted"] == "yes" for r in rows[:inf["removed_tasks"]]) == inf["removed_corrupted"]
 
 
 def test_influence_command_writes_documented_scores(demo_run, capsys):
@@ -108,6 +115,10 @@ def test_report_renders_a_run_folder(demo_run, capsys):
     assert "| ed | 12 tasks |" in md  # the edit's removal in words (the edit test above wrote it)
     assert "## Scores: task_influence" in md and "Hessian exact" in md or "Hessian gauss-newton" in md
     assert (demo_run / "report.html").is_file()
+    # the scores' items by name, and how many of the pool's corrupted tasks rank among as many most harmful ones
+    summary = json.loads((demo_run / "summary.json").read_text())["influence"]
+    assert "most harmful first: `task_influence.csv`" in md
+    assert f"records 12 of the 60 items as corrupted; {round(summary['recall_at_corrupted_fraction'] * 12)} of them" in md
 
 
 def test_influence_check_reoptimises_groups_and_records_the_fidelity(demo_run, capsys):
@@ -244,6 +255,38 @@ def test_edit_of_a_scores_file_inverts_the_hessian_those_scores_used(demo_run, c
     assert (ran["hessian"], ran["solver"], ran["damping"]) == ("gauss-newton", "cg", 0.02)
 
 
+def test_an_edit_takes_not_the_scores_time_budget_and_says_when_its_solve_stops_short(demo_run, capsys):
+    """A new user's edit inherited the scores' --max-minutes and stopped unconverged without a word: the budget is not
+    inherited (the rest of the solve settings are), and an edit whose solve stops short warns on stderr and in its file."""
+    from metainfluence.influence.results import InfluenceSettings
+    from metainfluence.pipeline.stages import scores_settings
+
+    base = ["--checkpoint", str(demo_run / "refined"), "--threads", "1"]
+    assert main(["influence", *base, "--hessian", "gauss-newton", "--tol", "1e-9", "--max-iter", "400", "--max-minutes", "1e-9",
+                 "--name", "budget_scores"]) == 0
+    recorded = InfluenceResult.load(demo_run / "budget_scores").settings["influence"]["solve"]
+    assert recorded["max_minutes"] == 1e-9
+    inherited = scores_settings(demo_run / "budget_scores", InfluenceSettings())
+    assert (inherited.hessian, inherited.solve.tol, inherited.solve.max_iter, inherited.solve.max_minutes) == ("gauss-newton", 1e-9, 400, 0.0)
+    capsys.readouterr()
+    edit = ["edit", *base, "--scores", str(demo_run / "budget_scores"), "--top-k", "3"]
+    assert main([*edit, "--name", "ed_budget"]) == 0
+    out, err = capsys.readouterr()
+    metrics = json.loads((demo_run / "ed_budget.json").read_text())["metrics"]
+    assert metrics["edit_settings"]["influence"]["solve"]["max_minutes"] == 0.0 and metrics["edit"]["solver_converged"]
+    assert "edit's" not in err and "stopped short" not in out and "at most" not in out
+    # a budget given on the command line is the edit's: it runs out, and the edit says so (stderr, stdout, the file)
+    assert main([*edit, "--max-minutes", "1e-9", "--name", "ed_cut"]) == 0
+    out, err = capsys.readouterr()
+    edit_diag = json.loads((demo_run / "ed_cut.json").read_text())["metrics"]["edit"]
+    assert not edit_diag["solver_converged"] and edit_diag["solver_stopped_by"] == "time"
+    said = [w for w in edit_diag["warnings"] if w.startswith("the edit's cg solve stopped before its tolerance")]
+    assert len(said) == 1 and "--max-minutes" in said[0] and "--hessian fisher --solver woodbury" in said[0]
+    assert f"relative residual {edit_diag['solver_residual']:.2g} (tol 1e-09)" in said[0]
+    assert "warning: the edit's cg solve stopped before its tolerance" in err
+    assert "at most 1e-09 min" in out and "stopped short of its tolerance (see the warning)" in out
+
+
 def test_influence_says_before_its_solve_how_stationary_the_checkpoint_is(demo_run, tmp_path):
     from metainfluence.influence.results import InfluenceSettings
     from metainfluence.pipeline import influence_checkpoint
@@ -262,8 +305,17 @@ def test_influence_says_before_its_solve_how_stationary_the_checkpoint_is(demo_r
         influence_checkpoint(demo_run / "refined", InfluenceSettings(hessian="fisher", solver="woodbury", stationarity_warn=1e-12),
                              out=tmp_path, name="s", log=lines.append)
     notice = [line for line in lines if "refine stopped at" in line]
-    assert len(notice) == 1 and notice[0].startswith("warning:") and "--hessian fisher --solver woodbury" in notice[0]
+    assert len(notice) == 1 and notice[0].startswith("warning:") and "refine further" in notice[0]
     assert lines.index(notice[0]) == 1  # right after the pool line, before any solve
+    # the fisher Hessian ran here: the remedy is to refine, not "use the positive semi-definite --hessian fisher --solver woodbury"
+    assert "--hessian fisher --solver woodbury" not in notice[0] and "the fisher Hessian used here is positive semi-definite" in notice[0]
+    from metainfluence.meta.checkpoint import load_checkpoint
+    from metainfluence.pipeline.stages import _stationarity_notice
+
+    for hessian, fisher_advised in (("exact", True), ("gamma", True), ("gauss-newton", False), ("fisher", False)):
+        said: list[str] = []
+        _stationarity_notice(load_checkpoint(demo_run / "refined"), InfluenceSettings(hessian=hessian, stationarity_warn=1e-12), said.append)
+        assert len(said) == 1 and ("use the positive semi-definite --hessian fisher --solver woodbury" in said[0]) == fisher_advised, hessian
 
 
 def test_cli_usage_mistakes_name_the_command_and_the_remedy(demo_run, tmp_path, capsys):

@@ -4,6 +4,7 @@ split, pixels, colour detection, the errors a user meets, the fingerprint, and o
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +15,10 @@ from PIL import Image
 from metainfluence.cli import main
 from metainfluence.data import DATASETS, SPLITS, load_dataset, load_image_folder
 from metainfluence.data.registry import dataset_options
-from metainfluence.errors import DataError, SettingsError
+from metainfluence.errors import DataError, PoolError, SettingsError
 from metainfluence.pipeline import DataSettings, load_data
 from metainfluence.pipeline import settings as settings_module
+from metainfluence.tasks import build_pool
 
 W, H = 12, 10  # native image size (width × height) of every synthetic image
 
@@ -111,7 +113,8 @@ def test_colour_is_detected_from_the_headers(folder):
     assert x.shape == (1, 3, 6, 6) and bool((x[:, 0] == x[:, 1]).all() and (x[:, 1] == x[:, 2]).all())
     # one colour image makes the whole dataset RGB
     Image.fromarray(pattern(2, 0, rgb=True)).save(files[10])
-    ds = load_image_folder(root, image_size=6)
+    with pytest.warns(UserWarning, match="1 of the 32 images are colour"):
+        ds = load_image_folder(root, image_size=6)
     assert ds.image_shape == (3, 6, 6) and ds.fingerprint != forced.fingerprint
     with Image.open(files[10]) as im:
         want = np.asarray(im.resize((6, 6), Image.BILINEAR), dtype=np.float64).transpose(2, 0, 1) / 255.0
@@ -222,7 +225,7 @@ def test_user_errors_name_the_file_or_folder(tmp_path, folder):
     with pytest.raises(DataError, match=f"image {files[6]} cannot be decoded"):
         ds.load([6])
     files[6].unlink()
-    with pytest.raises(DataError, match=f"image {files[6]} has gone since its folder was read"):
+    with pytest.raises(DataError, match=f"image {files[6]} has gone since the folder was read"):
         ds.load([6])
 
 
@@ -254,6 +257,8 @@ def test_registry_aliases_and_settings(folder, monkeypatch):
     monkeypatch.setattr(settings_module, "_memory_bytes", lambda: 2**20)
     with pytest.raises(SettingsError, match="of 768 values"):
         DataSettings(dataset="image-folder", image_size=16, train_tasks=1000).check_pool_sizes()
+    with pytest.raises(SettingsError, match="of 256 values"):  # --color grey: one channel
+        DataSettings(dataset="image-folder", image_size=16, train_tasks=1000, color="grey").check_pool_sizes()
     with pytest.raises(SettingsError, match=f"of {3 * 84 * 84} values"):
         DataSettings(dataset="image-folder", train_tasks=1000).check_pool_sizes()
 
@@ -272,6 +277,7 @@ def test_train_then_evaluate_an_image_folder_from_the_command_line(tmp_path, cap
     result = tmp_path / "eval.json"
     assert main(["evaluate", "--checkpoint", str(out / "trained"), "--json", str(result), "--threads", "1", "--no-progress"]) == 0
     assert len(json.loads(result.read_text())["per_task_accuracy"]) == 3
+    capsys.readouterr()  # the evaluation's own lines (and warnings) are not the point here
     # a too-small folder is one line of command-line advice
     two = tmp_path / "two"
     make_folder(two, classes=2)
@@ -333,3 +339,112 @@ def test_too_few_classes_for_n_way_points_at_split_by_example(tmp_path, capsys):
     assert "test: accuracy" in capsys.readouterr().out
     assert main(["train", "--dataset", "digits", "--split-by", "example", "--out", str(tmp_path / "c"), "--steps", "1"]) == 2
     assert "applies to image-folder only" in capsys.readouterr().err
+
+
+def test_a_data_root_one_level_above_the_dataset_names_the_dataset_folder(tmp_path):
+    data = tmp_path / "data"
+    make_folder(data / "faces", classes=4, names=["person_01", "person_02", "person_03", "person_04"])
+    # one dataset folder: 1 would-be class folder, whose subfolders are the classes
+    with pytest.raises(DataError, match=f"{data} looks like a folder of datasets .*person_01/.*pass --data-root {data / 'faces'}$") as e:
+        load_image_folder(data)
+    assert "move the images up" not in str(e.value) and load_image_folder(data / "faces").num_classes == 4  # the advice works
+    # several dataset folders (one of them in split folders): the first is named, the others listed
+    make_folder(data / "pets", classes=3)
+    make_split_folders(data / "cars")
+    with pytest.raises(DataError, match=f"\\(train/, val/, test/\\) hold them; pass --data-root {data / 'cars'} \\(or .*: faces/, pets/\\)"):
+        load_image_folder(data)
+    # a class folder among real ones whose images lie in subfolders: both readings are offered
+    make_folder(mixed := tmp_path / "mixed", classes=3)
+    make_folder(mixed / "zebra", classes=2, names=["day", "night"])
+    with pytest.raises(DataError, match=f"class folder {mixed / 'zebra'} holds no images, only subfolders that do \\(day/, night/\\)") as e:
+        load_image_folder(mixed)
+    assert f"pass --data-root {mixed / 'zebra'}" in str(e.value) and f"move their images up into {mixed / 'zebra'}" in str(e.value)
+    # split folders: a class folder's subfolders are not classes of the split
+    make_split_folders(split := tmp_path / "split")
+    for f in (split / "val" / "e").glob("*.png"):
+        f.rename(f.with_suffix(".txt"))  # its images only in subfolders, after the next line
+    make_folder(split / "val" / "e", classes=2, names=["x", "y"])
+    with pytest.raises(DataError, match=f"make each of them a class folder directly in {split / 'val'}"):
+        load_image_folder(split)
+
+
+def test_a_few_colour_images_in_a_grey_folder_are_warned_about(folder, tmp_path, capsys):
+    root, files = folder  # 32 grey images
+    [Image.fromarray(pattern(1, 0, rgb=True)).save(f) for f in (files[3], files[20])]
+    with pytest.warns(UserWarning, match=r"2 of the 32 images are colour \(the first: .*class00/img3.png\) and the other 30 grey, "
+                      r"so the dataset is RGB .*--color grey") as rec:
+        ds = load_image_folder(root, image_size=6)
+    assert ds.image_shape == (3, 6, 6) and len(rec) == 1 and len(str(rec[0].message).splitlines()) == 1
+    with warnings.catch_warnings():  # forced either way, all grey, or mostly colour: nothing to say
+        warnings.simplefilter("error")
+        assert load_image_folder(root, image_size=6, color="grey").image_shape == (1, 6, 6)
+        assert load_image_folder(root, image_size=6, color="rgb").image_shape == (3, 6, 6)
+        rgb_files = make_folder(rgb := tmp_path / "rgb", classes=3, rgb=True)
+        Image.fromarray(pattern(0, 0)).save(rgb_files[0])  # one grey photo among colour ones, as in Mini-ImageNet
+        assert load_image_folder(rgb, image_size=6).image_shape == (3, 6, 6)
+        make_folder(grey := tmp_path / "grey", classes=3)
+        assert load_image_folder(grey, image_size=6).image_shape == (1, 6, 6)
+        # --color reaches the loader through the settings
+        assert load_data(DataSettings(dataset="image-folder", data_root=str(root), image_size=6, color="grey")).image_shape == (1, 6, 6)
+    assert load_data(DataSettings(dataset="image-folder", data_root=str(grey), image_size=6, color="rgb")).image_shape == (3, 6, 6)
+    big = make_folder(tmp_path / "big", classes=3, per_class=200)  # more than a sample of the headers
+    [Image.fromarray(pattern(1, 0, rgb=True)).save(f) for f in (big[7], big[450])]
+    with pytest.warns(UserWarning, match=f"2 of the 600 images are colour \\(the first: {big[7]}\\) and the other 598 grey"):
+        assert load_image_folder(tmp_path / "big", image_size=6).image_shape == (3, 6, 6)
+    with pytest.raises(SettingsError, match="color must be auto, grey or rgb .*got 'sepia'"):
+        DataSettings(dataset="image-folder", color="sepia").validate()
+    with pytest.raises(SettingsError, match="--color applies to image-folder only"):
+        load_data(DataSettings(dataset="digits", color="grey"))
+    assert main(["train", "--dataset", "digits", "--color", "grey", "--out", str(tmp_path / "c"), "--steps", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--color applies to image-folder only" in err[0]
+
+
+def test_every_unreadable_file_of_a_pass_is_named_at_once(folder):
+    root, files = folder
+    good = files[0].read_bytes()
+    for f in (truncated := files[1:8]):
+        f.write_bytes(good[: len(good) // 2])  # a valid header: found when the pixels are decoded
+    ds = load_image_folder(root, image_size=8)
+    with pytest.raises(DataError, match="7 images cannot be decoded: ") as e:
+        ds.load(np.arange(32))
+    msg = str(e.value)
+    assert all(str(f) in msg for f in truncated[:5]) and str(truncated[5]) not in msg
+    assert "and 2 more" in msg and msg.endswith("replace or remove them") and len(msg.splitlines()) == 1
+    # the header pass of color='auto' names every non-image too
+    for f in (files[10], files[30]):
+        f.write_bytes(b"not an image")
+    with pytest.raises(DataError, match=f"2 images cannot be read as images: {files[10]}, {files[30]} .*replace or remove them"):
+        load_image_folder(root)
+    ds = load_image_folder(root, image_size=8, color="grey")
+    files[10].unlink(), files[11].unlink()
+    with pytest.raises(DataError, match=r"2 images \(.*\) have gone since the folder was read \(1 more cannot be decoded\); put them back"):
+        ds.load([9, 10, 11, 30])
+
+
+def test_too_few_classes_say_how_many_n_way_needs(folder, tmp_path):
+    root, _ = folder  # 4/2/2 classes
+    with pytest.raises(PoolError, match=r"n_way=3 is larger than the 2 classes in the 'val' split of image-folder; 3-way tasks need 3 "
+                       r"classes in each split \(.*about 15 class folders: 5·N\); lower --n-way, add class folders, or --split-by example"):
+        build_pool(load_image_folder(root, image_size=8), "val", 3, 1, 1, 4)
+    make_split_folders(fixed := tmp_path / "fixed")
+    with pytest.raises(PoolError, match=r"\(3 class folders in each of train/, val/, test/\); lower --n-way, or add class folders") as e:
+        build_pool(load_image_folder(fixed, image_size=8), "test", 3, 1, 1, 4)
+    assert "--split-by" not in str(e.value)  # split folders refuse it
+
+
+def test_a_split_of_exactly_n_way_classes_is_warned_about(tmp_path):
+    make_folder(root := tmp_path / "eight", per_class=10)  # 4/2/2 classes
+    ds = load_image_folder(root, image_size=8)
+    with pytest.warns(UserWarning, match=r"the 'test' split of image-folder has exactly 2 classes, so all 10 tasks use the same 2 "
+                      r"classes .*understate the spread over classes — more class folders, or --split-by example"):
+        pool = build_pool(ds, "test", 2, 1, 1, 10)
+    assert len({tuple(sorted(c)) for c in pool.classes.tolist()}) == 1  # what the warning says
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_pool(ds, "test", 2, 1, 1, 1)  # one task: no interval over tasks
+        build_pool(ds, "train", 4, 1, 1, 10)  # training tasks are not an estimate
+        pool = build_pool(ds, "train", 2, 1, 1, 10)  # more classes than N: the class sets vary
+        assert len({tuple(sorted(c)) for c in pool.classes.tolist()}) > 1
+        # every class in every split: the tasks hold all the dataset's classes, as intended
+        build_pool(load_image_folder(root, image_size=8, split_by="example"), "test", 8, 1, 1, 3)

@@ -82,7 +82,12 @@ def test_scores_on_it_are_the_derivative_of_the_proximal_minimiser(run):
 def test_edits_use_the_proximal_hessian_and_newton_steps_descend_p(run, tmp_path):
     out, ctx, ckpt = run
     s = InfluenceSettings(hessian="exact", solver="explicit", damping=1e-8)
-    _, removal, edited, _, _ = edit_checkpoint(out / "refined", s, remove_tasks="3", out=tmp_path)
+    lines: list[str] = []
+    _, removal, edited, _, _ = edit_checkpoint(out / "refined", s, remove_tasks="3", out=tmp_path, log=lines.append)
+    # the printed damping is the one used, δ + γ, as influence prints it
+    assert f"proximal checkpoint: γ = {GAMMA:g} added to the damping (1e-08 → {1e-8 + GAMMA:g})" in lines
+    edit_line = [line for line in lines if line.startswith("edit: ")]
+    assert len(edit_line) == 1 and edit_line[0].endswith(f"exact Hessian, solver explicit, damping {1e-8 + GAMMA:g}")
     train = ctx.tensors["train"].to(dtype=torch.float64)
     direct = edit_model(ctx.problem, ckpt.lam.double(), train, Removal(tasks=[3]), dataclasses.replace(s, damping=1e-8 + GAMMA, stationarity_warn=1e9))
     assert torch.allclose(edited.lam, direct.lam, rtol=0, atol=1e-12)

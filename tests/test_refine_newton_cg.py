@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 
 import pytest
 import torch
@@ -89,7 +90,7 @@ def test_without_a_bar_refine_logs_slow_iterations_with_the_recorded_ratio(monke
     _, rep = refine(problem, lam, tasks, settings, log=lines.append)
     assert rep.converged and len(lines) == rep.iterations == len(rep.history)
     for i, (line, h) in enumerate(zip(lines, rep.history), 1):
-        assert line.startswith(f"refine iteration {i}: ratio {h['ratio']:.3g}, ") and f"cg {h['cg']}," in line
+        assert line.startswith(f"refine iteration {i}: ‖∇F‖/ḡ₀ {h['ratio']:.3g}, ") and f"cg {h['cg']}," in line
     # iterations of milliseconds: a line only once LINE_EVERY_S has passed since the last one (none in a refine this short)
     monkeypatch.setattr(RefineMonitor, "SLOW_ITERATION_S", 1e9)
     lines.clear()
@@ -104,6 +105,77 @@ def test_max_minutes_stops_cleanly_with_the_documented_warning():
     assert rep.stopped_by == "max_minutes" and not rep.converged and rep.iterations == 0
     assert torch.equal(x, lam) and "remaining" in rep.message
     assert rep.ratio_after == pytest.approx(independent_ratio(problem, x, tasks), rel=1e-9)
+
+
+def test_the_last_printed_ratio_is_the_one_the_summary_gives_against_the_starting_task_gradient_norm(monkeypatch):
+    """The iterations print ‖∇F‖/ḡ₀ (ḡ₀: the mean‖g_i‖ at the start), the report's ratio_after divides by the mean measured
+    again at the end (a user read 0.102 on the last line and 0.141 in the summary): the summary gives both, and says which."""
+    from metainfluence.meta.refine_monitor import RefineMonitor
+
+    problem, tasks, lam = warm()
+    monkeypatch.setattr(RefineMonitor, "SLOW_ITERATION_S", 0.0)
+    lines = []
+    with pytest.warns(RefineWarning):
+        x, rep = refine(problem, lam, tasks, RefineSettings(tol=0, tol_ratio=1e-12, max_iter=6), log=lines.append)
+    last = rep.history[-1]["ratio"]
+    assert lines[-1].startswith(f"refine iteration 6: ‖∇F‖/ḡ₀ {last:.3g}")
+    # the same λ: the two ratios differ by the two means only
+    assert rep.ratio_after_start == last and last == pytest.approx(rep.grad_norm_after / rep.task_grad_norm_before, rel=1e-12)
+    assert rep.ratio_after == pytest.approx(rep.grad_norm_after / rep.task_grad_norm_after, rel=1e-12)
+    assert rep.task_grad_norm_after != rep.task_grad_norm_before
+    assert f"(‖∇F‖/ḡ₀ {last:.3g} against the starting mean‖g_i‖" in rep.summary() and f"→ {rep.ratio_after:.3g}" in rep.summary()
+
+
+@pytest.mark.parametrize("tol, target", [(0.0, "did not reach ‖∇F‖/ḡ₀ ≤ 1e-12 (ḡ₀ the starting mean‖g_i‖; ‖∇F‖ ≤ "),
+                                         (1e-14, "did not reach ‖∇F‖ ≤ 1e-14 or ‖∇F‖/ḡ₀ ≤ 1e-12 ("),
+                                         (1e-14, None)])
+def test_the_unconverged_warning_states_the_target_that_was_set(tol, target):
+    problem, tasks, lam = warm()
+    ratio = 1e-12 if target is not None else 0.0
+    with pytest.warns(RefineWarning) as caught:
+        refine(problem, lam, tasks, RefineSettings(tol=tol, tol_ratio=ratio, max_iter=2))
+    text = str(caught[0].message)
+    assert "‖∇F‖ ≤ 0 " not in text and "‖∇F‖ ≤ 0:" not in text
+    if target is None:  # the absolute tolerance alone: no ratio target named
+        assert text.startswith("refine did not reach ‖∇F‖ ≤ 1e-14: ") and "ḡ₀ ≤" not in text
+    else:
+        assert text.startswith(f"refine {target}")
+
+
+def test_refine_does_not_start_an_iteration_that_would_overrun_its_budget(monkeypatch):
+    """On a fake clock each reading is 35 s after the last, so an iteration (a reading before it, one after) takes 70 s:
+    after the first, 105 s of a 120 s budget are spent and a second would end at 175 s, so refine stops there — a
+    budget stop, said in the report — instead of overrunning (without the forecast it ran a second one, to 140 s)."""
+    import itertools
+
+    from metainfluence.meta.refine_monitor import RefineMonitor
+
+    problem, tasks, lam = warm()
+    ticks, start = itertools.count(), None
+
+    def fake_clock():
+        nonlocal start
+        start = time.perf_counter() if start is None else start
+        return start + 35.0 * next(ticks)
+
+    monkeypatch.setattr(RefineMonitor, "clock", staticmethod(fake_clock))
+    settings = RefineSettings(method="newton-cg", tol=0, tol_ratio=1e-12, max_iter=50, max_minutes=2, precondition="none")
+    with pytest.warns(RefineWarning, match=r"stopped by time after 1 iteration: budget stop: the next iteration would have overrun max_minutes=2 \(.*the last iteration took 70 s\)"):
+        x, rep = refine(problem, lam, tasks, settings)
+    assert rep.stopped_by == "max_minutes" and not rep.converged and rep.iterations == 1
+    assert [h["seconds"] for h in rep.history] == [70.0] and "budget stop" in rep.message and "remaining" in rep.message
+    assert not torch.equal(x, lam)  # the one iteration's step is kept
+
+
+def test_refine_and_meta_train_refuse_a_lambda_that_is_not_a_tensor():
+    from metainfluence.meta import meta_train
+
+    problem, tasks, lam = warm()
+    for call in (lambda bad: refine(problem, bad, tasks), lambda bad: meta_train(problem, bad, tasks, progress=False)):
+        with pytest.raises(SettingsError, match=r"OrderedDict \(a state_dict\?\).*load it into the model.*problem\.init_params"):
+            call(problem.model.state_dict())
+        with pytest.raises(SettingsError, match="λ is a list, not a torch tensor; pass torch.as_tensor"):
+            call(lam.tolist())
 
 
 def test_absolute_tol_still_stops_first_when_it_is_looser():

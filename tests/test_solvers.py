@@ -430,3 +430,14 @@ def test_cg_forecasts_a_slow_solve_after_its_first_iteration(monkeypatch):
         warnings.simplefilter("error")  # a bounded solve (a deadline) or one without advice says nothing
         cg_module.block_cg(lambda P: A @ P, B, 1e-10, 500, slow_advice="x", deadline=time.perf_counter() + 60)
         cg_module.block_cg(lambda P: A @ P, B, 1e-10, 500)
+
+
+def test_cg_indefinite_error_bounds_the_damping_it_needs():
+    # the Rayleigh quotient CG met is an upper bound on λ_min(H + δI): the damping it names is necessary, not sufficient
+    A = sym_with_spectrum(INDEFINITE, seed=5)
+    lam_min = float(torch.linalg.eigvalsh(A)[0])
+    with pytest.raises(DivergenceError) as err:
+        solve_ihvp(MatrixOperator(A), rhs(P), solver="cg", damping=0.5, settings=SolverSettings(tol=1e-12))
+    import re
+    need = float(re.search(r"damping must exceed ([-0-9.e+]+)", str(err.value)).group(1))
+    assert 0.5 < need <= -lam_min + 1e-9 and "--hessian gauss-newton" in str(err.value)

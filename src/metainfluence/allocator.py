@@ -55,3 +55,17 @@ def memory_bytes(device: "str | object" = "cpu") -> int | None:
         return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     except (AttributeError, ValueError, OSError, RuntimeError):
         return None
+
+
+# the most memory one automatically sized chunk of tasks may take: a quarter of the device's memory, and on a CPU
+# at most 4 GiB (larger chunks barely speed up a vmapped pass there, and the rest of the run needs the memory)
+CHUNK_SHARE, CPU_CHUNK_CAP = 0.25, 4 << 30
+
+
+def chunk_budget_bytes(device: "str | object" = "cpu") -> int:
+    """The memory budget of one automatically sized chunk of per-task work on ``device``."""
+    import torch
+
+    total = memory_bytes(device) or (16 << 30)
+    budget = int(CHUNK_SHARE * total)
+    return budget if torch.device(device).type == "cuda" else min(budget, CPU_CHUNK_CAP)

@@ -298,7 +298,10 @@ def _cmd_influence(args: argparse.Namespace) -> int:
               f"Spearman {fc['spearman']:.2f}, relative error {fc['relative_error']:.2f}, sign agreement {fc['sign_agreement']:.2f}")
     if (r := diag.get("measurement_reliability")):
         print(f"measurement: reliability {r['reliability']:.2f} over {r['splits']} halvings of {r['n_val_tasks']} validation tasks; about {r['val_tasks_for_target']} give {r['target']:g}")
-    (print_pairs if args.level == "pairwise" else print_items)(result, args.top)
+    if args.level == "pairwise":
+        print_pairs(result, args.top)
+    else:
+        print_items(result, args.top, stem)
     print(f"scores: {stem}.safetensors (+ .json); {diag['timings_s']['total']:.1f} s")
     return 0
 
@@ -308,12 +311,14 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     from .pipeline import edit_checkpoint
     from .pipeline.stages import scores_settings
 
-    # an edit of a scores file's top items inverts the Hessian those scores used, unless --config or a flag says otherwise
+    # an edit of a scores file's top items inverts the Hessian those scores used (not their --max-minutes), unless --config or a flag says otherwise
     base = scores_settings(args.scores, InfluenceSettings()) if args.scores else None
     path, removal, edited, before, after = edit_checkpoint(
         args.checkpoint, _influence_settings(args, base), remove_tasks=args.remove_tasks, scores=args.scores, top_k=args.top_k,
         newton_steps=args.newton_steps, step=args.edit_step, out=args.out, name=args.name, overrides=_data_only(args))
-    print(f"removed {removal.describe()} in closed form ({edited.diagnostics['seconds']:.1f} s, solver residual {edited.diagnostics['solver_residual']:.1e})")
+    diag = edited.diagnostics
+    short = "" if diag["solver_converged"] else ", stopped short of its tolerance (see the warning)"
+    print(f"removed {removal.describe()} in closed form ({diag['seconds']:.1f} s, solver residual {diag['solver_residual']:.1e}{short})")
     print(f"test before edit: {before.summary()}")
     print(f"test after edit:  {after.summary()}")
     print(f"checkpoint: {path}")

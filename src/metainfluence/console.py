@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 
-def print_items(result, k: int) -> None:
-    """The sign convention and the k most harmful and most helpful items of a scores result."""
+def print_items(result, k: int, stem=None) -> None:
+    """The sign convention and the k most harmful and most helpful items of a scores result; with the scores file's
+    ``stem``, each item also in the words of its ``STEM.csv`` (classes, file, labels: pipeline/describe.py)."""
+    words = _item_words(stem)
     from .influence.results import SIGN_CONVENTION
 
     order = result.ranking(harmful_first=True)
@@ -16,7 +18,24 @@ def print_items(result, k: int) -> None:
     for title, idx in (("most harmful", order[:k]), ("most helpful", order.flip(0)[:k])):
         print(f"{title} {label}:")
         for item, i in zip(result.items(idx), idx.tolist()):
-            print(f"  {item if len(item) > 1 else item[0]!s:>12}  score {float(result.scores.reshape(-1)[i]):+.4e}")
+            said = words.get(item, "")
+            print(f"  {item if len(item) > 1 else item[0]!s:>12}  score {float(result.scores.reshape(-1)[i]):+.4e}" + (f"  {said}" if said else ""))
+    if words:
+        print(f"every item by class and file, most harmful first: {stem}.csv")
+
+
+def _item_words(stem) -> dict[tuple, str]:
+    """(task_id,) or (task_id, example) → its description, from ``STEM.csv`` ({} when there is none)."""
+    import csv
+    from pathlib import Path
+
+    from .pipeline.describe import describe_row
+
+    if stem is None or not Path(f"{stem}.csv").is_file():
+        return {}
+    with open(f"{stem}.csv", newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    return {((int(r["task_id"]), int(r["example"])) if r["example"] != "" else (int(r["task_id"]),)): describe_row(r) for r in rows}
 
 
 def print_pairs(result, k: int) -> None:

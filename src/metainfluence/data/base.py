@@ -121,6 +121,8 @@ class ClassDataset:
     identity: JSON-able description of the source data and options (file digests, image size...);
         it enters the fingerprint together with the targets and the split.
     class_names: optional readable name of every class.
+    example_names: optional name of every example (its file, relative to the dataset's folder), so that scores
+        can be traced back to the user's files; not part of the fingerprint (``identity`` covers the files).
     split_description: one sentence stating how the split was made (recorded in pool files).
     """
 
@@ -136,6 +138,7 @@ class ClassDataset:
         num_classes: int | None = None,
         class_names: Sequence[str] | None = None,
         split_description: str = "",
+        example_names: Sequence[str] | None = None,
     ) -> None:
         if split_kind not in SPLIT_KINDS:
             raise DataError(f"unknown split kind {split_kind!r}; use 'class' or 'example'")
@@ -157,6 +160,9 @@ class ClassDataset:
         self._loader = loader
         self.identity = dict(identity)
         self.class_names = list(class_names) if class_names is not None else None
+        self.example_names = list(example_names) if example_names is not None else None
+        if self.example_names is not None and len(self.example_names) != len(targets):
+            raise DataError(f"dataset {name!r} names {len(self.example_names)} examples but has {len(targets)}; one name per example")
         self.split_description = split_description
         self.fingerprint = digest(
             {

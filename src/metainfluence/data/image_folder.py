@@ -18,7 +18,8 @@ Image files are those ending in .png .jpg .jpeg .bmp .gif .pgm .ppm .pbm .tif .t
 case); hidden files and other files (README, .DS_Store) are skipped, and folders nested inside a
 class folder are not read. ``color='auto'`` makes the dataset grey (1 channel) when every image
 is a grey one (judged from the file headers, without decoding pixels) and RGB (3 channels)
-otherwise; ``'grey'`` / ``'rgb'`` force it. The images stay in the user's folder and are decoded
+otherwise (with a warning when a minority of colour images makes it RGB); ``'grey'`` / ``'rgb'``
+force it. The images stay in the user's folder and are decoded
 on demand in ``load``: converted, squeezed whole (no crop) to ``image_size``² and scaled to [0, 1].
 The fingerprint covers every image's path and size, so an edited folder is another dataset.
 """
@@ -26,6 +27,7 @@ The fingerprint covers every image's path and size, so an edited folder is anoth
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -56,16 +58,59 @@ def _subfolders(folder: Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
 
 
-def _class_images(folder: Path) -> list[Path]:
+def _holds_images(folder: Path) -> bool:
+    """Whether image files lie directly inside ``folder`` (stops at the first one)."""
+    return any(is_image_file(p) for p in folder.iterdir())
+
+
+def _listing(folders: list[Path], most: int = 3) -> str:
+    return ", ".join(p.name + "/" for p in folders[:most]) + (", …" if len(folders) > most else "")
+
+
+def _looks_like_dataset(folder: Path) -> list[Path]:
+    """The subfolders of ``folder`` that make it a dataset of its own: its class folders (subfolders
+    holding images directly) or its train/, val/, test/ split folders; empty when it is neither."""
+    nested = _subfolders(folder)
+    if all((folder / s).is_dir() for s in SPLITS) and any(_holds_images(c) for c in _subfolders(folder / "train")):
+        return [folder / s for s in SPLITS]
+    return [d for d in nested if _holds_images(d)]
+
+
+def _refuse_one_level_up(root: Path, class_dirs: list[Path]) -> None:
+    """Refuse a root one level above the dataset (e.g. /data holding faces/person_01/*.png): none of
+    its would-be class folders holds images directly, but one of them is a dataset of its own."""
+    if any(_holds_images(d) for d in class_dirs):
+        return  # a real class folder among them: an odd folder is named by _class_images
+    for d in class_dirs:
+        inner = _looks_like_dataset(d)
+        if inner:
+            others = [o for o in class_dirs if o != d]
+            raise DataError(
+                f"{root} looks like a folder of datasets (or one level above the dataset): {d.name}/ holds no images itself, but "
+                f"its subfolders ({_listing(inner)}) hold them; pass --data-root {d}"
+                + (f" (or another of {root}'s folders: {_listing(others)})" if others else ""))
+
+
+def _class_images(folder: Path, split_layout: bool = False) -> list[Path]:
     """The image files directly inside a class folder, sorted by name; DataError naming the folder
     when it holds none (saying so when it holds only subfolders, which are not read)."""
     images = sorted((p for p in folder.iterdir() if is_image_file(p)), key=lambda p: p.name)
     if not images:
         nested = _subfolders(folder)
-        if nested:
-            names = ", ".join(p.name + "/" for p in nested[:3]) + (", …" if len(nested) > 3 else "")
+        with_images = _looks_like_dataset(folder) if nested else []
+        if with_images and split_layout:
             raise DataError(
-                f"class folder {folder} holds no images, only subfolders ({names}); folders inside a class folder are not "
+                f"class folder {folder} holds no images, only subfolders that do ({_listing(with_images)}); folders inside a class "
+                f"folder are not read, so make each of them a class folder directly in {folder.parent}, or move their images up into "
+                f"{folder} if they are parts of one class")
+        if with_images:
+            raise DataError(
+                f"class folder {folder} holds no images, only subfolders that do ({_listing(with_images)}); if {folder} is a dataset of "
+                f"its own ({folder.parent} one level above it), pass --data-root {folder}; if they are parts of one class, move their "
+                f"images up into {folder} (folders inside a class folder are not read)")
+        if nested:
+            raise DataError(
+                f"class folder {folder} holds no images, only subfolders ({_listing(nested)}); folders inside a class folder are not "
                 f"read, so move the images up into {folder} or remove the folder")
         raise DataError(f"class folder {folder} holds no images ({' '.join(IMAGE_EXTENSIONS)}); add images or remove the folder")
     return images
@@ -112,16 +157,49 @@ def _check_options(image_size: object, color: str, resample: str) -> str:
     return key
 
 
-def _is_grey(paths: list[Path]) -> bool:
-    """Whether every image is single-channel, from the headers only (Image.open decodes no pixels)."""
+def _unreadable(failures: dict[Path, BaseException], one: str, many: str) -> DataError:
+    """One error for every file of a pass that failed (``one``/``many``: what is wrong with one file /
+    several): the count and up to 5 of them, so that a user fixes them all in one go."""
+    (first, exc), n = next(iter(failures.items())), len(failures)
+    if n == 1:
+        return DataError(f"image {first} {one} ({exc}); replace or remove it")
+    names = ", ".join(str(p) for p in list(failures)[:5]) + (f" and {n - 5} more" if n > 5 else "")
+    return DataError(f"{n} images {many}: {names} (the first: {exc}); replace or remove them")
+
+
+def _colour_files(paths: list[Path]) -> list[Path]:
+    """The colour (not single-channel) images among ``paths``, from the headers only (Image.open
+    decodes no pixels); every unreadable file is named in one DataError."""
+    colour: list[Path] = []
+    failures: dict[Path, BaseException] = {}
     for path in paths:
         try:
             with Image.open(path) as im:
                 if im.mode not in GREY_MODES:
-                    return False
+                    colour.append(path)
         except _DECODE_ERRORS as exc:
-            raise DataError(f"image {path} cannot be read as an image ({exc}); replace or remove it") from None
-    return True
+            failures[path] = exc
+    if failures:
+        raise _unreadable(failures, "cannot be read as an image", "cannot be read as images")
+    return colour
+
+
+def _auto_grey(files: list[Path]) -> bool:
+    """``color='auto'``: grey when every image is grey. A minority of colour images still makes the
+    dataset RGB (3× the memory): warned, with how to force grey. A folder of mostly colour images
+    (judged from ~256 headers spread over it) is RGB without reading every header."""
+    step = max(1, len(files) // 256)
+    colour = _colour_files(files[::step])
+    if 2 * len(colour) >= len(files[::step]):
+        return False
+    if step > 1:
+        colour = _colour_files(files)
+    if colour and 2 * len(colour) < len(files):
+        warnings.warn(
+            f"image-folder: {len(colour)} of the {len(files)} images are colour (the first: {colour[0]}) and the other "
+            f"{len(files) - len(colour)} grey, so the dataset is RGB (3 channels, 3× the memory) because of them; pass --color grey "
+            f"(color='grey' in Python) to read every image as grey, or --color rgb to keep RGB without this warning", stacklevel=3)
+    return not colour
 
 
 def _convert(im: Image.Image, mode: str) -> Image.Image:
@@ -189,6 +267,8 @@ def load_image_folder(
         layout = "split-folders"
     else:
         class_dirs = _subfolders(root)
+        _refuse_data_root(root, class_dirs)
+        _refuse_one_level_up(root, class_dirs)
         if len(class_dirs) < 3:
             loose = sum(is_image_file(p) for p in root.iterdir())
             found = f"{len(class_dirs)} class folder{'s' if len(class_dirs) != 1 else ''}" + (f" and {loose} loose images" if loose else "")
@@ -205,11 +285,13 @@ def load_image_folder(
             description = f"seeded class shuffle (seed {split_seed}): {counts} classes (train/val/test) from class folders" + (
                 f", {unused} in no split" if unused else "")
 
-    _refuse_data_root(root, class_dirs)
+    split_layout = layout == "split-folders"
+    if split_layout:
+        _refuse_data_root(root, class_dirs)
     files: list[Path] = []
     targets: list[int] = []
     for c, d in enumerate(class_dirs):
-        images = _class_images(d)
+        images = _class_images(d, split_layout)
         files += images
         targets += [c] * len(images)
     split_kind = "class"
@@ -222,13 +304,15 @@ def load_image_folder(
         description = (f"seeded example split (seed {split_seed}) within each of the {len(class_dirs)} class folders: "
                        + "/".join(f"{f:g}" for f in fractions) + " of each class's images (train/val/test), every class in every split")
         layout += "/example-split"
-    grey = _is_grey(files) if color == "auto" else color == "grey"
+    grey = _auto_grey(files) if color == "auto" else color == "grey"
     mode, channels = ("L", 1) if grey else ("RGB", 3)
     filt = RESAMPLE[resample]
     listing = sorted((p.relative_to(root).as_posix(), p.stat().st_size) for p in files)
 
     def loader(ids: np.ndarray) -> torch.Tensor:
         out = np.empty((len(ids), image_size, image_size, channels), dtype=np.uint8)
+        gone: list[Path] = []
+        failures: dict[Path, BaseException] = {}  # every file of the call that fails, named at the end
         for j, i in enumerate(ids):
             path = files[int(i)]
             try:
@@ -238,9 +322,16 @@ def load_image_folder(
                         im = im.resize((image_size, image_size), filt)
                     out[j] = np.asarray(im, dtype=np.uint8).reshape(image_size, image_size, channels)
             except FileNotFoundError:
-                raise DataError(f"image {path} has gone since its folder was read; put it back, or rerun so that {root} is read again") from None
+                gone.append(path)
             except _DECODE_ERRORS as exc:
-                raise DataError(f"image {path} cannot be decoded ({exc}); replace or remove it") from None
+                failures[path] = exc
+        if gone:
+            what = f"image {gone[0]} has" if len(gone) == 1 else f"{len(gone)} images ({', '.join(map(str, gone[:5]))}{', …' if len(gone) > 5 else ''}) have"
+            also = f" ({len(failures)} more cannot be decoded)" if failures else ""
+            it = "it" if len(gone) == 1 else "them"
+            raise DataError(f"{what} gone since the folder was read{also}; put {it} back, or rerun so that {root} is read again")
+        if failures:
+            raise _unreadable(failures, "cannot be decoded", "cannot be decoded")
         return torch.from_numpy(out).permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
 
     return ClassDataset(
@@ -252,6 +343,7 @@ def load_image_folder(
         loader=loader,
         identity={"files": digest(listing, 32), "layout": layout, "image_size": image_size, "color": color, "resample": resample},
         num_classes=len(class_dirs),
+        example_names=[p.relative_to(root).as_posix() for p in files],
         class_names=[d.name for d in class_dirs],
         split_description=description,
     )

@@ -165,5 +165,6 @@ def load_mini_imagenet(
         identity={"csv": {s: digest(np.frombuffer(t, dtype=np.uint8), 32) for s, t in csv_text.items()}, "image_size": image_size, "resample": resample},
         num_classes=len(class_ids),
         class_names=list(class_ids),
+        example_names=files,
         split_description="class-disjoint Ravi-Larochelle CSV split: " + "/".join(str(class_split.count(i)) for i in range(3)) + " classes (train/val/test)",
     )

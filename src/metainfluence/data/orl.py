@@ -154,5 +154,6 @@ def load_orl_faces(
         identity={"images": digest(raw, 32), "image_size": image_size, "crop": bool(crop), "resample": resample},
         num_classes=subjects,
         class_names=[f"s{s}" for s in range(1, subjects + 1)],
+        example_names=[f"s{s}/{y}.pgm" for s in range(1, subjects + 1) for y in range(1, photos + 1)],
         split_description=f"seeded subject shuffle (seed {split_seed}): {counts} subjects (train/val/test), one class per subject",
     )

@@ -27,6 +27,27 @@ def _eval_cell(ev: dict | None) -> str:
     return f"{100 * acc:.2f}% ± {100 * (ci or 0):.2f}"
 
 
+def _items_table(csv_path: Path, k: int = 10) -> tuple[list[str], list[dict]] | None:
+    """From a scores file's item table (pipeline/describe.py): the k most harmful items by name, and where the pool
+    records corrupted items, how many of them rank among as many most harmful ones."""
+    import csv
+
+    if not csv_path.is_file():
+        return None
+    with open(csv_path, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        return None
+    flagged = sum(r["corrupted"] == "yes" for r in rows)
+    found = sum(r["corrupted"] == "yes" for r in rows[:flagged])
+    text = [f"Every item by name, most harmful first: `{csv_path.name}`."]
+    if flagged:
+        text.append(f"The pool records {flagged} of the {len(rows)} items as corrupted; {found} of them rank among the {flagged} most "
+                    f"harmful (recall {found / flagged:.2f}).")
+    keys = [c for c in ("task_id", "example", "score", "classes", "file", "label", "true_label", "corrupted") if any(r.get(c) for r in rows[:k])]
+    return text, [{c: r[c] for c in keys} for r in rows[:k]]
+
+
 def report_run_folder(run_dir: str | Path) -> Path:
     """Render what a run folder holds: its checkpoints (kind, test accuracy, refine state), every scores
     file (level, method, Hessian, solver residual, stationarity, warnings, most harmful items) and every
@@ -57,6 +78,7 @@ def report_run_folder(run_dir: str | Path) -> Path:
             m = rec["metrics"]
             erows.append({"edit": name, "removed": describe_count(m["removed"]) if isinstance(m.get("removed"), dict) else json.dumps(m.get("removed")), "step": m["edit"].get("step", "-"),
                           "hessian": m["edit"].get("hessian", "-"), "residual": f"{m['edit'].get('solver_residual', float('nan')):.1e}",
+                          "solve": {True: "converged", False: "STOPPED SHORT"}.get(m["edit"].get("solver_converged"), "-"),
                           "test before": _eval_cell((m.get("eval_before_edit") or {}).get("test")), "test after": _eval_cell((m.get("eval") or {}).get("test"))})
         secs.append({"heading": "Edits (closed-form removal)", "tables": [erows]})
     for name, rec in sorted(scores.items()):
@@ -71,5 +93,8 @@ def report_run_folder(run_dir: str | Path) -> Path:
             f"measurement f = {num(rec.get('measurement'), '.4f')}; ‖∇F‖ / mean‖g‖ = {num(st.get('ratio'), '.2g')}.",
         ]
         paragraphs += [f"**warning:** {w}" for w in diag.get("warnings", [])]
-        secs.append({"heading": f"Scores: {name}", "paragraphs": paragraphs})
+        table = _items_table(d / f"{name}.csv")
+        if table:
+            paragraphs += table[0]
+        secs.append({"heading": f"Scores: {name}", "paragraphs": paragraphs, **({"tables": [table[1]]} if table else {})})
     return write_report(d, f"metainfluence run: {d.name}", secs)

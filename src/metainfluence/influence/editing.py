@@ -25,7 +25,7 @@ from ..meta.objective import MetaProblem
 from ..tasks.tensors import TaskTensors
 from .gradients import kept_task_gradients, removed_examples_gradient
 from ..meta.curvature import TotalHessian
-from .results import InfluenceSettings
+from .results import RESIDUAL_WARN, InfluenceSettings, shortfall
 from .task_if import build_hessian, ihvp
 
 
@@ -209,11 +209,51 @@ def reduced_objective(problem, pool, weights, proximal):
     return objective, gradient
 
 
+def check_edit_solve(diag: dict[str, Any], res: Any, settings: InfluenceSettings) -> None:
+    """Say aloud (a warning and a line in ``diag["warnings"]``) when the edit's solve stopped short of its
+    tolerance or left a large residual, with the remedy that fits the solver and Hessian used."""
+    converged = bool(res.info.get("converged", True))
+    if converged and res.residual <= RESIDUAL_WARN:
+        return
+    solve = settings.solve
+    fixes = []
+    if res.info.get("stopped_by") == "time":
+        fixes.append(f"raise --max-minutes (its budget, {solve.max_minutes:g} min, ran out) or set it to 0 (no limit)")
+    if res.solver in ("cg", "pcg"):
+        fixes.append(f"raise --max-iter (now {solve.max_iter})")
+    elif res.solver in ("neumann", "lissa", "lowrank", "curvature"):
+        fixes.append("use --solver cg")
+    if (settings.hessian, res.solver) != ("fisher", "woodbury"):
+        fixes.append("use --hessian fisher --solver woodbury (an exact inverse, no iterations)")
+    else:
+        fixes.append(f"raise --damping (now {settings.damping:g})")
+    state = "stopped before its tolerance" if not converged else "left a large residual"
+    shortfall(diag, f"the edit's {res.solver} solve {state}: relative residual {res.residual:.2g} (tol {solve.tol:g}) after "
+                    f"{res.iterations} iteration{'s' if res.iterations != 1 else ''}, so λ_edit is only approximately the closed-form edit; " + ", or ".join(fixes))
+
+
 @dataclass
 class EditResult:
+    """The edited λ, its change Δλ = λ_edit − λ*, and what the edit did (``print`` shows sizes and norms, not the tensors)."""
+
     lam: torch.Tensor
     delta: torch.Tensor
     diagnostics: dict[str, Any]
+
+    def __repr__(self) -> str:
+        d = self.diagnostics
+        parts = [f"p={self.lam.numel()}", f"‖λ‖={float(self.lam.norm()):.4g}", f"‖Δλ‖={float(self.delta.norm()):.3g}",
+                 f"removed {describe_count(d['removed'])}" if "removed" in d else ""]
+        if "solver_converged" in d:
+            parts.append(f"solve {'converged' if d['solver_converged'] else 'NOT converged'} (residual {d['solver_residual']:.2g}, "
+                         f"{d['solver_iterations']} iterations)")
+        if d.get("newton"):
+            parts.append(f"{len(d['newton'])} Newton steps")
+        if "steps" in d:  # unlearn
+            parts.append(f"{d['steps']} unlearning steps")
+        if d.get("warnings"):
+            parts.append(f"{len(d['warnings'])} warning{'s' if len(d['warnings']) != 1 else ''} (diagnostics['warnings'])")
+        return "EditResult(" + ", ".join(x for x in parts if x) + ")"
 
 
 def edit_model(
@@ -262,6 +302,9 @@ def edit_model(
         diag["step_length"] = t
     diag.update({"solver_residual": res.residual, "solver_iterations": res.iterations,
                  "solver_converged": bool(res.info.get("converged", True)), "hessian": op.kind})
+    if res.info.get("stopped_by"):
+        diag["solver_stopped_by"] = res.info["stopped_by"]
+    check_edit_solve(diag, res, settings)
     if newton_steps:
         # the edit's own curvature when it is exact or Gauss–Newton (GN stays PSD where the exact
         # Hessian of a non-convex reduced objective makes CG fail); exact otherwise, if the problem has it

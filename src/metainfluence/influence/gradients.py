@@ -263,7 +263,7 @@ def _train_pass(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, s: 
     (``diag["task_gradients_reused_s"]``: the seconds of the pass that made them)."""
     dots, norms = [], []
     total = torch.zeros_like(lam)
-    chunks = list(problem.chunks(len(tasks)))
+    chunks = list(problem.chunks(len(tasks), lam, tasks))
     # total gradients a fisher fit kept in this block: read, not recomputed; charged that pass's seconds
     kept = kept_task_gradients(problem, lam, tasks) if gradient_fn is _total_gradients else None
     if kept is not None and diag is not None:

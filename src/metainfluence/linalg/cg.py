@@ -49,12 +49,14 @@ def block_cg(products: Callable[[Tensor], Tensor], B: Tensor, tol: float, max_it
     iterations = [0] * m
     rel = [0.0 if bnorm[j] == 0 else 1.0 for j in range(m)]
     active = bnorm > 0
-    damping = getattr(products, "damping", None)
+    # δ of DampedProducts, given its bound ``block`` method (the products themselves carry no attribute)
+    damping = getattr(products, "damping", getattr(getattr(products, "__self__", None), "damping", None))
     # no total: an ETA towards max_iter would read hours where the solve stops at its tolerance in minutes;
     # the postfix carries one from the residual's own rate instead
     progress = bar(f"CG ({m} rhs)" if m > 1 else "CG", None, "it")
     trend = RateEta()
-    advice = f"raise damping (now {damping:g}) or use a gauss-newton/fisher Hessian" if damping is not None else "raise damping"
+    advice = (f"raise --damping (now {damping:g}), or use a positive semi-definite Hessian (--hessian gauss-newton, or --hessian fisher "
+              "--solver woodbury)" if damping is not None else "raise damping")
     negative: list[int] = []
     it = 0
     stopped_by = None
@@ -76,8 +78,11 @@ def block_cg(products: Callable[[Tensor], Tensor], B: Tensor, tol: float, max_it
                 negative.append(j)
             continue  # the other columns redo this iteration (their P is unchanged)
         if bool((curvature <= 0).any()):
+            # the Rayleigh quotient of H + δI along p bounds its lowest eigenvalue from above: δ must exceed this much more
+            shortfall = -float((curvature / (Pa * Pa).sum(0)).min())
+            need = f" (H has an eigenvalue ≤ {-shortfall - (damping or 0.0):.3g}, so damping must exceed {shortfall + (damping or 0.0):.3g})" if damping is not None else ""
             raise DivergenceError(
-                f"conjugate gradient met curvature pᵀ(H+δI)p = {float(curvature.min()):.3g} ≤ 0 at iteration {it}: H+δI is indefinite; {advice}"
+                f"conjugate gradient met curvature pᵀ(H+δI)p = {float(curvature.min()):.3g} ≤ 0 at iteration {it}: H+δI is indefinite{need}; {advice}"
             )
         alpha = rr[idx] / curvature
         X[:, idx] += alpha * Pa

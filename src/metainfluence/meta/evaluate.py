@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -50,6 +51,15 @@ class EvalResult:
     loss_sd: float = float("nan")
     per_task_accuracy: list[float] = field(default_factory=list, repr=False)
     per_task_loss: list[float] = field(default_factory=list, repr=False)
+    chance: float = float("nan")  # 1/N of N-way classification tasks (NaN where unknown)
+
+    @property
+    def at_chance(self) -> bool:
+        """Accuracy indistinguishable from guessing: within its 95% interval (at least a point) of 1/N."""
+        if not self.is_classification or math.isnan(self.chance):
+            return False
+        margin = max(self.accuracy_ci95 if not math.isnan(self.accuracy_ci95) else 0.0, 0.01)
+        return self.accuracy - self.chance <= margin
 
     @property
     def is_classification(self) -> bool:
@@ -58,7 +68,8 @@ class EvalResult:
     def summary(self) -> str:
         loss = f"query loss {self.loss:.4f} ± {self.loss_ci95:.4f}"
         if self.is_classification:
-            return f"accuracy {100 * self.accuracy:.2f}% ± {100 * self.accuracy_ci95:.2f}% ({loss}; 95% interval over {self.n_tasks} tasks)"
+            chance = f"; AT CHANCE (1/{round(1 / self.chance)} = {100 * self.chance:.1f}%): the model has not learned" if self.at_chance else ""
+            return f"accuracy {100 * self.accuracy:.2f}% ± {100 * self.accuracy_ci95:.2f}% ({loss}; 95% interval over {self.n_tasks} tasks{chance})"
         return f"{loss} (95% interval over {self.n_tasks} tasks)"
 
     def to_json(self, per_task: bool = False) -> dict:
@@ -71,6 +82,8 @@ class EvalResult:
             "loss_sd": self.loss_sd,
             "n_tasks": self.n_tasks,
             "interval": "1.96 * sample sd / sqrt(n_tasks)",
+            "chance_accuracy": self.chance,
+            "at_chance": self.at_chance,
         }
         if per_task:
             out["per_task_accuracy"] = self.per_task_accuracy
@@ -112,4 +125,12 @@ def evaluate(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors) -> Eva
     lam = lam.detach()
     tasks = tasks.to(device=lam.device, dtype=lam.dtype)
     losses, accs = problem.task_metrics(lam, tasks)
-    return EvalResult.from_per_task(losses, accs)
+    result = EvalResult.from_per_task(losses, accs)
+    y = tasks.query_y
+    if result.is_classification and not y.is_floating_point() and y.dim() == 2 and y.numel():
+        result.chance = 1.0 / (int(y.max()) + 1)  # N-way tasks label their classes 0..N−1
+        if result.at_chance:
+            warnings.warn(f"accuracy {100 * result.accuracy:.1f}% over {result.n_tasks} tasks is at chance (1/{int(y.max()) + 1}): the model "
+                          "has not learned this problem — check that the training loss fell; a Conv4 without normalisation may not "
+                          "train (try --model-norm group or batch), or lower --lr / --inner-lr", stacklevel=2)
+    return result

@@ -1,4 +1,4 @@
-"""Checks that a task pool fits a problem's model and loss, before any pass over it.
+"""Checks that a task pool fits a problem's model and loss, before any pass over it (``problem``: a MetaProblem).
 
 A mismatch that torch would otherwise report deep inside ``vmap`` (``mat1 and mat2 shapes cannot be
 multiplied``, ``Target 7 is out of bounds``) or, worse, not at all (squared error broadcasting targets of
@@ -8,7 +8,7 @@ tensor and the remedy. The check runs the model on one task's support set: cheap
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -16,7 +16,6 @@ from ..errors import SettingsError
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..tasks.tensors import TaskTensors
-    from .objective import MetaProblem
 
 # per-example losses that take class indices (integer targets) rather than values shaped like the output
 _CLASS_INDEX_LOSSES = ("cross_entropy",)
@@ -27,7 +26,7 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def check_parameters(problem: "MetaProblem", lam: torch.Tensor) -> None:
+def check_parameters(problem: Any, lam: torch.Tensor) -> None:
     """λ must be the flat vector of this model's parameters."""
     if lam.dim() != 1 or lam.numel() != problem.dim:
         raise SettingsError(
@@ -35,8 +34,22 @@ def check_parameters(problem: "MetaProblem", lam: torch.Tensor) -> None:
             f"so λ must have shape ({problem.dim},); start from problem.init_params() or the λ saved with this model")
 
 
-def check_pool(problem: "MetaProblem", lam: torch.Tensor, tasks: "TaskTensors") -> None:
-    """Refuse a pool whose inputs the model cannot take or whose targets the loss cannot read."""
+# bytes one task of a vmapped pass holds, per byte of the model's activations on its examples (support ones once per inner
+# step) and per byte of λ: the peaks of exact total-Hessian products, the heaviest per-task work, are measured against
+# this bound by benchmarks/bench_chunk_memory.py (up to 11× the activations with batch norm, 12× λ for an MLP)
+ACTIVATION_FACTOR, PARAMETER_FACTOR = 16, 16
+
+
+def task_bytes(problem: Any, lam: torch.Tensor, tasks: "TaskTensors", activations_per_example: int) -> int:
+    """A bound on the memory one task of a vmapped pass over ``tasks`` takes (see ACTIVATION_FACTOR)."""
+    examples = tasks.n_support * max(1, problem.inner.steps) + tasks.n_query
+    item = lam.element_size()
+    return int(ACTIVATION_FACTOR * activations_per_example * examples * item + PARAMETER_FACTOR * problem.dim * item)
+
+
+def check_task_tensors(problem: Any, lam: torch.Tensor, tasks: "TaskTensors") -> int:
+    """Refuse a pool whose inputs the model cannot take or whose targets the loss cannot read. Returns the
+    model's activations per example (elements of every leaf module's output), which sizes automatic chunks."""
     check_parameters(problem, lam)
     for name in ("support_x", "query_x"):
         t = getattr(tasks, name)
@@ -46,22 +59,38 @@ def check_pool(problem: "MetaProblem", lam: torch.Tensor, tasks: "TaskTensors") 
         raise SettingsError(f"support inputs are {tuple(tasks.support_x.shape[2:])} per example but query inputs "
                             f"{tuple(tasks.query_x.shape[2:])}; both sets need the same example shape")
     x = tasks.support_x[0]
+    counted = [0]
+
+    def count(_module, _inputs, output) -> None:
+        if isinstance(output, torch.Tensor):
+            counted[0] += output.numel()
+
+    leaves = [m for m in problem.model.modules() if not any(True for _ in m.children())]
+    handles = [m.register_forward_hook(count) for m in leaves]
     try:
         with torch.no_grad():
             out = problem.forward(lam.detach(), x)
     except (RuntimeError, ValueError, IndexError, TypeError) as exc:
         raise SettingsError(
             f"the model {type(problem.model).__name__} cannot take inputs of shape {tuple(x.shape[1:])} per example "
-            f"({_first_line(exc)}); build the model for this input shape, or resize the inputs to the shape it was built for") from None
+            f"(a pool of {len(tasks)} tasks; {_first_line(exc)}); build the model for this input shape, or resize the inputs to the "
+            "shape it was built for") from None
+    finally:
+        for h in handles:
+            h.remove()
     for name in ("support_y", "query_y"):
         _check_targets(problem, name, getattr(tasks, name), out)
+    return max(counted[0], out.numel()) // max(1, x.shape[0])
 
 
-def _check_targets(problem: "MetaProblem", name: str, y: torch.Tensor, out: torch.Tensor) -> None:
+def _check_targets(problem: Any, name: str, y: torch.Tensor, out: torch.Tensor) -> None:
     """Targets of one set against the model's output on one example set (``out``: (m, ...))."""
     per_example_out = tuple(out.shape[1:])
     per_example_y = tuple(y.shape[2:])
     if problem.loss_name in _CLASS_INDEX_LOSSES:
+        if per_example_out in ((), (1,)):
+            raise SettingsError("the model has a single output per example, and cross entropy over one class is always 0 (every score "
+                                "would be 0); build the model with one output per class, or use loss='mse' for regression")
         if y.is_floating_point() and per_example_y == per_example_out:
             return  # class probabilities (soft or one-hot labels), which cross entropy also takes
         if y.is_floating_point() or y.dtype == torch.bool:

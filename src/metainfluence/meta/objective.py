@@ -26,12 +26,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, grad_and_value, jvp, vmap
 
+from ..allocator import chunk_budget_bytes
 from ..errors import SettingsError, require
 from ..linalg.cg import fixed_step_cg
 from ..progress import bar
 from ..tasks.tensors import TaskTensors
 from .collective import SINGLE_PROCESS, Collective
-from .inputs import check_pool
+from .inputs import check_task_tensors, task_bytes
 from .params import ParamSpec
 
 
@@ -151,6 +152,7 @@ class MetaProblem:
         self.chunk_size = chunk_size
         # sums over tasks and per-task rows cross processes through this (one process by default)
         self.collective: Collective = collective or SINGLE_PROCESS
+        self._task_bytes: dict[tuple, int] = {}  # memory bound of one task, per pool shape and dtype (auto_chunk)
 
     # ------------------------------------------------------------------ parameters
     @property
@@ -249,10 +251,21 @@ class MetaProblem:
             raise SettingsError(f"example weights have shapes {tuple(v.shape)}, {tuple(u.shape)}; expected ({n}, {tasks.n_support}) and ({n}, {tasks.n_query})")
         return v, u
 
-    def chunks(self, n: int) -> Iterator[slice]:
-        step = self.chunk_size or n
+    def chunks(self, n: int, lam: torch.Tensor | None = None, tasks: TaskTensors | None = None) -> Iterator[slice]:
+        """Slices of ``chunk_size`` tasks; without one, as many tasks of ``tasks`` as fit the memory budget
+        (:meth:`auto_chunk`), or all ``n`` at once when no pool is given."""
+        step = self.chunk_size or (self.auto_chunk(lam, tasks) if tasks is not None and lam is not None else n)
         for start in range(0, n, step):
             yield slice(start, min(n, start + step))
+
+    def auto_chunk(self, lam: torch.Tensor, tasks: TaskTensors) -> int:
+        """Tasks per vmapped chunk when ``chunk_size`` is unset: as many as fit ``allocator.chunk_budget_bytes``
+        by the bound of :func:`.inputs.task_bytes` (a whole small pool at once; a few 84×84 tasks a chunk)."""
+        key = (tuple(tasks.support_x.shape[1:]), tuple(tasks.query_x.shape[1:]), lam.dtype, lam.device.type)
+        if key not in self._task_bytes:
+            self.records(lam, tasks)  # checks the pool and measures the model's activations once per pool shape
+        per_task = self._task_bytes[key]
+        return max(1, min(len(tasks), chunk_budget_bytes(lam.device) // max(1, per_task)))
 
     def records(self, lam, tasks: TaskTensors, v=None, u=None) -> TaskRecord:
         """The pool as one batched :class:`TaskRecord` (weights default to ones, cast like λ).
@@ -262,23 +275,26 @@ class MetaProblem:
         check_working_dtype(lam)
         if tasks.support_x.is_floating_point() and tasks.support_x.dtype != lam.dtype:
             tasks = tasks.to(dtype=lam.dtype)
-        check_pool(self, lam, tasks)
+        activations = check_task_tensors(self, lam, tasks)
+        key = (tuple(tasks.support_x.shape[1:]), tuple(tasks.query_x.shape[1:]), lam.dtype, lam.device.type)
+        self._task_bytes[key] = task_bytes(self, lam, tasks, activations)
         dv, du = self.default_weights(tasks, lam)
         v = dv if v is None else v.to(lam)
         u = du if u is None else u.to(lam)
         return TaskRecord(tasks.support_x, tasks.support_y, tasks.query_x, tasks.query_y, v, u)
 
-    def _chunk_slices(self, n: int, desc: str | None) -> Iterable[slice]:
-        """The chunks of an n-task pass; with ``desc``, under a progress bar (a heartbeat line in logs), so
+    def _chunk_slices(self, lam, tasks: TaskTensors, desc: str | None) -> Iterable[slice]:
+        """The chunks of a pass over ``tasks``; with ``desc``, under a progress bar (a heartbeat line in logs), so
         that a pass of minutes (a large validation pool, 84×84 tasks in float64) is not silent."""
-        slices = list(self.chunks(n))
+        n = len(tasks)
+        slices = list(self.chunks(n, lam, tasks))
         return slices if desc is None else bar(desc, len(slices), "chunk", iterable=slices)
 
     def _mapped_chunks(self, fn: Callable, lam, tasks: TaskTensors, v, u, extra: tuple, desc: str | None = None):
         """(chunk slice, fn over the chunk's tasks) pairs: ``fn(lam, task, *extra)`` vmapped over tasks."""
         record = self.records(lam, tasks, v, u)
         mapped = vmap(fn, in_dims=(None, 0) + (0,) * len(extra))
-        for c in self._chunk_slices(len(tasks), desc):
+        for c in self._chunk_slices(lam, tasks, desc):
             chunk = record.row(c)
             yield c, mapped(lam, chunk, *[e[c] for e in extra])
 
@@ -359,7 +375,7 @@ class MetaProblem:
             rows = rows.to(lam)
             row_values = torch.zeros(len(rows), dtype=torch.float64, device=lam.device)
             row_gradients = torch.zeros(len(rows), lam.numel(), dtype=lam.dtype, device=lam.device)
-        for c in self._chunk_slices(len(tasks), desc):
+        for c in self._chunk_slices(lam, tasks, desc):
             g, val = both(lam, record.row(c))
             g, val = g.detach(), val.detach().double()
             value = value + torch.dot(w[c].double(), val)

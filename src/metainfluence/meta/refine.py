@@ -20,7 +20,9 @@ F(λ; w) = (1/n) Σ_i w_i L_Q^i(λ) + (μ/2)‖λ‖² from the trained λ:
 
 Stopping: ‖∇F‖ ≤ ``tol`` or ‖∇F‖ / ḡ₀ ≤ ``tol_ratio`` (whichever comes first; ḡ₀ = mean per-task
 total-gradient norm, measured once at the start and again at the end for the report), ``max_iter``
-iterations, or ``max_minutes`` of wall time (checked between iterations; λ so far is returned).
+iterations, or ``max_minutes`` of wall time (checked before each iteration, which is not started when the time spent
+plus the last iteration's would overrun it; λ so far is returned). The iterations print ‖∇F‖/ḡ₀; the report
+also gives ‖∇F‖ over the mean measured again at the end (``ratio_after``), and ``ratio_after_start`` = ‖∇F‖/ḡ₀.
 
 The weights ``w`` refine with tasks removed (w_k = 0) while keeping the 1/n normalisation of the
 full pool — the leave-one-out ground truth of docs/method.md §10 is defined this way. The report records
@@ -41,7 +43,7 @@ import torch
 from ..errors import DivergenceError, SettingsError
 from ..tasks.tensors import TaskTensors
 from .objective import MetaProblem
-from .refine_monitor import RefineMonitor
+from .refine_monitor import RefineMonitor, check_start_lambda, mean_task_gradient_norm, refine_target
 from .train import parse_dtype
 
 
@@ -61,7 +63,7 @@ class RefineSettings:
     tol: float = field(default=1e-6, metadata={"help": "stop when the full-pool meta-gradient norm ‖∇F‖₂ is at most this (0: off)"})
     tol_ratio: float = field(default=0.0, metadata={"help": "also stop when ‖∇F‖ / mean_i ‖g_i‖ is at most this (mean per-task gradient norm measured once at the start; 0: off) — the first of tol and tol_ratio met stops"})
     max_iter: int = field(default=1000, metadata={"help": "maximum optimiser iterations (each is one or a few full-pool passes)"})
-    max_minutes: float = field(default=0.0, metadata={"help": "stop after this many minutes of wall time (checked between iterations) and return λ so far, with a warning (0: no limit)"})
+    max_minutes: float = field(default=0.0, metadata={"help": "stop after this many minutes of wall time and return λ so far, with a warning; an iteration is not started when the time spent plus the last iteration's would overrun it (0: no limit)"})
     lr: float = field(default=0.1, metadata={"help": "initial step size of gradient descent (method gd, and the L-BFGS fallback)"})
     history_size: int = field(default=20, metadata={"help": "L-BFGS memory (number of curvature pairs)"})
     dtype: str = field(default="float64", metadata={"help": "precision of refine and of the returned λ: float64 (lets ‖∇F‖ go far below float32 round-off) | float32", "choices": ("float32", "float64")})
@@ -138,6 +140,7 @@ class RefineReport:
     preconditioner: dict = field(default_factory=dict)
     history: list = field(default_factory=list, repr=False)  # per iteration: ratio, step, cg, seconds, eta_s (out of print(report))
     proximal: float = 0.0  # γ of the proximal term the gradient norms include (0: plain F)
+    ratio_after_start: float = float("nan")  # ‖∇F‖ at the returned λ / the starting mean‖g_i‖ ḡ₀: what the iterations print and tol_ratio tests
 
     def summary(self) -> str:
         state = "converged" if self.converged else f"NOT converged: {self.stopped_by or 'stopped'}"
@@ -146,7 +149,10 @@ class RefineReport:
             f"refine ({self.method}, {state}, {self.iterations} iterations{cg}, {self.evaluations} full-pool passes, {self.wall_time_s:.1f} s): "
             f"‖∇F‖ {self.grad_norm_before:.3g} → {self.grad_norm_after:.3g} (tol {self.tol:.3g}"
             + (f", tol_ratio {self.tol_ratio:.3g}" if self.tol_ratio else "") + "); "
-            f"‖∇F‖ / mean‖g_i‖ {self.ratio_before:.3g} → {self.ratio_after:.3g}; F {self.objective_before:.6g} → {self.objective_after:.6g}"
+            f"‖∇F‖ / mean‖g_i‖ {self.ratio_before:.3g} → {self.ratio_after:.3g}"
+            + (f" (‖∇F‖/ḡ₀ {self.ratio_after_start:.3g} against the starting mean‖g_i‖, as the iterations print it)"
+               if isinstance(self.ratio_after_start, float) and math.isfinite(self.ratio_after_start) else "")
+            + f"; F {self.objective_before:.6g} → {self.objective_after:.6g}"
         )
 
     def to_json(self) -> dict:
@@ -195,28 +201,6 @@ def _finite(f: torch.Tensor, g: torch.Tensor) -> bool:
     return bool(torch.isfinite(f)) and bool(torch.isfinite(g).all())
 
 
-def mean_task_gradient_norm(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, w: torch.Tensor | None = None,
-                            v: torch.Tensor | None = None, u: torch.Tensor | None = None) -> float:
-    """(1/|K|) Σ_{k∈K} ‖g_k‖ over the tasks with w_k ≠ 0 (with example weights v, u when given), from
-    :meth:`MetaProblem.total_gradients` taken chunk by chunk (so the (n × p) matrix is never held at once)."""
-    if w is not None:
-        active = torch.nonzero(w != 0).reshape(-1)
-        if len(active) == 0:
-            return float("nan")
-        tasks = tasks.subset(active)
-        v = None if v is None else v[active]
-        u = None if u is None else u[active]
-    step = problem.chunk_size or len(tasks)
-    total = torch.zeros((), dtype=lam.dtype, device=lam.device)
-    for start in range(0, len(tasks), step):
-        rows = slice(start, min(len(tasks), start + step))
-        part = tasks.subset(rows)
-        total = total + problem.total_gradients(lam, part, None if v is None else v[rows], None if u is None else u[rows]).norm(dim=1).sum()
-    # through ``reduce`` so that a pool sharded over processes gives the pool-wide mean
-    count = problem.collective.all_sum(torch.tensor(float(len(tasks)), dtype=lam.dtype, device=lam.device))
-    return float(problem.collective.all_sum(total) / count)
-
-
 def refine(
     problem: MetaProblem,
     lam: torch.Tensor,
@@ -241,6 +225,7 @@ def refine(
     Emits a :class:`RefineWarning` (and ``report.converged = False``) when the tolerance is not met;
     raises :class:`DivergenceError` if F or ∇F is NaN/inf at the starting point.
     """
+    check_start_lambda(lam)
     settings = settings or RefineSettings()
     settings.validate()
     dtype = parse_dtype(settings.dtype)
@@ -311,12 +296,12 @@ def refine(
     converged = gn1 <= stop
     task_norm_after = mean_task_gradient_norm(problem, x, tasks, w, v, u)
     ratio_after = gn1 / task_norm_after if task_norm_after > 0 else float("nan")
+    ratio_start = gn1 / task_norm_before if task_norm_before > 0 else float("nan")  # the scale the iterations print
     if converged:
         stopped_by = "tol" if gn1 <= settings.tol else "tol_ratio"
-    elif monitor.out_of_time():
+    elif monitor.timed_out:  # the budget was spent, or the next iteration would have overrun it (refine_monitor.py)
         stopped_by = "max_minutes"
-        message = (message + "; " if message else "") + (
-            f"stopped by time: max_minutes={settings.max_minutes:g} reached after {iterations} iterations with ‖∇F‖ / mean‖g_i‖ = {ratio_after:.3g} remaining")
+        message = (message + "; " if message else "") + monitor.time_message(iterations, ratio_start)
     elif message:
         stopped_by = "failure"
     else:
@@ -346,16 +331,18 @@ def refine(
         preconditioner=precond,
         history=monitor.history,
         proximal=0.0 if proximal is None else proximal[0],
+        ratio_after_start=ratio_start,
     )
     if not converged:
-        target = f"‖∇F‖ ≤ {settings.tol:g}" + (f" or ‖∇F‖ / mean‖g_i‖ ≤ {settings.tol_ratio:g}" if settings.tol_ratio else "")
+        target = refine_target(settings.tol, settings.tol_ratio, stop)
         if stopped_by == "max_minutes":
             advice = (f"raise --refine-max-minutes, or continue from where it stopped by refining the written checkpoint again "
                       f"(`metainfluence refine --checkpoint OUT/refined`); {refine_advice(settings, problem)}")
         else:
             advice = refine_advice(settings, problem)
         warnings.warn(
-            f"refine did not reach {target} (‖∇F‖ = {gn1:.3g}, ratio {ratio_after:.3g}; {message}); {advice} — influence estimates assume stationarity (docs/method.md §2)",
+            f"refine did not reach {target}: ‖∇F‖ = {gn1:.3g}, ‖∇F‖/ḡ₀ {ratio_start:.3g} ({ratio_after:.3g} against the end's mean‖g_i‖); "
+            f"{message}; {advice} — influence estimates assume stationarity (docs/method.md §2)",
             RefineWarning,
             stacklevel=2,
         )

@@ -1,24 +1,74 @@
 """The progress and stopping record shared by refine's drivers (meta/refine.py, meta/newton_cg.py):
-per-iteration ratio ‖∇F‖/ḡ₀, step, CG iterations and seconds, an ETA to the tolerance, and the
-``max_minutes`` clock."""
+per-iteration ratio ‖∇F‖/ḡ₀ (ḡ₀: the mean per-task gradient norm at the start), step, CG iterations and
+seconds, an ETA to the tolerance, and the ``max_minutes`` clock; also the words of refine's target and
+the check of the λ a caller passes."""
 
 from __future__ import annotations
 
 import math
 import sys
 import time
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..errors import SettingsError
 from ..progress import RateEta, clock
+from .objective import check_working_dtype
+
+if TYPE_CHECKING:
+    from ..tasks.tensors import TaskTensors
+    from .objective import MetaProblem
+
+
+def check_start_lambda(lam: Any) -> None:
+    """Refuse a starting λ that is not a flat tensor before anything reads it (a state_dict gets the way to its flat λ)."""
+    if isinstance(lam, Mapping):
+        raise SettingsError(f"got a {type(lam).__name__} (a state_dict?) as λ, not the flat parameter tensor; load it into the model "
+                            "(model.load_state_dict(state)) and pass problem.init_params(torch.float64)")
+    if not isinstance(lam, torch.Tensor):
+        check_working_dtype(lam)  # its one-line refusal of a non-tensor
+
+
+def refine_target(tol: float, tol_ratio: float, stop: float) -> str:
+    """The stopping rule refine was given, in words: the absolute ‖∇F‖ ≤ tol and/or the ratio to ḡ₀, whichever are set."""
+    parts = [f"‖∇F‖ ≤ {tol:g}"] if tol > 0 else []
+    if tol_ratio > 0:
+        parts.append(f"‖∇F‖/ḡ₀ ≤ {tol_ratio:g}")
+    if not parts:
+        return "‖∇F‖ = 0 (--refine-tol and --refine-tol-ratio are both 0)"
+    both = len(parts) == 2
+    return " or ".join(parts) + (f" (ḡ₀ the starting mean‖g_i‖; ‖∇F‖ ≤ {stop:.3g}{', the looser' if both else ''})" if tol_ratio > 0 else "")
+
+
+def mean_task_gradient_norm(problem: "MetaProblem", lam: torch.Tensor, tasks: "TaskTensors", w: torch.Tensor | None = None,
+                            v: torch.Tensor | None = None, u: torch.Tensor | None = None) -> float:
+    """(1/|K|) Σ_{k∈K} ‖g_k‖ over the tasks with w_k ≠ 0 (with example weights v, u when given), from
+    :meth:`MetaProblem.total_gradients` taken chunk by chunk (so the (n × p) matrix is never held at once)."""
+    if w is not None:
+        active = torch.nonzero(w != 0).reshape(-1)
+        if len(active) == 0:
+            return float("nan")
+        tasks = tasks.subset(active)
+        v = None if v is None else v[active]
+        u = None if u is None else u[active]
+    step = problem.chunk_size or len(tasks)
+    total = torch.zeros((), dtype=lam.dtype, device=lam.device)
+    for start in range(0, len(tasks), step):
+        rows = slice(start, min(len(tasks), start + step))
+        part = tasks.subset(rows)
+        total = total + problem.total_gradients(lam, part, None if v is None else v[rows], None if u is None else u[rows]).norm(dim=1).sum()
+    # through ``reduce`` so that a pool sharded over processes gives the pool-wide mean
+    count = problem.collective.all_sum(torch.tensor(float(len(tasks)), dtype=lam.dtype, device=lam.device))
+    return float(problem.collective.all_sum(total) / count)
 
 
 class RefineMonitor:
     """Per-iteration record and progress bar: ratio ‖∇F‖/ḡ₀, step length, CG iterations, seconds per
     iteration and an ETA to the tolerance extrapolated from the log-linear decrease of the ratio over
     the last few iterations (a Newton method that speeds up finishes sooner than that); also the
-    ``max_minutes`` clock."""
+    ``max_minutes`` clock, which stops before an iteration that would overrun it (see :meth:`out_of_time`)."""
 
     WINDOW = 5
     # without a bar: a line for every iteration that takes this long (a Conv4 refine), else one per LINE_EVERY_S
@@ -29,10 +79,13 @@ class RefineMonitor:
     def __init__(self, settings: Any, task_norm: float, stop: float, t0: float, progress: bool, log=None):
         self.task_norm = task_norm if task_norm > 0 else float("nan")
         self.target = stop / self.task_norm if stop > 0 else float("nan")
+        self.t0, self.max_minutes = t0, settings.max_minutes
         self.deadline = t0 + 60 * settings.max_minutes if settings.max_minutes > 0 else math.inf
+        self.timed_out = ""  # why out_of_time said stop: "spent" (the budget) or "forecast" (the next iteration would overrun it)
         self.history: list[dict] = []
         self.trend = RateEta(self.WINDOW)  # log ratio against time
-        self.last = self.last_line = t0
+        self.last_line = t0
+        self.last = self.clock()  # iteration 1's seconds exclude the starting pass and the ḡ₀ measurement
         self.bar = None
         self.log = None if progress else log  # without a bar, lines for a log file (see SLOW_ITERATION_S)
         if progress:
@@ -41,15 +94,32 @@ class RefineMonitor:
             # no total: tqdm's own ETA would extrapolate max_iter, not the tolerance
             self.bar = tqdm(total=None, desc=f"refine ({settings.method})", unit="it", file=sys.stderr, dynamic_ncols=True, leave=True)
 
+    clock = staticmethod(time.perf_counter)  # a class attribute, so that a test can run the budget on a fake clock
+
     def out_of_time(self) -> bool:
-        return time.perf_counter() >= self.deadline
+        """Whether to stop before the next iteration: the budget is spent, or the time spent plus the last iteration's
+        seconds would overrun it (a 130 s iteration started at 3:10 of 4 minutes would end at 5:20). Drivers ask
+        once before each iteration; the reason stays in ``timed_out``."""
+        if self.deadline == math.inf:
+            return False
+        now = self.clock()
+        last = self.history[-1]["seconds"] if self.history else 0.0
+        self.timed_out = "spent" if now >= self.deadline else "forecast" if now + last > self.deadline else ""
+        return bool(self.timed_out)
+
+    def time_message(self, iterations: int, ratio: float) -> str:
+        """The report's words for a budget stop (after :meth:`out_of_time` said stop)."""
+        said = (f"budget stop: the next iteration would have overrun max_minutes={self.max_minutes:g} ({self.clock() - self.t0:.0f} s spent, "
+                f"the last iteration took {self.history[-1]['seconds']:.0f} s)" if self.timed_out == "forecast"
+                else f"max_minutes={self.max_minutes:g} reached")
+        return f"stopped by time after {iterations} iteration{'s' if iterations != 1 else ''}: {said}; ‖∇F‖/ḡ₀ = {ratio:.3g} remaining"
 
     def eta(self) -> float:
         """Seconds until the ratio reaches its target at the recent log-linear rate (nan: no estimate)."""
         return self.trend.eta(self.target)
 
     def update(self, g: torch.Tensor, step: float | None = None, cg: int | None = None, damping: float | None = None) -> None:
-        now = time.perf_counter()
+        now = self.clock()
         ratio = float(g.norm()) / self.task_norm
         self.trend.add(now, ratio)
         eta = self.eta()
@@ -58,7 +128,7 @@ class RefineMonitor:
             row["damping"] = damping
         self.history.append(row)
         self.last = now
-        post = {"ratio": f"{ratio:.3g}"}
+        post = {"‖∇F‖/ḡ₀": f"{ratio:.3g}"}  # ḡ₀: the mean‖g_i‖ at the start (the report's ratio_after uses the end's)
         if step is not None:
             post["step"] = f"{step:.2g}"
         if cg is not None:

@@ -35,6 +35,7 @@ from ..tasks.tensors import TaskTensors
 from .checkpoint import Checkpoint, load_checkpoint, pool_record, save_checkpoint
 from .evaluate import evaluate
 from .objective import MetaProblem
+from .refine_monitor import check_start_lambda
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
 
@@ -54,7 +55,7 @@ class TrainSettings:
     lr: float = field(default=1e-3, metadata={"help": "outer (Adam) learning rate on λ"})
     lr_schedule: str = field(default="constant", metadata={"help": "outer lr over the steps: constant | cosine (lr·(1+cos(π·step/steps))/2, decaying to 0 at steps; a function of the step, so resuming is exact)", "choices": ("constant", "cosine")})
     seed: int = field(default=0, metadata={"help": "seed of the model initialisation and of the meta-batch sampler"})
-    chunk_size: int = field(default=0, metadata={"help": "tasks per vmapped chunk inside a meta-batch (0 = the whole batch at once); lower it to save memory"})
+    chunk_size: int = field(default=0, metadata={"help": "tasks per vmapped chunk inside a meta-batch (0 = the problem's own: pool_chunk, or as many as fit the automatic memory budget); lower it to save memory"})
     checkpoint_every: int = field(default=200, metadata={"help": "steps between checkpoints (0 = only at the end)"})
     dtype: str = field(default="float32", metadata={"help": "precision of training: float32 | float64", "choices": ("float32", "float64")})
     log_every: int = field(default=10, metadata={"help": "steps between accuracy measurements on the meta-batch (progress bar and history); "
@@ -190,6 +191,7 @@ def meta_train(
     ``validation``: tasks evaluated every ``settings.validate_every`` steps (time spent there is not
     counted as training time).
     """
+    check_start_lambda(lam0)  # a state_dict or a list is refused with the remedy, not an AttributeError below
     settings = settings or TrainSettings()
     settings.validate()
     dtype = settings.torch_dtype

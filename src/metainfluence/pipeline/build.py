@@ -70,6 +70,10 @@ def load_data(data: DataSettings):
         if "split_by" not in takes:
             raise SettingsError(f"dataset {data.dataset!r} has its own kind of split; --split-by applies to image-folder only — drop it (or split_by in the config)")
         options["split_by"] = data.split_by
+    if data.color:
+        if "color" not in takes:
+            raise SettingsError(f"dataset {data.dataset!r} has its own colour; --color applies to image-folder only — drop it (or color in the config)")
+        options["color"] = data.color
     if data.image_size:
         if "image_size" not in takes:
             raise SettingsError(f"dataset {data.dataset!r} keeps its native image size and cannot be resized; drop --image-size (or image_size in the config)")

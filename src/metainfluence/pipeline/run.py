@@ -35,6 +35,7 @@ from ..meta.train import TrainHistory
 from ..tasks import load_pool
 from ..tasks.tensors import TaskTensors
 from .build import SPLITS, build_pools, build_problem, load_data, pool_tensors
+from .describe import item_rows, write_item_table
 from .settings import RunSettings
 
 
@@ -193,6 +194,8 @@ class RunContext:
         """Write a scores file ``FOLDER/NAME`` (default folder: ``out``) tied to the training pool's fingerprint."""
         stem = Path(folder) / name if folder is not None else self.path(name)
         result.save(stem, pool_fingerprint=self.pool_fingerprint("train"))
+        if isinstance(result, InfluenceResult):  # STEM.csv: the items by class and file names (pipeline/describe.py)
+            write_item_table(stem, item_rows(result, self.pools["train"], self.dataset))
         return stem
 
     def load_scores(self, path: str | os.PathLike) -> InfluenceResult:

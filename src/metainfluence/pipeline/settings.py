@@ -47,6 +47,7 @@ class DataSettings:
     pool_seed: int = field(default=0, metadata={"help": "seed of the task pools (same seed = same tasks)"})
     split_seed: int = field(default=0, metadata={"help": "seed of the dataset's train/val/test split"})
     split_by: str = field(default="", metadata={"help": "image-folder only: class (class-disjoint splits, the few-shot protocol; the default) | example (every class in every split, disjoint images: for folders with too few classes, as MNIST)"})
+    color: str = field(default="", metadata={"help": "image-folder only: auto (grey when every image is grey, else RGB; the default) | grey | rgb"})
     corrupt_tasks: float = field(default=0.0, metadata={"help": "fraction ρ_task of TRAINING tasks given wrong labels (mislabeled-task experiments; the truth is recorded in the pool)"})
     corrupt_labels: float = field(default=0.8, metadata={"help": "fraction ρ_label of a corrupted task's labels changed to another class of the task"})
     corrupt_where: str = field(default="both", metadata={"help": "which labels of a corrupted task: support | query | both"})
@@ -74,6 +75,8 @@ class DataSettings:
             values = self.image_size ** 2
         elif self.image_size and name in ("mini-imagenet", "image-folder"):  # RGB (image-folder: at most)
             values = 3 * self.image_size ** 2
+        if name == "image-folder" and str(self.color).lower() in ("grey", "gray"):
+            values //= 3  # forced grey: one channel
         limit = _memory_bytes() // 2
         for split, n in (("train", self.train_tasks), ("val", self.val_tasks), ("test", self.test_tasks)):
             per_task = self.n_way * (self.k_shot + self.query_size(split)) * values * 8  # float64 in influence
@@ -89,6 +92,8 @@ class DataSettings:
             raise SettingsError("corrupt_tasks and corrupt_labels are fractions: give values in [0, 1]")
         if self.split_by not in ("", "class", "example"):
             raise SettingsError(f"split_by must be class or example (or empty for the dataset's own), got {self.split_by!r}")
+        if str(self.color).lower() not in ("", "auto", "grey", "gray", "rgb"):
+            raise SettingsError(f"color must be auto, grey or rgb (or empty for auto), got {self.color!r}; e.g. --color grey")
         if self.corrupt_where not in ("support", "query", "both"):
             raise SettingsError(f"corrupt_where must be support, query or both, got {self.corrupt_where!r}")
 
@@ -98,7 +103,7 @@ class ObjectiveSettings:
     """The outer objective's regulariser and how full-pool passes are chunked."""
 
     weight_decay: float = field(default=1e-2, metadata={"help": "μ in F(λ) = (1/n) Σ L_Q^i + (μ/2)‖λ‖² — gives F a minimiser for refine"})
-    pool_chunk: int = field(default=0, metadata={"help": "tasks per vmapped chunk in full-pool passes (refine, evaluation); 0 = all at once"})
+    pool_chunk: int = field(default=0, metadata={"help": "tasks per vmapped chunk in full-pool passes (refine, influence, evaluation); 0 = automatic: as many as fit a quarter of this machine's memory (at most 4 GiB on a CPU), by a bound from the model's activations"})
 
 
 @dataclass

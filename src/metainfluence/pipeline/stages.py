@@ -256,14 +256,22 @@ def _stationarity_notice(ckpt: Any, settings: Any, log: Log) -> None:
         return
     ratio = float(report.get("ratio_after", float("nan")))
     if not ratio <= settings.stationarity_warn:
+        refine_further = "refine further (`metainfluence refine --checkpoint …`)"
+        if settings.hessian in ("fisher", "gauss-newton"):  # already positive semi-definite: only refining helps
+            remedy = (f"the {settings.hessian} Hessian used here is positive semi-definite, so the solve will not stall, but the answer still "
+                      f"assumes ∇F = 0: {refine_further}")
+        else:
+            remedy = (f"away from a stationary λ the {settings.hessian} total Hessian is often indefinite (CG then stalls); {refine_further}, "
+                      "or use the positive semi-definite --hessian fisher --solver woodbury")
         log(f"warning: this checkpoint's refine stopped at ‖∇F‖ / mean‖g_i‖ = {ratio:.2g} (above {settings.stationarity_warn:g}): influence "
-            "assumes a stationary λ, and away from one the exact total Hessian is often indefinite (CG then stalls); refine further "
-            "(`metainfluence refine --checkpoint …`), or use the positive semi-definite --hessian fisher --solver woodbury")
+            f"assumes a stationary λ; {remedy}")
 
 
 def scores_settings(scores: str | os.PathLike, base: Any) -> Any:
     """``base`` (InfluenceSettings) with the Hessian and solver settings a scores file was computed with, so that an edit
-    of its top items inverts the same Hessian (its damping without the proximal γ, which the edit adds again)."""
+    of its top items inverts the same Hessian (its damping without the proximal γ, which the edit adds again). Not its
+    time budget ``solve.max_minutes``: a limit chosen for the scores' solve would silently cut the edit's short, so only
+    a flag or a config file sets the edit's."""
     import dataclasses
 
     from ..influence.results import InfluenceResult
@@ -276,7 +284,7 @@ def scores_settings(scores: str | os.PathLike, base: Any) -> Any:
     keep = ("hessian", "solver", "damping", "damping_mode", "curvature_file", "fisher_samples", "products", "inner_damping", "inner_hessian")
     changes = {k: recorded[k] for k in keep if k in recorded}
     if isinstance(recorded.get("solve"), dict):
-        solve = {f.name: recorded["solve"][f.name] for f in dataclasses.fields(base.solve) if f.name in recorded["solve"]}
+        solve = {f.name: recorded["solve"][f.name] for f in dataclasses.fields(base.solve) if f.name in recorded["solve"] and f.name != "max_minutes"}
         changes["solve"] = dataclasses.replace(base.solve, **solve)
     return dataclasses.replace(base, **changes)
 
@@ -315,12 +323,14 @@ def edit_checkpoint(checkpoint: str | os.PathLike, settings: Any, remove_tasks: 
             raise SettingsError("--scores needs --top-k K (how many of the most harmful items to remove)")
         removal = removal_from_scores(ctx.load_scores(scores), top_k)
     log(f"train pool: {ctx.pools['train'].summary()}")
-    log(f"edit: {step} step removing {removal.describe()}, {settings.hessian} Hessian, solver {settings.solver}, damping {settings.damping:g}")
-    _stationarity_notice(ckpt, settings, log)
-    lam = ckpt.lam.double()
-    prox = proximal_of(ckpt)
+    prox, given = proximal_of(ckpt), settings
     if prox is not None:  # the edit of the proximal objective: its reduced Hessian is H_R + γI, its Newton steps descend P_R
         settings = proximal_settings(settings, prox[0])
+        log(f"proximal checkpoint: γ = {prox[0]:g} added to the damping ({given.damping:g} → {settings.damping:g})")
+    log(f"edit: {step} step removing {removal.describe()}, {settings.hessian} Hessian, solver {settings.solver}, damping {settings.damping:g}"
+        + (f", at most {settings.solve.max_minutes:g} min" if settings.solve.max_minutes else ""))
+    _stationarity_notice(ckpt, settings, log)
+    lam = ckpt.lam.double()
     edited = edit_stage(ctx, lam, removal, settings, newton_steps=newton_steps, step=step, proximal=prox)
     before = evaluate_stage(ctx, lam, ("test",))["test"]
     after = evaluate_stage(ctx, edited.lam, ("test",))["test"]

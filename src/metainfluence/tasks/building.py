@@ -3,6 +3,7 @@ form and its checks are :mod:`.pool`."""
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -20,6 +21,30 @@ def _positive_int(value: Any, name: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise PoolError(f"{name}={value!r} is invalid; use an integer of at least {minimum}")
     return int(value)
+
+
+def _own_folders(dataset: "ClassDataset") -> str:
+    """The layout of an image-folder dataset with class-disjoint splits ('' for other datasets)."""
+    return str(dataset.identity.get("layout", "")) if dataset.name == "image-folder" and dataset.split_kind == "class" else ""
+
+
+def _too_few_classes_advice(dataset: "ClassDataset", n_way: int) -> str:
+    layout = _own_folders(dataset)
+    if layout == "class-folders":
+        return (f" (with the seeded ≈60/20/20 class split, about {5 * n_way} class folders: 5·N); lower --n-way, add class folders, "
+                f"or --split-by example puts every class in every split")
+    if layout == "split-folders":
+        return f" ({n_way} class folders in each of train/, val/, test/); lower --n-way, or add class folders"
+    return "; lower --n-way"
+
+
+def _same_classes_warning(dataset: "ClassDataset", split: str, n_way: int, n_tasks: int) -> str:
+    """Every task of a split with exactly N classes holds the same classes: say what an interval over them measures."""
+    layout = _own_folders(dataset)
+    remedy = ("more class folders, or --split-by example" if layout == "class-folders" else
+              f"more class folders in {split}/" if layout == "split-folders" else "a lower --n-way, or a split with more classes")
+    return (f"the {split!r} split of {dataset.name} has exactly {n_way} classes, so all {n_tasks} tasks use the same {n_way} classes "
+            f"(only their examples differ); intervals over tasks understate the spread over classes — {remedy}")
 
 
 def build_pool(
@@ -46,8 +71,10 @@ def build_pool(
     seed = int(seed)
     classes = np.asarray(dataset.classes(split), dtype=np.int64)
     if n_way > len(classes):
-        more = ("; with class folders of your own, --split-by example puts every class in every split" if dataset.name == "image-folder" and dataset.split_kind == "class" else "")
-        raise PoolError(f"n_way={n_way} is larger than the {len(classes)} classes in the {split!r} split of {dataset.name}; lower n_way{more}")
+        raise PoolError(f"n_way={n_way} is larger than the {len(classes)} classes in the {split!r} split of {dataset.name}; "
+                        f"{n_way}-way tasks need {n_way} classes in each split{_too_few_classes_advice(dataset, n_way)}")
+    if len(classes) == n_way and n_tasks > 1 and split != "train" and dataset.split_kind == "class":
+        warnings.warn(_same_classes_warning(dataset, split, n_way, n_tasks), stacklevel=2)
     per_class = [dataset.examples_of(int(c), split).numpy() for c in classes]
     smallest = min(len(e) for e in per_class)
     if k_shot + q_query > smallest:

@@ -1,0 +1,66 @@
+"""Scores traced back to the data (pipeline/describe.py): every scored item's classes, file and labels."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import torch
+from PIL import Image
+
+from metainfluence.data import load_image_folder
+from metainfluence.influence.results import InfluenceResult
+from metainfluence.pipeline.describe import describe_row, item_rows, write_item_table
+from metainfluence.tasks import build_pool, corrupt_labels
+
+
+def _folder(root, classes=6, per_class=5):
+    for c in range(classes):
+        d = root / f"kind{c}"
+        d.mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(np.full((6, 6), 10 * c + i, dtype=np.uint8)).save(d / f"{i}.png")
+    return load_image_folder(root, image_size=6, split_by="example", split_sizes=(0.6, 0.2, 0.2))
+
+
+def _result(level, scores):
+    return InfluenceResult(level=level, method="task-if", scores=scores, task_ids=torch.arange(scores.shape[0]), measurement=0.0,
+                           settings={}, diagnostics={})
+
+
+def test_task_rows_name_the_classes_and_the_recorded_corruption(tmp_path):
+    ds = _folder(tmp_path / "imgs")
+    pool = corrupt_labels(build_pool(ds, "train", 3, 1, 1, 10, seed=0), 0.3, 1.0, seed=0)
+    scores = torch.linspace(-1, 1, 10, dtype=torch.float64).flip(0)  # task 9 most harmful
+    rows = item_rows(_result("task", scores), pool, ds)
+    assert [r["task_id"] for r in rows] == list(range(9, -1, -1)) and [r["rank_harmful_first"] for r in rows] == list(range(1, 11))
+    for r in rows:
+        t = r["task_id"]
+        assert r["classes"].split(";") == [ds.class_names[c] for c in pool.classes[t].tolist()]
+        assert r["corrupted"] == ("yes" if bool(pool.corrupted_tasks[t]) else "no")
+    stem = tmp_path / "scores"
+    write_item_table(stem, rows)
+    with open(f"{stem}.csv", newline="") as fh:
+        back = list(csv.DictReader(fh))
+    assert [int(r["task_id"]) for r in back] == list(range(9, -1, -1))
+    assert float(back[0]["score"]) == float(scores[9]) and "kind" in describe_row(back[0])
+
+
+def test_example_rows_name_the_file_and_the_label_trained_on(tmp_path):
+    ds = _folder(tmp_path / "imgs")
+    pool = corrupt_labels(build_pool(ds, "train", 3, 2, 1, 8, seed=1), 0.5, 1.0, where="support", seed=1)
+    scores = torch.randn(8, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    rows = item_rows(_result("support", scores), pool, ds)
+    assert len(rows) == 48 and rows[0]["score"] == f"{float(scores.min()):.6e}"
+    flips = 0
+    for r in rows:
+        t, j = r["task_id"], r["example"]
+        example = int(pool.support_ids[t, j])
+        assert r["file"] == ds.example_names[example] and r["file"].startswith(ds.class_names[int(ds.targets[example])] + "/")
+        classes = pool.classes[t].tolist()
+        assert r["label"] == ds.class_names[classes[int(pool.support_y[t, j])]]
+        assert r["true_label"] == ds.class_names[int(ds.targets[example])]  # the true label is the file's own class
+        assert (r["label"] != r["true_label"]) == (r["corrupted"] == "yes")
+        flips += r["corrupted"] == "yes"
+        assert ("trained as" in describe_row(r)) == (r["corrupted"] == "yes")
+    assert flips > 0

@@ -1,0 +1,84 @@
+"""What an edit says of itself: a solve that stops short of its tolerance is a warning with the remedy that fits
+the solver and Hessian used, and ``print(edit_result)`` is a short summary, not the λ and Δλ tensors."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from helpers import random_tasks, small_problem
+from metainfluence.influence import Removal, edit_model
+from metainfluence.influence.editing import unlearn
+from metainfluence.influence.results import InfluenceSettings, InfluenceWarning
+from metainfluence.linalg import SolverSettings
+from metainfluence.meta import RefineSettings, refine
+
+
+@pytest.fixture(scope="module")
+def refined():
+    problem, lam0 = small_problem(steps=1, lr=0.3, hidden=(6,), weight_decay=1e-2)
+    tasks = random_tasks(n=10, seed=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lam, _ = refine(problem, lam0, tasks, RefineSettings(method="newton", tol=0, tol_ratio=1e-8, max_iter=30))
+    return problem, lam, tasks
+
+
+def _edit(refined, **settings):
+    problem, lam, tasks = refined
+    return edit_model(problem, lam, tasks, Removal(tasks=[1, 4]), InfluenceSettings(stationarity_warn=1e9, **settings))
+
+
+def test_an_edit_whose_solve_stops_at_max_iter_says_so_with_its_remedy(refined):
+    with pytest.warns(InfluenceWarning) as caught:
+        short = _edit(refined, hessian="gauss-newton", solver="cg", solve=SolverSettings(max_iter=1, tol=1e-10))
+    said = [str(w.message) for w in caught if "edit's cg solve" in str(w.message)]
+    assert len(said) == 1 and said == short.diagnostics["warnings"]
+    res = short.diagnostics["solver_residual"]
+    assert not short.diagnostics["solver_converged"] and res > 1e-10
+    assert said[0].startswith(f"the edit's cg solve stopped before its tolerance: relative residual {res:.2g} (tol 1e-10) after 1 iteration, ")
+    assert "raise --max-iter (now 1)" in said[0] and "--hessian fisher --solver woodbury" in said[0] and "--max-minutes" not in said[0]
+    # the same edit with room to converge: silent, and a different (converged) λ
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InfluenceWarning)
+        full = _edit(refined, hessian="gauss-newton", solver="cg", solve=SolverSettings(max_iter=500, tol=1e-10))
+    assert full.diagnostics["solver_converged"] and "warnings" not in full.diagnostics
+    assert not torch.equal(full.lam, short.lam)
+
+
+def test_an_edit_stopped_by_its_time_budget_names_the_budget(refined):
+    with pytest.warns(InfluenceWarning, match=r"ran out\) or set it to 0"):
+        cut = _edit(refined, hessian="gauss-newton", solver="cg", solve=SolverSettings(max_minutes=1e-9, tol=1e-10))
+    assert cut.diagnostics["solver_stopped_by"] == "time" and "--max-minutes" in cut.diagnostics["warnings"][0]
+
+
+def test_a_fisher_woodbury_edit_is_not_told_to_use_fisher_woodbury(refined):
+    from metainfluence.influence.editing import check_edit_solve
+    from metainfluence.linalg import IHVPResult
+
+    settings = InfluenceSettings(hessian="fisher", solver="woodbury", damping=1e-4)
+    fine = _edit(refined, hessian="fisher", solver="woodbury")
+    assert fine.diagnostics["solver_converged"] and "warnings" not in fine.diagnostics
+    # a woodbury answer with a large residual (ill-conditioned at a tiny damping): the remedy is the damping
+    diag: dict = {}
+    with pytest.warns(InfluenceWarning) as caught:
+        check_edit_solve(diag, IHVPResult(x=torch.zeros(3), residual=0.5, iterations=0, solver="woodbury", info={"converged": True}), settings)
+    text = str(caught[0].message)
+    assert "left a large residual" in text and "raise --damping (now 0.0001)" in text and "--solver woodbury" not in text
+
+
+def test_print_of_an_edit_result_is_a_short_summary(refined):
+    edited = _edit(refined, hessian="gauss-newton", solver="cg")
+    text = repr(edited)
+    assert "tensor(" not in text and len(text) < 250
+    p = edited.lam.numel()
+    assert text.startswith(f"EditResult(p={p}, ‖λ‖={float(edited.lam.norm()):.4g}, ‖Δλ‖={float(edited.delta.norm()):.3g}, removed 2 tasks, ")
+    assert f"solve converged (residual {edited.diagnostics['solver_residual']:.2g}, " in text
+    assert isinstance(edited.lam, torch.Tensor) and isinstance(edited.delta, torch.Tensor)  # the fields are kept
+    with pytest.warns(InfluenceWarning):
+        short = _edit(refined, hessian="gauss-newton", solver="cg", solve=SolverSettings(max_iter=1, tol=1e-10))
+    assert "solve NOT converged" in repr(short) and "1 warning (diagnostics['warnings'])" in repr(short)
+    problem, lam, tasks = refined
+    assert "3 unlearning steps" in repr(unlearn(problem, lam, tasks, Removal(tasks=[0]), steps=3))
