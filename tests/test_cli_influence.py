@@ -77,6 +77,18 @@ def test_edit_command_removes_the_top_k_and_records_it(demo_run, capsys):
         info["metrics"]["eval"]["test"]["loss"] != info["metrics"]["eval_before_edit"]["test"]["loss"]
 
 
+def test_an_example_edit_records_which_examples_and_from_what(demo_run, capsys):
+    assert main(["influence", "--checkpoint", str(demo_run / "refined"), "--level", "support", "--hessian", "gauss-newton",
+                 "--name", "sup", "--threads", "1"]) == 0
+    assert main(["edit", "--checkpoint", str(demo_run / "refined"), "--scores", str(demo_run / "sup"), "--top-k", "5",
+                 "--name", "ed_sup", "--threads", "1"]) == 0
+    metrics = json.loads((demo_run / "ed_sup.json").read_text())["metrics"]
+    scores = InfluenceResult.load(demo_run / "sup")
+    assert sorted(map(tuple, metrics["removed_support_examples"])) == sorted(scores.items(scores.ranking()[:5]))
+    assert metrics["removed_by"] == {"scores": str(demo_run / "sup"), "top_k": 5} and metrics["removed_tasks"] == []
+    assert (demo_run / "sup.files.csv").is_file()  # digits know no file names: the files table names examples by id
+
+
 def test_edit_refuses_a_scores_file_of_another_pool(demo_run, tmp_path, capsys):
     other = tmp_path / "other"
     assert main(["demo", "--out", str(other), *SMALL, "--pool-seed", "1", "--skip-influence"]) == 0

@@ -64,3 +64,26 @@ def test_example_rows_name_the_file_and_the_label_trained_on(tmp_path):
         flips += r["corrupted"] == "yes"
         assert ("trained as" in describe_row(r)) == (r["corrupted"] == "yes")
     assert flips > 0
+
+
+def test_files_sum_their_appearances_and_coverage_counts_the_unscored(tmp_path):
+    from metainfluence.pipeline.describe import coverage, file_rows
+
+    ds = _folder(tmp_path / "imgs")  # 6 classes × 5 images, every class in every split (3 / 1 / 1 images each)
+    pool = build_pool(ds, "train", 3, 1, 1, 12, seed=2)
+    scores = torch.randn(12, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    rows = item_rows(_result("query", scores), pool, ds)
+    files = file_rows(rows)
+    ids = pool.query_ids
+    for f in files:
+        where = [(t, j) for t in range(12) for j in range(3) if ds.example_names[int(ids[t, j])] == f["file"]]
+        assert f["appearances"] == len(where)
+        assert abs(float(f["summed_score"]) - sum(float(scores[t, j]) for t, j in where)) < 1e-5 * max(1.0, abs(float(f["summed_score"])))
+    assert [float(f["summed_score"]) for f in files] == sorted(float(f["summed_score"]) for f in files)
+    assert sum(f["appearances"] for f in files) == 36 and len(files) == len(set(ids.reshape(-1).tolist()))
+    text = coverage(pool, ds, "query")
+    assert text.startswith(f"{len(files)} of the dataset's 30 examples are scored") and "12 belong to the validation/test splits" in text
+    write_item_table(tmp_path / "s", rows)
+    assert (tmp_path / "s.files.csv").is_file()
+    write_item_table(tmp_path / "t", item_rows(_result("task", scores[:, 0]), pool, ds))
+    assert not (tmp_path / "t.files.csv").exists()  # task scores have no files

@@ -20,8 +20,26 @@ def print_items(result, k: int, stem=None) -> None:
         for item, i in zip(result.items(idx), idx.tolist()):
             said = words.get(item, "")
             print(f"  {item if len(item) > 1 else item[0]!s:>12}  score {float(result.scores.reshape(-1)[i]):+.4e}" + (f"  {said}" if said else ""))
+    files = _top_files(stem, k)
+    if files:
+        print("most harmful files (each file's scores summed over the tasks it appears in):")
+        for f in files:
+            flip = f", trained as {f['labels']}" if f["labels"] != f["true_label"] else ""
+            print(f"  {f['file']}  score {float(f['summed_score']):+.4e}  in {f['appearances']} task(s), class {f['true_label']}{flip}")
+    if result.diagnostics.get("coverage"):
+        print(f"note: {result.diagnostics['coverage']}")
     if words:
-        print(f"every item by class and file, most harmful first: {stem}.csv")
+        print(f"every item by class and file, most harmful first: {stem}.csv" + (f" (per file: {stem}.files.csv)" if files else ""))
+
+
+def _top_files(stem, k: int) -> list[dict]:
+    import csv
+    from pathlib import Path
+
+    if stem is None or not Path(f"{stem}.files.csv").is_file():
+        return []
+    with open(f"{stem}.files.csv", newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))[:max(0, k)]
 
 
 def _item_words(stem) -> dict[tuple, str]:

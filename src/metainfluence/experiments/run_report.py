@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,10 @@ def _read(path: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def _ratio(value: Any) -> str:
+    return f"{value:.2g}" if isinstance(value, (int, float)) and math.isfinite(value) else "-"
 
 
 def _eval_cell(ev: dict | None) -> str:
@@ -44,6 +49,12 @@ def _items_table(csv_path: Path, k: int = 10) -> tuple[list[str], list[dict]] | 
     if flagged:
         text.append(f"The pool records {flagged} of the {len(rows)} items as corrupted; {found} of them rank among the {flagged} most "
                     f"harmful (recall {found / flagged:.2f}).")
+    files = csv_path.with_name(csv_path.stem + ".files.csv")
+    if files.is_file():  # example levels: the files, each one's scores summed over the tasks it appears in
+        with open(files, newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+        text.append(f"Most harmful files first (`{files.name}`: each file's scores summed over the tasks it appears in).")
+        return text, rows[:k]
     keys = [c for c in ("task_id", "example", "score", "classes", "file", "label", "true_label", "corrupted") if any(r.get(c) for r in rows[:k])]
     return text, [{c: r[c] for c in keys} for r in rows[:k]]
 
@@ -67,7 +78,8 @@ def report_run_folder(run_dir: str | Path) -> Path:
         metrics = rec.get("metrics") or {}
         ref = rec.get("refine_report") or {}
         rows.append({"checkpoint": name, "kind": rec.get("kind", "?"), "test": _eval_cell((metrics.get("eval") or {}).get("test")),
-                     "‖∇F‖ / mean‖g‖": f"{ref['ratio_after']:.2g}" if "ratio_after" in ref else "-",
+                     "‖∇F‖/ḡ₀ (what tol_ratio tests)": _ratio(ref.get("ratio_after_start")),
+                     "‖∇F‖ / end mean‖g‖": _ratio(ref.get("ratio_after")),
                      "refine converged": str(ref.get("converged", "-"))})
     if rows:
         secs.append({"heading": "Checkpoints", "tables": [rows]})
@@ -93,6 +105,8 @@ def report_run_folder(run_dir: str | Path) -> Path:
             f"measurement f = {num(rec.get('measurement'), '.4f')}; ‖∇F‖ / mean‖g‖ = {num(st.get('ratio'), '.2g')}.",
         ]
         paragraphs += [f"**warning:** {w}" for w in diag.get("warnings", [])]
+        if diag.get("coverage"):
+            paragraphs.append(f"Coverage: {diag['coverage']}.")
         table = _items_table(d / f"{name}.csv")
         if table:
             paragraphs += table[0]

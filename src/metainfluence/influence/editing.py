@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..errors import DivergenceError, SettingsError
+from ..meta.inputs import check_start_lambda
 from ..meta.objective import MetaProblem
 from ..tasks.tensors import TaskTensors
 from .gradients import kept_task_gradients, removed_examples_gradient
@@ -275,6 +276,7 @@ def edit_model(
     With ``proximal`` = (γ, λ₀) (a checkpoint refined on P = F + (γ/2)‖λ − λ₀‖²) the edit is P's: its
     backtracking and Newton steps descend P_R, and ``settings.damping`` must already hold γ
     (pipeline.proximal.proximal_settings), which makes every Hessian H_R + γI."""
+    check_start_lambda(lam)
     settings = settings or InfluenceSettings()
     settings.validate()
     if step not in EDIT_STEPS:

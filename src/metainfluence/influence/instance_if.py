@@ -23,6 +23,7 @@ from torch.func import jacrev
 from ..errors import SettingsError
 from ..linalg import fixed_step_cg
 from ..meta.ekfac import check_factorable, fit_support_ekfac
+from ..meta.inputs import check_start_lambda
 from ..meta.objective import MetaProblem, TaskRecord
 from ..tasks.tensors import TaskTensors
 from .gradients import example_scores, measurement_gradient
@@ -124,6 +125,7 @@ def instance_influence(
 
     ``s``: the iHVP (H + δI)⁻¹∇f of the same problem, λ, pools and settings — e.g. ``extra["s"]`` of a
     task-IF result — so that both levels and task-IF share one solve; computed here when omitted."""
+    check_start_lambda(lam)
     settings = settings or InfluenceSettings()
     settings.validate()
     if which not in ("support", "query"):

@@ -24,6 +24,7 @@ from torch.func import grad
 from ..errors import CheckpointError, SettingsError
 from ..io import save_result
 from ..meta.curvature import check_hessian_kind
+from ..meta.inputs import check_start_lambda
 from ..meta.objective import MetaProblem, TaskRecord
 from ..tasks.tensors import TaskTensors
 from .hessian_of import build_hessian
@@ -132,6 +133,7 @@ def pairwise_influence(
     """The (n_train × m) matrix of predicted changes of every test measurement when each training task
     is removed. ``measurement``: None (query loss of each test task), ``"margin"`` (its mean query
     margin) or callables f(λ) -> scalar, whose columns replace the test tasks."""
+    check_start_lambda(lam)
     settings = settings or InfluenceSettings()
     settings.validate()
     if settings.method != "task-if" or settings.removal != "first-order":

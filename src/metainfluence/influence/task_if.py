@@ -6,8 +6,7 @@ TracIn, the single-level EK-FAC IF, loss, random; §8).
     Δλ_k     = (H + δI)^{-1} g_k / n                predicted parameter change
     self_k   = g_kᵀ (H + δI)^{-1} g_k / n
 
-The pass over the training tasks is chunked and never holds more than one chunk of total gradients,
-so memory is flat in the pool size (unless self-influence is asked for).
+The pass over the training tasks is chunked, one chunk of total gradients at a time (flat memory in n, self-influence aside).
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 
 from ..errors import SettingsError
+from ..meta.inputs import check_start_lambda
 from ..meta.objective import MetaProblem
 from ..tasks.tensors import TaskTensors
 from .gradients import _total_gradients, _train_pass, charged_measurement_gradient, direct_gradients, direct_measurement_gradient, reused_measurement_value, total_gradients_of
@@ -309,8 +309,8 @@ def task_influence(
 
     ``s0``: an earlier iterate of s = (H + δI)⁻¹∇f (``extra["s"]`` of an unconverged result, e.g. one
     stopped by ``solve.max_minutes``) to continue the cg / pcg solve from."""
-    settings = settings or InfluenceSettings()
-    settings.validate()
+    check_start_lambda(lam)  # a state_dict or list refused with its remedy
+    (settings := settings or InfluenceSettings()).validate()
     if settings.method == "task-if":
         check_hessian_kind(problem, settings.hessian)
     lam = lam.detach()

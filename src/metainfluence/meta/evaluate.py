@@ -131,6 +131,6 @@ def evaluate(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors) -> Eva
         result.chance = 1.0 / (int(y.max()) + 1)  # N-way tasks label their classes 0..N−1
         if result.at_chance:
             warnings.warn(f"accuracy {100 * result.accuracy:.1f}% over {result.n_tasks} tasks is at chance (1/{int(y.max()) + 1}): the model "
-                          "has not learned this problem — check that the training loss fell; a Conv4 without normalisation may not "
-                          "train (try --model-norm group or batch), or lower --lr / --inner-lr", stacklevel=2)
+                          "has not learned this problem — check that the training loss fell (too few --steps? a --lr or --inner-lr "
+                          "too large or too small?); a Conv4 without normalisation may not train at all (--model-norm group or batch)", stacklevel=2)
     return result

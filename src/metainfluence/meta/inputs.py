@@ -8,17 +8,37 @@ tensor and the remedy. The check runs the model on one task's support set: cheap
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import SettingsError
+from ..errors import SettingsError, require
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..tasks.tensors import TaskTensors
 
 # per-example losses that take class indices (integer targets) rather than values shaped like the output
 _CLASS_INDEX_LOSSES = ("cross_entropy",)
+
+WORKING_DTYPES = (torch.float32, torch.float64)
+
+
+def check_working_dtype(lam: torch.Tensor) -> torch.Tensor:
+    """λ sets the dtype of every computation: refuse a non-tensor or anything but float32 / float64 with the remedy."""
+    require(isinstance(lam, torch.Tensor), f"λ is a {type(lam).__name__}, not a torch tensor; pass torch.as_tensor(lam, dtype=torch.float64)")
+    if lam.dtype not in WORKING_DTYPES:
+        raise SettingsError(f"λ has dtype {lam.dtype}; the library computes in float32 or float64 — pass lam.double() (exact tier) or lam.float()")
+    return lam
+
+
+def check_start_lambda(lam: Any) -> None:
+    """Refuse a starting λ that is not a flat tensor before anything reads it (a state_dict gets the way to its flat λ)."""
+    if isinstance(lam, Mapping):
+        raise SettingsError(f"got a {type(lam).__name__} (a state_dict?) as λ, not the flat parameter tensor; load it into the model "
+                            "(model.load_state_dict(state)) and pass problem.init_params(torch.float64)")
+    if not isinstance(lam, torch.Tensor):
+        check_working_dtype(lam)  # its one-line refusal of a non-tensor
 
 
 def _first_line(exc: BaseException) -> str:
@@ -79,7 +99,10 @@ def check_task_tensors(problem: Any, lam: torch.Tensor, tasks: "TaskTensors") ->
         for h in handles:
             h.remove()
     for name in ("support_y", "query_y"):
-        _check_targets(problem, name, getattr(tasks, name), out)
+        try:
+            _check_targets(problem, name, getattr(tasks, name), out)
+        except SettingsError as exc:  # which pool: the training and validation pools are checked alike
+            raise SettingsError(f"{exc} (in a pool of {len(tasks)} tasks)") from None
     return max(counted[0], out.numel()) // max(1, x.shape[0])
 
 
@@ -93,6 +116,9 @@ def _check_targets(problem: Any, name: str, y: torch.Tensor, out: torch.Tensor) 
                                 "would be 0); build the model with one output per class, or use loss='mse' for regression")
         if y.is_floating_point() and per_example_y == per_example_out:
             return  # class probabilities (soft or one-hot labels), which cross entropy also takes
+        if y.is_floating_point() and not bool((y == y.round()).all()):
+            raise SettingsError(f"{name} holds values that are not whole numbers (e.g. {float(y[y != y.round()][0]):g}); cross entropy needs "
+                                f"integer class indices, or soft labels of shape (tasks, examples, {per_example_out[-1]}) summing to 1")
         if y.is_floating_point() or y.dtype == torch.bool:
             raise SettingsError(f"{name} has dtype {y.dtype} and shape {tuple(y.shape)}; cross entropy needs class indices "
                                 f"0..{per_example_out[-1] - 1 if per_example_out else 'C-1'} as integers ({name}.long())")

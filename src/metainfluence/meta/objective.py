@@ -32,7 +32,7 @@ from ..linalg.cg import fixed_step_cg
 from ..progress import bar
 from ..tasks.tensors import TaskTensors
 from .collective import SINGLE_PROCESS, Collective
-from .inputs import check_task_tensors, task_bytes
+from .inputs import WORKING_DTYPES, check_task_tensors, check_working_dtype, task_bytes  # noqa: F401 (λ checks re-exported)
 from .params import ParamSpec
 
 
@@ -81,17 +81,6 @@ LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "cross_entropy": _cross_entropy,
     "mse": _squared_error,
 }
-
-
-WORKING_DTYPES = (torch.float32, torch.float64)
-
-
-def check_working_dtype(lam: torch.Tensor) -> torch.Tensor:
-    """λ sets the dtype of every computation: refuse a non-tensor or anything but float32 / float64 with the remedy."""
-    require(isinstance(lam, torch.Tensor), f"λ is a {type(lam).__name__}, not a torch tensor; pass torch.as_tensor(lam, dtype=torch.float64)")
-    if lam.dtype not in WORKING_DTYPES:
-        raise SettingsError(f"λ has dtype {lam.dtype}; the library computes in float32 or float64 — pass lam.double() (exact tier) or lam.float()")
-    return lam
 
 
 class TaskRecord(NamedTuple):

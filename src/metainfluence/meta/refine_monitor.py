@@ -8,27 +8,16 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import SettingsError
 from ..progress import RateEta, clock
-from .objective import check_working_dtype
+from .inputs import check_start_lambda  # noqa: F401 (re-exported: refine and meta_train import it from here)
 
 if TYPE_CHECKING:
     from ..tasks.tensors import TaskTensors
     from .objective import MetaProblem
-
-
-def check_start_lambda(lam: Any) -> None:
-    """Refuse a starting λ that is not a flat tensor before anything reads it (a state_dict gets the way to its flat λ)."""
-    if isinstance(lam, Mapping):
-        raise SettingsError(f"got a {type(lam).__name__} (a state_dict?) as λ, not the flat parameter tensor; load it into the model "
-                            "(model.load_state_dict(state)) and pass problem.init_params(torch.float64)")
-    if not isinstance(lam, torch.Tensor):
-        check_working_dtype(lam)  # its one-line refusal of a non-tensor
 
 
 def refine_target(tol: float, tol_ratio: float, stop: float) -> str:

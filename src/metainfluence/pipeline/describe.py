@@ -4,7 +4,8 @@ A scores file ranks pool rows; a user asks which of *their* classes and images t
 scores file ``STEM.safetensors`` the CLI writes ``STEM.csv``: one row per scored item, most harmful first,
 with its task id (and example), score, the task's classes by name, whether the pool recorded it as
 corrupted, and for examples the file (where the dataset knows its files), the label used in training and
-the true label. The CLI's top lists print the same descriptions.
+the true label; for example levels also ``STEM.files.csv``, one row per file with its scores summed over the tasks
+it appears in. The CLI's top lists print the same descriptions.
 """
 
 from __future__ import annotations
@@ -58,13 +59,57 @@ def item_rows(result: Any, pool: Any, dataset: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def write_item_table(stem: str | Path, rows: list[dict[str, Any]]) -> Path:
-    """``STEM.csv`` (atomic), the columns of :data:`COLUMNS`."""
+FILE_COLUMNS = ("rank_harmful_first", "file", "summed_score", "appearances", "labels", "true_label", "corrupted")
+
+
+def file_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Example rows grouped by file, most harmful first. An image drawn into several tasks is several items; removing
+    the file removes all of them, and to first order their predicted changes add, so its score is their sum."""
+    by_file: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if not r.get("file"):
+            continue
+        f = by_file.setdefault(r["file"], {"file": r["file"], "summed_score": 0.0, "appearances": 0, "labels": set(),
+                                           "true_label": r["true_label"], "corrupted": "no"})
+        f["summed_score"] += float(r["score"])
+        f["appearances"] += 1
+        f["labels"].add(r["label"])
+        if r["corrupted"] == "yes":
+            f["corrupted"] = "yes"
+    out = sorted(by_file.values(), key=lambda f: f["summed_score"])
+    for rank, f in enumerate(out, 1):
+        f.update(rank_harmful_first=rank, summed_score=f"{f['summed_score']:.6e}", labels=";".join(sorted(f["labels"])))
+    return out
+
+
+def coverage(pool: Any, dataset: Any, which: str) -> str:
+    """How many of the dataset's examples the ``which`` (support/query) scores cover, and why the others are not scored."""
+    if dataset is None or not hasattr(pool, f"{which}_ids"):
+        return ""
+    scored = len(set(getattr(pool, f"{which}_ids").reshape(-1).tolist()))
+    in_train = sum(len(dataset.examples_of(c, "train")) for c in dataset.classes("train"))
+    unused = in_train - scored
+    return (f"{scored} of the dataset's {dataset.num_examples} examples are scored here ({which} examples of the training pool's tasks); "
+            f"{dataset.num_examples - in_train} belong to the validation/test splits and are never scored"
+            + (f", and {unused} training examples appear in no task of the pool as {which} examples (a larger --train-tasks draws more)"
+               if unused > 0 else ""))
+
+
+def _write_csv(path: Path, columns: tuple[str, ...], rows: list[dict[str, Any]]) -> Path:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
-    return atomic_write_bytes(Path(f"{stem}.csv"), buf.getvalue().encode("utf-8"))
+    return atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
+
+
+def write_item_table(stem: str | Path, rows: list[dict[str, Any]]) -> Path:
+    """``STEM.csv`` (atomic), the columns of :data:`COLUMNS`; for example-level scores also ``STEM.files.csv``, one row
+    per file (:func:`file_rows`)."""
+    files = file_rows(rows)
+    if files:
+        _write_csv(Path(f"{stem}.files.csv"), FILE_COLUMNS, files)
+    return _write_csv(Path(f"{stem}.csv"), COLUMNS, rows)
 
 
 def describe_row(row: dict[str, Any]) -> str:

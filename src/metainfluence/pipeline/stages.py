@@ -22,6 +22,7 @@ from ..io import write_json
 from ..meta.evaluate import EvalResult, evaluate
 from ..meta.refine import RefineReport, refine
 from ..meta.train import TrainHistory, meta_train
+from .describe import coverage
 from .guard import RunLock, check_name, check_writable, claim_run_folder
 from .proximal import ANCHOR, proximal_of, proximal_settings, record_proximal
 from .run import RunContext
@@ -150,9 +151,24 @@ def refine_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | No
         lam, report = refine(ctx.problem, ckpt.lam, ctx.tensors["train"], ctx.settings.refine, progress=progress, log=log, proximal=prox)
         before = evaluate(ctx.problem, ckpt.lam, ctx.tensors["test"])
         after = evaluate(ctx.problem, lam, ctx.tensors["test"])
+        _accuracy_drop_notice(before, after, ctx.settings.refine.proximal, log)
         path = ctx.save_checkpoint(name, lam, "refined", {"eval": {"test": after.to_json()}, "eval_before_refine": {"test": before.to_json()}}, refine_report=report, step=ckpt.step,
                                    state={ANCHOR: anchor} if prox else None)
     return path, report, before, after
+
+
+def _accuracy_drop_notice(before: EvalResult, after: EvalResult, gamma: float, log: Log) -> None:
+    """Say when refine lowered test accuracy beyond the paired 95% interval (the same test tasks before and after)."""
+    if not (before.is_classification and len(before.per_task_accuracy) == len(after.per_task_accuracy) > 1):
+        return
+    diff = torch.tensor(after.per_task_accuracy, dtype=torch.float64) - torch.tensor(before.per_task_accuracy, dtype=torch.float64)
+    mean, half = float(diff.mean()), 1.96 * float(diff.std()) / len(diff) ** 0.5
+    if mean < -max(half, 0.005):
+        remedy = (f"a larger --refine-proximal than {gamma:g} (e.g. 1) keeps λ nearer the trained model" if gamma > 0 else
+                  "--refine-proximal 1 refines near the trained model instead")
+        log(f"warning: refine lowered test accuracy by {-100 * mean:.2f} points ({100 * before.accuracy:.2f}% → {100 * after.accuracy:.2f}%, "
+            f"paired over {len(diff)} tasks: ± {100 * half:.2f}): λ moved towards a stationary point that generalises worse; {remedy}; "
+            "scores on it answer for that λ")
 
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike, split: str = "test", tasks: int | None = None, json_path: str | os.PathLike | None = None,
@@ -234,6 +250,8 @@ def influence_checkpoint(checkpoint: str | os.PathLike, settings: Any, level: st
             shortfall(result.diagnostics, f"the fidelity check found the scores track re-optimisation weakly (Spearman {fid['spearman']:.2f} over "
                                           f"{fid['removals_done']} removals of {fid['group_size']} tasks); try --removal newton, a larger --damping, "
                                           "or refine further before trusting the ranking")
+    if level in ("support", "query") and ctx.dataset is not None:
+        result.diagnostics["coverage"] = coverage(ctx.pools["train"], ctx.dataset, level)
     with RunLock(folder):
         stem = ctx.save_scores(result, name, folder=folder)
     return result, stem
@@ -338,9 +356,20 @@ def edit_checkpoint(checkpoint: str | os.PathLike, settings: Any, remove_tasks: 
     with RunLock(folder):
         path = ctx.save_checkpoint(name, edited.lam, "edited", {
             "eval": {"test": after.to_json()}, "eval_before_edit": {"test": before.to_json()},
-            "removed": removal.count(), "removed_tasks": [ids[i] for i in removal.tasks], "edit": edited.diagnostics,
-            "edit_settings": {"influence": to_dict(settings), "step": step, "newton_steps": newton_steps}})
+            "removed": removal.count(), "removed_tasks": [ids[i] for i in removal.tasks], **_removed_examples(removal, ids),
+            "removed_by": {"scores": str(scores), "top_k": top_k} if scores is not None else {"remove_tasks": remove_tasks},
+            "edit": edited.diagnostics, "edit_settings": {"influence": to_dict(settings), "step": step, "newton_steps": newton_steps}})
     return path, removal, edited, before, after
+
+
+def _removed_examples(removal: Any, ids: list[int]) -> dict[str, list[list[int]]]:
+    """The removed examples as [task id, example] pairs, per set (so that an edit's record says which, not how many)."""
+    out = {}
+    for which in ("support", "query"):
+        mask = getattr(removal, which)
+        if mask is not None:
+            out[f"removed_{which}_examples"] = [[ids[int(t)], int(j)] for t, j in torch.nonzero(torch.as_tensor(mask).bool()).tolist()]  # True = removed
+    return out
 
 
 def curvature_checkpoint(checkpoint: str | os.PathLike, settings: Any, out: str | os.PathLike, rank: int = 50, oversample: int = 10,

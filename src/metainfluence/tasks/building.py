@@ -79,7 +79,8 @@ def build_pool(
     smallest = min(len(e) for e in per_class)
     if k_shot + q_query > smallest:
         raise PoolError(
-            f"k_shot + q_query = {k_shot + q_query} is larger than the {smallest} examples of the smallest class in the {split!r} split of {dataset.name}; lower k_shot or q_query"
+            f"k_shot + q_query = {k_shot + q_query} is larger than the {smallest} examples of the smallest class in the {split!r} split of {dataset.name}; "
+            + ("lower --k-shot or --q-query" if split == "train" else f"lower --eval-q-query (queries per class of the val/test pools; at most {smallest - k_shot} here) or --k-shot")
         )
     entropy = _hash_entropy(KIND, dataset.fingerprint, split, n_way, k_shot, q_query, seed)
     m = k_shot + q_query
