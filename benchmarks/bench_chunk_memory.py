@@ -44,7 +44,7 @@ def child(kind: str, width: int, channels: int, side: int, norm: str, dtype_name
     pool = TaskTensors(torch.randn(tasks, 5, channels, side, side, generator=g, dtype=dtype), torch.arange(5).repeat(tasks, 1),
                        torch.randn(tasks, 25, channels, side, side, generator=g, dtype=dtype),
                        torch.arange(5).repeat_interleave(5).repeat(tasks, 1))
-    bound = task_bytes(problem, lam, pool, check_task_tensors(problem, lam, pool))
+    bound = task_bytes(problem, lam, pool, check_task_tensors(problem, lam, pool)[0])
     direction = torch.randn(tasks, problem.dim, generator=g, dtype=dtype)
     problem.sum_over_tasks(problem.task_total_hvp, lam, pool.subset([0]), extra=(direction[:1],))  # warm-up, one task
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

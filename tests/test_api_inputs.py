@@ -203,7 +203,7 @@ def test_automatic_chunks_follow_the_memory_budget_and_change_no_result(monkeypa
 
     problem, lam = small_problem()
     tasks = random_tasks(n=7)
-    per_task = task_bytes(problem, lam, tasks, check_task_tensors(problem, lam, tasks))
+    per_task = task_bytes(problem, lam, tasks, check_task_tensors(problem, lam, tasks)[0])
     assert per_task > 16 * problem.dim * 8  # the bound counts λ's copies and the activations
     whole = (problem.meta_gradient(lam, tasks), problem.total_gradients(lam, tasks), problem.task_losses(lam, tasks))
     assert list(problem.chunks(7, lam, tasks)) == [slice(0, 7)]  # a small pool fits at once

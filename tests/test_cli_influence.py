@@ -292,10 +292,10 @@ def test_an_edit_takes_not_the_scores_time_budget_and_says_when_its_solve_stops_
     out, err = capsys.readouterr()
     edit_diag = json.loads((demo_run / "ed_cut.json").read_text())["metrics"]["edit"]
     assert not edit_diag["solver_converged"] and edit_diag["solver_stopped_by"] == "time"
-    said = [w for w in edit_diag["warnings"] if w.startswith("the edit's cg solve stopped before its tolerance")]
+    said = [w for w in edit_diag["warnings"] if w.startswith("the edit's solve (cg) stopped before its tolerance")]
     assert len(said) == 1 and "--max-minutes" in said[0] and "--hessian fisher --solver woodbury" in said[0]
     assert f"relative residual {edit_diag['solver_residual']:.2g} (tol 1e-09)" in said[0]
-    assert "warning: the edit's cg solve stopped before its tolerance" in err
+    assert "warning: the edit's solve (cg) stopped before its tolerance" in err
     assert "at most 1e-09 min" in out and "stopped short of its tolerance (see the warning)" in out
 
 

@@ -34,11 +34,11 @@ def _edit(refined, **settings):
 def test_an_edit_whose_solve_stops_at_max_iter_says_so_with_its_remedy(refined):
     with pytest.warns(InfluenceWarning) as caught:
         short = _edit(refined, hessian="gauss-newton", solver="cg", solve=SolverSettings(max_iter=1, tol=1e-10))
-    said = [str(w.message) for w in caught if "edit's cg solve" in str(w.message)]
+    said = [str(w.message) for w in caught if "edit's solve (cg)" in str(w.message)]
     assert len(said) == 1 and said == short.diagnostics["warnings"]
     res = short.diagnostics["solver_residual"]
     assert not short.diagnostics["solver_converged"] and res > 1e-10
-    assert said[0].startswith(f"the edit's cg solve stopped before its tolerance: relative residual {res:.2g} (tol 1e-10) after 1 iteration, ")
+    assert said[0].startswith(f"the edit's solve (cg) stopped before its tolerance: relative residual {res:.2g} (tol 1e-10) after 1 iteration, ")
     assert "raise --max-iter (now 1)" in said[0] and "--hessian fisher --solver woodbury" in said[0] and "--max-minutes" not in said[0]
     # the same edit with room to converge: silent, and a different (converged) λ
     with warnings.catch_warnings():
@@ -49,7 +49,7 @@ def test_an_edit_whose_solve_stops_at_max_iter_says_so_with_its_remedy(refined):
 
 
 def test_an_edit_stopped_by_its_time_budget_names_the_budget(refined):
-    with pytest.warns(InfluenceWarning, match=r"ran out\) or set it to 0"):
+    with pytest.warns(InfluenceWarning, match=r"ran out: raise --max-minutes or set it to 0"):
         cut = _edit(refined, hessian="gauss-newton", solver="cg", solve=SolverSettings(max_minutes=1e-9, tol=1e-10))
     assert cut.diagnostics["solver_stopped_by"] == "time" and "--max-minutes" in cut.diagnostics["warnings"][0]
 
@@ -82,3 +82,23 @@ def test_print_of_an_edit_result_is_a_short_summary(refined):
     assert "solve NOT converged" in repr(short) and "1 warning (diagnostics['warnings'])" in repr(short)
     problem, lam, tasks = refined
     assert "3 unlearning steps" in repr(unlearn(problem, lam, tasks, Removal(tasks=[0]), steps=3))
+
+
+def test_refine_says_when_it_lowered_test_accuracy_beyond_the_paired_interval():
+    from metainfluence.meta.evaluate import EvalResult
+    from metainfluence.pipeline.stages import _accuracy_drop_notice
+
+    g = torch.Generator().manual_seed(0)
+    before = (torch.rand(200, generator=g, dtype=torch.float64) > 0.3).double()
+    flips = torch.rand(200, generator=g, dtype=torch.float64)
+    losses = torch.ones(200, dtype=torch.float64)
+    for drop, said in ((0.0, False), (0.01, None), (0.3, True)):
+        after = torch.where(flips < drop, torch.zeros_like(before), before)  # a fraction of the tasks lose their accuracy
+        lines: list[str] = []
+        _accuracy_drop_notice(EvalResult.from_per_task(losses, before), EvalResult.from_per_task(losses, after), 0.1, lines.append)
+        diff = after - before
+        half = 1.96 * float(diff.std()) / 200 ** 0.5
+        expected = float(diff.mean()) < -max(half, 0.005)  # the paired interval, computed here from its definition
+        assert bool(lines) == expected and (said is None or expected == said)
+        if lines:
+            assert "a larger --refine-proximal than 0.1" in lines[0] and f"by {-100 * float(diff.mean()):.2f} points" in lines[0]

@@ -6,9 +6,9 @@ from __future__ import annotations
 def print_items(result, k: int, stem=None) -> None:
     """The sign convention and the k most harmful and most helpful items of a scores result; with the scores file's
     ``stem``, each item also in the words of its ``STEM.csv`` (classes, file, labels: pipeline/describe.py)."""
-    words = _item_words(stem)
     from .influence.results import SIGN_CONVENTION
 
+    words = _item_words(stem)
     order = result.ranking(harmful_first=True)
     if k > order.numel():
         print(f"note: --top {k} is more than the {order.numel()} scored items; showing all of them")
@@ -33,26 +33,16 @@ def print_items(result, k: int, stem=None) -> None:
 
 
 def _top_files(stem, k: int) -> list[dict]:
-    import csv
-    from pathlib import Path
+    from .pipeline.describe import read_table
 
-    if stem is None or not Path(f"{stem}.files.csv").is_file():
-        return []
-    with open(f"{stem}.files.csv", newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))[:max(0, k)]
+    return read_table(f"{stem}.files.csv")[:max(0, k)] if stem is not None else []
 
 
 def _item_words(stem) -> dict[tuple, str]:
     """(task_id,) or (task_id, example) → its description, from ``STEM.csv`` ({} when there is none)."""
-    import csv
-    from pathlib import Path
+    from .pipeline.describe import describe_row, read_table
 
-    from .pipeline.describe import describe_row
-
-    if stem is None or not Path(f"{stem}.csv").is_file():
-        return {}
-    with open(f"{stem}.csv", newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
+    rows = read_table(f"{stem}.csv") if stem is not None else []
     return {((int(r["task_id"]), int(r["example"])) if r["example"] != "" else (int(r["task_id"]),)): describe_row(r) for r in rows}
 
 

@@ -307,7 +307,8 @@ def load_image_folder(
     grey = _auto_grey(files) if color == "auto" else color == "grey"
     mode, channels = ("L", 1) if grey else ("RGB", 3)
     filt = RESAMPLE[resample]
-    listing = sorted((p.relative_to(root).as_posix(), p.stat().st_size) for p in files)
+    names = [p.relative_to(root).as_posix() for p in files]
+    listing = sorted((name, p.stat().st_size) for name, p in zip(names, files))
 
     def loader(ids: np.ndarray) -> torch.Tensor:
         out = np.empty((len(ids), image_size, image_size, channels), dtype=np.uint8)
@@ -343,7 +344,7 @@ def load_image_folder(
         loader=loader,
         identity={"files": digest(listing, 32), "layout": layout, "image_size": image_size, "color": color, "resample": resample},
         num_classes=len(class_dirs),
-        example_names=[p.relative_to(root).as_posix() for p in files],
+        example_names=names,
         class_names=[d.name for d in class_dirs],
         split_description=description,
     )

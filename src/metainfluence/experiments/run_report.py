@@ -9,6 +9,7 @@ from typing import Any
 
 from ..errors import SettingsError
 from ..influence.editing import describe_count
+from ..pipeline.describe import read_table
 from .report import write_report
 
 
@@ -35,12 +36,7 @@ def _eval_cell(ev: dict | None) -> str:
 def _items_table(csv_path: Path, k: int = 10) -> tuple[list[str], list[dict]] | None:
     """From a scores file's item table (pipeline/describe.py): the k most harmful items by name, and where the pool
     records corrupted items, how many of them rank among as many most harmful ones."""
-    import csv
-
-    if not csv_path.is_file():
-        return None
-    with open(csv_path, newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
+    rows = read_table(csv_path)
     if not rows:
         return None
     flagged = sum(r["corrupted"] == "yes" for r in rows)
@@ -51,8 +47,7 @@ def _items_table(csv_path: Path, k: int = 10) -> tuple[list[str], list[dict]] | 
                     f"harmful (recall {found / flagged:.2f}).")
     files = csv_path.with_name(csv_path.stem + ".files.csv")
     if files.is_file():  # example levels: the files, each one's scores summed over the tasks it appears in
-        with open(files, newline="", encoding="utf-8") as fh:
-            rows = list(csv.DictReader(fh))
+        rows = read_table(files)
         text.append(f"Most harmful files first (`{files.name}`: each file's scores summed over the tasks it appears in).")
         return text, rows[:k]
     keys = [c for c in ("task_id", "example", "score", "classes", "file", "label", "true_label", "corrupted") if any(r.get(c) for r in rows[:k])]

@@ -26,7 +26,7 @@ from ..meta.objective import MetaProblem
 from ..tasks.tensors import TaskTensors
 from .gradients import kept_task_gradients, removed_examples_gradient
 from ..meta.curvature import TotalHessian
-from .results import RESIDUAL_WARN, InfluenceSettings, shortfall
+from .results import InfluenceSettings, check_solve
 from .task_if import build_hessian, ihvp
 
 
@@ -211,26 +211,9 @@ def reduced_objective(problem, pool, weights, proximal):
 
 
 def check_edit_solve(diag: dict[str, Any], res: Any, settings: InfluenceSettings) -> None:
-    """Say aloud (a warning and a line in ``diag["warnings"]``) when the edit's solve stopped short of its
-    tolerance or left a large residual, with the remedy that fits the solver and Hessian used."""
-    converged = bool(res.info.get("converged", True))
-    if converged and res.residual <= RESIDUAL_WARN:
-        return
-    solve = settings.solve
-    fixes = []
-    if res.info.get("stopped_by") == "time":
-        fixes.append(f"raise --max-minutes (its budget, {solve.max_minutes:g} min, ran out) or set it to 0 (no limit)")
-    if res.solver in ("cg", "pcg"):
-        fixes.append(f"raise --max-iter (now {solve.max_iter})")
-    elif res.solver in ("neumann", "lissa", "lowrank", "curvature"):
-        fixes.append("use --solver cg")
-    if (settings.hessian, res.solver) != ("fisher", "woodbury"):
-        fixes.append("use --hessian fisher --solver woodbury (an exact inverse, no iterations)")
-    else:
-        fixes.append(f"raise --damping (now {settings.damping:g})")
-    state = "stopped before its tolerance" if not converged else "left a large residual"
-    shortfall(diag, f"the edit's {res.solver} solve {state}: relative residual {res.residual:.2g} (tol {solve.tol:g}) after "
-                    f"{res.iterations} iteration{'s' if res.iterations != 1 else ''}, so λ_edit is only approximately the closed-form edit; " + ", or ".join(fixes))
+    """Say aloud (a warning and a line in ``diag["warnings"]``) when the edit's solve stopped short of its tolerance or
+    left a large residual: :func:`.results.check_solve` with an edit's remedies (no --resume)."""
+    check_solve(diag, res, settings, "edit's", "λ_edit is", resumable=False)
 
 
 @dataclass

@@ -232,29 +232,37 @@ def solver_record(res: Any, hvps: int | None = None) -> dict[str, Any]:
     return out
 
 
-def check_solve(diag: dict[str, Any], res: Any, settings: "InfluenceSettings", what: str = "iHVP") -> None:
-    """A shortfall when the solve stopped before its tolerance or left a large true residual, with
-    the remedy of its solver."""
+def check_solve(diag: dict[str, Any], res: Any, settings: "InfluenceSettings", what: str = "iHVP", answer: str = "the scores are",
+                resumable: bool = True) -> None:
+    """A shortfall when the solve stopped before its tolerance or left a large true residual, with the remedy of its
+    solver. ``answer``: what the solve gives, as the subject of "… approximate"; ``resumable``: whether ``--resume`` can
+    continue it (scores) or not (an edit, which is then also pointed at the exact fisher inverse)."""
     converged = bool(res.info.get("converged", True))
     if converged and res.residual <= RESIDUAL_WARN:
         return
+    solve, damping = settings.solve, f"--damping (now {settings.damping:g})"
+    resume = ", or continue from this iterate with --resume SCORES" if resumable else ""
     remedy = {
-        "cg": f"raise --max-iter (now {settings.solve.max_iter}) or --damping (now {settings.damping:g}), or continue from this iterate with --resume SCORES",
-        "neumann": f"raise --neumann-depth (now {settings.solve.neumann_depth}) or --damping (now {settings.damping:g}), or use --solver cg",
-        "lissa": f"raise --neumann-depth (now {settings.solve.neumann_depth}), --lissa-batch or --lissa-repeats, or use --solver cg",
-        "lowrank": f"raise --lowrank-rank (now {settings.solve.lowrank_rank}) or use --solver cg (the spectrum is not low-rank enough)",
+        "cg": f"raise --max-iter (now {solve.max_iter}) or {damping}{resume}",
+        "pcg": f"raise --max-iter (now {solve.max_iter}) or {damping}{resume}",
+        "neumann": f"raise --neumann-depth (now {solve.neumann_depth}) or {damping}, or use --solver cg",
+        "lissa": f"raise --neumann-depth (now {solve.neumann_depth}), --lissa-batch or --lissa-repeats, or use --solver cg",
+        "lowrank": f"raise --lowrank-rank (now {solve.lowrank_rank}) or use --solver cg (the spectrum is not low-rank enough)",
         "curvature": "use --solver pcg with the same --curvature-file (exact, preconditioned), or fit a better curvature (a larger --rank of a "
                      "Nyström sketch; for a fisher file, the --hessian it was measured against)",
-        "pcg": f"raise --max-iter (now {settings.solve.max_iter}) or --damping (now {settings.damping:g}), or continue from this iterate with --resume SCORES",
+        "woodbury": f"raise {damping}: the inverse is exact, only its conditioning limits it",
     }.get(res.solver, "use --solver cg with a tighter --tol")
     if res.info.get("stopped_by") == "time":
-        remedy = (f"its --max-minutes budget ({settings.solve.max_minutes:g}) ran out: continue from this iterate with "
-                  "`metainfluence influence ... --resume SCORES` (SCORES: this result's file), or raise --max-minutes")
+        remedy = (f"its --max-minutes budget ({solve.max_minutes:g}) ran out: continue from this iterate with "
+                  "`metainfluence influence ... --resume SCORES` (SCORES: this result's file), or raise --max-minutes" if resumable else
+                  f"its --max-minutes budget ({solve.max_minutes:g}) ran out: raise --max-minutes or set it to 0 (no limit)")
+    if not resumable and (settings.hessian, res.solver) != ("fisher", "woodbury"):
+        remedy += ", or use --hessian fisher --solver woodbury (an exact inverse, no iterations)"
     state = "stopped before its tolerance" if not converged else "left a large residual"
     # above 1 the answer is no closer to (H + δI)⁻¹b than 0 is: say so, not "approximate"
-    worth = "so the scores are not meaningful (the residual is above 1)" if res.residual > 1 else "so the scores are approximate"
-    shortfall(diag, f"the {what} solve ({res.solver}) {state}: relative residual {res.residual:.2g} "
-                    f"(tol {settings.solve.tol:g}) after {res.iterations} iterations, {worth}; {remedy}")
+    worth = f"so {answer} not meaningful (the residual is above 1)" if res.residual > 1 else f"so {answer} approximate"
+    shortfall(diag, f"the {what} solve ({res.solver}) {state}: relative residual {res.residual:.2g} (tol {solve.tol:g}) after "
+                    f"{res.iterations} iteration{'s' if res.iterations != 1 else ''}, {worth}; {remedy}")
 
 
 def settings_dict(settings: Any) -> dict:

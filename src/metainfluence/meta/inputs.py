@@ -67,9 +67,12 @@ def task_bytes(problem: Any, lam: torch.Tensor, tasks: "TaskTensors", activation
     return int(ACTIVATION_FACTOR * activations_per_example * examples * item + PARAMETER_FACTOR * problem.dim * item)
 
 
-def check_task_tensors(problem: Any, lam: torch.Tensor, tasks: "TaskTensors") -> int:
-    """Refuse a pool whose inputs the model cannot take or whose targets the loss cannot read. Returns the
-    model's activations per example (elements of every leaf module's output), which sizes automatic chunks."""
+def check_task_tensors(problem: Any, lam: torch.Tensor, tasks: "TaskTensors",
+                       measured: tuple[int, tuple[int, ...]] | None = None) -> tuple[int, tuple[int, ...]]:
+    """Refuse a pool whose inputs the model cannot take or whose targets the loss cannot read. Returns what running
+    the model on one task's support set measured: (activations per example — elements of every leaf module's output,
+    which size automatic chunks —, the output shape per example). ``measured``: that pair from an earlier pool of the
+    same shapes, so that only the cheap checks (λ, dtypes, label values) run again and not the model."""
     check_parameters(problem, lam)
     for name in ("support_x", "query_x"):
         t = getattr(tasks, name)
@@ -78,6 +81,18 @@ def check_task_tensors(problem: Any, lam: torch.Tensor, tasks: "TaskTensors") ->
     if tasks.support_x.shape[2:] != tasks.query_x.shape[2:]:
         raise SettingsError(f"support inputs are {tuple(tasks.support_x.shape[2:])} per example but query inputs "
                             f"{tuple(tasks.query_x.shape[2:])}; both sets need the same example shape")
+    if measured is None:
+        measured = _run_model(problem, lam, tasks)
+    for name in ("support_y", "query_y"):
+        try:
+            _check_targets(problem, name, getattr(tasks, name), measured[1])
+        except SettingsError as exc:  # which pool: the training and validation pools are checked alike
+            raise SettingsError(f"{exc} (in a pool of {len(tasks)} tasks)") from None
+    return measured
+
+
+def _run_model(problem: Any, lam: torch.Tensor, tasks: "TaskTensors") -> tuple[int, tuple[int, ...]]:
+    """The model on the first task's support set, under forward hooks: (activations per example, output shape per example)."""
     x = tasks.support_x[0]
     counted = [0]
 
@@ -98,17 +113,11 @@ def check_task_tensors(problem: Any, lam: torch.Tensor, tasks: "TaskTensors") ->
     finally:
         for h in handles:
             h.remove()
-    for name in ("support_y", "query_y"):
-        try:
-            _check_targets(problem, name, getattr(tasks, name), out)
-        except SettingsError as exc:  # which pool: the training and validation pools are checked alike
-            raise SettingsError(f"{exc} (in a pool of {len(tasks)} tasks)") from None
-    return max(counted[0], out.numel()) // max(1, x.shape[0])
+    return max(counted[0], out.numel()) // max(1, x.shape[0]), tuple(out.shape[1:])
 
 
-def _check_targets(problem: Any, name: str, y: torch.Tensor, out: torch.Tensor) -> None:
-    """Targets of one set against the model's output on one example set (``out``: (m, ...))."""
-    per_example_out = tuple(out.shape[1:])
+def _check_targets(problem: Any, name: str, y: torch.Tensor, per_example_out: tuple[int, ...]) -> None:
+    """Targets of one set against the model's output shape per example."""
     per_example_y = tuple(y.shape[2:])
     if problem.loss_name in _CLASS_INDEX_LOSSES:
         if per_example_out in ((), (1,)):

@@ -141,7 +141,7 @@ class MetaProblem:
         self.chunk_size = chunk_size
         # sums over tasks and per-task rows cross processes through this (one process by default)
         self.collective: Collective = collective or SINGLE_PROCESS
-        self._task_bytes: dict[tuple, int] = {}  # memory bound of one task, per pool shape and dtype (auto_chunk)
+        self._measured: dict[tuple, tuple] = {}  # the model run on one task, per pool shape and dtype (_checked)
 
     # ------------------------------------------------------------------ parameters
     @property
@@ -250,11 +250,15 @@ class MetaProblem:
     def auto_chunk(self, lam: torch.Tensor, tasks: TaskTensors) -> int:
         """Tasks per vmapped chunk when ``chunk_size`` is unset: as many as fit ``allocator.chunk_budget_bytes``
         by the bound of :func:`.inputs.task_bytes` (a whole small pool at once; a few 84×84 tasks a chunk)."""
-        key = (tuple(tasks.support_x.shape[1:]), tuple(tasks.query_x.shape[1:]), lam.dtype, lam.device.type)
-        if key not in self._task_bytes:
-            self.records(lam, tasks)  # checks the pool and measures the model's activations once per pool shape
-        per_task = self._task_bytes[key]
+        per_task = task_bytes(self, lam, tasks, self._checked(lam, tasks)[0])
         return max(1, min(len(tasks), chunk_budget_bytes(lam.device) // max(1, per_task)))
+
+    def _checked(self, lam: torch.Tensor, tasks: TaskTensors) -> tuple[int, tuple[int, ...]]:
+        """:func:`.inputs.check_task_tensors` of ``tasks``; the model runs once per pool shape and dtype (its measurement
+        is kept), so the passes of a training run or a solve repeat only the cheap checks."""
+        key = (tuple(tasks.support_x.shape[1:]), tuple(tasks.query_x.shape[1:]), lam.dtype, lam.device.type)
+        self._measured[key] = check_task_tensors(self, lam, tasks, self._measured.get(key))
+        return self._measured[key]
 
     def records(self, lam, tasks: TaskTensors, v=None, u=None) -> TaskRecord:
         """The pool as one batched :class:`TaskRecord` (weights default to ones, cast like λ).
@@ -264,9 +268,7 @@ class MetaProblem:
         check_working_dtype(lam)
         if tasks.support_x.is_floating_point() and tasks.support_x.dtype != lam.dtype:
             tasks = tasks.to(dtype=lam.dtype)
-        activations = check_task_tensors(self, lam, tasks)
-        key = (tuple(tasks.support_x.shape[1:]), tuple(tasks.query_x.shape[1:]), lam.dtype, lam.device.type)
-        self._task_bytes[key] = task_bytes(self, lam, tasks, activations)
+        self._checked(lam, tasks)
         dv, du = self.default_weights(tasks, lam)
         v = dv if v is None else v.to(lam)
         u = du if u is None else u.to(lam)

@@ -36,25 +36,30 @@ def item_rows(result: Any, pool: Any, dataset: Any) -> list[dict[str, Any]]:
     classify = dataset is not None and hasattr(pool, "classes")
     row_of = {int(t): r for r, t in enumerate(pool.task_ids.tolist())} if hasattr(pool, "task_ids") else {}
     which = result.level if result.level in ("support", "query") else ""
+    # the pool's arrays as lists once: per-row tensor indexing would cost seconds on 10⁵ example rows
+    classes = pool.classes.tolist() if classify else []
+    if classify and which:
+        ids, used, true, bad = (getattr(pool, f"{which}_{k}").tolist() for k in ("ids", "y", "true_y", "corrupted"))
+    elif classify:
+        corrupted_tasks = pool.corrupted_tasks.tolist()
+    scores = result.scores.reshape(-1).tolist()
     rows = []
     order = result.ranking(harmful_first=True)
     for rank, (item, flat) in enumerate(zip(result.items(order), order.tolist()), 1):
         task = item[0]
         row = {"rank_harmful_first": rank, "task_id": task, "set": which, "example": item[1] if len(item) > 1 else "",
-               "score": f"{float(result.scores.reshape(-1)[flat]):.6e}", "classes": "", "corrupted": "", "file": "", "label": "", "true_label": ""}
+               "score": f"{scores[flat]:.6e}", "classes": "", "corrupted": "", "file": "", "label": "", "true_label": ""}
         r = row_of.get(task)
         if classify and r is not None:
-            classes = [int(c) for c in pool.classes[r].tolist()]
-            row["classes"] = ";".join(_class_name(dataset, c) for c in classes)
+            row["classes"] = ";".join(_class_name(dataset, c) for c in classes[r])
             if which:
                 j = item[1]
-                ids, used, true, bad = (getattr(pool, f"{which}_{k}") for k in ("ids", "y", "true_y", "corrupted"))
-                row["file"] = _example_name(dataset, int(ids[r, j]))
-                row["label"] = _class_name(dataset, classes[int(used[r, j])])
-                row["true_label"] = _class_name(dataset, classes[int(true[r, j])])
-                row["corrupted"] = "yes" if bool(bad[r, j]) else "no"
+                row["file"] = _example_name(dataset, ids[r][j])
+                row["label"] = _class_name(dataset, classes[r][used[r][j]])
+                row["true_label"] = _class_name(dataset, classes[r][true[r][j]])
+                row["corrupted"] = "yes" if bad[r][j] else "no"
             else:
-                row["corrupted"] = "yes" if bool(pool.corrupted_tasks[r]) else "no"
+                row["corrupted"] = "yes" if corrupted_tasks[r] else "no"
         rows.append(row)
     return rows
 
@@ -110,6 +115,14 @@ def write_item_table(stem: str | Path, rows: list[dict[str, Any]]) -> Path:
     if files:
         _write_csv(Path(f"{stem}.files.csv"), FILE_COLUMNS, files)
     return _write_csv(Path(f"{stem}.csv"), COLUMNS, rows)
+
+
+def read_table(path: str | Path) -> list[dict[str, str]]:
+    """The rows of an item or file table written here ([] when there is none)."""
+    if not Path(path).is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
 
 
 def describe_row(row: dict[str, Any]) -> str:

@@ -19,7 +19,7 @@ from ..influence.reliability import halves_of, measurement_reliability, record_r
 from ..influence.results import shortfall
 from ..influence import Removal, edit_model, instance_influence, pairwise_influence, task_influence
 from ..io import write_json
-from ..meta.evaluate import EvalResult, evaluate
+from ..meta.evaluate import EvalResult, evaluate, interval95
 from ..meta.refine import RefineReport, refine
 from ..meta.train import TrainHistory, meta_train
 from .describe import coverage
@@ -162,7 +162,7 @@ def _accuracy_drop_notice(before: EvalResult, after: EvalResult, gamma: float, l
     if not (before.is_classification and len(before.per_task_accuracy) == len(after.per_task_accuracy) > 1):
         return
     diff = torch.tensor(after.per_task_accuracy, dtype=torch.float64) - torch.tensor(before.per_task_accuracy, dtype=torch.float64)
-    mean, half = float(diff.mean()), 1.96 * float(diff.std()) / len(diff) ** 0.5
+    mean, half, _ = interval95(diff)
     if mean < -max(half, 0.005):
         remedy = (f"a larger --refine-proximal than {gamma:g} (e.g. 1) keeps λ nearer the trained model" if gamma > 0 else
                   "--refine-proximal 1 refines near the trained model instead")
@@ -209,10 +209,8 @@ def influence_checkpoint(checkpoint: str | os.PathLike, settings: Any, level: st
     log(f"train pool: {ctx.pools['train'].summary()}")
     _stationarity_notice(ckpt, settings, log)
     s0 = _resume_iterate(ctx, resume, settings, level, log) if resume is not None else None
-    prox, given = proximal_of(ckpt), settings
-    if prox is not None:  # scores of the proximal objective the checkpoint was refined on
-        settings = proximal_settings(settings, prox[0])
-        log(f"proximal checkpoint: γ = {prox[0]:g} added to the damping ({given.damping:g} → {settings.damping:g})")
+    given = settings
+    prox, settings = _with_proximal(ckpt, settings, log)  # scores of the proximal objective the checkpoint was refined on
     lam, halves = ckpt.lam.double(), None
     if check is not None and check.measurement_splits:
         # one validation pool object for both, so that the reliability's halves ride on the scores' ∇f pass
@@ -263,6 +261,16 @@ def _check_measurement(ctx: RunContext, lam: torch.Tensor, settings: Any, check:
     rel = measurement_reliability(ctx.problem, lam, ctx.tensors["train"].to(dtype=lam.dtype), ctx.tensors["val"].to(dtype=lam.dtype),
                                   settings, check.measurement_splits, seed=check.seed, s=result.extra.get("s"))
     record_reliability(result.diagnostics, rel)
+
+
+def _with_proximal(ckpt: Any, settings: Any, log: Log) -> tuple[Any, Any]:
+    """(γ, λ₀) of a proximally refined checkpoint (else None) and ``settings`` with γ added to the damping, said aloud."""
+    prox = proximal_of(ckpt)
+    if prox is None:
+        return None, settings
+    shifted = proximal_settings(settings, prox[0])
+    log(f"proximal checkpoint: γ = {prox[0]:g} added to the damping ({settings.damping:g} → {shifted.damping:g})")
+    return prox, shifted
 
 
 def _stationarity_notice(ckpt: Any, settings: Any, log: Log) -> None:
@@ -341,10 +349,8 @@ def edit_checkpoint(checkpoint: str | os.PathLike, settings: Any, remove_tasks: 
             raise SettingsError("--scores needs --top-k K (how many of the most harmful items to remove)")
         removal = removal_from_scores(ctx.load_scores(scores), top_k)
     log(f"train pool: {ctx.pools['train'].summary()}")
-    prox, given = proximal_of(ckpt), settings
-    if prox is not None:  # the edit of the proximal objective: its reduced Hessian is H_R + γI, its Newton steps descend P_R
-        settings = proximal_settings(settings, prox[0])
-        log(f"proximal checkpoint: γ = {prox[0]:g} added to the damping ({given.damping:g} → {settings.damping:g})")
+    # the edit of the proximal objective: its reduced Hessian is H_R + γI, its Newton steps descend P_R
+    prox, settings = _with_proximal(ckpt, settings, log)
     log(f"edit: {step} step removing {removal.describe()}, {settings.hessian} Hessian, solver {settings.solver}, damping {settings.damping:g}"
         + (f", at most {settings.solve.max_minutes:g} min" if settings.solve.max_minutes else ""))
     _stationarity_notice(ckpt, settings, log)
