@@ -32,11 +32,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ..errors import DataError
 from .base import SPLITS, ClassDataset, digest, seeded_class_split, seeded_example_split
-from .mini_imagenet import RESAMPLE
+from .images import DECODE_ERRORS, check_image_options, decode_images, unreadable
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pgm", ".ppm", ".pbm", ".tif", ".tiff", ".webp")
 COLORS: tuple[str, ...] = ("auto", "grey", "rgb")
@@ -45,7 +45,6 @@ SPLIT_BY: tuple[str, ...] = ("class", "example")
 GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 SPLIT_SALT = 0x1F07  # this dataset's own split stream (see base.seeded_class_split)
 _REMEDY = "point --data-root at a folder holding one folder of images per class (see README, 'Datasets')"
-_DECODE_ERRORS = (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError)
 
 
 def is_image_file(path: Path) -> bool:
@@ -146,25 +145,12 @@ def _refuse_data_root(root: Path, class_dirs: list[Path]) -> None:
 
 
 def _check_options(image_size: object, color: str, resample: str) -> str:
-    if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 4:
-        raise DataError(f"image_size={image_size!r} is invalid; use an integer of at least 4 (84 is the Mini-ImageNet protocol)")
-    if resample not in RESAMPLE:
-        raise DataError(f"unknown resample filter {resample!r}; use one of {', '.join(RESAMPLE)}")
+    check_image_options(image_size, resample, "84 is the Mini-ImageNet protocol")
     key = str(color).lower()
     key = "grey" if key == "gray" else key
     if key not in COLORS:
         raise DataError(f"unknown color {color!r}; use auto (grey when every image is grey, else RGB), grey or rgb")
     return key
-
-
-def _unreadable(failures: dict[Path, BaseException], one: str, many: str) -> DataError:
-    """One error for every file of a pass that failed (``one``/``many``: what is wrong with one file /
-    several): the count and up to 5 of them, so that a user fixes them all in one go."""
-    (first, exc), n = next(iter(failures.items())), len(failures)
-    if n == 1:
-        return DataError(f"image {first} {one} ({exc}); replace or remove it")
-    names = ", ".join(str(p) for p in list(failures)[:5]) + (f" and {n - 5} more" if n > 5 else "")
-    return DataError(f"{n} images {many}: {names} (the first: {exc}); replace or remove them")
 
 
 def _colour_files(paths: list[Path]) -> list[Path]:
@@ -177,10 +163,10 @@ def _colour_files(paths: list[Path]) -> list[Path]:
             with Image.open(path) as im:
                 if im.mode not in GREY_MODES:
                     colour.append(path)
-        except _DECODE_ERRORS as exc:
+        except DECODE_ERRORS as exc:
             failures[path] = exc
     if failures:
-        raise _unreadable(failures, "cannot be read as an image", "cannot be read as images")
+        raise unreadable(failures, "cannot be read as an image", "cannot be read as images")
     return colour
 
 
@@ -200,15 +186,6 @@ def _auto_grey(files: list[Path]) -> bool:
             f"{len(files) - len(colour)} grey, so the dataset is RGB (3 channels, 3× the memory) because of them; pass --color grey "
             f"(color='grey' in Python) to read every image as grey, or --color rgb to keep RGB without this warning", stacklevel=3)
     return not colour
-
-
-def _convert(im: Image.Image, mode: str) -> Image.Image:
-    """``im`` as an 8-bit ``mode`` ('L' or 'RGB') image. 16-bit grey (PNG, TIFF) is scaled to 8 bits,
-    where Pillow's own conversion would clip every value above 255 to white."""
-    if im.mode.startswith("I;16"):
-        wide = np.asarray(im, dtype=np.float64)
-        im = Image.fromarray(np.floor(wide / 257.0 + 0.5).astype(np.uint8))
-    return im.convert(mode)
 
 
 def _default_sizes(n: int) -> tuple[int, int, int]:
@@ -306,33 +283,21 @@ def load_image_folder(
         layout += "/example-split"
     grey = _auto_grey(files) if color == "auto" else color == "grey"
     mode, channels = ("L", 1) if grey else ("RGB", 3)
-    filt = RESAMPLE[resample]
     names = [p.relative_to(root).as_posix() for p in files]
     listing = sorted((name, p.stat().st_size) for name, p in zip(names, files))
 
     def loader(ids: np.ndarray) -> torch.Tensor:
-        out = np.empty((len(ids), image_size, image_size, channels), dtype=np.uint8)
-        gone: list[Path] = []
-        failures: dict[Path, BaseException] = {}  # every file of the call that fails, named at the end
-        for j, i in enumerate(ids):
-            path = files[int(i)]
-            try:
-                with Image.open(path) as im:
-                    im = _convert(im, mode)
-                    if im.size != (image_size, image_size):
-                        im = im.resize((image_size, image_size), filt)
-                    out[j] = np.asarray(im, dtype=np.uint8).reshape(image_size, image_size, channels)
-            except FileNotFoundError:
-                gone.append(path)
-            except _DECODE_ERRORS as exc:
-                failures[path] = exc
+        paths = [files[int(i)] for i in ids]
+        out, gone_at, failed_at = decode_images(paths, image_size, mode, resample)
+        gone = [paths[j] for j in gone_at]
+        failures = {paths[j]: exc for j, exc in failed_at.items()}
         if gone:
             what = f"image {gone[0]} has" if len(gone) == 1 else f"{len(gone)} images ({', '.join(map(str, gone[:5]))}{', …' if len(gone) > 5 else ''}) have"
             also = f" ({len(failures)} more cannot be decoded)" if failures else ""
             it = "it" if len(gone) == 1 else "them"
             raise DataError(f"{what} gone since the folder was read{also}; put {it} back, or rerun so that {root} is read again")
         if failures:
-            raise _unreadable(failures, "cannot be decoded", "cannot be decoded")
+            raise unreadable(failures, "cannot be decoded", "cannot be decoded")
         return torch.from_numpy(out).permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
 
     return ClassDataset(

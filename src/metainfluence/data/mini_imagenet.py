@@ -14,13 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
 from .base import SPLITS, ClassDataset, digest
-
-RESAMPLE = {"bilinear": Image.BILINEAR, "lanczos": Image.LANCZOS, "bicubic": Image.BICUBIC}
-
+from .images import check_image_options, decode_images, unreadable
 
 CSV_FILES = tuple(f"{s}.csv" for s in SPLITS)
 
@@ -98,10 +95,7 @@ def load_mini_imagenet(
     loaded on demand, RGB, resized to ``image_size``² — shape (3, image_size, image_size).
     With ``check_images=True`` every listed image must exist (checked now, not at the first load).
     """
-    if not isinstance(image_size, int) or image_size < 4:
-        raise DataError(f"image_size={image_size!r} is invalid; use an integer of at least 4 (84 is standard)")
-    if resample not in RESAMPLE:
-        raise DataError(f"unknown resample filter {resample!r}; use one of {', '.join(RESAMPLE)}")
+    check_image_options(image_size, resample, "84 is standard")
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError(f"Mini-ImageNet folder {root} does not exist; point --data-root at the folder holding images/ and the split csv files")
@@ -135,23 +129,17 @@ def load_mini_imagenet(
             raise DataError(
                 f"{len(missing)} of {len(files)} Mini-ImageNet images are missing from {image_dir} (first: {files[missing[0]]}, "
                 f"listed in {cdir / f'{split}.csv'} line {line}); put the images in {target} or remove their rows from the csv files")
-    filt = RESAMPLE[resample]
 
     def loader(ids: np.ndarray) -> torch.Tensor:
-        out = np.empty((len(ids), image_size, image_size, 3), dtype=np.uint8)
-        for j, i in enumerate(ids):
-            path = image_dir / files[int(i)]
-            try:
-                with Image.open(path) as im:
-                    im = im.convert("RGB")
-                    if im.size != (image_size, image_size):
-                        im = im.resize((image_size, image_size), filt)
-                    out[j] = np.asarray(im, dtype=np.uint8)
-            except FileNotFoundError:
-                split, line = sources[int(i)]
-                raise DataError(f"Mini-ImageNet image {path} is missing (listed in {cdir / f'{split}.csv'} line {line}); put it there or remove its row") from None
-            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-                raise DataError(f"Mini-ImageNet image {path} cannot be decoded ({exc}); replace the file") from None
+        out, gone, failed = decode_images([image_dir / files[int(i)] for i in ids], image_size, "RGB", resample)
+        if gone:
+            split, line = sources[int(ids[gone[0]])]
+            more = f" ({len(gone) - 1} more of this load are missing too)" if len(gone) > 1 else ""
+            raise DataError(f"Mini-ImageNet image {image_dir / files[int(ids[gone[0]])]} is missing (listed in {cdir / f'{split}.csv'} line {line}){more}; "
+                            f"put it there or remove its row")
+        if failed:
+            raise unreadable({image_dir / files[int(ids[j])]: exc for j, exc in failed.items()},
+                             "cannot be decoded", "cannot be decoded", remedy="replace")
         return torch.from_numpy(out).permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
 
     csv_text = {s: (cdir / f"{s}.csv").read_bytes() for s in SPLITS}

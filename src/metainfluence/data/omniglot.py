@@ -36,10 +36,10 @@ from PIL import Image, UnidentifiedImageError
 from ..errors import DataError, MetaInfluenceError
 from ..io import atomic_write_bytes
 from .base import SPLITS, UNASSIGNED, ClassDataset, default_cache_dir, digest, file_sha256, seeded_class_split
+from .images import RESAMPLE, check_image_options
 
 SETS = ("images_background", "images_evaluation")
 DEFAULT_SPLIT_SIZES = (1100, 100, 423)
-RESAMPLE = {"lanczos": Image.LANCZOS, "bilinear": Image.BILINEAR}
 CACHE_VERSION = 1
 _CHAR_DIR = re.compile(r"^character\d+$")
 _ROT_LINE = re.compile(r"^(?P<char>[^/\s]+/[^/\s]+)(?:/rot(?P<rot>\d{3}))?$")
@@ -270,10 +270,7 @@ def load_omniglot(
     Vinyals-format ``split_file`` folder (characters it does not list are in no split). The four
     rotations of a character are always in the same split.
     """
-    if not isinstance(image_size, int) or image_size < 4:
-        raise DataError(f"image_size={image_size!r} is invalid; use an integer of at least 4 (28 is standard)")
-    if resample not in RESAMPLE:
-        raise DataError(f"unknown resample filter {resample!r}; use one of {', '.join(RESAMPLE)}")
+    check_image_options(image_size, resample, "28 is standard")
     sources = find_sources(root)
     identity = {s: _source_identity(p) for s, p in sources.items()}
     arrays = _decoded(sources, image_size, resample, cache_dir, cache, identity)

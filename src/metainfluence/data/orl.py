@@ -23,7 +23,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
 from .base import ClassDataset, digest, seeded_class_split
-from .mini_imagenet import RESAMPLE
+from .images import RESAMPLE, check_image_options
 
 SUBJECTS = 40
 PHOTOS = 10
@@ -124,10 +124,7 @@ def load_orl_faces(
     smaller values for test fixtures). All 400 photos (4 MB) are decoded up front in well under a
     second, so there is no on-disk cache to go stale.
     """
-    if not isinstance(image_size, int) or isinstance(image_size, bool) or (image_size != 0 and image_size < 4):
-        raise DataError(f"image_size={image_size!r} is invalid; use an integer of at least 4 (84 is the Mini-ImageNet protocol) or 0 for the native 112×92")
-    if resample not in RESAMPLE:
-        raise DataError(f"unknown resample filter {resample!r}; use one of {', '.join(RESAMPLE)}")
+    check_image_options(image_size, resample, "84 is the Mini-ImageNet protocol", native=True)
     if subjects < 3 or photos < 2:
         raise DataError(f"subjects={subjects}, photos={photos} cannot make a train/val/test split; use at least 3 subjects of 2 photos")
     folder = find_att_faces(root)

@@ -13,6 +13,11 @@ from ..pipeline.describe import read_table
 from .report import write_report
 
 
+# instance-IF records its method as LEVEL/HOW; the report says what that means
+_METHOD_WORDS = {"support/unrolled": "instance-IF (support examples, differentiated through the unrolled inner steps)",
+                 "support/two-stage": "instance-IF (support examples, two-stage: the inner problem's own inverse Hessian)",
+                 "query": "instance-IF (query examples)"}
+
 def _read(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text())
@@ -95,7 +100,7 @@ def report_run_folder(run_dir: str | Path) -> Path:
         infl = (rec.get("settings") or {}).get("influence") or {}
         num = lambda v, fmt: format(v, fmt) if isinstance(v, (int, float)) else "-"
         paragraphs = [
-            f"level {rec.get('level')}, method {rec.get('method')}, Hessian {infl.get('hessian', '-')}, solver {solver.get('name', '-')} "
+            f"level {rec.get('level')}, method {_METHOD_WORDS.get(rec.get('method'), rec.get('method'))}, Hessian {infl.get('hessian', '-')}, solver {solver.get('name', '-')} "
             f"(relative residual {num(solver.get('residual'), '.1e')}), damping {infl.get('damping', '-')}; "
             f"measurement f = {num(rec.get('measurement'), '.4f')}; ‖∇F‖ / mean‖g‖ = {num(st.get('ratio'), '.2g')}.",
         ]
