@@ -25,6 +25,7 @@ from metainfluence.config import add_settings_arguments, load_settings, namespac
 from metainfluence.influence.results import InfluenceSettings
 from metainfluence.meta.checkpoint import pool_fingerprint
 from metainfluence.pipeline import RunContext
+from metainfluence.pipeline.proximal import proximal_of, proximal_settings, record_proximal
 
 
 def main() -> int:
@@ -47,12 +48,20 @@ def main() -> int:
         train = run.tensors["train"].to(ctx.device, dtype)
         val = run.tensors["val"].to(ctx.device, dtype)
         typed = {k.removeprefix("influence."): v for k, v in namespace_overrides(args, dests).items()}
-        settings = load_settings(InfluenceSettings(), overrides=typed)
+        given = load_settings(InfluenceSettings(), overrides=typed)
+        # a checkpoint refined on the proximal objective P = F + (γ/2)‖λ − λ₀‖² is scored on P, as `metainfluence
+        # influence` does: γ joins the damping and stationarity is P's (from the checkpoint's refine report)
+        prox = proximal_of(ckpt)
+        settings = given if prox is None else proximal_settings(given, prox[0])
+        if prox is not None and ctx.is_main:
+            print(f"proximal checkpoint: γ = {prox[0]:g} added to the damping ({given.damping:g} → {settings.damping:g})")
         pool = run.pools["train"]
         ids = getattr(pool, "task_ids", None)
-        result = distributed_task_influence(problem, lam, train, val, settings, task_ids=ids, out=args.out,
-                                            pool_fingerprint=pool_fingerprint(pool))
+        result = distributed_task_influence(problem, lam, train, val, settings, task_ids=ids)
         if ctx.is_main:
+            if prox is not None:
+                record_proximal(result.diagnostics, prox[0], given, ckpt.info["refine_report"])
+            result.save(args.out, pool_fingerprint=pool_fingerprint(pool))
             d = result.diagnostics
             print(f"{len(result.scores)} task scores on {ctx.world_size} process(es) ({ctx.backend or 'single'}); "
                   f"solver residual {d.get('solver', {}).get('residual')}; wrote {args.out}.safetensors/.json")

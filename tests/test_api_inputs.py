@@ -217,3 +217,110 @@ def test_automatic_chunks_follow_the_memory_budget_and_change_no_result(monkeypa
     assert problem.auto_chunk(lam, tasks) == 1  # never below one task
     problem.chunk_size = 5
     assert list(problem.chunks(7, lam, tasks)) == [slice(0, 5), slice(5, 7)]  # an explicit chunk size wins
+
+
+# --------------------------------------------------------------------------- 9. a user's own nn.Module
+class _TwoLayer(torch.nn.Module):
+    def __init__(self, freeze_first=False, extra=None):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 6), torch.nn.Linear(6, 3)
+        self.extra = extra if extra is not None else torch.nn.Identity()
+        for p in self.a.parameters():
+            p.requires_grad_(not freeze_first)
+
+    def forward(self, x):
+        return self.b(self.extra(torch.tanh(self.a(x))))
+
+
+def test_frozen_layers_are_constants_not_meta_parameters():
+    torch.manual_seed(0)
+    model = _TwoLayer(freeze_first=True)  # float32 module: the frozen layer is cast to λ's float64
+    problem = MetaProblem(model, "cross_entropy", InnerSettings(steps=1, lr=0.3))
+    lam = problem.init_params(torch.float64)
+    assert problem.spec.names == ("b.weight", "b.bias") and lam.numel() == 6 * 3 + 3
+    x = torch.randn(5, 4, dtype=torch.float64)
+    torch.testing.assert_close(problem.forward(lam, x), model.double()(x), rtol=0, atol=1e-15)
+    # gradient check: the meta-gradient of the trainable head by central differences through the frozen layer
+    tasks = random_tasks(n=3)
+    g = problem.meta_gradient(lam, tasks)
+    e = torch.zeros_like(lam)
+    e[2] = 1e-6
+    fd = (problem.value_and_gradient(lam + e, tasks)[0] - problem.value_and_gradient(lam - e, tasks)[0]) / 2e-6
+    assert float(g[2]) == pytest.approx(float(fd), rel=1e-6)
+    frozen_before = model.a.weight.detach().clone()
+    meta_train(problem, lam, tasks, TrainSettings(steps=3, meta_batch=3, dtype="float64", checkpoint_every=0), progress=False)
+    assert torch.equal(model.a.weight, frozen_before)
+    with pytest.raises(SettingsError, match="no trainable parameters .*requires_grad=False"):
+        MetaProblem(_TwoLayer(freeze_first=True).requires_grad_(False))
+
+
+@pytest.mark.parametrize("layer, word", [(torch.nn.Dropout(0.2), "dropout in training mode.*model.eval"),
+                                         (torch.nn.BatchNorm1d(6), "batch norm in training mode.*model.eval.*TaskBatchNorm")])
+def test_training_mode_layers_that_cannot_run_under_the_transforms_are_refused(layer, word):
+    model = _TwoLayer(extra=layer).double()
+    with pytest.warns(UserWarning) if isinstance(layer, torch.nn.BatchNorm1d) else _no_warning():
+        problem = MetaProblem(model)
+    lam, tasks = problem.init_params(torch.float64), random_tasks(n=3)
+    stats = [b.clone() for b in model.buffers()]
+    with pytest.raises(SettingsError, match=word):
+        problem.value_and_gradient(lam, tasks)
+    assert all(torch.equal(a, b) for a, b in zip(stats, model.buffers()))  # the user's running statistics untouched
+    model.eval()  # eval mode: dropout is the identity, batch norm an affine map of the stored statistics
+    problem = MetaProblem(model)
+    value, grad = problem.value_and_gradient(lam, tasks)
+    assert torch.isfinite(value) and torch.isfinite(grad).all()
+
+
+class _no_warning:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_a_model_returning_a_tuple_needs_a_loss_that_unpacks_it():
+    class TupleOut(_TwoLayer):
+        def forward(self, x):
+            return super().forward(x), x.sum(-1)
+
+    torch.manual_seed(0)
+    tasks = random_tasks(n=3)
+    with pytest.raises(SettingsError, match="returns a tuple or dict.*callable loss"):
+        MetaProblem(TupleOut().double()).value_and_gradient(MetaProblem(TupleOut().double()).init_params(torch.float64), tasks)
+    torch.manual_seed(0)
+    unpack = MetaProblem(TupleOut().double(), lambda out, y: F.cross_entropy(out[0], y, reduction="none"))
+    torch.manual_seed(0)
+    plain = MetaProblem(_TwoLayer().double())
+    lam = plain.init_params(torch.float64)
+    torch.testing.assert_close(unpack.value_and_gradient(lam, tasks)[1], plain.value_and_gradient(lam, tasks)[1])
+
+
+def test_mixed_input_dtypes_small_integer_labels_and_bad_targets():
+    problem, lam = small_problem(steps=1)
+    t = random_tasks(n=3)
+    expected = problem.value_and_gradient(lam, t)[0]
+    mixed = TaskTensors(t.support_x, t.support_y.to(torch.uint8), t.query_x.float(), t.query_y.to(torch.int16))
+    assert mixed.support_y.dtype == torch.int64
+    assert float(problem.value_and_gradient(lam, mixed)[0]) == pytest.approx(float(expected), rel=1e-6)
+    with pytest.raises(PoolError, match="without query examples"):
+        TaskTensors(t.support_x, t.support_y, t.query_x[:, :0], t.query_y[:, :0])
+    soft = F.one_hot(t.query_y, 3).double()
+    with pytest.raises(SettingsError, match="soft labels with a row summing to 2"):
+        problem.value_and_gradient(lam, TaskTensors(t.support_x, t.support_y, t.query_x, soft * 2))
+    reg_problem, reg_lam = small_problem(steps=1, n_classes=1, loss="mse")
+    reg = random_tasks(n=3, regression=True)
+    reg.query_y[1, 2] = float("nan")  # edited after the pool was built
+    with pytest.raises(SettingsError, match="query_y contains NaN or inf"):
+        reg_problem.value_and_gradient(reg_lam, reg)
+
+
+def test_a_pool_object_in_place_of_its_tensors_is_refused_with_the_way_to_them():
+    from metainfluence.influence.task_if import task_influence
+    from metainfluence.tasks import sinusoid_pool
+
+    problem, lam = small_problem()
+    with pytest.raises(SettingsError, match=r"val_tasks is a SinusoidPool, not a TaskTensors.*val_tasks\.tensors\(\)"):
+        task_influence(problem, lam, random_tasks(n=3), sinusoid_pool(3, 2, 2, seed=0))
+    with pytest.raises(SettingsError, match="train_tasks is a list"):
+        task_influence(problem, lam, [random_tasks(n=3)], random_tasks(n=3))

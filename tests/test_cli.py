@@ -159,6 +159,26 @@ def test_train_refine_evaluate_commands(tmp_path, capsys):
     assert main(["train", "--out", str(out), *TINY[:-5], "--steps", "8", "--meta-batch", "4", "--resume", "--no-progress"]) == 0
     assert load_checkpoint(out / "trained").step == 8
     assert "resuming from step 6 of 8" in capsys.readouterr().err
+    # ... but not with another objective: steps of two inner loops would be mixed into λ
+    assert main(["train", "--out", str(out), *TINY[:-5], "--steps", "9", "--meta-batch", "4", "--resume", "--inner-lr", "0.1", "--no-progress"]) == 2
+    assert "trained with inner.lr=0.4, not 0.1" in _error_line(capsys)
+    assert load_checkpoint(out / "trained").step == 8
+
+
+def test_a_time_limited_training_says_stopped_and_its_resumption_completed(tmp_path, capsys, monkeypatch):
+    import metainfluence.meta.train as train_module
+
+    out = tmp_path / "run"
+    clock = iter(range(0, 10**6, 30))  # every clock reading 30 s later: the 0.2-minute budget ends after the first steps
+    monkeypatch.setattr(train_module.time, "perf_counter", lambda: float(next(clock)))
+    assert main(["train", "--out", str(out), *TINY[:-5], "--steps", "40", "--meta-batch", "4", "--max-minutes", "0.2", "--no-progress"]) == 3
+    first = load_checkpoint(out / "trained")
+    assert 0 < first.step < 40 and first.info["history"]["stopped"].startswith("time limit")
+    assert "stopped: training reached its time limit" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert main(["train", "--out", str(out), *TINY[:-5], "--steps", "40", "--meta-batch", "4", "--resume", "--no-progress"]) == 0
+    done = load_checkpoint(out / "trained")
+    assert done.step == 40 and done.info["history"]["stopped"] == "completed"
 
 
 def test_refine_refuses_a_checkpoint_whose_pool_file_was_swapped(tmp_path, capsys):

@@ -352,3 +352,19 @@ def test_a_scores_file_whose_ids_or_scores_were_changed_is_refused(demo_run, tmp
         assert main(["edit", "--checkpoint", str(demo_run / "refined"), "--scores", str(tmp_path / name), "--top-k", "3", "--out", str(tmp_path)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and ("task ids are not this pool's" in err[0] if name == "flipped" else "NaN or infinite" in err[0])
+
+
+def test_edit_refuses_scores_of_another_model_and_warns_of_scores_of_another_lambda(demo_run, tmp_path, capsys):
+    other = tmp_path / "other"  # the same pool, a narrower model
+    assert main(["demo", "--out", str(other), *SMALL, "--model-hidden", "16", "--skip-influence"]) == 0
+    capsys.readouterr()
+    assert main(["edit", "--checkpoint", str(other / "refined"), "--scores", str(demo_run / "task_influence"), "--top-k", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "was computed for a model of" in err and "recompute the scores for this checkpoint" in err
+    # the same model refined further: the scores' λ is not this checkpoint's, said aloud
+    assert main(["refine", "--checkpoint", str(demo_run / "refined"), "--out", str(tmp_path), "--name", "again", "--refine-tol", "0",
+                 "--refine-tol-ratio", "0", "--refine-max-iter", "2", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["edit", "--checkpoint", str(tmp_path / "again"), "--scores", str(demo_run / "task_influence"), "--top-k", "3",
+                 "--out", str(tmp_path), "--no-progress"]) == 0
+    assert "was computed at another λ" in capsys.readouterr().err

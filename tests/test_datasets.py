@@ -574,12 +574,12 @@ def test_mnist_and_fashion_mnist_folders_are_not_mixed_up(tmp_path, monkeypatch)
         load_dataset("mnist", root=tmp_path / "fashion-mnist", val_size=10)
     msg = str(e.value)
     assert "\n" not in msg and "are Fashion-MNIST, not MNIST" in msg and "t10k-labels-idx1-ubyte.gz" in msg
-    assert "pass --dataset fashion-mnist, or point --data-root at the MNIST folder" in msg
+    assert "point --data-root at the MNIST folder (or, to train on these, train with --dataset fashion-mnist)" in msg
     assert load_dataset("fashion-mnist", root=tmp_path, val_size=10).name == "fashion-mnist"
     # the official MNIST labels are refused when Fashion-MNIST is asked for
     table = {hashlib.sha256(ours["train_labels"].tobytes()).hexdigest(): ("mnist", "train")}
     monkeypatch.setattr(mnist_mod, "OFFICIAL_LABELS", table)
-    with pytest.raises(DataError, match="are MNIST, not Fashion-MNIST .*pass --dataset mnist"):
+    with pytest.raises(DataError, match="are MNIST, not Fashion-MNIST .*train with --dataset mnist"):
         load_mnist(tmp_path / "fashion-mnist", fashion=True, val_size=10)
     assert load_mnist(tmp_path / "fashion-mnist", val_size=10).name == "mnist"
 
@@ -587,7 +587,7 @@ def test_mnist_and_fashion_mnist_folders_are_not_mixed_up(tmp_path, monkeypatch)
 @pytest.mark.realdata
 def test_real_mnist_and_fashion_mnist_folders_swapped(shared_data):
     for name, other in (("mnist", "fashion-mnist"), ("fashion-mnist", "mnist")):
-        with pytest.raises(DataError, match=rf"pass --dataset {other}, or point --data-root"):
+        with pytest.raises(DataError, match=rf"point --data-root at the .* folder \(or, to train on these, train with --dataset {other}\)"):
             load_dataset(name, root=shared_data / other)
     for name in ("mnist", "fashion-mnist"):  # every official label file is recognised as its own
         folder = shared_data / name / ("idx" if name == "mnist" else "")

@@ -279,3 +279,27 @@ def test_refine_advice_fits_the_model(run):
         assert "newton-cg" in refine_advice(RefineSettings(), ctx.problem)
     finally:
         refine_module.LARGE_MODEL = saved
+
+
+def test_the_distributed_example_scores_the_proximal_objective_as_influence_does(run, tmp_path, monkeypatch):
+    # examples/distributed_influence.py without torchrun is one process: its scores of a proximal checkpoint must be
+    # `metainfluence influence`'s (γ in the damping, P's stationarity), not plain F's
+    import runpy
+    import sys
+    from pathlib import Path
+
+    from metainfluence.influence.results import InfluenceResult
+
+    out, ctx, ckpt = run
+    flags = ["--hessian", "gauss-newton", "--solver", "explicit", "--damping", "1e-3"]
+    monkeypatch.setattr(sys, "argv", ["distributed_influence.py", "--checkpoint", str(out / "refined"), "--out", str(tmp_path / "dist"), *flags])
+    example = Path(__file__).resolve().parents[1] / "examples" / "distributed_influence.py"
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(str(example), run_name="__main__")
+    assert done.value.code == 0
+    dist = InfluenceResult.load(tmp_path / "dist")
+    s = InfluenceSettings(hessian="gauss-newton", solver="explicit", damping=1e-3)
+    single, _ = influence_checkpoint(out / "refined", s, out=tmp_path, name="single", log=lambda m: None)
+    assert dist.diagnostics["proximal"]["damping_used"] == pytest.approx(GAMMA + 1e-3)
+    assert not dist.diagnostics.get("warnings")
+    torch.testing.assert_close(dist.scores, single.scores, rtol=1e-9, atol=1e-14)

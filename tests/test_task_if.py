@@ -252,3 +252,24 @@ def test_scores_in_one_block_share_the_measurement_gradient_and_are_charged_for_
     assert "measurement_gradient_reused_s" not in first
     assert second["measurement_gradient_reused_s"] == first["timings_s"]["measurement_gradient"]
     assert second["timings_s"]["total"] >= second["measurement_gradient_reused_s"]
+
+
+def test_newton_step_with_gamma_drops_the_removed_tasks_share_of_gamma():
+    # the reduced pool's gamma Hessian has Γ_R = Γ − ‖∇_θ L_Q^k‖₁/n (SPEC §3 with w_k = 0), as TotalHessian(w=w_R) builds it
+    from metainfluence.influence.gradients import measurement_gradient
+
+    problem, lam = small_problem("unrolled", steps=1, hidden=(5,))
+    tasks, val = random_tasks(n=6), random_tasks(n=3, seed=4)
+    delta = 5e-2
+    res = task_influence(problem, lam, tasks, val, InfluenceSettings(hessian="gamma", solver="explicit", damping=delta, removal="newton",
+                                                                     stationarity_warn=1e9))
+    G = problem.total_gradients(lam, tasks)
+    grad_f, _ = measurement_gradient(problem, lam, val)
+    full = TotalHessian(problem, lam, tasks, "gamma").gamma
+    for k in (0, 3):
+        w = torch.ones(6, dtype=torch.float64)
+        w[k] = 0
+        op_R = TotalHessian(problem, lam, tasks, "gamma", w=w)
+        assert op_R.gamma < full
+        x = torch.linalg.solve(materialize(op_R) + delta * torch.eye(lam.numel(), dtype=torch.float64), G[k] / 6)
+        assert float(res.scores[k]) == pytest.approx(float(grad_f @ x), rel=1e-9)

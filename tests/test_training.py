@@ -84,7 +84,7 @@ def test_huge_lr_stops_training_with_a_clear_error_and_keeps_the_last_good_check
 
 
 def test_nan_in_one_task_stops_training_and_the_checkpoint_equals_the_clean_run(tmp_path):
-    # Regression targets: TaskTensors refuses NaN inputs, but a NaN target still reaches the loss.
+    # Regression targets: NaN data is refused up front, but a finite target of 1e200 makes the squared error inf.
     problem, lam0 = small_problem(steps=1, lr=0.1, loss="mse", n_classes=1)
     tasks = random_tasks(n=10, seed=7, regression=True)
     sched = batch_schedule(10, 3, 0, 40)
@@ -93,7 +93,7 @@ def test_nan_in_one_task_stops_training_and_the_checkpoint_equals_the_clean_run(
     bad_step = first_seen[bad_task]
     assert bad_step >= 3
     poisoned = random_tasks(n=10, seed=7, regression=True)
-    poisoned.query_y[bad_task, 0, 0] = float("nan")
+    poisoned.query_y[bad_task, 0, 0] = 1e200
     settings = _train_settings(meta_batch=3, steps=40, checkpoint_every=1)
     with pytest.raises(DivergenceError, match=f"diverged at step {bad_step}"):
         meta_train(problem, lam0, poisoned, settings, checkpoint_path=tmp_path / "ck", progress=False)

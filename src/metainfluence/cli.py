@@ -257,6 +257,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     for split, res in results.items():
         print(f"{split}: {res.summary()}")
     print(f"checkpoint: {ctx.out / 'trained.safetensors'}")
+    if history.stopped.startswith("time limit"):  # kept on disk; a script tells it from a finished run by the status
+        print(f"stopped: training reached its time limit after {history.steps_done} of {ctx.settings.train.steps} steps; run the same "
+              "command with --resume to continue", file=sys.stderr)
+        return 3
     return 0
 
 
@@ -297,7 +301,8 @@ def _cmd_influence(args: argparse.Namespace) -> int:
         print(f"fidelity check ({fc['removals_done']} removals of {fc['group_size']} tasks, re-optimised from λ*): "
               f"Spearman {fc['spearman']:.2f}, relative error {fc['relative_error']:.2f}, sign agreement {fc['sign_agreement']:.2f}")
     if (r := diag.get("measurement_reliability")):
-        print(f"measurement: reliability {r['reliability']:.2f} over {r['splits']} halvings of {r['n_val_tasks']} validation tasks; about {r['val_tasks_for_target']} give {r['target']:g}")
+        print(f"measurement: reliability {r['reliability']:.2f} over {r['splits']} halvings of {r['n_val_tasks']} validation tasks; "
+              + (f"about {r['val_tasks_for_target']} give {r['target']:g}" if r.get('val_tasks_for_target') else f"no pool size is predicted to give {r['target']:g} (the halves disagree)"))
     if args.level == "pairwise":
         print_pairs(result, args.top)
     else:

@@ -41,3 +41,16 @@ def require(condition: bool, message: str, kind: type[MetaInfluenceError] = Sett
     """Raise ``kind(message)`` unless ``condition`` holds."""
     if not condition:
         raise kind(message)
+
+
+def caller_level() -> int:
+    """The ``stacklevel`` that points a warning at the first frame outside this package (the user's line), however
+    deep inside it the warning is raised (a fixed level named 'sys:1' or library lines from some entry points)."""
+    import os
+    import sys
+
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level

@@ -64,7 +64,7 @@ def _check_not_swapped(name: str, labels: dict[str, np.ndarray], paths: dict[str
             other = found[0]
             raise DataError(
                 f"the idx files in {paths[part].parent} are {DISPLAY[other]}, not {DISPLAY[name]} ({paths[part].name} holds the official "
-                f"{DISPLAY[other]} labels); pass --dataset {other}, or point --data-root at the {DISPLAY[name]} folder")
+                f"{DISPLAY[other]} labels); point --data-root at the {DISPLAY[name]} folder (or, to train on these, train with --dataset {other})")
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:

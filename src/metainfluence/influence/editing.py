@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..errors import DivergenceError, SettingsError
+from ..errors import DivergenceError, SettingsError, caller_level
 from ..meta.inputs import check_start_lambda
 from ..meta.objective import MetaProblem
 from ..tasks.tensors import TaskTensors
@@ -172,7 +172,7 @@ def _reduced_solve(problem, lam, pool, settings, rhs, weights, diag):
         message = (f"the {op.kind} Hessian of the reduced objective is indefinite at λ* ({' '.join(str(exc).split())[:80]}…); "
                    "the edit used its Gauss–Newton Hessian instead (--edit-step full gives the paper's full-pool step)")
         diag.setdefault("warnings", []).append(message)
-        warnings.warn(message, stacklevel=4)
+        warnings.warn(message, stacklevel=caller_level())
         op = build_hessian(problem, lam, pool, settings, kind="gauss-newton", w=w, v=v, u=u)
         solver_settings = settings if settings.solver in ("cg", "explicit", "lowrank", "neumann") else dataclasses.replace(settings, solver="cg")
         return op, ihvp(op, rhs, solver_settings)
@@ -259,7 +259,7 @@ def edit_model(
     With ``proximal`` = (γ, λ₀) (a checkpoint refined on P = F + (γ/2)‖λ − λ₀‖²) the edit is P's: its
     backtracking and Newton steps descend P_R, and ``settings.damping`` must already hold γ
     (pipeline.proximal.proximal_settings), which makes every Hessian H_R + γI."""
-    check_start_lambda(lam)
+    check_start_lambda(lam, pool=pool)
     settings = settings or InfluenceSettings()
     settings.validate()
     if step not in EDIT_STEPS:

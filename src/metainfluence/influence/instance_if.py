@@ -125,7 +125,7 @@ def instance_influence(
 
     ``s``: the iHVP (H + δI)⁻¹∇f of the same problem, λ, pools and settings — e.g. ``extra["s"]`` of a
     task-IF result — so that both levels and task-IF share one solve; computed here when omitted."""
-    check_start_lambda(lam)
+    check_start_lambda(lam, train_tasks=train_tasks, val_tasks=val_tasks)
     settings = settings or InfluenceSettings()
     settings.validate()
     if which not in ("support", "query"):

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..errors import SettingsError
+from ..errors import DivergenceError, SettingsError
 from ..linalg import woodbury_solve
 from ..meta.curvature import TotalHessian
 from .curvature import load_curvature
@@ -25,14 +25,16 @@ from ..progress import bar
 
 
 class _WithoutTask:
-    """H − H_k/n as an operator (the total Hessian of the pool without task k, normalisation kept)."""
+    """H − H_k/n as an operator (the total Hessian of the pool without task k, normalisation kept); for the gamma
+    kind Γ loses task k's share too (Γ_R = Γ − ‖∇_θ L_Q^k‖₁/n, as TotalHessian(..., w=w_R) has it)."""
 
     def __init__(self, op: TotalHessian, k: int):
         self.op, self.k = op, k
         self.dim, self.dtype, self.device = op.dim, op.dtype, op.device
+        self.gamma_k = float(op.task_gammas()[k]) if op.kind == "gamma" else 0.0
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        return self.op.matvec(v) - self.op.tasks_matvec(v, [self.k]) / self.op.n_total
+        return self.op.matvec(v) - (self.op.tasks_matvec(v, [self.k]) + self.gamma_k * v.to(self.op.lam)) / self.op.n_total
 
 
 def newton_step_scores(op: TotalHessian, G: torch.Tensor, grad_f: torch.Tensor, s: torch.Tensor, settings: Any,
@@ -57,7 +59,11 @@ def newton_step_scores(op: TotalHessian, G: torch.Tensor, grad_f: torch.Tensor, 
     scores = torch.empty(len(G), dtype=G.dtype, device=G.device)
     worst, unconverged = 0.0, 0
     for k in bar("Newton-step removals", len(G), "task", iterable=range(len(G))):
-        res = solve(_WithoutTask(op, k), G[k] / n)
+        try:
+            res = solve(_WithoutTask(op, k), G[k] / n)
+        except DivergenceError as exc:  # H − H_k/n can be indefinite where H is not: which removal, and the first-order way out
+            raise DivergenceError(f"the Newton-step removal of task row {k}: {exc}; or score to first order (removal='first-order', "
+                                  "--removal first-order), which solves with the full pool's H only") from None
         scores[k] = grad_f @ res.x
         worst = max(worst, res.residual)
         unconverged += not bool(res.info.get("converged", True))

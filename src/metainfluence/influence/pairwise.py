@@ -133,7 +133,7 @@ def pairwise_influence(
     """The (n_train × m) matrix of predicted changes of every test measurement when each training task
     is removed. ``measurement``: None (query loss of each test task), ``"margin"`` (its mean query
     margin) or callables f(λ) -> scalar, whose columns replace the test tasks."""
-    check_start_lambda(lam)
+    check_start_lambda(lam, train_tasks=train_tasks, test_tasks=test_tasks)
     settings = settings or InfluenceSettings()
     settings.validate()
     if settings.method != "task-if" or settings.removal != "first-order":

@@ -41,8 +41,8 @@ def measurement_reliability(problem: MetaProblem, lam: torch.Tensor, train_tasks
     ``s``: the full pool's (H + δI)⁻¹∇f under ``settings`` where already solved (task-IF's ``extra["s"]``)."""
     m = len(val_tasks)
     if splits < 1 or m < 4:
-        raise SettingsError(f"the measurement's reliability needs ≥ 1 split of ≥ 4 validation tasks (got {splits} splits of {m}); "
-                            "use more validation tasks or drop the check")
+        raise SettingsError(f"the measurement's reliability needs at least 1 halving of at least 4 validation tasks (got {splits} halvings of a "
+                            f"pool of {m} task{'s' if m != 1 else ''}); use more validation tasks or drop the check")
     if settings.method != "task-if":
         raise SettingsError(f"the measurement's reliability is computed for task-if, not {settings.method}")
     if problem.collective.world_size > 1:

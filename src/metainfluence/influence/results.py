@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointError, SettingsError
+from ..errors import CheckpointError, SettingsError, caller_level
 from ..io import load_result, save_result
 from ..linalg import SOLVER_NAMES, SolverSettings
 from ..meta.curvature import HESSIANS
@@ -216,7 +216,7 @@ class InfluenceWarning(UserWarning):
 def shortfall(diag: dict[str, Any], message: str) -> None:
     """Say a shortfall aloud: a warning now and a line in the result's diagnostics."""
     diag.setdefault("warnings", []).append(message)
-    warnings.warn(message, InfluenceWarning, stacklevel=3)
+    warnings.warn(message, InfluenceWarning, stacklevel=caller_level())
 
 
 # a solve whose true relative residual is above this gives scores off by about as much

@@ -309,7 +309,7 @@ def task_influence(
 
     ``s0``: an earlier iterate of s = (H + δI)⁻¹∇f (``extra["s"]`` of an unconverged result, e.g. one
     stopped by ``solve.max_minutes``) to continue the cg / pcg solve from."""
-    check_start_lambda(lam)  # a state_dict or list refused with its remedy
+    check_start_lambda(lam, train_tasks=train_tasks, val_tasks=val_tasks)  # a state_dict or list refused with its remedy
     (settings := settings or InfluenceSettings()).validate()
     if settings.method == "task-if":
         check_hessian_kind(problem, settings.hessian)

@@ -214,6 +214,11 @@ class Checkpoint:
         return self.info.get("step")
 
 
+def lam_digest(lam: torch.Tensor) -> str:
+    """A short fingerprint of λ's values (dtype-independent): ties a scores file to the checkpoint it scored."""
+    return hashlib.sha256(lam.detach().double().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
 def read_checkpoint_record(path: str | os.PathLike) -> dict:
     """The record embedded in a checkpoint's safetensors header (no tensors are read)."""
     stem = _stem(path)

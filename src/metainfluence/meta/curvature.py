@@ -153,6 +153,16 @@ class TotalHessian:
         return self._fisher_op
 
     # per-task products, vmapped by MetaProblem.sum_over_tasks
+    def task_gammas(self) -> torch.Tensor:
+        """w_i ‖∇_θ L_Q^i(θ_i)‖₁ of this process's tasks (gamma kind): task i's share of n·Γ, e.g. to downdate Γ by a removed task."""
+        if self.kind != "gamma":
+            raise SettingsError(f"per-task Γ shares belong to the gamma Hessian, not {self.kind!r}")
+        if getattr(self, "_task_gammas", None) is None:
+            w = self._pweights[0]
+            l1 = self.problem.per_task(self._query_grad_l1, self._plam, self._ptasks, *self._pweights[1:], extra=(self.thetas,)).to(self.dtype)
+            self._task_gammas = l1 if w is None else l1 * w.to(self.dtype)
+        return self._task_gammas
+
     def _query_grad_l1(self, lam, task: TaskRecord, theta):
         return grad(self.problem.weighted_loss)(theta, task.xq, task.yq, task.u).abs().sum()
 

@@ -46,7 +46,13 @@ def _layers(problem: MetaProblem) -> list[tuple[str, nn.Module]]:
         if isinstance(mod, nn.Conv2d) and mod.groups != 1:
             raise SettingsError("EK-FAC supports Conv2d with groups=1 only")
         if isinstance(mod, (nn.Linear, nn.Conv2d)):
-            out.append((name, mod))
+            trainable = [p.requires_grad for p in (mod.weight, mod.bias) if p is not None]
+            if all(trainable):
+                out.append((name, mod))
+            elif any(trainable):
+                raise SettingsError(f"layer {name or type(mod).__name__} has a frozen and a trainable parameter; EK-FAC's blocks "
+                                    "need both trainable or both frozen (freeze the whole layer, or use another Hessian)")
+            # a frozen layer is a constant of the model: no block
     return out
 
 

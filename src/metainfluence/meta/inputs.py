@@ -8,15 +8,16 @@ tensor and the remedy. The check runs the model on one task's support set: cheap
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from torch import nn
 
 from ..errors import SettingsError, require
+from ..tasks.tensors import TaskTensors
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ..tasks.tensors import TaskTensors
 
 # per-example losses that take class indices (integer targets) rather than values shaped like the output
 _CLASS_INDEX_LOSSES = ("cross_entropy",)
@@ -32,8 +33,14 @@ def check_working_dtype(lam: torch.Tensor) -> torch.Tensor:
     return lam
 
 
-def check_start_lambda(lam: Any) -> None:
-    """Refuse a starting λ that is not a flat tensor before anything reads it (a state_dict gets the way to its flat λ)."""
+def check_start_lambda(lam: Any, **pools: Any) -> None:
+    """Refuse a starting λ that is not a flat tensor before anything reads it (a state_dict gets the way to its flat λ),
+    and ``pools`` (argument name → value; None allowed) that are not :class:`TaskTensors`."""
+    for name, pool in pools.items():
+        if pool is not None and not isinstance(pool, TaskTensors):
+            how = (f"{name}.tensors() (of a build_pool pool: {name}.tensors(dataset))" if callable(getattr(pool, "tensors", None))
+                   else "metainfluence.TaskTensors(support_x, support_y, query_x, query_y)")
+            raise SettingsError(f"{name} is a {type(pool).__name__}, not a TaskTensors (the stacked tasks every stage reads); pass {how}")
     if isinstance(lam, Mapping):
         raise SettingsError(f"got a {type(lam).__name__} (a state_dict?) as λ, not the flat parameter tensor; load it into the model "
                             "(model.load_state_dict(state)) and pass problem.init_params(torch.float64)")
@@ -60,20 +67,21 @@ def check_parameters(problem: Any, lam: torch.Tensor) -> None:
 ACTIVATION_FACTOR, PARAMETER_FACTOR = 16, 16
 
 
-def task_bytes(problem: Any, lam: torch.Tensor, tasks: "TaskTensors", activations_per_example: int) -> int:
+def task_bytes(problem: Any, lam: torch.Tensor, tasks: TaskTensors, activations_per_example: int) -> int:
     """A bound on the memory one task of a vmapped pass over ``tasks`` takes (see ACTIVATION_FACTOR)."""
     examples = tasks.n_support * max(1, problem.inner.steps) + tasks.n_query
     item = lam.element_size()
     return int(ACTIVATION_FACTOR * activations_per_example * examples * item + PARAMETER_FACTOR * problem.dim * item)
 
 
-def check_task_tensors(problem: Any, lam: torch.Tensor, tasks: "TaskTensors",
-                       measured: tuple[int, tuple[int, ...]] | None = None) -> tuple[int, tuple[int, ...]]:
+def check_task_tensors(problem: Any, lam: torch.Tensor, tasks: TaskTensors,
+                       measured: tuple[int, tuple[int, ...] | None] | None = None) -> tuple[int, tuple[int, ...] | None]:
     """Refuse a pool whose inputs the model cannot take or whose targets the loss cannot read. Returns what running
     the model on one task's support set measured: (activations per example — elements of every leaf module's output,
     which size automatic chunks —, the output shape per example). ``measured``: that pair from an earlier pool of the
     same shapes, so that only the cheap checks (λ, dtypes, label values) run again and not the model."""
     check_parameters(problem, lam)
+    check_model_modes(problem.model)
     for name in ("support_x", "query_x"):
         t = getattr(tasks, name)
         if not t.is_floating_point():
@@ -91,7 +99,38 @@ def check_task_tensors(problem: Any, lam: torch.Tensor, tasks: "TaskTensors",
     return measured
 
 
-def _run_model(problem: Any, lam: torch.Tensor, tasks: "TaskTensors") -> tuple[int, tuple[int, ...]]:
+def check_model(model: nn.Module, dim: int) -> None:
+    """A model with something to meta-learn (``dim`` trainable parameters); warns of torch's native batch norm where it
+    normalises by batch statistics (its derivatives beyond second order are wrong; in eval mode it is an affine map)."""
+    if dim == 0:
+        frozen = sum(p.numel() for p in model.parameters())
+        raise SettingsError(f"the model {type(model).__name__} has no trainable parameters"
+                            + (f" (its {frozen} parameters all have requires_grad=False)" if frozen else "")
+                            + "; meta-learning needs some: unfreeze the layers to meta-learn (p.requires_grad_(True))")
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or not m.track_running_stats) for m in model.modules()):
+        warnings.warn("the model holds torch's native batch norm, whose derivatives beyond second order are wrong "
+                      "(benchmarks/batchnorm_derivatives.py): Hessian products through the inner step will be off; "
+                      "build the norm with metainfluence.meta.models.TaskBatchNorm (the same function and parameter names)",
+                      UserWarning, stacklevel=3)
+
+
+def check_model_modes(model: nn.Module) -> None:
+    """Refuse layers whose training mode cannot run inside the per-task transforms: dropout draws random masks (every
+    pass, hence every score, would differ) and batch norm with running statistics updates them in place."""
+    for name, m in model.named_modules():
+        where = f"{type(model).__name__}.{name}" if name else type(model).__name__
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0:
+            raise SettingsError(f"{where} is dropout in training mode: its random masks would make every gradient, Hessian product "
+                                "and score differ from pass to pass; call model.eval() before building the MetaProblem (dropout is "
+                                "then the identity), or leave dropout out of the meta-learner")
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats:
+            raise SettingsError(f"{where} is batch norm in training mode with running statistics, which every pass would update "
+                                "in place (torch.func refuses it); call model.eval() to normalise with the stored statistics, or "
+                                "build it with metainfluence.meta.models.TaskBatchNorm to normalise each task by its own batch "
+                                "statistics (the MAML recipe)")
+
+
+def _run_model(problem: Any, lam: torch.Tensor, tasks: TaskTensors) -> tuple[int, tuple[int, ...] | None]:
     """The model on the first task's support set, under forward hooks: (activations per example, output shape per example)."""
     x = tasks.support_x[0]
     counted = [0]
@@ -106,6 +145,11 @@ def _run_model(problem: Any, lam: torch.Tensor, tasks: "TaskTensors") -> tuple[i
         with torch.no_grad():
             out = problem.forward(lam.detach(), x)
     except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+        if any(w in str(exc) for w in ("scalar type", "dtype", "Double", "Float")):
+            raise SettingsError(
+                f"the model {type(problem.model).__name__} fails in λ's dtype {lam.dtype} ({_first_line(exc)}); a tensor it makes "
+                f"or holds outside its parameters and buffers has another dtype: create it in the input's dtype (x.dtype), or "
+                f"compute in that tensor's dtype (lam.float() for float32)") from None
         raise SettingsError(
             f"the model {type(problem.model).__name__} cannot take inputs of shape {tuple(x.shape[1:])} per example "
             f"(a pool of {len(tasks)} tasks; {_first_line(exc)}); build the model for this input shape, or resize the inputs to the "
@@ -113,18 +157,35 @@ def _run_model(problem: Any, lam: torch.Tensor, tasks: "TaskTensors") -> tuple[i
     finally:
         for h in handles:
             h.remove()
+    if not isinstance(out, torch.Tensor):  # a tuple or dict, which a custom loss unpacks: no output shape to check targets by
+        return counted[0] // max(1, x.shape[0]), None
     return max(counted[0], out.numel()) // max(1, x.shape[0]), tuple(out.shape[1:])
 
 
-def _check_targets(problem: Any, name: str, y: torch.Tensor, per_example_out: tuple[int, ...]) -> None:
+def _check_targets(problem: Any, name: str, y: torch.Tensor, per_example_out: tuple[int, ...] | None) -> None:
     """Targets of one set against the model's output shape per example."""
     per_example_y = tuple(y.shape[2:])
+    if y.is_floating_point() and not bool(torch.isfinite(y).all()):  # also after the pool was built (edited in place)
+        raise SettingsError(f"{name} contains NaN or inf; clean the targets (every gradient and score would be NaN)")
+    if per_example_out is None:  # the model returns a tuple or dict: the loss's own per-example check is what remains
+        require(problem.loss_name not in ("cross_entropy", "mse"), f"the model {type(problem.model).__name__} returns a tuple or dict, "
+                f"which the built-in loss {problem.loss_name!r} cannot read; pass a callable loss that picks the output, e.g. "
+                "lambda out, y: F.cross_entropy(out[0], y, reduction='none')")
+        return
     if problem.loss_name in _CLASS_INDEX_LOSSES:
         if per_example_out in ((), (1,)):
             raise SettingsError("the model has a single output per example, and cross entropy over one class is always 0 (every score "
                                 "would be 0); build the model with one output per class, or use loss='mse' for regression")
         if y.is_floating_point() and per_example_y == per_example_out:
-            return  # class probabilities (soft or one-hot labels), which cross entropy also takes
+            # class probabilities (soft or one-hot labels), which cross entropy also takes: each row a distribution
+            sums = y.sum(-1)
+            if y.numel() and (bool((y < 0).any()) or not bool(torch.allclose(sums, torch.ones_like(sums), atol=1e-4))):
+                bad = float(y.min()) if bool((y < 0).any()) else float(sums[(sums - 1).abs() > 1e-4][0])
+                what = f"a negative probability ({bad:g})" if bad < 0 else f"a row summing to {bad:g}"
+                raise SettingsError(f"{name} holds soft labels with {what}; cross entropy's soft labels are class probabilities "
+                                    "(non-negative, each row summing to 1); for several labels per example pass a callable loss, e.g. "
+                                    "lambda out, y: F.binary_cross_entropy_with_logits(out, y, reduction='none').sum(-1)")
+            return
         if y.is_floating_point() and not bool((y == y.round()).all()):
             raise SettingsError(f"{name} holds values that are not whole numbers (e.g. {float(y[y != y.round()][0]):g}); cross entropy needs "
                                 f"integer class indices, or soft labels of shape (tasks, examples, {per_example_out[-1]}) summing to 1")

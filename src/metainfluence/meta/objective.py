@@ -17,9 +17,8 @@ the same numbers (see :mod:`metainfluence.distributed`).
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable, Iterator, NamedTuple
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +31,7 @@ from ..linalg.cg import fixed_step_cg
 from ..progress import bar
 from ..tasks.tensors import TaskTensors
 from .collective import SINGLE_PROCESS, Collective
-from .inputs import WORKING_DTYPES, check_task_tensors, check_working_dtype, task_bytes  # noqa: F401 (λ checks re-exported)
+from .inputs import WORKING_DTYPES, check_model, check_task_tensors, check_working_dtype, task_bytes  # noqa: F401 (λ checks re-exported)
 from .params import ParamSpec
 
 
@@ -118,11 +117,7 @@ class MetaProblem:
         require(isinstance(model, nn.Module), f"the model is a {type(model).__name__}, not a torch.nn.Module; pass the network itself (e.g. metainfluence.meta.models.MLP)")
         self.model = model
         self.spec = ParamSpec.from_module(model)
-        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-            warnings.warn("the model holds torch's native batch norm, whose derivatives beyond second order are wrong "
-                          "(benchmarks/batchnorm_derivatives.py): Hessian products through the inner step will be off; "
-                          "build the norm with metainfluence.meta.models.TaskBatchNorm (the same function and parameter names)",
-                          UserWarning, stacklevel=2)
+        check_model(model, self.spec.dim)
         if isinstance(loss, str):
             if loss not in LOSSES:
                 raise SettingsError(f"unknown loss {loss!r}; use one of {sorted(LOSSES)} or pass a callable (out, y) -> per-example losses")
@@ -142,6 +137,8 @@ class MetaProblem:
         # sums over tasks and per-task rows cross processes through this (one process by default)
         self.collective: Collective = collective or SINGLE_PROCESS
         self._measured: dict[tuple, tuple] = {}  # the model run on one task, per pool shape and dtype (_checked)
+        self._trainable = frozenset(self.spec.names)
+        self._cast: tuple[Any, dict[str, torch.Tensor]] = (None, {})  # constants cast to λ's dtype (_constants)
 
     # ------------------------------------------------------------------ parameters
     @property
@@ -149,12 +146,24 @@ class MetaProblem:
         return self.spec.dim
 
     def init_params(self, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
-        params = {n: p.detach() for n, p in self.model.named_parameters()}
+        params = {n: p.detach() for n, p in self.model.named_parameters() if n in self._trainable}
         return self.spec.flatten(params).to(dtype=dtype, device=device).clone()
 
     # ------------------------------------------------------------------ one task
     def forward(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.model, self.spec.unflatten(theta), (x,))
+        return functional_call(self.model, {**self.spec.unflatten(theta), **self._constants(theta)}, (x,))
+
+    def _constants(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The model's floating constants (buffers, frozen parameters) in θ's dtype and device where theirs differ, so
+        that a float32 model serves a float64 λ; cached while the constants are unchanged (their storage and version)."""
+        held = [(n, t) for n, t in (*self.model.named_buffers(), *self.model.named_parameters())
+                if t.is_floating_point() and n not in self._trainable and (t.dtype != theta.dtype or t.device != theta.device)]
+        if not held:
+            return {}
+        key = (theta.dtype, theta.device, tuple((n, t.data_ptr(), t._version) for n, t in held))
+        if self._cast[0] != key:
+            self._cast = (key, {n: t.detach().to(dtype=theta.dtype, device=theta.device) for n, t in held})
+        return self._cast[1]
 
     def example_losses(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.per_example(self.loss_fn(self.forward(theta, x), y), x)
@@ -253,7 +262,7 @@ class MetaProblem:
         per_task = task_bytes(self, lam, tasks, self._checked(lam, tasks)[0])
         return max(1, min(len(tasks), chunk_budget_bytes(lam.device) // max(1, per_task)))
 
-    def _checked(self, lam: torch.Tensor, tasks: TaskTensors) -> tuple[int, tuple[int, ...]]:
+    def _checked(self, lam: torch.Tensor, tasks: TaskTensors) -> tuple[int, tuple[int, ...] | None]:
         """:func:`.inputs.check_task_tensors` of ``tasks``; the model runs once per pool shape and dtype (its measurement
         is kept), so the passes of a training run or a solve repeat only the cheap checks."""
         key = (tuple(tasks.support_x.shape[1:]), tuple(tasks.query_x.shape[1:]), lam.dtype, lam.device.type)
@@ -266,7 +275,7 @@ class MetaProblem:
         dtype rule: everything is computed in λ's dtype (float32 or float64); floating task tensors
         (inputs, regression targets) are cast to it, so float32 pools serve a float64 λ and back."""
         check_working_dtype(lam)
-        if tasks.support_x.is_floating_point() and tasks.support_x.dtype != lam.dtype:
+        if any(t.is_floating_point() and t.dtype != lam.dtype for t in (tasks.support_x, tasks.query_x, tasks.support_y, tasks.query_y)):
             tasks = tasks.to(dtype=lam.dtype)
         self._checked(lam, tasks)
         dv, du = self.default_weights(tasks, lam)

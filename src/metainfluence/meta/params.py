@@ -20,7 +20,9 @@ class ParamSpec:
 
     @classmethod
     def from_module(cls, module: nn.Module) -> "ParamSpec":
-        named = [(n, tuple(p.shape)) for n, p in module.named_parameters()]
+        """The module's trainable parameters (``requires_grad``): a frozen layer is a constant of the model, as a
+        buffer is, so it is neither meta-learned, adapted nor scored."""
+        named = [(n, tuple(p.shape)) for n, p in module.named_parameters() if p.requires_grad]
         return cls(tuple(n for n, _ in named), tuple(s for _, s in named))
 
     @property

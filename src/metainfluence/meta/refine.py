@@ -40,10 +40,11 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
-from ..errors import DivergenceError, SettingsError
+from ..errors import DivergenceError, SettingsError, caller_level
 from ..tasks.tensors import TaskTensors
 from .objective import MetaProblem
 from .refine_monitor import RefineMonitor, check_start_lambda, mean_task_gradient_norm, refine_target
+from .inputs import check_working_dtype
 from .train import parse_dtype
 
 
@@ -225,7 +226,8 @@ def refine(
     Emits a :class:`RefineWarning` (and ``report.converged = False``) when the tolerance is not met;
     raises :class:`DivergenceError` if F or ∇F is NaN/inf at the starting point.
     """
-    check_start_lambda(lam)
+    check_start_lambda(lam, pool_tensors=pool_tensors)
+    check_working_dtype(lam)  # an integer λ would be cast silently (and be stationary at 0 for a symmetric model)
     settings = settings or RefineSettings()
     settings.validate()
     dtype = parse_dtype(settings.dtype)
@@ -344,7 +346,7 @@ def refine(
             f"refine did not reach {target}: ‖∇F‖ = {gn1:.3g}, ‖∇F‖/ḡ₀ {ratio_start:.3g} ({ratio_after:.3g} against the end's mean‖g_i‖); "
             f"{message}; {advice} — influence estimates assume stationarity (docs/method.md §2)",
             RefineWarning,
-            stacklevel=2,
+            stacklevel=caller_level(),
         )
     return x, report
 
@@ -368,8 +370,10 @@ def refine_advice(settings: RefineSettings | None = None, problem: MetaProblem |
         return ("raise --refine-max-iter or --refine-newton-cg-iters; where Gauss–Newton steps converge slowly (large residuals) "
                 "finish with --refine-method newton (exact Hessian)")
     if large:
+        proximal = settings is not None and settings.proximal > 0  # already on the proximal objective: no use suggesting it
         return ("use preconditioned Newton–CG (--refine-method newton-cg --refine-precondition fisher --refine-tol 0 --refine-tol-ratio 1e-4), "
-                "or refine the proximal objective near the trained λ (--refine-proximal 1), or raise --refine-max-iter")
+                + ("a larger --refine-proximal, " if proximal else "or refine the proximal objective near the trained λ (--refine-proximal 1), ")
+                + "or raise --refine-max-iter (or --refine-max-minutes)")
     return ("refine with the Newton refiner (--refine-method newton: a few exact or Gauss–Newton steps reach tight tolerances "
             "where L-BFGS stalls), or raise --refine-max-iter")
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -165,6 +166,18 @@ def step_line(history: TrainHistory, total_steps: int, window: int, tasks_per_se
             f"{tasks_per_second:.0f} tasks/s, after {history.wall_time_s / 60:.2f} min")  # the time as the validation lines say it
 
 
+def _same_problem(ckpt: Checkpoint, problem: MetaProblem) -> None:
+    """Resuming continues one objective: the loss, inner loop and weight decay the checkpoint was trained with (steps
+    of another objective would be mixed into λ and the record would name only the new one)."""
+    saved, now = ckpt.info.get("problem") or {}, json.loads(json.dumps(problem.settings_json()))  # tuples as the record's lists
+    pairs = [("loss", saved.get("loss"), now["loss"]), ("weight_decay", saved.get("weight_decay"), now["weight_decay"])]
+    pairs += [(f"inner.{k}", v, now["inner"].get(k)) for k, v in (saved.get("inner") or {}).items() if k != "eval_steps"]
+    for key, was, new in pairs:
+        if was is not None and was != new:
+            raise CheckpointError(f"cannot resume: the checkpoint was trained with {key}={was!r}, not {new!r}; resume with the same "
+                                  f"settings, or train afresh into another output folder")
+
+
 def meta_train(
     problem: MetaProblem,
     lam0: torch.Tensor,
@@ -191,7 +204,7 @@ def meta_train(
     ``validation``: tasks evaluated every ``settings.validate_every`` steps (time spent there is not
     counted as training time).
     """
-    check_start_lambda(lam0)  # a state_dict or a list is refused with the remedy, not an AttributeError below
+    check_start_lambda(lam0, pool_tensors=pool_tensors, validation=validation)  # a state_dict or a list is refused with the remedy, not an AttributeError below
     settings = settings or TrainSettings()
     settings.validate()
     dtype = settings.torch_dtype
@@ -242,6 +255,7 @@ def meta_train(
         for key in keys:
             if key in saved and saved[key] != getattr(settings, key):
                 raise CheckpointError(f"cannot resume: the checkpoint was trained with {key}={saved[key]!r}, not {getattr(settings, key)!r}; use the same training settings")
+        _same_problem(ckpt, problem)
         with torch.no_grad():
             lam.copy_(ckpt.lam.to(dtype))
         optimizer.state[lam] = {
@@ -253,6 +267,7 @@ def meta_train(
         start_step = int(ckpt.step or 0)
         if ckpt.info.get("history"):
             history = TrainHistory.from_json(ckpt.info["history"])
+            history.stopped = "completed"  # this run's own stop, if any, is set below
         if log_lines():
             status_line(f"resuming from step {start_step} of {settings.steps} ({ckpt.path})")
 

@@ -61,7 +61,7 @@ def _influence_demo(ctx: RunContext, lam: torch.Tensor, before: Mapping[str, Eva
         # how much the ranking depends on which validation tasks were drawn (method §5.1): said aloud when low
         rel = measurement_reliability(ctx.problem, lam, train, val, settings, splits=2, s=result.extra["s"])  # 2 solves: ~2× task-IF's time
     record_reliability(result.diagnostics, rel)
-    ctx.save_scores(result, "task_influence")
+    ctx.save_scores(result, "task_influence", scored=(ctx.path("refined"), lam))
     pool = ctx.pools["train"]
     corrupted = torch.as_tensor(pool.corrupted_tasks).bool()
     n, n_bad = len(corrupted), int(corrupted.sum())

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -28,7 +29,7 @@ from ..config import settings_from_dict, to_dict
 from ..errors import CheckpointError, PoolError, SettingsError
 from ..influence.results import InfluenceResult
 from ..io import write_json
-from ..meta.checkpoint import Checkpoint, check_pool, load_checkpoint, pool_fingerprint, pool_record, read_checkpoint_record, save_checkpoint
+from ..meta.checkpoint import Checkpoint, check_pool, lam_digest, load_checkpoint, pool_fingerprint, pool_record, read_checkpoint_record, save_checkpoint
 from ..meta.objective import MetaProblem
 from ..meta.refine import RefineReport
 from ..meta.train import TrainHistory
@@ -190,18 +191,32 @@ class RunContext:
         """The extra state (e.g. Adam moments) of the checkpoint ``out/NAME`` of this run's model."""
         return load_checkpoint(self.path(name), expected_problem=self.problem).state
 
-    def save_scores(self, result: InfluenceResult, name: str, folder: str | os.PathLike | None = None) -> Path:
-        """Write a scores file ``FOLDER/NAME`` (default folder: ``out``) tied to the training pool's fingerprint."""
+    def save_scores(self, result: InfluenceResult, name: str, folder: str | os.PathLike | None = None,
+                    scored: tuple[str | os.PathLike, torch.Tensor] | None = None) -> Path:
+        """Write a scores file ``FOLDER/NAME`` (default folder: ``out``) tied to the training pool's fingerprint and, with
+        ``scored`` = (checkpoint path, its λ), to that λ (edits of another λ are warned: :meth:`load_scores`)."""
         stem = Path(folder) / name if folder is not None else self.path(name)
+        if scored is not None:
+            result.diagnostics["checkpoint"] = {"path": str(scored[0]), "lam_sha256": lam_digest(scored[1])}
         result.save(stem, pool_fingerprint=self.pool_fingerprint("train"))
         if isinstance(result, InfluenceResult):  # STEM.csv: the items by class and file names (pipeline/describe.py)
             write_item_table(stem, item_rows(result, self.pools["train"], self.dataset))
         return stem
 
-    def load_scores(self, path: str | os.PathLike) -> InfluenceResult:
+    def load_scores(self, path: str | os.PathLike, checkpoint: Checkpoint | None = None) -> InfluenceResult:
         """A scores file, refused unless it was computed on this run's training pool (its fingerprint and its task ids,
-        row for row: edits take the scores' rows as the pool's) and every score is a number."""
+        row for row: edits take the scores' rows as the pool's) for this run's model, and every score is a number.
+        With ``checkpoint``: a warning when the scores were computed at another λ (e.g. before a second refine)."""
         result = InfluenceResult.load(path, pool_fingerprint=self.pool_fingerprint("train"))
+        n_params = (result.settings.get("problem") or {}).get("n_params")
+        if n_params is not None and n_params != self.problem.dim:
+            raise CheckpointError(f"scores file {path} was computed for a model of {n_params} parameters, but this checkpoint's has "
+                                  f"{self.problem.dim}: it belongs to another run on the same pool; recompute the scores for this checkpoint")
+        scored = (result.diagnostics.get("checkpoint") or {}).get("lam_sha256")
+        if checkpoint is not None and scored is not None and scored != lam_digest(checkpoint.lam):
+            warnings.warn(f"scores file {path} was computed at another λ ({result.diagnostics['checkpoint'].get('path')}) than "
+                          f"{checkpoint.path}'s: its ranking is used as it is; recompute the scores for this checkpoint "
+                          "(`metainfluence influence --checkpoint …`) if it was refined or edited since", stacklevel=2)
         ids = self.pools["train"].task_ids
         if not torch.equal(result.task_ids.cpu().long(), torch.as_tensor(ids).long()):
             raise CheckpointError(f"scores file {path}: its task ids are not this pool's {len(ids)} ids in order; it is damaged or of "

@@ -148,6 +148,9 @@ def refine_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | No
         kept = proximal_of(ckpt) if ctx.settings.refine.proximal > 0 else None
         anchor = kept[1] if kept is not None else ckpt.lam
         prox = (ctx.settings.refine.proximal, anchor) if ctx.settings.refine.proximal > 0 else None
+        if prox is not None:  # γ may come from the checkpoint's own settings: said, so that it is not inherited unseen
+            log(f"proximal refine: γ = {prox[0]:g}, anchored at " + ("the trained λ₀ this checkpoint holds" if kept is not None else
+                "this checkpoint's λ") + " (--refine-proximal sets γ; 0 refines plain F)")
         lam, report = refine(ctx.problem, ckpt.lam, ctx.tensors["train"], ctx.settings.refine, progress=progress, log=log, proximal=prox)
         before = evaluate(ctx.problem, ckpt.lam, ctx.tensors["test"])
         after = evaluate(ctx.problem, lam, ctx.tensors["test"])
@@ -251,7 +254,7 @@ def influence_checkpoint(checkpoint: str | os.PathLike, settings: Any, level: st
     if level in ("support", "query") and ctx.dataset is not None:
         result.diagnostics["coverage"] = coverage(ctx.pools["train"], ctx.dataset, level)
     with RunLock(folder):
-        stem = ctx.save_scores(result, name, folder=folder)
+        stem = ctx.save_scores(result, name, folder=folder, scored=(ckpt.path, ckpt.lam))
     return result, stem
 
 
@@ -347,7 +350,7 @@ def edit_checkpoint(checkpoint: str | os.PathLike, settings: Any, remove_tasks: 
     else:
         if top_k is None:
             raise SettingsError("--scores needs --top-k K (how many of the most harmful items to remove)")
-        removal = removal_from_scores(ctx.load_scores(scores), top_k)
+        removal = removal_from_scores(ctx.load_scores(scores, ckpt), top_k)
     log(f"train pool: {ctx.pools['train'].summary()}")
     # the edit of the proximal objective: its reduced Hessian is H_R + γI, its Newton steps descend P_R
     prox, settings = _with_proximal(ckpt, settings, log)

@@ -45,10 +45,17 @@ class TaskTensors:
                 raise PoolError(f"{name} has {t.shape[0]} tasks but support_x has {n}; all four tensors need the same first dimension")
         if self.support_y.shape[:2] != self.support_x.shape[:2] or self.query_y.shape[:2] != self.query_x.shape[:2]:
             raise PoolError("inputs and targets disagree on the number of examples per task; check the (tasks × examples) shapes")
-        for name in ("support_x", "query_x"):
+        for name, what in (("support_x", "support"), ("query_x", "query")):
+            if getattr(self, name).shape[1] == 0:
+                raise PoolError(f"{name} has shape {tuple(getattr(self, name).shape)}: tasks without {what} examples "
+                                + ("cannot adapt" if what == "support" else "have no outer loss (every score would be 0)")
+                                + f"; give every task at least one {what} example")
+        for name in ("support_x", "support_y", "query_x", "query_y"):
             t = getattr(self, name)
             if t.is_floating_point() and not torch.isfinite(t).all():
                 raise PoolError(f"{name} contains NaN or inf; clean the data before building tasks")
+            if not t.is_floating_point() and not t.is_complex() and t.dtype not in (torch.bool, torch.int64) and name.endswith("_y"):
+                setattr(self, name, t.long())  # class indices as int64, which every torch loss and gather take (uint8 labels are common)
 
     def __len__(self) -> int:
         return self.support_x.shape[0]
