@@ -86,3 +86,14 @@ def test_an_unconverged_block_solve_is_said_once_with_its_remedy():
         res = pairwise_influence(problem, lam, tasks, test, settings)
     assert res.diagnostics["solver"]["converged"] is False
     assert sum("stopped before its tolerance" in w for w in res.diagnostics["warnings"]) == 1
+
+
+def test_a_callable_whose_gradient_never_reaches_lambda_is_said_aloud():
+    # under the implicit inner loop adapt's θ is detached from λ: a callable through it has ∇f = 0, a column of zeros
+    problem, lam = small_problem("implicit", steps=20, lr=0.1, proximal=1.0)
+    tasks, test = random_tasks(n=4), random_tasks(n=2, seed=3)
+    through_adapt = lambda l: problem.per_task(problem.query_loss, l, test).mean()
+    with pytest.warns(InfluenceWarning, match=r"exactly zero gradient .*implicit inner loop .*measurement=None or 'margin'"):
+        res = pairwise_influence(problem, lam, tasks, None, dataclasses.replace(EXPLICIT, hessian="gauss-newton", stationarity_warn=1e9),
+                                 measurement=through_adapt)
+    assert not bool(res.scores.any())

@@ -112,7 +112,7 @@ def test_reliability_predicts_the_agreement_with_an_independent_pool_and_rises_w
 
 def test_bad_requests_are_refused(quadratic):
     problem, lam, tasks = quadratic
-    with pytest.raises(SettingsError, match="≥ 4 validation tasks"):
+    with pytest.raises(SettingsError, match="at least 4 validation tasks"):
         measurement_reliability(problem, lam, tasks, _val(3, 1), EXPLICIT)
     with pytest.raises(SettingsError, match="task-if"):
         measurement_reliability(problem, lam, tasks, _val(8, 1), InfluenceSettings(method="tracin"))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -21,14 +22,14 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.func import grad
 
-from ..errors import CheckpointError, SettingsError
+from ..errors import CheckpointError, SettingsError, caller_level
 from ..io import save_result
 from ..meta.curvature import check_hessian_kind
 from ..meta.inputs import check_start_lambda
 from ..meta.objective import MetaProblem, TaskRecord
 from ..tasks.tensors import TaskTensors
 from .hessian_of import build_hessian
-from .results import InfluenceSettings, check_solve, read_scores_file, settings_dict, solver_record
+from .results import InfluenceSettings, InfluenceWarning, check_solve, read_scores_file, settings_dict, solver_record
 from .gradients import _total_gradients, _train_pass
 from .task_if import ihvp, trust_checks
 
@@ -114,7 +115,17 @@ def _test_side(problem: MetaProblem, lam: torch.Tensor, test_tasks: TaskTensors 
     functions = [measurement] if callable(measurement) else list(measurement)
     if not functions or not all(callable(f) for f in functions):
         raise SettingsError("measurement must be None (query loss of each test task), 'margin', a callable f(λ) -> scalar tensor or a list of them")
-    rows = lambda c: torch.stack([grad(f)(lam) for f in functions[c]]).detach()
+    def rows(c: slice) -> torch.Tensor:
+        out = torch.stack([grad(f)(lam) for f in functions[c]]).detach()
+        zero = [j for j in range(*c.indices(len(functions))) if not bool(out[j - (c.start or 0)].any())]
+        if zero:  # a column of zeros, computed from a gradient that did not reach λ
+            hint = (" Under the implicit inner loop problem.adapt's θ is detached from λ, so a callable through adaptation has no "
+                    "gradient: measure test tasks with measurement=None or 'margin', which differentiate through the implicit θ_i"
+                    if problem.inner.kind == "implicit" else " Check that the callable depends on λ differentiably")
+            warnings.warn(f"measurement callable(s) {zero[:5]} have an exactly zero gradient at λ*, so their columns are all 0.{hint}",
+                          InfluenceWarning, stacklevel=caller_level())
+        return out
+
     with torch.no_grad():
         values = torch.stack([torch.as_tensor(f(lam)).to(lam).reshape(()) for f in functions])
     return "custom", len(functions), rows, values
