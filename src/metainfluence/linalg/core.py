@@ -72,7 +72,8 @@ class SolverSettings:
     )
     max_minutes: float = field(default=0.0, metadata=_help(
         "cg, pcg: stop the solve after this many minutes (0: no limit); the answer is then unconverged, said so, and "
-        "a later run can continue from it (`metainfluence influence --resume SCORES`)."))
+        "a later run can continue from it (`metainfluence influence --resume SCORES`). The budget is the solve's: the passes "
+        "before it (∇f, the right-hand sides) and after it (per-task gradients, the trust checks) add their own time."))
 
     def deadline(self, t0: float) -> float | None:
         """The ``time.perf_counter()`` value at which a solve started at ``t0`` stops (None: no limit)."""

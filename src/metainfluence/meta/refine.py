@@ -64,7 +64,7 @@ class RefineSettings:
     tol: float = field(default=1e-6, metadata={"help": "stop when the full-pool meta-gradient norm ‖∇F‖₂ is at most this (0: off)"})
     tol_ratio: float = field(default=0.0, metadata={"help": "also stop when ‖∇F‖ / mean_i ‖g_i‖ is at most this (mean per-task gradient norm measured once at the start; 0: off) — the first of tol and tol_ratio met stops"})
     max_iter: int = field(default=1000, metadata={"help": "maximum optimiser iterations (each is one or a few full-pool passes)"})
-    max_minutes: float = field(default=0.0, metadata={"help": "stop after this many minutes of wall time and return λ so far, with a warning; an iteration is not started when the time spent plus the last iteration's would overrun it (0: no limit)"})
+    max_minutes: float = field(default=0.0, metadata={"help": "stop after this many minutes of wall time and return λ so far, with a warning; an iteration is not started when the time spent plus the last iteration's would overrun it (0: no limit); the passes at the start and end (F, ∇F, the task-gradient norms) are outside it"})
     lr: float = field(default=0.1, metadata={"help": "initial step size of gradient descent (method gd, and the L-BFGS fallback)"})
     history_size: int = field(default=20, metadata={"help": "L-BFGS memory (number of curvature pairs)"})
     dtype: str = field(default="float64", metadata={"help": "precision of refine and of the returned λ: float64 (lets ‖∇F‖ go far below float32 round-off) | float32", "choices": ("float32", "float64")})
