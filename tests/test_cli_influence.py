@@ -157,8 +157,13 @@ def test_influence_check_reoptimises_groups_and_records_the_fidelity(demo_run, c
         reduced, _ = refine(ctx.problem, lam, train, settings, w=w)
     actual = validation_loss(ctx.problem, reduced, val) - validation_loss(ctx.problem, full, val)
     assert fc["actual"][0] == pytest.approx(actual, rel=1e-6, abs=1e-12)
-    assert len(fc["groups"]) == fc["removals_done"] == 3 and not any("too few for a Spearman" in w for w in
-                                                                      json.loads((demo_run / "chk.json").read_text())["diagnostics"].get("warnings", []))
+    warned = json.loads((demo_run / "chk.json").read_text())["diagnostics"].get("warnings", [])
+    assert len(fc["groups"]) == fc["removals_done"] == 3 and not any("too few for a Spearman" in w for w in warned)
+    # the sizes judged apart from the order: a relative error above 0.5 is said aloud, whatever the Spearman
+    p, a = torch.tensor(fc["predicted"], dtype=torch.float64), torch.tensor(fc["actual"], dtype=torch.float64)
+    rel = (p - a).norm() / a.norm()
+    assert fc["relative_error"] == pytest.approx(float(rel), rel=1e-12)
+    assert any("read the scores as a ranking" in w for w in warned) == (fc["relative_error"] > 0.5)
 
 
 def test_influence_check_with_too_few_groups_says_so(demo_run, capsys):

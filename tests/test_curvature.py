@@ -385,8 +385,11 @@ def test_a_fisher_file_of_the_fisher_operator_lends_it_its_rows_instead_of_drawi
     assert drawn == []
     torch.testing.assert_close(fast.scores, exact.scores, rtol=1e-9, atol=1e-14)
     assert fast.diagnostics["solver"]["residual"] < 1e-10
-    with pytest.raises(CheckpointError, match="another"):
+    # the same λ and pool with other draws: the remedy is the file's draws, not a refit
+    with pytest.raises(CheckpointError, match=r"holds 2 fisher draw\(s\) per task with seed 0, not 3 with seed 0: pass --fisher-samples 2 --seed 0"):
         task_influence(problem, lam, train, val, dataclasses.replace(base, fisher_samples=3, solver="curvature", curvature_file=str(tmp_path / "fi")))
+    with pytest.raises(CheckpointError, match="fitted to another λ or task pool"):
+        task_influence(problem, lam * 1.01, train, val, dataclasses.replace(base, solver="curvature", curvature_file=str(tmp_path / "fi")))
 
 
 def test_an_experiments_self_influence_under_the_fisher_file_shares_the_scores_call_and_draws_no_rows(tmp_path, monkeypatch):

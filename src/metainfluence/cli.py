@@ -426,8 +426,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         resumable = getattr(args, "command", None) in ("train", "experiment")
-        print("error: interrupted" + ("; what was saved is kept: run the same command with --resume to continue" if resumable else ""),
-              file=sys.stderr)
+        print("error: interrupted" + ("; what was saved is kept: run the same command with --resume to continue" if resumable else
+                                      "; this command wrote nothing (its inputs are unchanged): --max-minutes M stops it with what it "
+                                      "reached kept (influence: --resume SCORES continues the solve)"), file=sys.stderr)
         return 130
     except (MemoryError, RuntimeError) as exc:  # torch reports a failed allocation as a RuntimeError
         text = str(exc)

@@ -97,7 +97,14 @@ class CurvatureArtifact:
         if fitted["hessian"] != op.kind:  # the common slip: a file fitted against one kind, scores asked of another
             raise CheckpointError(f"the curvature file was fitted against the {fitted['hessian']} total Hessian, not {op.kind}: use "
                                   f"--hessian {fitted['hessian']}, or fit it again with `metainfluence curvature ... --hessian {op.kind}`")
-        raise CheckpointError("the curvature file was fitted to another λ or task pool (or other fisher draws); fit it again with "
+        if op.kind == "fisher" and (fitted["fisher_samples"], fitted["seed"]) != (op.fisher_samples, op.seed):
+            # the same λ and pool with other draws is the common slip (the command's default samples differ from a recipe's)
+            as_fitted = {"hessian": "fisher", "fisher_samples": fitted["fisher_samples"], "seed": fitted["seed"]}
+            if curvature_fingerprint(op, as_kind=as_fitted) == self.fingerprint:
+                raise CheckpointError(f"the curvature file holds {fitted['fisher_samples']} fisher draw(s) per task with seed {fitted['seed']}, "
+                                      f"not {op.fisher_samples} with seed {op.seed}: pass --fisher-samples {fitted['fisher_samples']} "
+                                      f"--seed {fitted['seed']}, or fit it again with these")
+        raise CheckpointError("the curvature file was fitted to another λ or task pool; fit it again with "
                               "`metainfluence curvature` for this checkpoint (and --hessian)")
 
     def attach(self, op: TotalHessian, preconditioner: bool = False) -> None:

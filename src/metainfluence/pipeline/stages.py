@@ -20,6 +20,7 @@ from ..influence.results import shortfall
 from ..influence import Removal, edit_model, instance_influence, pairwise_influence, task_influence
 from ..io import write_json
 from ..meta.evaluate import EvalResult, evaluate, interval95
+from ..meta.models import TaskBatchNorm
 from ..meta.refine import RefineReport, refine
 from ..meta.train import TrainHistory, meta_train
 from .describe import coverage
@@ -203,7 +204,7 @@ def influence_checkpoint(checkpoint: str | os.PathLike, settings: Any, level: st
     if check is not None and check.measurement_splits and (level != "task" or settings.method != "task-if" or check.measurement_splits < 0):
         # refused before any scoring, so nothing computed is lost
         raise SettingsError(f"--check-measurement K (K ≥ 1 halvings; got {check.measurement_splits}) splits the validation pool of task-level task-if "
-                            f"scores; this is {level}-level {settings.method}")
+                            f"scores; this is {level}-level {settings.method}: run it with --level task --method task-if")
     if check is not None and check.removals and level != "task":  # refused before any scoring too
         raise SettingsError("--check re-optimises groups of tasks; use it with --level task")
     name = check_name(name or f"influence_{level}_{settings.method}")
@@ -251,8 +252,17 @@ def influence_checkpoint(checkpoint: str | os.PathLike, settings: Any, level: st
             shortfall(result.diagnostics, f"the fidelity check found the scores track re-optimisation weakly (Spearman {fid['spearman']:.2f} over "
                                           f"{fid['removals_done']} removals of {fid['group_size']} tasks); try --removal newton, a larger --damping, "
                                           "or refine further before trusting the ranking")
+        if fid["removals_done"] >= 1 and fid["relative_error"] > 0.5:
+            # a good Spearman says the order holds; the sizes can still be far from the change a removal makes
+            shortfall(result.diagnostics, f"the fidelity check's predicted changes are {fid['relative_error']:.2f} off the re-optimised ones (relative "
+                                          f"error over {fid['removals_done']} group removals): read the scores as a ranking, not as the size of a "
+                                          "removal's effect (first-order sums drift for groups; --removal newton predicts single removals better)")
     if level in ("support", "query") and ctx.dataset is not None:
         result.diagnostics["coverage"] = coverage(ctx.pools["train"], ctx.dataset, level)
+    if level in ("support", "query") and any(isinstance(m, TaskBatchNorm) for m in ctx.problem.model.modules()):
+        shortfall(result.diagnostics, "the model normalises each task by its own batch statistics, so an example-level score removes the "
+                                      "example's loss term only: its input still shapes its task's statistics and every other loss of the set "
+                                      "(docs/method.md §1.4); for example-level tables train with --model-norm group")
     with RunLock(folder):
         stem = ctx.save_scores(result, name, folder=folder, scored=(ckpt.path, ckpt.lam))
     return result, stem
