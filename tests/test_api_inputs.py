@@ -324,3 +324,11 @@ def test_a_pool_object_in_place_of_its_tensors_is_refused_with_the_way_to_them()
         task_influence(problem, lam, random_tasks(n=3), sinusoid_pool(3, 2, 2, seed=0))
     with pytest.raises(SettingsError, match="train_tasks is a list"):
         task_influence(problem, lam, [random_tasks(n=3)], random_tasks(n=3))
+
+
+def test_refine_refuses_an_integer_lambda():
+    from metainfluence.meta.refine import refine
+
+    problem, lam = small_problem()
+    with pytest.raises(SettingsError, match="λ has dtype torch.int64"):
+        refine(problem, lam.round().long(), random_tasks(n=3))

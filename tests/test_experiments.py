@@ -376,6 +376,13 @@ def test_set_lays_settings_over_a_config_and_bad_ones_are_refused(capsys):
         load_experiment_settings("removal", None, True, parse_sets(["removal.no_such_key=1"]))
     with pytest.raises(SettingsError, match="edit_steps"):
         load_experiment_settings("removal", None, True, parse_sets(["removal.edit_steps=[\"sideways\"]"]))
+    # a misspelt --set over a config file is the flag's mistake, not the file's
+    with pytest.raises(SettingsError, match=r"^--set: unknown setting 'no_such_key'"):
+        load_experiment_settings("removal", str(cfg), False, parse_sets(["removal.no_such_key=1"]))
+    # a config file without the experiment's section runs its defaults: said aloud
+    plain = Path(__file__).parent.parent / "configs" / "mnist_conv4.toml"
+    with pytest.warns(UserWarning, match=r"has no \[removal\] section"):
+        load_experiment_settings("removal", str(plain), False)
     assert main(["experiment", "removal", "--quick", "--set", "data.k_shot", "--out", "/nonexistent/x"]) == 2
     assert "SECTION.KEY=VALUE" in capsys.readouterr().err
 
