@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import numpy as np
@@ -258,7 +259,7 @@ def test_frozen_layers_are_constants_not_meta_parameters():
                                          (torch.nn.BatchNorm1d(6), "batch norm in training mode.*model.eval.*TaskBatchNorm")])
 def test_training_mode_layers_that_cannot_run_under_the_transforms_are_refused(layer, word):
     model = _TwoLayer(extra=layer).double()
-    with pytest.warns(UserWarning) if isinstance(layer, torch.nn.BatchNorm1d) else _no_warning():
+    with pytest.warns(UserWarning) if isinstance(layer, torch.nn.BatchNorm1d) else contextlib.nullcontext():
         problem = MetaProblem(model)
     lam, tasks = problem.init_params(torch.float64), random_tasks(n=3)
     stats = [b.clone() for b in model.buffers()]
@@ -271,14 +272,6 @@ def test_training_mode_layers_that_cannot_run_under_the_transforms_are_refused(l
     assert torch.isfinite(value) and torch.isfinite(grad).all()
 
 
-class _no_warning:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def test_a_model_returning_a_tuple_needs_a_loss_that_unpacks_it():
     class TupleOut(_TwoLayer):
         def forward(self, x):
@@ -286,8 +279,9 @@ def test_a_model_returning_a_tuple_needs_a_loss_that_unpacks_it():
 
     torch.manual_seed(0)
     tasks = random_tasks(n=3)
+    builtin = MetaProblem(TupleOut().double())
     with pytest.raises(SettingsError, match="returns a tuple or dict.*callable loss"):
-        MetaProblem(TupleOut().double()).value_and_gradient(MetaProblem(TupleOut().double()).init_params(torch.float64), tasks)
+        builtin.value_and_gradient(builtin.init_params(torch.float64), tasks)
     torch.manual_seed(0)
     unpack = MetaProblem(TupleOut().double(), lambda out, y: F.cross_entropy(out[0], y, reduction="none"))
     torch.manual_seed(0)
@@ -332,3 +326,23 @@ def test_refine_refuses_an_integer_lambda():
     problem, lam = small_problem()
     with pytest.raises(SettingsError, match="λ has dtype torch.int64"):
         refine(problem, lam.round().long(), random_tasks(n=3))
+
+
+def test_example_scores_on_a_batch_norm_model_say_what_removal_means_and_still_sum_to_the_task_score():
+    # with per-task batch statistics an example's weight removes its loss term only (method §1.4): said aloud; the query
+    # scores are still the derivative of a loss linear in u, so they sum to the task's score
+    from metainfluence import InfluenceSettings, instance_influence, task_influence
+    from metainfluence.influence.results import InfluenceWarning
+    from metainfluence.meta.models import TaskBatchNorm
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), TaskBatchNorm(2), torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(18, 3)).double()
+    problem = MetaProblem(model, "cross_entropy", InnerSettings(steps=1, lr=0.3), weight_decay=1e-2)
+    lam, g = problem.init_params(torch.float64), torch.Generator().manual_seed(1)
+    pool = lambda n: TaskTensors(torch.randn(n, 6, 1, 5, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (n, 6), generator=g),
+                                 torch.randn(n, 4, 1, 5, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (n, 4), generator=g))
+    train, val = pool(4), pool(3)
+    settings = InfluenceSettings(hessian="gauss-newton", solver="explicit", damping=1e-2, stationarity_warn=1e9)
+    with pytest.warns(InfluenceWarning, match="removes the example's loss term only"):
+        query = instance_influence(problem, lam, train, val, "query", settings)
+    torch.testing.assert_close(query.scores.sum(1), task_influence(problem, lam, train, val, settings).scores, rtol=1e-9, atol=1e-13)

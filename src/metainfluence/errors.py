@@ -7,6 +7,9 @@ The CLI prints that line and exits with status 2, never a traceback.
 
 from __future__ import annotations
 
+import os
+import sys
+
 
 class MetaInfluenceError(Exception):
     """A problem with the user's input or settings; the message says what to change."""
@@ -46,9 +49,6 @@ def require(condition: bool, message: str, kind: type[MetaInfluenceError] = Sett
 def caller_level() -> int:
     """The ``stacklevel`` that points a warning at the first frame outside this package (the user's line), however
     deep inside it the warning is raised (a fixed level named 'sys:1' or library lines from some entry points)."""
-    import os
-    import sys
-
     package = os.path.dirname(os.path.abspath(__file__))
     frame, level = sys._getframe(1), 1
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):

@@ -22,6 +22,7 @@ import torch
 from ..config import with_new_defaults
 from ..errors import CheckpointError, SettingsError
 from ..io import read_json, read_tensors, write_json, write_tensors
+from ..meta.checkpoint import lam_digest
 from ..meta.objective import MetaProblem
 from ..meta.refine import RefineSettings, refine
 from ..progress import bar
@@ -122,10 +123,6 @@ class _Store:
 _DEFAULTS = {"gt": asdict(GroundTruthSettings()), "refine": asdict(RefineSettings())}
 
 
-def _sha(x: torch.Tensor) -> str:
-    return hashlib.sha256(x.detach().double().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
-
-
 def measurement_sha256(val_tasks: TaskTensors) -> str:
     """Fingerprint of the measurement pool (its tensors, dtype-independent): a unit's f holds only for it."""
     h = hashlib.sha256()
@@ -154,10 +151,10 @@ def _unit_settings(key: Any) -> Any:
 def _open_store(kind: str, out_dir, problem: MetaProblem, lam_star: torch.Tensor, n: int,
                 settings: GroundTruthSettings, refine_settings: RefineSettings, anchor: torch.Tensor | None = None) -> _Store:
     """The resumable store of one ground-truth run, keyed by everything that determines its units' numbers."""
-    key = {"kind": kind, "n": n, "gt": asdict(settings), "refine": asdict(refine_settings), "lam_sha256": _sha(lam_star),
+    key = {"kind": kind, "n": n, "gt": asdict(settings), "refine": asdict(refine_settings), "lam_sha256": lam_digest(lam_star),
            "problem": problem.settings_json()}
     if anchor is not None:
-        key["anchor_sha256"] = _sha(anchor)
+        key["anchor_sha256"] = lam_digest(anchor)
     return _Store(out_dir, _unit_settings(key))
 
 

@@ -24,11 +24,12 @@ from ..errors import SettingsError
 from ..linalg import fixed_step_cg
 from ..meta.ekfac import check_factorable, fit_support_ekfac
 from ..meta.inputs import check_start_lambda
+from ..meta.models import TaskBatchNorm
 from ..meta.objective import MetaProblem, TaskRecord
 from ..tasks.tensors import TaskTensors
 from .gradients import example_scores, measurement_gradient
 from ..meta.curvature import check_hessian_kind, jacobian_vp, query_hvp_theta
-from .results import InfluenceResult, InfluenceSettings, check_solve, settings_dict, solver_record
+from .results import InfluenceResult, InfluenceSettings, check_solve, settings_dict, shortfall, solver_record
 from .gradients import _train_pass
 from .task_if import build_hessian, ihvp, inner_solve_check, stationarity
 
@@ -162,6 +163,10 @@ def instance_influence(
     _, norms, g_sum = _train_pass(problem, lam, train_tasks, None, lambda p, l, t: p.total_gradients(l, t))
     diag["stationarity"] = stationarity(g_sum / n + problem.weight_decay * lam, problem.collective.gather_rows(norms), settings.stationarity_warn, diag, problem)
     inner_solve_check(problem, lam, train_tasks, diag)
+    if any(isinstance(m, TaskBatchNorm) for m in problem.model.modules()):
+        shortfall(diag, "the model normalises each task by its own batch statistics, so an example-level score removes the example's "
+                        "loss term only: its input still shapes its task's statistics and every other loss of the set (docs/method.md "
+                        "§1.4); for example-level tables use group norm (--model-norm group)")
     method = which
     if which == "support" and settings.support_method == "two-stage":
         raw, inner = _two_stage_scores(problem, lam, train_tasks, s, settings)

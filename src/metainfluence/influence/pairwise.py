@@ -117,7 +117,7 @@ def _test_side(problem: MetaProblem, lam: torch.Tensor, test_tasks: TaskTensors 
         raise SettingsError("measurement must be None (query loss of each test task), 'margin', a callable f(λ) -> scalar tensor or a list of them")
     def rows(c: slice) -> torch.Tensor:
         out = torch.stack([grad(f)(lam) for f in functions[c]]).detach()
-        zero = [j for j in range(*c.indices(len(functions))) if not bool(out[j - (c.start or 0)].any())]
+        zero = [c.start + j for j in range(len(out)) if not bool(out[j].any())]
         if zero:  # a column of zeros, computed from a gradient that did not reach λ
             hint = (" Under the implicit inner loop problem.adapt's θ is detached from λ, so a callable through adaptation has no "
                     "gradient: measure test tasks with measurement=None or 'margin', which differentiate through the implicit θ_i"

@@ -44,8 +44,8 @@ def check_start_lambda(lam: Any, **pools: Any) -> None:
     if isinstance(lam, Mapping):
         raise SettingsError(f"got a {type(lam).__name__} (a state_dict?) as λ, not the flat parameter tensor; load it into the model "
                             "(model.load_state_dict(state)) and pass problem.init_params(torch.float64)")
-    if not isinstance(lam, torch.Tensor):
-        check_working_dtype(lam)  # its one-line refusal of a non-tensor
+    if not isinstance(lam, torch.Tensor) or not lam.is_floating_point():
+        check_working_dtype(lam)  # its one-line refusal of a non-tensor or an integer λ (which a cast would take silently)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -44,7 +44,6 @@ from ..errors import DivergenceError, SettingsError, caller_level
 from ..tasks.tensors import TaskTensors
 from .objective import MetaProblem
 from .refine_monitor import RefineMonitor, check_start_lambda, mean_task_gradient_norm, refine_target
-from .inputs import check_working_dtype
 from .train import parse_dtype
 
 
@@ -227,7 +226,6 @@ def refine(
     raises :class:`DivergenceError` if F or ∇F is NaN/inf at the starting point.
     """
     check_start_lambda(lam, pool_tensors=pool_tensors)
-    check_working_dtype(lam)  # an integer λ would be cast silently (and be stationary at 0 for a symmetric model)
     settings = settings or RefineSettings()
     settings.validate()
     dtype = parse_dtype(settings.dtype)

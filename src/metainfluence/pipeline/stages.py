@@ -20,7 +20,6 @@ from ..influence.results import shortfall
 from ..influence import Removal, edit_model, instance_influence, pairwise_influence, task_influence
 from ..io import write_json
 from ..meta.evaluate import EvalResult, evaluate, interval95
-from ..meta.models import TaskBatchNorm
 from ..meta.refine import RefineReport, refine
 from ..meta.train import TrainHistory, meta_train
 from .describe import coverage
@@ -259,10 +258,6 @@ def influence_checkpoint(checkpoint: str | os.PathLike, settings: Any, level: st
                                           "removal's effect (first-order sums drift for groups; --removal newton predicts single removals better)")
     if level in ("support", "query") and ctx.dataset is not None:
         result.diagnostics["coverage"] = coverage(ctx.pools["train"], ctx.dataset, level)
-    if level in ("support", "query") and any(isinstance(m, TaskBatchNorm) for m in ctx.problem.model.modules()):
-        shortfall(result.diagnostics, "the model normalises each task by its own batch statistics, so an example-level score removes the "
-                                      "example's loss term only: its input still shapes its task's statistics and every other loss of the set "
-                                      "(docs/method.md §1.4); for example-level tables train with --model-norm group")
     with RunLock(folder):
         stem = ctx.save_scores(result, name, folder=folder, scored=(ckpt.path, ckpt.lam))
     return result, stem
