@@ -69,6 +69,12 @@ def test_omniglot_fake_structure_ink_and_rotations(omni):
             expected = np.rot90((~info["images"][c]).astype(np.float32), k=r, axes=(1, 2))  # ink = 1
             np.testing.assert_array_equal(x[:, 0].numpy(), expected)
     assert ds.class_names[4 * 3 + 1] == info["chars"][3] + "/rot090"
+    # each example is named by its archive member and rotation (score tables show them), one name per example
+    split = next(s for s in SPLITS if 4 * 3 + 1 in ds.classes(s))
+    for e in ds.examples_of(4 * 3 + 1, split):
+        name = ds.example_names[e]
+        assert name.split("/", 1)[1].startswith(info["chars"][3] + "/") and name.endswith(".png (rot090)"), name
+    assert len(set(ds.example_names)) == ds.num_examples
 
 
 def test_omniglot_fake_resize_matches_pil_and_split_is_by_character(omni):
@@ -273,6 +279,9 @@ def test_mnist_fake_idx(tmp_path, gz):
     assert x.shape == (4, 1, 28, 28) and x.dtype == torch.float32
     np.testing.assert_allclose(x[0, 0].numpy(), arrays["train_images"][0] / 255.0, rtol=0, atol=1e-7)
     np.testing.assert_allclose(x[2, 0].numpy(), arrays["t10k_images"][0] / 255.0, rtol=0, atol=1e-7)
+    # each example is named by its idx file and index there (score tables show these names)
+    assert [ds.example_names[i].split("-")[0] + ds.example_names[i][ds.example_names[i].index("["):] for i in (0, 299, 300, 399)] == [
+        "train[0]", "train[299]", "t10k[0]", "t10k[99]"]
     assert torch.equal(ds.targets[:300], torch.from_numpy(arrays["train_labels"].astype(np.int64)))
     # example-disjoint split: test = t10k file, val = 50 seeded train-file examples, train = the other 250
     per = {s: torch.cat([ds.examples_of(c, s) for c in ds.classes(s)]) for s in SPLITS}

@@ -276,6 +276,15 @@ def test_detection_resumes_from_the_stages_it_left_and_refuses_other_settings(tm
     cfg.write_text('[detection]\nmethods = ["task-if", "tracin"]\nedit_fractions = [0.25]\nself_influence = false\nrho_task = 0.3\n')
     with pytest.raises(SettingsError, match="other settings"):
         run_experiment("detection", str(cfg), True, str(out), log=lambda s: None, resume=True)
+    # another experiment's folder, or another command's, is refused before any work (it would start afresh over it)
+    with pytest.raises(SettingsError, match="stages of a detection experiment, not removal"):
+        run_experiment("removal", None, True, str(out), log=lambda s: None, resume=True)
+    train_folder = tmp_path / "a_train_run"
+    train_folder.mkdir()
+    (train_folder / "settings.json").write_text("{}")
+    with pytest.raises(SettingsError, match="no experiment stages .*settings.json"):
+        run_experiment("detection", str(cfg), True, str(train_folder), log=lambda s: None, resume=True)
+    assert sorted(p.name for p in train_folder.iterdir()) == ["settings.json"]  # nothing written into it
 
 
 def test_max_minutes_stops_between_saved_stages_and_resume_finishes(tmp_path, capsys):
@@ -301,6 +310,9 @@ def test_max_minutes_stops_between_saved_stages_and_resume_finishes(tmp_path, ca
     res = run_experiment("detection", str(cfg), True, str(out), log=lines.append, resume=True)
     assert any("task-if   scores resumed" in line for line in lines) and not any("tracin    scores resumed" in line for line in lines)
     assert {r["method"] for r in res["detection"]} == {"task-if", "tracin"} and (out / "results.json").is_file()
+    # the run's time is its three pieces', not the last one's
+    pieces = res["timings"]["pieces_s"]
+    assert len(pieces) == 3 and pieces[-1] == res["timings"]["total_s"] and any("3 pieces" in line for line in lines)
     assert [r["method"] for r in res["edits"]] == ["oracle (true corrupted)"] and "accuracy" not in res["figures"]
     assert report_run(out).is_file()
     with pytest.raises(SettingsError, match="detection and removal"):

@@ -118,3 +118,22 @@ def test_block_products_are_chunked_over_directions_without_changing_them():
     whole = TotalHessian(problem, lam, tasks, "gauss-newton", column_chunk=0).matmat(V)
     chunked = TotalHessian(problem, lam, tasks, "gauss-newton", column_chunk=4).matmat(V)
     torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-14)
+
+
+def test_a_block_of_directions_takes_its_share_of_a_task_chunk():
+    """k vmapped directions hold k graphs: the tasks per chunk are divided by k (bounded memory), the problem's own
+    chunk size is restored after, and the products equal single ones."""
+    problem, lam = small_problem(steps=1, hidden=(5,), chunk_size=8)
+    tasks = random_tasks(n=9)
+    seen = []
+    chunks = problem.chunks
+    problem.chunks = lambda n, *a: seen.extend(c.stop - c.start for c in chunks(n, *a)) or chunks(n, *a)
+    op = TotalHessian(problem, lam, tasks, "gauss-newton", column_chunk=4)  # its pass for the adapted θ_i: chunks of 8
+    V = torch.randn(lam.numel(), 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    seen.clear()
+    block = op.matmat(V)
+    assert max(seen) == 2 and problem.chunk_size == 8  # 8 tasks // 4 directions, for both blocks of directions (4 and 2)
+    seen.clear()
+    single = torch.stack([op.matvec(V[:, j]) for j in range(6)], 1)
+    assert max(seen) == 8
+    torch.testing.assert_close(block, single, rtol=1e-12, atol=1e-14)

@@ -47,6 +47,10 @@ def test_the_refined_checkpoint_is_stationary_for_p_and_keeps_its_anchor(run):
     assert torch.equal(anchor, trained.to(anchor.dtype)) and torch.equal(load_checkpoint(out / "refined_lbfgs").state[ANCHOR], anchor)
     rep = ckpt.info["refine_report"]
     assert rep["proximal"] == GAMMA and rep["converged"]
+    # the first refine's report is kept beside the second's (L-BFGS, then Newton from where it stopped)
+    (first,) = ckpt.info["metrics"]["earlier_refines"]
+    assert first == load_checkpoint(out / "refined_lbfgs").info["refine_report"] and first["method"] != rep["method"]
+    assert first["grad_norm_after"] == pytest.approx(rep["grad_norm_before"], rel=1e-6)
     g_p = _p_gradient(ctx, ckpt.lam, anchor)
     g_f = _p_gradient(ctx, ckpt.lam, ckpt.lam)  # plain ∇F
     assert float(g_p.norm()) < 1e-6 * float(g_f.norm())  # stationary for P, not for F
@@ -169,7 +173,7 @@ loo_tol_ratio = 1e-7
     assert kept.settings["influence"]["damping"] == pytest.approx(0.1 + 1e-3)  # P's Hessian is H + γI
     # the scores' diagnostics judge stationarity by P's gradient (as `influence` does), F's kept beside it
     diag = res["influence_diagnostics"]["task-if"]
-    assert diag["proximal"] == {"gamma": 0.1, "damping_given": 1e-3, "damping_used": pytest.approx(0.1 + 1e-3)}
+    assert diag["proximal"] == {"gamma": 0.1, "damping_given": 1e-3, "damping_used": pytest.approx(0.1 + 1e-3), "stationarity_warn_given": 0.05}
     assert diag["stationarity"]["ratio"] == pytest.approx(res["refine"]["ratio_after"]) and diag["stationarity_of_F"]["ratio"] > 1e-4
     # the leave-one-out ground truth re-optimises P (anchored at the trained λ) on a sample stratified by corruption
     gt = res["ground_truth"]
@@ -275,8 +279,12 @@ def test_refine_advice_fits_the_model(run):
     refine_module.LARGE_MODEL, saved = 10, refine_module.LARGE_MODEL
     try:
         advice = refine_advice(RefineSettings(), relu)
-        assert "silu" in advice and "--refine-proximal" in advice
+        assert "silu" in advice and "--refine-proximal 1" in advice
+        # a refine already on the proximal objective is not told to refine the proximal objective
+        advice = refine_advice(RefineSettings(proximal=1.0), relu)
+        assert "silu" in advice and "--refine-proximal 1" not in advice and "--refine-max-minutes" in advice
         assert "newton-cg" in refine_advice(RefineSettings(), ctx.problem)
+        assert "larger --refine-proximal" in refine_advice(RefineSettings(proximal=1.0), ctx.problem)
     finally:
         refine_module.LARGE_MODEL = saved
 
@@ -303,3 +311,30 @@ def test_the_distributed_example_scores_the_proximal_objective_as_influence_does
     assert dist.diagnostics["proximal"]["damping_used"] == pytest.approx(GAMMA + 1e-3)
     assert not dist.diagnostics.get("warnings")
     torch.testing.assert_close(dist.scores, single.scores, rtol=1e-9, atol=1e-14)
+
+
+def test_scores_compare_the_training_and_validation_losses_and_warn_when_overfit(run, tmp_path, monkeypatch):
+    """The refine report's query_loss_after is F without μ and γ terms (the training tasks' mean query loss);
+    the scores set it against the validation loss and warn of meta-overfitting above OVERFIT_RATIO."""
+    import warnings
+
+    from metainfluence.pipeline import stages
+
+    out, ctx, ckpt = run
+    train = ctx.tensors["train"].to(dtype=torch.float64)
+    rep = ckpt.info["refine_report"]
+    assert rep["query_loss_after"] == pytest.approx(validation_loss(ctx.problem, ckpt.lam.double(), train), rel=1e-9)
+    assert rep["objective_after"] > rep["query_loss_after"]  # the μ and γ terms were taken off
+    s = InfluenceSettings(hessian="exact", solver="explicit", damping=1e-8)
+    res, _ = influence_checkpoint(out / "refined", s, out=tmp_path, name="a", log=lambda m: None)
+    gen = res.diagnostics["generalisation"]
+    val = validation_loss(ctx.problem, ckpt.lam.double(), ctx.tensors["val"].to(dtype=torch.float64))
+    assert gen["val_query_loss"] == pytest.approx(val, rel=1e-9) and gen["ratio"] == pytest.approx(val / rep["query_loss_after"])
+    overfit = [w for w in res.diagnostics.get("warnings", []) if "overfit" in w]
+    assert (gen["ratio"] > stages.OVERFIT_RATIO) == bool(overfit)
+    monkeypatch.setattr(stages, "OVERFIT_RATIO", 0.5 * gen["ratio"])  # a run this far apart is warned, with its remedy
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res, _ = influence_checkpoint(out / "refined", s, out=tmp_path, name="b", log=lambda m: None)
+    said = [str(w.message) for w in caught if "overfit" in str(w.message)]
+    assert len(said) == 1 and "--check K" in said[0] and "--removal newton" in said[0] and said[0] in res.diagnostics["warnings"]

@@ -152,6 +152,9 @@ def load_mnist(
         identity={"images": digest(images, 32), "val_size": val_size, "split_seed": split_seed},  # targets and split enter the fingerprint too
         num_classes=10,
         class_names=FASHION_CLASSES if fashion else [str(d) for d in range(10)],
+        # the idx file and the image's index in it, so that score tables point at an image a user can look up
+        example_names=[f"{paths['train_images'].name}[{i}]" for i in range(n_train)]
+        + [f"{paths['test_images'].name}[{i}]" for i in range(len(images) - n_train)],
         split_description=(
             f"example-disjoint: val = seeded random {val_size} of the {n_train} train-file examples (seed {split_seed}), "
             f"train = the other {n_train - val_size}, test = the {len(images) - n_train} t10k examples"

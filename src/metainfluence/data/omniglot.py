@@ -40,7 +40,7 @@ from .images import RESAMPLE, check_image_options
 
 SETS = ("images_background", "images_evaluation")
 DEFAULT_SPLIT_SIZES = (1100, 100, 423)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the file of every image (example_names)
 _CHAR_DIR = re.compile(r"^character\d+$")
 _ROT_LINE = re.compile(r"^(?P<char>[^/\s]+/[^/\s]+)(?:/rot(?P<rot>\d{3}))?$")
 
@@ -128,7 +128,7 @@ def resize_ink(img: Image.Image, image_size: int, resample: str = "lanczos") -> 
 
 
 def _decode(sources: Mapping[str, Path], image_size: int, resample: str) -> dict[str, np.ndarray]:
-    images, char_of_image, char_names = [], [], []
+    images, char_of_image, char_names, files = [], [], [], []
     for s in SETS:
         entries = _png_entries(sources[s], s)
         try:
@@ -143,6 +143,7 @@ def _decode(sources: Mapping[str, Path], image_size: int, resample: str) -> dict
                 except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
                     raise DataError(f"Omniglot image {alphabet}/{character}/{fname} in {sources[s]} cannot be decoded ({exc}); download the archive again") from None
                 char_of_image.append(len(char_names) - 1)
+                files.append(f"{s}/{key}/{fname}")
         finally:
             if isinstance(entries[0][3], tuple):
                 entries[0][3][0].close()
@@ -152,14 +153,15 @@ def _decode(sources: Mapping[str, Path], image_size: int, resample: str) -> dict
         "images": np.stack(images).astype(np.uint8),
         "char_of_image": np.asarray(char_of_image, dtype=np.int32),
         "char_names": np.asarray(char_names, dtype=str),
+        "files": np.asarray(files, dtype=str),
     }
 
 
 def _load_cached(path: Path) -> dict[str, np.ndarray] | None:
     try:
         with np.load(path, allow_pickle=False) as z:
-            out = {k: z[k] for k in ("images", "char_of_image", "char_names")}
-        if out["images"].dtype != np.uint8 or len(out["images"]) != len(out["char_of_image"]):
+            out = {k: z[k] for k in ("images", "char_of_image", "char_names", "files")}
+        if out["images"].dtype != np.uint8 or not len(out["images"]) == len(out["char_of_image"]) == len(out["files"]):
             raise ValueError("inconsistent arrays")
         return out
     except Exception as exc:  # unreadable cache: rebuild it
@@ -282,6 +284,8 @@ def load_omniglot(
     class_assign = np.repeat(char_assign, n_rot)
     rot_names = ["rot000", "rot090", "rot180", "rot270"][:n_rot]
     class_names = [f"{c}/{r}" for c in char_names for r in rot_names]
+    # example id = image × rotations + rotation: the archive member it came from, so that score tables name files
+    example_names = [f"{f} ({r})" if rotations else str(f) for f in arrays["files"] for r in rot_names]
 
     def loader(ids: np.ndarray) -> torch.Tensor:
         base = images[ids // n_rot]
@@ -311,5 +315,6 @@ def load_omniglot(
         },
         num_classes=len(char_names) * n_rot,
         class_names=class_names,
+        example_names=example_names,
         split_description=description + (", each character's 4 rotations in its split" if rotations else ""),
     )

@@ -70,16 +70,31 @@ class StageCache:
                  deadline: float = math.inf) -> None:
         self.out, self.resume, self.deadline, self.log = Path(out), resume, deadline, log
         run, section = settings.get("run"), next((v for k, v in settings.items() if k not in ("run", "influence")), {}) or {}
+        name = next((k for k in settings if k not in ("run", "influence")), "experiment")
         now = _jsonable({"run": run, **{k: section.get(k) for k in pool_keys}})
         record = self.out / "stages.json"
         if resume and record.is_file():
+            kept = read_json(record, what="experiment stage record")
+            other = kept.pop("experiment", name)  # records before the name was kept: the settings below tell them apart
+            if other != name:
+                raise SettingsError(f"{self.out} holds the stages of a {other} experiment, not {name}: resume it with `metainfluence experiment "
+                                    f"{other} --resume`, or give {name} another --out")
             defaults = _jsonable({"run": to_dict(RunSettings())}) if run is not None else {}
-            before = with_new_defaults(read_json(record, what="experiment stage record"), now, defaults)
+            before = with_new_defaults(kept, now, defaults)
             changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
             if changed:
                 raise SettingsError(f"{self.out} holds a pool or model of other settings ({', '.join(changed)} differ); "
                                     "resume with the same run and pool settings, or use another --out")
-        write_json(record, now)
+        elif resume:
+            # nothing of an experiment here: a folder another command wrote is refused (resuming into it would start
+            # afresh and overwrite its files), an empty or new one starts afresh, said aloud
+            found = sorted(p.name for p in self.out.iterdir() if not p.name.startswith(".")) if self.out.is_dir() else []
+            if found:
+                raise SettingsError(f"--resume: {self.out} holds no experiment stages (no stages.json) but {', '.join(found[:4])}"
+                                    f"{', …' if len(found) > 4 else ''} (another command's folder?); pass the folder this experiment "
+                                    "wrote, or drop --resume and use a new --out")
+            log(f"--resume: nothing to resume in {self.out}; starting afresh")
+        write_json(record, {"experiment": name, **now})
 
     def has(self, stem: str) -> bool:
         return self.resume and (self.out / f"{stem}.safetensors").is_file()

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from .. import InfluenceSettings, RefineSettings, SolverSettings, TrainSettings
 from ..config import apply_overrides, merge_config, read_config_file
-from ..errors import SettingsError
+from ..errors import BudgetStop, SettingsError
 from ..io import read_json, write_json
 from ..meta.curvature import HESSIANS
 from ..meta.models import ModelSettings
@@ -158,11 +158,28 @@ def run_experiment(name: str, config: str | None = None, quick: bool = False, ou
         result = run_estimates(run, infl, sec, out_p, quick, log)
     else:
         fn = {"detection": run_detection, "removal": run_removal, "fidelity": run_fidelity}[name]
-        result = fn(run, infl, sec, out_p, quick, log, resume=resume, deadline=deadline)
+        try:
+            result = fn(run, infl, sec, out_p, quick, log, resume=resume, deadline=deadline)
+        except BudgetStop:
+            _record_piece(out_p, resume, time.perf_counter() - t0)
+            raise
     result["timings"]["total_s"] = time.perf_counter() - t0
+    pieces = _record_piece(out_p, resume, result["timings"]["total_s"]) if name != "estimates" else []
+    if len(pieces) > 1:  # a run in pieces: its total is theirs, not the last one's
+        result["timings"]["pieces_s"] = pieces
     write_json(out_p / "results.json", result)
-    log(f"{name}: finished in {result['timings']['total_s']:.1f} s; results in {out_p}/results.json")
+    in_all = f" (this piece; {len(pieces)} pieces, {sum(pieces):.1f} s in all)" if len(pieces) > 1 else ""
+    log(f"{name}: finished in {result['timings']['total_s']:.1f} s{in_all}; results in {out_p}/results.json")
     return result
+
+
+def _record_piece(out: Path, resume: bool, seconds: float) -> list[float]:
+    """The wall times of the pieces a run was cut into by --max-minutes (``pieces.json``); a fresh run starts the list."""
+    path = out / "pieces.json"
+    before = read_json(path, what="experiment pieces").get("seconds", []) if resume and path.is_file() else []
+    pieces = [float(x) for x in before] + [float(seconds)]
+    write_json(path, {"seconds": pieces, "note": "wall time of each piece of this experiment (--max-minutes / --resume)"})
+    return pieces
 
 
 # --------------------------------------------------------------------------- report
@@ -192,7 +209,7 @@ def report_run(run_dir) -> Path:
     tm = res.get("timings", {})
     # a resumed run also lists the stages it reused (timings["reused"]); a stage not timed is null (a fisher fit
     # that made the per-task gradients in its own pass times no floor pass)
-    timing_p = "Timings (s): " + ", ".join(f"{k} {v:.1f}" if isinstance(v, (int, float)) else f"{k}: {', '.join(map(str, v))}"
+    timing_p = "Timings (s): " + ", ".join(f"{k} {v:.1f}" if isinstance(v, (int, float)) else f"{k}: {', '.join(f'{x:.1f}' if isinstance(x, float) else str(x) for x in v)}"
                                            for k, v in tm.items() if v is not None) + f". Machine: {res['machine']['platform']}, {res['machine']['cpu_count']} CPUs, torch {res['machine']['torch']} ({res['machine']['torch_threads']} threads)."
     settings_p = f"Settings and seeds are in `results.json` (seeds: {res.get('seeds')}). Quick run: {res.get('quick')}."
     secs: list[dict] = []

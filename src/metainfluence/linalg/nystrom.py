@@ -84,9 +84,12 @@ def adaptive_nystrom_sketch(op: LinearOperator, floor: float, target: float = 10
 def _products(op: LinearOperator, omega: Tensor, block: int) -> Tensor:
     Y = torch.empty_like(omega)
     ell = omega.shape[1]
-    for start in bar("Nyström sketch", (ell + block - 1) // block, "block", iterable=range(0, ell, block)):
-        cols = slice(start, min(ell, start + block))
-        Y[:, cols] = apply_block(op, omega[:, cols]).detach()
+    # the bar counts Hessian products (directions), each a pass over every task: a block of them can take minutes
+    with bar("Nyström sketch: Hessian products", ell, "product") as b:
+        for start in range(0, ell, block):
+            cols = slice(start, min(ell, start + block))
+            Y[:, cols] = apply_block(op, omega[:, cols]).detach()
+            b.update(cols.stop - start)
     if not torch.isfinite(Y).all():
         raise DivergenceError("the Nyström sketch met non-finite products; check the model and loss for NaN")
     return Y

@@ -15,6 +15,8 @@ kinds:
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.func import grad, jvp, vjp, vmap
 
@@ -217,9 +219,25 @@ class TotalHessian:
         # directions are vmapped ``column_chunk`` at a time (and tasks by the problem's chunk_size), so
         # memory is bounded by one chunk of each, whatever the number of right-hand sides
         step = self.column_chunk or V.shape[1]
-        local = torch.cat([vmap(self._local_sum, in_dims=1, out_dims=1)(V[:, c:c + step]) for c in range(0, V.shape[1], step)], dim=1)
+        with self._tasks_per_chunk_for(min(step, V.shape[1])):
+            local = torch.cat([vmap(self._local_sum, in_dims=1, out_dims=1)(V[:, c:c + step]) for c in range(0, V.shape[1], step)], dim=1)
         out = self.problem.collective.all_sum(local) / self.n_total + (self.gamma + self.problem.weight_decay) * V
         return out.detach()
+
+    @contextlib.contextmanager
+    def _tasks_per_chunk_for(self, columns: int):
+        """Each vmapped direction multiplies a task chunk's memory: a block of ``columns`` takes 1/columns of the
+        tasks a chunk of one product does, so that it fits the same memory (unbounded, 16 Conv4 directions over
+        100-task chunks spent their time allocating and ran slower per direction than single products:
+        benchmarks/bench_block_products.py)."""
+        problem, saved = self.problem, self.problem.chunk_size
+        if columns > 1:
+            base = saved or problem.auto_chunk(self._plam, self._ptasks)
+            problem.chunk_size = max(1, base // columns)
+        try:
+            yield
+        finally:
+            problem.chunk_size = saved
 
     def matvec_subset(self, v: torch.Tensor, task_index: torch.Tensor) -> torch.Tensor:
         """Unbiased estimate of H v from the tasks ``task_index`` (local indices)."""

@@ -141,6 +141,7 @@ class RefineReport:
     history: list = field(default_factory=list, repr=False)  # per iteration: ratio, step, cg, seconds, eta_s (out of print(report))
     proximal: float = 0.0  # γ of the proximal term the gradient norms include (0: plain F)
     ratio_after_start: float = float("nan")  # ‖∇F‖ at the returned λ / the starting mean‖g_i‖ ḡ₀: what the iterations print and tol_ratio tests
+    query_loss_after: float = float("nan")  # F at the returned λ without weight decay and proximal term: the pool's mean query loss
 
     def summary(self) -> str:
         state = "converged" if self.converged else f"NOT converged: {self.stopped_by or 'stopped'}"
@@ -293,6 +294,10 @@ def refine(
 
     f1, g1 = ev(x)
     gn0, gn1 = float(g0.norm()), float(g1.norm())
+    # the training tasks' mean query loss, against which a measurement on held-out tasks shows meta-overfitting
+    query_loss = float(f1) - 0.5 * problem.weight_decay * float((x.double() ** 2).sum())
+    if proximal is not None:
+        query_loss -= 0.5 * proximal[0] * float(((x - proximal[1]).double() ** 2).sum())
     converged = gn1 <= stop
     task_norm_after = mean_task_gradient_norm(problem, x, tasks, w, v, u)
     ratio_after = gn1 / task_norm_after if task_norm_after > 0 else float("nan")
@@ -321,6 +326,7 @@ def refine(
         ratio_after=ratio_after,
         objective_before=float(f0),
         objective_after=float(f1),
+        query_loss_after=query_loss,
         wall_time_s=time.perf_counter() - t0,
         n_tasks=len(tasks),
         n_active_tasks=len(tasks) if w is None else int((w != 0).sum()),
@@ -357,18 +363,19 @@ def refine_advice(settings: RefineSettings | None = None, problem: MetaProblem |
     its size (dense Newton only below a few thousand parameters) and activations (ReLU makes F jump)."""
     kinks = problem is not None and any(isinstance(m, torch.nn.ReLU) for m in problem.model.modules())
     large = problem is not None and problem.spec.dim > LARGE_MODEL  # Conv4 sizes: an exact Newton step costs minutes
+    proximal = settings is not None and settings.proximal > 0  # already on the proximal objective: no use suggesting it
     if kinks and large:
         # no refiner gets far on a jumping F (docs/training.md, "Refine at Conv4 scale"): change the objective instead
         return ("with ReLU the second-order meta-objective jumps (docs/training.md, 'Refine at Conv4 scale'), so no refiner reaches a tight "
-                "‖∇F‖ here: retrain with a smooth activation (--model-conv-activation silu / --model-activation silu), or refine the "
-                "proximal objective near the trained λ (--refine-proximal 1 --refine-tol 0 --refine-tol-ratio 1e-4)")
+                "‖∇F‖ here: retrain with a smooth activation (--model-conv-activation silu / --model-activation silu), or "
+                + ("raise --refine-max-minutes or --refine-proximal (a larger γ is better conditioned)" if proximal else
+                   "refine the proximal objective near the trained λ (--refine-proximal 1 --refine-tol 0 --refine-tol-ratio 1e-4)"))
     if settings is not None and settings.method == "newton":
         return ("raise --refine-max-iter, or try --refine-newton-hessian gauss-newton (PSD) if the exact Hessian is indefinite here")
     if settings is not None and settings.method == "newton-cg":
         return ("raise --refine-max-iter or --refine-newton-cg-iters; where Gauss–Newton steps converge slowly (large residuals) "
                 "finish with --refine-method newton (exact Hessian)")
     if large:
-        proximal = settings is not None and settings.proximal > 0  # already on the proximal objective: no use suggesting it
         return ("use preconditioned Newton–CG (--refine-method newton-cg --refine-precondition fisher --refine-tol 0 --refine-tol-ratio 1e-4), "
                 + ("a larger --refine-proximal, " if proximal else "or refine the proximal objective near the trained λ (--refine-proximal 1), ")
                 + "or raise --refine-max-iter (or --refine-max-minutes)")

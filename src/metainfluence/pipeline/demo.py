@@ -23,7 +23,7 @@ from ..meta.evaluate import EvalResult
 from .run import RunContext
 from .settings import RunSettings
 from .proximal import ANCHOR, proximal_settings
-from .stages import edit_stage, evals_json, evaluate_stage, influence_stage, refine_stage, removal_from_scores, train_stage
+from .stages import edit_stage, evals_json, evaluate_stage, influence_stage, overfit_notice, refine_stage, removal_from_scores, train_stage
 
 
 def demo_settings() -> RunSettings:
@@ -40,7 +40,8 @@ def _say(line: str) -> None:
     print(line, flush=True)
 
 
-def _influence_demo(ctx: RunContext, lam: torch.Tensor, before: Mapping[str, EvalResult], log: Callable[[str], None], proximal: float = 0.0) -> dict:
+def _influence_demo(ctx: RunContext, lam: torch.Tensor, before: Mapping[str, EvalResult], log: Callable[[str], None], proximal: float = 0.0,
+                    refine_report: dict | None = None) -> dict:
     """task-IF on the (partly corrupted) training pool, detection of the corrupted tasks, closed-form edit
     (``proximal``: γ of a proximal refine, added to the damping)."""
     settings = InfluenceSettings(hessian="exact", solver="cg", damping=1e-3, solve=SolverSettings(tol=1e-6, max_iter=300))
@@ -61,6 +62,7 @@ def _influence_demo(ctx: RunContext, lam: torch.Tensor, before: Mapping[str, Eva
         # how much the ranking depends on which validation tasks were drawn (method §5.1): said aloud when low
         rel = measurement_reliability(ctx.problem, lam, train, val, settings, splits=2, s=result.extra["s"])  # 2 solves: ~2× task-IF's time
     record_reliability(result.diagnostics, rel)
+    overfit_notice(refine_report, result)
     ctx.save_scores(result, "task_influence", scored=(ctx.path("refined"), lam))
     pool = ctx.pools["train"]
     corrupted = torch.as_tensor(pool.corrupted_tasks).bool()
@@ -134,7 +136,7 @@ def run_demo(settings: RunSettings | None = None, out: str | os.PathLike = "runs
                         state={ANCHOR: lam_trained.to(lam_refined.dtype)} if report.proximal else None)
 
     t = time.perf_counter()
-    influence = _influence_demo(ctx, lam_refined, eval_refined, log, report.proximal) if influence_step else None
+    influence = _influence_demo(ctx, lam_refined, eval_refined, log, report.proximal, report.to_json()) if influence_step else None
     timings["influence_and_edit_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_start
 

@@ -47,7 +47,9 @@ def record_proximal(diag: dict[str, Any], gamma: float, given: Any, report: dict
     diag["stationarity_of_F"] = diag.pop("stationarity", None)
     diag["stationarity"] = {"grad_norm": float(report.get("grad_norm_after", float("nan"))), "mean_task_grad_norm": float(report.get("task_grad_norm_after", float("nan"))),
                             "ratio": ratio, "warning": None, "objective": f"F + (γ/2)‖λ − λ₀‖², γ = {gamma:g}", "source": "the checkpoint's refine report"}
-    diag["proximal"] = {"gamma": gamma, "damping_given": given.damping, "damping_used": given.damping + gamma}
+    # the settings recorded beside the scores hold stationarity_warn = 1e300 (F's check off); the threshold given applies to P
+    diag["proximal"] = {"gamma": gamma, "damping_given": given.damping, "damping_used": given.damping + gamma,
+                        "stationarity_warn_given": given.stationarity_warn}
     if not ratio <= given.stationarity_warn:
         shortfall(diag, f"λ is not stationary for the proximal objective: its ‖∇P‖ / mean‖g_i‖ = {ratio:.2g} (warned above "
                         f"{given.stationarity_warn:g}); refine this checkpoint again (`metainfluence refine --checkpoint …`, it keeps the anchor)")

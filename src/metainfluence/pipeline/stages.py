@@ -4,6 +4,7 @@ report through ``log``; the CLI prints what they return."""
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -155,8 +156,12 @@ def refine_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | No
         before = evaluate(ctx.problem, ckpt.lam, ctx.tensors["test"])
         after = evaluate(ctx.problem, lam, ctx.tensors["test"])
         _accuracy_drop_notice(before, after, ctx.settings.refine.proximal, log)
-        path = ctx.save_checkpoint(name, lam, "refined", {"eval": {"test": after.to_json()}, "eval_before_refine": {"test": before.to_json()}}, refine_report=report, step=ckpt.step,
-                                   state={ANCHOR: anchor} if prox else None)
+        metrics = {"eval": {"test": after.to_json()}, "eval_before_refine": {"test": before.to_json()}}
+        # refining a refined checkpoint (even into its own name) keeps the earlier refines' reports, oldest first
+        earlier = list((ckpt.info.get("metrics") or {}).get("earlier_refines", [])) + ([ckpt.info["refine_report"]] if ckpt.info.get("refine_report") else [])
+        if earlier:
+            metrics["earlier_refines"] = earlier
+        path = ctx.save_checkpoint(name, lam, "refined", metrics, refine_report=report, step=ckpt.step, state={ANCHOR: anchor} if prox else None)
     return path, report, before, after
 
 
@@ -256,6 +261,8 @@ def influence_checkpoint(checkpoint: str | os.PathLike, settings: Any, level: st
             shortfall(result.diagnostics, f"the fidelity check's predicted changes are {fid['relative_error']:.2f} off the re-optimised ones (relative "
                                           f"error over {fid['removals_done']} group removals): read the scores as a ranking, not as the size of a "
                                           "removal's effect (first-order sums drift for groups; --removal newton predicts single removals better)")
+    if level != "pairwise":
+        overfit_notice(ckpt.info.get("refine_report"), result, checked=bool(check is not None and check.removals))
     if level in ("support", "query") and ctx.dataset is not None:
         result.diagnostics["coverage"] = coverage(ctx.pools["train"], ctx.dataset, level)
     with RunLock(folder):
@@ -299,6 +306,27 @@ def _stationarity_notice(ckpt: Any, settings: Any, log: Log) -> None:
                       "or use the positive semi-definite --hessian fisher --solver woodbury")
         log(f"warning: this checkpoint's refine stopped at ‖∇F‖ / mean‖g_i‖ = {ratio:.2g} (above {settings.stationarity_warn:g}): influence "
             f"assumes a stationary λ; {remedy}")
+
+
+OVERFIT_RATIO = 5.0  # validation / training query loss above which the scores carry a meta-overfitting warning
+
+
+def overfit_notice(refine_report: dict | None, result: Any, checked: bool = False) -> None:
+    """The training tasks' query loss (a refine report's, as JSON) against the validation tasks' (the scores'
+    measurement): far apart, the meta-learner is overfit, where first-order scores track leave-one-out poorly
+    (docs/experiments.md §3). ``checked``: the scores carry a fidelity check, which the warning points at."""
+    train_loss = float((refine_report or {}).get("query_loss_after", float("nan")))
+    val_loss = float(result.measurement)
+    if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+        return  # not refined, or refined by a version that did not record the loss: nothing to compare
+    ratio = val_loss / max(train_loss, 1e-12)
+    result.diagnostics["generalisation"] = {"train_query_loss": train_loss, "val_query_loss": val_loss, "ratio": ratio,
+                                            "warned_above": OVERFIT_RATIO}
+    if ratio > OVERFIT_RATIO:
+        shortfall(result.diagnostics, f"the training tasks' mean query loss at λ* is {train_loss:.3g} against {val_loss:.3g} on the validation tasks "
+                                      f"({ratio:.0f}×): the meta-learner is overfit, where first-order scores can track leave-one-out poorly "
+                                      "(docs/experiments.md §3) — " + ("weigh the fidelity check" if checked else "measure it with --check K")
+                                      + "; --hessian gauss-newton --removal newton on a proximal refine (--refine-proximal) held up best there")
 
 
 def scores_settings(scores: str | os.PathLike, base: Any) -> Any:
