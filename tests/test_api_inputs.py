@@ -188,6 +188,14 @@ def test_task_tensors_take_numpy_arrays_and_refuse_missing_task_axis():
     torch.testing.assert_close(problem.meta_gradient(lam, from_numpy), problem.meta_gradient(lam, t))
     with pytest.raises(PoolError, match=r"support_y has shape \(6,\).*x\[None\]"):
         TaskTensors(t.support_x[0], t.support_y[0], t.query_x[0], t.query_y[0])
+    # lists of per-task tensors: stacked when the tasks are of one size, refused with the reason when not
+    from_lists = TaskTensors(list(t.support_x), list(t.support_y), list(t.query_x), list(t.query_y))
+    torch.testing.assert_close(problem.meta_gradient(lam, from_lists), problem.meta_gradient(lam, t))
+    ragged = [t.support_x[0], t.support_x[1, :4]]
+    with pytest.raises(PoolError, match="per-task tensors of shapes .*every task needs the same number of support examples"):
+        TaskTensors(ragged, list(t.support_y[:2]), list(t.query_x[:2]), list(t.query_y[:2]))
+    with pytest.raises(PoolError, match="nested tensor; every task needs"):
+        TaskTensors(torch.nested.nested_tensor(ragged), list(t.support_y[:2]), list(t.query_x[:2]), list(t.query_y[:2]))
 
 
 def test_cross_entropy_over_a_single_output_is_refused():

@@ -734,6 +734,11 @@ def _(w, inp, out):
     return _cli("edit", "--checkpoint", w.run_dir() / "trained", "--remove-tasks", "0,99", "--out", out)
 
 
+@case("cli_edit_task_id_listed_twice", CLI, "task id 3 more than once")
+def _(w, inp, out):
+    return _cli("edit", "--checkpoint", w.run_dir() / "trained", "--remove-tasks", "3,0,3", "--out", out)
+
+
 @case("cli_edit_top_k_larger_than_pool", CLI, "--top-k 50", prepare=_cli_scores)
 def _(w, inp, out):
     return _cli("edit", "--checkpoint", w.run_dir() / "trained", "--scores", inp / "scores", "--top-k", "50", "--out", out)

@@ -160,9 +160,14 @@ def test_train_refine_evaluate_commands(tmp_path, capsys):
     assert load_checkpoint(out / "trained").step == 8
     assert "resuming from step 6 of 8" in capsys.readouterr().err
     # ... but not with another objective: steps of two inner loops would be mixed into λ
+    files = {p: p.read_bytes() for p in [out / "settings.json", *sorted((out / "pools").iterdir())]}
     assert main(["train", "--out", str(out), *TINY[:-5], "--steps", "9", "--meta-batch", "4", "--resume", "--inner-lr", "0.1", "--no-progress"]) == 2
     assert "trained with inner.lr=0.4, not 0.1" in _error_line(capsys)
     assert load_checkpoint(out / "trained").step == 8
+    # ... nor on another pool; a refused resume leaves the run's settings and pool files as they were
+    assert main(["train", "--out", str(out), *TINY[:-5], "--steps", "9", "--meta-batch", "4", "--resume", "--train-tasks", "13", "--no-progress"]) == 2
+    assert "another train pool" in _error_line(capsys)
+    assert {p: p.read_bytes() for p in files} == files and sorted((out / "pools").iterdir()) == sorted(p for p in files if p.parent.name == "pools")
 
 
 def test_a_time_limited_training_says_stopped_and_its_resumption_completed(tmp_path, capsys, monkeypatch):

@@ -220,6 +220,8 @@ def test_influence_time_budget_says_so_and_resume_continues_to_the_full_answer(d
     capsys.readouterr()
     assert main([*base, "--resume", str(demo_run / "part"), "--method", "tracin", "--name", "x"]) == 2
     assert "--resume" in capsys.readouterr().err
+    assert main([*base, "--resume", str(demo_run / "part"), "--level", "query", "--name", "x"]) == 2
+    assert "this run asks for --level query" in capsys.readouterr().err  # the level asked for is what is wrong, not the file
 
 
 def test_influence_check_measurement_records_the_reliability_of_the_ranking(demo_run, capsys):

@@ -70,6 +70,13 @@ def test_pcg_with_a_saved_sketch_equals_cg_and_a_sketch_of_another_lambda_is_ref
     assert by_pcg.diagnostics["curvature"]["hessian"] == "gauss-newton"
     with pytest.raises(CheckpointError, match="fitted against the gauss-newton total Hessian, not fisher: use --hessian gauss-newton"):
         task_influence(problem, lam, train, val, dataclasses.replace(fisher, solver="curvature", curvature_file=str(tmp_path / "curv")))
+    # the exact kind cannot be fitted (not positive semi-definite): the advice is pcg with this file, which then serves it
+    with pytest.raises(CheckpointError, match="keep --hessian exact with --solver pcg") as refused:
+        task_influence(problem, lam, train, val, dataclasses.replace(base, hessian="exact", solver="curvature", curvature_file=str(tmp_path / "curv")))
+    assert "metainfluence curvature ... --hessian exact" not in str(refused.value)
+    exact = dataclasses.replace(base, hessian="exact", damping=0.5)  # this λ is no minimum: the exact H needs a larger damping
+    torch.testing.assert_close(task_influence(problem, lam, train, val, dataclasses.replace(exact, solver="pcg", curvature_file=str(tmp_path / "curv"))).scores,
+                               task_influence(problem, lam, train, val, exact).scores, rtol=1e-6, atol=1e-14)
     loaded = CurvatureArtifact.load(tmp_path / "curv")
     torch.testing.assert_close(loaded.sketch.eigenvectors, art.sketch.eigenvectors)
 

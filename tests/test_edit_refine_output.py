@@ -102,3 +102,27 @@ def test_refine_says_when_it_lowered_test_accuracy_beyond_the_paired_interval():
         assert bool(lines) == expected and (said is None or expected == said)
         if lines:
             assert "a larger --refine-proximal than 0.1" in lines[0] and f"by {-100 * float(diff.mean()):.2f} points" in lines[0]
+
+
+def test_newton_steps_after_an_edit_on_an_indefinite_reduced_hessian_use_gauss_newton():
+    """Removing 3 of 12 tasks at a stationary λ* where the full exact H is positive definite and the reduced H_R is not:
+    the edit falls back to H_R's Gauss–Newton part (warned), and so do its Newton steps (they raised before), each
+    lowering F_R."""
+    from metainfluence.influence.editing import reduced_objective
+    from metainfluence.linalg import materialize
+    from metainfluence.meta.curvature import TotalHessian
+
+    problem, lam = small_problem(steps=1, lr=0.5, hidden=(8,), weight_decay=0.05, seed=1)
+    tasks = random_tasks(n=12, seed=1)
+    lam, rep = refine(problem, lam, tasks, RefineSettings(method="newton", tol=1e-11, max_iter=60), progress=False)
+    removal = Removal(tasks=[1, 4, 9])
+    weights = removal.weights(problem, lam, tasks)
+    assert rep.converged and float(torch.linalg.eigvalsh(materialize(TotalHessian(problem, lam, tasks, "exact"))).min()) > 0
+    assert float(torch.linalg.eigvalsh(materialize(TotalHessian(problem, lam, tasks, "exact", w=weights[0], v=weights[1], u=weights[2]))).min()) < 0
+    with pytest.warns(UserWarning, match="indefinite"):
+        edit = edit_model(problem, lam, tasks, removal, InfluenceSettings(hessian="exact", solver="explicit", damping=1e-3), newton_steps=2)
+    d = edit.diagnostics
+    assert d["hessian"] == "gauss-newton" and d["newton_hessian"] == "gauss-newton" and len(d["newton"]) == 2
+    objective, _ = reduced_objective(problem, tasks, weights, None)
+    one_step = edit_model(problem, lam, tasks, removal, InfluenceSettings(hessian="exact", solver="explicit", damping=1e-3))
+    assert objective(edit.lam) < objective(one_step.lam) < objective(lam)

@@ -135,6 +135,22 @@ def test_every_shipped_config_loads_and_names_known_methods():
         assert run.data.dataset.replace("-", "") in path.stem or name == "estimates", path
 
 
+def test_quick_takes_set_keys_over_its_run_and_says_a_configs_run_sections_are_unused(tmp_path):
+    from metainfluence.errors import SettingsError
+    from metainfluence.experiments import load_experiment_settings
+
+    quick, _, _ = load_experiment_settings("detection", None, True)
+    run, _, _ = load_experiment_settings("detection", None, True, sets={"model": {"kind": "conv4"}, "data": {"n_way": 3}})
+    assert (run.model.kind, run.data.n_way) == ("conv4", 3) and run.data.train_tasks == quick.data.train_tasks  # the rest stays quick
+    with pytest.raises(SettingsError, match="--set"):
+        load_experiment_settings("detection", None, True, sets={"modle": {"kind": "conv4"}})
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[data]\ntrain_tasks = 5000\n[detection]\nrho_task = 0.3\n')
+    with pytest.warns(UserWarning, match=r"--quick keeps its own small run: the \[data\] section"):
+        run, _, sec = load_experiment_settings("detection", str(cfg), True)
+    assert run.data.train_tasks == quick.data.train_tasks and sec.rho_task == 0.3
+
+
 def test_removal_refuses_a_retrain_method_it_does_not_rank(tmp_path):
     from metainfluence.errors import SettingsError
     from metainfluence.experiments import load_experiment_settings
@@ -274,7 +290,7 @@ def test_detection_resumes_from_the_stages_it_left_and_refuses_other_settings(tm
     assert third["influence_diagnostics"]["task-if"]["solver"]["damping"] == 1e-2
     # another pool (ρ_task) is another experiment: refused
     cfg.write_text('[detection]\nmethods = ["task-if", "tracin"]\nedit_fractions = [0.25]\nself_influence = false\nrho_task = 0.3\n')
-    with pytest.raises(SettingsError, match="other settings"):
+    with pytest.raises(SettingsError, match=r"other settings \(rho_task differ"):
         run_experiment("detection", str(cfg), True, str(out), log=lambda s: None, resume=True)
     # another experiment's folder, or another command's, is refused before any work (it would start afresh over it)
     with pytest.raises(SettingsError, match="stages of a detection experiment, not removal"):

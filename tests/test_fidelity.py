@@ -97,5 +97,5 @@ def test_a_run_recorded_before_a_settings_field_existed_still_resumes(quick, tmp
     assert [r["spearman_loo"] for r in again["table"]] == [r["spearman_loo"] for r in res["table"]]
     stages["run"]["refine"]["proximal"] = 0.5  # a real difference is still refused
     (old / "stages.json").write_text(json.dumps(stages))
-    with pytest.raises(SettingsError, match="other settings"):
+    with pytest.raises(SettingsError, match=r"other settings \(run\.refine\.proximal differ"):
         run_experiment("fidelity", None, True, str(old), log=lambda s: None, resume=True)

@@ -137,3 +137,36 @@ def test_a_block_of_directions_takes_its_share_of_a_task_chunk():
     single = torch.stack([op.matvec(V[:, j]) for j in range(6)], 1)
     assert max(seen) == 8
     torch.testing.assert_close(block, single, rtol=1e-12, atol=1e-14)
+
+
+def test_native_layer_norm_is_warned_and_plain_layer_norm_has_exact_hessians():
+    """torch's native layer norm is differentiated wrongly beyond second order: warned, with PlainLayerNorm as the
+    remedy — the same function and parameters, whose exact total-Hessian products match central differences; the
+    gauss-newton products (second derivatives only) agree between the two, as the warning says."""
+    import warnings
+
+    from torch import nn
+
+    from metainfluence import InnerSettings, MetaProblem
+    from metainfluence.meta.models import PlainLayerNorm
+
+    torch.manual_seed(0)
+    native = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.LayerNorm(8), nn.Linear(8, 3)).double()
+    plain = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), PlainLayerNorm(8), nn.Linear(8, 3)).double()
+    plain.load_state_dict(native.state_dict())  # the same parameter names
+    x = torch.randn(5, 3, 8, dtype=torch.float64)
+    torch.testing.assert_close(plain[2](x), native[2](x), rtol=1e-12, atol=1e-12)
+    inner = InnerSettings(steps=1, lr=0.5)
+    with pytest.warns(UserWarning, match="PlainLayerNorm"):
+        pn = MetaProblem(native, "cross_entropy", inner, weight_decay=0.2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the plain one is not warned
+        pp = MetaProblem(plain, "cross_entropy", inner, weight_decay=0.2)
+    tasks = random_tasks(n=6)
+    lam = pp.init_params(torch.float64) + 0.3 * torch.randn(pp.dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    d = torch.randn(pp.dim, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    eps = 1e-5
+    fd = (pp.meta_gradient(lam + eps * d, tasks) - pp.meta_gradient(lam - eps * d, tasks)) / (2 * eps)
+    assert float((TotalHessian(pp, lam, tasks, "exact").matvec(d) - fd).norm() / fd.norm()) < 1e-6
+    torch.testing.assert_close(TotalHessian(pn, lam, tasks, "gauss-newton").matvec(d), TotalHessian(pp, lam, tasks, "gauss-newton").matvec(d),
+                               rtol=1e-9, atol=1e-12)

@@ -284,6 +284,11 @@ def test_train_then_evaluate_an_image_folder_from_the_command_line(tmp_path, cap
     assert main([*args[:4], str(two), *args[5:7], "--out", str(tmp_path / "o2"), *args[9:]]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and f"image folder {two} holds 2 class folders" in err[0]
+    # every image truncated (valid headers): found when the pools' pixels are decoded, before their files are written
+    for f in sorted(data.rglob("*.png")):
+        f.write_bytes(f.read_bytes()[:60])
+    assert main([*args[:8], str(tmp_path / "o3"), *args[9:]]) == 2
+    assert "cannot be decoded" in capsys.readouterr().err and not (tmp_path / "o3" / "pools").exists()
 
 
 def test_a_data_root_of_other_datasets_is_not_read_as_classes(tmp_path):
@@ -448,3 +453,18 @@ def test_a_split_of_exactly_n_way_classes_is_warned_about(tmp_path):
         assert len({tuple(sorted(c)) for c in pool.classes.tolist()}) > 1
         # every class in every split: the tasks hold all the dataset's classes, as intended
         build_pool(load_image_folder(root, image_size=8, split_by="example"), "test", 8, 1, 1, 3)
+
+
+def test_a_class_with_too_few_images_for_the_tasks_is_named(tmp_path):
+    from metainfluence.data import load_image_folder
+    from metainfluence.errors import PoolError
+    from metainfluence.tasks import build_pool
+
+    root = tmp_path / "uneven"
+    files = make_folder(root, classes=12, per_class=4)
+    for f in files[9:12]:  # class02 keeps one image
+        f.unlink()
+    ds = load_image_folder(root, image_size=8)
+    split = next(s for s in SPLITS if ds.class_names.index("class02") in ds.classes(s))
+    with pytest.raises(PoolError, match=r"\(1 class too small: class02\)"):
+        build_pool(ds, split, 2, 1, 1, 2, seed=0)

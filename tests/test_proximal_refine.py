@@ -126,6 +126,12 @@ def test_the_fidelity_check_re_optimises_p_with_the_checkpoints_anchor(run, tmp_
     fid = res.diagnostics["fidelity_check"]
     # groups of 2 tasks re-optimised on P (anchored at λ_t, not at λ*): the summed scores rank them
     assert fid["spearman"] >= 0.8 and fid["sign_agreement"] >= 5 / 6, fid
+    # the run report shows the check, and labels the proximal stationarity as P's (F's beside it)
+    from metainfluence.experiments import report_run
+
+    md = report_run(tmp_path).read_text()
+    assert f"Fidelity check: 6 removals of 2 tasks re-optimised from λ*: Spearman {fid['spearman']:.2f}" in md
+    assert "‖∇P‖ / mean‖g‖" in md and "F's own ‖∇F‖ / mean‖g‖" in md
 
 
 # a small digits run refined on the proximal objective (γ = 0.1), for the experiments below
@@ -338,3 +344,13 @@ def test_scores_compare_the_training_and_validation_losses_and_warn_when_overfit
         res, _ = influence_checkpoint(out / "refined", s, out=tmp_path, name="b", log=lambda m: None)
     said = [str(w.message) for w in caught if "overfit" in str(w.message)]
     assert len(said) == 1 and "--check K" in said[0] and "--removal newton" in said[0] and said[0] in res.diagnostics["warnings"]
+
+
+def test_a_curvature_fit_of_a_proximal_checkpoint_probes_at_the_damping_its_scores_use(run, tmp_path):
+    from metainfluence.pipeline.stages import curvature_checkpoint
+
+    out, _, _ = run
+    lines = []
+    art, _ = curvature_checkpoint(out / "refined", InfluenceSettings(hessian="gauss-newton", damping=1e-3), tmp_path / "curv", rank=4, oversample=2,
+                                  probes=2, log=lines.append)
+    assert art.info["probe_damping"] == pytest.approx(1e-3 + GAMMA) and any("γ = 0.1 added to the damping" in line for line in lines)

@@ -273,3 +273,27 @@ def test_newton_step_with_gamma_drops_the_removed_tasks_share_of_gamma():
         assert op_R.gamma < full
         x = torch.linalg.solve(materialize(op_R) + delta * torch.eye(lam.numel(), dtype=torch.float64), G[k] / 6)
         assert float(res.scores[k]) == pytest.approx(float(grad_f @ x), rel=1e-9)
+
+
+def test_saved_scores_say_what_they_mean_per_method_in_both_files(tmp_path):
+    """task-IF's file carries the sign convention of a predicted change; the loss and random baselines say what their
+    scores are instead (not a change); the safetensors file holds the same sentence in its metadata."""
+    import json
+
+    from safetensors import safe_open
+
+    from metainfluence import SIGN_CONVENTION
+    from metainfluence.influence.results import BASELINE_MEANINGS
+
+    problem, lam = small_problem(steps=1, hidden=(5,))
+    train, val = random_tasks(n=6), random_tasks(n=4, seed=1)
+    for method in ("task-if", "loss", "random"):
+        res = task_influence(problem, lam, train, val, InfluenceSettings(method=method, hessian="gauss-newton", solver="explicit", damping=1e-2,
+                                                                         stationarity_warn=1e9))
+        res.save(tmp_path / method)
+        info = json.loads((tmp_path / f"{method}.json").read_text())
+        with safe_open(str(tmp_path / f"{method}.safetensors"), "pt") as f:
+            meta = f.metadata()
+        want = SIGN_CONVENTION if method == "task-if" else BASELINE_MEANINGS[method][0]
+        assert info["sign_convention"] == meta["sign_convention"] == want and info["units"] == meta["units"]
+        assert want.startswith("score = predicted change") == (method == "task-if")

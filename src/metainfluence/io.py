@@ -132,7 +132,9 @@ def save_result(stem: str | os.PathLike, tensors: Mapping[str, torch.Tensor], in
     info = dict(info)
     info.setdefault("format_version", FORMAT_VERSION)
     info.setdefault("tensors_file", stem.name + ".safetensors")
-    tpath = write_tensors(stem.with_name(stem.name + ".safetensors"), tensors)
+    # the tensors file read alone still says what its numbers mean (the JSON beside it says everything)
+    meaning = {k: str(info[k]) for k in ("kind", "sign_convention", "units") if info.get(k)}
+    tpath = write_tensors(stem.with_name(stem.name + ".safetensors"), tensors, metadata=meaning)
     jpath = write_json(stem.with_name(stem.name + ".json"), info)
     return tpath, jpath
 

@@ -81,7 +81,7 @@ class StageCache:
                                     f"{other} --resume`, or give {name} another --out")
             defaults = _jsonable({"run": to_dict(RunSettings())}) if run is not None else {}
             before = with_new_defaults(kept, now, defaults)
-            changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+            changed = _differing(before, now)
             if changed:
                 raise SettingsError(f"{self.out} holds a pool or model of other settings ({', '.join(changed)} differ); "
                                     "resume with the same run and pool settings, or use another --out")
@@ -122,6 +122,14 @@ class StageCache:
         write_json(path, {"settings": want, "result": result})
         self.done(name)
         return result
+
+
+def _differing(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two JSON records (``run.data.train_tasks``), at most 6 named."""
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return [prefix or "(the record)"] if a != b else []
+    out = [k for key in sorted(set(a) | set(b)) for k in _differing(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else str(key))]
+    return out[:6] + (["…"] if len(out) > 6 else [])
 
 
 def _jsonable(obj: Any) -> Any:

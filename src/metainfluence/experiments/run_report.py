@@ -102,8 +102,16 @@ def report_run_folder(run_dir: str | Path) -> Path:
         paragraphs = [
             f"level {rec.get('level')}, method {_METHOD_WORDS.get(rec.get('method'), rec.get('method'))}, Hessian {infl.get('hessian', '-')}, solver {solver.get('name', '-')} "
             f"(relative residual {num(solver.get('residual'), '.1e')}), damping {infl.get('damping', '-')}; "
-            f"measurement f = {num(rec.get('measurement'), '.4f')}; ‖∇F‖ / mean‖g‖ = {num(st.get('ratio'), '.2g')}.",
+            f"measurement f = {num(rec.get('measurement'), '.4f')}; "
+            + (f"proximal objective P = F + (γ/2)‖λ − λ₀‖² (γ = {num((diag.get('proximal') or {}).get('gamma'), 'g')}): ‖∇P‖ / mean‖g‖ = "
+               f"{num(st.get('ratio'), '.2g')}, F's own ‖∇F‖ / mean‖g‖ = {num((diag.get('stationarity_of_F') or {}).get('ratio'), '.2g')}."
+               if diag.get("proximal") else f"‖∇F‖ / mean‖g‖ = {num(st.get('ratio'), '.2g')}."),
         ]
+        fid = diag.get("fidelity_check")
+        if fid:  # the check the scores carry: re-optimised group removals against the summed scores
+            paragraphs.append(f"Fidelity check: {fid.get('removals_done')} removals of {fid.get('group_size')} tasks re-optimised from λ*: Spearman "
+                              f"{num(fid.get('spearman'), '.2f')}, relative error {num(fid.get('relative_error'), '.2f')}, sign agreement "
+                              f"{num(fid.get('sign_agreement'), '.2f')}.")
         paragraphs += [f"**warning:** {w}" for w in diag.get("warnings", [])]
         if diag.get("coverage"):
             paragraphs.append(f"Coverage: {diag['coverage']}.")

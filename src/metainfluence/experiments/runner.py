@@ -62,23 +62,30 @@ def load_experiment_settings(name: str, config: str | None, quick: bool, sets: d
         if name == "estimates":
             sec = dataclasses.replace(sec, lds_subsets=0, neumann_depths=(10, 100), solvers=("explicit", "cg"),
                                       dampings=(1e-3, 1e-1), lowrank_rank=10)
-    def lay(data: dict, src: str, run, sec, infl):
+    def lay(data: dict, src: str, run, sec, infl, with_run: bool):
         own = data.pop(name, None) or {}
         inf = data.pop("influence", None) or {}
         for other in EXPERIMENTS:
             data.pop(other, None)
-        if not quick:  # --quick keeps its small run but takes the experiment's own settings
+        if with_run:
             run = apply_overrides(run, data, source=src)
         return run, apply_overrides(sec, own, source=src), apply_overrides(infl, inf, source=src)
 
     if sets:  # a misspelt --set is named as such, not blamed on the config file
-        lay(merge_config({}, sets), "--set", run, sec, infl)
+        lay(merge_config({}, sets), "--set", run, sec, infl, True)
     if config is not None or sets:
         file_data = read_config_file(config) if config is not None else {}
         if config is not None and name not in file_data and not quick:
             warnings.warn(f"config {config} has no [{name}] section, so the {name} experiment runs with its default settings "
                           f"(docs/experiments.md); use a configs/{name}_*.toml file, or add the section", stacklevel=2)
-        run, sec, infl = lay(merge_config(file_data, sets or {}), f"config {config}" if config is not None else "--set", run, sec, infl)
+        ignored = sorted(k for k in file_data if k not in (name, "influence", *EXPERIMENTS)) if quick else []
+        if ignored:
+            warnings.warn(f"--quick keeps its own small run: the [{'], ['.join(ignored)}] section(s) of {config} are not used "
+                          "(--set KEY=VALUE changes the quick run; drop --quick to run the config's)", stacklevel=2)
+        # --quick keeps its small run but takes the experiment's own settings, and the --set keys over both
+        run, sec, infl = lay(merge_config(file_data, sets or {}), f"config {config}" if config is not None else "--set", run, sec, infl, not quick)
+        if quick and sets:
+            run = lay(merge_config({}, sets), "--set", run, sec, infl, True)[0]
     run.validate()
     # pcg / curvature without a file: the experiment fits one at its own λ* (experiments/common.py)
     fitted_here = infl.solver in ("pcg", "curvature") and not infl.curvature_file

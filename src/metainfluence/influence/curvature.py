@@ -95,8 +95,12 @@ class CurvatureArtifact:
         if preconditioner and any(curvature_fingerprint(op, ignore_weights=True, as_kind=kind) == self.pool_fingerprint for kind in (None, fitted)):
             return False
         if fitted["hessian"] != op.kind:  # the common slip: a file fitted against one kind, scores asked of another
+            # only positive semi-definite kinds can be fitted: an exact (or gamma) Hessian is served by --solver pcg
+            refit = (f"or fit it again with `metainfluence curvature ... --hessian {op.kind}`" if op.kind in ("gauss-newton", "fisher") else
+                     f"or keep --hessian {op.kind} with --solver pcg (exact CG, this file as its preconditioner) — a {op.kind} Hessian "
+                     "cannot be fitted, not being positive semi-definite")
             raise CheckpointError(f"the curvature file was fitted against the {fitted['hessian']} total Hessian, not {op.kind}: use "
-                                  f"--hessian {fitted['hessian']}, or fit it again with `metainfluence curvature ... --hessian {op.kind}`")
+                                  f"--hessian {fitted['hessian']}, {refit}")
         if op.kind == "fisher" and (fitted["fisher_samples"], fitted["seed"]) != (op.fisher_samples, op.seed):
             # the same λ and pool with other draws is the common slip (the command's default samples differ from a recipe's)
             as_fitted = {"hessian": "fisher", "fisher_samples": fitted["fisher_samples"], "seed": fitted["seed"]}

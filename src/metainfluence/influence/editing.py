@@ -294,8 +294,8 @@ def edit_model(
         # the edit's own curvature when it is exact or Gauss–Newton (GN stays PSD where the exact
         # Hessian of a non-convex reduced objective makes CG fail); exact otherwise, if the problem has it
         kind = settings.hessian if settings.hessian in ("exact", "gauss-newton") else "exact"
-        if kind == "exact" and (problem.inner.kind != "unrolled" or problem.inner.first_order):
-            kind = "gauss-newton"
+        if kind == "exact" and (problem.inner.kind != "unrolled" or problem.inner.first_order or op.kind == "gauss-newton"):
+            kind = "gauss-newton"  # (the last: the edit itself fell back, the exact H_R being indefinite at λ*)
         # the structured woodbury solver needs the fisher kind, and a curvature file belongs to λ*, not to the
         # λ the steps move through: those steps use plain CG on their own kind (tried: λ*'s curvature as pcg's
         # preconditioner there saved iterations at large damping but slowed tight solves at small damping)
@@ -304,7 +304,19 @@ def edit_model(
         for _ in range(newton_steps):
             g = gradient(lam_edit)
             op_r = TotalHessian(problem, lam_edit, pool, kind, w=w, v=v, u=u)
-            solved = ihvp(op_r, g, newton_settings)
+            try:
+                solved = ihvp(op_r, g, newton_settings)
+            except DivergenceError as exc:
+                if kind != "exact":
+                    raise
+                # the exact H_R is indefinite here too: its positive semi-definite Gauss–Newton part for this and the later steps
+                kind = "gauss-newton"
+                message = (f"the exact Hessian of the reduced objective is indefinite at a Newton step ({' '.join(str(exc).split())[:80]}…); "
+                           "the Newton steps use its Gauss–Newton Hessian from there")
+                diag.setdefault("warnings", []).append(message)
+                warnings.warn(message, stacklevel=caller_level())
+                op_r = TotalHessian(problem, lam_edit, pool, kind, w=w, v=v, u=u)
+                solved = ihvp(op_r, g, newton_settings)
             direction, fallback = descent_direction(g, solved.x, op_r, settings.damping)
             # backtracking (Armijo) on F(λ; w_R): a full step can overshoot where F is far from quadratic
             f0 = objective(lam_edit)
@@ -317,6 +329,7 @@ def edit_model(
             diag["newton"].append({"grad_norm_before": float(g.norm()), "residual": solved.residual, "iterations": solved.iterations, "step": t,
                                    "gradient_fallback": fallback})
         diag["newton_final_grad_norm"] = float(gradient(lam_edit).norm())
+        diag["newton_hessian"] = kind
     diag["seconds"] = time.perf_counter() - t0
     return EditResult(lam=lam_edit, delta=lam_edit - lam, diagnostics=diag)
 

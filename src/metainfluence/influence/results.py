@@ -23,6 +23,14 @@ SIGN_CONVENTION = (
     "loss, i.e. the item HARMS. Harmful-first ranking sorts scores ascending."
 )
 
+# the two baselines that predict no change: their files say what their scores are instead
+BASELINE_MEANINGS = {
+    "loss": ("score = minus the item's query loss after adaptation: a suspicion score, not a predicted change (the highest-loss "
+             "items score lowest and rank first). Harmful-first ranking sorts scores ascending.", "minus the query loss (loss units)"),
+    "random": ("score = a random number (the chance baseline): only its order means anything, and nothing about the item. "
+               "Harmful-first ranking sorts scores ascending.", "none (random)"),
+}
+
 METHODS = ("task-if", "direct-if", "tracin", "trak", "ekfac-if", "loss", "random")
 SUPPORT_METHODS = ("unrolled", "two-stage")
 CURVATURE_METHODS = ("nystrom", "ekfac", "fisher", "gn-factor")  # kinds of a fitted curvature file (influence/curvature.py)
@@ -164,8 +172,8 @@ class InfluenceResult:
             "kind": "metainfluence.influence",
             "level": self.level,
             "method": self.method,
-            "sign_convention": SIGN_CONVENTION,
-            "units": "change of the measurement (loss units) per removed item" if self.method != "loss" else "minus the task's query loss (a suspicion score, not a change)",
+            "sign_convention": BASELINE_MEANINGS.get(self.method, (SIGN_CONVENTION,))[0],
+            "units": BASELINE_MEANINGS.get(self.method, (None, "change of the measurement (loss units) per removed item"))[1],
             "measurement": self.measurement,
             "pool_fingerprint": pool_fingerprint,
             "settings": self.settings,

@@ -112,6 +112,11 @@ def check_model(model: nn.Module, dim: int) -> None:
                       "(benchmarks/batchnorm_derivatives.py): Hessian products through the inner step will be off; "
                       "build the norm with metainfluence.meta.models.TaskBatchNorm (the same function and parameter names)",
                       UserWarning, stacklevel=3)
+    if any(type(m) is nn.LayerNorm for m in model.modules()):
+        warnings.warn("the model holds torch's native nn.LayerNorm, whose derivatives beyond second order are wrong (as batch norm's): "
+                      "exact Hessian products through the inner step will be off (gradients, and the gauss-newton and fisher kinds, are "
+                      "not affected); build it with metainfluence.meta.models.PlainLayerNorm (the same function and parameter names)",
+                      UserWarning, stacklevel=3)
 
 
 def check_model_modes(model: nn.Module) -> None:

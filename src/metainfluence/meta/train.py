@@ -178,6 +178,24 @@ def _same_problem(ckpt: Checkpoint, problem: MetaProblem) -> None:
                                   f"settings, or train afresh into another output folder")
 
 
+def resumable_checkpoint(resume: str | os.PathLike | Checkpoint, problem: MetaProblem, pool_tensors: TaskTensors,
+                         settings: TrainSettings) -> Checkpoint:
+    """The checkpoint ``resume``, refused unless meta_train can continue it on this problem, pool and training
+    settings (callers check before they write anything of the new run)."""
+    ckpt = resume if isinstance(resume, Checkpoint) else load_checkpoint(resume, expected_problem=problem, expected_pool=pool_tensors)
+    needed = {"adam.exp_avg", "adam.exp_avg_sq", "adam.step", "sampler"}
+    if not needed <= set(ckpt.state):
+        raise CheckpointError(f"checkpoint {ckpt.path} holds no optimiser state to resume from; resume from a checkpoint written by meta_train")
+    saved = (ckpt.settings or {}).get("train", {})
+    # a cosine schedule is a function of the step and of its length, so the length must match too
+    keys = ("meta_batch", "lr", "lr_schedule", "seed", "dtype") + (("steps",) if settings.lr_schedule == "cosine" else ())
+    for key in keys:
+        if key in saved and saved[key] != getattr(settings, key):
+            raise CheckpointError(f"cannot resume: the checkpoint was trained with {key}={saved[key]!r}, not {getattr(settings, key)!r}; use the same training settings")
+    _same_problem(ckpt, problem)
+    return ckpt
+
+
 def meta_train(
     problem: MetaProblem,
     lam0: torch.Tensor,
@@ -245,17 +263,7 @@ def meta_train(
     all_settings = {**to_dict(dict(run_settings or {})), "train": to_dict(settings)}
 
     if resume is not None:
-        ckpt = resume if isinstance(resume, Checkpoint) else load_checkpoint(resume, expected_problem=problem, expected_pool=pool_tensors)
-        needed = {"adam.exp_avg", "adam.exp_avg_sq", "adam.step", "sampler"}
-        if not needed <= set(ckpt.state):
-            raise CheckpointError(f"checkpoint {ckpt.path} holds no optimiser state to resume from; resume from a checkpoint written by meta_train")
-        saved = (ckpt.settings or {}).get("train", {})
-        # a cosine schedule is a function of the step and of its length, so the length must match too
-        keys = ("meta_batch", "lr", "lr_schedule", "seed", "dtype") + (("steps",) if settings.lr_schedule == "cosine" else ())
-        for key in keys:
-            if key in saved and saved[key] != getattr(settings, key):
-                raise CheckpointError(f"cannot resume: the checkpoint was trained with {key}={saved[key]!r}, not {getattr(settings, key)!r}; use the same training settings")
-        _same_problem(ckpt, problem)
+        ckpt = resumable_checkpoint(resume, problem, pool_tensors, settings)
         with torch.no_grad():
             lam.copy_(ckpt.lam.to(dtype))
         optimizer.state[lam] = {

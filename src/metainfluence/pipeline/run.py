@@ -79,9 +79,10 @@ class RunContext:
         problem = build_problem(settings, dataset)
         out_path = Path(out) if out is not None else None
         ctx = cls(settings, dataset, pools, {}, problem, out_path)
+        # the pools' images are decoded before their files are written: an unreadable image leaves no pools behind
+        ctx.tensors, ctx.standardization = pool_tensors(pools, dataset, settings.data)
         if out_path is not None and save_pools:
             ctx.save_pools()
-        ctx.tensors, ctx.standardization = pool_tensors(pools, dataset, settings.data)
         for name, pool in pools.items():
             log(f"{name} pool: {pool.summary()}")
         return ctx

@@ -22,7 +22,7 @@ from ..influence import Removal, edit_model, instance_influence, pairwise_influe
 from ..io import write_json
 from ..meta.evaluate import EvalResult, evaluate, interval95
 from ..meta.refine import RefineReport, refine
-from ..meta.train import TrainHistory, meta_train
+from ..meta.train import TrainHistory, meta_train, resumable_checkpoint
 from .describe import coverage
 from .guard import RunLock, check_name, check_writable, claim_run_folder
 from .proximal import ANCHOR, proximal_of, proximal_settings, record_proximal
@@ -33,7 +33,7 @@ Log = Callable[[str], None]
 
 
 # --------------------------------------------------------------------------- stages
-def train_stage(ctx: RunContext, progress: bool = True, resume: str | os.PathLike | None = None) -> tuple[torch.Tensor, TrainHistory, Path | None]:
+def train_stage(ctx: RunContext, progress: bool = True, resume: str | os.PathLike | Any = None) -> tuple[torch.Tensor, TrainHistory, Path | None]:
     """Meta-train on the train pool; writes ``out/trained`` (checkpoint) when the context has a folder."""
     s = ctx.settings
     lam0 = ctx.problem.init_params(torch.float32)
@@ -103,6 +103,9 @@ def removal_from_task_ids(ctx: RunContext, remove_tasks: str) -> Removal:
         wanted = [int(x) for x in remove_tasks.split(",") if x.strip()]
     except ValueError:
         raise SettingsError(f"--remove-tasks takes comma-separated integers, got {remove_tasks!r}") from None
+    twice = sorted({t for t in wanted if wanted.count(t) > 1})
+    if twice:
+        raise SettingsError(f"--remove-tasks lists task id {twice[0]} more than once; list each task once")
     missing = [t for t in wanted if t not in ids]
     if missing or not wanted:
         raise SettingsError(f"task id {missing[0] if missing else '(none)'} is not in the training pool of {len(ids)} tasks; use ids 0..{len(ids) - 1}")
@@ -125,7 +128,10 @@ def train_run(settings: RunSettings, out: str | os.PathLike, resume: bool = Fals
     settings.validate()  # sizes and settings are refused before the folder is touched
     claim_run_folder(out, resume=resume, force=force)
     with RunLock(out):
-        ctx = RunContext.prepare(settings, out, log=log)
+        ctx = RunContext.prepare(settings, out, log=log, save_pools=resume_from is None)
+        if resume_from is not None:  # refused (another pool, model or training settings) before the run's files are touched
+            resume_from = resumable_checkpoint(resume_from, ctx.problem, ctx.tensors["train"], settings.train)
+            ctx.save_pools()
         ctx.write_settings()
         lam, history, _ = train_stage(ctx, progress=progress, resume=resume_from)
         results = evaluate_stage(ctx, lam, ("val", "test"))
@@ -261,7 +267,7 @@ def influence_checkpoint(checkpoint: str | os.PathLike, settings: Any, level: st
             shortfall(result.diagnostics, f"the fidelity check's predicted changes are {fid['relative_error']:.2f} off the re-optimised ones (relative "
                                           f"error over {fid['removals_done']} group removals): read the scores as a ranking, not as the size of a "
                                           "removal's effect (first-order sums drift for groups; --removal newton predicts single removals better)")
-    if level != "pairwise":
+    if level in ("support", "query") or (level == "task" and settings.method in ("task-if", "direct-if", "ekfac-if")):  # predicted changes only
         overfit_notice(ckpt.info.get("refine_report"), result, checked=bool(check is not None and check.removals))
     if level in ("support", "query") and ctx.dataset is not None:
         result.diagnostics["coverage"] = coverage(ctx.pools["train"], ctx.dataset, level)
@@ -353,8 +359,11 @@ def scores_settings(scores: str | os.PathLike, base: Any) -> Any:
 
 def _resume_iterate(ctx: RunContext, resume: str | os.PathLike, settings: Any, level: str, log: Log) -> torch.Tensor:
     """The iterate s of an earlier task-level result of this pool and method (refused otherwise)."""
+    if level != "task":
+        raise SettingsError(f"--resume continues the solve of task-level scores; this run asks for --level {level}, whose scores have no "
+                            "solve to continue: drop --resume (or score --level task)")
     prior = ctx.load_scores(resume)  # refuses a file of another pool
-    if prior.level != "task" or level != "task" or "s" not in prior.extra:
+    if prior.level != "task" or "s" not in prior.extra:
         raise SettingsError(f"--resume {resume}: only a task-level task-if/direct-if result holds a solve to continue (it has level "
                             f"{prior.level!r}, method {prior.method!r}); drop --resume")
     if prior.method != settings.method:
@@ -428,6 +437,8 @@ def curvature_checkpoint(checkpoint: str | os.PathLike, settings: Any, out: str 
     ctx, ckpt = RunContext.from_checkpoint(checkpoint, splits=("train",), overrides=overrides)
     log(f"train pool: {ctx.pools['train'].summary()}")
     lam = ckpt.lam.double()
+    # a proximal checkpoint's scores and edits solve at δ + γ: the probes' reference damping is that one
+    _, settings = _with_proximal(ckpt, settings, log)
     art = fit_curvature(ctx.problem, lam, ctx.tensors["train"].to(dtype=lam.dtype), settings, rank=rank, oversample=oversample, probes=probes,
                         method=method, max_tasks=max_tasks, max_rank=max_rank)
     with RunLock(stem.parent):

@@ -78,8 +78,12 @@ def build_pool(
     per_class = [dataset.examples_of(int(c), split).numpy() for c in classes]
     smallest = min(len(e) for e in per_class)
     if k_shot + q_query > smallest:
+        small = [c for c, e in zip(classes.tolist(), per_class) if len(e) < k_shot + q_query]
+        names = getattr(dataset, "class_names", None) or [str(c) for c in range(dataset.num_classes)]
+        which = ", ".join(str(names[c]) for c in small[:3]) + (f" and {len(small) - 3} more" if len(small) > 3 else "")
         raise PoolError(
-            f"k_shot + q_query = {k_shot + q_query} is larger than the {smallest} examples of the smallest class in the {split!r} split of {dataset.name}; "
+            f"k_shot + q_query = {k_shot + q_query} is larger than the {smallest} examples of the smallest class in the {split!r} split of {dataset.name} "
+            f"({len(small)} class{'es' if len(small) > 1 else ''} too small: {which}); "
             + ("lower --k-shot or --q-query" if split == "train" else f"lower --eval-q-query (queries per class of the val/test pools; at most {smallest - k_shot} here) or --k-shot")
         )
     entropy = _hash_entropy(KIND, dataset.fingerprint, split, n_way, k_shot, q_query, seed)
