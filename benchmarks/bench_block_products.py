@@ -40,7 +40,8 @@ def main() -> None:
     V = torch.randn(lam.numel(), args.columns, generator=torch.Generator().manual_seed(0), dtype=lam.dtype)
     chunk = ctx.problem.chunk_size or ctx.problem.auto_chunk(lam, train)
     out: dict = {"checkpoint": args.checkpoint, "hessian": args.hessian, "tasks": len(train), "params": lam.numel(),
-                 "columns": args.columns, "task_chunk": chunk, "task_chunk_divided": max(1, chunk // args.columns)}
+                 "columns": args.columns, "task_chunk": chunk,
+                 "task_chunk_divided": max(1, chunk // args.columns) if ctx.problem.chunk_size else ctx.problem.auto_chunk(lam, train, args.columns)}
 
     op.matvec(V[:, 0])  # warm-up
     t = time.perf_counter()

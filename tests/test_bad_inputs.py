@@ -876,3 +876,15 @@ def test_nothing_a_user_hands_in_is_unpickled():
     assert len(files) > 20
     found = [f for path in files for f in unpickling_sites(path.read_text(), str(path.relative_to(src.parent)))]
     assert found == [], "\n".join(found)
+
+
+def test_a_run_folder_given_as_a_checkpoint_names_its_checkpoints(tmp_path):
+    from metainfluence.cli import main
+    from metainfluence.errors import CheckpointError
+    from metainfluence.meta.checkpoint import load_checkpoint
+
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--train-tasks", "8", "--val-tasks", "4", "--test-tasks", "4", "--steps", "2",
+                 "--meta-batch", "2", "--model-hidden", "8", "--no-progress"]) == 0
+    with pytest.raises(CheckpointError, match=rf"{out} is a folder, not a checkpoint; give one of its checkpoints: {out / 'trained'}$"):
+        load_checkpoint(out)

@@ -468,3 +468,20 @@ def test_a_class_with_too_few_images_for_the_tasks_is_named(tmp_path):
     split = next(s for s in SPLITS if ds.class_names.index("class02") in ds.classes(s))
     with pytest.raises(PoolError, match=r"\(1 class too small: class02\)"):
         build_pool(ds, split, 2, 1, 1, 2, seed=0)
+
+
+def test_grey_palette_images_count_as_grey(tmp_path):
+    from metainfluence.data import load_image_folder
+
+    root = tmp_path / "palette"
+    files = make_folder(root, classes=8, per_class=4)
+    for f in files:  # a palette of greys (as some tools save grey PNGs): still one channel, the same pixels
+        Image.open(f).convert("P").save(f)
+    assert Image.open(files[0]).mode == "P"
+    ds = load_image_folder(root, image_size=8)
+    assert ds.image_shape == (1, 8, 8)
+    as_l = tmp_path / "as-l"
+    for f in files:
+        (as_l / f.parent.name).mkdir(parents=True, exist_ok=True)
+        Image.open(f).convert("L").save(as_l / f.parent.name / f.name)
+    torch.testing.assert_close(ds.load(np.arange(8)), load_image_folder(as_l, image_size=8).load(np.arange(8)), rtol=0, atol=0)

@@ -153,6 +153,14 @@ def _check_options(image_size: object, color: str, resample: str) -> str:
     return key
 
 
+def _grey_palette(im: Image.Image) -> bool:
+    """A palette image whose every entry is grey (r = g = b): grey, though its mode is not."""
+    if im.mode not in ("P", "PA"):
+        return False
+    pal = im.getpalette() or []
+    return all(pal[i] == pal[i + 1] == pal[i + 2] for i in range(0, len(pal) - 2, 3))
+
+
 def _colour_files(paths: list[Path]) -> list[Path]:
     """The colour (not single-channel) images among ``paths``, from the headers only (Image.open
     decodes no pixels); every unreadable file is named in one DataError."""
@@ -161,7 +169,7 @@ def _colour_files(paths: list[Path]) -> list[Path]:
     for path in paths:
         try:
             with Image.open(path) as im:
-                if im.mode not in GREY_MODES:
+                if im.mode not in GREY_MODES and not _grey_palette(im):
                     colour.append(path)
         except DECODE_ERRORS as exc:
             failures[path] = exc

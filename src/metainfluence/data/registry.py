@@ -69,6 +69,7 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, **options: An
             raise DataError(f"dataset {key!r} needs its files: pass --data-root or set METAINFLUENCE_DATA to the data folder")
         root = Path(root).expanduser()
         if not root.is_dir():
-            raise DataError(f"data root {root} does not exist; pass --data-root or set METAINFLUENCE_DATA to an existing folder")
+            what = "is a file, not a folder" if root.is_file() else "does not exist"
+            raise DataError(f"data root {root.absolute()} {what}; pass --data-root or set METAINFLUENCE_DATA to an existing folder")
         return loader(root, **fixed, **options)
     return loader(**fixed, **options)

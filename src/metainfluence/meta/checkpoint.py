@@ -224,6 +224,10 @@ def read_checkpoint_record(path: str | os.PathLike) -> dict:
     stem = _stem(path)
     tpath = stem.with_name(stem.name + ".safetensors")
     if not tpath.is_file():
+        if stem.is_dir():  # a run folder given for a checkpoint: name the checkpoints it holds
+            held = sorted(p.stem for p in stem.glob("*.json") if '"param_spec"' in p.read_text(errors="replace"))  # scores files have none
+            raise CheckpointError(f"{stem} is a folder, not a checkpoint; give one of its checkpoints"
+                                  + (f": {', '.join(str(stem / h) for h in held[:6])}" if held else " (it holds none)"))
         raise CheckpointError(f"checkpoint {tpath} does not exist; check the path (give the stem, .json or .safetensors)")
     try:
         with open(tpath, "rb") as fh:

@@ -226,14 +226,13 @@ class TotalHessian:
 
     @contextlib.contextmanager
     def _tasks_per_chunk_for(self, columns: int):
-        """Each vmapped direction multiplies a task chunk's memory: a block of ``columns`` takes 1/columns of the
-        tasks a chunk of one product does, so that it fits the same memory (unbounded, 16 Conv4 directions over
-        100-task chunks spent their time allocating and ran slower per direction than single products:
-        benchmarks/bench_block_products.py)."""
+        """Each vmapped direction multiplies a task chunk's memory: a block of ``columns`` takes 1/columns of a set
+        chunk size, or as many tasks as the memory budget holds ``columns`` times over (a small pool: all at once), so
+        that it fits the memory of one product's chunk (unbounded, 16 Conv4 directions over 100-task chunks spent
+        their time allocating and ran slower per direction than single products: benchmarks/bench_block_products.py)."""
         problem, saved = self.problem, self.problem.chunk_size
         if columns > 1:
-            base = saved or problem.auto_chunk(self._plam, self._ptasks)
-            problem.chunk_size = max(1, base // columns)
+            problem.chunk_size = max(1, saved // columns) if saved else problem.auto_chunk(self._plam, self._ptasks, columns)
         try:
             yield
         finally:

@@ -256,10 +256,11 @@ class MetaProblem:
         for start in range(0, n, step):
             yield slice(start, min(n, start + step))
 
-    def auto_chunk(self, lam: torch.Tensor, tasks: TaskTensors) -> int:
+    def auto_chunk(self, lam: torch.Tensor, tasks: TaskTensors, columns: int = 1) -> int:
         """Tasks per vmapped chunk when ``chunk_size`` is unset: as many as fit ``allocator.chunk_budget_bytes``
-        by the bound of :func:`.inputs.task_bytes` (a whole small pool at once; a few 84×84 tasks a chunk)."""
-        per_task = task_bytes(self, lam, tasks, self._checked(lam, tasks)[0])
+        by the bound of :func:`.inputs.task_bytes` (a whole small pool at once; a few 84×84 tasks a chunk), each
+        task ``columns`` times over (directions vmapped over a chunk)."""
+        per_task = task_bytes(self, lam, tasks, self._checked(lam, tasks)[0]) * columns
         return max(1, min(len(tasks), chunk_budget_bytes(lam.device) // max(1, per_task)))
 
     def _checked(self, lam: torch.Tensor, tasks: TaskTensors) -> tuple[int, tuple[int, ...] | None]:

@@ -314,7 +314,9 @@ def _stationarity_notice(ckpt: Any, settings: Any, log: Log) -> None:
             f"assumes a stationary λ; {remedy}")
 
 
-OVERFIT_RATIO = 5.0  # validation / training query loss above which the scores carry a meta-overfitting warning
+# validation / training query loss above which, with a gap of at least OVERFIT_GAP loss units (near-perfect models have
+# tiny losses whose ratio says little), the scores carry a meta-overfitting warning
+OVERFIT_RATIO, OVERFIT_GAP = 5.0, 0.1
 
 
 def overfit_notice(refine_report: dict | None, result: Any, checked: bool = False) -> None:
@@ -327,8 +329,8 @@ def overfit_notice(refine_report: dict | None, result: Any, checked: bool = Fals
         return  # not refined, or refined by a version that did not record the loss: nothing to compare
     ratio = val_loss / max(train_loss, 1e-12)
     result.diagnostics["generalisation"] = {"train_query_loss": train_loss, "val_query_loss": val_loss, "ratio": ratio,
-                                            "warned_above": OVERFIT_RATIO}
-    if ratio > OVERFIT_RATIO:
+                                            "warned_above": {"ratio": OVERFIT_RATIO, "gap": OVERFIT_GAP}}
+    if ratio > OVERFIT_RATIO and val_loss - train_loss > OVERFIT_GAP:
         shortfall(result.diagnostics, f"the training tasks' mean query loss at λ* is {train_loss:.3g} against {val_loss:.3g} on the validation tasks "
                                       f"({ratio:.0f}×): the meta-learner is overfit, where first-order scores can track leave-one-out poorly "
                                       "(docs/experiments.md §3) — " + ("weigh the fidelity check" if checked else "measure it with --check K")
