@@ -193,6 +193,13 @@ def test_influence_pairwise_writes_the_train_by_val_matrix(demo_run, capsys):
     assert len(info["diagnostics"]["solver"]["residuals"]) == 30
     assert main(["influence", "--checkpoint", str(demo_run / "refined"), "--measurement", "margin"]) == 2
     assert "pairwise only" in capsys.readouterr().err
+    # without --name, the margin matrix gets a name of its own (it overwrote the loss matrix's)
+    assert main(["influence", "--checkpoint", str(demo_run / "refined"), "--level", "pairwise", "--measurement", "margin", "--hessian",
+                 "gauss-newton", "--rhs-chunk", "15", "--cg-block", "15", "--threads", "1"]) == 0
+    assert (demo_run / "influence_pairwise_task-if_margin.json").is_file() and not (demo_run / "influence_pairwise_task-if.json").exists()
+    # an edit of a pairwise matrix names what it is
+    assert main(["edit", "--checkpoint", str(demo_run / "refined"), "--scores", str(demo_run / "pw"), "--top-k", "3", "--out", str(demo_run / "pw_edit")]) == 2
+    assert "pairwise" in capsys.readouterr().err
 
 
 def test_influence_time_budget_says_so_and_resume_continues_to_the_full_answer(demo_run, capsys):

@@ -144,6 +144,8 @@ def test_quick_takes_set_keys_over_its_run_and_says_a_configs_run_sections_are_u
     assert (run.model.kind, run.data.n_way) == ("conv4", 3) and run.data.train_tasks == quick.data.train_tasks  # the rest stays quick
     with pytest.raises(SettingsError, match="--set"):
         load_experiment_settings("detection", None, True, sets={"modle": {"kind": "conv4"}})
+    with pytest.raises(SettingsError, match=r"the detection experiment has no \[removal\] section"):  # was dropped silently
+        load_experiment_settings("detection", None, False, sets={"removal": {"fractoin": 0.3}})
     cfg = tmp_path / "c.toml"
     cfg.write_text('[data]\ntrain_tasks = 5000\n[detection]\nrho_task = 0.3\n')
     with pytest.warns(UserWarning, match=r"--quick keeps its own small run: the \[data\] section"):
@@ -331,8 +333,10 @@ def test_max_minutes_stops_between_saved_stages_and_resume_finishes(tmp_path, ca
     assert len(pieces) == 3 and pieces[-1] == res["timings"]["total_s"] and any("3 pieces" in line for line in lines)
     assert [r["method"] for r in res["edits"]] == ["oracle (true corrupted)"] and "accuracy" not in res["figures"]
     assert report_run(out).is_file()
-    with pytest.raises(SettingsError, match="detection and removal"):
+    with pytest.raises(SettingsError, match="applies to the detection, removal and fidelity"):
         run_experiment("estimates", None, True, str(tmp_path / "est"), log=lambda s: None, max_minutes=1.0)
+    with pytest.raises(SettingsError, match="--resume applies to the detection, removal and fidelity"):  # as the docs say
+        run_experiment("estimates", None, True, str(tmp_path / "est"), log=lambda s: None, resume=True)
 
 
 def test_removal_retrains_over_seeds_and_places_the_edit_in_their_spread(tmp_path):

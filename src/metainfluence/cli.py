@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--quick runs a small variant on the embedded digits / sinusoid data. `metainfluence report OUT` renders the results."))
     ex.add_argument("name", help="detection | removal | estimates | fidelity")
     ex.add_argument("--config", default=None, metavar="FILE", help="experiment config (TOML/YAML/JSON), e.g. configs/detection_mnist.toml")
-    ex.add_argument("--quick", action="store_true", help="small variant (about a minute on 2 CPU cores)")
+    ex.add_argument("--quick", action="store_true", help="small variant (a few minutes on 2 CPU cores: estimates and removal the longest)")
     ex.add_argument("--out", default=None, help="output folder (default: runs/experiment-NAME)")
     ex.add_argument("--resume", action="store_true", help="reuse what an interrupted run of the same settings left in --out (docs/experiments.md); other pools are refused")
     ex.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="lay a setting over the config's, value as in TOML (e.g. --set data.k_shot=5)")

@@ -137,8 +137,9 @@ def run_estimates(run, infl, sec: EstimatesSettings, out: Path, quick: bool, log
                                         removal=removal, stationarity_warn=1.0)
                 try:
                     r, secs = score(s)
-                except Exception as exc:  # e.g. an indefinite reduced Hessian: recorded, not fatal
+                except Exception as exc:  # e.g. an indefinite reduced Hessian: recorded, not fatal, and said
                     removal_rows.append({"hessian": h, "removal": removal, "truth": truth, "damping": d, "error": f"{type(exc).__name__}: {exc}"[:160]})
+                    log(f"  {h} {removal} against {truth}: refused ({' '.join(str(exc).split())[:120]}…); recorded as an error row")
                     continue
                 c = metrics.loo_correlation(r.scores[gt_["tasks"]], gt_["true_delta_f"])
                 ratio = float((r.scores[gt_["tasks"]].abs().sum() / gt_["true_delta_f"].abs().sum().clamp_min(1e-300)))

@@ -60,12 +60,15 @@ def load_experiment_settings(name: str, config: str | None, quick: bool, sets: d
             sec = dataclasses.replace(sec, n_loo=12, n_groups=8, group_fraction=0.2, newton_step=False,
                                       methods=("task-if-fast", "direct-if", "tracin", "loss", "random"))
         if name == "estimates":
+            # no exact-Hessian Newton-step rows: H − H_k/n + δI is indefinite on this pool, found only after a per-task solve each
             sec = dataclasses.replace(sec, lds_subsets=0, neumann_depths=(10, 100), solvers=("explicit", "cg"),
-                                      dampings=(1e-3, 1e-1), lowrank_rank=10)
+                                      dampings=(1e-3, 1e-1), lowrank_rank=10, removal_hessians=("gauss-newton", "fisher"))
     def lay(data: dict, src: str, run, sec, infl, with_run: bool):
         own = data.pop(name, None) or {}
         inf = data.pop("influence", None) or {}
         for other in EXPERIMENTS:
+            if other in data and src == "--set":  # a config file may hold several experiments' sections; a --set means this run
+                raise SettingsError(f"--set {other}.…: the {name} experiment has no [{other}] section; set {name}.KEY (see docs/experiments.md)")
             data.pop(other, None)
         if with_run:
             run = apply_overrides(run, data, source=src)
@@ -154,9 +157,10 @@ def run_experiment(name: str, config: str | None = None, quick: bool = False, ou
     Returns the results dict that is also written to ``out/results.json``."""
     if not (math.isfinite(max_minutes) and max_minutes >= 0):
         raise SettingsError(f"--max-minutes must be ≥ 0 (0: no budget), got {max_minutes}")
-    if max_minutes and name == "estimates":
-        raise SettingsError("--max-minutes applies to the detection and removal experiments; estimates resumes its ground truth unit by unit "
-                            "without it (stop it at any time and run the same command again)")
+    if (max_minutes or resume) and name == "estimates":
+        raise SettingsError(f"--{'max-minutes' if max_minutes else 'resume'} applies to the detection, removal and fidelity experiments; estimates "
+                            "keeps its ground truth unit by unit without it (stop it at any time and run the same command again: the "
+                            "re-optimisations are reused, the scores recomputed)")
     deadline = time.monotonic() + 60 * max_minutes if max_minutes else math.inf
     run, infl, sec = load_experiment_settings(name, config, quick, sets)
     out_p = check_writable(out)  # before any work: a folder it cannot write is one line, not a traceback at the end

@@ -217,7 +217,10 @@ def influence_checkpoint(checkpoint: str | os.PathLike, settings: Any, level: st
                             f"scores; this is {level}-level {settings.method}: run it with --level task --method task-if")
     if check is not None and check.removals and level != "task":  # refused before any scoring too
         raise SettingsError("--check re-optimises groups of tasks; use it with --level task")
-    name = check_name(name or f"influence_{level}_{settings.method}")
+    # the default name tells apart what would otherwise overwrite each other: the margin matrix, two-stage support scores
+    variant = (f"_{measurement}" if level == "pairwise" and measurement not in (None, "loss") else "") + (
+        f"_{settings.support_method}" if level == "support" and settings.support_method != "unrolled" else "")
+    name = check_name(name or f"influence_{level}_{settings.method}{variant}")
     folder = check_writable(out if out else Path(checkpoint).expanduser().parent)
     ctx, ckpt = RunContext.from_checkpoint(checkpoint, splits=("train", "val"), overrides=overrides)
     log(f"train pool: {ctx.pools['train'].summary()}")
