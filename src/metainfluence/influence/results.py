@@ -207,9 +207,11 @@ def read_scores_file(stem: str | Path, kind: str, what: str, info_keys: tuple[st
     computed on another task pool than ``pool_fingerprint``."""
     tensors, info = load_result(stem, what=what)
     if not isinstance(info, dict) or info.get("kind") != kind:
-        if isinstance(info, dict) and str(info.get("kind", "")).startswith("metainfluence."):  # ours, of another kind (a pairwise matrix)
-            raise CheckpointError(f"{stem} holds {info['kind'].split('.', 1)[1]} scores, not a {what}; pass the output of `metainfluence "
-                                  "influence` at --level task, support or query (a pairwise matrix scores task pairs, not items to remove)")
+        if isinstance(info, dict) and info.get("kind") in ("metainfluence.influence", "metainfluence.pairwise"):  # the other scores kind
+            remedy = ("at --level task, support or query (a pairwise matrix scores task pairs, not items to remove)" if kind == "metainfluence.influence"
+                      else "--level pairwise")
+            raise CheckpointError(f"{stem} holds {info['kind'].split('.', 1)[1]} scores, not a metainfluence {what}; pass the output of "
+                                  f"`metainfluence influence` {remedy}")
         raise CheckpointError(f"{stem} is not a metainfluence {what}; pass the output of `metainfluence influence`")
     missing = [k for k in info_keys if k not in info] + [k for k in tensor_keys if k not in tensors]
     if missing:
