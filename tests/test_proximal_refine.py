@@ -324,7 +324,7 @@ def test_scores_compare_the_training_and_validation_losses_and_warn_when_overfit
     the scores set it against the validation loss and warn of meta-overfitting above OVERFIT_RATIO."""
     import warnings
 
-    from metainfluence.pipeline import stages
+    from metainfluence.influence import reliability
 
     out, ctx, ckpt = run
     train = ctx.tensors["train"].to(dtype=torch.float64)
@@ -337,9 +337,9 @@ def test_scores_compare_the_training_and_validation_losses_and_warn_when_overfit
     val = validation_loss(ctx.problem, ckpt.lam.double(), ctx.tensors["val"].to(dtype=torch.float64))
     assert gen["val_query_loss"] == pytest.approx(val, rel=1e-9) and gen["ratio"] == pytest.approx(val / rep["query_loss_after"])
     overfit = [w for w in res.diagnostics.get("warnings", []) if "overfit" in w]
-    assert (gen["ratio"] > stages.OVERFIT_RATIO and gen["val_query_loss"] - gen["train_query_loss"] > stages.OVERFIT_GAP) == bool(overfit)
-    monkeypatch.setattr(stages, "OVERFIT_RATIO", 0.5 * gen["ratio"])  # a run this far apart is warned, with its remedy
-    monkeypatch.setattr(stages, "OVERFIT_GAP", 0.5 * (gen["val_query_loss"] - gen["train_query_loss"]))
+    assert (gen["ratio"] > reliability.OVERFIT_RATIO and gen["val_query_loss"] - gen["train_query_loss"] > reliability.OVERFIT_GAP) == bool(overfit)
+    monkeypatch.setattr(reliability, "OVERFIT_RATIO", 0.5 * gen["ratio"])  # a run this far apart is warned, with its remedy
+    monkeypatch.setattr(reliability, "OVERFIT_GAP", 0.5 * (gen["val_query_loss"] - gen["train_query_loss"]))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         res, _ = influence_checkpoint(out / "refined", s, out=tmp_path, name="b", log=lambda m: None)

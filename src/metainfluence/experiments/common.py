@@ -69,8 +69,8 @@ class StageCache:
     def __init__(self, out: Path, settings: dict[str, Any], resume: bool, pool_keys: tuple[str, ...] = (), log=lambda s: None,
                  deadline: float = math.inf) -> None:
         self.out, self.resume, self.deadline, self.log = Path(out), resume, deadline, log
-        run, section = settings.get("run"), next((v for k, v in settings.items() if k not in ("run", "influence")), {}) or {}
         name = next((k for k in settings if k not in ("run", "influence")), "experiment")
+        run, section = settings.get("run"), settings.get(name) or {}
         now = _jsonable({"run": run, **{k: section.get(k) for k in pool_keys}})
         record = self.out / "stages.json"
         if resume and record.is_file():

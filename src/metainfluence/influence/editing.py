@@ -14,19 +14,18 @@ from __future__ import annotations
 import dataclasses
 import operator
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ..errors import DivergenceError, SettingsError, caller_level
+from ..errors import DivergenceError, SettingsError
 from ..meta.inputs import check_start_lambda
 from ..meta.objective import MetaProblem
 from ..tasks.tensors import TaskTensors
 from .gradients import kept_task_gradients, removed_examples_gradient
 from ..meta.curvature import TotalHessian
-from .results import InfluenceSettings, check_solve
+from .results import InfluenceSettings, check_solve, shortfall
 from .task_if import build_hessian, ihvp
 
 
@@ -171,8 +170,7 @@ def _reduced_solve(problem, lam, pool, settings, rhs, weights, diag):
             raise
         message = (f"the {op.kind} Hessian of the reduced objective is indefinite at λ* ({' '.join(str(exc).split())[:80]}…); "
                    "the edit used its Gauss–Newton Hessian instead (--edit-step full gives the paper's full-pool step)")
-        diag.setdefault("warnings", []).append(message)
-        warnings.warn(message, stacklevel=caller_level())
+        shortfall(diag, message)
         op = build_hessian(problem, lam, pool, settings, kind="gauss-newton", w=w, v=v, u=u)
         solver_settings = settings if settings.solver in ("cg", "explicit", "lowrank", "neumann") else dataclasses.replace(settings, solver="cg")
         return op, ihvp(op, rhs, solver_settings)
@@ -313,8 +311,7 @@ def edit_model(
                 kind = "gauss-newton"
                 message = (f"the exact Hessian of the reduced objective is indefinite at a Newton step ({' '.join(str(exc).split())[:80]}…); "
                            "the Newton steps use its Gauss–Newton Hessian from there")
-                diag.setdefault("warnings", []).append(message)
-                warnings.warn(message, stacklevel=caller_level())
+                shortfall(diag, message)
                 op_r = TotalHessian(problem, lam_edit, pool, kind, w=w, v=v, u=u)
                 solved = ihvp(op_r, g, newton_settings)
             direction, fallback = descent_direction(g, solved.x, op_r, settings.damping)

@@ -143,3 +143,26 @@ def reliability_warning(rec: dict[str, Any]) -> str | None:
     return (f"task-IF's scores depend on which validation tasks were drawn: their split-half reliability is {r:.2f} (the expected "
             f"correlation with the scores against another {m} tasks), below {target:g}; {more} — tasks from more classes, as "
             "more tasks resampling the same few classes help less")
+
+
+# validation / training query loss above which, with a gap of at least OVERFIT_GAP loss units (near-perfect models have
+# tiny losses whose ratio says little), the scores carry a meta-overfitting warning
+OVERFIT_RATIO, OVERFIT_GAP = 5.0, 0.1
+
+
+def overfit_notice(refine_report: dict | None, result: Any, checked: bool = False) -> None:
+    """The training tasks' query loss (a refine report's, as JSON) against the validation tasks' (the scores'
+    measurement): far apart, the meta-learner is overfit, where first-order scores track leave-one-out poorly
+    (docs/experiments.md §3). ``checked``: the scores carry a fidelity check, which the warning points at."""
+    train_loss = float((refine_report or {}).get("query_loss_after", float("nan")))
+    val_loss = float(result.measurement)
+    if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+        return  # not refined, or refined by a version that did not record the loss: nothing to compare
+    ratio = val_loss / max(train_loss, 1e-12)
+    result.diagnostics["generalisation"] = {"train_query_loss": train_loss, "val_query_loss": val_loss, "ratio": ratio,
+                                            "warned_above": {"ratio": OVERFIT_RATIO, "gap": OVERFIT_GAP}}
+    if ratio > OVERFIT_RATIO and val_loss - train_loss > OVERFIT_GAP:
+        shortfall(result.diagnostics, f"the training tasks' mean query loss at λ* is {train_loss:.3g} against {val_loss:.3g} on the validation tasks "
+                                      f"({ratio:.0f}×): the meta-learner is overfit, where first-order scores can track leave-one-out poorly "
+                                      "(docs/experiments.md §3) — " + ("weigh the fidelity check" if checked else "measure it with --check K")
+                                      + "; --hessian gauss-newton --removal newton on a proximal refine (--refine-proximal) held up best there")

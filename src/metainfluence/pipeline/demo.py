@@ -17,13 +17,13 @@ from ..errors import DivergenceError
 from ..evaluation.metrics import detection_auc, recall_at
 from ..influence import InfluenceSettings
 from ..influence.gradients import reusing_measurement_gradients
-from ..influence.reliability import halves_of, measurement_reliability, record_reliability
+from ..influence.reliability import halves_of, measurement_reliability, overfit_notice, record_reliability
 from ..linalg import SolverSettings
 from ..meta.evaluate import EvalResult
 from .run import RunContext
 from .settings import RunSettings
 from .proximal import ANCHOR, proximal_settings
-from .stages import edit_stage, evals_json, evaluate_stage, influence_stage, overfit_notice, refine_stage, removal_from_scores, train_stage
+from .stages import edit_stage, evals_json, evaluate_stage, influence_stage, refine_stage, removal_from_scores, train_stage
 
 
 def demo_settings() -> RunSettings:

@@ -4,7 +4,6 @@ report through ``log``; the CLI prints what they return."""
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ from ..config import to_dict
 from ..errors import SettingsError
 from ..evaluation.fidelity import CheckSettings, fidelity_check
 from ..influence.gradients import reusing_measurement_gradients
-from ..influence.reliability import halves_of, measurement_reliability, record_reliability
+from ..influence.reliability import halves_of, measurement_reliability, overfit_notice, record_reliability
 from ..influence.results import shortfall
 from ..influence import Removal, edit_model, instance_influence, pairwise_influence, task_influence
 from ..io import write_json
@@ -315,29 +314,6 @@ def _stationarity_notice(ckpt: Any, settings: Any, log: Log) -> None:
                       "or use the positive semi-definite --hessian fisher --solver woodbury")
         log(f"warning: this checkpoint's refine stopped at ‖∇F‖ / mean‖g_i‖ = {ratio:.2g} (above {settings.stationarity_warn:g}): influence "
             f"assumes a stationary λ; {remedy}")
-
-
-# validation / training query loss above which, with a gap of at least OVERFIT_GAP loss units (near-perfect models have
-# tiny losses whose ratio says little), the scores carry a meta-overfitting warning
-OVERFIT_RATIO, OVERFIT_GAP = 5.0, 0.1
-
-
-def overfit_notice(refine_report: dict | None, result: Any, checked: bool = False) -> None:
-    """The training tasks' query loss (a refine report's, as JSON) against the validation tasks' (the scores'
-    measurement): far apart, the meta-learner is overfit, where first-order scores track leave-one-out poorly
-    (docs/experiments.md §3). ``checked``: the scores carry a fidelity check, which the warning points at."""
-    train_loss = float((refine_report or {}).get("query_loss_after", float("nan")))
-    val_loss = float(result.measurement)
-    if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
-        return  # not refined, or refined by a version that did not record the loss: nothing to compare
-    ratio = val_loss / max(train_loss, 1e-12)
-    result.diagnostics["generalisation"] = {"train_query_loss": train_loss, "val_query_loss": val_loss, "ratio": ratio,
-                                            "warned_above": {"ratio": OVERFIT_RATIO, "gap": OVERFIT_GAP}}
-    if ratio > OVERFIT_RATIO and val_loss - train_loss > OVERFIT_GAP:
-        shortfall(result.diagnostics, f"the training tasks' mean query loss at λ* is {train_loss:.3g} against {val_loss:.3g} on the validation tasks "
-                                      f"({ratio:.0f}×): the meta-learner is overfit, where first-order scores can track leave-one-out poorly "
-                                      "(docs/experiments.md §3) — " + ("weigh the fidelity check" if checked else "measure it with --check K")
-                                      + "; --hessian gauss-newton --removal newton on a proximal refine (--refine-proximal) held up best there")
 
 
 def scores_settings(scores: str | os.PathLike, base: Any) -> Any:

@@ -14,6 +14,10 @@ import torch
 from ..errors import PoolError
 
 
+_RAGGED = ("every task needs the same number of support examples and of query examples (a pool is one tensor each): "
+           "draw tasks of one size, or put the tasks of each size in a pool of their own")
+
+
 @dataclass
 class TaskTensors:
     """Stacked tasks. ``support_x``: (n, |S|, ...), ``support_y``: (n, |S|) (or (n, |S|, d) for regression),
@@ -27,13 +31,11 @@ class TaskTensors:
     def __post_init__(self) -> None:
         for name in ("support_x", "support_y", "query_x", "query_y"):
             t = getattr(self, name)
-            ragged = ("every task needs the same number of support examples and of query examples (a pool is one tensor each): "
-                      "draw tasks of one size, or put the tasks of each size in a pool of their own")
             if isinstance(t, torch.Tensor) and t.is_nested:
-                raise PoolError(f"{name} is a nested tensor; {ragged}")
+                raise PoolError(f"{name} is a nested tensor; {_RAGGED}")
             if isinstance(t, (list, tuple)) and t and all(isinstance(x, torch.Tensor) for x in t):
                 if len({tuple(x.shape) for x in t}) > 1:  # one task per entry, of different sizes
-                    raise PoolError(f"{name} is a list of per-task tensors of shapes {sorted({tuple(x.shape) for x in t})[:3]}; {ragged}")
+                    raise PoolError(f"{name} is a list of per-task tensors of shapes {sorted({tuple(x.shape) for x in t})[:3]}; {_RAGGED}")
                 t = torch.stack(list(t))
                 setattr(self, name, t)
             if not isinstance(t, torch.Tensor):  # numpy arrays and nested lists, as a user's data often comes
@@ -41,7 +43,7 @@ class TaskTensors:
                     setattr(self, name, torch.as_tensor(t))
                 except (TypeError, ValueError, RuntimeError) as exc:
                     raise PoolError(f"{name} is a {type(t).__name__} that is not a tensor or an array of numbers ({exc}); pass torch tensors, "
-                                    f"one per pool (if its tasks differ in size: {ragged})") from None
+                                    f"one per pool (if its tasks differ in size: {_RAGGED})") from None
         for name in ("support_x", "support_y", "query_x", "query_y"):
             if getattr(self, name).dim() < 2:
                 raise PoolError(f"{name} has shape {tuple(getattr(self, name).shape)}; every tensor is (tasks × examples × ...), "
