@@ -53,3 +53,17 @@ def curvature_problem():
     """(problem, λ, train, val) of the curvature tests: a 1-step tanh MLP, 12 training and 4 validation tasks."""
     problem, lam = small_problem(steps=1, lr=0.3, hidden=(6,), weight_decay=1e-2)
     return problem, lam, random_tasks(n=12, seed=3), random_tasks(n=4, seed=4)
+
+
+def check_report(out, names):
+    """An experiment's report renders: each of ``names`` in report.md, the figures embedded in report.html, the sign stated."""
+    from metainfluence.experiments import report_run
+
+    md_path = report_run(out)
+    md = md_path.read_text()
+    html = (out / "report.html").read_text()
+    for name in names:
+        assert name in md, name
+    assert "data:image/png;base64," in html
+    assert "harms" in md  # sign convention stated
+    return md

@@ -301,3 +301,35 @@ def test_an_experiment_refuses_an_out_it_cannot_write_before_any_work(tmp_path, 
     assert main(["experiment", "detection", "--quick", "--out", str(blocker)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is a file, not a folder" in err[0]
+
+
+def test_a_failed_train_leaves_no_empty_out_folder_and_never_removes_one_that_existed(tmp_path, capsys):
+    missing = tmp_path / "no-such-data"
+    out = tmp_path / "runs" / "new"
+    assert main(["train", "--dataset", "omniglot", "--data-root", str(missing), "--out", str(out), *TINY]) == 2
+    assert "error:" in capsys.readouterr().err and not out.exists()
+    kept = tmp_path / "mine"
+    kept.mkdir()
+    assert main(["train", "--dataset", "omniglot", "--data-root", str(missing), "--out", str(kept), *TINY]) == 2
+    assert kept.is_dir()
+    exp = tmp_path / "runs" / "exp"
+    assert main(["experiment", "detection", "--quick", "--set", "data.dataset=omniglot", "--data-root", str(missing), "--out", str(exp)]) == 2
+    assert "error:" in capsys.readouterr().err and not exp.exists()
+
+
+def test_experiment_warnings_name_set_keys_where_the_library_names_flags():
+    from metainfluence.config import flags_as_set_keys
+    from metainfluence.influence import InfluenceSettings
+
+    parts = ((InfluenceSettings, "influence."), (RunSettings, ""))
+    said = ("raise --max-iter (now 300) or --damping (now 0.001); use --hessian fisher --solver woodbury, or raise --lissa-batch or "
+            "--lissa-repeats; --fisher-samples 2 --seed 0; --refine-method newton; pass --resume, --set data.k_shot=5; raise --refine-max-iter — it")
+    assert flags_as_set_keys(said, parts, ("--resume", "--set")) == (
+        "raise --set influence.solve.max_iter (now 300) or --set influence.damping (now 0.001); use --set influence.hessian=fisher "
+        "--set influence.solver=woodbury, or raise --set influence.solve.lissa_batch or --set influence.solve.lissa_repeats; "
+        "--set influence.fisher_samples=2 --set influence.solve.seed=0; --set refine.method=newton; pass --resume, --set data.k_shot=5; "
+        "raise --set refine.max_iter — it")
+    # every key it writes is one --set accepts
+    from metainfluence.config import apply_overrides
+    apply_overrides(InfluenceSettings(), {"solve.max_iter": 5, "fisher_samples": 2, "solve.seed": 1, "solve.lissa_batch": 2})
+    apply_overrides(RunSettings(), {"refine.method": "newton"})

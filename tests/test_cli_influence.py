@@ -125,6 +125,7 @@ def test_report_renders_a_run_folder(demo_run, capsys):
     md = (demo_run / "report.md").read_text()
     assert "## Checkpoints" in md and "| refined | refined |" in md
     assert "| ed | 12 tasks |" in md  # the edit's removal in words (the edit test above wrote it)
+    assert "| edited | 12 tasks | reduced | gauss-newton |" in md  # the demo's own edit, recorded as `edit` records one
     assert "## Scores: task_influence" in md and "Hessian exact" in md or "Hessian gauss-newton" in md
     assert (demo_run / "report.html").is_file()
     # the scores' items by name, and how many of the pool's corrupted tasks rank among as many most harmful ones
@@ -200,6 +201,13 @@ def test_influence_pairwise_writes_the_train_by_val_matrix(demo_run, capsys):
     # an edit of a pairwise matrix names what it is
     assert main(["edit", "--checkpoint", str(demo_run / "refined"), "--scores", str(demo_run / "pw"), "--top-k", "3", "--out", str(demo_run / "pw_edit")]) == 2
     assert "pairwise" in capsys.readouterr().err
+    # the run's report shows the matrices: the most harmful pair of the loss matrix is its most negative entry
+    assert main(["report", str(demo_run)]) == 0
+    md = (demo_run / "report.md").read_text()
+    assert "## Pairwise: pw" in md and "## Pairwise: influence_pairwise_task-if_margin" in md and "60 training × 30 validation tasks" in md
+    k, j = divmod(int(res.scores.argmin()), 30)
+    section = md.split("## Pairwise: pw")[1]
+    assert f"| {int(res.train_task_ids[k])} | {int(res.test_task_ids[j])} | {float(res.scores[k, j]):+.4e} |" in section.split("##")[0]
 
 
 def test_influence_time_budget_says_so_and_resume_continues_to_the_full_answer(demo_run, capsys):

@@ -440,3 +440,26 @@ def test_the_exact_tier_method_solves_the_true_total_hessian_whatever_curvature_
     torch.testing.assert_close(exact.scores, dense.scores, rtol=1e-5, atol=1e-10)
     fisher = _score_cached(problem, lam, train, val, "task-if", base, lambda m: None)
     assert (fisher.scores - exact.scores).abs().max() > 1e-3 * exact.scores.abs().max()
+
+
+def test_a_curvature_file_of_another_lambda_is_refused_before_any_gradient_pass(tmp_path, monkeypatch):
+    """The file is checked against the operator first: a wrong one costs no pass over the tasks (on Conv4 minutes)."""
+    from metainfluence.influence import gradients, instance_if, task_if
+    from metainfluence.influence.instance_if import instance_influence
+
+    problem, lam, train, val = curvature_problem()
+    base = InfluenceSettings(hessian="gauss-newton", damping=1e-3, stationarity_warn=1e9)
+    fit_curvature(problem, lam, train, base, rank=8, probes=1).save(tmp_path / "curv")
+    wrong = dataclasses.replace(base, solver="pcg", curvature_file=str(tmp_path / "curv"))
+
+    def no_pass(*a, **k):
+        raise AssertionError("a gradient pass ran before the curvature file was checked")
+
+    for module in (gradients, task_if, instance_if):
+        for name in ("charged_measurement_gradient", "measurement_gradient", "direct_measurement_gradient"):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, no_pass)
+    with pytest.raises(CheckpointError, match="another λ"):
+        task_influence(problem, lam + 0.01, train, val, wrong)
+    with pytest.raises(CheckpointError, match="another λ"):
+        instance_influence(problem, lam + 0.01, train, val, "support", wrong)

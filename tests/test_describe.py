@@ -14,9 +14,9 @@ from metainfluence.pipeline.describe import describe_row, item_rows, write_item_
 from metainfluence.tasks import build_pool, corrupt_labels
 
 
-def _folder(root, classes=6, per_class=5):
+def _folder(root, classes=6, per_class=5, names=None):
     for c in range(classes):
-        d = root / f"kind{c}"
+        d = root / (names[c] if names else f"kind{c}")
         d.mkdir(parents=True)
         for i in range(per_class):
             Image.fromarray(np.full((6, 6), 10 * c + i, dtype=np.uint8)).save(d / f"{i}.png")
@@ -44,6 +44,16 @@ def test_task_rows_name_the_classes_and_the_recorded_corruption(tmp_path):
         back = list(csv.DictReader(fh))
     assert [int(r["task_id"]) for r in back] == list(range(9, -1, -1))
     assert float(back[0]["score"]) == float(scores[9]) and "kind" in describe_row(back[0])
+
+
+def test_class_names_holding_the_separator_split_back_as_they_were(tmp_path):
+    names = ["a;b", 'say "hi"', "plain", "x;y;z", "e", "f"]
+    ds = _folder(tmp_path / "imgs", names=names)
+    pool = build_pool(ds, "train", 3, 1, 1, 10, seed=0)
+    rows = item_rows(_result("task", torch.linspace(-1, 1, 10, dtype=torch.float64)), pool, ds)
+    for r in rows:
+        assert next(csv.reader([r["classes"]], delimiter=";")) == [ds.class_names[c] for c in pool.classes[r["task_id"]].tolist()]
+    assert any(";" in n for r in rows for n in next(csv.reader([r["classes"]], delimiter=";")))  # the case was drawn
 
 
 def test_example_rows_name_the_file_and_the_label_trained_on(tmp_path):

@@ -349,7 +349,7 @@ def test_solves_run_with_tf32_off_and_restore_the_flags():
     off while it solves and puts the user's setting back."""
     import torch
 
-    from metainfluence.influence.task_if import full_float32
+    from metainfluence.influence.precision import full_float32
 
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     try:

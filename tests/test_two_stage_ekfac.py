@@ -44,6 +44,19 @@ def test_one_support_example_on_a_linear_model_equals_the_exact_inner_hessian(ki
     torch.testing.assert_close(ek.scores, exact.scores, rtol=1e-8, atol=1e-14)
 
 
+def test_one_unrolled_step_fits_no_ekfac_and_says_its_scores_are_exact(monkeypatch):
+    """With one inner step the response is α·b whatever H_in is: no EK-FAC is fitted, and the record says why."""
+    from metainfluence.influence import instance_if
+
+    problem, lam = small_problem("unrolled", hidden=(4,), steps=1, lr=0.3, proximal=0.2)
+    tasks, val = random_tasks(n=3, n_support=3), random_tasks(n=2, seed=3)
+    exact = instance_influence(problem, lam, tasks, val, "support", BASE)
+    monkeypatch.setattr(instance_if, "fit_support_ekfac", lambda *a, **k: pytest.fail("an EK-FAC was fitted for one inner step"))
+    ek = instance_influence(problem, lam, tasks, val, "support", dataclasses.replace(BASE, inner_hessian="ekfac"), s=exact.extra["s"])
+    torch.testing.assert_close(ek.scores, exact.scores, rtol=1e-12, atol=1e-15)
+    assert ek.diagnostics["inner_hessian"] == "exact" and "no EK-FAC was fitted" in ek.diagnostics["inner_hessian_note"]
+
+
 def test_scores_equal_the_dense_formula_with_the_materialised_ekfac():
     """A hidden layer and several support examples: EK-FAC is an approximation, and the scores are the
     exact two-stage formula (dense; it differentiates through the unrolled loop) with H_in replaced by

@@ -15,7 +15,7 @@ import sys
 import warnings
 from typing import Sequence
 
-from .config import add_settings_arguments, config_sections, load_settings, namespace_overrides, parse_sets
+from .config import add_settings_arguments, config_sections, flags_as_set_keys, load_settings, namespace_overrides, parse_sets
 from .console import print_curvature, print_items, print_pairs
 from .errors import BudgetStop, MetaInfluenceError, SettingsError
 
@@ -362,6 +362,8 @@ def _cmd_curvature(args: argparse.Namespace) -> int:
 
 def _cmd_experiment(args: argparse.Namespace) -> int:
     from .experiments import EXPERIMENTS, run_experiment
+    from .influence import InfluenceSettings
+    from .pipeline import RunSettings
 
     if args.name not in EXPERIMENTS:
         raise SettingsError(f"unknown experiment {args.name!r}; use one of {', '.join(EXPERIMENTS)}")
@@ -369,6 +371,9 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     sets = parse_sets(args.set)
     if args.data_root:
         sets.setdefault("data", {})["data_root"] = args.data_root
+    # the library's advice names command flags; here settings are --set keys (the command's own flags excepted)
+    parts, own = ((InfluenceSettings, "influence."), (RunSettings, "")), ("--config", "--quick", "--out", "--resume", "--set", "--max-minutes", "--data-root")
+    warnings.showwarning = lambda m, *a, **k: _one_line_warning(flags_as_set_keys(str(m), parts, own), *a, **k)
     run_experiment(args.name, args.config, args.quick, out, resume=args.resume, max_minutes=args.max_minutes, sets=sets)
     print(f"results in {out}/; render them with: metainfluence report {out}")
     return 0

@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import math
 import os
+import re
 import sys
 import types
 import typing
@@ -182,6 +183,44 @@ def add_settings_arguments(
         group_parser.add_argument(flag, **kwargs)
         added.append(path)
     return added
+
+
+# words that follow a flag in prose ("raise --lissa-batch or ...") and are no value of it
+_PROSE = {"or", "and", "to", "with", "of", "the", "a", "in", "on", "for", "instead", "then", "if", "is", "as"}
+
+
+def flags_as_set_keys(text: str, parts: typing.Iterable[tuple[type, str]], keep: typing.Iterable[str] = ()) -> str:
+    """``text`` with each settings flag of the dataclasses ``parts`` ((class, dest prefix)) written as the ``--set``
+    key it is where settings are given by ``--set`` (experiments): ``--max-iter`` → ``--set influence.solve.max_iter``,
+    ``--hessian fisher`` → ``--set influence.hessian=fisher``. Flags in ``keep`` (the command's own) stay; a flag of
+    several parts is the first part's."""
+    actions: dict[str, argparse.Action] = {}
+    for cls, dest in parts:
+        parser = argparse.ArgumentParser(add_help=False)
+        add_settings_arguments(parser, cls, dest=dest)
+        actions = {**{a.option_strings[0]: a for a in parser._actions if a.option_strings}, **actions}
+    own = set(keep)
+
+    def value_of(action: argparse.Action, token: str | None) -> str | None:
+        if token is None or token in _PROSE or action.nargs is not None or action.type is None:
+            return None
+        try:
+            action.type(token)
+        except (SettingsError, ValueError, TypeError, argparse.ArgumentTypeError):
+            return None
+        return token if action.choices is None or token in action.choices else None
+
+    def one(m: re.Match) -> str:
+        flag, token = m.group(1), m.group(2)
+        if flag in own or flag not in actions:
+            return m.group(0)
+        value = value_of(actions[flag], token)
+        return f"--set {actions[flag].dest}" + (f"={value}" if value is not None else f" {token}" if token else "")
+
+    try:
+        return re.sub(r"(--[a-z][a-z0-9-]*)(?: (?!--)([^\s(;,]+(?<![.,;:])))?", one, text)
+    except Exception:  # it rewrites warnings as they are shown: a message it cannot read is shown as it was
+        return text
 
 
 def namespace_overrides(namespace: argparse.Namespace, dests: typing.Iterable[str]) -> dict[str, Any]:

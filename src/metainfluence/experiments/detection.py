@@ -113,7 +113,8 @@ def _detection_one(run, infl, sec: DetectionSettings, out: Path, quick: bool, lo
     flags = pools["train"].corrupted_tasks.bool()
     n = len(flags)
     timings["data_s"] = time.perf_counter() - t
-    log(f"detection: {int(flags.sum())} of {n} training tasks corrupted, kind {sec.kind} ({describe_kind(sec)})")
+    log(f"detection: {int(flags.sum())} of {n} training tasks corrupted, kind {sec.kind} ({describe_kind(sec)}); train pool now: "
+        f"{pools['train'].summary()}")
 
     lam_star, rep, tt = _train_and_refine(ctx, log, cache=cache)
     given, infl = infl, _proximal_infl(infl, rep, log)

@@ -69,7 +69,8 @@ def report_run_folder(run_dir: str | Path) -> Path:
     checkpoints = {k: v for k, v in records.items() if v and "metainfluence_record" not in v and v.get("kind") in ("trained", "refined", "edited")}
     checkpoints.update({k: v.get("metainfluence_record", v) for k, v in records.items() if v and isinstance(v.get("metainfluence_record"), dict)})
     scores = {k: v for k, v in records.items() if v and v.get("kind") == "metainfluence.influence"}
-    if not checkpoints and not scores:
+    pairwise = {k: v for k, v in records.items() if v and v.get("kind") == "metainfluence.pairwise"}
+    if not checkpoints and not scores and not pairwise:
         raise SettingsError(f"{d} holds neither an experiment (results.json) nor a run (checkpoints, scores files); "
                             "pass a folder written by `metainfluence experiment`, `train`, `influence` or `edit`")
     secs: list[dict] = []
@@ -119,4 +120,28 @@ def report_run_folder(run_dir: str | Path) -> Path:
         if table:
             paragraphs += table[0]
         secs.append({"heading": f"Scores: {name}", "paragraphs": paragraphs, **({"tables": [table[1]]} if table else {})})
+    secs += [_pairwise_section(d, name, rec) for name, rec in sorted(pairwise.items())]
     return write_report(d, f"metainfluence run: {d.name}", secs)
+
+
+def _pairwise_section(d: Path, name: str, rec: dict[str, Any], k: int = 10) -> dict[str, Any]:
+    """A pairwise matrix: what it measures, its solve, and the k pairs (training task, validation task) whose
+    removal would raise that task's loss most, i.e. where the training task helps most, and lower it most (harms)."""
+    from ..influence.pairwise import PairwiseResult
+
+    diag = rec.get("diagnostics") or {}
+    solver = diag.get("solver") or {}
+    infl = (rec.get("settings") or {}).get("influence") or {}
+    res = PairwiseResult.load(d / name)
+    n, m = res.scores.shape
+    paragraphs = [rec.get("sign_convention", ""),
+                  f"{n} training × {m} validation tasks, measurement {res.measurement}; Hessian {infl.get('hessian', '-')}, solver "
+                  f"{solver.get('name', '-')} (relative residual {_ratio(solver.get('residual'))}), damping {infl.get('damping', '-')}.",
+                  *[f"**warning:** {w}" for w in diag.get("warnings", [])]]
+    flat = res.scores.reshape(-1)
+    # for a loss a negative entry is harm; for the margin (higher is better) a positive one
+    harm_first = flat.argsort(descending=res.measurement == "margin")[:k].tolist()
+    rows = [{"training task": int(res.train_task_ids[i // m]), "validation task": int(res.test_task_ids[i % m]), "score": f"{float(flat[i]):+.4e}"}
+            for i in harm_first]
+    paragraphs.append(f"The {len(rows)} pairs where the training task harms the validation task most:")
+    return {"heading": f"Pairwise: {name}", "paragraphs": paragraphs, "tables": [rows]}

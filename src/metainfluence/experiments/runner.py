@@ -17,7 +17,7 @@ from ..io import read_json, write_json
 from ..meta.curvature import HESSIANS
 from ..meta.models import ModelSettings
 from ..pipeline import DataSettings, ObjectiveSettings, RunSettings
-from ..pipeline.guard import check_writable
+from ..pipeline.guard import check_writable, removed_if_left_empty
 from .common import EXPERIMENTS, METHODS, OPTIONAL_METHODS
 from .detection import DetectionSettings, run_detection
 from .estimates import EstimatesSettings, run_estimates
@@ -163,17 +163,18 @@ def run_experiment(name: str, config: str | None = None, quick: bool = False, ou
                             "re-optimisations are reused, the scores recomputed)")
     deadline = time.monotonic() + 60 * max_minutes if max_minutes else math.inf
     run, infl, sec = load_experiment_settings(name, config, quick, sets)
-    out_p = check_writable(out)  # before any work: a folder it cannot write is one line, not a traceback at the end
     t0 = time.perf_counter()
-    if name == "estimates":
-        result = run_estimates(run, infl, sec, out_p, quick, log)
-    else:
-        fn = {"detection": run_detection, "removal": run_removal, "fidelity": run_fidelity}[name]
-        try:
-            result = fn(run, infl, sec, out_p, quick, log, resume=resume, deadline=deadline)
-        except BudgetStop:
-            _record_piece(out_p, resume, time.perf_counter() - t0)
-            raise
+    with removed_if_left_empty(out, ("stages.json",)):  # a run that fails before its first stage leaves no folder behind
+        out_p = check_writable(out)  # before any work: a folder it cannot write is one line, not a traceback at the end
+        if name == "estimates":
+            result = run_estimates(run, infl, sec, out_p, quick, log)
+        else:
+            fn = {"detection": run_detection, "removal": run_removal, "fidelity": run_fidelity}[name]
+            try:
+                result = fn(run, infl, sec, out_p, quick, log, resume=resume, deadline=deadline)
+            except BudgetStop:
+                _record_piece(out_p, resume, time.perf_counter() - t0)
+                raise
     result["timings"]["total_s"] = time.perf_counter() - t0
     pieces = _record_piece(out_p, resume, result["timings"]["total_s"]) if name != "estimates" else []
     if len(pieces) > 1:  # a run in pieces: its total is theirs, not the last one's

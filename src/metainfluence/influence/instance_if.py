@@ -31,7 +31,7 @@ from .gradients import example_scores, measurement_gradient
 from ..meta.curvature import check_hessian_kind, jacobian_vp, query_hvp_theta
 from .results import InfluenceResult, InfluenceSettings, check_solve, settings_dict, shortfall, solver_record
 from .gradients import _train_pass
-from .task_if import build_hessian, ihvp, inner_solve_check, stationarity
+from .task_if import build_hessian, check_curvature_file, ihvp, inner_solve_check, stationarity
 
 
 def k_step_response(hvp, b: torch.Tensor, alpha: float, steps: int) -> torch.Tensor:
@@ -69,7 +69,8 @@ def _support_scores(problem: MetaProblem, theta: torch.Tensor, task: TaskRecord,
 def _two_stage_scores(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, s: torch.Tensor, settings: InfluenceSettings):
     """(n, |S|) two-stage scores (without the 1/n) and what to record: the worst relative residual of
     the inner solves (0 for the K-step response and for EK-FAC, which are applied exactly)."""
-    if settings.inner_hessian == "ekfac":
+    one_step = problem.inner.kind != "implicit" and problem.inner.steps == 1
+    if settings.inner_hessian == "ekfac" and not one_step:
         return _two_stage_scores_ekfac(problem, lam, tasks, s, settings)
     delta_in = settings.inner_damping
     steps = settings.inner_cg_steps
@@ -88,7 +89,10 @@ def _two_stage_scores(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensor
         return torch.cat([_support_scores(problem, theta, task, c), residual[None]])
 
     out = problem.per_task(one, lam.detach(), tasks).detach()
-    return out[:, :-1], {"inner_hessian": "exact", "inner_solve_residual": float(out[:, -1].max())}
+    record = {"inner_hessian": "exact", "inner_solve_residual": float(out[:, -1].max())}
+    if settings.inner_hessian == "ekfac":  # the response of one step, α·b, holds no inner Hessian to approximate
+        record["inner_hessian_note"] = "one unrolled inner step: its response α·b involves no inner Hessian, so no EK-FAC was fitted (exact = ekfac)"
+    return out[:, :-1], record
 
 
 def _two_stage_scores_ekfac(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, s: torch.Tensor, settings: InfluenceSettings):
@@ -134,6 +138,8 @@ def instance_influence(
     if settings.method != "task-if":
         raise SettingsError("instance-IF uses the total Hessian: method must be task-if (baselines rank whole tasks)")
     check_hessian_kind(problem, settings.hessian)
+    if s is None:
+        check_curvature_file(problem, lam, train_tasks, settings)
     if which == "support" and settings.support_method == "two-stage" and settings.inner_hessian == "ekfac":
         check_factorable(problem)
     lam = lam.detach()

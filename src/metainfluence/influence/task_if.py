@@ -11,7 +11,6 @@ The pass over the training tasks is chunked, one chunk of total gradients at a t
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
 import warnings
@@ -33,6 +32,7 @@ from .newton_step import newton_step_scores
 from .results import InfluenceResult, InfluenceSettings, check_solve, settings_dict, shortfall, solver_record
 from ..linalg import IHVPResult, LowRank, lanczos_eigenpairs, solve_ihvp
 from ..linalg.core import DampedProducts, true_residuals
+from .precision import FLOAT32_TOL, full_float32, refine_mixed, remeasure_residuals, working_precision
 
 
 def ihvp(op: TotalHessian, b: torch.Tensor, settings: InfluenceSettings, x0: torch.Tensor | None = None) -> IHVPResult:
@@ -56,7 +56,7 @@ def _ihvp(op: TotalHessian, b: torch.Tensor, settings: InfluenceSettings) -> IHV
     solve = settings.solve
     if mixed and settings.solver in ("cg", "pcg"):
         # float32 products cannot drive a residual far below ~1e-5: stop there, then refine (below)
-        solve = dataclasses.replace(solve, tol=max(solve.tol, _FLOAT32_TOL))
+        solve = dataclasses.replace(solve, tol=max(solve.tol, FLOAT32_TOL))
     res = solve_ihvp(op, b, solver=settings.solver, damping=damping, settings=solve, lowrank=lowrank, sketch=sketch)
     if settings.damping_mode == "relative":
         res.info["damping_relative"] = settings.damping
@@ -67,83 +67,10 @@ def _ihvp(op: TotalHessian, b: torch.Tensor, settings: InfluenceSettings) -> IHV
             res.info["residuals_measured_in"] = ("float32 (a residual near or below ~1e-5 is at float32's rounding floor; "
                                                  "where softmax outputs saturate the products' error can reach a few percent)")
         else:
-            _remeasure_residuals(op, b, res)  # the true residual: what refinement and the warnings rest on
+            remeasure_residuals(op, b, res)  # the true residual: what refinement and the warnings rest on
         if settings.solver in ("cg", "pcg"):
-            _refine_mixed(op, b, res, settings, damping, lowrank, sketch)
+            refine_mixed(op, b, res, settings, damping, lowrank, sketch)
     return res
-
-
-@contextlib.contextmanager
-def full_float32():
-    """TF32 off for the duration: on NVIDIA GPUs cuDNN convolutions use it by default and round float32
-    products to a 10-bit mantissa (~1e-3 relative), which no residual tolerance of the exact tier survives."""
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
-_FLOAT32_TOL = 1e-4  # what a float32-product Krylov solve reliably reaches before the rounding floor
-
-
-def _refine_mixed(op: TotalHessian, b: torch.Tensor, res: IHVPResult, settings: InfluenceSettings, damping: float,
-                  lowrank, sketch, rounds: int = 3) -> None:
-    """Mixed-precision iterative refinement: r = b − (H + δI)x with working-precision products, a
-    float32-product solve of (H + δI)c = r only as accurate as the remaining gap needs, x += c — until
-    the true residual meets the tolerance (each round gains the inner solve's accuracy, ~1e-4)."""
-    tol = settings.solve.tol
-    B = b.reshape(-1, op.dim).to(op.lam)
-    X = res.x.reshape(-1, op.dim).to(op.lam).clone()
-    products = DampedProducts(op._working_twin, damping)
-    if not res.residual < 1.0:  # worse than x = 0: the float32 solve went astray; start refinement from 0
-        X.zero_()
-        res.info["residuals"], res.residual = [1.0] * B.shape[0], 1.0
-    done, spent, stalled = 0, 0, False
-    while res.residual > tol and done < rounds and not stalled:
-        before = res.residual
-        R = B - products.block(X.T.contiguous()).T
-        inner = dataclasses.replace(settings.solve, tol=min(0.5, max(_FLOAT32_TOL, 0.5 * tol / res.residual)))
-        corr = solve_ihvp(op, R.reshape(b.shape), solver=settings.solver, damping=damping, settings=inner, lowrank=lowrank, sketch=sketch)
-        trial = X + corr.x.reshape(-1, op.dim).to(X)
-        spent += corr.iterations
-        done += 1
-        residuals = true_residuals(products, trial, B)
-        # a round that does not halve the float64 residual: the float32 products are too far from the
-        # working-precision ones (e.g. saturated softmax probabilities) for refinement to contract
-        stalled = max(residuals) > 0.5 * before
-        if max(residuals) < before:
-            X, res.info["residuals"], res.residual = trial, residuals, max(residuals)
-    refinement: dict[str, Any] = {"rounds": done, "iterations": spent}
-    if res.residual > tol:
-        # finish in working precision from the best iterate: slower, but exact to the tolerance
-        R = B - products.block(X.T.contiguous()).T
-        inner = dataclasses.replace(settings.solve, tol=min(0.5, tol / res.residual))
-        corr = solve_ihvp(op._working_twin, R.reshape(b.shape), solver=settings.solver, damping=damping, settings=inner,
-                          lowrank=lowrank, sketch=sketch)
-        X = X + corr.x.reshape(-1, op.dim).to(X)
-        spent += corr.iterations
-        res.info["residuals"] = true_residuals(products, X, B)
-        res.residual = max(res.info["residuals"])
-        refinement["finished_in_working_precision"] = {"iterations": corr.iterations,
-                                                       "why": "float32-product refinement stopped contracting" if stalled else "refinement rounds used up"}
-    res.x = X.reshape(b.shape)
-    refinement["working_precision_products"] = products.count
-    res.info["refinement"] = refinement
-    res.iterations += spent
-    res.info["converged"] = res.residual <= tol
-
-
-def _working(op: TotalHessian) -> TotalHessian:
-    """``op`` with products in λ's precision (itself, or a twin of an operator with float32 products)."""
-    if getattr(op, "product_dtype", op.dtype) == op.dtype:
-        return op
-    twin = getattr(op, "_working_twin", None)
-    if twin is None:
-        twin = op._working_twin = TotalHessian(op.problem, op.lam, op.tasks, op.kind, seed=op.seed, w=op.w, v=op.v, u=op.u,
-                                               column_chunk=op.column_chunk)
-    return twin
 
 
 def _warm_start(op: TotalHessian, b: torch.Tensor, settings: InfluenceSettings, x0: torch.Tensor) -> IHVPResult:
@@ -156,7 +83,7 @@ def _warm_start(op: TotalHessian, b: torch.Tensor, settings: InfluenceSettings, 
         raise SettingsError(f"the iterate to continue from has {x0.numel()} entries but the right-hand side {b.numel()}; "
                             "it is from another model or level — start afresh (drop --resume)")
     t0 = time.perf_counter()
-    products = DampedProducts(_working(op), effective_damping(op, settings))
+    products = DampedProducts(working_precision(op), effective_damping(op, settings))
     B = b.reshape(-1, op.dim).to(op.lam)
     X = x0.reshape(-1, op.dim).to(op.lam).clone()
     R = B - products.block(X.T.contiguous()).T
@@ -176,19 +103,10 @@ def _warm_start(op: TotalHessian, b: torch.Tensor, settings: InfluenceSettings, 
     return res
 
 
-def _remeasure_residuals(op: TotalHessian, b: torch.Tensor, res: IHVPResult) -> None:
-    """A solve on float32 products reports a residual measured with those products: re-measure it with
-    working-precision products (one product per right-hand side), so the recorded residual, and any
-    warning drawn from it, is the true one."""
-    twin = _working(op)
-    B, X = b.reshape(-1, op.dim).to(op.lam), res.x.reshape(-1, op.dim).to(op.lam)
-    rows = res.info.get("residual_rows")
-    if rows is not None:  # a fast-tier solve checked a sample of its right-hand sides: re-measure the same ones
-        B, X = B[rows], X[rows]
-    residuals = true_residuals(DampedProducts(twin, res.info["damping"]), X, B)
-    res.info["residuals_product_precision"] = res.info.get("residuals")
-    res.info["residuals"], res.residual = residuals, max(residuals)
-    res.info["products"] = str(op.product_dtype).replace("torch.", "")
+def check_curvature_file(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, settings: InfluenceSettings) -> None:
+    """A curvature file of another λ, pool or Hessian kind refused before the gradient passes, not after them."""
+    if settings.solver in ("pcg", "curvature"):
+        _sketch(build_hessian(problem, lam.detach(), tasks, settings), settings)
 
 
 def _sketch(op: TotalHessian, settings: InfluenceSettings):
@@ -313,6 +231,7 @@ def task_influence(
     (settings := settings or InfluenceSettings()).validate()
     if settings.method == "task-if":
         check_hessian_kind(problem, settings.hessian)
+        check_curvature_file(problem, lam, train_tasks, settings)
     lam = lam.detach()
     n = problem.collective.total_count(len(train_tasks))
     timings: dict[str, float] = {}

@@ -30,6 +30,12 @@ def _example_name(dataset: Any, example_id: int) -> str:
     return str(names[example_id]) if names is not None and 0 <= example_id < len(names) else f"example {example_id}"
 
 
+def join_names(names: Any) -> str:
+    """Names joined by ";", a name holding ";" or a double quote quoted CSV-style (quotes doubled), so that the
+    list splits back as it was: ``next(csv.reader([field], delimiter=";"))``."""
+    return ";".join('"' + n.replace('"', '""') + '"' if ";" in n or '"' in n else n for n in map(str, names))
+
+
 def item_rows(result: Any, pool: Any, dataset: Any) -> list[dict[str, Any]]:
     """One row per scored item of ``result`` (most harmful first) described through ``pool`` and ``dataset``
     (None for generated pools, e.g. sinusoid: the rows then carry ids and scores only)."""
@@ -51,7 +57,7 @@ def item_rows(result: Any, pool: Any, dataset: Any) -> list[dict[str, Any]]:
                "score": f"{scores[flat]:.6e}", "classes": "", "corrupted": "", "file": "", "label": "", "true_label": ""}
         r = row_of.get(task)
         if classify and r is not None:
-            row["classes"] = ";".join(_class_name(dataset, c) for c in classes[r])
+            row["classes"] = join_names(_class_name(dataset, c) for c in classes[r])
             if which:
                 j = item[1]
                 row["file"] = _example_name(dataset, ids[r][j])
@@ -83,7 +89,7 @@ def file_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             f["corrupted"] = "yes"
     out = sorted(by_file.values(), key=lambda f: f["summed_score"])
     for rank, f in enumerate(out, 1):
-        f.update(rank_harmful_first=rank, summed_score=f"{f['summed_score']:.6e}", labels=";".join(sorted(f["labels"])))
+        f.update(rank_harmful_first=rank, summed_score=f"{f['summed_score']:.6e}", labels=join_names(sorted(f["labels"])))
     return out
 
 

@@ -4,8 +4,10 @@ processes writing one folder would mix their files)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
+from typing import Iterator
 
 from ..errors import SettingsError
 
@@ -43,6 +45,24 @@ def claim_run_folder(out: str | os.PathLike, *, resume: bool = False, force: boo
         raise SettingsError(f"--out {path} already holds a run ({', '.join(found)}); pass --resume to continue it, "
                             "--force to overwrite it, or choose another --out")
     return check_writable(path)
+
+
+@contextlib.contextmanager
+def removed_if_left_empty(out: str | os.PathLike, bookkeeping: tuple[str, ...] = ()) -> Iterator[None]:
+    """A folder this block creates is removed again when the block fails before writing anything into it but
+    its own ``bookkeeping`` files (a refused or failed command leaves no empty --out behind; a folder that
+    existed is never touched)."""
+    path = Path(out).expanduser()
+    created = not path.exists()
+    try:
+        yield
+    except BaseException:
+        left = list(path.iterdir()) if created and path.is_dir() else None
+        if left is not None and all(f.name in bookkeeping and f.is_file() for f in left):
+            for f in left:
+                f.unlink()
+            path.rmdir()
+        raise
 
 
 def _alive(pid: int) -> bool:

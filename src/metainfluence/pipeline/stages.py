@@ -23,7 +23,7 @@ from ..meta.evaluate import EvalResult, evaluate, interval95
 from ..meta.refine import RefineReport, refine
 from ..meta.train import TrainHistory, meta_train, resumable_checkpoint
 from .describe import coverage
-from .guard import RunLock, check_name, check_writable, claim_run_folder
+from .guard import RunLock, check_name, check_writable, claim_run_folder, removed_if_left_empty
 from .proximal import ANCHOR, proximal_of, proximal_settings, record_proximal
 from .run import RunContext
 from .settings import RunSettings, stage_settings
@@ -125,8 +125,7 @@ def train_run(settings: RunSettings, out: str | os.PathLike, resume: bool = Fals
     if resume_from is not None and not (out / "trained.safetensors").is_file():
         raise SettingsError(f"--resume: there is no checkpoint {out / 'trained.safetensors'} to continue from; train without --resume first")
     settings.validate()  # sizes and settings are refused before the folder is touched
-    claim_run_folder(out, resume=resume, force=force)
-    with RunLock(out):
+    with removed_if_left_empty(out), RunLock(claim_run_folder(out, resume=resume, force=force)):
         ctx = RunContext.prepare(settings, out, log=log, save_pools=resume_from is None)
         if resume_from is not None:  # refused (another pool, model or training settings) before the run's files are touched
             resume_from = resumable_checkpoint(resume_from, ctx.problem, ctx.tensors["train"], settings.train)

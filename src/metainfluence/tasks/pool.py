@@ -186,8 +186,8 @@ class TaskPool:
     def summary(self) -> str:
         n_corr = int(self.corrupted_tasks.sum())
         c = self.corruption
-        if c is None:
-            corr = f"{n_corr} corrupted"
+        if c is None:  # no corruption recorded (a detection experiment corrupts after this line: it logs its own)
+            corr = "no corruption" if n_corr == 0 else f"{n_corr} corrupted"
         elif self.corruption_kind == "labels":
             corr = f"{n_corr} corrupted (rho_task={c['rho_task']}, rho_label={c['rho_label']}, {c['where']})"
         elif self.corruption_kind == "duplicate":
