@@ -440,6 +440,19 @@ def _(w, inp, out):
     InfluenceResult.load(inp / "scores.json")
 
 
+def _scores_level_edited(w, inp, out):
+    import json
+
+    _result().save(inp / "scores")
+    info = json.loads((inp / "scores.json").read_text())
+    (inp / "scores.json").write_text(json.dumps({**info, "level": "query"}))
+
+
+@case("scores_json_level_edited", CheckpointError, "level 'query' disagrees", "recompute", prepare=_scores_level_edited)
+def _(w, inp, out):
+    InfluenceResult.load(inp / "scores")
+
+
 @case("lowrank_file_of_another_model", CheckpointError, "dimension", prepare=lambda w, inp, out: LowRank(torch.ones(2, dtype=torch.float64), torch.eye(5, dtype=torch.float64)[:, :2]).save(inp / "eig"))
 def _(w, inp, out):
     LowRank.load(inp / "eig", dim=7)

@@ -333,3 +333,20 @@ def test_experiment_warnings_name_set_keys_where_the_library_names_flags():
     from metainfluence.config import apply_overrides
     apply_overrides(InfluenceSettings(), {"solve.max_iter": 5, "fisher_samples": 2, "solve.seed": 1, "solve.lissa_batch": 2})
     apply_overrides(RunSettings(), {"refine.method": "newton"})
+
+
+def test_a_train_interrupted_before_its_first_checkpoint_starts_again_with_or_without_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), *TINY]) == 0
+    for f in out.glob("trained.*"):  # what an interrupt before the first checkpoint leaves: settings.json and the pools
+        f.unlink()
+    assert main(["train", "--out", str(out), "--resume", *TINY]) == 0
+    assert "interrupted before its first checkpoint; starting it afresh" in capsys.readouterr().out
+    for f in out.glob("trained.*"):
+        f.unlink()
+    assert main(["train", "--out", str(out), *TINY]) == 0 and (out / "trained.safetensors").is_file()  # no --force needed
+    assert main(["train", "--out", str(out), *TINY]) == 2  # a run with a checkpoint is still refused
+    assert "already holds a run" in capsys.readouterr().err
+    # --resume without the first command's flags: the refusal points at the run's own settings
+    assert main(["train", "--out", str(out), "--resume", "--no-progress"]) == 2
+    assert f"--config {out / 'settings.json'} with --resume" in capsys.readouterr().err

@@ -237,6 +237,12 @@ def test_influence_time_budget_says_so_and_resume_continues_to_the_full_answer(d
     assert "--resume" in capsys.readouterr().err
     assert main([*base, "--resume", str(demo_run / "part"), "--level", "query", "--name", "x"]) == 2
     assert "this run asks for --level query" in capsys.readouterr().err  # the level asked for is what is wrong, not the file
+    # the file's own settings are what is continued (no flags repeated), and another damping is refused, not obeyed
+    assert main(["influence", "--checkpoint", str(demo_run / "refined"), "--resume", str(demo_run / "part"), "--name", "bare", "--threads", "1"]) == 0
+    assert json.loads((demo_run / "bare.json").read_text())["settings"]["influence"]["hessian"] == "gauss-newton"
+    assert main([*base, "--resume", str(demo_run / "part"), "--damping", "0.01", "--name", "x"]) == 2
+    assert "answers another question: damping 0.001 (asked: 0.01)" in capsys.readouterr().err
+    assert main([*base, "--resume", str(demo_run / "full"), "--solver", "woodbury", "--hessian", "fisher", "--name", "x"]) == 2
 
 
 def test_influence_check_measurement_records_the_reliability_of_the_ranking(demo_run, capsys):
@@ -278,7 +284,7 @@ def test_edit_of_a_scores_file_inverts_the_hessian_those_scores_used(demo_run, c
     assert main(["edit", "--checkpoint", str(demo_run / "refined"), "--scores", str(demo_run / "fi"), "--top-k", "5", "--name", "fi_ed",
                  "--threads", "1"]) == 0
     printed = capsys.readouterr().out
-    assert "edit: reduced step removing 5 tasks, fisher Hessian, solver woodbury, damping 0.02" in printed
+    assert "edit: reduced step removing 5 tasks (" in printed and "), fisher Hessian, solver woodbury, damping 0.02" in printed
     assert "removed 5 tasks in closed form" in printed
     ran = json.loads((demo_run / "fi_ed.json").read_text())["metrics"]["edit_settings"]["influence"]
     assert (ran["hessian"], ran["solver"], ran["damping"]) == ("fisher", "woodbury", 0.02)
@@ -293,7 +299,7 @@ def test_an_edit_takes_not_the_scores_time_budget_and_says_when_its_solve_stops_
     """A new user's edit inherited the scores' --max-minutes and stopped unconverged without a word: the budget is not
     inherited (the rest of the solve settings are), and an edit whose solve stops short warns on stderr and in its file."""
     from metainfluence.influence.results import InfluenceSettings
-    from metainfluence.pipeline.stages import scores_settings
+    from metainfluence.pipeline.scores import scores_settings
 
     base = ["--checkpoint", str(demo_run / "refined"), "--threads", "1"]
     assert main(["influence", *base, "--hessian", "gauss-newton", "--tol", "1e-9", "--max-iter", "400", "--max-minutes", "1e-9",
@@ -390,3 +396,22 @@ def test_edit_refuses_scores_of_another_model_and_warns_of_scores_of_another_lam
     assert main(["edit", "--checkpoint", str(tmp_path / "again"), "--scores", str(demo_run / "task_influence"), "--top-k", "3",
                  "--out", str(tmp_path), "--no-progress"]) == 0
     assert "was computed at another λ" in capsys.readouterr().err
+
+
+def test_a_result_of_another_question_is_never_replaced_silently(demo_run, capsys):
+    ckpt = str(demo_run / "refined")
+    gn = ["influence", "--checkpoint", ckpt, "--hessian", "gauss-newton", "--name", "guarded", "--threads", "1"]
+    assert main(gn) == 0
+    before = (demo_run / "guarded.safetensors").read_bytes()
+    assert main(["influence", "--checkpoint", ckpt, "--hessian", "fisher", "--solver", "woodbury", "--name", "guarded", "--threads", "1"]) == 2
+    assert "already holds task-level scores of another hessian" in capsys.readouterr().err
+    assert (demo_run / "guarded.safetensors").read_bytes() == before  # untouched
+    assert main([*gn, "--max-iter", "500"]) == 0  # the same question more accurately: replaced
+    assert main(["influence", "--checkpoint", ckpt, "--name", "refined", "--threads", "1"]) == 2  # a checkpoint's name
+    assert "another kind of file (refined)" in capsys.readouterr().err
+    edit = ["edit", "--checkpoint", ckpt, "--hessian", "gauss-newton", "--name", "guarded_edit", "--threads", "1"]
+    assert main([*edit, "--remove-tasks", "1,2"]) == 0 and main([*edit, "--remove-tasks", "1,2"]) == 0
+    assert main([*edit, "--remove-tasks", "3"]) == 2
+    assert "already holds an edit of another removed_tasks" in capsys.readouterr().err
+    assert main([*edit, "--remove-tasks", "3", "--force"]) == 0
+    assert json.loads((demo_run / "guarded_edit.json").read_text())["metrics"]["removed_tasks"] == [3]

@@ -151,6 +151,6 @@ def test_cli_fits_an_ekfac_curvature_and_runs_pcg_and_ekfac_if(tmp_path, capsys)
                  "--name", "pcg", "--threads", "1"]) == 0
     info = json.loads((tmp_path / "pcg.json").read_text())["diagnostics"]
     assert info["curvature"]["method"] == "ekfac" and info["solver"]["residual"] < 1e-5
-    assert main(["influence", "--checkpoint", ckpt, "--method", "ekfac-if", "--damping", "0.1", "--name", "ek", "--threads", "1"]) == 0
-    res = InfluenceResult.load(tmp_path / "ek")
+    assert main(["influence", "--checkpoint", ckpt, "--method", "ekfac-if", "--damping", "0.1", "--name", "ek_if", "--threads", "1"]) == 0
+    res = InfluenceResult.load(tmp_path / "ek_if")
     assert res.method == "ekfac-if" and res.scores.shape == (16,) and bool(torch.isfinite(res.scores).all())

@@ -251,3 +251,27 @@ def test_newton_steps_fall_back_to_the_gradient_where_the_newton_direction_climb
     assert fallback3 and torch.allclose(d3, g * float(g @ g) / float(g @ H_pd @ g))
     d2, fallback2 = descent_direction(g, torch.linalg.solve(torch.eye(2, dtype=torch.float64), g), MatrixOperator(H), 0.0)
     assert not fallback2 and torch.equal(d2, g)
+
+
+def test_two_stage_inner_solves_stopped_short_are_said_with_their_remedy():
+    problem, lam = small_problem(kind="implicit", steps=30, lr=0.3, proximal=1.0, hidden=(4,))
+    tasks, val = random_tasks(n=4, n_support=5, seed=1), random_tasks(n=3, seed=2)
+    common = dict(hessian="gauss-newton", support_method="two-stage", damping=1e-2, inner_damping=0.0, stationarity_warn=1e9)
+    for steps, short in ((1, True), (60, False)):
+        res = instance_influence(problem, lam, tasks, val, "support", InfluenceSettings(inner_cg_steps=steps, **common))
+        said = [w for w in res.diagnostics.get("warnings", []) if "two-stage inner solves" in w]
+        assert bool(said) == short == (res.diagnostics["inner_solve_residual"] > 1e-2), (steps, res.diagnostics["inner_solve_residual"])
+        assert all("--inner-cg-steps (now 1)" in w for w in said)
+
+
+def test_an_edit_step_that_does_not_descend_is_taken_whole_and_said():
+    from metainfluence.influence.editing import _backtrack
+
+    f, g = (lambda x: (x ** 2).sum()), (lambda x: 2 * x)
+    lam, diag = torch.ones(3, dtype=torch.float64), {}
+    with pytest.warns(UserWarning, match="does not descend the reduced objective"):
+        assert _backtrack(f, g, lam, lam.clone(), diag) == 1.0  # an ascent direction: nothing to backtrack on
+    assert diag["edit_not_descent"] and "unchecked" in diag["warnings"][0]
+    quiet: dict = {}
+    assert _backtrack(f, g, lam, -0.5 * lam, quiet) == 1.0 and "warnings" not in quiet  # the Newton step of f: kept whole
+    assert _backtrack(f, g, lam, -4 * lam, quiet) == 0.25 and "warnings" not in quiet  # overshoots: halved to the minimiser

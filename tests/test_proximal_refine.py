@@ -258,7 +258,7 @@ edit_newton_steps = 3
 
 def test_an_edit_of_proximal_scores_takes_the_damping_the_user_gave(run, tmp_path):
     # the scores record δ + γ as the damping that ran; the edit adds γ itself, so it must start from the δ the user gave
-    from metainfluence.pipeline.stages import scores_settings
+    from metainfluence.pipeline.scores import scores_settings
 
     out, _, _ = run
     s = InfluenceSettings(hessian="exact", solver="explicit", damping=1e-3)

@@ -297,3 +297,20 @@ def test_saved_scores_say_what_they_mean_per_method_in_both_files(tmp_path):
         want = SIGN_CONVENTION if method == "task-if" else BASELINE_MEANINGS[method][0]
         assert info["sign_convention"] == meta["sign_convention"] == want and info["units"] == meta["units"]
         assert want.startswith("score = predicted change") == (method == "task-if")
+
+
+def test_tasks_whose_implicit_cg_made_no_progress_are_named():
+    """Where the inner Hessian has non-positive curvature along a task's query gradient, fixed-step CG leaves x = 0
+    (residual exactly 1; that task's total gradient, and so its score, is 0) or wanders off (residual > 1): the
+    pool-wide residual alone hid which tasks' scores are no measurement."""
+    # a tiny γ and one inner step from the initialisation: the support loss's Hessian is indefinite at θ_i
+    problem, lam = small_problem(kind="implicit", steps=1, lr=0.01, proximal=1e-3, hidden=(8,), seed=2, implicit_cg_steps=10)
+    tasks, val = random_tasks(n=12, seed=2), random_tasks(n=3, seed=5)
+    residuals = problem.implicit_solve_residuals(lam, tasks)
+    failed = [k for k in range(12) if residuals[k] >= 1]
+    stuck = [k for k in range(12) if residuals[k] == 1]
+    assert stuck and len(failed) < 12  # the case is drawn: some tasks stuck at x = 0, others not
+    res = task_influence(problem, lam, tasks, val, InfluenceSettings(hessian="fisher", solver="woodbury", damping=1e-2, stationarity_warn=1e9))
+    assert res.diagnostics["inner_solve"]["implicit_cg_failed_positions"] == failed
+    assert any("made no progress" in w and "--inner-proximal" in w for w in res.diagnostics["warnings"])
+    assert all(float(res.scores[k]) == 0.0 for k in stuck)  # what the warning explains

@@ -105,13 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="pairwise only: each validation task's query loss (default) or its mean margin, correct-class logit minus the best other logit")
     inf.add_argument("--out", default=None, help="output folder (default: the checkpoint's folder)")
     inf.add_argument("--name", default=None, help="file name stem (default: influence_LEVEL_METHOD)")
+    inf.add_argument("--force", action="store_true", help="replace a scores file of that name computed with another method, Hessian or damping")
     inf.add_argument("--top", type=int, default=5, help="how many most harmful / most helpful items to print (default: 5)")
     inf.add_argument("--check", type=int, default=0, metavar="K", help="fidelity check: re-optimise K random groups of tasks removed from λ* and record the Spearman and relative error of the predicted change (default: 0, no check)")
     inf.add_argument("--check-fraction", type=float, default=0.1, help="fraction of the training tasks in each removed group (default: 0.1)")
     inf.add_argument("--check-minutes", type=float, default=10.0, help="time budget of the fidelity check (default: 10)")
     inf.add_argument("--check-measurement", type=int, default=0, metavar="K", help="how much the ranking depends on which validation tasks were drawn: task-IF against both halves of K random halvings of the validation pool, its reliability and the pool size for 0.9 (default: 0, no check)")
     inf.add_argument("--resume", default=None, metavar="SCORES", help="continue the cg/pcg solve of an earlier task-level scores file of this "
-                     "checkpoint's pool (one stopped by --max-minutes or --max-iter) from its iterate; the new file is complete on its own")
+                     "checkpoint's pool (one stopped by --max-minutes or --max-iter) from its iterate, under that file's settings (flags may change the "
+                     "solver's effort, not its method, Hessian or damping); the new file is complete on its own")
     _data_root(inf)
     _common(inf)
     inf.set_defaults(_dests=add_settings_arguments(inf, InfluenceSettings, dest="influence.", title="influence settings") + ["data.data_root"])
@@ -128,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("--newton-steps", type=int, default=0, help="Newton steps on the reduced objective after the closed-form edit (default: 0)")
     ed.add_argument("--out", default=None, help="output folder (default: the checkpoint's folder)")
     ed.add_argument("--name", default="edited", help="name of the edited checkpoint (default: edited)")
+    ed.add_argument("--force", action="store_true", help="replace an edited checkpoint of that name that removed other items or used other settings")
     _data_root(ed)
     _common(ed)
     ed.set_defaults(_dests=add_settings_arguments(ed, InfluenceSettings, dest="influence.", title="influence settings (Hessian, solver, damping of the edit)") + ["data.data_root"])
@@ -285,11 +288,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_influence(args: argparse.Namespace) -> int:
     from .evaluation.fidelity import CheckSettings
-    from .pipeline import influence_checkpoint
+    from .pipeline import influence_checkpoint, scores
     check = CheckSettings(removals=args.check, fraction=args.check_fraction, max_minutes=args.check_minutes, measurement_splits=args.check_measurement)
     measurement = "margin" if args.measurement == "margin" else None
-    result, stem = influence_checkpoint(args.checkpoint, _influence_settings(args), level=args.level, out=args.out, name=args.name,
-                                        overrides=_data_only(args), check=check, measurement=measurement, resume=args.resume)
+    result, stem = influence_checkpoint(args.checkpoint, _influence_settings(args, scores.resume_settings(args.resume)), level=args.level, out=args.out, name=args.name,
+                                        overrides=_data_only(args), check=check, measurement=measurement, resume=args.resume, force=args.force)
     diag = result.diagnostics
     if "solver" in diag:
         print(f"solver {diag['solver']['name']}: residual {diag['solver']['residual']:.2e}, {diag['solver']['iterations']} iterations")
@@ -313,14 +316,13 @@ def _cmd_influence(args: argparse.Namespace) -> int:
 
 def _cmd_edit(args: argparse.Namespace) -> int:
     from .influence.results import InfluenceSettings
-    from .pipeline import edit_checkpoint
-    from .pipeline.stages import scores_settings
+    from .pipeline import edit_checkpoint, scores
 
     # an edit of a scores file's top items inverts the Hessian those scores used (not their --max-minutes), unless --config or a flag says otherwise
-    base = scores_settings(args.scores, InfluenceSettings()) if args.scores else None
+    base = scores.scores_settings(args.scores, InfluenceSettings()) if args.scores else None
     path, removal, edited, before, after = edit_checkpoint(
         args.checkpoint, _influence_settings(args, base), remove_tasks=args.remove_tasks, scores=args.scores, top_k=args.top_k,
-        newton_steps=args.newton_steps, step=args.edit_step, out=args.out, name=args.name, overrides=_data_only(args))
+        newton_steps=args.newton_steps, step=args.edit_step, out=args.out, name=args.name, overrides=_data_only(args), force=args.force)
     diag = edited.diagnostics
     short = "" if diag["solver_converged"] else ", stopped short of its tolerance (see the warning)"
     print(f"removed {removal.describe()} in closed form ({diag['seconds']:.1f} s, solver residual {diag['solver_residual']:.1e}{short})")

@@ -92,7 +92,8 @@ def report_run_folder(run_dir: str | Path) -> Path:
             erows.append({"edit": name, "removed": describe_count(m["removed"]) if isinstance(m.get("removed"), dict) else json.dumps(m.get("removed")), "step": m["edit"].get("step", "-"),
                           "hessian": m["edit"].get("hessian", "-"), "residual": f"{m['edit'].get('solver_residual', float('nan')):.1e}",
                           "solve": {True: "converged", False: "STOPPED SHORT"}.get(m["edit"].get("solver_converged"), "-"),
-                          "test before": _eval_cell((m.get("eval_before_edit") or {}).get("test")), "test after": _eval_cell((m.get("eval") or {}).get("test"))})
+                          "test before": _eval_cell((m.get("eval_before_edit") or {}).get("test")), "test after": _eval_cell((m.get("eval") or {}).get("test")),
+                          "removed tasks": ", ".join(map(str, (m.get("removed_tasks") or [])[:10])) + (", …" if len(m.get("removed_tasks") or []) > 10 else "") or "-"})
         secs.append({"heading": "Edits (closed-form removal)", "tables": [erows]})
     for name, rec in sorted(scores.items()):
         diag = rec.get("diagnostics") or {}

@@ -26,7 +26,7 @@ from ..tasks.tensors import TaskTensors
 from .gradients import kept_task_gradients, removed_examples_gradient
 from ..meta.curvature import TotalHessian
 from .results import InfluenceSettings, check_solve, shortfall
-from .task_if import build_hessian, ihvp
+from .task_if import build_hessian, ihvp, inner_solve_check
 
 
 @dataclass
@@ -179,9 +179,14 @@ def _reduced_solve(problem, lam, pool, settings, rhs, weights, diag):
 def _backtrack(objective, gradient, lam, delta, diag) -> float:
     """Largest t in {1, 1/2, …, 1/64} with F_R(λ + tΔ) ≤ F_R(λ) + 10⁻⁴ t ∇F_Rᵀ Δ (Armijo); 1 when Δ is
     not a descent direction of F_R (recorded)."""
+    if not bool(delta.any()):  # no step at all (a solve stopped before its first iteration says so itself)
+        return 1.0
     slope = float(gradient(lam) @ delta)
     if not slope < 0:
         diag["edit_not_descent"] = True
+        shortfall(diag, f"the edit's step does not descend the reduced objective at λ (slope {slope:.2g} ≥ 0), so it was taken whole, "
+                        "unchecked: its Hessian and gradients disagree (an unconverged solve, an indefinite Hessian or an unsolved inner "
+                        "problem: see the other warnings); use --hessian gauss-newton, or refine the checkpoint first")
         return 1.0
     with torch.no_grad():
         f0 = objective(lam)
@@ -267,6 +272,7 @@ def edit_model(
     t0 = time.perf_counter()
     # the reduced step is a Newton step on F(·; w_R, v_R, u_R): it needs the exact change of the gradient
     diag: dict[str, Any] = {"removed": removal.count(), "step": step, "newton": [], "removed_gradient_from_kept_pass": False}
+    inner_solve_check(problem, lam, pool, diag)  # an implicit inner loop: its derivatives assume an inner optimum
     b = removed_gradient(problem, lam, pool, removal, linear=step == "full", diag=diag)
     w, v, u = removal.weights(problem, lam, pool)
     objective, gradient = reduced_objective(problem, pool, (w, v, u), proximal)

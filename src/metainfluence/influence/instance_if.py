@@ -29,7 +29,7 @@ from ..meta.objective import MetaProblem, TaskRecord
 from ..tasks.tensors import TaskTensors
 from .gradients import example_scores, measurement_gradient
 from ..meta.curvature import check_hessian_kind, jacobian_vp, query_hvp_theta
-from .results import InfluenceResult, InfluenceSettings, check_solve, settings_dict, shortfall, solver_record
+from .results import RESIDUAL_WARN, InfluenceResult, InfluenceSettings, check_solve, settings_dict, shortfall, solver_record
 from .gradients import _train_pass
 from .task_if import build_hessian, check_curvature_file, ihvp, inner_solve_check, stationarity
 
@@ -177,6 +177,10 @@ def instance_influence(
     if which == "support" and settings.support_method == "two-stage":
         raw, inner = _two_stage_scores(problem, lam, train_tasks, s, settings)
         diag.update(inner)
+        if inner["inner_solve_residual"] > RESIDUAL_WARN:  # the (H_in + δ_in I)⁻¹ solves of the implicit inner problem
+            shortfall(diag, f"the two-stage inner solves (H_in + δ_in I)⁻¹ stopped at a relative residual up to {inner['inner_solve_residual']:.2g}, "
+                            f"so the support scores are approximate; raise --inner-cg-steps (now {settings.inner_cg_steps}) or --inner-damping "
+                            f"(now {settings.inner_damping:g}; larger where H_in is indefinite)")
         method = "support/two-stage"
     else:
         raw = example_scores(problem, lam, train_tasks, s, which)

@@ -36,7 +36,7 @@ from .task_if import ihvp, trust_checks
 Measurement = Callable[[torch.Tensor], torch.Tensor]
 
 PAIRWISE_SIGN_CONVENTION = (
-    "scores[k, j] = predicted change of measurement j (by default the query loss of test task j after adaptation, "
+    "scores[k, j] = predicted change of measurement j (by default the query loss of measured task j, a validation task on the command line, after adaptation, "
     "in its units) when training task k is removed (docs/method.md §6.2): for a loss, scores[k, j] > 0 means training "
     "task k HELPS test task j and < 0 means it HARMS it. For the margin measurement (higher is better) the reading "
     "flips: a positive entry means removing k raises j's margin, i.e. k harms j."

@@ -187,6 +187,9 @@ class InfluenceResult:
                                          ("scores", "task_ids"), pool_fingerprint)
         if tensors["task_ids"].dim() != 1 or tensors["scores"].shape[:1] != tensors["task_ids"].shape:
             raise CheckpointError(f"scores file {stem}: scores {tuple(tensors['scores'].shape)} and task ids {tuple(tensors['task_ids'].shape)} disagree; recompute it")
+        if (info["level"] == "task") != (tensors["scores"].dim() == 1):  # one score per task, or a row of examples per task
+            raise CheckpointError(f"scores file {stem}: its level {info['level']!r} disagrees with its scores of shape {tuple(tensors['scores'].shape)} "
+                                  "(its JSON was edited or damaged); recompute it")
         extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
         return cls(
             level=info["level"],

@@ -189,8 +189,16 @@ def inner_solve_check(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensor
     if rel > warn_ratio:
         shortfall(diag, f"the implicit inner problem is not solved: ‖∇_θ L_in(θ_i)‖ is up to {rel:.2g} of its value at θ = λ; "
                         f"the implicit-function derivatives assume an inner optimum — raise --inner-steps (now {problem.inner.steps}) or --inner-lr")
-    cg_rel = float(problem.implicit_solve_residuals(lam, tasks).max())
+    residuals = problem.implicit_solve_residuals(lam, tasks)
+    cg_rel = float(residuals.max())
     diag["inner_solve"]["implicit_cg_residual_max"] = cg_rel
+    failed = [int(k) for k in (residuals >= 1).nonzero().flatten()]  # no better than x = 0 (CG met non-positive curvature)
+    if failed:
+        diag["inner_solve"]["implicit_cg_failed_positions"] = failed
+        shortfall(diag, f"for {len(failed)} training task(s) (pool positions {failed[:10]}{' …' if len(failed) > 10 else ''}) the implicit-function CG "
+                        "made no progress (residual ≥ 1: the inner Hessian at θ_i has non-positive curvature there), so their dθ_i/dλ and total "
+                        f"gradients are 0 or meaningless and so are their scores — raise --inner-proximal (now {problem.inner.proximal:g}; it makes "
+                        f"the inner Hessian positive definite) or --inner-steps (now {problem.inner.steps})")
     if cg_rel > 1e-6:
         shortfall(diag, f"the implicit-function CG stops at a relative residual up to {cg_rel:.2g}: dθ_i/dλ is then inexact and not linear, "
                         f"so the total Hessian is not symmetric — raise --inner-implicit-cg-steps (now {problem.inner.implicit_cg_steps})")

@@ -20,6 +20,7 @@ from ..influence import InfluenceSettings
 from ..influence.gradients import reusing_measurement_gradients
 from ..influence.reliability import halves_of, measurement_reliability, overfit_notice, record_reliability
 from ..linalg import SolverSettings
+from ..meta.checkpoint import lam_digest
 from ..meta.evaluate import EvalResult
 from .run import RunContext
 from .settings import RunSettings
@@ -93,7 +94,7 @@ def _influence_demo(ctx: RunContext, lam: torch.Tensor, before: Mapping[str, Eva
     summary["edit_residual"] = edited.diagnostics["solver_residual"]
     # the record `edit` writes, so that `report` lists the demo's edit among the run's edits
     ctx.save_checkpoint("edited", edited.lam, "edited", {"eval": evals_json(after), "eval_before_edit": evals_json(before), "removed": removal.count(),
-                                                         "removed_tasks": removal.tasks, "edit": edited.diagnostics,
+                                                         "removed_tasks": removal.tasks, "edited_from": lam_digest(lam), "edit": edited.diagnostics,
                                                          "edit_settings": {"influence": to_dict(gn), "step": "reduced", "newton_steps": 0}})
     return summary
 

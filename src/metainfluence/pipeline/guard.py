@@ -5,9 +5,10 @@ processes writing one folder would mix their files)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Mapping
 
 from ..errors import SettingsError
 
@@ -41,10 +42,44 @@ def claim_run_folder(out: str | os.PathLike, *, resume: bool = False, force: boo
     """The folder of a NEW run: refused when it already holds one, unless resuming or forced."""
     path = Path(out).expanduser()
     found = [m for m in RUN_MARKERS if (path / m).exists()]
+    if found == ["settings.json"] and not any(path.glob("*.safetensors")):
+        found = []  # a run interrupted before its first checkpoint: nothing of it to lose, it starts again
     if found and not (resume or force):
         raise SettingsError(f"--out {path} already holds a run ({', '.join(found)}); pass --resume to continue it, "
                             "--force to overwrite it, or choose another --out")
     return check_writable(path)
+
+
+def _comparable(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def check_not_replacing(stem: Path, what: str, kinds: tuple[str, ...], wanted: Mapping[str, Any], force: bool = False) -> None:
+    """A file ``stem`` (its ``.json``) of another kind than ``kinds``, or holding ``what`` of other settings, is never
+    replaced silently: refused unless ``force``. ``wanted``: the keys of the record (dotted paths into its JSON) and the
+    values this command would write there; a file that records the same values is the same computation, and writing it
+    again loses nothing."""
+    record = stem.with_name(stem.name + ".json")
+    if force or not record.is_file():
+        return
+    try:
+        kept = json.loads(record.read_text())
+    except (OSError, ValueError):
+        kept = None
+    kind = kept.get("kind") if isinstance(kept, dict) else None
+    if kind not in kinds:
+        raise SettingsError(f"{stem} already holds another kind of file ({kind or 'not a metainfluence record'}), not {what}; "
+                            "pass --name NEW (or --out) to keep it, or --force to replace it")
+    differ = []
+    for key, value in wanted.items():
+        have: Any = kept
+        for part in key.split("."):
+            have = have.get(part) if isinstance(have, dict) else None
+        if _comparable(have) != _comparable(json.loads(_comparable(value))):
+            differ.append(key.rsplit(".", 1)[-1])
+    if differ:
+        raise SettingsError(f"{stem} already holds {what} of another {', '.join(differ)}; pass --name NEW (or --out) to keep both, "
+                            "or --force to replace it")
 
 
 @contextlib.contextmanager

@@ -102,7 +102,7 @@ class RunContext:
         try:
             settings = settings_from_dict(RunSettings, record.get("settings") or {}, source=f"checkpoint {path}")
         except SettingsError as exc:
-            raise CheckpointError(f"checkpoint {path} has settings this version cannot read ({exc}); use the metainfluence version that wrote it") from None
+            raise CheckpointError(f"checkpoint {path} has settings this version cannot read ({exc}): it was edited or damaged, or written by another metainfluence version (use that one)") from None
         if data_root is not None:
             settings = dataclasses.replace(settings, data=dataclasses.replace(settings.data, data_root=data_root))
         if test_tasks is not None:

@@ -12,20 +12,23 @@ from typing import Any, Callable, Mapping
 import torch
 
 from ..config import to_dict
-from ..errors import SettingsError
+from ..errors import CheckpointError, SettingsError
 from ..evaluation.fidelity import CheckSettings, fidelity_check
 from ..influence.gradients import reusing_measurement_gradients
 from ..influence.reliability import halves_of, measurement_reliability, overfit_notice, record_reliability
 from ..influence.results import shortfall
 from ..influence import Removal, edit_model, instance_influence, pairwise_influence, task_influence
+from ..influence.task_if import inner_solve_check
 from ..io import write_json
+from ..meta.checkpoint import lam_digest
 from ..meta.evaluate import EvalResult, evaluate, interval95
 from ..meta.refine import RefineReport, refine
 from ..meta.train import TrainHistory, meta_train, resumable_checkpoint
 from .describe import coverage
-from .guard import RunLock, check_name, check_writable, claim_run_folder, removed_if_left_empty
+from .guard import RunLock, check_name, check_not_replacing, check_writable, claim_run_folder, removed_if_left_empty
 from .proximal import ANCHOR, proximal_of, proximal_settings, record_proximal
 from .run import RunContext
+from .scores import ANSWER_KEYS, resume_iterate
 from .settings import RunSettings, stage_settings
 
 Log = Callable[[str], None]
@@ -123,12 +126,18 @@ def train_run(settings: RunSettings, out: str | os.PathLike, resume: bool = Fals
     out = Path(out)
     resume_from = out / "trained" if resume else None
     if resume_from is not None and not (out / "trained.safetensors").is_file():
-        raise SettingsError(f"--resume: there is no checkpoint {out / 'trained.safetensors'} to continue from; train without --resume first")
+        if not (out / "settings.json").is_file():
+            raise SettingsError(f"--resume: there is no checkpoint {out / 'trained.safetensors'} to continue from; train without --resume first")
+        log(f"--resume: the run in {out} was interrupted before its first checkpoint; starting it afresh")
+        resume_from = None
     settings.validate()  # sizes and settings are refused before the folder is touched
     with removed_if_left_empty(out), RunLock(claim_run_folder(out, resume=resume, force=force)):
         ctx = RunContext.prepare(settings, out, log=log, save_pools=resume_from is None)
         if resume_from is not None:  # refused (another pool, model or training settings) before the run's files are touched
-            resume_from = resumable_checkpoint(resume_from, ctx.problem, ctx.tensors["train"], settings.train)
+            try:
+                resume_from = resumable_checkpoint(resume_from, ctx.problem, ctx.tensors["train"], settings.train)
+            except CheckpointError as exc:  # the usual cause: the flags of the first command not repeated
+                raise CheckpointError(f"{exc} (the run's own settings: --config {out / 'settings.json'} with --resume)") from None
             ctx.save_pools()
         ctx.write_settings()
         lam, history, _ = train_stage(ctx, progress=progress, resume=resume_from)
@@ -161,6 +170,7 @@ def refine_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | No
         after = evaluate(ctx.problem, lam, ctx.tensors["test"])
         _accuracy_drop_notice(before, after, ctx.settings.refine.proximal, log)
         metrics = {"eval": {"test": after.to_json()}, "eval_before_refine": {"test": before.to_json()}}
+        inner_solve_check(ctx.problem, lam, ctx.tensors["train"], metrics)  # an unsolved implicit inner loop: ∇F is then inexact
         # refining a refined checkpoint (even into its own name) keeps the earlier refines' reports, oldest first
         earlier = list((ckpt.info.get("metrics") or {}).get("earlier_refines", [])) + ([ckpt.info["refine_report"]] if ckpt.info.get("refine_report") else [])
         if earlier:
@@ -202,11 +212,11 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, split: str = "test", task
 def influence_checkpoint(checkpoint: str | os.PathLike, settings: Any, level: str = "task", out: str | os.PathLike | None = None,
                          name: str | None = None, overrides: Callable[[RunSettings], RunSettings] | None = None, log: Log = print,
                          check: CheckSettings | None = None, measurement: str | None = None,
-                         resume: str | os.PathLike | None = None) -> tuple[Any, Path]:
+                         resume: str | os.PathLike | None = None, force: bool = False) -> tuple[Any, Path]:
     """Score a checkpoint's training tasks or examples (:func:`influence_stage`) and write the scores file
     ``OUT/NAME`` (default: the checkpoint's folder, ``influence_LEVEL_METHOD``). Returns (result, stem).
     ``resume``: a task-level scores file of this pool whose solve stopped early (``max_minutes``): its
-    iterate s is where this solve starts."""
+    iterate s is where this solve starts. A file of other :data:`ANSWER_KEYS` is refused unless ``force``."""
     if measurement is not None and level != "pairwise":
         raise SettingsError(f"--measurement applies to --level pairwise only (level {level} measures the validation pool's mean query loss)")
     if check is not None and check.measurement_splits and (level != "task" or settings.method != "task-if" or check.measurement_splits < 0):
@@ -223,9 +233,11 @@ def influence_checkpoint(checkpoint: str | os.PathLike, settings: Any, level: st
     ctx, ckpt = RunContext.from_checkpoint(checkpoint, splits=("train", "val"), overrides=overrides)
     log(f"train pool: {ctx.pools['train'].summary()}")
     _stationarity_notice(ckpt, settings, log)
-    s0 = _resume_iterate(ctx, resume, settings, level, log) if resume is not None else None
     given = settings
     prox, settings = _with_proximal(ckpt, settings, log)  # scores of the proximal objective the checkpoint was refined on
+    s0 = resume_iterate(ctx, resume, settings, level, log) if resume is not None else None
+    if resume is None or Path(resume).expanduser().resolve() != (folder / name).resolve():  # scores of another question kept
+        check_not_replacing(folder / name, f"{level}-level scores", ("metainfluence.influence", "metainfluence.pairwise"), {"level": level, **{f"settings.influence.{k}": getattr(settings, k) for k in ANSWER_KEYS}}, force)
     lam, halves = ckpt.lam.double(), None
     if check is not None and check.measurement_splits:
         # one validation pool object for both, so that the reliability's halves ride on the scores' ∇f pass
@@ -315,47 +327,10 @@ def _stationarity_notice(ckpt: Any, settings: Any, log: Log) -> None:
             f"assumes a stationary λ; {remedy}")
 
 
-def scores_settings(scores: str | os.PathLike, base: Any) -> Any:
-    """``base`` (InfluenceSettings) with the Hessian and solver settings a scores file was computed with, so that an edit
-    of its top items inverts the same Hessian (its damping without the proximal γ, which the edit adds again). Not its
-    time budget ``solve.max_minutes``: a limit chosen for the scores' solve would silently cut the edit's short, so only
-    a flag or a config file sets the edit's."""
-    import dataclasses
-
-    from ..influence.results import InfluenceResult
-
-    info = InfluenceResult.load(scores)
-    recorded = dict(info.settings.get("influence", {}))
-    given = info.diagnostics.get("proximal", {}).get("damping_given")
-    if given is not None:
-        recorded["damping"] = given
-    keep = ("hessian", "solver", "damping", "damping_mode", "curvature_file", "fisher_samples", "products", "inner_damping", "inner_hessian")
-    changes = {k: recorded[k] for k in keep if k in recorded}
-    if isinstance(recorded.get("solve"), dict):
-        solve = {f.name: recorded["solve"][f.name] for f in dataclasses.fields(base.solve) if f.name in recorded["solve"] and f.name != "max_minutes"}
-        changes["solve"] = dataclasses.replace(base.solve, **solve)
-    return dataclasses.replace(base, **changes)
-
-
-def _resume_iterate(ctx: RunContext, resume: str | os.PathLike, settings: Any, level: str, log: Log) -> torch.Tensor:
-    """The iterate s of an earlier task-level result of this pool and method (refused otherwise)."""
-    if level != "task":
-        raise SettingsError(f"--resume continues the solve of task-level scores; this run asks for --level {level}, whose scores have no "
-                            "solve to continue: drop --resume (or score --level task)")
-    prior = ctx.load_scores(resume)  # refuses a file of another pool
-    if prior.level != "task" or "s" not in prior.extra:
-        raise SettingsError(f"--resume {resume}: only a task-level task-if/direct-if result holds a solve to continue (it has level "
-                            f"{prior.level!r}, method {prior.method!r}); drop --resume")
-    if prior.method != settings.method:
-        raise SettingsError(f"--resume {resume} is a {prior.method} result but --method is {settings.method}; use the same method or drop --resume")
-    solver = prior.diagnostics.get("solver", {})
-    log(f"continuing the solve of {resume} (its residual {solver.get('residual', float('nan')):.2g} after {solver.get('iterations', '?')} iterations)")
-    return prior.extra["s"].double()
-
-
 def edit_checkpoint(checkpoint: str | os.PathLike, settings: Any, remove_tasks: str | None = None, scores: str | os.PathLike | None = None,
                     top_k: int | None = None, newton_steps: int = 0, step: str = "reduced", out: str | os.PathLike | None = None, name: str = "edited",
-                    overrides: Callable[[RunSettings], RunSettings] | None = None, log: Log = print) -> tuple[Path, Removal, Any, EvalResult, EvalResult]:
+                    overrides: Callable[[RunSettings], RunSettings] | None = None, log: Log = print,
+                    force: bool = False) -> tuple[Path, Removal, Any, EvalResult, EvalResult]:
     """Remove training tasks by id (``remove_tasks``, comma-separated) or the ``top_k`` most harmful
     items of a scores file from a checkpoint in closed form; writes ``OUT/NAME``.
     Returns (path, removal, edit result, test result before, test result after)."""
@@ -374,11 +349,16 @@ def edit_checkpoint(checkpoint: str | os.PathLike, settings: Any, remove_tasks: 
             raise SettingsError("--scores needs --top-k K (how many of the most harmful items to remove)")
         removal = removal_from_scores(ctx.load_scores(scores, ckpt), top_k)
     log(f"train pool: {ctx.pools['train'].summary()}")
+    _stationarity_notice(ckpt, settings, log)  # by the threshold given (a proximal checkpoint's report is of P)
     # the edit of the proximal objective: its reduced Hessian is H_R + γI, its Newton steps descend P_R
     prox, settings = _with_proximal(ckpt, settings, log)
-    log(f"edit: {step} step removing {removal.describe()}, {settings.hessian} Hessian, solver {settings.solver}, damping {settings.damping:g}"
+    what = {"removed_tasks": [ids[i] for i in removal.tasks], **_removed_examples(removal, ids), "edited_from": lam_digest(ckpt.lam)}
+    shown = what["removed_tasks"] or [tuple(p) for k in ("removed_support_examples", "removed_query_examples") for p in what.get(k, [])]
+    log(f"edit: {step} step removing {removal.describe()} ({', '.join(map(str, shown[:12]))}{', …' if len(shown) > 12 else ''}), "
+        f"{settings.hessian} Hessian, solver {settings.solver}, damping {settings.damping:g}"
         + (f", at most {settings.solve.max_minutes:g} min" if settings.solve.max_minutes else ""))
-    _stationarity_notice(ckpt, settings, log)
+    check_not_replacing(folder / name, "an edit", ("edited",), {"metrics.edit_settings.step": step, **{f"metrics.{k}": v for k, v in what.items()},
+                                                   **{f"metrics.edit_settings.influence.{k}": getattr(settings, k) for k in ANSWER_KEYS}}, force)
     lam = ckpt.lam.double()
     edited = edit_stage(ctx, lam, removal, settings, newton_steps=newton_steps, step=step, proximal=prox)
     before = evaluate_stage(ctx, lam, ("test",))["test"]
@@ -387,7 +367,7 @@ def edit_checkpoint(checkpoint: str | os.PathLike, settings: Any, remove_tasks: 
     with RunLock(folder):
         path = ctx.save_checkpoint(name, edited.lam, "edited", {
             "eval": {"test": after.to_json()}, "eval_before_edit": {"test": before.to_json()},
-            "removed": removal.count(), "removed_tasks": [ids[i] for i in removal.tasks], **_removed_examples(removal, ids),
+            "removed": removal.count(), **what,
             "removed_by": {"scores": str(scores), "top_k": top_k} if scores is not None else {"remove_tasks": remove_tasks},
             "edit": edited.diagnostics, "edit_settings": {"influence": to_dict(settings), "step": step, "newton_steps": newton_steps}})
     return path, removal, edited, before, after
