@@ -275,3 +275,13 @@ def test_an_edit_step_that_does_not_descend_is_taken_whole_and_said():
     quiet: dict = {}
     assert _backtrack(f, g, lam, -0.5 * lam, quiet) == 1.0 and "warnings" not in quiet  # the Newton step of f: kept whole
     assert _backtrack(f, g, lam, -4 * lam, quiet) == 0.25 and "warnings" not in quiet  # overshoots: halved to the minimiser
+
+
+def test_unrolled_support_scores_of_an_implicit_inner_loop_are_refused_before_any_pass(monkeypatch):
+    from metainfluence.errors import SettingsError
+    from metainfluence.influence import instance_if
+
+    problem, lam = small_problem(kind="implicit", steps=5, lr=0.3, proximal=1.0, hidden=(4,))
+    monkeypatch.setattr(instance_if, "measurement_gradient", lambda *a, **k: pytest.fail("a gradient pass ran before the refusal"))
+    with pytest.raises(SettingsError, match="--support-method two-stage"):
+        instance_influence(problem, lam, random_tasks(n=3), random_tasks(n=2, seed=3), "support", InfluenceSettings(hessian="gauss-newton"))

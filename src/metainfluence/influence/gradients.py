@@ -205,7 +205,8 @@ _WEIGHT_OF = {"support": "v", "query": "u"}
 
 def _require_unrolled(problem: MetaProblem, what: str) -> None:
     if problem.inner.kind != "unrolled":
-        raise SettingsError(f"{what} differentiates through the unrolled inner loop; with inner=implicit use the two-stage method")
+        raise SettingsError(f"{what} differentiates through the unrolled inner loop; with inner=implicit use the two-stage method "
+                            "(--support-method two-stage)")
 
 
 def example_scores(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, s: torch.Tensor, which: str) -> torch.Tensor:

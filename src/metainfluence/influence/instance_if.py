@@ -30,7 +30,7 @@ from ..tasks.tensors import TaskTensors
 from .gradients import example_scores, measurement_gradient
 from ..meta.curvature import check_hessian_kind, jacobian_vp, query_hvp_theta
 from .results import RESIDUAL_WARN, InfluenceResult, InfluenceSettings, check_solve, settings_dict, shortfall, solver_record
-from .gradients import _train_pass
+from .gradients import _require_unrolled, _train_pass
 from .task_if import build_hessian, check_curvature_file, ihvp, inner_solve_check, stationarity
 
 
@@ -138,6 +138,8 @@ def instance_influence(
     if settings.method != "task-if":
         raise SettingsError("instance-IF uses the total Hessian: method must be task-if (baselines rank whole tasks)")
     check_hessian_kind(problem, settings.hessian)
+    if which == "support" and settings.support_method != "two-stage":  # refused before the passes, not after them
+        _require_unrolled(problem, "support instance-IF (unrolled)")
     if s is None:
         check_curvature_file(problem, lam, train_tasks, settings)
     if which == "support" and settings.support_method == "two-stage" and settings.inner_hessian == "ekfac":

@@ -237,7 +237,8 @@ def influence_checkpoint(checkpoint: str | os.PathLike, settings: Any, level: st
     prox, settings = _with_proximal(ckpt, settings, log)  # scores of the proximal objective the checkpoint was refined on
     s0 = resume_iterate(ctx, resume, settings, level, log) if resume is not None else None
     if resume is None or Path(resume).expanduser().resolve() != (folder / name).resolve():  # scores of another question kept
-        check_not_replacing(folder / name, f"{level}-level scores", ("metainfluence.influence", "metainfluence.pairwise"), {"level": level, **{f"settings.influence.{k}": getattr(settings, k) for k in ANSWER_KEYS}}, force)
+        asked = {"level": level, **{f"settings.influence.{k}": getattr(settings, k) for k in ANSWER_KEYS}}
+        check_not_replacing(folder / name, f"{level}-level scores", ("metainfluence.influence", "metainfluence.pairwise"), asked, force)
     lam, halves = ckpt.lam.double(), None
     if check is not None and check.measurement_splits:
         # one validation pool object for both, so that the reliability's halves ride on the scores' ∇f pass
