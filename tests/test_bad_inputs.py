@@ -394,6 +394,22 @@ def _(w, inp, out):
     load_checkpoint(inp / "ck")
 
 
+def _checkpoint_settings_edited(w, inp, out):
+    from safetensors import safe_open
+
+    _checkpoint(w, inp, out)
+    with safe_open(str(inp / "ck.safetensors"), "pt") as fh:
+        tensors, meta = {k: fh.get_tensor(k) for k in fh.keys()}, fh.metadata()
+    record = json.loads(meta["metainfluence_record"])
+    record["problem"]["inner"]["lr"] = 0.9  # a valid value, a different model: what the λ checksum cannot see
+    write_tensors(inp / "ck.safetensors", tensors, metadata={"metainfluence_record": json.dumps(record)})
+
+
+@case("checkpoint_settings_edited_in_its_header", CheckpointError, "header was edited", "unedited copy", prepare=_checkpoint_settings_edited)
+def _(w, inp, out):
+    load_checkpoint(inp / "ck")
+
+
 @case("checkpoint_lambda_edited", CheckpointError, "checksum", prepare=lambda w, inp, out: (_checkpoint(w, inp, out), _flip(inp / "ck.safetensors", (inp / "ck.safetensors").stat().st_size - 8, 4)))
 def _(w, inp, out):
     load_checkpoint(inp / "ck")

@@ -173,6 +173,7 @@ def save_checkpoint(
     }
     if extra:
         record.update(to_jsonable(dict(extra)))
+    record["record_sha256"] = _record_digest(record)
     tensors = {"lam": lam}
     for k, v in (state or {}).items():
         tensors[f"state.{k}"] = v.detach().cpu()
@@ -212,6 +213,14 @@ class Checkpoint:
     @property
     def step(self) -> int | None:
         return self.info.get("step")
+
+
+# what the numbers of a checkpoint are read by: an edit of these in its header would make λ mean something else
+_RECORDED = ("kind", "settings", "problem", "param_spec", "pools", "state_keys")
+
+
+def _record_digest(record: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps({k: record.get(k) for k in _RECORDED}, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def lam_digest(lam: torch.Tensor) -> str:
@@ -271,6 +280,9 @@ def load_checkpoint(
     lam = tensors["lam"]
     if _lam_digest(lam) != record.get("lam", {}).get("sha256"):
         raise CheckpointError(f"checkpoint {tpath}: λ does not match the checksum in its record (corrupt file); use an earlier checkpoint or train again")
+    if record.get("record_sha256", _record_digest(record)) != _record_digest(record):  # (checkpoints before it have none)
+        raise CheckpointError(f"checkpoint {tpath}: its settings, model or pool record do not match the checksum written with them (the header "
+                              "was edited after it was written); use an unedited copy, or write the checkpoint again with the settings you want")
     ckpt = Checkpoint(lam=lam, info=record, state={k[len("state."):]: v for k, v in tensors.items() if k.startswith("state.")}, path=tpath)
     if expected_problem is not None:
         spec = expected_problem if isinstance(expected_problem, ParamSpec) else expected_problem.spec
