@@ -26,12 +26,19 @@ def build_hessian(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, s
 def curvature_fingerprint(op: TotalHessian, ignore_weights: bool = False, as_kind: dict[str, Any] | None = None, **fit: Any) -> str:
     """What an approximation of ``op`` depends on: λ, the pool and its weights, the Hessian kind, the
     problem and the fit settings ``fit`` (damping is applied at solve time and is not part of it).
-    ``as_kind`` ({hessian, fisher_samples, seed} of a fit) puts another kind in place of ``op``'s own."""
+    ``as_kind`` ({hessian, fisher_samples, seed} of a fit) puts another kind in place of ``op``'s own. The plain
+    fingerprint is kept on the operator: a curvature file checked before the passes is checked again at the solve."""
+    plain = not ignore_weights and as_kind is None and not fit
+    if plain and getattr(op, "_fingerprint", None) is not None:
+        return op._fingerprint
     weights = {} if ignore_weights else {k: getattr(op, k) for k in ("w", "v", "u") if getattr(op, k) is not None}
     kind = {"hessian": op.kind, "fisher_samples": op.fisher_samples, "seed": op.seed} if as_kind is None else as_kind
     fisher = {"fisher_samples": kind["fisher_samples"], "seed": kind["seed"]} if kind["hessian"] == "fisher" else {}
-    return fingerprint({"lam": op.lam, "pool": tensors_fingerprint(op.tasks), "weights": weights, "kind": kind["hessian"],
-                        "problem": op.problem.settings_json(), **fisher, "fit": fit}, 32)
+    digest = fingerprint({"lam": op.lam, "pool": tensors_fingerprint(op.tasks), "weights": weights, "kind": kind["hessian"],
+                          "problem": op.problem.settings_json(), **fisher, "fit": fit}, 32)
+    if plain:
+        op._fingerprint = digest
+    return digest
 
 
 def effective_damping(op: TotalHessian, settings: Any) -> float:

@@ -140,8 +140,7 @@ def instance_influence(
     check_hessian_kind(problem, settings.hessian)
     if which == "support" and settings.support_method != "two-stage":  # refused before the passes, not after them
         _require_unrolled(problem, "support instance-IF (unrolled)")
-    if s is None:
-        check_curvature_file(problem, lam, train_tasks, settings)
+    checked = check_curvature_file(problem, lam, train_tasks, settings) if s is None else None
     if which == "support" and settings.support_method == "two-stage" and settings.inner_hessian == "ekfac":
         check_factorable(problem)
     lam = lam.detach()
@@ -149,7 +148,7 @@ def instance_influence(
     t0 = time.perf_counter()
     grad_f, f_value = measurement_gradient(problem, lam, val_tasks)
     if s is None:
-        op = build_hessian(problem, lam, train_tasks, settings)
+        op = checked or build_hessian(problem, lam, train_tasks, settings)
         res = ihvp(op, grad_f, settings)
         s = res.x
         solver = solver_record(res, op.n_matvecs)

@@ -103,10 +103,14 @@ def _warm_start(op: TotalHessian, b: torch.Tensor, settings: InfluenceSettings, 
     return res
 
 
-def check_curvature_file(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, settings: InfluenceSettings) -> None:
-    """A curvature file of another λ, pool or Hessian kind refused before the gradient passes, not after them."""
-    if settings.solver in ("pcg", "curvature"):
-        _sketch(build_hessian(problem, lam.detach(), tasks, settings), settings)
+def check_curvature_file(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensors, settings: InfluenceSettings) -> TotalHessian | None:
+    """A curvature file of another λ, pool or Hessian kind refused before the gradient passes, not after them.
+    Returns the operator it was checked against (None without a file), for the solve to use."""
+    if settings.solver not in ("pcg", "curvature"):
+        return None
+    op = build_hessian(problem, lam.detach(), tasks, settings)
+    _sketch(op, settings)
+    return op
 
 
 def _sketch(op: TotalHessian, settings: InfluenceSettings):
@@ -237,9 +241,10 @@ def task_influence(
     stopped by ``solve.max_minutes``) to continue the cg / pcg solve from."""
     check_start_lambda(lam, train_tasks=train_tasks, val_tasks=val_tasks)  # a state_dict or list refused with its remedy
     (settings := settings or InfluenceSettings()).validate()
+    checked = None  # the operator a curvature file was checked against, before any pass
     if settings.method == "task-if":
         check_hessian_kind(problem, settings.hessian)
-        check_curvature_file(problem, lam, train_tasks, settings)
+        checked = check_curvature_file(problem, lam, train_tasks, settings)
     lam = lam.detach()
     n = problem.collective.total_count(len(train_tasks))
     timings: dict[str, float] = {}
@@ -261,7 +266,7 @@ def task_influence(
             s = grad_f  # the Hessian replaced by the identity
         else:
             t1 = time.perf_counter()
-            op = build_hessian(problem, lam, train_tasks, settings, kind="direct" if direct else None)
+            op = checked or build_hessian(problem, lam, train_tasks, settings, kind="direct" if direct else None)
             res = ihvp(op, grad_f, settings, x0=s0)
             s = res.x
             timings["ihvp"] = time.perf_counter() - t1

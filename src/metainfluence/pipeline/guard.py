@@ -75,7 +75,7 @@ def check_not_replacing(stem: Path, what: str, kinds: tuple[str, ...], wanted: M
         have: Any = kept
         for part in key.split("."):
             have = have.get(part) if isinstance(have, dict) else None
-        if _comparable(have) != _comparable(json.loads(_comparable(value))):
+        if _comparable(have) != _comparable(value):  # tuples are written as the lists the file holds
             differ.append(key.rsplit(".", 1)[-1])
     if differ:
         raise SettingsError(f"{stem} already holds {what} of another {', '.join(differ)}; pass --name NEW (or --out) to keep both, "

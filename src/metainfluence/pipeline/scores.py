@@ -20,14 +20,14 @@ Log = Callable[[str], None]
 ANSWER_KEYS = ("method", "hessian", "damping", "damping_mode", "fisher_samples", "support_method", "inner_hessian")
 
 
-def scores_settings(scores: str | os.PathLike, base: Any) -> Any:
+def scores_settings(scores: str | os.PathLike | Any, base: Any) -> Any:
     """``base`` (InfluenceSettings) with the Hessian and solver settings a scores file was computed with, so that an edit
     of its top items inverts the same Hessian (its damping without the proximal γ, which the edit adds again). Not its
     time budget ``solve.max_minutes``: a limit chosen for the scores' solve would silently cut the edit's short, so only
-    a flag or a config file sets the edit's."""
+    a flag or a config file sets the edit's. ``scores``: the file, or the InfluenceResult already read from it."""
     from ..influence.results import InfluenceResult
 
-    info = InfluenceResult.load(scores)
+    info = scores if isinstance(scores, InfluenceResult) else InfluenceResult.load(scores)
     recorded = dict(info.settings.get("influence", {}))
     given = info.diagnostics.get("proximal", {}).get("damping_given")
     if given is not None:
@@ -47,7 +47,8 @@ def resume_settings(resume: str | os.PathLike | None) -> Any:
 
     if resume is None:
         return None
-    base, method = scores_settings(resume, InfluenceSettings()), InfluenceResult.load(resume).method
+    info = InfluenceResult.load(resume)
+    base, method = scores_settings(info, InfluenceSettings()), info.method
     # not its iteration cap either: the cap (or budget) that stopped it is what the resumed solve is to go past
     base = dataclasses.replace(base, solve=dataclasses.replace(base.solve, max_iter=InfluenceSettings().solve.max_iter))
     return dataclasses.replace(base, method=method) if method in ("task-if", "direct-if") else base
