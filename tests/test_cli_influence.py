@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from metainfluence.cli import main
+from metainfluence.errors import CheckpointError
 from metainfluence.influence.results import InfluenceResult
 
 SMALL = ["--train-tasks", "60", "--val-tasks", "30", "--test-tasks", "60", "--steps", "300", "--meta-batch", "16",
@@ -60,6 +61,28 @@ def test_influence_command_writes_documented_scores(demo_run, capsys):
     from metainfluence.evaluation.metrics import spearman
 
     assert spearman(res.scores, exact.scores) > 0.8
+
+
+def test_a_baseline_says_what_its_scores_are_in_print_csv_and_json(demo_run, capsys):
+    """The loss baseline predicts no change: the printout, the scores file and the table's score column say what its
+    numbers are instead, and a scores file whose sign convention was deleted is refused as damaged."""
+    import csv
+
+    from metainfluence.influence.results import BASELINE_MEANINGS
+
+    assert main(["influence", "--checkpoint", str(demo_run / "refined"), "--method", "loss", "--name", "lossb", "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert BASELINE_MEANINGS["loss"][0] in printed and "score = predicted change" not in printed
+    with open(demo_run / "lossb.csv", newline="") as fh:
+        header = next(csv.reader(fh))
+    assert header[4] == "minus_query_loss"
+    with open(demo_run / "task_influence.csv", newline="") as fh:
+        assert next(csv.reader(fh))[4] == "val_loss_change_if_removed"
+    info = json.loads((demo_run / "lossb.json").read_text())
+    del info["sign_convention"]
+    (demo_run / "lossb.json").write_text(json.dumps(info))
+    with pytest.raises(CheckpointError, match="lacks sign_convention"):
+        InfluenceResult.load(demo_run / "lossb")
 
 
 def test_edit_command_removes_the_top_k_and_records_it(demo_run, capsys):
@@ -131,6 +154,8 @@ def test_report_renders_a_run_folder(demo_run, capsys):
     # the scores' items by name, and how many of the pool's corrupted tasks rank among as many most harmful ones
     summary = json.loads((demo_run / "summary.json").read_text())["influence"]
     assert "most harmful first: `task_influence.csv`" in md
+    items = md.split("most harmful first: `task_influence.csv`")[1]
+    assert "| task_id | val_loss_change_if_removed | classes |" in items.split("##")[0]  # the column named for what it holds
     assert f"records 12 of the 60 items as corrupted; {round(summary['recall_at_corrupted_fraction'] * 12)} of them" in md
 
 

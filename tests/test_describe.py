@@ -10,7 +10,7 @@ from PIL import Image
 
 from metainfluence.data import load_image_folder
 from metainfluence.influence.results import InfluenceResult
-from metainfluence.pipeline.describe import describe_row, item_rows, write_item_table
+from metainfluence.pipeline.describe import describe_row, item_rows, read_table, score_of, write_item_table
 from metainfluence.tasks import build_pool, corrupt_labels
 
 
@@ -43,7 +43,11 @@ def test_task_rows_name_the_classes_and_the_recorded_corruption(tmp_path):
     with open(f"{stem}.csv", newline="") as fh:
         back = list(csv.DictReader(fh))
     assert [int(r["task_id"]) for r in back] == list(range(9, -1, -1))
-    assert float(back[0]["score"]) == float(scores[9]) and "kind" in describe_row(back[0])
+    # the score column says what its number is: the predicted change of the validation loss if removed (> 0: helps)
+    assert float(back[0]["val_loss_change_if_removed"]) == float(scores[9]) and "kind" in describe_row(back[0])
+    assert "score" not in back[0] and score_of(back[0]) == back[0]["val_loss_change_if_removed"]
+    write_item_table(stem, rows, method="loss")  # a baseline predicts no change: its column says what it is instead
+    assert next(csv.reader(open(f"{stem}.csv", newline="")))[4] == "minus_query_loss"
 
 
 def test_class_names_holding_the_separator_split_back_as_they_were(tmp_path):
@@ -93,7 +97,9 @@ def test_files_sum_their_appearances_and_coverage_counts_the_unscored(tmp_path):
     assert sum(f["appearances"] for f in files) == 36 and len(files) == len(set(ids.reshape(-1).tolist()))
     text = coverage(pool, ds, "query")
     assert text.startswith(f"{len(files)} of the dataset's 30 examples are scored") and "12 belong to the validation/test splits" in text
-    write_item_table(tmp_path / "s", rows)
-    assert (tmp_path / "s.files.csv").is_file()
+    write_item_table(tmp_path / "s", rows, method="task-if")
+    back = read_table(tmp_path / "s.files.csv")
+    assert [r["file"] for r in back] == [f["file"] for f in files]
+    assert [float(r["summed_val_loss_change_if_removed"]) for r in back] == [float(f["summed_score"]) for f in files]
     write_item_table(tmp_path / "t", item_rows(_result("task", scores[:, 0]), pool, ds))
     assert not (tmp_path / "t.files.csv").exists()  # task scores have no files

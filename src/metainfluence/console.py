@@ -6,7 +6,8 @@ from __future__ import annotations
 def print_items(result, k: int, stem=None) -> None:
     """The sign convention and the k most harmful and most helpful items of a scores result; with the scores file's
     ``stem``, each item also in the words of its ``STEM.csv`` (classes, file, labels: pipeline/describe.py)."""
-    from .influence.results import SIGN_CONVENTION
+    from .influence.results import BASELINE_MEANINGS, SIGN_CONVENTION
+    from .pipeline.describe import score_of
 
     words = _item_words(stem)
     order = result.ranking(harmful_first=True)
@@ -14,7 +15,7 @@ def print_items(result, k: int, stem=None) -> None:
         print(f"note: --top {k} is more than the {order.numel()} scored items; showing all of them")
     k = max(0, min(k, order.numel()))
     label = "tasks" if result.level == "task" else f"(task, {result.level} example) pairs"
-    print(SIGN_CONVENTION)
+    print(BASELINE_MEANINGS.get(result.method, (SIGN_CONVENTION,))[0])  # the baselines say what their scores are instead
     for title, idx in (("most harmful", order[:k]), ("most helpful", order.flip(0)[:k])):
         print(f"{title} {label}:")
         for item, i in zip(result.items(idx), idx.tolist()):
@@ -25,7 +26,7 @@ def print_items(result, k: int, stem=None) -> None:
         print("most harmful files (each file's scores summed over the tasks it appears in):")
         for f in files:
             flip = f", trained as {f['labels']}" if f["labels"] != f["true_label"] else ""
-            print(f"  {f['file']}  score {float(f['summed_score']):+.4e}  in {f['appearances']} task(s), class {f['true_label']}{flip}")
+            print(f"  {f['file']}  score {float(score_of(f)):+.4e}  in {f['appearances']} task(s), class {f['true_label']}{flip}")
     if result.diagnostics.get("coverage"):
         print(f"note: {result.diagnostics['coverage']}")
     if words:

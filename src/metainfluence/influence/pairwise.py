@@ -67,7 +67,7 @@ class PairwiseResult:
 
     @classmethod
     def load(cls, stem: str | Path, pool_fingerprint: str | None = None) -> "PairwiseResult":
-        tensors, info = read_scores_file(stem, "metainfluence.pairwise", "pairwise scores file", ("measurement", "settings", "diagnostics"),
+        tensors, info = read_scores_file(stem, "metainfluence.pairwise", "pairwise scores file", ("measurement", "settings", "diagnostics", "sign_convention"),
                                          ("scores", "train_task_ids", "test_task_ids", "measurement_values"), pool_fingerprint)
         if tuple(tensors["scores"].shape) != (tensors["train_task_ids"].numel(), tensors["test_task_ids"].numel()):
             raise CheckpointError(f"pairwise scores file {stem}: scores {tuple(tensors['scores'].shape)} disagree with its task ids; recompute it")

@@ -183,7 +183,8 @@ class InfluenceResult:
 
     @classmethod
     def load(cls, stem: str | Path, pool_fingerprint: str | None = None) -> "InfluenceResult":
-        tensors, info = read_scores_file(stem, "metainfluence.influence", "scores file", ("level", "method", "measurement", "settings", "diagnostics"),
+        tensors, info = read_scores_file(stem, "metainfluence.influence", "scores file", ("level", "method", "measurement", "settings", "diagnostics",
+                                                                                         "sign_convention"),
                                          ("scores", "task_ids"), pool_fingerprint)
         if tensors["task_ids"].dim() != 1 or tensors["scores"].shape[:1] != tensors["task_ids"].shape:
             raise CheckpointError(f"scores file {stem}: scores {tuple(tensors['scores'].shape)} and task ids {tuple(tensors['task_ids'].shape)} disagree; recompute it")

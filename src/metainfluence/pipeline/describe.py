@@ -5,7 +5,8 @@ scores file ``STEM.safetensors`` the CLI writes ``STEM.csv``: one row per scored
 with its task id (and example), score, the task's classes by name, whether the pool recorded it as
 corrupted, and for examples the file (where the dataset knows its files), the label used in training and
 the true label; for example levels also ``STEM.files.csv``, one row per file with its scores summed over the tasks
-it appears in. The CLI's top lists print the same descriptions.
+it appears in. The CLI's top lists print the same descriptions. The score column's name says what the number is
+(:func:`score_column`), so a table read without its scores file still carries its sign and units.
 """
 
 from __future__ import annotations
@@ -18,6 +19,26 @@ from typing import Any
 from ..io import atomic_write_bytes
 
 COLUMNS = ("rank_harmful_first", "task_id", "set", "example", "score", "classes", "corrupted", "file", "label", "true_label")
+
+# the score column's header by method: what the number is, with its sign and units (docs/method.md §5). Every
+# influence method predicts the change of the validation loss when the item is removed (> 0: the item helps);
+# the two baselines predict nothing and say what they are instead.
+SCORE_COLUMNS = {"loss": "minus_query_loss", "random": "random_order_only"}
+PREDICTED_CHANGE = "val_loss_change_if_removed"
+
+
+def score_column(method: str | None) -> str:
+    """The header of the score column of a scores file of ``method`` (file tables prefix it with ``summed_``)."""
+    return SCORE_COLUMNS.get(method or "", PREDICTED_CHANGE)
+
+
+def score_of(row: dict[str, Any]) -> str:
+    """A table row's score, whichever method's header it carries ('' when it has none)."""
+    for key in ("score", PREDICTED_CHANGE, *SCORE_COLUMNS.values()):
+        for k in (key, f"summed_{key}"):
+            if row.get(k) not in (None, ""):
+                return row[k]
+    return ""
 
 
 def _class_name(dataset: Any, c: int) -> str:
@@ -106,21 +127,23 @@ def coverage(pool: Any, dataset: Any, which: str) -> str:
                if unused > 0 else ""))
 
 
-def _write_csv(path: Path, columns: tuple[str, ...], rows: list[dict[str, Any]]) -> Path:
+def _write_csv(path: Path, columns: tuple[str, ...], rows: list[dict[str, Any]], score: str) -> Path:
+    """The rows under ``columns``, the score column (``score`` / ``summed_score``) headed by ``score``'s meaning."""
+    header = {c: c.replace("score", score) for c in columns if c in ("score", "summed_score")}
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow([header.get(c, c) for c in columns])
+    writer.writerows([r.get(c, "") for c in columns] for r in rows)
     return atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
 
 
-def write_item_table(stem: str | Path, rows: list[dict[str, Any]]) -> Path:
-    """``STEM.csv`` (atomic), the columns of :data:`COLUMNS`; for example-level scores also ``STEM.files.csv``, one row
-    per file (:func:`file_rows`)."""
+def write_item_table(stem: str | Path, rows: list[dict[str, Any]], method: str | None = None) -> Path:
+    """``STEM.csv`` (atomic), the columns of :data:`COLUMNS`, the score column named for ``method``
+    (:func:`score_column`); for example-level scores also ``STEM.files.csv``, one row per file (:func:`file_rows`)."""
     files = file_rows(rows)
     if files:
-        _write_csv(Path(f"{stem}.files.csv"), FILE_COLUMNS, files)
-    return _write_csv(Path(f"{stem}.csv"), COLUMNS, rows)
+        _write_csv(Path(f"{stem}.files.csv"), FILE_COLUMNS, files, score_column(method))
+    return _write_csv(Path(f"{stem}.csv"), COLUMNS, rows, score_column(method))
 
 
 def read_table(path: str | Path) -> list[dict[str, str]]:

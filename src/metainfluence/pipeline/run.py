@@ -201,7 +201,7 @@ class RunContext:
             result.diagnostics["checkpoint"] = {"path": str(scored[0]), "lam_sha256": lam_digest(scored[1])}
         result.save(stem, pool_fingerprint=self.pool_fingerprint("train"))
         if isinstance(result, InfluenceResult):  # STEM.csv: the items by class and file names (pipeline/describe.py)
-            write_item_table(stem, item_rows(result, self.pools["train"], self.dataset))
+            write_item_table(stem, item_rows(result, self.pools["train"], self.dataset), result.method)
         return stem
 
     def load_scores(self, path: str | os.PathLike, checkpoint: Checkpoint | None = None) -> InfluenceResult:
