@@ -163,6 +163,8 @@ def test_train_refine_evaluate_commands(tmp_path, capsys):
     files = {p: p.read_bytes() for p in [out / "settings.json", *sorted((out / "pools").iterdir())]}
     assert main(["train", "--out", str(out), *TINY[:-5], "--steps", "9", "--meta-batch", "4", "--resume", "--inner-lr", "0.1", "--no-progress"]) == 2
     assert "trained with inner.lr=0.4, not 0.1" in _error_line(capsys)
+    assert main(["train", "--out", str(out), *TINY[:-5], "--steps", "9", "--meta-batch", "4", "--resume", "--inner-adapt", "head", "--no-progress"]) == 2
+    assert "trained with inner.adapt='all', not 'head'" in _error_line(capsys)  # MAML steps and ANIL steps are other objectives
     assert load_checkpoint(out / "trained").step == 8
     # ... nor on another pool; a refused resume leaves the run's settings and pool files as they were
     assert main(["train", "--out", str(out), *TINY[:-5], "--steps", "9", "--meta-batch", "4", "--resume", "--train-tasks", "13", "--no-progress"]) == 2

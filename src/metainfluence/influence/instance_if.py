@@ -7,7 +7,8 @@ Support example z, ``two-stage`` (the paper's):
   computed per task as  c = R ∇²_θ L_Q^k (J_k s),  score_z = −cᵀ ∇_θ ℓ(z; θ_k) / (|S_k| n),
   where R is the inner problem's response to a change of the support loss (docs/method.md §7, corrected):
     implicit (inner optimum):  R = (H_in + δ_in I)^{-1}, H_in = ∇²_θ L_S + γI, solved by CG;
-    unrolled (K steps of α):   R = α Σ_{j<K} (I − α H_in)^j  (0 at K = 0, → H_in^{-1} as K grows),
+    unrolled (K steps of α):   R = α Σ_{j<K} (I − α H_in)^j  (0 at K = 0, → H_in^{-1} as K grows;
+                               steps that move only the masked parameters M, ANIL: R = α Σ_{j<K} (I − α M H_in)^j M),
   with exact products, or (``inner_hessian="ekfac"``, as the paper) with H_in replaced by the EK-FAC
   of the support Gauss–Newton matrix + γI at θ_k, R applied exactly in its eigenbasis.
 with s = (H + δI)^{-1} ∇f(λ*) shared by every item.
@@ -34,12 +35,15 @@ from .gradients import _require_unrolled, _train_pass
 from .task_if import build_hessian, check_curvature_file, ihvp, inner_solve_check, stationarity
 
 
-def k_step_response(hvp, b: torch.Tensor, alpha: float, steps: int) -> torch.Tensor:
+def k_step_response(hvp, b: torch.Tensor, alpha: float, steps: int, mask=None) -> torch.Tensor:
     """α Σ_{j<K} (I − αA)^j b: how K gradient steps of size α on a quadratic with Hessian A move
-    their end point when the linear term changes by b (Horner's rule, K products)."""
+    their end point when the linear term changes by b (Horner's rule, K products). With a 0/1 ``mask`` M
+    (steps that move only some parameters, ANIL) the transpose of the masked response, α Σ_{j<K} M (I − αAM)^j b,
+    by c ← c + αM(b − Ac), the form the support scores take it in (M ↦ identity recovers the above)."""
     c = torch.zeros_like(b)
+    masked = (lambda z: z) if mask is None else mask
     for _ in range(steps):
-        c = alpha * b + c - alpha * hvp(c)
+        c = c + alpha * masked(b - hvp(c))
     return c
 
 
@@ -70,6 +74,9 @@ def _two_stage_scores(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensor
     """(n, |S|) two-stage scores (without the 1/n) and what to record: the worst relative residual of
     the inner solves (0 for the K-step response and for EK-FAC, which are applied exactly)."""
     one_step = problem.inner.kind != "implicit" and problem.inner.steps == 1
+    if settings.inner_hessian == "ekfac" and not one_step and problem.adapt_mask is not None:
+        raise SettingsError(f"an EK-FAC inner Hessian is fitted over every parameter, but this inner loop adapts only some (adapt={problem.inner.adapt!r}); "
+                            "use --inner-hessian exact for its two-stage support scores")
     if settings.inner_hessian == "ekfac" and not one_step:
         return _two_stage_scores_ekfac(problem, lam, tasks, s, settings)
     delta_in = settings.inner_damping
@@ -84,7 +91,7 @@ def _two_stage_scores(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensor
             c = fixed_step_cg(mv, b, steps)
             residual = (mv(c) - b).norm() / b.norm().clamp_min(1e-300)
         else:
-            c = k_step_response(lambda z: problem.inner_hvp(theta, lam, task, z), b, alpha, K)
+            c = k_step_response(lambda z: problem.inner_hvp(theta, lam, task, z), b, alpha, K, problem.masked)
             residual = torch.zeros((), dtype=b.dtype, device=b.device)
         return torch.cat([_support_scores(problem, theta, task, c), residual[None]])
 

@@ -3,6 +3,7 @@
 Inner problem (adaptation) of task i, on the inner objective
     L_in(θ; λ) = L_S(θ; S_i, v) + (γ/2)‖θ − λ‖²,     L_S = Σ_j v_j ℓ(x_j, y_j; θ) / |S_i|
   * ``unrolled`` (MAML): K steps of gradient descent from θ = λ, differentiated through (second order);
+    ANIL-style, the steps move only some parameters (``InnerSettings.adapt``, meta/inner.py);
   * ``implicit`` (iMAML): θ_i ≈ argmin L_in, derivatives by the implicit function theorem,
     dθ_i/dλ = γ (∇²_θ L_S + γI)^{-1}.
 Outer objective with task weights w:
@@ -17,7 +18,6 @@ the same numbers (see :mod:`metainfluence.distributed`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import torch
@@ -32,40 +32,8 @@ from ..progress import bar
 from ..tasks.tensors import TaskTensors
 from .collective import SINGLE_PROCESS, Collective
 from .inputs import WORKING_DTYPES, check_model, check_task_tensors, check_working_dtype, task_bytes  # noqa: F401 (λ checks re-exported)
+from .inner import AdaptedPart, InnerSettings  # noqa: F401 (InnerSettings re-exported: its home was here)
 from .params import ParamSpec
-
-
-@dataclass
-class InnerSettings:
-    kind: str = field(default="unrolled", metadata={"help": "inner solver: unrolled (MAML, exact autodiff) | implicit (iMAML, proximal + IFT)"})
-    steps: int = field(default=1, metadata={"help": "inner gradient steps K"})
-    lr: float = field(default=0.4, metadata={"help": "inner step size α"})
-    first_order: bool = field(default=False, metadata={"help": "first-order MAML (stop gradients through inner gradients); unrolled only"})
-    proximal: float = field(default=0.0, metadata={"help": "proximal strength γ of (γ/2)‖θ−λ‖² in the inner objective; implicit needs γ > 0"})
-    implicit_cg_steps: int = field(default=30, metadata={"help": "CG iterations for the implicit-function-theorem solve (implicit only)"})
-    eval_steps: int = field(default=0, metadata={"help": "inner steps when evaluating (meta-test accuracy) only; 0 = steps. Training, refine and influence always use steps (e.g. 1 in training, 3 at test, as Finn et al.)"})
-
-    def for_evaluation(self) -> "InnerSettings":
-        """These settings with ``steps`` replaced by ``eval_steps`` (themselves when it is 0)."""
-        if not self.eval_steps or self.eval_steps == self.steps:
-            return self
-        return replace(self, steps=self.eval_steps)
-
-    def validate(self) -> None:
-        if self.kind not in ("unrolled", "implicit"):
-            raise SettingsError(f"unknown inner solver {self.kind!r}; use unrolled or implicit")
-        if self.eval_steps < 0:
-            raise SettingsError(f"eval_steps must be ≥ 0 (0 = steps), got {self.eval_steps}")
-        if self.steps < 0 or (self.kind == "implicit" and self.steps < 1):
-            raise SettingsError(f"inner steps must be ≥ 0 (≥ 1 for implicit), got {self.steps}")
-        if self.lr <= 0:
-            raise SettingsError(f"inner lr must be positive, got {self.lr}")
-        if self.proximal < 0:
-            raise SettingsError(f"proximal γ must be ≥ 0, got {self.proximal}")
-        if self.kind == "implicit" and self.proximal <= 0:
-            raise SettingsError("the implicit inner solver needs a proximal term: set proximal γ > 0 (e.g. 1.0)")
-        if self.kind == "implicit" and self.first_order:
-            raise SettingsError("first_order applies to the unrolled inner solver only")
 
 
 def _cross_entropy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -128,6 +96,10 @@ class MetaProblem:
             self.loss_fn = loss
         self.inner = inner or InnerSettings()
         self.inner.validate()
+        # ANIL-style: the inner loop moves only these parameters (None: all of them, MAML)
+        self.adapted = AdaptedPart.of(self.spec, self.inner.adapt)
+        self.adapt_mask = None if self.adapted is None else self.adapted.mask
+        self._masks: dict[tuple, torch.Tensor] = {}
         if weight_decay < 0:
             raise SettingsError(f"weight decay μ must be ≥ 0, got {weight_decay}")
         self.weight_decay = float(weight_decay)
@@ -194,6 +166,12 @@ class MetaProblem:
         cfg = self.inner
         if cfg.kind == "unrolled":
             theta = lam
+            if self.adapted is not None:  # ANIL-style: the steps move the adapted entries h only
+                h, lam_h = self.adapted.take(lam), self.adapted.take(lam)
+                for _ in range(cfg.steps):
+                    g = grad(self._adapted_objective)(h, lam, lam_h, task)
+                    h = h - cfg.lr * (g.detach() if cfg.first_order else g)
+                return self.adapted.put(lam, h)
             for _ in range(cfg.steps):
                 g = grad(self.inner_objective)(theta, lam, task)
                 if cfg.first_order:
@@ -205,6 +183,22 @@ class MetaProblem:
         for _ in range(cfg.steps):
             theta = theta - cfg.lr * grad(self.inner_objective)(theta, lam_d, task).detach()
         return theta.detach()
+
+    def _adapted_objective(self, h, lam, lam_h, task: TaskRecord) -> torch.Tensor:
+        """L_in as a function of the adapted entries h, the other parameters at λ's values: the network gets them apart,
+        so that the backward pass of a step stops at the adapted layers."""
+        params = {**self.spec.unflatten(lam), **self.adapted.params(h), **self._constants(lam)}
+        value = (task.v * self.per_example(self.loss_fn(functional_call(self.model, params, (task.xs,)), task.ys), task.xs)).sum() / task.xs.shape[0]
+        return value + 0.5 * self.inner.proximal * ((h - lam_h) ** 2).sum() if self.inner.proximal > 0 else value
+
+    def masked(self, g: torch.Tensor) -> torch.Tensor:
+        """M g: ``g`` with the entries of parameters the inner loop does not adapt set to 0 (``g`` itself for MAML)."""
+        if self.adapt_mask is None:
+            return g
+        key = (g.dtype, g.device)
+        if key not in self._masks:
+            self._masks[key] = self.adapt_mask.to(dtype=g.dtype, device=g.device)
+        return g * self._masks[key]
 
     def query_outputs(self, lam, task: TaskRecord) -> torch.Tensor:
         """The model's outputs on the query inputs after adaptation, f(θ_i(λ), x_Q)."""
