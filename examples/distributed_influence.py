@@ -10,8 +10,8 @@
 
 Every process rebuilds the run from the checkpoint (same settings, same pools), keeps its shard of the
 training and validation pools, and the scores are gathered into pool order; rank 0 writes
-OUT.safetensors + OUT.json (the same format as a single-process result). Without torchrun the script
-runs as one process.
+OUT.safetensors + OUT.json and OUT.csv (the same files as a single-process result). Without torchrun the
+script runs as one process. A user mistake prints one ``error:`` line and exits with status 2.
 """
 
 from __future__ import annotations
@@ -20,11 +20,15 @@ import argparse
 
 import torch
 
+import sys
+
 from metainfluence.distributed import distributed_task_influence, init_distributed
 from metainfluence.config import add_settings_arguments, load_settings, namespace_overrides
+from metainfluence.errors import MetaInfluenceError
 from metainfluence.influence.results import InfluenceSettings
 from metainfluence.meta.checkpoint import pool_fingerprint
 from metainfluence.pipeline import RunContext
+from metainfluence.pipeline.describe import item_rows, write_item_table
 from metainfluence.pipeline.proximal import proximal_of, proximal_settings, record_proximal
 
 
@@ -37,7 +41,14 @@ def main() -> int:
     ap.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     dests = add_settings_arguments(ap, InfluenceSettings, dest="influence.", title="influence settings")
     args = ap.parse_args()
+    try:
+        return run_sharded(args, dests)
+    except MetaInfluenceError as exc:  # a user mistake: one line, as the CLI says it (every rank meets it alike)
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
 
+
+def run_sharded(args: argparse.Namespace, dests) -> int:
     ctx = init_distributed(args.backend)
     with ctx:
         run, ckpt = RunContext.from_checkpoint(args.checkpoint, data_root=args.data_root, splits=("train", "val"))
@@ -62,6 +73,7 @@ def main() -> int:
             if prox is not None:
                 record_proximal(result.diagnostics, prox[0], given, ckpt.info["refine_report"])
             result.save(args.out, pool_fingerprint=pool_fingerprint(pool))
+            write_item_table(args.out, item_rows(result, pool, run.dataset), result.method)  # OUT.csv: the tasks by class name
             d = result.diagnostics
             print(f"{len(result.scores)} task scores on {ctx.world_size} process(es) ({ctx.backend or 'single'}); "
                   f"solver residual {d.get('solver', {}).get('residual')}; wrote {args.out}.safetensors/.json")

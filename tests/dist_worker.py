@@ -75,6 +75,13 @@ def main() -> int:
             op = TotalHessian(problem, lam, local_train, kind)
             tensors[f"hvp.{kind}"] = op.matvec(direction)
             tensors[f"hmm.{kind}"] = op.matmat(torch.stack([direction, lam], 1))
+        # a time limit read on each process's own clock: rank 1's is spent at once, rank 0's is not. Both must stop at
+        # the same iteration (a process that went on alone would wait in its next sum for ever)
+        from metainfluence.linalg import SolverSettings, cg_solve
+
+        budget = SolverSettings(tol=1e-30, max_iter=50, max_minutes=1e-9 if ctx.rank == 1 else 30.0)
+        res = cg_solve(TotalHessian(problem, lam, local_train, "gauss-newton"), direction, 1e-2, budget)
+        tensors["deadline.iterations"] = torch.tensor([res.iterations, int(res.info.get("stopped_by") == "time")])
 
     for name, settings in CASES.items():
         res = distributed_task_influence(problem, lam, train, val, settings, out=out / name if name == "exact_cg" else None)

@@ -768,6 +768,16 @@ def _(w, inp, out):
     return _cli("edit", "--checkpoint", w.run_dir() / "trained", "--remove-tasks", "3,0,3", "--out", out)
 
 
+@case("cli_edit_no_task_ids", CLI, "names no task")
+def _(w, inp, out):
+    return _cli("edit", "--checkpoint", w.run_dir() / "trained", "--remove-tasks=", "--out", out)
+
+
+@case("cli_edit_task_ids_with_a_gap", CLI, "empty item")
+def _(w, inp, out):
+    return _cli("edit", "--checkpoint", w.run_dir() / "trained", "--remove-tasks", "3,,5", "--out", out)
+
+
 @case("cli_edit_top_k_larger_than_pool", CLI, "--top-k 50", prepare=_cli_scores)
 def _(w, inp, out):
     return _cli("edit", "--checkpoint", w.run_dir() / "trained", "--scores", inp / "scores", "--top-k", "50", "--out", out)

@@ -352,3 +352,22 @@ def test_a_train_interrupted_before_its_first_checkpoint_starts_again_with_or_wi
     # --resume without the first command's flags: the refusal points at the run's own settings
     assert main(["train", "--out", str(out), "--resume", "--no-progress"]) == 2
     assert f"--config {out / 'settings.json'} with --resume" in capsys.readouterr().err
+
+
+def test_an_interrupted_train_says_which_step_its_kept_checkpoint_holds(tmp_path, capsys, monkeypatch):
+    """Ctrl-C keeps the last periodic checkpoint, not the step reached: the message names it."""
+    import metainfluence.meta.train as train_module
+
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), *TINY[:-5], "--steps", "6", "--meta-batch", "4", "--checkpoint-every", "4", "--no-progress"]) == 0
+    capsys.readouterr()
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "meta_train", interrupt)
+    monkeypatch.setattr("metainfluence.pipeline.stages.meta_train", interrupt)
+    code = main(["train", "--out", str(out), *TINY[:-5], "--steps", "9", "--meta-batch", "4", "--resume", "--no-progress"])
+    assert code == 130
+    err = capsys.readouterr().err
+    assert "interrupted; what was saved is kept (the checkpoint of step 6 of 6; later steps are lost)" in err and "--resume" in err

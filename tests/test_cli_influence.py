@@ -241,9 +241,10 @@ def test_influence_time_budget_says_so_and_resume_continues_to_the_full_answer(d
     full = InfluenceResult.load(demo_run / "full")
     # a budget that runs out at once: unconverged, said aloud (one line on stderr) with the way to continue
     capsys.readouterr()
-    assert main([*base, "--max-minutes", "1e-9", "--name", "cut"]) == 0
+    assert main([*base, "--max-minutes", "1e-9", "--name", "cut"]) == 3  # written, approximate: status 3 as a time-limited train
     err = capsys.readouterr().err
     assert "warning:" in err and "--max-minutes budget" in err and "--resume" in err
+    assert err.strip().splitlines()[-1].startswith("stopped: the solve reached its --max-minutes") and f"--resume {demo_run / 'cut'}" in err
     cut = json.loads((demo_run / "cut.json").read_text())["diagnostics"]
     assert cut["solver"]["stopped_by"] == "time" and not cut["solver"]["converged"] and "--resume" in " ".join(cut["warnings"])
     # three iterations, then continued from that iterate: the full answer, in fewer new iterations
@@ -328,7 +329,7 @@ def test_an_edit_takes_not_the_scores_time_budget_and_says_when_its_solve_stops_
 
     base = ["--checkpoint", str(demo_run / "refined"), "--threads", "1"]
     assert main(["influence", *base, "--hessian", "gauss-newton", "--tol", "1e-9", "--max-iter", "400", "--max-minutes", "1e-9",
-                 "--name", "budget_scores"]) == 0
+                 "--name", "budget_scores"]) == 3  # the budget ran out: written, status 3
     recorded = InfluenceResult.load(demo_run / "budget_scores").settings["influence"]["solve"]
     assert recorded["max_minutes"] == 1e-9
     inherited = scores_settings(demo_run / "budget_scores", InfluenceSettings())
@@ -381,6 +382,14 @@ def test_influence_says_before_its_solve_how_stationary_the_checkpoint_is(demo_r
         said: list[str] = []
         _stationarity_notice(load_checkpoint(demo_run / "refined"), InfluenceSettings(hessian=hessian, stationarity_warn=1e-12), said.append)
         assert len(said) == 1 and ("use the positive semi-definite --hessian fisher --solver woodbury" in said[0]) == fisher_advised, hessian
+    # a proximal refine's report is of P, and a refine its time limit stopped is told to take more time
+    from types import SimpleNamespace
+
+    ckpt = load_checkpoint(demo_run / "refined")
+    report = {**ckpt.info["refine_report"], "proximal": 1.0, "stopped_by": "max_minutes"}
+    said = []
+    _stationarity_notice(SimpleNamespace(info={**ckpt.info, "refine_report": report}), InfluenceSettings(hessian="fisher", stationarity_warn=1e-12), said.append)
+    assert "refine stopped at ‖∇P‖ / mean‖g_i‖" in said[0] and "with a larger --refine-max-minutes" in said[0]
 
 
 def test_cli_usage_mistakes_name_the_command_and_the_remedy(demo_run, tmp_path, capsys):

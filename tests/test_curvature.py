@@ -143,6 +143,11 @@ def test_adaptive_rank_grows_until_the_spectrum_reaches_the_damped_floor_reusing
     torch.testing.assert_close(sk.eigenvalues[:10], vals[:10], rtol=1e-2, atol=0)
     capped = adaptive_nystrom_sketch(op, 1e-6, start=5, max_rank=20, oversample=5, seed=3)
     assert capped.info["stopped_by"] == "max_rank" and capped.rank == 20
+    # a time limit already spent keeps the first sketch and says why it stopped growing (refine's budget bounds the fit)
+    import time
+
+    late = adaptive_nystrom_sketch(op, 1e-6, start=5, max_rank=20, oversample=5, seed=3, deadline=time.perf_counter() - 1)
+    assert late.info["stopped_by"] == "time" and late.rank == 5 and len(late.info["history"]) == 1
 
 
 def test_fit_curvature_auto_rank_on_a_task_subsample_is_recorded_and_pcg_stays_exact(tmp_path):

@@ -10,7 +10,8 @@ from PIL import Image
 
 from metainfluence.data import load_image_folder
 from metainfluence.influence.results import InfluenceResult
-from metainfluence.pipeline.describe import describe_row, item_rows, read_table, score_of, write_item_table
+from metainfluence.pipeline.describe import (describe_row, file_relabelled, item_rows, join_names, read_table, score_of, split_names,
+                                             write_item_table)
 from metainfluence.tasks import build_pool, corrupt_labels
 
 
@@ -58,6 +59,14 @@ def test_class_names_holding_the_separator_split_back_as_they_were(tmp_path):
     for r in rows:
         assert next(csv.reader([r["classes"]], delimiter=";")) == [ds.class_names[c] for c in pool.classes[r["task_id"]].tolist()]
     assert any(";" in n for r in rows for n in next(csv.reader([r["classes"]], delimiter=";")))  # the case was drawn
+    # in words: the same names, each once, none cut at its ';' or shown with CSV quotes
+    for r in rows:
+        words = describe_row(r)
+        want = [ds.class_names[c] for c in pool.classes[r["task_id"]].tolist()]
+        assert words == "classes " + ", ".join(want) and split_names(r["classes"]) == want
+    # a file row: a label list holding a ';' name is that one label, the file's own (no false "trained as")
+    row = {"labels": join_names(["a;b"]), "true_label": "a;b"}
+    assert file_relabelled(row) == [] and file_relabelled({"labels": join_names(["a;b", "e"]), "true_label": "e"}) == ["a;b"]
 
 
 def test_example_rows_name_the_file_and_the_label_trained_on(tmp_path):

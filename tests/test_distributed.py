@@ -149,6 +149,13 @@ def test_meta_gradient_objective_and_hvps_match_one_process(two_processes, singl
         assert _rel(got[f"hmm.{kind}"], op.matmat(torch.stack([direction, lam], 1))) <= RTOL, kind
 
 
+def test_a_time_limit_stops_every_process_at_the_same_iteration(two_processes):
+    """Rank 1's budget is spent before the first iteration and rank 0's is not: rank 0 stops there too (alone it would
+    have gone on into a sum rank 1 never joins, and both would wait for ever)."""
+    got, _ = two_processes
+    assert got["deadline.iterations"].tolist() == [0, 1]
+
+
 @pytest.mark.parametrize("case", list(dist_worker.CASES))
 def test_task_influence_matches_one_process(two_processes, single, case):
     got, _ = two_processes

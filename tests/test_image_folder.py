@@ -416,6 +416,9 @@ def test_every_unreadable_file_of_a_pass_is_named_at_once(folder):
     msg = str(e.value)
     assert all(str(f) in msg for f in truncated[:5]) and str(truncated[5]) not in msg
     assert "and 2 more" in msg and msg.endswith("replace or remove them") and len(msg.splitlines()) == 1
+    # a load that meets one of them checks the whole folder: every bad file in one message, not one per run
+    with pytest.raises(DataError, match="7 images cannot be decoded: "):
+        ds.load(np.array([0, 1]))
     # the header pass of color='auto' names every non-image too
     for f in (files[10], files[30]):
         f.write_bytes(b"not an image")

@@ -282,6 +282,9 @@ def test_refine_advice_fits_the_model(run):
     relu = copy.copy(ctx.problem)  # a shallow copy whose model (only looked at for its activations) is a ReLU one
     relu.model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
     assert "--refine-method newton" in refine_advice(RefineSettings(), relu)
+    # Newton–CG's advice names the Hessian its steps used: auto is exact on a second-order unrolled loop
+    assert "--refine-newton-hessian gauss-newton" in refine_advice(RefineSettings(method="newton-cg"), ctx.problem)
+    assert "finish with --refine-method newton" in refine_advice(RefineSettings(method="newton-cg", newton_hessian="gauss-newton"), ctx.problem)
     refine_module.LARGE_MODEL, saved = 10, refine_module.LARGE_MODEL
     try:
         advice = refine_advice(RefineSettings(), relu)
@@ -317,6 +320,13 @@ def test_the_distributed_example_scores_the_proximal_objective_as_influence_does
     assert dist.diagnostics["proximal"]["damping_used"] == pytest.approx(GAMMA + 1e-3)
     assert not dist.diagnostics.get("warnings")
     torch.testing.assert_close(dist.scores, single.scores, rtol=1e-9, atol=1e-14)
+    assert (tmp_path / "dist.csv").read_text().splitlines()[0] == (tmp_path / "single.csv").read_text().splitlines()[0]  # its item table too
+    # a negative damping is the user's, said as given (γ added to it would have hidden it), in one line with status 2
+    monkeypatch.setattr(sys, "argv", ["distributed_influence.py", "--checkpoint", str(out / "refined"), "--out", str(tmp_path / "bad"),
+                                      "--damping", "-0.5"])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(str(example), run_name="__main__")
+    assert done.value.code == 2 and not (tmp_path / "bad.json").exists()
 
 
 def test_scores_compare_the_training_and_validation_losses_and_warn_when_overfit(run, tmp_path, monkeypatch):

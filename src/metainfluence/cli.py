@@ -16,7 +16,7 @@ import warnings
 from typing import Sequence
 
 from .config import add_settings_arguments, config_sections, flags_as_set_keys, load_settings, namespace_overrides, parse_sets
-from .console import print_curvature, print_items, print_pairs
+from .console import print_curvature, print_edit, print_items, print_pairs, saved_step, stop_if_cut_short
 from .errors import BudgetStop, MetaInfluenceError, SettingsError
 
 EXIT_USER_ERROR = 2
@@ -311,6 +311,7 @@ def _cmd_influence(args: argparse.Namespace) -> int:
     else:
         print_items(result, args.top, stem)
     print(f"scores: {stem}.safetensors (+ .json); {diag['timings_s']['total']:.1f} s")
+    stop_if_cut_short(diag, stem)  # --max-minutes ran out: status 3, as train's, with the way to continue
     return 0
 
 
@@ -323,12 +324,7 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     path, removal, edited, before, after = edit_checkpoint(
         args.checkpoint, _influence_settings(args, base), remove_tasks=args.remove_tasks, scores=args.scores, top_k=args.top_k,
         newton_steps=args.newton_steps, step=args.edit_step, out=args.out, name=args.name, overrides=_data_only(args), force=args.force)
-    diag = edited.diagnostics
-    short = "" if diag["solver_converged"] else ", stopped short of its tolerance (see the warning)"
-    print(f"removed {removal.describe()} in closed form ({diag['seconds']:.1f} s, solver residual {diag['solver_residual']:.1e}{short})")
-    print(f"test before edit: {before.summary()}")
-    print(f"test after edit:  {after.summary()}")
-    print(f"checkpoint: {path}")
+    print_edit(removal, edited.diagnostics, before, after, path)
     return 0
 
 
@@ -433,7 +429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         resumable = getattr(args, "command", None) in ("train", "experiment")
-        print("error: interrupted" + ("; what was saved is kept: run the same command with --resume to continue" if resumable else
+        print("error: interrupted" + (f"; what was saved is kept{saved_step(args)}: run the same command with --resume to continue" if resumable else
                                       "; this command wrote nothing (its inputs are unchanged): --max-minutes M stops it with what it "
                                       "reached kept (influence: --resume SCORES continues the solve)"), file=sys.stderr)
         return 130

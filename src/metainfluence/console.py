@@ -7,7 +7,7 @@ def print_items(result, k: int, stem=None) -> None:
     """The sign convention and the k most harmful and most helpful items of a scores result; with the scores file's
     ``stem``, each item also in the words of its ``STEM.csv`` (classes, file, labels: pipeline/describe.py)."""
     from .influence.results import BASELINE_MEANINGS, SIGN_CONVENTION
-    from .pipeline.describe import score_of
+    from .pipeline.describe import file_relabelled, score_of, split_names
 
     words = _item_words(stem)
     order = result.ranking(harmful_first=True)
@@ -25,7 +25,9 @@ def print_items(result, k: int, stem=None) -> None:
     if files:
         print("most harmful files (each file's scores summed over the tasks it appears in):")
         for f in files:
-            flip = f", trained as {f['labels']}" if f["labels"] != f["true_label"] else ""
+            other = file_relabelled(f)
+            also = "also " if len(other) < len(split_names(f["labels"])) else ""  # its true label was used in some tasks
+            flip = f", {also}trained as {', '.join(other)}" if other else ""
             print(f"  {f['file']}  score {float(score_of(f)):+.4e}  in {f['appearances']} task(s), class {f['true_label']}{flip}")
     if result.diagnostics.get("coverage"):
         print(f"note: {result.diagnostics['coverage']}")
@@ -45,6 +47,41 @@ def _item_words(stem) -> dict[tuple, str]:
 
     rows = read_table(f"{stem}.csv") if stem is not None else []
     return {((int(r["task_id"]), int(r["example"])) if r["example"] != "" else (int(r["task_id"]),)): describe_row(r) for r in rows}
+
+
+def print_edit(removal, diag: dict, before, after, path) -> None:
+    """What an edit did: the removal, its solve (and a step that backtracking cut), the test accuracy before and after."""
+    short = "" if diag["solver_converged"] else ", stopped short of its tolerance (see the warning)"
+    if diag.get("step_length", 1.0) < 1:  # the Newton step raised the reduced objective: only this much of it was kept
+        short += f"; backtracking on the reduced objective kept {diag['step_length']:.3g} of the Newton step"
+    print(f"removed {removal.describe()} in closed form ({diag['seconds']:.1f} s, solver residual {diag['solver_residual']:.1e}{short})")
+    print(f"test before edit: {before.summary()}")
+    print(f"test after edit:  {after.summary()}")
+    print(f"checkpoint: {path}")
+
+
+def stop_if_cut_short(diag: dict, stem) -> None:
+    """Raise :class:`BudgetStop` (status 3, ``stopped: …``) when ``--max-minutes`` cut the scores' solve short: the
+    scores are written but approximate, and a script must be able to tell without reading the JSON."""
+    from .errors import BudgetStop
+
+    solver = diag.get("solver") or {}
+    if solver.get("stopped_by") == "time":
+        raise BudgetStop(f"the solve reached its --max-minutes at relative residual {solver['residual']:.2e}; the scores so far "
+                         f"are written to {stem} (approximate, said in their file) — run the same command with --resume {stem} to continue the solve")
+
+
+def saved_step(args) -> str:
+    """For an interrupted train: ' (its checkpoint at step S of T)' from OUT/trained.json, where a checkpoint was written
+    (the last periodic one: the steps after it are lost), else ''."""
+    import json
+    from pathlib import Path
+
+    try:
+        info = json.loads((Path(args.out) / "trained.json").read_text())
+        return f" (the checkpoint of step {int(info['step'])} of {int(info['settings']['train']['steps'])}; later steps are lost)"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return ""
 
 
 def print_pairs(result, k: int) -> None:

@@ -305,6 +305,11 @@ def load_image_folder(
             it = "it" if len(gone) == 1 else "them"
             raise DataError(f"{what} gone since the folder was read{also}; put {it} back, or rerun so that {root} is read again")
         if failures:
+            # a file whose header read well but whose pixels do not (e.g. cut short): check every file of the folder now,
+            # in batches, so that one message names them all rather than one per run
+            for start in range(0, len(files), 512):
+                batch = files[start:start + 512]
+                failures.update({batch[j]: exc for j, exc in decode_images(batch, image_size, mode, resample)[2].items()})
             raise unreadable(failures, "cannot be decoded", "cannot be decoded")
         return torch.from_numpy(out).permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
 

@@ -272,6 +272,9 @@ class TorchCollective(Collective):
     def local_rows(self, full: torch.Tensor, n_local: int) -> torch.Tensor:
         return local_rows(full, n_local, self.group)
 
+    def any_true(self, flag: bool) -> bool:
+        return all_reduce_count(int(bool(flag)), self.group) > 0
+
 
 class distribute:
     """Give ``problem`` a :class:`TorchCollective` (see the module docstring).

@@ -32,6 +32,7 @@ class _WithoutTask:
         self.op, self.k = op, k
         self.dim, self.dtype, self.device = op.dim, op.dtype, op.device
         self.gamma_k = float(op.task_gammas()[k]) if op.kind == "gamma" else 0.0
+        self.agree = op.agree
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         return self.op.matvec(v) - (self.op.tasks_matvec(v, [self.k]) + self.gamma_k * v.to(self.op.lam)) / self.op.n_total

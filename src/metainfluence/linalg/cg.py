@@ -26,7 +26,7 @@ from .operators import LinearOperator
 
 def block_cg(products: Callable[[Tensor], Tensor], B: Tensor, tol: float, max_iter: int,
              precondition: Callable[[Tensor], Tensor] | None = None, stop_on_negative: bool = False,
-             deadline: float | None = None, slow_advice: str | None = None) -> tuple[Tensor, dict]:
+             deadline: float | None = None, slow_advice: str | None = None, agree: Callable[[bool], bool] | None = None) -> tuple[Tensor, dict]:
     """Solve A X = B column by column, A symmetric positive definite reached through
     ``products(P) = A P`` on (p, k) blocks. B: (p, m). Returns X (p, m) and diagnostics:
     ``iterations_per_rhs``, ``recursive_residuals`` (‖r‖/‖b‖ when each column stopped) and
@@ -62,7 +62,8 @@ def block_cg(products: Callable[[Tensor], Tensor], B: Tensor, tol: float, max_it
     stopped_by = None
     started = time.perf_counter()
     while bool(active.any()) and it < max_iter:
-        if deadline is not None and time.perf_counter() > deadline:
+        # with the pool sharded over processes every process must stop at the same iteration: ``agree`` ORs the clocks
+        if deadline is not None and (agree or bool)(time.perf_counter() > deadline):
             stopped_by = "time"
             break
         it += 1
@@ -142,7 +143,7 @@ def cg_solve(op: LinearOperator, b: Tensor, damping: float, settings: SolverSett
     for start in blocks:
         rows = slice(start, start + settings.cg_block)
         Xb, part = block_cg(products.block, B[rows].T.contiguous(), settings.tol, settings.max_iter, deadline=settings.deadline(t0),
-                            slow_advice=SLOW_ADVICE if start == 0 else None)  # one forecast per solve
+                            slow_advice=SLOW_ADVICE if start == 0 else None, agree=getattr(op, "agree", None))  # one forecast per solve
         X[rows] = Xb.T
         if outer is not None:
             outer.update(1)  # after the block: "k/K rhs" counts the solves done

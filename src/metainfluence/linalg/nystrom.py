@@ -48,11 +48,12 @@ def nystrom_sketch(op: LinearOperator, rank: int, oversample: int = 10, seed: in
 
 
 def adaptive_nystrom_sketch(op: LinearOperator, floor: float, target: float = 10.0, start: int = 20, max_rank: int = 400,
-                            oversample: int = 10, seed: int = 0, block: int = 16) -> LowRank:
+                            oversample: int = 10, seed: int = 0, block: int = 16, deadline: float | None = None) -> LowRank:
     """A Nyström sketch whose rank is chosen from the spectrum it finds (Frangella, Tropp & Udell, §5.4):
     the sketch is doubled, reusing every product taken so far, until its smallest kept eigenvalue
     λ_ℓ ≤ ``target`` × ``floor`` — with floor = the damped bottom of the spectrum (δ + μ), the
-    preconditioned system then has a condition number of about ``target`` — or ``max_rank`` is reached."""
+    preconditioned system then has a condition number of about ``target`` — or ``max_rank`` is reached, or (a
+    ``time.perf_counter()`` ``deadline``) the time is up: the sketch so far is then kept."""
     p = op.dim
     if not 1 <= start <= p or max_rank < start:
         raise SettingsError(f"adaptive Nyström needs 1 ≤ start ≤ max_rank and start ≤ {p}, got start {start}, max_rank {max_rank}")
@@ -72,10 +73,11 @@ def adaptive_nystrom_sketch(op: LinearOperator, floor: float, target: float = 10
         vals, U, nu = _nystrom_factor(omega, Y, op.dtype)
         k = min(rank, p)
         history.append({"rank": k, "eigenvalue_min_kept": float(vals[k - 1])})
-        if float(vals[k - 1]) <= target * floor or k >= min(max_rank, p) or ell >= p:
+        late = deadline is not None and getattr(op, "agree", bool)(time.perf_counter() > deadline)  # every process alike
+        if float(vals[k - 1]) <= target * floor or k >= min(max_rank, p) or ell >= p or late:
             break
         rank = min(2 * rank, max_rank)
-    stop = "spectrum" if float(vals[k - 1]) <= target * floor else "max_rank"
+    stop = "spectrum" if float(vals[k - 1]) <= target * floor else "time" if late else "max_rank"
     return LowRank(vals[:k], U[:, :k], {"method": "nystrom", "adaptive": True, "sketch_size": omega.shape[1], "seed": seed,
                                        "products": omega.shape[1], "shift": nu, "floor": floor, "target": target,
                                        "stopped_by": stop, "history": history, "seconds": time.perf_counter() - t0})
@@ -141,7 +143,8 @@ def pcg_solve(op: LinearOperator, b: Tensor, damping: float, settings: SolverSet
     info: dict = {"converged": True, "iterations_per_rhs": [], "recursive_residuals": [], "preconditioner": _method(sketch), "rank": sketch.rank}
     for start in range(0, B.shape[0], settings.cg_block):
         rows = slice(start, start + settings.cg_block)
-        Xb, part = block_cg(products.block, B[rows].T.contiguous(), settings.tol, settings.max_iter, precondition=M, deadline=settings.deadline(t0))
+        Xb, part = block_cg(products.block, B[rows].T.contiguous(), settings.tol, settings.max_iter, precondition=M, deadline=settings.deadline(t0),
+                           agree=getattr(op, "agree", None))
         X[rows] = Xb.T
         info["converged"] = info["converged"] and part["converged"]
         if "stopped_by" in part:

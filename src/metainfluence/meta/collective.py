@@ -34,5 +34,10 @@ class Collective:
         """This shard's rows of a full-pool tensor."""
         return full
 
+    def any_true(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any process: a decision every process must take alike (a clock's deadline, read on
+        each process at a slightly different moment, would otherwise stop one process's loop of collectives only)."""
+        return bool(flag)
+
 
 SINGLE_PROCESS = Collective()

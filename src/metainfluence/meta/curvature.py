@@ -202,6 +202,10 @@ class TotalHessian:
         index = torch.as_tensor(task_index, dtype=torch.long)
         return self._local_sum(v.to(self.lam), index).detach()
 
+    def agree(self, flag: bool) -> bool:
+        """Any process's ``flag``: a solver's time limit, decided alike on every process of a sharded pool (linalg/cg.py)."""
+        return self.problem.collective.any_true(flag)
+
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         self.n_matvecs += 1
         v = v.to(self.lam)

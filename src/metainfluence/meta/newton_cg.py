@@ -62,13 +62,14 @@ class _Preconditioner:
     ``refit`` steps (0: never). PCG converges to the same solution whatever the preconditioner, so a
     sketch fitted at an older λ only costs CG iterations, never accuracy."""
 
-    def __init__(self, problem: MetaProblem, tasks: TaskTensors, settings, kind: str):
+    def __init__(self, problem: MetaProblem, tasks: TaskTensors, settings, kind: str, monitor=None):
         # the sketch is always of the Gauss–Newton H: positive semi-definite, so its damped inverse is an
         # SPD preconditioner even for exact-Hessian steps (PCG needs nothing more)
         self.problem, self.tasks, self.settings, self.kind = problem, tasks, settings, "gauss-newton"
         self.sketch = None
         self.fits: list[dict[str, Any]] = []
         self.fitted_at = -1
+        self.monitor = monitor  # the refine's clock: its budget bounds the adaptive sketch, and the fit is said aloud
 
     def _fit(self, x: torch.Tensor, damping: float, step: int) -> None:
         # fitted here from linalg and meta pieces (no probe report: PCG's answer does not depend on it),
@@ -76,6 +77,10 @@ class _Preconditioner:
         s = self.settings
         t0 = time.perf_counter()
         tasks = self.tasks
+        deadline = getattr(self.monitor, "deadline", math.inf)
+        if self.monitor is not None:
+            self.monitor.note(f"refine: fitting the {s.precondition} preconditioner on {min(len(tasks), s.precondition_max_tasks or len(tasks))} "
+                              f"tasks (passes over them; its time counts against the refine's time limit)")
         if s.precondition_max_tasks and s.precondition_max_tasks < len(tasks):
             pick = torch.randperm(len(tasks), generator=torch.Generator().manual_seed(0))[:s.precondition_max_tasks].sort().values
             tasks = tasks.subset(pick.tolist())
@@ -103,12 +108,18 @@ class _Preconditioner:
             op = TotalHessian(self.problem, x, tasks, self.kind, product_dtype=product_dtype)
             if s.precondition_rank == 0:
                 floor = max(damping, DAMPING_FLOOR) + self.problem.weight_decay
-                self.sketch = adaptive_nystrom_sketch(op, floor, start=min(20, op.dim), max_rank=min(400, op.dim))
+                self.sketch = adaptive_nystrom_sketch(op, floor, start=min(20, op.dim), max_rank=min(400, op.dim),
+                                                      deadline=deadline if math.isfinite(deadline) else None)
             else:
                 self.sketch = nystrom_sketch(op, min(s.precondition_rank, op.dim))
             rank = self.sketch.rank
         self.fitted_at = step
         self.fits.append({"step": step, "seconds": time.perf_counter() - t0, "rank": rank, "n_tasks_fitted": len(tasks)})
+        if getattr(self.sketch, "info", {}).get("stopped_by") == "time":  # the adaptive rank stopped growing on the time limit
+            self.fits[-1]["stopped_by"] = "time"
+        if self.monitor is not None:
+            self.monitor.note(f"refine: preconditioner fitted (rank {rank}) in {self.fits[-1]['seconds']:.1f} s"
+                              + (", its rank cut short by the time limit" if self.fits[-1].get("stopped_by") else ""))
 
     def __call__(self, x: torch.Tensor, damping: float, step: int) -> Callable | None:
         s = self.settings
@@ -130,7 +141,7 @@ def newton_cg_minimise(evaluate, problem: MetaProblem, tasks: TaskTensors, x: to
     Returns (x, outer iterations, failure reason or '', state)."""
     kind = resolve_hessian(problem, settings.newton_hessian)
     product_dtype = torch.float32 if settings.newton_products == "float32" and x.dtype != torch.float32 else None
-    precondition = _Preconditioner(problem, tasks, settings, kind)
+    precondition = _Preconditioner(problem, tasks, settings, kind, monitor)
     state = NewtonCGState(damping=settings.newton_damping)
     f, g = evaluate(x)
     g0 = float(g.norm())

@@ -59,7 +59,7 @@ PRECONDITIONERS = ("none", "nystrom", "ekfac", "fisher", "gn-factor")
 class RefineSettings:
     """Settings of the refine stage (deterministic full-pool optimisation of F)."""
 
-    method: str = field(default="lbfgs", metadata={"help": "optimiser: lbfgs (strong-Wolfe line search, falls back to gd on failure) | gd (gradient descent with backtracking) | newton (damped Newton: dense below newton_dense_max parameters, Newton–CG above) | newton-cg (matrix-free Gauss–Newton Newton–CG, preconditioned; for large models)", "choices": REFINE_METHODS})
+    method: str = field(default="lbfgs", metadata={"help": "optimiser: lbfgs (strong-Wolfe line search, falls back to gd on failure) | gd (gradient descent with backtracking) | newton (damped Newton: dense below newton_dense_max parameters, Newton–CG above) | newton-cg (matrix-free Newton–CG, preconditioned, for large models; its Hessian: newton_hessian)", "choices": REFINE_METHODS})
     tol: float = field(default=1e-6, metadata={"help": "stop when the full-pool meta-gradient norm ‖∇F‖₂ is at most this (0: off)"})
     tol_ratio: float = field(default=0.0, metadata={"help": "also stop when ‖∇F‖ / mean_i ‖g_i‖ is at most this (mean per-task gradient norm measured once at the start; 0: off) — the first of tol and tol_ratio met stops"})
     max_iter: int = field(default=1000, metadata={"help": "maximum optimiser iterations (each is one or a few full-pool passes)"})
@@ -249,7 +249,7 @@ def refine(
     task_norm_before = mean_task_gradient_norm(problem, x0, tasks, w, v, u)
     # one absolute threshold for every optimiser: the first of the two rules met stops
     stop = max(settings.tol, settings.tol_ratio * task_norm_before)
-    monitor = RefineMonitor(settings, task_norm_before, stop, t0, progress, log)
+    monitor = RefineMonitor(settings, task_norm_before, stop, t0, progress, log, agree=problem.collective.any_true)
 
     x = x0.clone()
     iterations = 0
@@ -341,9 +341,9 @@ def refine(
     )
     if not converged:
         target = refine_target(settings.tol, settings.tol_ratio, stop)
-        if stopped_by == "max_minutes":
-            advice = (f"raise --refine-max-minutes, or continue from where it stopped by refining the written checkpoint again "
-                      f"(`metainfluence refine --checkpoint OUT/refined`); {refine_advice(settings, problem)}")
+        if stopped_by == "max_minutes":  # time, not iterations, ran out: advice about iterations would mislead
+            advice = ("raise --refine-max-minutes, or continue from where it stopped by refining the written checkpoint again "
+                      "(`metainfluence refine --checkpoint OUT/refined`)")
         else:
             advice = refine_advice(settings, problem)
         warnings.warn(
@@ -373,6 +373,10 @@ def refine_advice(settings: RefineSettings | None = None, problem: MetaProblem |
     if settings is not None and settings.method == "newton":
         return ("raise --refine-max-iter, or try --refine-newton-hessian gauss-newton (PSD) if the exact Hessian is indefinite here")
     if settings is not None and settings.method == "newton-cg":
+        from .newton_cg import resolve_hessian  # newton_cg imports this module's settings
+        if problem is not None and resolve_hessian(problem, settings.newton_hessian) == "exact":
+            return ("raise --refine-max-iter or --refine-newton-cg-iters; where the exact Hessian is indefinite (many rejected steps) try "
+                    "--refine-newton-hessian gauss-newton (PSD)")
         return ("raise --refine-max-iter or --refine-newton-cg-iters; where Gauss–Newton steps converge slowly (large residuals) "
                 "finish with --refine-method newton (exact Hessian)")
     if large:

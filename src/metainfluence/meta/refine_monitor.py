@@ -65,12 +65,13 @@ class RefineMonitor:
     SLOW_ITERATION_S = 1.0
     LINE_EVERY_S = 30.0
 
-    def __init__(self, settings: Any, task_norm: float, stop: float, t0: float, progress: bool, log=None):
+    def __init__(self, settings: Any, task_norm: float, stop: float, t0: float, progress: bool, log=None, agree=bool):
         self.task_norm = task_norm if task_norm > 0 else float("nan")
         self.target = stop / self.task_norm if stop > 0 else float("nan")
         self.t0, self.max_minutes = t0, settings.max_minutes
         self.deadline = t0 + 60 * settings.max_minutes if settings.max_minutes > 0 else math.inf
         self.timed_out = ""  # why out_of_time said stop: "spent" (the budget) or "forecast" (the next iteration would overrun it)
+        self.agree = agree  # any process's verdict (Collective.any_true): sharded, every process stops at the same iteration
         self.history: list[dict] = []
         self.trend = RateEta(self.WINDOW)  # log ratio against time
         self.last_line = t0
@@ -94,6 +95,8 @@ class RefineMonitor:
         now = self.clock()
         last = self.history[-1]["seconds"] if self.history else 0.0
         self.timed_out = "spent" if now >= self.deadline else "forecast" if now + last > self.deadline else ""
+        if self.agree(bool(self.timed_out)) and not self.timed_out:
+            self.timed_out = "spent"  # another process's clock ran out first
         return bool(self.timed_out)
 
     def time_message(self, iterations: int, ratio: float) -> str:
@@ -130,6 +133,13 @@ class RefineMonitor:
         elif self.log is not None and (row["seconds"] >= self.SLOW_ITERATION_S or now - self.last_line >= self.LINE_EVERY_S):
             self.last_line = now  # the bar's fields as one line
             self.log(f"refine iteration {len(self.history)}: " + ", ".join(f"{k} {v}" for k, v in post.items()))
+
+    def note(self, text: str) -> None:
+        """A line between iterations (above the bar, or in the log), e.g. a preconditioner fit that takes a while."""
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        elif self.log is not None:
+            self.log(text)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -385,7 +385,7 @@ def meta_train(
                 t0 += paused
                 if deadline is not None:
                     deadline += paused
-            if deadline is not None and time.perf_counter() >= deadline:
+            if deadline is not None and problem.collective.any_true(time.perf_counter() >= deadline):
                 history.stopped = f"time limit ({settings.max_minutes:g} min) after {step} steps"
                 break
     except DivergenceError:

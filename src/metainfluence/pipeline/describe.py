@@ -123,7 +123,7 @@ def coverage(pool: Any, dataset: Any, which: str) -> str:
     unused = in_train - scored
     return (f"{scored} of the dataset's {dataset.num_examples} examples are scored here ({which} examples of the training pool's tasks); "
             f"{dataset.num_examples - in_train} belong to the validation/test splits and are never scored"
-            + (f", and {unused} training examples appear in no task of the pool as {which} examples (a larger --train-tasks draws more)"
+            + (f", and {unused} training example{'s appear' if unused != 1 else ' appears'} in no task of the pool as {which} examples (a larger --train-tasks draws more)"
                if unused > 0 else ""))
 
 
@@ -154,11 +154,23 @@ def read_table(path: str | Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
+def split_names(field: str) -> list[str]:
+    """The names a :func:`join_names` field holds, as they were ([] for an empty field)."""
+    return next(csv.reader([field], delimiter=";")) if field else []
+
+
 def describe_row(row: dict[str, Any]) -> str:
     """A row in words for the CLI's top lists ('' when it names nothing beyond the ids)."""
     if row.get("file"):
         flip = f", trained as {row['label']} (true: {row['true_label']})" if row["label"] != row["true_label"] else f", class {row['label']}"
         return f"{row['file']}{flip}"
     if row.get("classes"):
-        return f"classes {row['classes'].replace(';', ', ')}" + (" (corrupted in the pool)" if row.get("corrupted") == "yes" else "")
+        # a name holding ", " is shown in quotes, so that the list still reads as its classes
+        names = [f'"{n}"' if "," in n else n for n in split_names(row["classes"])]
+        return f"classes {', '.join(names)}" + (" (corrupted in the pool)" if row.get("corrupted") == "yes" else "")
     return ""
+
+
+def file_relabelled(row: dict[str, Any]) -> list[str]:
+    """The labels other than its true one that a file row says the file was trained with ([] when none)."""
+    return [n for n in split_names(row.get("labels", "")) if n != row.get("true_label")]

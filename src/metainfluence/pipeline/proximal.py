@@ -33,6 +33,7 @@ def proximal_of(ckpt: Any) -> tuple[float, torch.Tensor] | None:
 def proximal_settings(settings: Any, gamma: float) -> Any:
     """``settings`` with γ added to the damping (P's Hessian is H + γI) and F's stationarity warning off
     (λ* is stationary for P; :func:`record_proximal` checks that instead)."""
+    settings.validate()  # the user's own damping first: γ added to it must not hide a negative one
     if settings.damping_mode != "absolute":
         raise SettingsError(f"this checkpoint was refined on the proximal objective (γ = {gamma:g}), whose Hessian is H + γI: "
                             "use --damping-mode absolute (γ is added to the given damping)")

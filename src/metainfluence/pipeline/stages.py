@@ -101,16 +101,21 @@ def removal_from_scores(result: Any, k: int) -> Any:
 def removal_from_task_ids(ctx: RunContext, remove_tasks: str) -> Removal:
     """A Removal of the training tasks with the given comma-separated stable ids."""
     ids = [int(i) for i in ctx.pools["train"].task_ids.tolist()]
+    items = remove_tasks.split(",")
+    if not remove_tasks.strip():
+        raise SettingsError(f"--remove-tasks names no task; give the ids of the training tasks to remove, e.g. --remove-tasks 3,17 (ids 0..{len(ids) - 1})")
+    if any(not x.strip() for x in items):  # '3,,5' or '3,': a typo is likelier than an intended gap
+        raise SettingsError(f"--remove-tasks {remove_tasks!r} has an empty item; list the ids separated by single commas, e.g. 3,5")
     try:
-        wanted = [int(x) for x in remove_tasks.split(",") if x.strip()]
+        wanted = [int(x) for x in items]
     except ValueError:
         raise SettingsError(f"--remove-tasks takes comma-separated integers, got {remove_tasks!r}") from None
     twice = sorted({t for t in wanted if wanted.count(t) > 1})
     if twice:
         raise SettingsError(f"--remove-tasks lists task id {twice[0]} more than once; list each task once")
     missing = [t for t in wanted if t not in ids]
-    if missing or not wanted:
-        raise SettingsError(f"task id {missing[0] if missing else '(none)'} is not in the training pool of {len(ids)} tasks; use ids 0..{len(ids) - 1}")
+    if missing:
+        raise SettingsError(f"task id {missing[0]} is not in the training pool of {len(ids)} tasks; use ids 0..{len(ids) - 1}")
     return Removal(tasks=sorted(ids.index(t) for t in wanted))
 
 
@@ -324,7 +329,11 @@ def _stationarity_notice(ckpt: Any, settings: Any, log: Log) -> None:
         else:
             remedy = (f"away from a stationary λ the {settings.hessian} total Hessian is often indefinite (CG then stalls); {refine_further}, "
                       "or use the positive semi-definite --hessian fisher --solver woodbury")
-        log(f"warning: this checkpoint's refine stopped at ‖∇F‖ / mean‖g_i‖ = {ratio:.2g} (above {settings.stationarity_warn:g}): influence "
+        if report.get("stopped_by") == "max_minutes":
+            refine_further += " with a larger --refine-max-minutes (its last refine stopped on its time limit)"
+            remedy = remedy.replace("refine further (`metainfluence refine --checkpoint …`)", refine_further)
+        grad = "‖∇P‖" if report.get("proximal") else "‖∇F‖"  # a proximal refine minimised P = F + (γ/2)‖λ − λ_t‖²
+        log(f"warning: this checkpoint's refine stopped at {grad} / mean‖g_i‖ = {ratio:.2g} (above {settings.stationarity_warn:g}): influence "
             f"assumes a stationary λ; {remedy}")
 
 
