@@ -298,6 +298,17 @@ def test_refine_advice_fits_the_model(run):
         refine_module.LARGE_MODEL = saved
 
 
+def test_gamma_joins_a_damping_checked_as_given_and_nothing_else_is_checked_early():
+    """proximal_settings refuses a negative damping before γ hides it, and leaves the rest to where it is used: an
+    experiment fits its curvature file after this (a full validation here refused `solver = "curvature"` without one)."""
+    from metainfluence.errors import SettingsError
+    from metainfluence.pipeline.proximal import proximal_settings
+
+    assert proximal_settings(InfluenceSettings(solver="curvature", hessian="fisher", damping=1e-3), 1.0).damping == pytest.approx(1.001)
+    with pytest.raises(SettingsError, match="got -0.5"):
+        proximal_settings(InfluenceSettings(damping=-0.5), 1.0)
+
+
 def test_the_distributed_example_scores_the_proximal_objective_as_influence_does(run, tmp_path, monkeypatch):
     # examples/distributed_influence.py without torchrun is one process: its scores of a proximal checkpoint must be
     # `metainfluence influence`'s (γ in the damping, P's stationarity), not plain F's

@@ -107,8 +107,7 @@ class InfluenceSettings:
             raise SettingsError(f"unknown curvature_fit {self.curvature_fit!r}; use one of {', '.join(CURVATURE_METHODS)}")
         if self.solver in ("pcg", "curvature") and not self.curvature_file:
             raise SettingsError(f"solver {self.solver} needs a curvature file: fit one with `metainfluence curvature --checkpoint RUN/refined --out FILE` and pass --curvature-file FILE")
-        if not _finite_nonnegative(self.damping):
-            raise SettingsError(f"damping must be a finite number ≥ 0, got {self.damping}; use a small positive value such as 1e-3")
+        check_damping(self.damping)
         if not isinstance(self.solve, SolverSettings):
             raise SettingsError(f"solve must be a SolverSettings, got {type(self.solve).__name__}; pass solve=SolverSettings(...)")
         if self.support_method not in SUPPORT_METHODS:
@@ -238,6 +237,12 @@ def shortfall(diag: dict[str, Any], message: str) -> None:
 
 # a solve whose true relative residual is above this gives scores off by about as much
 RESIDUAL_WARN = 1e-2
+
+
+def check_damping(damping: float) -> None:
+    """Refuse a damping δ that is not a finite number ≥ 0."""
+    if not _finite_nonnegative(damping):
+        raise SettingsError(f"damping must be a finite number ≥ 0, got {damping}; use a small positive value such as 1e-3")
 
 
 def solver_record(res: Any, hvps: int | None = None) -> dict[str, Any]:

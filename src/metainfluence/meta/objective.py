@@ -436,7 +436,9 @@ class MetaProblem:
             "model": type(self.model).__name__,
             "n_params": self.dim,
             "loss": self.loss_name,
-            "inner": asdict(self.inner),
+            # adapt = "all" (MAML) is left out, as every record from before the setting: the fingerprints of curvature
+            # files and ground-truth stores of such problems stay what they were
+            "inner": {k: v for k, v in asdict(self.inner).items() if not (k == "adapt" and v == "all")},
             "weight_decay": self.weight_decay,
             "chunk_size": self.chunk_size,
         }

@@ -172,10 +172,10 @@ def _same_problem(ckpt: Checkpoint, problem: MetaProblem) -> None:
     of another objective would be mixed into λ and the record would name only the new one)."""
     saved, now = ckpt.info.get("problem") or {}, json.loads(json.dumps(problem.settings_json()))  # tuples as the record's lists
     pairs = [("loss", saved.get("loss"), now["loss"]), ("weight_decay", saved.get("weight_decay"), now["weight_decay"])]
-    inner = saved.get("inner") or {}
-    if inner:  # a setting newer than the checkpoint was at its default there (e.g. adapt: older runs adapted every parameter)
-        inner = {**asdict(InnerSettings()), **inner}
-    pairs += [(f"inner.{k}", v, now["inner"].get(k)) for k, v in inner.items() if k != "eval_steps"]
+    inner, defaults = saved.get("inner") or {}, asdict(InnerSettings())
+    if inner:  # a setting a record leaves out is at its default (adapt: older runs, and MAML's records, adapt every parameter)
+        inner = {**defaults, **inner}
+    pairs += [(f"inner.{k}", v, {**defaults, **now["inner"]}.get(k)) for k, v in inner.items() if k != "eval_steps"]
     for key, was, new in pairs:
         if was is not None and was != new:
             raise CheckpointError(f"cannot resume: the checkpoint was trained with {key}={was!r}, not {new!r}; resume with the same "

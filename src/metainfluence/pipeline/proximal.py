@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, SettingsError
-from ..influence.results import shortfall
+from ..influence.results import check_damping, shortfall
 
 ANCHOR = "proximal_anchor"
 
@@ -33,7 +33,9 @@ def proximal_of(ckpt: Any) -> tuple[float, torch.Tensor] | None:
 def proximal_settings(settings: Any, gamma: float) -> Any:
     """``settings`` with γ added to the damping (P's Hessian is H + γI) and F's stationarity warning off
     (λ* is stationary for P; :func:`record_proximal` checks that instead)."""
-    settings.validate()  # the user's own damping first: γ added to it must not hide a negative one
+    # the user's own damping first: γ added to it must not hide a negative one (the rest is validated where it is used:
+    # an experiment's curvature file, say, is fitted after this)
+    check_damping(settings.damping)
     if settings.damping_mode != "absolute":
         raise SettingsError(f"this checkpoint was refined on the proximal objective (γ = {gamma:g}), whose Hessian is H + γI: "
                             "use --damping-mode absolute (γ is added to the given damping)")
