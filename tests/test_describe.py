@@ -112,3 +112,17 @@ def test_files_sum_their_appearances_and_coverage_counts_the_unscored(tmp_path):
     assert [float(r["summed_val_loss_change_if_removed"]) for r in back] == [float(f["summed_score"]) for f in files]
     write_item_table(tmp_path / "t", item_rows(_result("task", scores[:, 0]), pool, ds))
     assert not (tmp_path / "t.files.csv").exists()  # task scores have no files
+
+
+def test_an_edit_whose_newton_step_was_backtracked_says_how_much_it_kept(capsys):
+    from types import SimpleNamespace
+
+    from metainfluence.console import print_edit
+
+    removal = SimpleNamespace(describe=lambda: "2 tasks")
+    acc = SimpleNamespace(summary=lambda: "90.0%")
+    diag = {"seconds": 1.0, "solver_residual": 1e-7, "solver_converged": True, "step_length": 0.015625}
+    print_edit(removal, diag, acc, acc, "out/edited")
+    assert "backtracking on the reduced objective kept 0.0156 of the Newton step" in capsys.readouterr().out
+    print_edit(removal, {**diag, "step_length": 1.0}, acc, acc, "out/edited")
+    assert "backtracking" not in capsys.readouterr().out
