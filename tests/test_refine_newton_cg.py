@@ -98,6 +98,19 @@ def test_without_a_bar_refine_logs_slow_iterations_with_the_recorded_ratio(monke
     assert rep.converged and lines == []
 
 
+def test_the_preconditioner_fit_is_said_before_and_after_it_runs():
+    """A preconditioner fit is a pass of its own over the pool (minutes on a Conv4 pool): refine says so before it
+    starts, and after it, with its rank and seconds, which the report records too."""
+    problem, tasks, lam = warm()
+    settings = RefineSettings(method="newton-cg", tol=0, tol_ratio=1e-6, max_iter=50, precondition="nystrom")
+    lines = []
+    _, rep = refine(problem, lam, tasks, settings, log=lines.append)
+    fits = rep.preconditioner["fits"]
+    said = [line for line in lines if line.startswith("refine: ")]
+    assert len(said) == 2 * len(fits) >= 2 and said[0].startswith("refine: fitting the nystrom preconditioner on 8 tasks")
+    assert said[1] == f"refine: preconditioner fitted (rank {fits[0]['rank']}) in {fits[0]['seconds']:.1f} s"
+
+
 def test_max_minutes_stops_cleanly_with_the_documented_warning():
     problem, tasks, lam = warm()
     with pytest.warns(RefineWarning, match=r"stopped by time.*--refine-max-minutes"):
