@@ -40,7 +40,7 @@ def _check(width: int, norm: str) -> float:
     maml = MetaProblem(model, "cross_entropy", InnerSettings(lr=0.4))
     lam = anil.init_params(torch.float64)
     task = anil.records(lam, _tasks(1).to(dtype=torch.float64)).row(0)
-    masked = lambda l: maml.weighted_loss(l - 0.4 * anil.adapt_mask * grad(maml.inner_objective)(l, l, task), task.xq, task.yq, task.u)
+    masked = lambda l: maml.weighted_loss(l - 0.4 * anil.adapted.mask * grad(maml.inner_objective)(l, l, task), task.xq, task.yq, task.u)
     return float((anil.task_total_gradient(lam, task) - grad(masked)(lam)).abs().max())
 
 
@@ -70,7 +70,7 @@ def main() -> None:
                 fn(pr)
                 times[(w, a)].append(time.perf_counter() - t)
     report = {"machine": f"{platform.machine()}, torch {torch.__version__}, {args.threads} thread(s)", "width": args.width, "norm": args.norm,
-              "params": problems["all"].dim, "adapted_params_head": int(problems["head"].adapt_mask.sum()),
+              "params": problems["all"].dim, "adapted_params_head": int(problems["head"].adapted.mask.sum()),
               "head_vs_masked_max_abs_diff_float64": diff}
     for w in work:
         full, head = statistics.median(times[(w, "all")]), statistics.median(times[(w, "head")])

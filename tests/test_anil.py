@@ -84,7 +84,7 @@ def test_the_masked_k_step_response_is_the_transpose_of_the_masked_steps(steps):
 def test_adapt_settings_name_what_they_adapt_and_refuse_what_cannot_hold():
     problem, _ = small_problem(steps=1, hidden=(5, 4))
     spec = problem.spec
-    assert AdaptedPart.of(spec, "all") is None and problem.adapted is None and problem.adapt_mask is None
+    assert AdaptedPart.of(spec, "all") is None and problem.adapted is None
     assert adapted_names(spec, "head") == ("net.4.weight", "net.4.bias")
     assert adapted_names(spec, "net.0, net.4.bias") == ("net.0.weight", "net.0.bias", "net.4.bias")
     part = AdaptedPart.of(spec, "net.0,net.4.bias")
@@ -112,6 +112,22 @@ def test_two_stage_support_scores_under_a_head_only_loop_and_what_is_refused():
 
     with pytest.raises(SettingsError, match="adapts only some"):
         instance_influence(problem, lam, train, val, "support", dataclasses.replace(settings, inner_hessian="ekfac"))
+    # one step: the response is α·M exactly, so score_z = −α (M b)ᵀ ∇_θ ℓ(z; θ_k) v_z / (|S| n), with M the head's 0/1
+    # mask written out here from the layer sizes (4 → 8 → 3: the head is the last 27 entries)
+    from torch.func import jacrev
+
+    from metainfluence.influence.instance_if import _outer_rhs
+
+    one, _ = small_problem(steps=1, lr=0.3, adapt="head", weight_decay=1e-2)
+    res = instance_influence(one, lam, train, val, "support", settings)
+    m = torch.cat([torch.zeros(40, dtype=torch.float64), torch.ones(27, dtype=torch.float64)])
+    records = one.records(lam, train)
+    for k in range(5):
+        task = records.row(k)
+        theta, b = _outer_rhs(one, lam, task, res.extra["s"])
+        per_example = jacrev(lambda th: one.example_losses(th, task.xs, task.ys))(theta)
+        want = -(per_example @ (0.3 * m * b)) * task.v / task.xs.shape[0] / 5
+        torch.testing.assert_close(res.scores[k], want, rtol=1e-10, atol=1e-15)
 
 
 def test_a_checkpoint_from_before_adapt_existed_resumes_as_maml_only():

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..errors import SettingsError
 from ..influence.editing import describe_count
-from ..pipeline.describe import COLUMNS, read_table, split_names
+from ..pipeline.describe import read_table, score_key, split_names
 from .report import write_report
 
 
@@ -55,7 +55,7 @@ def _items_table(csv_path: Path, k: int = 10) -> tuple[list[str], list[dict]] | 
         rows = read_table(files)
         text.append(f"Most harmful files first (`{files.name}`: each file's scores summed over the tasks it appears in).")
         return text, [{**r, "labels": ", ".join(split_names(r["labels"]))} for r in rows[:k]]
-    score = next((c for c in rows[0] if c not in COLUMNS or c == "score"), "score")  # headed by what the score is (describe.score_column)
+    score = score_key(rows[0]) or "score"  # headed by what the score is (describe.score_column)
     keys = [c for c in ("task_id", "example", score, "classes", "file", "label", "true_label", "corrupted") if any(r.get(c) for r in rows[:k])]
     shown = lambda c, v: ", ".join(split_names(v)) if c == "classes" else v  # the names, not their CSV quoting
     return text, [{c: shown(c, r[c]) for c in keys} for r in rows[:k]]

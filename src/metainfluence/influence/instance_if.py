@@ -74,7 +74,7 @@ def _two_stage_scores(problem: MetaProblem, lam: torch.Tensor, tasks: TaskTensor
     """(n, |S|) two-stage scores (without the 1/n) and what to record: the worst relative residual of
     the inner solves (0 for the K-step response and for EK-FAC, which are applied exactly)."""
     one_step = problem.inner.kind != "implicit" and problem.inner.steps == 1
-    if settings.inner_hessian == "ekfac" and not one_step and problem.adapt_mask is not None:
+    if settings.inner_hessian == "ekfac" and not one_step and problem.adapted is not None:
         raise SettingsError(f"an EK-FAC inner Hessian is fitted over every parameter, but this inner loop adapts only some (adapt={problem.inner.adapt!r}); "
                             "use --inner-hessian exact for its two-stage support scores")
     if settings.inner_hessian == "ekfac" and not one_step:

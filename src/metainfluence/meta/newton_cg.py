@@ -77,13 +77,13 @@ class _Preconditioner:
         s = self.settings
         t0 = time.perf_counter()
         tasks = self.tasks
-        deadline = getattr(self.monitor, "deadline", math.inf)
-        if self.monitor is not None:
-            self.monitor.note(f"refine: fitting the {s.precondition} preconditioner on {min(len(tasks), s.precondition_max_tasks or len(tasks))} "
-                              f"tasks (passes over them; its time counts against the refine's time limit)")
         if s.precondition_max_tasks and s.precondition_max_tasks < len(tasks):
             pick = torch.randperm(len(tasks), generator=torch.Generator().manual_seed(0))[:s.precondition_max_tasks].sort().values
             tasks = tasks.subset(pick.tolist())
+        deadline = getattr(self.monitor, "deadline", math.inf)
+        if self.monitor is not None:
+            self.monitor.note(f"refine: fitting the {s.precondition} preconditioner on {len(tasks)} tasks (passes over them; its time counts "
+                              "against the refine's time limit)")
         if s.precondition == "ekfac":
             self.sketch = fit_ekfac(self.problem, x, tasks, adapt=True, fisher_samples=4)
             rank = self.sketch.rank

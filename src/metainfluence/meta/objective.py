@@ -98,7 +98,6 @@ class MetaProblem:
         self.inner.validate()
         # ANIL-style: the inner loop moves only these parameters (None: all of them, MAML)
         self.adapted = AdaptedPart.of(self.spec, self.inner.adapt)
-        self.adapt_mask = None if self.adapted is None else self.adapted.mask
         self._masks: dict[tuple, torch.Tensor] = {}
         if weight_decay < 0:
             raise SettingsError(f"weight decay μ must be ≥ 0, got {weight_decay}")
@@ -167,7 +166,7 @@ class MetaProblem:
         if cfg.kind == "unrolled":
             theta = lam
             if self.adapted is not None:  # ANIL-style: the steps move the adapted entries h only
-                h, lam_h = self.adapted.take(lam), self.adapted.take(lam)
+                h = lam_h = self.adapted.take(lam)
                 for _ in range(cfg.steps):
                     g = grad(self._adapted_objective)(h, lam, lam_h, task)
                     h = h - cfg.lr * (g.detach() if cfg.first_order else g)
@@ -193,11 +192,11 @@ class MetaProblem:
 
     def masked(self, g: torch.Tensor) -> torch.Tensor:
         """M g: ``g`` with the entries of parameters the inner loop does not adapt set to 0 (``g`` itself for MAML)."""
-        if self.adapt_mask is None:
+        if self.adapted is None:
             return g
         key = (g.dtype, g.device)
         if key not in self._masks:
-            self._masks[key] = self.adapt_mask.to(dtype=g.dtype, device=g.device)
+            self._masks[key] = self.adapted.mask.to(dtype=g.dtype, device=g.device)
         return g * self._masks[key]
 
     def query_outputs(self, lam, task: TaskRecord) -> torch.Tensor:

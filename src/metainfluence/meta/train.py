@@ -175,7 +175,8 @@ def _same_problem(ckpt: Checkpoint, problem: MetaProblem) -> None:
     inner, defaults = saved.get("inner") or {}, asdict(InnerSettings())
     if inner:  # a setting a record leaves out is at its default (adapt: older runs, and MAML's records, adapt every parameter)
         inner = {**defaults, **inner}
-    pairs += [(f"inner.{k}", v, {**defaults, **now["inner"]}.get(k)) for k, v in inner.items() if k != "eval_steps"]
+    now_inner = {**defaults, **now["inner"]}
+    pairs += [(f"inner.{k}", v, now_inner.get(k)) for k, v in inner.items() if k != "eval_steps"]
     for key, was, new in pairs:
         if was is not None and was != new:
             raise CheckpointError(f"cannot resume: the checkpoint was trained with {key}={was!r}, not {new!r}; resume with the same "

@@ -32,13 +32,16 @@ def score_column(method: str | None) -> str:
     return SCORE_COLUMNS.get(method or "", PREDICTED_CHANGE)
 
 
+def score_key(row: dict[str, Any]) -> str | None:
+    """The header under which a table row holds its score, whichever method's it is (None when it has none)."""
+    names = ("score", PREDICTED_CHANGE, *SCORE_COLUMNS.values())
+    return next((k for k in row if k in names or (k.startswith("summed_") and k[len("summed_"):] in names)), None)
+
+
 def score_of(row: dict[str, Any]) -> str:
     """A table row's score, whichever method's header it carries ('' when it has none)."""
-    for key in ("score", PREDICTED_CHANGE, *SCORE_COLUMNS.values()):
-        for k in (key, f"summed_{key}"):
-            if row.get(k) not in (None, ""):
-                return row[k]
-    return ""
+    key = score_key(row)
+    return row[key] if key is not None else ""
 
 
 def _class_name(dataset: Any, c: int) -> str:

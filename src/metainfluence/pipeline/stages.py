@@ -322,16 +322,14 @@ def _stationarity_notice(ckpt: Any, settings: Any, log: Log) -> None:
         return
     ratio = float(report.get("ratio_after", float("nan")))
     if not ratio <= settings.stationarity_warn:
-        refine_further = "refine further (`metainfluence refine --checkpoint …`)"
+        refine_further = "refine further (`metainfluence refine --checkpoint …`)" + (
+            " with a larger --refine-max-minutes (its last refine stopped on its time limit)" if report.get("stopped_by") == "max_minutes" else "")
         if settings.hessian in ("fisher", "gauss-newton"):  # already positive semi-definite: only refining helps
             remedy = (f"the {settings.hessian} Hessian used here is positive semi-definite, so the solve will not stall, but the answer still "
                       f"assumes ∇F = 0: {refine_further}")
         else:
             remedy = (f"away from a stationary λ the {settings.hessian} total Hessian is often indefinite (CG then stalls); {refine_further}, "
                       "or use the positive semi-definite --hessian fisher --solver woodbury")
-        if report.get("stopped_by") == "max_minutes":
-            refine_further += " with a larger --refine-max-minutes (its last refine stopped on its time limit)"
-            remedy = remedy.replace("refine further (`metainfluence refine --checkpoint …`)", refine_further)
         grad = "‖∇P‖" if report.get("proximal") else "‖∇F‖"  # a proximal refine minimised P = F + (γ/2)‖λ − λ_t‖²
         log(f"warning: this checkpoint's refine stopped at {grad} / mean‖g_i‖ = {ratio:.2g} (above {settings.stationarity_warn:g}): influence "
             f"assumes a stationary λ; {remedy}")
