@@ -85,6 +85,10 @@ class EKFAC:
         self.n_matvecs += V.shape[1]
         return self.apply_function(V, lambda x: x)
 
+    def as_preconditioner(self) -> "EKFAC":
+        """Itself: its inverse is already one fixed linear map (see ``FactorCurvature.as_preconditioner``)."""
+        return self
+
     def solve(self, B: Tensor, damping: float) -> Tensor:
         """(K + δI)⁻¹ B for B of shape (dim,) or (dim, k) (columns, as ``matmat``)."""
         floor = self.min_eigenvalue() + damping

@@ -136,7 +136,7 @@ def pcg_solve(op: LinearOperator, b: Tensor, damping: float, settings: SolverSet
     sk = _on(sketch, op)
     if not isinstance(sk, LowRank):
         # PCG only needs an SPD M ≈ (H + δI)⁻¹: the EK-FAC's (or fisher factor's) own damped inverse
-        M = lambda R: sk.solve(R, damping)
+        M = lambda R, sk=sk.as_preconditioner(): sk.solve(R, damping)
     else:
         M = nystrom_preconditioner(sk, damping)
     X = torch.empty_like(B)
@@ -165,7 +165,8 @@ def sketch_solve(op: LinearOperator, b: Tensor, damping: float, settings: Solver
     if not isinstance(sk, LowRank):
         X = sk.solve(B.T, damping).T
         return finish("curvature", X, B, b, DampedProducts(op, damping), 0, {"converged": True, "approximation": _method(sk),
-                                                                             "min_eigenvalue": sk.min_eigenvalue()}, t0, settings.residual_checks)
+                                                                             "min_eigenvalue": sk.min_eigenvalue(), **getattr(sk, "last_solve", {})},
+                      t0, settings.residual_checks)
     floor = float(sk.eigenvalues[-1]) + damping
     if floor <= 0:
         raise DivergenceError("the sketch's inverse needs λ_ℓ + δ > 0; raise damping")
