@@ -275,7 +275,7 @@ def test_refine_advice_fits_the_model(run):
 
     from metainfluence.meta.refine import refine_advice
 
-    refine_module = importlib.import_module("metainfluence.meta.refine")  # the module (the package exports a function of its name)
+    refine_module = importlib.import_module("metainfluence.meta.refine_monitor")  # refine_advice's home (it reads LARGE_MODEL there)
 
     _, ctx, _ = run
     assert "--refine-method newton" in refine_advice(RefineSettings(), ctx.problem)
@@ -376,3 +376,37 @@ def test_a_curvature_fit_of_a_proximal_checkpoint_probes_at_the_damping_its_scor
     art, _ = curvature_checkpoint(out / "refined", InfluenceSettings(hessian="gauss-newton", damping=1e-3), tmp_path / "curv", rank=4, oversample=2,
                                   probes=2, log=lines.append)
     assert art.info["probe_damping"] == pytest.approx(1e-3 + GAMMA) and any("γ = 0.1 added to the damping" in line for line in lines)
+
+
+def test_lbfgs_stops_once_its_steps_fall_below_the_working_precision():
+    # a float32 quadratic whose minimiser c (‖c‖ ≈ 3e3) no float32 vector hits: near it the gradient is a few ulps and
+    # every L-BFGS step moves λ by less than its round-off, so the loop stops instead of spending iterations on nothing
+    from metainfluence.meta.refine import ROUNDOFF, _run_lbfgs
+    from metainfluence.meta.refine_monitor import RefineMonitor
+
+    g = torch.Generator().manual_seed(0)
+    c = 400.0 + torch.rand(64, generator=g, dtype=torch.float64)
+    scale = 1.0 + torch.rand(64, generator=g, dtype=torch.float64)
+
+    def ev(x):
+        d = x.double() - c
+        return (0.5 * (scale * d * d).sum()).to(x.dtype), (scale * d).to(x.dtype)
+
+    settings = RefineSettings(dtype="float32", tol=0.0, tol_ratio=0.0, max_iter=200)
+    monitor = RefineMonitor(settings, 1.0, 0.0, 0.0, False, None)
+    x, iterations, failure = _run_lbfgs(ev, torch.zeros(64), settings, 0.0, monitor)
+    assert failure.startswith(ROUNDOFF) and "float32" in failure and iterations < 200
+    assert float((x.double() - c).norm()) < 1e-2  # it stopped at the minimiser, as far as float32 resolves it
+
+
+def test_a_refine_stalled_at_round_off_says_to_refine_in_float64_and_does_not_fall_back(monkeypatch, run):
+    import importlib
+
+    refine_module = importlib.import_module("metainfluence.meta.refine")  # the module (the package exports a function of its name)
+    _, ctx, ckpt = run
+    lam = ckpt.lam
+    monkeypatch.setattr(refine_module, "_run_lbfgs", lambda ev, x, settings, stop, monitor: (x, 3, refine_module.ROUNDOFF + " (test)"))
+    with pytest.warns(Warning, match=r"--refine-dtype float64") as caught:
+        _, report = refine(ctx.problem, lam, ctx.tensors["train"], RefineSettings(dtype="float32", tol=0.0, tol_ratio=1e-12, max_iter=50))
+    assert report.method == "lbfgs" and report.iterations == 3 and report.stopped_by == "failure"  # no gradient-descent fallback
+    assert "raise --refine-max-iter" not in str(caught[0].message)

@@ -26,7 +26,7 @@ from ..tasks.tensors import TaskTensors
 from .gradients import _total_gradients, _train_pass, charged_measurement_gradient, direct_gradients, direct_measurement_gradient, reused_measurement_value, total_gradients_of
 from ..meta.curvature import TotalHessian, check_hessian_kind
 from ..meta.ekfac import fit_ekfac
-from ..meta.refine import refine_advice
+from ..meta.refine_monitor import refine_advice
 from .hessian_of import build_hessian, curvature_fingerprint, effective_damping
 from .newton_step import newton_step_scores
 from .results import InfluenceResult, InfluenceSettings, check_solve, settings_dict, shortfall, solver_record

@@ -128,7 +128,7 @@ class _Preconditioner:
         if self.sketch is None or (s.precondition_refit > 0 and step - self.fitted_at >= s.precondition_refit):
             self._fit(x, damping, step)
         if s.precondition in ("ekfac", "fisher", "gn-factor"):
-            sk = self.sketch.to(x.dtype, x.device)
+            sk = self.sketch.to(x.dtype, x.device).as_preconditioner()
             return lambda R: sk.solve(R, damping)
         # μI is part of H, so λ_ℓ > 0 even at δ = 0 whenever μ > 0; the floor covers μ = δ = 0
         return nystrom_preconditioner(self.sketch, damping if float(self.sketch.eigenvalues[-1]) + damping > 0 else DAMPING_FLOOR)

@@ -43,7 +43,7 @@ import torch
 from ..errors import DivergenceError, SettingsError, caller_level
 from ..tasks.tensors import TaskTensors
 from .objective import MetaProblem
-from .refine_monitor import RefineMonitor, check_start_lambda, mean_task_gradient_norm, refine_target
+from .refine_monitor import RefineMonitor, check_start_lambda, mean_task_gradient_norm, refine_advice, refine_target  # noqa: F401 (refine_advice re-exported)
 from .train import parse_dtype
 
 
@@ -281,7 +281,7 @@ def refine(
             x, iterations, failure = _run_lbfgs(ev, x, settings, stop, monitor)
             if failure:
                 message = f"L-BFGS {failure} after {iterations} iterations"
-                if settings.fallback:
+                if settings.fallback and not failure.startswith(ROUNDOFF):  # gradient descent would meet the same round-off
                     method_used = "lbfgs+gd"
                     message += "; continued with gradient descent"
         if (settings.method == "gd" or method_used == "lbfgs+gd") and iterations < settings.max_iter:
@@ -344,6 +344,9 @@ def refine(
         if stopped_by == "max_minutes":  # time, not iterations, ran out: advice about iterations would mislead
             advice = ("raise --refine-max-minutes, or continue from where it stopped by refining the written checkpoint again "
                       "(`metainfluence refine --checkpoint OUT/refined`)")
+        elif ROUNDOFF in message and dtype != torch.float64:
+            advice = ("refine in float64, where steps this short are resolved (--refine-dtype float64, or [refine] dtype = \"float64\"), e.g. from "
+                      "the written checkpoint: `metainfluence refine --checkpoint OUT/refined --refine-dtype float64`")
         else:
             advice = refine_advice(settings, problem)
         warnings.warn(
@@ -355,36 +358,8 @@ def refine(
     return x, report
 
 
-LARGE_MODEL = 10_000  # parameters above which the advice is Newton–CG / proximal rather than exact Newton
-
-
-def refine_advice(settings: RefineSettings | None = None, problem: MetaProblem | None = None) -> str:
-    """What helps a refine that stopped above its tolerance; ``problem`` (the model refined) fits the advice to
-    its size (dense Newton only below a few thousand parameters) and activations (ReLU makes F jump)."""
-    kinks = problem is not None and any(isinstance(m, torch.nn.ReLU) for m in problem.model.modules())
-    large = problem is not None and problem.spec.dim > LARGE_MODEL  # Conv4 sizes: an exact Newton step costs minutes
-    proximal = settings is not None and settings.proximal > 0  # already on the proximal objective: no use suggesting it
-    if kinks and large:
-        # no refiner gets far on a jumping F (docs/training.md, "Refine at Conv4 scale"): change the objective instead
-        return ("with ReLU the second-order meta-objective jumps (docs/training.md, 'Refine at Conv4 scale'), so no refiner reaches a tight "
-                "‖∇F‖ here: retrain with a smooth activation (--model-conv-activation silu / --model-activation silu), or "
-                + ("raise --refine-max-minutes or --refine-proximal (a larger γ is better conditioned)" if proximal else
-                   "refine the proximal objective near the trained λ (--refine-proximal 1 --refine-tol 0 --refine-tol-ratio 1e-4)"))
-    if settings is not None and settings.method == "newton":
-        return ("raise --refine-max-iter, or try --refine-newton-hessian gauss-newton (PSD) if the exact Hessian is indefinite here")
-    if settings is not None and settings.method == "newton-cg":
-        from .newton_cg import resolve_hessian  # newton_cg imports this module's settings
-        if problem is not None and resolve_hessian(problem, settings.newton_hessian) == "exact":
-            return ("raise --refine-max-iter or --refine-newton-cg-iters; where the exact Hessian is indefinite (many rejected steps) try "
-                    "--refine-newton-hessian gauss-newton (PSD)")
-        return ("raise --refine-max-iter or --refine-newton-cg-iters; where Gauss–Newton steps converge slowly (large residuals) "
-                "finish with --refine-method newton (exact Hessian)")
-    if large:
-        return ("use preconditioned Newton–CG (--refine-method newton-cg --refine-precondition fisher --refine-tol 0 --refine-tol-ratio 1e-4), "
-                + ("a larger --refine-proximal, " if proximal else "or refine the proximal objective near the trained λ (--refine-proximal 1), ")
-                + "or raise --refine-max-iter (or --refine-max-minutes)")
-    return ("refine with the Newton refiner (--refine-method newton: a few exact or Gauss–Newton steps reach tight tolerances "
-            "where L-BFGS stalls), or raise --refine-max-iter")
+ROUNDOFF = "stalled at round-off"
+ROUNDOFF_STEPS = 8  # a step shorter than this many units of round-off of ‖λ‖ moves λ by a few last digits at most
 
 
 def _run_lbfgs(ev: _Evaluator, x0: torch.Tensor, settings: RefineSettings, stop: float, monitor: RefineMonitor) -> tuple[torch.Tensor, int, str]:
@@ -403,7 +378,7 @@ def _run_lbfgs(ev: _Evaluator, x0: torch.Tensor, settings: RefineSettings, stop:
         x.grad = g.clone()
         return f
 
-    iterations = 0
+    iterations, tiny = 0, 0
     while iterations < settings.max_iter and not monitor.out_of_time():
         before = x.detach().clone()
         try:
@@ -423,6 +398,12 @@ def _run_lbfgs(ev: _Evaluator, x0: torch.Tensor, settings: RefineSettings, stop:
             return x.detach(), iterations, ""
         if torch.equal(x.detach(), before):
             return x.detach(), iterations, "stalled (no step along its direction decreased F)"
+        # steps below the working precision's resolution of λ: the line search can no longer see F decrease (a float32
+        # refine of the ANIL MNIST recipe took 4.5e-13 steps for 7 iterations of 40–50 s each, to no effect)
+        step, resolution = float((x.detach() - before).norm()), ROUNDOFF_STEPS * torch.finfo(x.dtype).eps * float(before.norm())
+        tiny = tiny + 1 if step <= resolution else 0
+        if tiny == 2:
+            return x.detach(), iterations, f"{ROUNDOFF} (its last 2 steps, {step:.2g}, are below {str(x.dtype).replace('torch.', '')}'s resolution of λ, {resolution:.2g})"
     return x.detach(), iterations, ""
 
 

@@ -1,7 +1,7 @@
 """The progress and stopping record shared by refine's drivers (meta/refine.py, meta/newton_cg.py):
 per-iteration ratio ‖∇F‖/ḡ₀ (ḡ₀: the mean per-task gradient norm at the start), step, CG iterations and
-seconds, an ETA to the tolerance, and the ``max_minutes`` clock; also the words of refine's target and
-the check of the λ a caller passes."""
+seconds, an ETA to the tolerance, and the ``max_minutes`` clock; also the words of refine's target, its
+advice when it stops short, and the check of the λ a caller passes."""
 
 from __future__ import annotations
 
@@ -145,3 +145,34 @@ class RefineMonitor:
         if self.bar is not None:
             self.bar.close()
 
+
+LARGE_MODEL = 10_000  # parameters above which the advice is Newton–CG / proximal rather than exact Newton
+
+
+def refine_advice(settings: Any = None, problem: MetaProblem | None = None) -> str:
+    """What helps a refine that stopped above its tolerance; ``problem`` (the model refined) fits the advice to
+    its size (dense Newton only below a few thousand parameters) and activations (ReLU makes F jump)."""
+    kinks = problem is not None and any(isinstance(m, torch.nn.ReLU) for m in problem.model.modules())
+    large = problem is not None and problem.spec.dim > LARGE_MODEL  # Conv4 sizes: an exact Newton step costs minutes
+    proximal = settings is not None and settings.proximal > 0  # already on the proximal objective: no use suggesting it
+    if kinks and large:
+        # no refiner gets far on a jumping F (docs/training.md, "Refine at Conv4 scale"): change the objective instead
+        return ("with ReLU the second-order meta-objective jumps (docs/training.md, 'Refine at Conv4 scale'), so no refiner reaches a tight "
+                "‖∇F‖ here: retrain with a smooth activation (--model-conv-activation silu / --model-activation silu), or "
+                + ("raise --refine-max-minutes or --refine-proximal (a larger γ is better conditioned)" if proximal else
+                   "refine the proximal objective near the trained λ (--refine-proximal 1 --refine-tol 0 --refine-tol-ratio 1e-4)"))
+    if settings is not None and settings.method == "newton":
+        return ("raise --refine-max-iter, or try --refine-newton-hessian gauss-newton (PSD) if the exact Hessian is indefinite here")
+    if settings is not None and settings.method == "newton-cg":
+        from .newton_cg import resolve_hessian  # newton_cg imports this module's settings
+        if problem is not None and resolve_hessian(problem, settings.newton_hessian) == "exact":
+            return ("raise --refine-max-iter or --refine-newton-cg-iters; where the exact Hessian is indefinite (many rejected steps) try "
+                    "--refine-newton-hessian gauss-newton (PSD)")
+        return ("raise --refine-max-iter or --refine-newton-cg-iters; where Gauss–Newton steps converge slowly (large residuals) "
+                "finish with --refine-method newton (exact Hessian)")
+    if large:
+        return ("use preconditioned Newton–CG (--refine-method newton-cg --refine-precondition fisher --refine-tol 0 --refine-tol-ratio 1e-4), "
+                + ("a larger --refine-proximal, " if proximal else "or refine the proximal objective near the trained λ (--refine-proximal 1), ")
+                + "or raise --refine-max-iter (or --refine-max-minutes)")
+    return ("refine with the Newton refiner (--refine-method newton: a few exact or Gauss–Newton steps reach tight tolerances "
+            "where L-BFGS stalls), or raise --refine-max-iter")
