@@ -312,6 +312,7 @@ def test_edit_of_a_scores_file_inverts_the_hessian_those_scores_used(demo_run, c
     printed = capsys.readouterr().out
     assert "edit: reduced step removing 5 tasks (" in printed and "), fisher Hessian, solver woodbury, damping 0.02" in printed
     assert "removed 5 tasks in closed form" in printed
+    assert "edit: --hessian fisher --solver woodbury (the scores file's, unless" in printed  # said before the edit runs
     ran = json.loads((demo_run / "fi_ed.json").read_text())["metrics"]["edit_settings"]["influence"]
     assert (ran["hessian"], ran["solver"], ran["damping"]) == ("fisher", "woodbury", 0.02)
     # a flag wins over the scores file

@@ -104,6 +104,22 @@ def test_refine_says_when_it_lowered_test_accuracy_beyond_the_paired_interval():
             assert "a larger --refine-proximal than 0.1" in lines[0] and f"by {-100 * float(diff.mean()):.2f} points" in lines[0]
 
 
+def test_refine_says_when_it_raised_the_test_loss_though_accuracy_held():
+    # plain F refined towards a meta-overfit λ: the same accuracy, the query loss doubled (a new user's Fashion-MNIST run)
+    from metainfluence.meta.evaluate import EvalResult
+    from metainfluence.pipeline.stages import _accuracy_drop_notice
+
+    g = torch.Generator().manual_seed(1)
+    acc = (torch.rand(100, generator=g, dtype=torch.float64) > 0.25).double()
+    loss = 0.5 + torch.rand(100, generator=g, dtype=torch.float64)
+    for factor, said in ((1.0, False), (1.05, False), (2.0, True)):  # a 5% rise is not a tenth
+        lines: list[str] = []
+        _accuracy_drop_notice(EvalResult.from_per_task(loss, acc), EvalResult.from_per_task(loss * factor, acc), 0.0, lines.append)
+        assert bool(lines) == said
+        if said:
+            assert "raised the test query loss" in lines[0] and "--refine-proximal 1" in lines[0] and "meta-overfitting" in lines[0]
+
+
 def test_newton_steps_after_an_edit_on_an_indefinite_reduced_hessian_use_gauss_newton():
     """Removing 3 of 12 tasks at a stationary λ* where the full exact H is positive definite and the reduced H_R is not:
     the edit falls back to H_R's Gauss–Newton part (warned), and so do its Newton steps (they raised before), each

@@ -275,6 +275,11 @@ def test_an_edit_step_that_does_not_descend_is_taken_whole_and_said():
     quiet: dict = {}
     assert _backtrack(f, g, lam, -0.5 * lam, quiet) == 1.0 and "warnings" not in quiet  # the Newton step of f: kept whole
     assert _backtrack(f, g, lam, -4 * lam, quiet) == 0.25 and "warnings" not in quiet  # overshoots: halved to the minimiser
+    # a gradient that disagrees with the objective (as on a ReLU model's kinks): no fraction of the step lowers it, so none is taken
+    lying: dict = {}
+    with pytest.warns(UserWarning, match="left unchanged"):
+        assert _backtrack(f, lambda x: -2 * x, lam, lam.clone(), lying) == 0.0
+    assert "refine the checkpoint first" in lying["warnings"][0]
 
 
 def test_unrolled_support_scores_of_an_implicit_inner_loop_are_refused_before_any_pass(monkeypatch):

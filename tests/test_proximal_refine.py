@@ -269,7 +269,7 @@ def test_an_edit_of_proximal_scores_takes_the_damping_the_user_gave(run, tmp_pat
 
 
 def test_refine_advice_fits_the_model(run):
-    # a small smooth model: exact Newton; a large ReLU one: F jumps, so a smooth activation or the proximal objective
+    # a small smooth model: exact Newton; a ReLU one of any size: F jumps, so a smooth activation or the proximal objective
     import copy
     import importlib
 
@@ -281,7 +281,7 @@ def test_refine_advice_fits_the_model(run):
     assert "--refine-method newton" in refine_advice(RefineSettings(), ctx.problem)
     relu = copy.copy(ctx.problem)  # a shallow copy whose model (only looked at for its activations) is a ReLU one
     relu.model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
-    assert "--refine-method newton" in refine_advice(RefineSettings(), relu)
+    assert "silu" in refine_advice(RefineSettings(), relu) and "--refine-method newton" not in refine_advice(RefineSettings(), relu)
     # Newton–CG's advice names the Hessian its steps used: auto is exact on a second-order unrolled loop
     assert "--refine-newton-hessian gauss-newton" in refine_advice(RefineSettings(method="newton-cg"), ctx.problem)
     assert "finish with --refine-method newton" in refine_advice(RefineSettings(method="newton-cg", newton_hessian="gauss-newton"), ctx.problem)
@@ -410,3 +410,13 @@ def test_a_refine_stalled_at_round_off_says_to_refine_in_float64_and_does_not_fa
         _, report = refine(ctx.problem, lam, ctx.tensors["train"], RefineSettings(dtype="float32", tol=0.0, tol_ratio=1e-12, max_iter=50))
     assert report.method == "lbfgs" and report.iterations == 3 and report.stopped_by == "failure"  # no gradient-descent fallback
     assert "raise --refine-max-iter" not in str(caught[0].message)
+
+
+def test_a_relu_refine_stopped_by_time_is_told_to_change_the_objective_not_to_wait():
+    # a jumping F does not get closer to stationarity with more time: the advice is a smooth activation or the proximal refine
+    from helpers import random_tasks, small_problem
+
+    problem, lam = small_problem(steps=1, hidden=(8,), activation="relu")
+    with pytest.warns(Warning, match="silu") as caught:
+        _, report = refine(problem, lam, random_tasks(n=8), RefineSettings(tol=0.0, tol_ratio=1e-12, max_minutes=1e-6))
+    assert report.stopped_by == "max_minutes" and "--refine-proximal 1" in str(caught[0].message)

@@ -441,3 +441,20 @@ def test_cg_indefinite_error_bounds_the_damping_it_needs():
     import re
     need = float(re.search(r"damping must exceed ([-0-9.e+]+)", str(err.value)).group(1))
     assert 0.5 < need <= -lam_min + 1e-9 and "--hessian gauss-newton" in str(err.value)
+
+
+def test_a_solve_leaving_most_of_its_residual_is_not_called_approximate():
+    import warnings
+    from types import SimpleNamespace
+
+    from metainfluence.influence.results import InfluenceSettings, check_solve
+
+    words = {}
+    for residual in (0.05, 0.995, 2.7):
+        diag: dict = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            check_solve(diag, SimpleNamespace(info={"converged": False}, residual=residual, iterations=1, solver="curvature"), InfluenceSettings())
+        words[residual] = diag["warnings"][0]
+    assert "approximate" in words[0.05] and "hardly meaningful (the residual is 0.99" in words[0.995] and "not meaningful" in words[2.7]
+    assert "1 iteration," in words[0.05]

@@ -314,3 +314,17 @@ def test_tasks_whose_implicit_cg_made_no_progress_are_named():
     assert res.diagnostics["inner_solve"]["implicit_cg_failed_positions"] == failed
     assert any("made no progress" in w and "--inner-proximal" in w for w in res.diagnostics["warnings"])
     assert all(float(res.scores[k]) == 0.0 for k in stuck)  # what the warning explains
+
+
+def test_scores_predicting_a_negative_validation_loss_are_said_to_be_out_of_range():
+    from metainfluence.influence.task_if import beyond_measurement
+
+    problem, _ = small_problem()
+    scores = torch.tensor([0.1, -0.2, -1.5, -0.9], dtype=torch.float64)
+    diag: dict = {}
+    with pytest.warns(UserWarning, match="far outside its range"):
+        beyond_measurement(problem, scores, 1.0, diag)  # f = 1.0: only −1.5 predicts a loss below 0
+    assert diag["scores_beyond_measurement"] == 1 and "1 task(s) score below −f = −1" in diag["warnings"][0]
+    quiet: dict = {}
+    beyond_measurement(problem, scores, 2.0, quiet)
+    assert quiet["scores_beyond_measurement"] == 0 and "warnings" not in quiet

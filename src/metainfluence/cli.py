@@ -18,6 +18,7 @@ from typing import Sequence
 from .config import add_settings_arguments, config_sections, flags_as_set_keys, load_settings, namespace_overrides, parse_sets
 from .console import print_curvature, print_edit, print_items, print_pairs, saved_step, stop_if_cut_short
 from .errors import BudgetStop, MetaInfluenceError, SettingsError
+from .progress import counted
 
 EXIT_USER_ERROR = 2
 EXIT_BUDGET_STOP = 3  # --max-minutes ran out between stages; --resume continues
@@ -295,7 +296,7 @@ def _cmd_influence(args: argparse.Namespace) -> int:
                                         overrides=_data_only(args), check=check, measurement=measurement, resume=args.resume, force=args.force)
     diag = result.diagnostics
     if "solver" in diag:
-        print(f"solver {diag['solver']['name']}: residual {diag['solver']['residual']:.2e}, {diag['solver']['iterations']} iterations")
+        print(f"solver {diag['solver']['name']}: residual {diag['solver']['residual']:.2e}, {counted(diag['solver']['iterations'], 'iteration')}")
     if "stationarity" in diag:
         st = diag["stationarity"]
         print(f"stationarity: ‖∇{'P' if 'objective' in st else 'F'}‖ = {st['grad_norm']:.3g} ({st['ratio']:.2g} of the mean task-gradient norm){', P = ' + st['objective'] if 'objective' in st else ''}")
@@ -321,8 +322,12 @@ def _cmd_edit(args: argparse.Namespace) -> int:
 
     # an edit of a scores file's top items inverts the Hessian those scores used (not their --max-minutes), unless --config or a flag says otherwise
     base = scores.scores_settings(args.scores, InfluenceSettings()) if args.scores else None
+    settings = _influence_settings(args, base)
+    if base is not None:  # said, so that an error about a file the user never named is not a puzzle
+        file = f" --curvature-file {settings.curvature_file}" if settings.curvature_file else ""
+        print(f"edit: --hessian {settings.hessian} --solver {settings.solver}{file} (the scores file's, unless a flag or --config set them)")
     path, removal, edited, before, after = edit_checkpoint(
-        args.checkpoint, _influence_settings(args, base), remove_tasks=args.remove_tasks, scores=args.scores, top_k=args.top_k,
+        args.checkpoint, settings, remove_tasks=args.remove_tasks, scores=args.scores, top_k=args.top_k,
         newton_steps=args.newton_steps, step=args.edit_step, out=args.out, name=args.name, overrides=_data_only(args), force=args.force)
     print_edit(removal, edited.diagnostics, before, after, path)
     return 0

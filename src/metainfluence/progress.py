@@ -173,6 +173,11 @@ class RateEta:
         return gap / -slope if slope < 0 else float("nan")
 
 
+def counted(n: int, word: str, plural: str | None = None) -> str:
+    """"1 iteration", "2 iterations": ``n`` and ``word``, or ``plural`` (default word + "s") unless n is 1."""
+    return f"{n} {word if n == 1 else plural or word + 's'}"
+
+
 def clock(seconds: float) -> str:
     """h:mm:ss, "?" without an estimate, ">100 h" for a stalled trend (it extrapolates to centuries)."""
     if not math.isfinite(seconds):

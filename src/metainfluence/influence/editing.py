@@ -20,11 +20,12 @@ from typing import Any
 import torch
 
 from ..errors import DivergenceError, SettingsError
+from ..meta.curvature import TotalHessian
 from ..meta.inputs import check_start_lambda
 from ..meta.objective import MetaProblem
+from ..progress import counted
 from ..tasks.tensors import TaskTensors
 from .gradients import kept_task_gradients, removed_examples_gradient
-from ..meta.curvature import TotalHessian
 from .results import InfluenceSettings, check_solve, shortfall
 from .task_if import build_hessian, ihvp, inner_solve_check
 
@@ -176,9 +177,12 @@ def _reduced_solve(problem, lam, pool, settings, rhs, weights, diag):
         return op, ihvp(op, rhs, solver_settings)
 
 
+BACKTRACK_HALVINGS = 10  # the shortest step tried is 2⁻¹⁰ of the Newton step: one pass over the pool per trial
+
+
 def _backtrack(objective, gradient, lam, delta, diag) -> float:
-    """Largest t in {1, 1/2, …, 1/64} with F_R(λ + tΔ) ≤ F_R(λ) + 10⁻⁴ t ∇F_Rᵀ Δ (Armijo); 1 when Δ is
-    not a descent direction of F_R (recorded)."""
+    """Largest t in {1, 1/2, …, 2⁻¹⁰} with F_R(λ + tΔ) ≤ F_R(λ) + 10⁻⁴ t ∇F_Rᵀ Δ (Armijo); 1 when Δ is
+    not a descent direction of F_R, 0 (λ left as it is) when no t lowers F_R enough (both recorded)."""
     if not bool(delta.any()):  # no step at all (a solve stopped before its first iteration says so itself)
         return 1.0
     slope = float(gradient(lam) @ delta)
@@ -190,10 +194,16 @@ def _backtrack(objective, gradient, lam, delta, diag) -> float:
         return 1.0
     with torch.no_grad():
         f0 = objective(lam)
-        t = 1.0
-        while t > 1 / 64 and objective(lam + t * delta) > f0 + 1e-4 * t * slope:
-            t *= 0.5
-    return t
+        for halvings in range(BACKTRACK_HALVINGS + 1):
+            t = 0.5 ** halvings
+            if objective(lam + t * delta) <= f0 + 1e-4 * t * slope:
+                return t
+    # a descent direction of a smooth F_R always has such a t; none means F_R is not smooth at this scale (ReLU kinks)
+    # or is far from what the step's Hessian and gradient say: an edit that raised the objective would be worse than none
+    shortfall(diag, f"no step along the edit's direction, down to {t:.2g} of it, lowered the reduced objective (slope {slope:.2g}), so λ was "
+                    "left unchanged: the objective is far from quadratic here (ReLU kinks, or λ far from stationary); refine the checkpoint "
+                    "first (for a ReLU model on the proximal objective, --refine-proximal 1), or use --edit-step full")
+    return 0.0
 
 
 def reduced_objective(problem, pool, weights, proximal):
@@ -233,7 +243,7 @@ class EditResult:
                  f"removed {describe_count(d['removed'])}" if "removed" in d else ""]
         if "solver_converged" in d:
             parts.append(f"solve {'converged' if d['solver_converged'] else 'NOT converged'} (residual {d['solver_residual']:.2g}, "
-                         f"{d['solver_iterations']} iterations)")
+                         f"{counted(d['solver_iterations'], 'iteration')})")
         if d.get("newton"):
             parts.append(f"{len(d['newton'])} Newton steps")
         if "steps" in d:  # unlearn

@@ -281,8 +281,10 @@ def check_solve(diag: dict[str, Any], res: Any, settings: "InfluenceSettings", w
     if not resumable and (settings.hessian, res.solver) != ("fisher", "woodbury"):
         remedy += ", or use --hessian fisher --solver woodbury (an exact inverse, no iterations)"
     state = "stopped before its tolerance" if not converged else "left a large residual"
-    # above 1 the answer is no closer to (H + δI)⁻¹b than 0 is: say so, not "approximate"
-    worth = f"so {answer} not meaningful (the residual is above 1)" if res.residual > 1 else f"so {answer} approximate"
+    # near or above 1 the answer is hardly closer to (H + δI)⁻¹b than 0 is: say so, not "approximate"
+    worth = (f"so {answer} not meaningful (the residual is above 1)" if res.residual > 1 else
+             f"so {answer} hardly meaningful (the residual is {res.residual:.2g} of the right-hand side)" if res.residual > 0.5 else
+             f"so {answer} approximate")
     shortfall(diag, f"the {what} solve ({res.solver}) {state}: relative residual {res.residual:.2g} (tol {solve.tol:g}) after "
                     f"{res.iterations} iteration{'s' if res.iterations != 1 else ''}, {worth}; {remedy}")
 

@@ -338,6 +338,8 @@ def task_influence(
     else:  # pragma: no cover - validate() guards
         raise SettingsError(f"unknown method {method!r}")
 
+    if method not in ("loss", "random"):
+        beyond_measurement(problem, scores, f_value, diag)
     timings["total"] = time.perf_counter() - t0 + diag.get("measurement_gradient_reused_s", 0.0)
     diag["timings_s"] = timings
     ids = task_ids if task_ids is not None else torch.arange(len(train_tasks))
@@ -346,6 +348,18 @@ def task_influence(
         settings={"influence": settings_dict(settings), "problem": problem.settings_json()},
         diagnostics=diag, self_influence=self_inf, extra=extra,
     )
+
+
+def beyond_measurement(problem: MetaProblem, scores: torch.Tensor, f_value: float, diag: dict[str, Any]) -> None:
+    """A shortfall when some task's predicted change is below −f: its removal would take the mean validation loss, which
+    no loss can take below 0, under 0 — a first-order prediction far outside its range (a meta-overfit or unstationary λ)."""
+    beyond = int(problem.collective.all_sum(torch.as_tensor(int((scores < -f_value).sum()))))
+    diag["scores_beyond_measurement"] = beyond
+    if f_value > 0 and beyond:
+        shortfall(diag, f"{beyond} task(s) score below −f = −{f_value:.3g}: removing one of them is predicted to take the validation loss below 0, "
+                        "which no loss reaches, so the first-order prediction is far outside its range at this λ (see the stationarity and "
+                        "overfit notes); the order still ranks the tasks, the sizes are not changes. A proximal refine (--refine-proximal 1) "
+                        "keeps λ where the predictions hold; --removal newton predicts large removals better")
 
 
 def _ekfac_if(problem: MetaProblem, lam: torch.Tensor, train_tasks: TaskTensors, val_tasks: TaskTensors,

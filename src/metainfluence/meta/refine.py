@@ -41,9 +41,10 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 
 from ..errors import DivergenceError, SettingsError, caller_level
+from ..progress import counted
 from ..tasks.tensors import TaskTensors
 from .objective import MetaProblem
-from .refine_monitor import RefineMonitor, check_start_lambda, mean_task_gradient_norm, refine_advice, refine_target  # noqa: F401 (refine_advice re-exported)
+from .refine_monitor import RefineMonitor, check_start_lambda, has_kinks, mean_task_gradient_norm, refine_advice, refine_target  # noqa: F401 (refine_advice re-exported)
 from .train import parse_dtype
 
 
@@ -147,7 +148,8 @@ class RefineReport:
         state = "converged" if self.converged else f"NOT converged: {self.stopped_by or 'stopped'}"
         cg = f", {self.cg_iterations} CG iterations" if self.cg_iterations else ""
         return (
-            f"refine ({self.method}, {state}, {self.iterations} iterations{cg}, {self.evaluations} full-pool passes, {self.wall_time_s:.1f} s): "
+            f"refine ({self.method}, {state}, {counted(self.iterations, 'iteration')}{cg}, "
+            f"{counted(self.evaluations, 'full-pool pass', 'full-pool passes')}, {self.wall_time_s:.1f} s): "
             f"‖∇F‖ {self.grad_norm_before:.3g} → {self.grad_norm_after:.3g} (tol {self.tol:.3g}"
             + (f", tol_ratio {self.tol_ratio:.3g}" if self.tol_ratio else "") + "); "
             f"‖∇F‖ / mean‖g_i‖ {self.ratio_before:.3g} → {self.ratio_after:.3g}"
@@ -267,7 +269,7 @@ def refine(
             x, iterations, failure = newton_minimise(ev, step_solver, x, stop, settings.max_iter, show=monitor.update,
                                                      out_of_time=monitor.out_of_time)
             if failure:
-                message = f"Newton {failure} after {iterations} iterations"
+                message = f"Newton {failure} after {counted(iterations, 'iteration')}"
         if settings.method == "newton-cg" and float(g0.norm()) > stop:
             from .newton_cg import newton_cg_minimise, resolve_hessian
 
@@ -276,11 +278,11 @@ def refine(
                                                                shift=0.0 if proximal is None else proximal[0], monitor=monitor)
             cg_iterations, precond = state.cg_iterations, {**state.preconditioner, "final_damping": state.damping, "rejected_steps": state.rejected}
             if failure:
-                message = f"Newton–CG {failure} after {iterations} iterations"
+                message = f"Newton–CG {failure} after {counted(iterations, 'iteration')}"
         if settings.method == "lbfgs" and float(g0.norm()) > stop and settings.max_iter > 0:
             x, iterations, failure = _run_lbfgs(ev, x, settings, stop, monitor)
             if failure:
-                message = f"L-BFGS {failure} after {iterations} iterations"
+                message = f"L-BFGS {failure} after {counted(iterations, 'iteration')}"
                 if settings.fallback and not failure.startswith(ROUNDOFF):  # gradient descent would meet the same round-off
                     method_used = "lbfgs+gd"
                     message += "; continued with gradient descent"
@@ -341,7 +343,7 @@ def refine(
     )
     if not converged:
         target = refine_target(settings.tol, settings.tol_ratio, stop)
-        if stopped_by == "max_minutes":  # time, not iterations, ran out: advice about iterations would mislead
+        if stopped_by == "max_minutes" and not has_kinks(problem):  # time, not iterations, ran out: advice about iterations would mislead
             advice = ("raise --refine-max-minutes, or continue from where it stopped by refining the written checkpoint again "
                       "(`metainfluence refine --checkpoint OUT/refined`)")
         elif ROUNDOFF in message and dtype != torch.float64:

@@ -149,14 +149,18 @@ class RefineMonitor:
 LARGE_MODEL = 10_000  # parameters above which the advice is Newton–CG / proximal rather than exact Newton
 
 
+def has_kinks(problem: MetaProblem | None) -> bool:
+    """Whether the model has ReLU activations, whose kinks make the second-order meta-objective's gradient jump."""
+    return problem is not None and any(isinstance(m, torch.nn.ReLU) for m in problem.model.modules())
+
+
 def refine_advice(settings: Any = None, problem: MetaProblem | None = None) -> str:
     """What helps a refine that stopped above its tolerance; ``problem`` (the model refined) fits the advice to
     its size (dense Newton only below a few thousand parameters) and activations (ReLU makes F jump)."""
-    kinks = problem is not None and any(isinstance(m, torch.nn.ReLU) for m in problem.model.modules())
     large = problem is not None and problem.spec.dim > LARGE_MODEL  # Conv4 sizes: an exact Newton step costs minutes
     proximal = settings is not None and settings.proximal > 0  # already on the proximal objective: no use suggesting it
-    if kinks and large:
-        # no refiner gets far on a jumping F (docs/training.md, "Refine at Conv4 scale"): change the objective instead
+    if has_kinks(problem):
+        # no refiner gets far on a jumping F, whatever the model's size (docs/training.md, "Refine at Conv4 scale"): change the objective instead
         return ("with ReLU the second-order meta-objective jumps (docs/training.md, 'Refine at Conv4 scale'), so no refiner reaches a tight "
                 "‖∇F‖ here: retrain with a smooth activation (--model-conv-activation silu / --model-activation silu), or "
                 + ("raise --refine-max-minutes or --refine-proximal (a larger γ is better conditioned)" if proximal else

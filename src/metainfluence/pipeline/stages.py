@@ -23,6 +23,7 @@ from ..io import write_json
 from ..meta.checkpoint import lam_digest
 from ..meta.evaluate import EvalResult, evaluate, interval95
 from ..meta.refine import RefineReport, refine
+from ..meta.refine_monitor import has_kinks, refine_advice
 from ..meta.train import TrainHistory, meta_train, resumable_checkpoint
 from .describe import coverage
 from .guard import RunLock, check_name, check_not_replacing, check_writable, claim_run_folder, removed_if_left_empty
@@ -185,17 +186,24 @@ def refine_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | No
 
 
 def _accuracy_drop_notice(before: EvalResult, after: EvalResult, gamma: float, log: Log) -> None:
-    """Say when refine lowered test accuracy beyond the paired 95% interval (the same test tasks before and after)."""
-    if not (before.is_classification and len(before.per_task_accuracy) == len(after.per_task_accuracy) > 1):
-        return
-    diff = torch.tensor(after.per_task_accuracy, dtype=torch.float64) - torch.tensor(before.per_task_accuracy, dtype=torch.float64)
-    mean, half, _ = interval95(diff)
-    if mean < -max(half, 0.005):
-        remedy = (f"a larger --refine-proximal than {gamma:g} (e.g. 1) keeps λ nearer the trained model" if gamma > 0 else
-                  "--refine-proximal 1 refines near the trained model instead")
-        log(f"warning: refine lowered test accuracy by {-100 * mean:.2f} points ({100 * before.accuracy:.2f}% → {100 * after.accuracy:.2f}%, "
-            f"paired over {len(diff)} tasks: ± {100 * half:.2f}): λ moved towards a stationary point that generalises worse; {remedy}; "
-            "scores on it answer for that λ")
+    """Say when refine lowered test accuracy, or raised the test query loss by more than a tenth, beyond the paired 95%
+    interval (the same test tasks before and after): a refine of plain F can meta-overfit while accuracy barely moves."""
+    paired = lambda a, b: interval95(torch.tensor(b, dtype=torch.float64) - torch.tensor(a, dtype=torch.float64))[:2]
+    remedy = (f"a larger --refine-proximal than {gamma:g} (e.g. 1) keeps λ nearer the trained model" if gamma > 0 else
+              "--refine-proximal 1 refines near the trained model instead")
+    worse = "λ moved towards a stationary point that generalises worse"
+    n = len(before.per_task_loss)
+    if before.is_classification and len(before.per_task_accuracy) == len(after.per_task_accuracy) > 1:
+        mean, half = paired(before.per_task_accuracy, after.per_task_accuracy)
+        if mean < -max(half, 0.005):
+            log(f"warning: refine lowered test accuracy by {-100 * mean:.2f} points ({100 * before.accuracy:.2f}% → {100 * after.accuracy:.2f}%, "
+                f"paired over {n} tasks: ± {100 * half:.2f}): {worse}; {remedy}; scores on it answer for that λ")
+            return
+    if n == len(after.per_task_loss) > 1:
+        mean, half = paired(before.per_task_loss, after.per_task_loss)
+        if mean > max(half, 0.1 * abs(before.loss)):
+            log(f"warning: refine raised the test query loss by {mean:.3g} ({before.loss:.4g} → {after.loss:.4g}, paired over {n} tasks: ± {half:.2g}) "
+                f"while it lowered the training objective: {worse} (meta-overfitting); {remedy}; scores on it answer for that λ")
 
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike, split: str = "test", tasks: int | None = None, json_path: str | os.PathLike | None = None,
@@ -237,7 +245,7 @@ def influence_checkpoint(checkpoint: str | os.PathLike, settings: Any, level: st
     folder = check_writable(out if out else Path(checkpoint).expanduser().parent)
     ctx, ckpt = RunContext.from_checkpoint(checkpoint, splits=("train", "val"), overrides=overrides)
     log(f"train pool: {ctx.pools['train'].summary()}")
-    _stationarity_notice(ckpt, settings, log)
+    _stationarity_notice(ckpt, settings, log, ctx.problem)
     given = settings
     prox, settings = _with_proximal(ckpt, settings, log)  # scores of the proximal objective the checkpoint was refined on
     s0 = resume_iterate(ctx, resume, settings, level, log) if resume is not None else None
@@ -313,7 +321,7 @@ def _with_proximal(ckpt: Any, settings: Any, log: Log) -> tuple[Any, Any]:
     return prox, shifted
 
 
-def _stationarity_notice(ckpt: Any, settings: Any, log: Log) -> None:
+def _stationarity_notice(ckpt: Any, settings: Any, log: Log, problem: Any = None) -> None:
     """Before a solve that may be long: what the checkpoint's own refine report says of ∇F (the scores measure it
     again, but only after the solve, and an exact-Hessian CG far from stationarity can run for hours first)."""
     report = ckpt.info.get("refine_report")
@@ -324,6 +332,8 @@ def _stationarity_notice(ckpt: Any, settings: Any, log: Log) -> None:
     if not ratio <= settings.stationarity_warn:
         refine_further = "refine further (`metainfluence refine --checkpoint …`)" + (
             " with a larger --refine-max-minutes (its last refine stopped on its time limit)" if report.get("stopped_by") == "max_minutes" else "")
+        if has_kinks(problem):  # more of the same refine does not help where F jumps
+            refine_further = refine_advice(problem=problem)
         if settings.hessian in ("fisher", "gauss-newton"):  # already positive semi-definite: only refining helps
             remedy = (f"the {settings.hessian} Hessian used here is positive semi-definite, so the solve will not stall, but the answer still "
                       f"assumes ∇F = 0: {refine_further}")
@@ -357,7 +367,7 @@ def edit_checkpoint(checkpoint: str | os.PathLike, settings: Any, remove_tasks: 
             raise SettingsError("--scores needs --top-k K (how many of the most harmful items to remove)")
         removal = removal_from_scores(ctx.load_scores(scores, ckpt), top_k)
     log(f"train pool: {ctx.pools['train'].summary()}")
-    _stationarity_notice(ckpt, settings, log)  # by the threshold given (a proximal checkpoint's report is of P)
+    _stationarity_notice(ckpt, settings, log, ctx.problem)  # by the threshold given (a proximal checkpoint's report is of P)
     # the edit of the proximal objective: its reduced Hessian is H_R + γI, its Newton steps descend P_R
     prox, settings = _with_proximal(ckpt, settings, log)
     what = {"removed_tasks": [ids[i] for i in removal.tasks], **_removed_examples(removal, ids), "edited_from": lam_digest(ckpt.lam)}
