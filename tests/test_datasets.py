@@ -469,7 +469,7 @@ def test_digits():
 def test_registry_errors(monkeypatch, tmp_path):
     assert set(DATASETS) == {"digits", "omniglot", "mnist", "fashion-mnist", "mini-imagenet", "orl-faces", "image-folder"}
     assert load_dataset("digits").name == "digits"
-    with pytest.raises(DataError, match="unknown dataset 'cifar'.*digits, omniglot, mnist, fashion-mnist, mini-imagenet, orl-faces, image-folder"):
+    with pytest.raises(DataError, match=r"unknown dataset 'cifar'.*digits, omniglot, mnist, fashion-mnist, mini-imagenet, orl-faces, image-folder \(and, for runs and experiments, sinusoid"):
         load_dataset("cifar")
     monkeypatch.delenv("METAINFLUENCE_DATA", raising=False)
     with pytest.raises(DataError, match="pass --data-root or set METAINFLUENCE_DATA") as e:

@@ -34,7 +34,8 @@ def _resolve(name: str) -> tuple[str, Callable[..., ClassDataset], dict[str, Any
     key = str(name).lower().replace("_", "-")
     key = {"fashion": "fashion-mnist", "fashionmnist": "fashion-mnist", "miniimagenet": "mini-imagenet", "orl": "orl-faces", "att-faces": "orl-faces", "orlfaces": "orl-faces", "folder": "image-folder", "imagefolder": "image-folder"}.get(key, key)
     if key not in _LOADERS:
-        raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
+        raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)} (and, for runs and experiments, sinusoid: "
+                        "generated regression tasks)")
     return (key, *_LOADERS[key])
 
 
