@@ -86,7 +86,7 @@ def test_print_of_an_edit_result_is_a_short_summary(refined):
 
 def test_refine_says_when_it_lowered_test_accuracy_beyond_the_paired_interval():
     from metainfluence.meta.evaluate import EvalResult
-    from metainfluence.pipeline.stages import _accuracy_drop_notice
+    from metainfluence.pipeline.stages import _generalisation_notice
 
     g = torch.Generator().manual_seed(0)
     before = (torch.rand(200, generator=g, dtype=torch.float64) > 0.3).double()
@@ -95,7 +95,7 @@ def test_refine_says_when_it_lowered_test_accuracy_beyond_the_paired_interval():
     for drop, said in ((0.0, False), (0.01, None), (0.3, True)):
         after = torch.where(flips < drop, torch.zeros_like(before), before)  # a fraction of the tasks lose their accuracy
         lines: list[str] = []
-        _accuracy_drop_notice(EvalResult.from_per_task(losses, before), EvalResult.from_per_task(losses, after), 0.1, lines.append)
+        _generalisation_notice(EvalResult.from_per_task(losses, before), EvalResult.from_per_task(losses, after), 0.1, lines.append)
         diff = after - before
         half = 1.96 * float(diff.std()) / 200 ** 0.5
         expected = float(diff.mean()) < -max(half, 0.005)  # the paired interval, computed here from its definition
@@ -107,14 +107,14 @@ def test_refine_says_when_it_lowered_test_accuracy_beyond_the_paired_interval():
 def test_refine_says_when_it_raised_the_test_loss_though_accuracy_held():
     # plain F refined towards a meta-overfit λ: the same accuracy, the query loss doubled (a new user's Fashion-MNIST run)
     from metainfluence.meta.evaluate import EvalResult
-    from metainfluence.pipeline.stages import _accuracy_drop_notice
+    from metainfluence.pipeline.stages import _generalisation_notice
 
     g = torch.Generator().manual_seed(1)
     acc = (torch.rand(100, generator=g, dtype=torch.float64) > 0.25).double()
     loss = 0.5 + torch.rand(100, generator=g, dtype=torch.float64)
     for factor, said in ((1.0, False), (1.05, False), (2.0, True)):  # a 5% rise is not a tenth
         lines: list[str] = []
-        _accuracy_drop_notice(EvalResult.from_per_task(loss, acc), EvalResult.from_per_task(loss * factor, acc), 0.0, lines.append)
+        _generalisation_notice(EvalResult.from_per_task(loss, acc), EvalResult.from_per_task(loss * factor, acc), 0.0, lines.append)
         assert bool(lines) == said
         if said:
             assert "raised the test query loss" in lines[0] and "--refine-proximal 1" in lines[0] and "meta-overfitting" in lines[0]

@@ -174,7 +174,7 @@ def refine_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | No
         lam, report = refine(ctx.problem, ckpt.lam, ctx.tensors["train"], ctx.settings.refine, progress=progress, log=log, proximal=prox)
         before = evaluate(ctx.problem, ckpt.lam, ctx.tensors["test"])
         after = evaluate(ctx.problem, lam, ctx.tensors["test"])
-        _accuracy_drop_notice(before, after, ctx.settings.refine.proximal, log)
+        _generalisation_notice(before, after, ctx.settings.refine.proximal, log)
         metrics = {"eval": {"test": after.to_json()}, "eval_before_refine": {"test": before.to_json()}}
         inner_solve_check(ctx.problem, lam, ctx.tensors["train"], metrics)  # an unsolved implicit inner loop: ∇F is then inexact
         # refining a refined checkpoint (even into its own name) keeps the earlier refines' reports, oldest first
@@ -185,7 +185,7 @@ def refine_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | No
     return path, report, before, after
 
 
-def _accuracy_drop_notice(before: EvalResult, after: EvalResult, gamma: float, log: Log) -> None:
+def _generalisation_notice(before: EvalResult, after: EvalResult, gamma: float, log: Log) -> None:
     """Say when refine lowered test accuracy, or raised the test query loss by more than a tenth, beyond the paired 95%
     interval (the same test tasks before and after): a refine of plain F can meta-overfit while accuracy barely moves."""
     paired = lambda a, b: interval95(torch.tensor(b, dtype=torch.float64) - torch.tensor(a, dtype=torch.float64))[:2]
