@@ -1,6 +1,7 @@
-"""Gᵀ Y for a wide factor G (a fisher curvature file's rows) and a few columns Y, the two ways torch can form it, timed
-side by side on one thread: ``G.T @ Y`` (the transposed factor against the columns) and ``(Y.T @ G).T``
-(``linalg.woodbury.transposed_times``, what the fisher operator's products and Woodbury solves use).
+"""Gᵀ Y and G P for a wide factor G (a fisher curvature file's rows) and a few columns, the two ways torch can form
+each, timed side by side on one thread: ``G.T @ Y`` against ``(Y.T @ G).T`` (``linalg.woodbury.transposed_times``), and
+``G @ P`` against ``(P.T @ G.T).T`` (``linalg.woodbury.times``): what the fisher operator's products, its Woodbury
+solves and its CG iterations use.
 
     python benchmarks/bench_factor_products.py [--rows 5000] [--dim 28965] [--widths 1 4 5 16] [--repeats 5] [--dtype float32]
 
@@ -17,6 +18,7 @@ import time
 
 import torch
 
+from metainfluence.linalg.woodbury import times as factor_times
 from metainfluence.linalg.woodbury import transposed_times
 
 
@@ -36,18 +38,21 @@ def main() -> None:
     out = []
     for k in args.widths:
         Y = torch.randn(args.rows, k, generator=g, dtype=dtype)
-        ways = {"G.T @ Y": lambda: G.T @ Y, "transposed_times": lambda: transposed_times(G, Y)}
-        times: dict[str, list[float]] = {w: [] for w in ways}
-        results = {w: f() for w, f in ways.items()}  # warm-up, and the results compared
-        for _ in range(args.repeats):
-            for w, f in ways.items():  # alternating, so that drift of the machine's speed hits both
-                t = time.perf_counter()
-                f()
-                times[w].append(time.perf_counter() - t)
-        med = {w: statistics.median(t) for w, t in times.items()}
-        scale = results["G.T @ Y"].abs().max()
-        out.append({"width": k, "median_s": med, "speedup": med["G.T @ Y"] / med["transposed_times"],
-                    "max_rel_diff": float((results["G.T @ Y"] - results["transposed_times"]).abs().max() / scale)})
+        P = torch.randn(args.dim, k, generator=g, dtype=dtype)
+        row = {"width": k}
+        for plain, ours, ways in (("G.T @ Y", "transposed_times", {"G.T @ Y": lambda: G.T @ Y, "transposed_times": lambda: transposed_times(G, Y)}),
+                                  ("G @ P", "times", {"G @ P": lambda: G @ P, "times": lambda: factor_times(G, P)})):
+            taken: dict[str, list[float]] = {w: [] for w in ways}
+            results = {w: f() for w, f in ways.items()}  # warm-up, and the results compared
+            for _ in range(args.repeats):
+                for w, f in ways.items():  # alternating, so that drift of the machine's speed hits both
+                    t = time.perf_counter()
+                    f()
+                    taken[w].append(time.perf_counter() - t)
+            med = {w: statistics.median(t) for w, t in taken.items()}
+            scale = results[plain].abs().max()
+            row[ours] = {"median_s": med, "speedup": med[plain] / med[ours], "max_rel_diff": float((results[plain] - results[ours]).abs().max() / scale)}
+        out.append(row)
     print(json.dumps({"rows": args.rows, "dim": args.dim, "dtype": args.dtype, "threads": args.threads, "repeats": args.repeats, "widths": out}, indent=1))
 
 

@@ -16,7 +16,7 @@ import warnings
 from typing import Sequence
 
 from .config import add_settings_arguments, config_sections, flags_as_set_keys, load_settings, namespace_overrides, parse_sets
-from .console import print_curvature, print_edit, print_items, print_pairs, saved_step, stop_if_cut_short
+from .console import print_curvature, print_edit, print_inherited, print_items, print_pairs, saved_step, stop_if_cut_short
 from .errors import BudgetStop, MetaInfluenceError, SettingsError
 from .progress import counted
 
@@ -323,9 +323,8 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     # an edit of a scores file's top items inverts the Hessian those scores used (not their --max-minutes), unless --config or a flag says otherwise
     base = scores.scores_settings(args.scores, InfluenceSettings()) if args.scores else None
     settings = _influence_settings(args, base)
-    if base is not None:  # said, so that an error about a file the user never named is not a puzzle
-        file = f" --curvature-file {settings.curvature_file}" if settings.curvature_file else ""
-        print(f"edit: --hessian {settings.hessian} --solver {settings.solver}{file} (the scores file's, unless a flag or --config set them)")
+    if base is not None:
+        print_inherited(settings)
     path, removal, edited, before, after = edit_checkpoint(
         args.checkpoint, settings, remove_tasks=args.remove_tasks, scores=args.scores, top_k=args.top_k,
         newton_steps=args.newton_steps, step=args.edit_step, out=args.out, name=args.name, overrides=_data_only(args), force=args.force)

@@ -49,6 +49,13 @@ def _item_words(stem) -> dict[tuple, str]:
     return {((int(r["task_id"]), int(r["example"])) if r["example"] != "" else (int(r["task_id"]),)): describe_row(r) for r in rows}
 
 
+def print_inherited(settings) -> None:
+    """The Hessian, solver and curvature file an edit of a scores file takes from it, said before the edit runs, so that
+    an error about a file the user never named is not a puzzle."""
+    file = f" --curvature-file {settings.curvature_file}" if settings.curvature_file else ""
+    print(f"edit: --hessian {settings.hessian} --solver {settings.solver}{file} (the scores file's, unless a flag or --config set them)")
+
+
 def print_edit(removal, diag: dict, before, after, path) -> None:
     """What an edit did: the removal, its solve (and a step that backtracking cut), the test accuracy before and after."""
     short = "" if diag["solver_converged"] else ", stopped short of its tolerance (see the warning)"

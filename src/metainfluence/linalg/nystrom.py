@@ -136,7 +136,8 @@ def pcg_solve(op: LinearOperator, b: Tensor, damping: float, settings: SolverSet
     sk = _on(sketch, op)
     if not isinstance(sk, LowRank):
         # PCG only needs an SPD M ≈ (H + δI)⁻¹: the EK-FAC's (or fisher factor's) own damped inverse
-        M = lambda R, sk=sk.as_preconditioner(): sk.solve(R, damping)
+        sk = sk.as_preconditioner()  # one fixed linear map for the outer CG (a factor then solves by its Cholesky factor)
+        M = lambda R: sk.solve(R, damping)
     else:
         M = nystrom_preconditioner(sk, damping)
     X = torch.empty_like(B)

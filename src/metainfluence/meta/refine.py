@@ -258,6 +258,7 @@ def refine(
     method_used = settings.method
     message = ""
     cg_iterations, precond = 0, {}
+    roundoff = False  # L-BFGS stopped by steps below the working precision's resolution of λ
     try:
         if settings.method == "newton" and float(g0.norm()) > stop:
             from .newton import newton_minimise, newton_solver
@@ -283,7 +284,8 @@ def refine(
             x, iterations, failure = _run_lbfgs(ev, x, settings, stop, monitor)
             if failure:
                 message = f"L-BFGS {failure} after {counted(iterations, 'iteration')}"
-                if settings.fallback and not failure.startswith(ROUNDOFF):  # gradient descent would meet the same round-off
+                roundoff = failure.startswith(ROUNDOFF)
+                if settings.fallback and not roundoff:  # gradient descent would meet the same round-off
                     method_used = "lbfgs+gd"
                     message += "; continued with gradient descent"
         if (settings.method == "gd" or method_used == "lbfgs+gd") and iterations < settings.max_iter:
@@ -346,7 +348,7 @@ def refine(
         if stopped_by == "max_minutes" and not has_kinks(problem):  # time, not iterations, ran out: advice about iterations would mislead
             advice = ("raise --refine-max-minutes, or continue from where it stopped by refining the written checkpoint again "
                       "(`metainfluence refine --checkpoint OUT/refined`)")
-        elif ROUNDOFF in message and dtype != torch.float64:
+        elif roundoff and dtype != torch.float64:
             advice = ("refine in float64, where steps this short are resolved (--refine-dtype float64, or [refine] dtype = \"float64\"), e.g. from "
                       "the written checkpoint: `metainfluence refine --checkpoint OUT/refined --refine-dtype float64`")
         else:
